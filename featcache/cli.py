@@ -1,0 +1,58 @@
+"""What the two CLIs share: the options that select a cache, and one-line error handling."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+from .extractor import DEFAULT_MODEL, DEFAULT_RESIZE, RESIZE_METHODS, VIEWS
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
+DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+
+
+class CliError(click.ClickException):
+    """A UserError on the command line: 'Error: <one line>' and click's usage-error exit code."""
+
+    exit_code = click.UsageError.exit_code
+
+
+def one_line_errors(func):
+    """Turn UserError into CliError, so bad input never shows a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            raise CliError(str(exc)) from None
+
+    return wrapper
+
+
+def selection_options(func):
+    """Options that pick a cache; extract.py and train_head.py take the same ones."""
+    options = [
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=str(DEFAULT_CACHE_DIR),
+                     show_default=True, help="Where embedding caches live."),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
+        click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+                     help="Side the 32x32 images are resized to before the model."),
+        click.option("--resize", type=click.Choice(RESIZE_METHODS), default=DEFAULT_RESIZE, show_default=True,
+                     help="tf.image.resize method."),
+        click.option("--views", type=click.Choice(tuple(VIEWS)), default="flip", show_default=True,
+                     help="'flip' also caches horizontally mirrored images (training rows and TTA)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Only the first N images of each split (quick runs; part of the cache key)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -1,0 +1,146 @@
+"""The frozen feature extractor: a TF Hub image feature-vector model behind an in-graph resize.
+
+`Extractor.embed(chunk)` takes uint8 images of any size and returns one float32 [N, D]
+array per view ("plain", and "flip" for the horizontally mirrored image). Preprocessing
+(uint8 -> [0,1] float -> resize -> clip) runs inside the TF graph, batch by batch, so a
+resized split never exists in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
+RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
+DEFAULT_RESIZE = "bicubic"  # measured best on real CIFAR-10; see README "Results"
+VIEWS = {"plain": ("plain",), "flip": ("plain", "flip")}
+
+
+def load_model(handle: str):
+    """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line."""
+    import tensorflow_hub as hub
+
+    try:
+        return hub.load(handle)
+    except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load model {handle!r} ({reason}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
+            "cache that holds it, or pass --model PATH to a local SavedModel folder"
+        ) from None
+
+
+def preprocess(images, image_size: int, method: str):
+    """uint8 [B,H,W,3] -> float32 [B,S,S,3] in [0,1]; bicubic overshoot is clipped back."""
+    import tensorflow as tf
+
+    x = tf.image.convert_image_dtype(images, tf.float32)
+    x = tf.image.resize(x, (image_size, image_size), method=method)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+ENGINES = ("auto", "tensorflow", "openvino")
+
+
+def resolve_engine(engine: str) -> str:
+    """'auto' -> OpenVINO when it is installed and no GPU is visible, else TensorFlow."""
+    from . import ov_engine
+
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "openvino" and not ov_engine.available():
+        raise UserError(f"the openvino engine is not installed: {ov_engine.INSTALL_HINT}")
+    if engine == "auto":
+        import tensorflow as tf
+
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        return "openvino" if ov_engine.available() and not gpu else "tensorflow"
+    return engine
+
+
+@dataclass
+class Extractor:
+    """A loaded model plus its preprocessing: the 'mapper' stage of extraction."""
+
+    model: object
+    image_size: int = 224
+    resize: str = DEFAULT_RESIZE
+    views: tuple[str, ...] = ("plain",)
+    batch_size: int = 64
+    engine: str = "tensorflow"
+
+    def __post_init__(self):
+        import tensorflow as tf
+
+        if self.resize not in RESIZE_METHODS:
+            raise UserError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+        self.engine = resolve_engine(self.engine)
+        self._preprocess = tf.function(self._views_graph, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+        self.dim = self._probe()
+        if self.engine == "openvino":
+            from .ov_engine import OpenVinoNetwork
+
+            self._ov = OpenVinoNetwork(self._tf_network, self.image_size)
+
+    def _views_graph(self, images):
+        """uint8 images -> preprocessed floats, the flipped copies stacked after the originals."""
+        import tensorflow as tf
+
+        x = preprocess(images, self.image_size, self.resize)
+        if "flip" in self.views:
+            x = tf.concat([x, tf.image.flip_left_right(x)], axis=0)
+        return x
+
+    def _network(self, x):
+        import tensorflow as tf
+
+        return tf.cast(self.model(x, **self._call_kwargs), tf.float32)
+
+    def _probe(self) -> int:
+        """Run two blank images once: finds the call convention, checks input size and output."""
+        import tensorflow as tf
+
+        blank = self._preprocess(np.zeros((2, 32, 32, 3), np.uint8))
+        for kwargs in ({"training": False}, {}):  # TF Hub models take `training`; plain ones may not
+            self._call_kwargs = kwargs
+            self._tf_network = tf.function(self._network, input_signature=[self._float_spec])
+            try:
+                out = self._tf_network(blank).numpy()
+                break
+            except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
+                failure = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        else:
+            raise UserError(f"model cannot take {self.image_size}x{self.image_size} float images: {failure}")
+        n_out = 2 * len(self.views)
+        if out.ndim != 2 or out.shape[0] != n_out or not np.issubdtype(out.dtype, np.floating):
+            raise UserError(f"model output has shape {out.shape}, expected a [N, D] float feature vector")
+        return int(out.shape[1])
+
+    def _batches(self, images: np.ndarray):
+        """Preprocessed batches; tf.data prefetches the next while the network runs."""
+        import tensorflow as tf
+
+        dataset = tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size)
+        return dataset.map(self._preprocess).prefetch(1)
+
+    def embed(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}."""
+        if self.engine == "openvino":
+            outputs = self._ov.run(batch.numpy() for batch in self._batches(images))
+        else:
+            outputs = [self._tf_network(batch).numpy() for batch in self._batches(images)]
+        return split_views(outputs, self.views)
+
+
+def split_views(batch_outputs: list[np.ndarray], views: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each batch output stacks its views along axis 0; regroup them per view."""
+    per_view = {view: [] for view in views}
+    for out in batch_outputs:
+        for view, rows in zip(views, np.split(out, len(views))):
+            per_view[view].append(rows)
+    return {view: np.concatenate(rows).astype(np.float32, copy=False) for view, rows in per_view.items()}

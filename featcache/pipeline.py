@@ -1,0 +1,98 @@
+"""Stage 1 end to end: CIFAR-10 split -> chunks -> extractor -> HDF5 cache.
+
+reader (data.load_split, sliced into chunks) -> mapper (Extractor.embed) -> writer
+(store.CacheWriter). Each finished chunk is committed, so a rerun continues where a
+crashed run stopped; a complete, matching cache is reported up to date before
+TensorFlow is even imported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, data, store
+from .errors import UserError
+from .extractor import VIEWS
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    rows: int
+    processed: int
+    seconds: float
+    up_to_date: bool = False
+    load_seconds: float = 0.0
+    engine: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return f"up to date: {self.path} ({self.rows} rows); 0 images processed, --force rebuilds it"
+        return (f"done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} images/s, {self.engine}; model load {self.load_seconds:.1f} s)"
+                f" -> {self.path}")
+
+
+def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", chunk_size=1024,
+            batch_size=64, force=False, engine="auto", progress=True, log=print) -> ExtractResult:
+    """Build (or resume, or confirm) the cache for one split."""
+    for name, value in (("chunk size", chunk_size), ("batch size", batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    source = data.resolve_source(data_dir)
+    images = data.load_split(source, split, key.limit or None)
+    if len(images.labels) == 0:
+        raise UserError(f"the {split} split at {source} has no images")
+    path = key.path(cache_dir, split)
+    expected = dict(key.attrs(split), rows=len(images.labels), source_fingerprint=images.fingerprint)
+
+    state = store.inspect(path, expected)
+    if state.status == "complete" and not force:
+        return ExtractResult(path, len(images.labels), 0, 0.0, up_to_date=True)
+    if state.status == "bad" and not force:
+        raise UserError(f"cache {path} exists but {state.reason}; rerun with --force to rebuild it")
+
+    from .extractor import Extractor, load_model  # TensorFlow loads only when there is work
+
+    started = time.perf_counter()
+    extractor = Extractor(load_model(key.model), image_size=key.image_size, resize=key.resize,
+                          views=VIEWS[key.views], batch_size=batch_size, engine=engine)
+    loaded = time.perf_counter()
+    attrs = dict(expected, engine=extractor.engine, source=images.source, tool_version=__version__,
+                 chunk_size=chunk_size, batch_size=batch_size, **_versions())
+    with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force) as writer:
+        start = writer.rows_done
+        if writer.resumed:
+            log(f"resuming {writer.partial} at row {start} of {writer.rows}")
+        bar = _progress_bar(writer.rows, start, split, enabled=progress)
+        try:
+            for lo in range(start, writer.rows, chunk_size):
+                hi = min(lo + chunk_size, writer.rows)
+                writer.write(lo, extractor.embed(images.images[lo:hi]), images.labels[lo:hi])
+                bar.update(hi - lo)
+        finally:
+            bar.close()
+        writer.finish()
+    done = time.perf_counter()
+    return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
+                         engine=extractor.engine)
+
+
+def _versions() -> dict:
+    import tensorflow as tf
+    import tensorflow_hub as hub
+
+    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__}
+
+
+def _progress_bar(total: int, initial: int, split: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc=f"extract {split}",
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,291 @@
+"""The HDF5 embedding cache: where a cache lives, what it says about itself, and crash-safe writing.
+
+Layout: `<cache_dir>/<dataset>/<model-slug>-<hash>/<size>px-<resize>-<views>[-limitN]/<split>.h5`,
+so other settings always make another file and vectors never mix. Each file holds
+`embeddings` (float32 [N, D]), `embeddings_flip` when flip views were asked for, and
+`labels` (int64 [N]), plus attributes naming its settings, the source fingerprint, the
+versions that made it, `rows_done` and `complete`.
+
+Why it survives a crash at any moment (SIGKILL, Ctrl-C, power loss):
+- The file is built as `<split>.partial.h5` and only renamed to `<split>.h5` (atomically,
+  then the folder is fsynced) after `complete` is set. A `.h5` name therefore never holds a
+  half-written cache, and a failed `--force` rebuild leaves the old cache untouched.
+- The partial file is created under a temporary name and renamed once its datasets exist,
+  so a kill during creation leaves nothing, or a harmless stray temp file.
+- Datasets are allocated in full at creation (H5D_ALLOC_TIME_EARLY, no fill, no
+  compression): every chunk has its final address, so appending rows is a raw write at a
+  fixed offset and never touches HDF5's metadata (chunk index, heaps). The only metadata
+  write per chunk is an in-place `rows_done` attribute update, done after the rows are
+  flushed and fsynced. A kill mid-chunk leaves rows past `rows_done` that the next run
+  simply writes again, so a crash costs at most the chunk in flight.
+We chose this over SWMR (needs h5clear after a crash) and over per-chunk side files
+(more moving parts, and `h5ls` could no longer show the whole cache).
+A partial file that still cannot be opened, or that belongs to other settings, is
+discarded and rebuilt; a lock file keeps two writers off the same cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import UserError
+
+FORMAT_VERSION = 1
+TOOL = "featcache"
+CHUNK_ROWS = 256
+# Attributes that decide whether a file is the cache asked for.
+IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize",
+            "views", "limit", "rows", "source_fingerprint")
+# A partial file is only resumed by the same engine, so one file never mixes engines.
+RESUME_IDENTITY = IDENTITY + ("engine", "dim")
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """The settings that select one cache file (limit 0 means the whole split)."""
+
+    model: str
+    image_size: int
+    resize: str
+    views: str
+    limit: int = 0
+    dataset: str = "cifar10"
+
+    @classmethod
+    def make(cls, model: str, image_size: int, resize: str, views: str, limit: int | None):
+        """Normalise a local model path to an absolute one, so cwd does not change the key."""
+        if os.path.exists(model):
+            model = os.path.abspath(model)
+        return cls(model=model, image_size=image_size, resize=resize, views=views, limit=limit or 0)
+
+    def path(self, cache_dir: str | os.PathLike, split: str) -> Path:
+        readable = self.model.split("://", 1)[-1].split("/", 1)[-1] if "://" in self.model else Path(self.model).name
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", readable).strip("-")[:48]
+        digest = hashlib.sha1(self.model.encode()).hexdigest()[:8]
+        name = f"{self.image_size}px-{self.resize}-{self.views}"
+        if self.limit:
+            name += f"-limit{self.limit}"
+        return Path(cache_dir) / self.dataset / f"{slug}-{digest}" / name / f"{split}.h5"
+
+    def attrs(self, split: str) -> dict:
+        return {"tool": TOOL, "format_version": FORMAT_VERSION, "split": split, **asdict(self)}
+
+
+def view_dataset(view: str) -> str:
+    return "embeddings" if view == "plain" else f"embeddings_{view}"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".partial.h5")
+
+
+def _mismatches(attrs, expected: dict, names) -> list[str]:
+    out = []
+    for name in names:
+        if name in expected and _plain(attrs.get(name)) != _plain(expected[name]):
+            out.append(name)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class CacheState:
+    """What a cache file on disk is: 'missing', 'complete', or 'bad' with a reason."""
+
+    status: str
+    reason: str = ""
+
+
+def inspect(path: Path, expected: dict) -> CacheState:
+    """Compare a finished cache file with the attributes we expect, without loading rows."""
+    if not path.exists():
+        return CacheState("missing")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            if attrs.get("tool") != TOOL:
+                return CacheState("bad", "it was not made by featcache")
+            wrong = _mismatches(attrs, expected, IDENTITY)
+            if wrong:
+                return CacheState("bad", f"it was made with other {', '.join(wrong)}")
+            if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
+                return CacheState("bad", "it is incomplete")
+            for name in ("embeddings", "labels"):
+                if name not in f or f[name].shape[0] != attrs["rows"]:
+                    return CacheState("bad", f"its {name} dataset is missing or the wrong length")
+    except OSError as exc:
+        return CacheState("bad", f"it is not a readable HDF5 file ({str(exc).splitlines()[0][:120]})")
+    return CacheState("complete")
+
+
+def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Load a complete cache: ({view: embeddings}, labels, attributes). Refuses anything else."""
+    state = inspect(path, expected)
+    if state.status == "missing":
+        raise UserError(f"no cache at {path}")
+    if state.status == "bad":
+        raise UserError(f"cache {path} cannot be used: {state.reason}")
+    with h5py.File(path, "r") as f:
+        missing = [v for v in views if view_dataset(v) not in f]
+        if missing:
+            raise UserError(f"cache {path} has no {missing[0]} view; extract it with --views flip")
+        embeddings = {v: f[view_dataset(v)][:] for v in views}
+        labels = f["labels"][:]
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    return embeddings, labels, attrs
+
+
+class CacheWriter:
+    """Builds one cache file chunk by chunk, resuming a matching partial file.
+
+    Use as a context manager: it holds the lock, `rows_done` says where to continue,
+    `write()` commits rows, `finish()` publishes the complete file.
+    """
+
+    def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.attrs = dict(attrs, dim=dim)
+        self.rows = int(attrs["rows"])
+        self.dim = dim
+        self.views = views
+        self.restart = restart
+        self.rows_done = 0
+        self.resumed = False
+        self._file = None
+        self._lock_fd = None
+
+    def __enter__(self):
+        self._lock()
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._close()
+        self._unlock()
+
+    def _lock(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write cache folder {self.path.parent}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise UserError(f"cache {self.path} is busy: another extract.py is writing it") from None
+
+    def _unlock(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _open(self):
+        if self.partial.exists() and not self.restart:
+            try:
+                f = h5py.File(self.partial, "r+")
+            except OSError:
+                f = None
+            if f is not None and not _mismatches(f.attrs, self.attrs, RESUME_IDENTITY) and self._has_datasets(f):
+                self._file = f
+                self.rows_done = int(f.attrs["rows_done"])
+                self.resumed = True
+                return
+            if f is not None:
+                f.close()
+        self._create()
+
+    def _has_datasets(self, f) -> bool:
+        names = ["labels"] + [view_dataset(v) for v in self.views]
+        return all(n in f for n in names) and len(f) == len(names)
+
+    def _create(self):
+        tmp = self.partial.with_name(self.partial.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            for view in self.views:
+                f.create_dataset(view_dataset(view), shape=(self.rows, self.dim), dtype="f4",
+                                 chunks=(max(1, min(CHUNK_ROWS, self.rows)), self.dim), dcpl=_preallocated())
+            f.create_dataset("labels", shape=(self.rows,), dtype="i8",
+                             chunks=(max(1, min(CHUNK_ROWS * 64, self.rows)),), dcpl=_preallocated())
+            for name, value in self.attrs.items():
+                f.attrs[name] = value
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.attrs["rows_done"] = np.int64(0)
+            f.attrs["complete"] = False
+        _fsync_path(tmp)
+        os.replace(tmp, self.partial)
+        _fsync_path(self.partial.parent)
+        self._file = h5py.File(self.partial, "r+")
+        self.rows_done = 0
+
+    def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray):
+        """Write rows [start, start+n) and commit them: after this returns they survive a crash."""
+        stop = start + len(labels)
+        if start != self.rows_done or stop > self.rows:
+            raise ValueError(f"rows {start}:{stop} do not follow committed row {self.rows_done}")
+        f = self._file
+        for view in self.views:
+            f[view_dataset(view)][start:stop] = embeddings[view]
+        f["labels"][start:stop] = labels
+        self._sync()
+        f.attrs.modify("rows_done", np.int64(stop))
+        self._sync()
+        self.rows_done = stop
+
+    def finish(self):
+        """Mark complete and publish under the final name; replaces an older cache atomically."""
+        if self.rows_done != self.rows:
+            raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
+        self._file.attrs.modify("complete", True)
+        self._sync()
+        self._close()
+        os.replace(self.partial, self.path)
+        _fsync_path(self.path.parent)
+
+    def _sync(self):
+        self._file.flush()
+        os.fsync(self._file.id.get_vfd_handle())
+
+    def _close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _preallocated():
+    """Dataset creation properties: all space allocated now, never filled, so writes are raw."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

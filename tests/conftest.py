@@ -1,0 +1,112 @@
+"""Fixtures: tiny CIFAR-format batches and a tiny TF Hub-style SavedModel, made on the fly.
+
+Tests go through the same loading code as real runs (pickle batches, tar.gz, hub.load),
+so they need neither the internet nor ../shared.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+REAL_MODEL = SHARED / "models" / "mobilenet_v2_100_224_feature_vector"
+REAL_DATA = SHARED / "data" / "cifar-10-python.tar.gz"
+TRAIN_PER_BATCH = 24
+TEST_ROWS = 40
+TINY_DIM = 16
+
+
+def write_batches(folder: Path, train_per_batch=TRAIN_PER_BATCH, test_rows=TEST_ROWS, seed=0) -> dict:
+    """Write data_batch_1..5, test_batch and batches.meta like the official python layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    names = [(f"data_batch_{i}", train_per_batch) for i in range(1, 6)] + [("test_batch", test_rows)]
+    for name, n in names:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, fh)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, fh)
+    return written
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A parent folder holding cifar-10-batches-py/ (read-only use: copy before changing)."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_batches(root / "cifar-10-batches-py")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(cifar_root, tmp_path_factory) -> Path:
+    archive = tmp_path_factory.mktemp("cifar_tgz") / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cifar_root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive
+
+
+def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="vector") -> Path:
+    """A SavedModel with the TF Hub image feature-vector convention: [0,1] floats in, [N, D] out.
+
+    A fixed random conv + global average pooling, so it accepts any image size and its
+    features depend on the picture (including left/right layout, via a position ramp).
+    """
+    import tensorflow as tf
+
+    class Tiny(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(1)
+            self.kernel = tf.Variable(rng.normal(size=(3, 3, 3, dim)).astype(np.float32))
+
+        def features(self, images):
+            x = tf.nn.relu(tf.nn.conv2d(images, self.kernel, strides=2, padding="SAME"))
+            width = tf.shape(x)[2]
+            ramp = tf.reshape(tf.linspace(0.0, 1.0, width), [1, 1, -1, 1])
+            if output == "map":
+                return x
+            return tf.reduce_mean(x, axis=[1, 2]) + tf.reduce_mean(x * ramp, axis=[1, 2])
+
+    module = Tiny()
+    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+    if with_training_arg:
+        call = tf.function(lambda images, training=False: module.features(images))
+        call.get_concrete_function(spec, training=False)
+        call.get_concrete_function(spec, training=True)
+    else:
+        call = tf.function(lambda images: module.features(images), input_signature=[spec])
+    module.__call__ = call
+    tf.saved_model.save(module, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def run_cli(script: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run extract.py or train_head.py as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def requires_shared():
+    return pytest.mark.skipif(not (REAL_MODEL.exists() and REAL_DATA.exists()),
+                              reason=f"real model/data not found under {SHARED} (they are in CI, not on a fresh machine)")

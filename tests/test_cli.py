@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_model, cifar_archive, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    common = ["--data-dir", cifar_archive, "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+              "--engine", "tensorflow"]
+    done = run_cli("extract.py", *common, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("done: ") == 2 and "images/s" in done.stdout
+    return cache, common
+
+
+def test_rerun_reports_up_to_date(extracted):
+    again = run_cli("extract.py", *extracted[1], "--split", "test", "--quiet")
+    assert again.returncode == 0 and "up to date" in again.stdout and "0 images processed" in again.stdout
+
+
+def test_train_head_records_a_run(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    runs = tmp_path / "runs"
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                  "--runs-dir", runs, "--epochs", "2", "--val-split", "0.2", "--seed", "5")
+    assert out.returncode == 0, out.stderr
+    assert "test accuracy" in out.stdout and "val accuracy" in out.stdout
+    (run_dir,) = list(runs.iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("test_accuracy", "test_loss", "fit_seconds", "epochs", "rows", "val_accuracy"):
+        assert name in metrics
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["head"]["seed"] == 5 and config["cache"]["image_size"] == 48
+    assert (run_dir / "head.keras").stat().st_size > 0 and (run_dir / "test_probs.npy").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "validation"], "Invalid value for '--split'"),
+    (["--chunk-size", "0"], "Invalid value for '--chunk-size'"),
+    (["--batch-size", "-3"], "Invalid value for '--batch-size'"),
+    (["--limit", "ten"], "Invalid value for '--limit'"),
+    (["--data-dir", "/nonexistent/cifar"], "Error: data path /nonexistent/cifar does not exist"),
+])
+def test_extract_bad_input_exits_2_with_one_line(args, message):
+    out = run_cli("extract.py", *args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_extract_unreachable_model_names_offline_options(cifar_root, tmp_path):
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tmp_path / "nothing",
+                  "--cache-dir", tmp_path, env={"TFHUB_CACHE_DIR": str(tmp_path / "empty_hub")})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "TFHUB_CACHE_DIR" in out.stderr and "--model PATH" in out.stderr
+
+
+def test_train_head_without_cache_names_the_extract_command(tmp_path):
+    out = run_cli("train_head.py", "--cache-dir", tmp_path, "--runs-dir", tmp_path / "runs")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no train cache" in out.stderr and "python extract.py --split train" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_head_with_only_train_cache_names_test_extract(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    test_file = next(cache.rglob("test.h5"))
+    hidden = test_file.with_name("test.h5.bak")
+    test_file.rename(hidden)
+    try:
+        out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                      "--runs-dir", tmp_path)
+    finally:
+        hidden.rename(test_file)
+    assert out.returncode == 2 and "no test cache" in out.stderr and "--split test" in out.stderr
+
+
+def test_train_head_refuses_incomplete_cache(extracted, tiny_model, tmp_path):
+    import h5py
+    cache, _ = extracted
+    test_file = next(cache.rglob("test.h5"))
+    backup = test_file.read_bytes()
+    try:
+        with h5py.File(test_file, "r+") as f:
+            f.attrs.modify("complete", False)
+        out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                      "--runs-dir", tmp_path)
+    finally:
+        test_file.write_bytes(backup)
+    assert out.returncode == 2 and "incomplete" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
+])
+def test_train_head_bad_options(extracted, tiny_model, tmp_path, args, message):
+    cache, _ = extracted
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                  "--runs-dir", tmp_path, *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,79 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from featcache import data
+from featcache.errors import UserError
+from conftest import TEST_ROWS, TRAIN_PER_BATCH, write_batches
+
+
+def test_folder_parent_and_archive_read_the_same_images(cifar_root, cifar_archive):
+    variants = [cifar_root / "cifar-10-batches-py", cifar_root, cifar_archive]
+    splits = [data.load_split(data.resolve_source(v), "train") for v in variants]
+    for s in splits:
+        assert s.images.shape == (5 * TRAIN_PER_BATCH, 32, 32, 3) and s.images.dtype == np.uint8
+        assert s.labels.shape == (5 * TRAIN_PER_BATCH,)
+    assert len({s.fingerprint for s in splits}) == 1
+    np.testing.assert_array_equal(splits[0].images, splits[2].images)
+
+
+def test_pixels_are_decoded_channel_last_in_file_order(tmp_path):
+    written = write_batches(tmp_path / "cifar-10-batches-py", train_per_batch=3, test_rows=4)
+    test = data.load_split(data.resolve_source(tmp_path), "test")
+    raw, labels = written["test_batch"]
+    # Row layout is 1024 red, then 1024 green, then 1024 blue values, each row-major.
+    assert test.images[2, 5, 7, 1] == raw[2, 1024 + 5 * 32 + 7]
+    assert test.labels.tolist() == labels
+    train = data.load_split(data.resolve_source(tmp_path), "train")
+    np.testing.assert_array_equal(train.images[3:6].reshape(3, -1),
+                                  written["data_batch_2"][0].reshape(3, 3, 32, 32).transpose(0, 2, 3, 1).reshape(3, -1))
+
+
+def test_env_var_is_used_when_no_path_is_given(cifar_root, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(cifar_root))
+    assert data.resolve_source(None) == cifar_root / "cifar-10-batches-py"
+
+
+def test_limit_and_fingerprint(cifar_root):
+    source = data.resolve_source(cifar_root)
+    full = data.load_split(source, "test")
+    first = data.load_split(source, "test", limit=7)
+    assert len(first.labels) == 7
+    np.testing.assert_array_equal(first.images, full.images[:7])
+    assert first.fingerprint != full.fingerprint
+    assert len(full.labels) == TEST_ROWS
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "no CIFAR-10 batches"),
+    ("not_tar", "is not a tar archive"),
+    ("wrong_shape", "expected [N, 3072] uint8"),
+    ("bad_labels", "labels outside 0..9"),
+    ("not_pickle", "is not a readable CIFAR-10 batch"),
+    ("missing_batch", "missing CIFAR-10 batch file"),
+])
+def test_bad_sources_give_one_clear_error(tmp_path, case, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    target = tmp_path
+    if case == "missing":
+        target = tmp_path / "nope"
+    elif case == "empty":
+        pass
+    elif case == "not_tar":
+        target = tmp_path / "x.tar.gz"
+        target.write_bytes(b"not an archive at all")
+    else:
+        write_batches(folder, train_per_batch=2, test_rows=2)
+        batch = folder / "test_batch"
+        if case == "wrong_shape":
+            batch.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+        elif case == "bad_labels":
+            batch.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}))
+        elif case == "not_pickle":
+            batch.write_bytes(b"\x00garbage")
+        elif case == "missing_batch":
+            batch.unlink()
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        data.load_split(data.resolve_source(target), "test")

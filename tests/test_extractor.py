@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from featcache import ov_engine
+from featcache.errors import UserError
+from featcache.extractor import Extractor, load_model, preprocess
+from conftest import TINY_DIM, save_tiny_model
+
+
+def test_preprocess_gives_requested_size_and_unit_range():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    images[0] = 0
+    images[1, ::2] = 255  # hard edges make bicubic overshoot before clipping
+    for method in ("bicubic", "bilinear"):
+        out = preprocess(images, 224, method).numpy()
+        assert out.shape == (3, 224, 224, 3) and out.dtype == np.float32
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        assert out[0].max() == 0.0 and out[1].max() == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_model(str(tiny_model))
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_embeddings_do_not_depend_on_batch_size(tiny):
+    images = _images(23)
+    a = Extractor(tiny, image_size=64, batch_size=5, engine="tensorflow").embed(images)["plain"]
+    b = Extractor(tiny, image_size=64, batch_size=23, engine="tensorflow").embed(images)["plain"]
+    assert a.shape == (23, TINY_DIM) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_flip_view_is_the_embedding_of_the_mirrored_image(tiny):
+    images = _images(6)
+    ex = Extractor(tiny, image_size=48, views=("plain", "flip"), batch_size=4, engine="tensorflow")
+    out = ex.embed(images)
+    mirrored = ex.embed(images[:, :, ::-1])
+    np.testing.assert_allclose(out["flip"], mirrored["plain"], atol=1e-5)
+    assert np.abs(out["flip"] - out["plain"]).max() > 1e-3  # the model does see left from right
+
+
+def test_model_without_training_argument_is_accepted(tmp_path):
+    model = load_model(str(save_tiny_model(tmp_path / "plain", with_training_arg=False)))
+    assert Extractor(model, image_size=40, engine="tensorflow").embed(_images(3))["plain"].shape == (3, TINY_DIM)
+
+
+def test_model_that_is_not_a_feature_vector_is_rejected(tmp_path):
+    model = load_model(str(save_tiny_model(tmp_path / "map", output="map")))
+    with pytest.raises(UserError, match=r"expected a \[N, D\] float feature vector"):
+        Extractor(model, image_size=40, engine="tensorflow")
+
+
+def test_folder_that_is_not_a_savedmodel_names_the_offline_options(tmp_path):
+    with pytest.raises(UserError, match="TFHUB_CACHE_DIR.*--model PATH"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.skipif(not ov_engine.available(), reason="openvino is not installed (optional engine)")
+def test_openvino_engine_agrees_with_tensorflow(tiny):
+    images = _images(37)
+    tf_out = Extractor(tiny, image_size=64, views=("plain", "flip"), batch_size=8, engine="tensorflow").embed(images)
+    ov_out = Extractor(tiny, image_size=64, views=("plain", "flip"), batch_size=8, engine="openvino").embed(images)
+    for view in ("plain", "flip"):
+        assert np.abs(tf_out[view] - ov_out[view]).max() < 1e-3

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from featcache.errors import UserError
+from featcache.head import Features, HeadConfig, split_validation, train
+
+
+def blobs(n_per_class=60, dim=32, seed=0, spread=1.0):
+    """Ten Gaussian clusters; the flip view is a slightly jittered copy."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(10, dim)) * 3 + 5  # offset and scale: standardisation matters
+    labels = np.repeat(np.arange(10), n_per_class)
+    plain = (centers[labels] + rng.normal(size=(len(labels), dim)) * spread).astype(np.float32)
+    flip = (plain + rng.normal(size=plain.shape) * 0.1).astype(np.float32)
+    return Features({"plain": plain, "flip": flip}, labels)
+
+
+def test_head_learns_a_separable_problem():
+    trained = train(blobs(seed=0), blobs(n_per_class=20, seed=0),
+                    HeadConfig(epochs=20, batch_size=64, lr=1e-2))
+    assert trained.metrics["test_accuracy"] > 0.95
+    assert trained.history["loss"][-1] < trained.history["loss"][0]
+    assert trained.test_probs.shape == (200, 10)
+    np.testing.assert_allclose(trained.test_probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    data, test = blobs(spread=3.0), blobs(n_per_class=20, seed=1, spread=3.0)
+    config = dict(epochs=3, batch_size=64, hidden=16, dropout=0.2, val_split=0.2)
+    a = train(data, test, HeadConfig(seed=3, **config))
+    b = train(data, test, HeadConfig(seed=3, **config))
+    c = train(data, test, HeadConfig(seed=4, **config))
+    np.testing.assert_array_equal(a.test_probs, b.test_probs)
+    assert a.metrics["val_accuracy"] == b.metrics["val_accuracy"]
+    assert not np.array_equal(a.test_probs, c.test_probs)
+
+
+def test_validation_split_holds_out_whole_images():
+    data = blobs()
+    fit, val = split_validation(data, 0.25, seed=0)
+    assert len(val.labels) == 150 and len(fit.labels) == 450
+    fit_rows = {row.tobytes() for row in fit.views["plain"]}
+    assert not any(row.tobytes() in fit_rows for row in val.views["plain"])
+    np.testing.assert_array_equal(val.views["flip"] - val.views["plain"] != 0, True)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "--epochs"), (dict(val_split=1.5), "--val-split"), (dict(lr=0), "--lr"),
+    (dict(dropout=1.0), "--dropout"), (dict(batch_size=0), "--batch-size"),
+])
+def test_bad_head_settings_are_refused(bad, message):
+    with pytest.raises(UserError, match=message):
+        train(blobs(n_per_class=5), None, HeadConfig(**bad))

@@ -1,0 +1,123 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache import data, pipeline, store
+from featcache.errors import UserError
+from featcache.extractor import Extractor, load_model
+from conftest import ROOT, TINY_DIM
+
+
+def _key(model, **kw):
+    settings = dict(image_size=48, resize="bilinear", views="flip", limit=None)
+    settings.update(kw)
+    return store.CacheKey.make(str(model), settings["image_size"], settings["resize"], settings["views"],
+                               settings["limit"])
+
+
+def _rows(path):
+    with h5py.File(path, "r") as f:
+        return {name: f[name][:] for name in f}, dict(f.attrs)
+
+
+def test_chunked_cache_equals_one_pass_over_everything(tiny_model, cifar_root, tmp_path):
+    key = _key(tiny_model)
+    result = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=7,
+                              batch_size=3, engine="tensorflow", progress=False)
+    rows, attrs = _rows(result.path)
+    split = data.load_split(data.resolve_source(cifar_root), "train")
+    ex = Extractor(load_model(str(tiny_model)), image_size=48, resize="bilinear", views=("plain", "flip"),
+                   batch_size=len(split.labels), engine="tensorflow")
+    whole = ex.embed(split.images)
+    np.testing.assert_allclose(rows["embeddings"], whole["plain"], atol=1e-5)
+    np.testing.assert_allclose(rows["embeddings_flip"], whole["flip"], atol=1e-5)
+    np.testing.assert_array_equal(rows["labels"], split.labels)
+    assert attrs["complete"] and attrs["rows_done"] == attrs["rows"] == len(split.labels)
+    assert attrs["source_fingerprint"] == split.fingerprint and attrs["dim"] == TINY_DIM
+    for name in ("model", "image_size", "resize", "dataset", "split", "tool_version", "tensorflow_version",
+                 "tensorflow_hub_version", "created", "engine"):
+        assert name in attrs
+
+
+def test_up_to_date_cache_sends_no_image_through_the_model(tiny_model, cifar_root, tmp_path, monkeypatch):
+    key = _key(tiny_model)
+    first = pipeline.extract(key, "test", data_dir=cifar_root, cache_dir=tmp_path, engine="tensorflow", progress=False)
+    before = first.path.stat().st_mtime_ns
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded for an up-to-date cache")
+
+    monkeypatch.setattr("featcache.extractor.load_model", no_model)
+    again = pipeline.extract(key, "test", data_dir=cifar_root, cache_dir=tmp_path, engine="tensorflow", progress=False)
+    assert again.up_to_date and again.processed == 0 and "up to date" in again.summary()
+    assert first.path.stat().st_mtime_ns == before
+
+
+def test_other_settings_make_other_caches(tiny_model, cifar_root, tmp_path):
+    paths = set()
+    for kw in ({}, {"image_size": 40}, {"resize": "bicubic"}, {"limit": 9}, {"views": "plain"}):
+        result = pipeline.extract(_key(tiny_model, **kw), "test", data_dir=cifar_root, cache_dir=tmp_path,
+                                  engine="tensorflow", progress=False)
+        assert not result.up_to_date
+        paths.add(result.path)
+    assert len(paths) == 5
+    rows, attrs = _rows(_key(tiny_model, limit=9).path(tmp_path, "test"))
+    assert len(rows["labels"]) == 9 and attrs["limit"] == 9
+
+
+def test_cache_from_other_source_data_is_not_silently_reused(tiny_model, cifar_root, tmp_path):
+    key = _key(tiny_model, limit=5)
+    pipeline.extract(key, "test", data_dir=cifar_root, cache_dir=tmp_path, engine="tensorflow", progress=False)
+    other = tmp_path / "other"
+    from conftest import write_batches
+    write_batches(other / "cifar-10-batches-py", seed=7)
+    with pytest.raises(UserError, match="source_fingerprint.*--force"):
+        pipeline.extract(key, "test", data_dir=other, cache_dir=tmp_path, engine="tensorflow", progress=False)
+    rebuilt = pipeline.extract(key, "test", data_dir=other, cache_dir=tmp_path, engine="tensorflow",
+                               progress=False, force=True)
+    assert rebuilt.processed == 5
+
+
+def _committed_rows(partial):
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs["rows_done"])
+    except (OSError, KeyError):
+        return -1
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_cache(tiny_model, cifar_root, tmp_path):
+    args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
+            "--model", str(tiny_model), "--image-size", "96", "--resize", "bilinear", "--chunk-size", "4",
+            "--batch-size", "2", "--engine", "tensorflow", "--quiet"]
+    reference = subprocess.run(args + ["--cache-dir", str(tmp_path / "ref")], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    ref_path = _key(tiny_model, image_size=96, resize="bilinear").path(tmp_path / "ref", "train")
+
+    cache = tmp_path / "killed"
+    path = _key(tiny_model, image_size=96, resize="bilinear").path(cache, "train")
+    proc = subprocess.Popen(args + ["--cache-dir", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _committed_rows(store.partial_path(path)) < 8 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = _committed_rows(store.partial_path(path))
+    assert 8 <= committed < 120, "the kill should land mid-run"
+    assert not path.exists()
+
+    resumed = subprocess.run(args + ["--cache-dir", str(cache)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at row {committed}" in resumed.stdout
+    assert f"{120 - committed} images" in resumed.stdout
+    got, attrs = _rows(path)
+    want, _ = _rows(ref_path)
+    assert attrs["complete"]
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Stage 2: train a 10-class head on cached embeddings, report test accuracy, record the run."""
+
+import time
+
+import click
+
+from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, selection_options
+from featcache.head import HeadConfig
+from featcache.runs import run_experiment
+from featcache.store import CacheKey
+
+DEFAULTS = HeadConfig()
+
+
+@click.command()
+@selection_options
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True)
+@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Peak Adam learning rate.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True)
+@click.option("--l2", type=float, default=DEFAULTS.l2, show_default=True, help="L2 weight penalty.")
+@click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=0), default=DEFAULTS.hidden, show_default=True,
+              help="Units of an optional hidden ReLU layer (0: linear head).")
+@click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=DEFAULTS.schedule, show_default=True)
+@click.option("--flip-train/--no-flip-train", default=DEFAULTS.flip_train, show_default=True,
+              help="Use the flipped views as extra training rows.")
+@click.option("--tta/--no-tta", default=DEFAULTS.tta, show_default=True,
+              help="Average the predictions of the plain and flipped views.")
+@click.option("--val-split", type=float, default=DEFAULTS.val_split, show_default=True,
+              help="Fraction of train images held out for validation.")
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--verbose", is_flag=True, help="Show Keras' per-epoch progress.")
+@one_line_errors
+def main(cache_dir, model, image_size, resize, views, limit, runs_dir, verbose, **head_options):
+    """Train a softmax head on the cached train split and evaluate it on the cached test split."""
+    started = time.perf_counter()
+    key = CacheKey.make(model, image_size, resize, views, limit)
+    config = HeadConfig(**head_options)
+    if views == "plain" and (config.flip_train or config.tta):
+        config.flip_train = config.tta = False  # a plain-view cache has no flips to use
+    run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, verbose=2 if verbose else 0)
+    click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
+               f"({metrics['rows']} rows x {metrics['epochs']} epochs fit in {metrics['fit_seconds']:.1f} s)")
+    if "val_accuracy" in metrics:
+        click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}")
+    click.echo(f"run recorded in {run_dir} ({time.perf_counter() - started:.1f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
