@@ -7,7 +7,7 @@ import click
 
 from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, selection_options
 from featcache.head import HeadConfig
-from featcache.runs import run_experiment
+from featcache.runs import format_ledger, ledger, run_experiment
 from featcache.store import CacheKey
 
 DEFAULTS = HeadConfig()
@@ -32,16 +32,24 @@ DEFAULTS = HeadConfig()
               help="Fraction of train images held out for validation.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--sweep", type=click.Choice(["l2"]), default=None,
+              help="Choose --l2 on a validation split (--val-split, default 0.2), then refit on all rows.")
+@click.option("--list", "list_runs", is_flag=True, help="Print the table of recorded runs and exit.")
 @click.option("--verbose", is_flag=True, help="Show Keras' per-epoch progress.")
 @one_line_errors
-def main(cache_dir, model, image_size, resize, views, limit, runs_dir, verbose, **head_options):
+def main(cache_dir, model, image_size, resize, views, limit, runs_dir, sweep, list_runs, verbose, **head_options):
     """Train a softmax head on the cached train split and evaluate it on the cached test split."""
+    if list_runs:
+        rows = ledger(runs_dir)
+        click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
+        return
     started = time.perf_counter()
     key = CacheKey.make(model, image_size, resize, views, limit)
     config = HeadConfig(**head_options)
     if views == "plain" and (config.flip_train or config.tta):
         config.flip_train = config.tta = False  # a plain-view cache has no flips to use
-    run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, verbose=2 if verbose else 0)
+    run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
+                                      verbose=2 if verbose else 0, log=click.echo)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
                f"({metrics['rows']} rows x {metrics['epochs']} epochs fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:

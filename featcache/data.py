@@ -13,8 +13,10 @@ import hashlib
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -36,19 +38,11 @@ SPLITS = tuple(SPLIT_FILES)
 
 @dataclass
 class Split:
-    """One split in memory as uint8 NHWC images (150 MB for train) and int64 labels."""
+    """A whole split in memory (tests and small jobs; extraction streams with SplitSource)."""
 
     images: np.ndarray
     labels: np.ndarray
     source: str
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 over pixels and labels: identifies the data, whatever archive it came in."""
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.images).tobytes())
-        digest.update(self.labels.astype("<i8").tobytes())
-        return digest.hexdigest()
 
 
 def resolve_source(data_dir: str | os.PathLike | None) -> Path:
@@ -99,44 +93,99 @@ def _keras_cached_copy() -> Path:
     return resolve_source(path)
 
 
+class SplitSource:
+    """One split read batch file by batch file: memory stays at one batch (30 MB) whatever N is.
+
+    The archive is streamed in one pass per use; batches that the archive stores out of
+    order are held until their turn (the official archive is in order).
+    """
+
+    def __init__(self, source: Path, split: str, limit: int | None = None):
+        if split not in SPLIT_FILES:
+            raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self.source, self.split, self.limit = Path(source), split, limit
+        self.names = SPLIT_FILES[split]
+        self.rows, self.fingerprint = self._scan()
+
+    def _scan(self) -> tuple[int, str]:
+        """Count rows and fingerprint pixels and labels (sha256), whatever archive holds them."""
+        pixels, labels, rows = hashlib.sha256(), hashlib.sha256(), 0
+        for images, batch_labels in self.batches():
+            pixels.update(images.tobytes())
+            labels.update(batch_labels.astype("<i8").tobytes())
+            rows += len(batch_labels)
+        return rows, hashlib.sha256(pixels.digest() + labels.digest()).hexdigest()
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 [n,32,32,3], int64 [n]) per batch file, in order, cut at `limit` rows."""
+        left = self.limit if self.limit is not None else float("inf")
+        raw = _archive_batches(self.source, self.names) if self.source.is_file() else _folder_batches(self.source, self.names)
+        for images, labels in raw:
+            take = int(min(left, len(labels)))
+            left -= take
+            yield images[:take], labels[:take]
+            if left <= 0:
+                return
+
+    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(first row, images, labels) of consecutive chunks, beginning at row `start`."""
+        pending_images, pending_labels, position = [], [], 0
+        for images, labels in self.batches():
+            skip = min(max(start - position, 0), len(labels))
+            position += len(labels)
+            if skip < len(labels):
+                pending_images.append(images[skip:])
+                pending_labels.append(labels[skip:])
+            while sum(len(x) for x in pending_labels) >= chunk_size:
+                yield from self._emit(pending_images, pending_labels, chunk_size, position)
+        if pending_labels:
+            yield from self._emit(pending_images, pending_labels, None, position)
+
+    @staticmethod
+    def _emit(pending_images, pending_labels, size, position):
+        images, labels = np.concatenate(pending_images), np.concatenate(pending_labels)
+        size = len(labels) if size is None else size
+        pending_images[:] = [images[size:]] if size < len(labels) else []
+        pending_labels[:] = [labels[size:]] if size < len(labels) else []
+        yield position - len(labels), images[:size], labels[:size]
+
+
 def load_split(source: Path, split: str, limit: int | None = None) -> Split:
-    """Read a split from a batch folder or the archive, in the original order."""
-    if split not in SPLIT_FILES:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    wanted = SPLIT_FILES[split]
-    batches = _read_archive(source, wanted) if source.is_file() else _read_folder(source, wanted)
-    images = np.concatenate([b[0] for b in batches])
-    labels = np.concatenate([b[1] for b in batches])
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return Split(images=images, labels=labels, source=str(source))
+    """Read a whole split into memory, in the original order."""
+    reader = SplitSource(source, split, limit)
+    batches = list(reader.batches())
+    return Split(images=np.concatenate([b[0] for b in batches]), labels=np.concatenate([b[1] for b in batches]),
+                 source=str(source))
 
 
-def _read_folder(folder: Path, names: tuple[str, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
-    batches = []
+def _folder_batches(folder: Path, names: tuple[str, ...]):
     for name in names:
         path = folder / name
         if not path.is_file():
             raise UserError(f"missing CIFAR-10 batch file {path}")
         with open(path, "rb") as fh:
-            batches.append(_decode_batch(fh, str(path)))
-    return batches
+            yield _decode_batch(fh, str(path))
 
 
-def _read_archive(archive: Path, names: tuple[str, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
-    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+def _archive_batches(archive: Path, names: tuple[str, ...]):
+    early: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    wanted = iter(names)
+    next_name = next(wanted)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar:  # one streaming pass; no extraction to disk
+            for member in tar:  # one streaming pass; nothing is extracted to disk
                 name = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and name in names and name not in found:
-                    found[name] = _decode_batch(tar.extractfile(member), f"{archive}:{member.name}")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                if not member.isfile() or name not in names or name in early:
+                    continue
+                early[name] = _decode_batch(tar.extractfile(member), f"{archive}:{member.name}")
+                while next_name in early:
+                    yield early.pop(next_name)
+                    next_name = next(wanted, None)
+                if next_name is None:
+                    return
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise UserError(f"cannot read archive {archive}: {exc}") from None
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise UserError(f"archive {archive} has no CIFAR-10 batch {missing[0]}")
-    return [found[n] for n in names]
+    raise UserError(f"archive {archive} has no CIFAR-10 batch {next_name}")
 
 
 def _decode_batch(fh, where: str) -> tuple[np.ndarray, np.ndarray]:

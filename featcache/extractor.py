@@ -88,13 +88,12 @@ class Extractor:
             self._ov = OpenVinoNetwork(self._tf_network, self.image_size)
 
     def _views_graph(self, images):
-        """uint8 images -> preprocessed floats, the flipped copies stacked after the originals."""
+        """uint8 images -> preprocessed floats [views, B, S, S, 3]; the flip view is mirrored."""
         import tensorflow as tf
 
         x = preprocess(images, self.image_size, self.resize)
-        if "flip" in self.views:
-            x = tf.concat([x, tf.image.flip_left_right(x)], axis=0)
-        return x
+        views = [x, tf.image.flip_left_right(x)] if "flip" in self.views else [x]
+        return tf.stack(views)
 
     def _network(self, x):
         import tensorflow as tf
@@ -105,7 +104,7 @@ class Extractor:
         """Run two blank images once: finds the call convention, checks input size and output."""
         import tensorflow as tf
 
-        blank = self._preprocess(np.zeros((2, 32, 32, 3), np.uint8))
+        blank = self._preprocess(np.zeros((2, 32, 32, 3), np.uint8))[0]
         for kwargs in ({"training": False}, {}):  # TF Hub models take `training`; plain ones may not
             self._call_kwargs = kwargs
             self._tf_network = tf.function(self._network, input_signature=[self._float_spec])
@@ -116,31 +115,30 @@ class Extractor:
                 failure = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         else:
             raise UserError(f"model cannot take {self.image_size}x{self.image_size} float images: {failure}")
-        n_out = 2 * len(self.views)
-        if out.ndim != 2 or out.shape[0] != n_out or not np.issubdtype(out.dtype, np.floating):
+        if out.ndim != 2 or out.shape[0] != 2 or not np.issubdtype(out.dtype, np.floating):
             raise UserError(f"model output has shape {out.shape}, expected a [N, D] float feature vector")
         return int(out.shape[1])
 
-    def _batches(self, images: np.ndarray):
-        """Preprocessed batches; tf.data prefetches the next while the network runs."""
-        import tensorflow as tf
-
-        dataset = tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size)
-        return dataset.map(self._preprocess).prefetch(1)
+    def _network_inputs(self, images: np.ndarray):
+        """Preprocessed network batches in order: batch 0's views, then batch 1's, ..."""
+        for i in range(0, len(images), self.batch_size):
+            for view_batch in self._preprocess(images[i : i + self.batch_size]):
+                yield view_batch
 
     def embed(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}."""
+        """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}.
+
+        Each view is its own network call, so activation memory follows `batch_size` alone.
+        With OpenVINO, the next batch is preprocessed while the previous one is inferred.
+        """
         if self.engine == "openvino":
-            outputs = self._ov.run(batch.numpy() for batch in self._batches(images))
+            outputs = self._ov.run(x.numpy() for x in self._network_inputs(images))
         else:
-            outputs = [self._tf_network(batch).numpy() for batch in self._batches(images)]
+            outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 
 
-def split_views(batch_outputs: list[np.ndarray], views: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Each batch output stacks its views along axis 0; regroup them per view."""
-    per_view = {view: [] for view in views}
-    for out in batch_outputs:
-        for view, rows in zip(views, np.split(out, len(views))):
-            per_view[view].append(rows)
-    return {view: np.concatenate(rows).astype(np.float32, copy=False) for view, rows in per_view.items()}
+def split_views(outputs: list[np.ndarray], views: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Network outputs alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view."""
+    return {view: np.concatenate(outputs[i :: len(views)]).astype(np.float32, copy=False)
+            for i, view in enumerate(views)}

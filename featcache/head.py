@@ -9,7 +9,7 @@ test time the probabilities of both views can be averaged (TTA).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -160,3 +160,26 @@ def train(train_features: Features, test_features: Features | None, config: Head
         metrics.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
     history = {k: [float(v) for v in values] for k, values in history.history.items()}
     return TrainedHead(model, history, fit_seconds, metrics, test_probs)
+
+
+SWEEP_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID) -> tuple[float, list[dict]]:
+    """Pick the L2 strength on a validation split carved from train: a coarse log grid, then
+    half-decade steps around the best (Kornblith et al. / CLIP style). Test data is never seen."""
+    fraction = config.val_split or 0.2
+    tried: dict[float, float] = {}
+
+    def evaluate(l2):
+        if l2 not in tried:
+            metrics = train(train_features, None, replace(config, l2=l2, val_split=fraction)).metrics
+            tried[l2] = metrics["val_accuracy"]
+
+    for l2 in grid:
+        evaluate(l2)
+    best = max(tried, key=tried.get)
+    for l2 in (best / 10**0.5, best * 10**0.5):
+        evaluate(float(f"{l2:.3g}"))
+    best = max(tried, key=tried.get)
+    return best, [{"l2": l2, "val_accuracy": acc} for l2, acc in sorted(tried.items())]

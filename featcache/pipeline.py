@@ -46,15 +46,15 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     source = data.resolve_source(data_dir)
-    images = data.load_split(source, split, key.limit or None)
-    if len(images.labels) == 0:
+    reader = data.SplitSource(source, split, key.limit or None)
+    if reader.rows == 0:
         raise UserError(f"the {split} split at {source} has no images")
     path = key.path(cache_dir, split)
-    expected = dict(key.attrs(split), rows=len(images.labels), source_fingerprint=images.fingerprint)
+    expected = dict(key.attrs(split), rows=reader.rows, source_fingerprint=reader.fingerprint)
 
     state = store.inspect(path, expected)
     if state.status == "complete" and not force:
-        return ExtractResult(path, len(images.labels), 0, 0.0, up_to_date=True)
+        return ExtractResult(path, reader.rows, 0, 0.0, up_to_date=True)
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with --force to rebuild it")
 
@@ -64,7 +64,7 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
     extractor = Extractor(load_model(key.model), image_size=key.image_size, resize=key.resize,
                           views=VIEWS[key.views], batch_size=batch_size, engine=engine)
     loaded = time.perf_counter()
-    attrs = dict(expected, engine=extractor.engine, source=images.source, tool_version=__version__,
+    attrs = dict(expected, engine=extractor.engine, source=str(source), tool_version=__version__,
                  chunk_size=chunk_size, batch_size=batch_size, **_versions())
     with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force) as writer:
         start = writer.rows_done
@@ -72,10 +72,9 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
             log(f"resuming {writer.partial} at row {start} of {writer.rows}")
         bar = _progress_bar(writer.rows, start, split, enabled=progress)
         try:
-            for lo in range(start, writer.rows, chunk_size):
-                hi = min(lo + chunk_size, writer.rows)
-                writer.write(lo, extractor.embed(images.images[lo:hi]), images.labels[lo:hi])
-                bar.update(hi - lo)
+            for lo, images, labels in reader.chunks(chunk_size, start):
+                writer.write(lo, extractor.embed(images), labels)
+                bar.update(len(labels))
         finally:
             bar.close()
         writer.finish()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from . import store
+from . import plots, store
 from .errors import UserError
-from .head import Features, HeadConfig, train
+from .head import Features, HeadConfig, sweep_l2, train
 
 
 def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
@@ -68,14 +69,28 @@ def new_run_dir(runs_dir) -> Path:
     raise UserError(f"too many runs started at {stamp} in {runs_dir}")
 
 
-def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig, verbose: int = 0) -> tuple[Path, dict]:
-    """Train one head on the cached train split, score it on test, and record the run."""
+def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
+                   verbose: int = 0, log=print) -> tuple[Path, dict]:
+    """Train one head on the cached train split, score it on test, and record the run.
+
+    With `sweep`, the L2 strength is chosen on a validation split first, then the head is
+    refit on all training rows with it.
+    """
     config.check()
     views = config.views_needed()
     train_features, train_info = load_features(key, "train", cache_dir, views)
     test_features, test_info = load_features(key, "test", cache_dir, views)
     run_dir = new_run_dir(runs_dir)  # made before training, so an unwritable runs/ fails fast
+    sweep_table = None
+    if sweep:
+        best, sweep_table = sweep_l2(train_features, config)
+        for row in sweep_table:
+            log(f"l2 {row['l2']:<8g} val accuracy {row['val_accuracy']:.4f}")
+        log(f"best l2 {best:g}; refitting on all training rows")
+        config = replace(config, l2=best, val_split=0.0)
     trained = train(train_features, test_features, config, verbose=verbose)
+    if sweep_table:
+        trained.metrics.update(sweep=sweep_table, val_accuracy=max(r["val_accuracy"] for r in sweep_table))
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
               "test_cache": test_info}
     record["cache"].pop("split")
@@ -84,7 +99,47 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     _write_json(run_dir / "history.json", trained.history)
     trained.model.save(run_dir / "head.keras")
     np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
+    plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
+    plots.plot_confusion(test_features.labels, trained.test_probs.argmax(1), run_dir / "confusion.png",
+                         title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
     return run_dir, trained.metrics
+
+
+LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "epochs", "hidden", "l2", "lr", "flip", "tta", "cache")
+
+
+def ledger(runs_dir) -> list[dict]:
+    """One row per recorded run, best validation accuracy first (runs without one last)."""
+    rows = []
+    for run_dir in sorted(Path(runs_dir).glob("*/metrics.json")):
+        try:
+            metrics = json.loads(run_dir.read_text())
+            config = json.loads((run_dir.parent / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        head, cache = config["head"], config["cache"]
+        rows.append({
+            "run": run_dir.parent.name, "val_acc": metrics.get("val_accuracy"),
+            "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
+            "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
+            "flip": head["flip_train"], "tta": head["tta"],
+            "cache": f"{cache['image_size']}px-{cache['resize']}-{cache['views']}"
+                     + (f"-limit{cache['limit']}" if cache.get("limit") else ""),
+        })
+    return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
+
+
+def format_ledger(rows: list[dict]) -> str:
+    def cell(value):
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:.4f}" if value < 1 else f"{value:.1f}"
+        return "-" if value is None else str(value)
+
+    table = [LEDGER_COLUMNS] + [tuple(cell(r[c]) for c in LEDGER_COLUMNS) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(LEDGER_COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
 
 
 def _write_json(path: Path, obj):

@@ -1,4 +1,5 @@
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ from conftest import TEST_ROWS, TRAIN_PER_BATCH, write_batches
 def test_folder_parent_and_archive_read_the_same_images(cifar_root, cifar_archive):
     variants = [cifar_root / "cifar-10-batches-py", cifar_root, cifar_archive]
     splits = [data.load_split(data.resolve_source(v), "train") for v in variants]
+    readers = [data.SplitSource(data.resolve_source(v), "train") for v in variants]
+    assert len({r.fingerprint for r in readers}) == 1 and readers[0].rows == 5 * TRAIN_PER_BATCH
     for s in splits:
         assert s.images.shape == (5 * TRAIN_PER_BATCH, 32, 32, 3) and s.images.dtype == np.uint8
         assert s.labels.shape == (5 * TRAIN_PER_BATCH,)
-    assert len({s.fingerprint for s in splits}) == 1
     np.testing.assert_array_equal(splits[0].images, splits[2].images)
 
 
@@ -41,8 +43,28 @@ def test_limit_and_fingerprint(cifar_root):
     first = data.load_split(source, "test", limit=7)
     assert len(first.labels) == 7
     np.testing.assert_array_equal(first.images, full.images[:7])
-    assert first.fingerprint != full.fingerprint
+    assert data.SplitSource(source, "test", 7).fingerprint != data.SplitSource(source, "test").fingerprint
     assert len(full.labels) == TEST_ROWS
+
+
+@pytest.mark.parametrize("chunk, start, limit", [(7, 0, None), (24, 0, None), (50, 13, None), (5, 118, None),
+                                                  (4, 3, 30), (1000, 0, None)])
+def test_chunks_cover_exactly_the_rows_from_start(cifar_archive, chunk, start, limit):
+    whole = data.load_split(cifar_archive, "train", limit)
+    got = list(data.SplitSource(cifar_archive, "train", limit).chunks(chunk, start))
+    assert all(len(labels) == chunk for _, _, labels in got[:-1])
+    assert [lo for lo, _, _ in got] == list(range(start, len(whole.labels), chunk))
+    np.testing.assert_array_equal(np.concatenate([images for _, images, _ in got]), whole.images[start:])
+    np.testing.assert_array_equal(np.concatenate([labels for _, _, labels in got]), whole.labels[start:])
+
+
+def test_archive_with_batches_out_of_order_is_read_in_order(cifar_root, tmp_path):
+    archive = tmp_path / "shuffled.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("data_batch_4", "test_batch", "data_batch_1", "data_batch_5", "data_batch_3", "data_batch_2"):
+            tar.add(cifar_root / "cifar-10-batches-py" / name, arcname=f"cifar-10-batches-py/{name}")
+    np.testing.assert_array_equal(data.load_split(archive, "train").images,
+                                  data.load_split(cifar_root / "cifar-10-batches-py", "train").images)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -51,3 +51,40 @@ def test_validation_split_holds_out_whole_images():
 def test_bad_head_settings_are_refused(bad, message):
     with pytest.raises(UserError, match=message):
         train(blobs(n_per_class=5), None, HeadConfig(**bad))
+
+
+def test_tta_averages_the_probabilities_of_both_views():
+    data = blobs(spread=2.5)
+    test = blobs(n_per_class=20, spread=2.5)
+    test.views["flip"] = test.views["plain"][::-1].copy()  # a different input per view
+    trained = train(data, test, HeadConfig(epochs=2, batch_size=64, tta=True))
+    from featcache.head import predict
+    plain = trained.model.predict(test.views["plain"], verbose=0)
+    flip = trained.model.predict(test.views["flip"], verbose=0)
+    np.testing.assert_allclose(trained.test_probs, (plain + flip) / 2, atol=1e-6)
+    np.testing.assert_allclose(predict(trained.model, test, tta=False), plain, atol=1e-6)
+
+
+def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
+    from featcache import head
+
+    seen = []
+
+    def fake_train(features, test, config, verbose=0):
+        assert test is None, "the sweep must never see test data"
+        seen.append(config.l2)
+        score = -abs(np.log10(config.l2) + 3.4)  # best near 4e-4
+        return head.TrainedHead(None, {}, 0.0, {"val_accuracy": 0.9 + score / 100})
+
+    monkeypatch.setattr(head, "train", fake_train)
+    best, table = head.sweep_l2(blobs(), HeadConfig())
+    assert seen[:5] == list(head.SWEEP_GRID)
+    assert len(seen) == 7 and best == pytest.approx(3.16e-4)
+    assert [row["l2"] for row in table] == sorted(row["l2"] for row in table)
+
+
+def test_sweep_on_real_training_prefers_weaker_penalty_on_easy_data():
+    best, table = __import__("featcache.head", fromlist=["sweep_l2"]).sweep_l2(
+        blobs(spread=1.5), HeadConfig(epochs=3, batch_size=64, lr=1e-2), grid=(1e-4, 10.0))
+    accuracy = {row["l2"]: row["val_accuracy"] for row in table}
+    assert accuracy[1e-4] > accuracy[10.0] and best < 1.0

@@ -1,0 +1,62 @@
+"""PNG figures of a run: training curves and the test confusion matrix (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import CLASS_NAMES
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: dict, path: Path, title: str = ""):
+    """Loss and accuracy per epoch, training and (when present) validation."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, label in (("", "train"), ("val_", "validation")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path, title: str = ""):
+    """Row-normalised confusion matrix with CIFAR-10 class names and per-cell percentages."""
+    plt = _pyplot()
+    n = len(CLASS_NAMES)
+    counts = np.zeros((n, n), np.int64)
+    np.add.at(counts, (labels, predicted), 1)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(n), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    ax.set_title(title or f"test confusion matrix (accuracy {accuracy:.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
