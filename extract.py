@@ -6,7 +6,7 @@ import click
 from featcache.cli import one_line_errors, selection_options
 from featcache.data import DATA_DIR_ENV, SPLITS
 from featcache.extractor import ENGINES
-from featcache.pipeline import extract
+from featcache.pipeline import extract, verify
 from featcache.store import CacheKey
 
 
@@ -18,21 +18,37 @@ from featcache.store import CacheKey
 @selection_options
 @click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images per committed chunk (what a crash can cost at most).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per forward pass. Default: 16 on a CPU, 128 on a GPU.")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")
 @one_line_errors
 def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, chunk_size, batch_size,
-         engine, force, quiet):
+         engine, force, quiet, verify):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     key = CacheKey.make(model, image_size, resize, views, limit)
-    for one_split in SPLITS if split == "all" else (split,):
+    splits = SPLITS if split == "all" else (split,)
+    if verify:
+        return verify_caches(key, splits, data_dir, cache_dir)
+    for one_split in splits:
         result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
                          batch_size=batch_size, engine=engine, force=force, progress=not quiet, log=click.echo)
         click.echo(result.summary())
+
+
+def verify_caches(key, splits, data_dir, cache_dir):
+    failed = False
+    for one_split in splits:
+        path, problems = verify(key, one_split, data_dir=data_dir, cache_dir=cache_dir)
+        click.echo(f"{one_split}: {path}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        for problem in problems:
+            click.echo(f"  - {problem}")
+        failed |= bool(problems)
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

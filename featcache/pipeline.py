@@ -40,9 +40,9 @@ class ExtractResult:
 
 
 def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", chunk_size=1024,
-            batch_size=64, force=False, engine="auto", progress=True, log=print) -> ExtractResult:
+            batch_size=None, force=False, engine="auto", progress=True, log=print) -> ExtractResult:
     """Build (or resume, or confirm) the cache for one split."""
-    for name, value in (("chunk size", chunk_size), ("batch size", batch_size)):
+    for name, value in (("chunk size", chunk_size), ("batch size", batch_size or 1)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     source = data.resolve_source(data_dir)
@@ -58,29 +58,33 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with --force to rebuild it")
 
-    from .extractor import Extractor, load_model  # TensorFlow loads only when there is work
+    with store.locked(path):  # taken before the slow model load, so a second writer hears at once
+        from .extractor import Extractor, load_model  # TensorFlow loads only when there is work
 
-    started = time.perf_counter()
-    extractor = Extractor(load_model(key.model), image_size=key.image_size, resize=key.resize,
-                          views=VIEWS[key.views], batch_size=batch_size, engine=engine)
-    loaded = time.perf_counter()
-    attrs = dict(expected, engine=extractor.engine, source=str(source), tool_version=__version__,
-                 chunk_size=chunk_size, batch_size=batch_size, **_versions())
-    with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force) as writer:
-        start = writer.rows_done
-        if writer.resumed:
-            log(f"resuming {writer.partial} at row {start} of {writer.rows}")
-        bar = _progress_bar(writer.rows, start, split, enabled=progress)
-        try:
-            for lo, images, labels in reader.chunks(chunk_size, start):
-                writer.write(lo, extractor.embed(images), labels)
-                bar.update(len(labels))
-        finally:
-            bar.close()
-        writer.finish()
-    done = time.perf_counter()
-    return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
-                         engine=extractor.engine)
+        started = time.perf_counter()
+        extractor = Extractor(load_model(key.model), image_size=key.image_size, resize=key.resize,
+                              views=VIEWS[key.views], batch_size=batch_size, engine=engine)
+        loaded = time.perf_counter()
+        attrs = dict(expected, engine=extractor.engine, source=str(source), tool_version=__version__,
+                     chunk_size=chunk_size, batch_size=extractor.batch_size, **_versions())
+        with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force) as writer:
+            start = writer.rows_done
+            if writer.resumed:
+                log(f"resuming {writer.partial} at row {start} of {writer.rows}")
+            bar = _progress_bar(writer.rows, start, split, enabled=progress)
+            try:
+                for lo, images, labels in reader.chunks(chunk_size, start):
+                    writer.write(lo, extractor.embed(images), labels)
+                    bar.update(len(labels))
+                writer.finish()
+            except OSError as exc:  # disk full, I/O error: committed chunks stay, the next run resumes
+                raise UserError(f"writing {writer.partial} failed ({exc.strerror or exc}); {writer.rows_done} "
+                                "committed rows are kept and the next run resumes from there") from None
+            finally:
+                bar.close()
+        done = time.perf_counter()
+        return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
+                             engine=extractor.engine)
 
 
 def _versions() -> dict:
@@ -95,3 +99,19 @@ def _progress_bar(total: int, initial: int, split: str, enabled: bool):
 
     return tqdm(total=total, initial=initial, unit="img", desc=f"extract {split}",
                 disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def verify(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache") -> tuple[Path, list[str]]:
+    """Check a cache against its source: settings, completeness, shapes, labels, fingerprint, NaN/Inf."""
+    reader = data.SplitSource(data.resolve_source(data_dir), split, key.limit or None)
+    path = key.path(cache_dir, split)
+    expected = dict(key.attrs(split), rows=reader.rows, source_fingerprint=reader.fingerprint)
+    state = store.inspect(path, expected)
+    if state.status == "missing":
+        return path, [f"no cache file (run extract.py --split {split})"]
+    problems = [state.reason] if state.status == "bad" else []
+    try:
+        problems += store.check_contents(path, reader)
+    except OSError as exc:
+        problems.append(f"unreadable: {str(exc).splitlines()[0][:120]}")
+    return path, list(dict.fromkeys(problems))

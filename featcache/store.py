@@ -26,6 +26,7 @@ discarded and rebuilt; a lock file keeps two writers off the same cache.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -152,10 +153,64 @@ def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, 
     return embeddings, labels, attrs
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold `<file>.lock` (flock) while writing a cache, so a second writer is turned away.
+
+    The kernel drops the lock when the process dies, so a crash never leaves it stuck.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write cache folder {path.parent}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"cache {path} is busy: another extract.py is writing it") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def check_contents(path: Path, reader) -> list[str]:
+    """Row-level checks that `inspect` leaves out: shapes, labels vs the source, NaN/Inf.
+
+    Reads one source batch at a time, so memory stays bounded for any split size.
+    """
+    problems = []
+    with h5py.File(path, "r") as f:
+        rows = int(f.attrs.get("rows", -1))
+        names = [n for n in f if n.startswith("embeddings")]
+        if not names:
+            return ["no embeddings dataset"]
+        for name in names:
+            if f[name].ndim != 2 or f[name].shape[0] != rows:
+                problems.append(f"{name} has shape {f[name].shape}, expected ({rows}, D)")
+        if "labels" not in f or f["labels"].shape != (rows,):
+            return problems + ["labels dataset missing or the wrong length"]
+        if rows != reader.rows:
+            return problems + [f"{rows} rows, but the source has {reader.rows}"]
+        lo = 0
+        for _, labels in reader.batches():
+            hi = lo + len(labels)
+            if not np.array_equal(f["labels"][lo:hi], labels):
+                problems.append(f"labels differ from the source in rows {lo}:{hi}")
+            for name in names:
+                block = f[name][lo:hi]
+                if not np.isfinite(block).all():
+                    problems.append(f"{name} has NaN or Inf in rows {lo}:{hi}")
+            lo = hi
+    return problems
+
+
 class CacheWriter:
     """Builds one cache file chunk by chunk, resuming a matching partial file.
 
-    Use as a context manager: it holds the lock, `rows_done` says where to continue,
+    Use as a context manager inside `locked(path)`: `rows_done` says where to continue,
     `write()` commits rows, `finish()` publishes the complete file.
     """
 
@@ -170,38 +225,13 @@ class CacheWriter:
         self.rows_done = 0
         self.resumed = False
         self._file = None
-        self._lock_fd = None
 
     def __enter__(self):
-        self._lock()
-        try:
-            self._open()
-        except BaseException:
-            self._unlock()
-            raise
+        self._open()
         return self
 
     def __exit__(self, *exc):
         self._close()
-        self._unlock()
-
-    def _lock(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot write cache folder {self.path.parent}: {exc.strerror}") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise UserError(f"cache {self.path} is busy: another extract.py is writing it") from None
-
-    def _unlock(self):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
 
     def _open(self):
         if self.partial.exists() and not self.restart:

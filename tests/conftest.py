@@ -60,7 +60,7 @@ def cifar_archive(cifar_root, tmp_path_factory) -> Path:
     return archive
 
 
-def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="vector") -> Path:
+def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="vector", size=None) -> Path:
     """A SavedModel with the TF Hub image feature-vector convention: [0,1] floats in, [N, D] out.
 
     A fixed random conv + global average pooling, so it accepts any image size and its
@@ -83,7 +83,7 @@ def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="ve
             return tf.reduce_mean(x, axis=[1, 2]) + tf.reduce_mean(x * ramp, axis=[1, 2])
 
     module = Tiny()
-    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32)
     if with_training_arg:
         call = tf.function(lambda images, training=False: module.features(images))
         call.get_concrete_function(spec, training=False)

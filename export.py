@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Export a trained run as one SavedModel: uint8 images in, class probabilities and names out."""
+
+import click
+
+from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors
+from featcache.classifier import build_classifier, export, resolve_run
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--run", "run_id", default=None, help="Run id under --runs-dir. Default: best by validation, else latest.")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@one_line_errors
+def main(out_dir, run_id, runs_dir):
+    """Write the run's classifier (resize, frozen extractor, standardisation, head) to OUT_DIR."""
+    run_dir = resolve_run(runs_dir, run_id)
+    export(build_classifier(run_dir), out_dir)
+    click.echo(f"exported run {run_dir.name} to {out_dir} (serving_default: images uint8 [N,H,W,3] -> "
+               "probabilities [N,10], top_class [N], class_names [10])")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Classify image files with a trained run: frozen extractor + the run's standardisation and head."""
+
+import json
+import sys
+
+import click
+
+from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors
+from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
+from featcache.errors import UserError
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--run", "run_id", default=None, help="Run id under --runs-dir. Default: best by validation, else latest.")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
+@one_line_errors
+def main(images, run_id, runs_dir, top_k, as_json):
+    """Print the top classes of each image (PNG/JPEG/BMP/GIF, any size); folders are expanded."""
+    run_dir = resolve_run(runs_dir, run_id)
+    classifier = build_classifier(run_dir)
+    names = [n.decode() for n in classifier.class_names.numpy()]
+    failures = 0
+    for path in expand_paths(images):
+        try:
+            pixels = decode_image(path)
+        except UserError as exc:
+            failures += 1
+            click.echo(json.dumps({"file": str(path), "error": str(exc)}) if as_json else f"{path}: error: {exc}",
+                       err=not as_json)
+            continue
+        probs = classifier.classify(pixels[None])["probabilities"].numpy()[0]
+        order = probs.argsort()[::-1][:top_k]
+        if as_json:
+            click.echo(json.dumps({"file": str(path), "run": run_dir.name,
+                                   "top": [{"class": names[i], "probability": float(probs[i])} for i in order],
+                                   "probabilities": [float(p) for p in probs]}))
+        else:
+            click.echo(f"{path}: " + ", ".join(f"{names[i]} {probs[i]:.3f}" for i in order))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

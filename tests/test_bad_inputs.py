@@ -1,0 +1,238 @@
+"""Bad input never gives a traceback or a cache that looks complete, and never harms a good cache."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import h5py
+import pytest
+
+from conftest import ROOT, run_cli, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def good(tiny_model, cifar_root, tmp_path_factory):
+    """A complete test-split cache made by the CLI, and the options that select it."""
+    cache = tmp_path_factory.mktemp("good_cache")
+    opts = ["--data-dir", cifar_root, "--model", tiny_model, "--image-size", "40", "--cache-dir", cache,
+            "--engine", "tensorflow", "--quiet"]
+    for split in ("train", "test"):
+        done = run_cli("extract.py", "--split", split, *opts)
+        assert done.returncode == 0, done.stderr
+    (path,) = cache.rglob("test.h5")
+    return path, opts
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fails_cleanly(out, *fragments, code=2):
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr + out.stdout
+    for fragment in fragments:
+        assert fragment in out.stderr, out.stderr
+
+
+def _damaged_copy(good, tmp_path, damage):
+    """A copy of the good cache folder with test.h5 damaged; returns (path, options for it)."""
+    path, opts = good
+    cache = tmp_path / "cache"
+    shutil.copytree(path.parents[3], cache)
+    (copy,) = cache.rglob("test.h5")
+    damage(copy)
+    new_opts = list(opts)
+    new_opts[new_opts.index("--cache-dir") + 1] = cache
+    return copy, new_opts
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _corrupt_superblock(path):
+    with open(path, "r+b") as fh:
+        fh.write(b"\x00" * 64)
+
+
+def _other_tool(path):
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f["embeddings"] = [[0.0]]
+        f.attrs["creator"] = "someone else"
+
+
+def _other_settings(path):
+    with h5py.File(path, "r+") as f:
+        f.attrs["image_size"] = 999
+
+
+DAMAGES = {"truncated": (_truncate, "not a readable HDF5 file"),
+           "corrupted": (_corrupt_superblock, "not a readable HDF5 file"),
+           "other tool": (_other_tool, "not made by featcache"),
+           "other settings": (_other_settings, "made with other image_size")}
+
+
+@pytest.mark.parametrize("case", DAMAGES)
+def test_extract_reports_a_bad_cache_and_offers_force(good, tmp_path, case):
+    damage, message = DAMAGES[case]
+    copy, opts = _damaged_copy(good, tmp_path, damage)
+    before = _digest(copy)
+    out = run_cli("extract.py", "--split", "test", *opts)
+    _fails_cleanly(out, message, "--force")
+    assert _digest(copy) == before
+    rebuilt = run_cli("extract.py", "--split", "test", *opts, "--force")
+    assert rebuilt.returncode == 0 and "done: " in rebuilt.stdout
+
+
+@pytest.mark.parametrize("case", DAMAGES)
+def test_train_head_refuses_a_bad_cache(good, tmp_path, case):
+    damage, message = DAMAGES[case]
+    copy, opts = _damaged_copy(good, tmp_path, damage)
+    cache = opts[opts.index("--cache-dir") + 1]
+    out = run_cli("train_head.py", "--model", opts[opts.index("--model") + 1], "--image-size", "40",
+                  "--cache-dir", cache, "--runs-dir", tmp_path / "runs")
+    _fails_cleanly(out, "test cache", message)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("make, message", [
+    ("empty_dir", "no CIFAR-10 batches"),
+    ("truncated_archive", "cannot read archive"),
+    ("not_cifar_archive", "has no CIFAR-10 batch"),
+])
+def test_extract_bad_data_sources(good, tmp_path, cifar_archive, make, message):
+    path, opts = good
+    target = tmp_path / "data"
+    if make == "empty_dir":
+        target.mkdir()
+    elif make == "truncated_archive":
+        target = tmp_path / "cifar-10-python.tar.gz"
+        target.write_bytes(cifar_archive.read_bytes()[:5000])
+    else:
+        target = tmp_path / "other.tar.gz"
+        (tmp_path / "notes.txt").write_text("hello")
+        with tarfile.open(target, "w:gz") as tar:
+            tar.add(tmp_path / "notes.txt", arcname="notes.txt")
+    before = _digest(path)
+    out = run_cli("extract.py", "--split", "test", *opts[2:], "--data-dir", target)
+    _fails_cleanly(out, message)
+    assert _digest(path) == before
+
+
+def test_extract_image_size_the_model_cannot_take(cifar_root, tmp_path):
+    fixed = save_tiny_model(tmp_path / "fixed64", size=64)
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", fixed, "--image-size", "48",
+                  "--cache-dir", tmp_path / "c", "--engine", "tensorflow")
+    _fails_cleanly(out, "model cannot take 48x48")
+    assert not list((tmp_path / "c").rglob("*.h5"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "0"], "Invalid value for '--image-size'"),
+    (["--chunk-size", "-1"], "Invalid value for '--chunk-size'"),
+    (["--batch-size", "x"], "Invalid value for '--batch-size'"),
+    (["--limit", "0"], "Invalid value for '--limit'"),
+    (["--engine", "cuda"], "Invalid value for '--engine'"),
+])
+def test_more_extract_option_errors(args, message):
+    _fails_cleanly(run_cli("extract.py", *args), message)
+
+
+def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_path):
+    args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
+            "--model", str(tiny_model), "--image-size", "32", "--chunk-size", "1", "--batch-size", "1",
+            "--engine", "tensorflow", "--quiet", "--cache-dir", str(tmp_path)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("train.partial.h5")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(args, capture_output=True, text=True)
+    out, err = first.communicate(timeout=300)
+    if first.returncode == 0 and "busy" not in second.stderr:
+        pytest.skip("the first writer finished before the second started")
+    _fails_cleanly(second, "is busy")
+    assert first.returncode == 0, err
+    (path,) = tmp_path.rglob("train.h5")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"] and f.attrs["rows_done"] == f.attrs["rows"] == 120
+
+
+def test_unwritable_cache_folder(cifar_root, tiny_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tiny_model,
+                  "--image-size", "32", "--cache-dir", blocker / "cache", "--engine", "tensorflow")
+    _fails_cleanly(out, "cannot write cache folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_cache_folder(cifar_root, tiny_model, tmp_path):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tiny_model,
+                      "--image-size", "32", "--cache-dir", cache, "--engine", "tensorflow")
+    finally:
+        cache.chmod(0o755)
+    _fails_cleanly(out, "cannot write cache folder")
+
+
+def test_unwritable_runs_folder(good, tmp_path):
+    path, opts = good
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = run_cli("train_head.py", "--model", opts[opts.index("--model") + 1], "--image-size", "40",
+                  "--cache-dir", opts[opts.index("--cache-dir") + 1], "--runs-dir", blocker / "runs")
+    _fails_cleanly(out, "cannot write runs folder")
+
+
+def test_disk_full_mid_write_keeps_committed_rows_and_resumes(tiny_model, cifar_root, tmp_path, monkeypatch):
+    import errno
+
+    from featcache import pipeline, store
+    from featcache.errors import UserError
+
+    key = store.CacheKey.make(str(tiny_model), 32, "bilinear", "plain", None)
+    real_write = store.CacheWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, start, embeddings, labels):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, start, embeddings, labels)
+
+    monkeypatch.setattr(store.CacheWriter, "write", failing_write)
+    with pytest.raises(UserError, match="No space left on device.*30 committed rows are kept"):
+        pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10,
+                         engine="tensorflow", progress=False)
+    assert not key.path(tmp_path, "train").exists()
+    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    resumed = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10,
+                               engine="tensorflow", progress=False, log=lambda *_: None)
+    assert resumed.processed == 120 - 30 and resumed.rows == 120
+
+
+def test_verify_reports_each_problem(good, tmp_path):
+    path, opts = good
+    ok = run_cli("extract.py", "--split", "test", *opts, "--verify")
+    assert ok.returncode == 0 and "ok" in ok.stdout
+
+    def poison(copy):
+        with h5py.File(copy, "r+") as f:
+            f["embeddings"][3, 0] = float("nan")
+            f["labels"][5] = (f["labels"][5] + 1) % 10
+            f.attrs.modify("complete", False)
+
+    copy, bad_opts = _damaged_copy(good, tmp_path, poison)
+    out = run_cli("extract.py", "--split", "test", *bad_opts, "--verify")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    for fragment in ("incomplete", "NaN or Inf", "labels differ"):
+        assert fragment in out.stdout, out.stdout

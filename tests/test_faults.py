@@ -1,0 +1,124 @@
+"""Fault injection: SIGKILL writers at seeded random moments; every cache must come out exact.
+
+Two levels:
+- the HDF5 writer alone (no TensorFlow, so a kill cycle takes a fraction of a second): many
+  kills, most of them inside HDF5 writes and fsyncs;
+- extract.py end to end on the fixture data and model.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+
+from featcache import store
+from conftest import ROOT
+
+ROWS, DIM, CHUNK = 600, 64, 8
+WRITER = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+from featcache import store
+path = store.Path(sys.argv[1])
+attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+             model="m", image_size=1, resize="r", views="flip", limit=0, rows={ROWS}, source_fingerprint="f",
+             engine="e")
+with store.CacheWriter(path, attrs, {DIM}, ("plain", "flip")) as w:
+    for lo in range(w.rows_done, {ROWS}, {CHUNK}):
+        rows = np.arange(lo, min(lo + {CHUNK}, {ROWS}))
+        emb = (rows[:, None] * 1.5 + np.arange({DIM})[None]).astype("f4")
+        w.write(lo, {{"plain": emb, "flip": -emb}}, rows % 10)
+    w.finish()
+"""
+
+
+def expected_rows():
+    rows = np.arange(ROWS)
+    emb = (rows[:, None] * 1.5 + np.arange(DIM)[None]).astype("f4")
+    return {"embeddings": emb, "embeddings_flip": -emb, "labels": rows % 10}
+
+
+def check_partial_consistent(path, want):
+    """Whatever the kill did, committed rows are exact and nothing claims to be complete."""
+    partial = store.partial_path(path)
+    assert not path.exists(), "a killed writer left a file under the final name"
+    if not partial.exists():
+        return 0
+    with h5py.File(partial, "r") as f:
+        done = int(f.attrs["rows_done"])
+        assert not f.attrs["complete"]
+        for name, values in want.items():
+            np.testing.assert_array_equal(f[name][:done], values[:done])
+    return done
+
+
+def test_writer_killed_at_30_random_moments_always_resumes_exactly(tmp_path):
+    rng = random.Random(20261127)
+    want = expected_rows()
+    kills, mid_write = 0, 0
+    for cycle in range(30):
+        path = tmp_path / f"c{cycle}" / "train.h5"
+        # A first run to get going, then a kill at a seeded moment, then a second kill in the resumed run.
+        for attempt in range(2):
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+            deadline = time.monotonic() + 30
+            while not store.partial_path(path).exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.25))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+            done = check_partial_consistent(path, want) if not path.exists() else ROWS
+            mid_write += 0 < done < ROWS
+        finished = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr
+        with h5py.File(path, "r") as f:
+            assert f.attrs["complete"] and f.attrs["rows_done"] == ROWS
+            for name, values in want.items():
+                np.testing.assert_array_equal(f[name][:], values)
+    print(f"writer kills: {kills}, killed with rows partly committed: {mid_write}, all resumed bit-identical")
+    assert kills >= 40 and mid_write >= 20
+
+
+def _extract_args(tiny_model, cifar_root, cache):
+    return [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
+            "--model", str(tiny_model), "--image-size", "32", "--chunk-size", "1", "--batch-size", "1",
+            "--engine", "tensorflow", "--quiet", "--cache-dir", str(cache)]
+
+
+def test_extract_killed_at_random_moments_gives_the_uninterrupted_cache(tiny_model, cifar_root, tmp_path):
+    reference = subprocess.run(_extract_args(tiny_model, cifar_root, tmp_path / "ref"), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    (ref_path,) = (tmp_path / "ref").rglob("train.h5")
+    with h5py.File(ref_path, "r") as f:
+        want = {name: f[name][:] for name in f}
+    rng = random.Random(7)
+    cache = tmp_path / "killed"
+    kills = 0
+    for _ in range(5):
+        proc = subprocess.Popen(_extract_args(tiny_model, cifar_root, cache), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(cache.rglob("train.partial.h5")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        (partial,) = cache.rglob("train.partial.h5")
+        check_partial_consistent(partial.with_name("train.h5"), want)
+    finished = subprocess.run(_extract_args(tiny_model, cifar_root, cache), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    (path,) = cache.rglob("train.h5")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"]
+        for name, values in want.items():
+            np.testing.assert_array_equal(f[name][:], values)
+    assert kills == 5

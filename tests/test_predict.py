@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from featcache import data
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, cifar_root, tmp_path_factory):
+    """Fixture caches, one trained run, and the CIFAR test images written out as PNG files."""
+    import tensorflow as tf
+
+    base = tmp_path_factory.mktemp("predict")
+    common = ["--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache"]
+    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (base / "runs").iterdir()
+    test = data.load_split(data.resolve_source(cifar_root), "test")
+    pngs = base / "pngs"
+    pngs.mkdir()
+    for i, image in enumerate(test.images[:12]):
+        tf.io.write_file(str(pngs / f"{i:03d}.png"), tf.io.encode_png(image))
+    return base, run_dir, pngs
+
+
+def _predict(base, *args):
+    out = run_cli("predict.py", "--runs-dir", base / "runs", "--json", *args)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    return out, lines
+
+
+def test_predictions_on_png_files_match_the_runs_recorded_predictions(trained_run):
+    base, run_dir, pngs = trained_run
+    out, lines = _predict(base, pngs)
+    assert out.returncode == 0, out.stderr
+    recorded = np.load(run_dir / "test_probs.npy")[:12]
+    got = np.array([line["probabilities"] for line in lines])
+    assert got.shape == (12, 10)
+    np.testing.assert_array_equal(got.argmax(1), recorded.argmax(1))
+    np.testing.assert_allclose(got, recorded, atol=1e-4)
+
+
+def test_bad_files_are_reported_one_per_line_and_the_rest_is_classified(trained_run, tmp_path):
+    base, _, pngs = trained_run
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    out = run_cli("predict.py", "--runs-dir", base / "runs", pngs / "000.png", fake, tmp_path / "missing.jpg",
+                  pngs / "001.png")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stdout.splitlines()) == 2 and "000.png: " in out.stdout and "001.png: " in out.stdout
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 2 and "fake.png: error: cannot read image" in errors[0] and "missing.jpg" in errors[1]
+
+
+def test_any_size_and_mode_is_accepted(trained_run, tmp_path):
+    import tensorflow as tf
+
+    base, _, _ = trained_run
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (50, 70, 1), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (20, 33, 4), dtype=np.uint8)
+    tf.io.write_file(str(tmp_path / "gray.png"), tf.io.encode_png(gray))
+    tf.io.write_file(str(tmp_path / "rgba.png"), tf.io.encode_png(rgba))
+    tf.io.write_file(str(tmp_path / "photo.jpg"), tf.io.encode_jpeg(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)))
+    out, lines = _predict(base, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(lines) == 3 and all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in lines)
+
+
+def test_exported_model_loads_with_tensorflow_alone_and_matches_predict(trained_run, tmp_path):
+    base, _, pngs = trained_run
+    exported = tmp_path / "exported"
+    out = run_cli("export.py", exported, "--runs-dir", base / "runs")
+    assert out.returncode == 0, out.stderr
+    _, lines = _predict(base, pngs)
+    want = np.array([line["probabilities"] for line in lines])
+    script = f"""
+import sys, json, numpy as np, tensorflow as tf
+from pathlib import Path
+model = tf.saved_model.load({str(exported)!r})
+serve = model.signatures["serving_default"]
+probs = []
+for png in sorted(Path({str(pngs)!r}).glob("*.png")):
+    image = tf.io.decode_png(tf.io.read_file(str(png)), channels=3)[None]
+    out = serve(images=image)
+    probs.append(out["probabilities"].numpy()[0].tolist())
+names = [n.decode() for n in out["class_names"].numpy()]
+assert "featcache" not in sys.modules and "tensorflow_hub" not in sys.modules
+print(json.dumps({{"probs": probs, "names": names, "top": out["top_class"].numpy()[0].decode()}}))
+"""
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    result = json.loads(loaded.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(np.array(result["probs"]), want, atol=1e-5)
+    assert result["names"] == list(data.CLASS_NAMES)
+    assert result["top"] == data.CLASS_NAMES[int(want[-1].argmax())]
+
+
+def test_unknown_run_is_one_clear_error(trained_run):
+    base, _, pngs = trained_run
+    out = run_cli("predict.py", "--runs-dir", base / "runs", "--run", "nope", pngs)
+    assert out.returncode == 2 and "no run 'nope'" in out.stderr and "Traceback" not in out.stderr
