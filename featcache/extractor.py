@@ -70,7 +70,7 @@ class Extractor:
     image_size: int = 224
     resize: str = DEFAULT_RESIZE
     views: tuple[str, ...] = ("plain",)
-    batch_size: int | None = None  # None: 16 on a CPU (fastest and leanest measured), 128 on a GPU
+    batch_size: int | None = None  # None: the fastest measured: 8 for OpenVINO, 16 for TF on a CPU, 128 on a GPU
     engine: str = "tensorflow"
 
     def __post_init__(self):
@@ -80,7 +80,8 @@ class Extractor:
             raise UserError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
         self.engine = resolve_engine(self.engine)
         if self.batch_size is None:
-            self.batch_size = 128 if tf.config.list_physical_devices("GPU") else 16
+            gpu = bool(tf.config.list_physical_devices("GPU"))
+            self.batch_size = 128 if gpu else 8 if self.engine == "openvino" else 16
         self._preprocess = tf.function(self._views_graph, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
         self.dim = self._probe()

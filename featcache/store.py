@@ -254,6 +254,7 @@ class CacheWriter:
 
     def _create(self):
         tmp = self.partial.with_name(self.partial.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
             for view in self.views:
                 f.create_dataset(view_dataset(view), shape=(self.rows, self.dim), dtype="f4",

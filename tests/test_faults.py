@@ -28,7 +28,7 @@ path = store.Path(sys.argv[1])
 attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
              model="m", image_size=1, resize="r", views="flip", limit=0, rows={ROWS}, source_fingerprint="f",
              engine="e")
-with store.CacheWriter(path, attrs, {DIM}, ("plain", "flip")) as w:
+with store.locked(path), store.CacheWriter(path, attrs, {DIM}, ("plain", "flip")) as w:
     for lo in range(w.rows_done, {ROWS}, {CHUNK}):
         rows = np.arange(lo, min(lo + {CHUNK}, {ROWS}))
         emb = (rows[:, None] * 1.5 + np.arange({DIM})[None]).astype("f4")
@@ -57,6 +57,21 @@ def check_partial_consistent(path, want):
     return done
 
 
+def kill_at_random_moment(args, started, rng, max_delay, timeout=120) -> bool:
+    """Start `args`, wait until `started()` (its partial file exists), sleep a seeded random time,
+    then SIGKILL it. Returns whether the kill landed before the process finished by itself."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not started() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(rng.uniform(0.0, max_delay))
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def test_writer_killed_at_30_random_moments_always_resumes_exactly(tmp_path):
     rng = random.Random(20261127)
     want = expected_rows()
@@ -65,15 +80,8 @@ def test_writer_killed_at_30_random_moments_always_resumes_exactly(tmp_path):
         path = tmp_path / f"c{cycle}" / "train.h5"
         # A first run to get going, then a kill at a seeded moment, then a second kill in the resumed run.
         for attempt in range(2):
-            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
-            deadline = time.monotonic() + 30
-            while not store.partial_path(path).exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.001)
-            time.sleep(rng.uniform(0.0, 0.25))
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-            proc.wait()
+            kills += kill_at_random_moment([sys.executable, "-c", WRITER, str(path)],
+                                           store.partial_path(path).exists, rng, 0.25)
             done = check_partial_consistent(path, want) if not path.exists() else ROWS
             mid_write += 0 < done < ROWS
         finished = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True)
@@ -102,16 +110,8 @@ def test_extract_killed_at_random_moments_gives_the_uninterrupted_cache(tiny_mod
     cache = tmp_path / "killed"
     kills = 0
     for _ in range(5):
-        proc = subprocess.Popen(_extract_args(tiny_model, cifar_root, cache), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not list(cache.rglob("train.partial.h5")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        kills += kill_at_random_moment(_extract_args(tiny_model, cifar_root, cache),
+                                       lambda: any(cache.rglob("train.partial.h5")), rng, 0.3)
         (partial,) = cache.rglob("train.partial.h5")
         check_partial_consistent(partial.with_name("train.h5"), want)
     finished = subprocess.run(_extract_args(tiny_model, cifar_root, cache), capture_output=True, text=True)
