@@ -131,8 +131,9 @@ def inspect(path: Path, expected: dict) -> CacheState:
             for name in ("embeddings", "labels"):
                 if name not in f or f[name].shape[0] != attrs["rows"]:
                     return CacheState("bad", f"its {name} dataset is missing or the wrong length")
-    except OSError as exc:
-        return CacheState("bad", f"it is not a readable HDF5 file ({str(exc).splitlines()[0][:120]})")
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        return CacheState("bad", f"it is not a readable HDF5 file ({first_line})")
     return CacheState("complete")
 
 
