@@ -53,7 +53,8 @@ def main(cache_dir, model, image_size, resize, views, limit, runs_dir, sweep, li
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
                f"({metrics['rows']} rows x {metrics['epochs']} epochs fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:
-        click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}")
+        click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}"
+                   + ("  (best of the L2 sweep; refit on all training rows)" if "sweep" in metrics else ""))
     click.echo(f"run recorded in {run_dir} ({time.perf_counter() - started:.1f} s in all)")
 
 

@@ -54,6 +54,7 @@ def _seed_method(model, batch_size):
     from PIL import Image
 
     extractor = tf_keras.Sequential([hub.KerasLayer(model, input_shape=(224, 224, 3), trainable=False)])
+    batch_size = batch_size or 32
 
     def embed(images):
         resized = np.array([np.array(Image.fromarray(img).resize((224, 224), Image.LANCZOS)) for img in images])
@@ -72,7 +73,7 @@ def _our_engine(model, engine, batch_size):
 def worker(method, model, data_dir, n, reps, batch_size, out):
     images = _images(data_dir, n)
     embed = _seed_method(model, batch_size) if method == "seed" else _our_engine(model, method, batch_size)
-    embed(images[:batch_size])  # warm-up: tracing, compilation
+    embed(images[:64])  # warm-up: tracing, compilation
     rates = []
     for _ in range(reps):
         started = time.perf_counter()
@@ -92,7 +93,8 @@ def cpu_name() -> str:
 @click.command()
 @click.option("--images", default=256, show_default=True, help="Real test images embedded per run.")
 @click.option("--reps", default=3, show_default=True, help="Timed runs per method (median reported).")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Default: Keras' predict default (32) for the seed, each engine's own default for ours.")
 @click.option("--model", default=str(ROOT.parent / "shared/models/mobilenet_v2_100_224_feature_vector"),
               show_default=True)
 @click.option("--data-dir", default=str(ROOT.parent / "shared/data/cifar-10-python.tar.gz"), show_default=True)
@@ -110,14 +112,14 @@ def main(images, reps, batch_size, model, data_dir, methods, worker_method, out)
         for method in chosen:
             out_file = Path(tmp) / f"{method}.npy"
             proc = subprocess.run([sys.executable, __file__, "--worker", method, "--out", out_file,
-                                   "--images", str(images), "--reps", str(reps), "--batch-size", str(batch_size),
-                                   "--model", model, "--data-dir", data_dir], capture_output=True, text=True)
+                                   "--images", str(images), "--reps", str(reps), "--model", model,
+                                   "--data-dir", data_dir] + (["--batch-size", str(batch_size)] if batch_size else []), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-2000:]}")
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             vectors[method] = np.load(out_file)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {images} real CIFAR-10 test images, batch {batch_size}, "
-          f"median of {reps} runs")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {images} real CIFAR-10 test images, "
+          f"batch {batch_size or 'default'}, median of {reps} runs")
     print("| method | images/s | vs seed | peak RSS (MB) | max abs diff vs tensorflow engine |")
     print("| --- | ---: | ---: | ---: | ---: |")
     base = statistics.median(results[chosen[0]]["rates"])

@@ -173,17 +173,20 @@ def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID) -> t
     """Pick the L2 strength on a validation split carved from train: a coarse log grid, then
     half-decade steps around the best (Kornblith et al. / CLIP style). Test data is never seen."""
     fraction = config.val_split or 0.2
-    tried: dict[float, float] = {}
+    tried: dict[float, dict] = {}
 
     def evaluate(l2):
         if l2 not in tried:
             metrics = train(train_features, None, replace(config, l2=l2, val_split=fraction)).metrics
-            tried[l2] = metrics["val_accuracy"]
+            tried[l2] = {"l2": l2, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics.get("val_loss")}
+
+    def best_l2():
+        return max(tried, key=lambda l2: tried[l2]["val_accuracy"])
 
     for l2 in grid:
         evaluate(l2)
-    best = max(tried, key=tried.get)
+    best = best_l2()
     for l2 in (best / 10**0.5, best * 10**0.5):
         evaluate(float(f"{l2:.3g}"))
-    best = max(tried, key=tried.get)
-    return best, [{"l2": l2, "val_accuracy": acc} for l2, acc in sorted(tried.items())]
+    best = best_l2()
+    return best, [tried[l2] for l2 in sorted(tried)]

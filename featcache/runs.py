@@ -81,16 +81,18 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     train_features, train_info = load_features(key, "train", cache_dir, views)
     test_features, test_info = load_features(key, "test", cache_dir, views)
     run_dir = new_run_dir(runs_dir)  # made before training, so an unwritable runs/ fails fast
-    sweep_table = None
+    sweep_table = best_row = None
     if sweep:
         best, sweep_table = sweep_l2(train_features, config)
+        best_row = next(row for row in sweep_table if row["l2"] == best)
         for row in sweep_table:
             log(f"l2 {row['l2']:<8g} val accuracy {row['val_accuracy']:.4f}")
         log(f"best l2 {best:g}; refitting on all training rows")
         config = replace(config, l2=best, val_split=0.0)
     trained = train(train_features, test_features, config, verbose=verbose)
-    if sweep_table:
-        trained.metrics.update(sweep=sweep_table, val_accuracy=max(r["val_accuracy"] for r in sweep_table))
+    if best_row:
+        trained.metrics.update(sweep=sweep_table, val_accuracy=best_row["val_accuracy"],
+                               val_loss=best_row["val_loss"])
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
               "test_cache": test_info}
     record["cache"].pop("split")

@@ -102,3 +102,20 @@ def test_train_head_bad_options(extracted, tiny_model, tmp_path, args, message):
     out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
                   "--runs-dir", tmp_path, *args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_head_sweep_and_list(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    runs = tmp_path / "runs"
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--runs-dir", runs]
+    out = run_cli("train_head.py", *common, "--epochs", "1", "--sweep", "l2", "--val-split", "0.25")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("val accuracy") >= 8 and "best l2" in out.stdout and "test accuracy" in out.stdout
+    (run_dir,) = runs.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["sweep"]) == 7 and "val_loss" in metrics
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["head"]["l2"] in [row["l2"] for row in metrics["sweep"]] and config["head"]["val_split"] == 0.0
+    assert (run_dir / "curves.png").stat().st_size > 1000 and (run_dir / "confusion.png").stat().st_size > 1000
+    listed = run_cli("train_head.py", "--runs-dir", runs, "--list")
+    assert listed.returncode == 0 and run_dir.name in listed.stdout and listed.stdout.startswith("run ")
