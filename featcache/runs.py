@@ -132,14 +132,18 @@ def ledger(runs_dir) -> list[dict]:
 
 
 def format_ledger(rows: list[dict]) -> str:
-    def cell(value):
+    def cell(column, value):
+        if value is None:
+            return "-"
         if isinstance(value, bool):
             return "yes" if value else "no"
-        if isinstance(value, float):
-            return f"{value:.4f}" if value < 1 else f"{value:.1f}"
-        return "-" if value is None else str(value)
+        if column.endswith("_acc"):
+            return f"{value:.4f}"
+        if column == "fit_s":
+            return f"{value:.1f}"
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
-    table = [LEDGER_COLUMNS] + [tuple(cell(r[c]) for c in LEDGER_COLUMNS) for r in rows]
+    table = [LEDGER_COLUMNS] + [tuple(cell(c, r[c]) for c in LEDGER_COLUMNS) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(LEDGER_COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
 
