@@ -19,7 +19,7 @@ import numpy as np
 from featcache import store
 from conftest import ROOT
 
-ROWS, DIM, CHUNK = 600, 64, 8
+ROWS, DIM, CHUNK = 2400, 64, 8
 WRITER = f"""
 import sys, numpy as np
 sys.path.insert(0, {str(ROOT)!r})
@@ -81,7 +81,7 @@ def test_writer_killed_at_30_random_moments_always_resumes_exactly(tmp_path):
         # A first run to get going, then a kill at a seeded moment, then a second kill in the resumed run.
         for attempt in range(2):
             kills += kill_at_random_moment([sys.executable, "-c", WRITER, str(path)],
-                                           store.partial_path(path).exists, rng, 0.25)
+                                           store.partial_path(path).exists, rng, 0.2)
             done = check_partial_consistent(path, want) if not path.exists() else ROWS
             mid_write += 0 < done < ROWS
         finished = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True)
