@@ -38,7 +38,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
 from .errors import UserError
 
 FORMAT_VERSION = 1
