@@ -9,6 +9,7 @@ whether a cache is up to date stays fast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -97,7 +98,8 @@ class SplitSource:
     """One split read batch file by batch file: memory stays at one batch (30 MB) whatever N is.
 
     The archive is streamed in one pass per use; batches that the archive stores out of
-    order are held until their turn (the official archive is in order).
+    order are held until their turn (the official archive is in order). `rows` and
+    `fingerprint` cost one pass, made on first use only.
     """
 
     def __init__(self, source: Path, split: str, limit: int | None = None):
@@ -105,8 +107,16 @@ class SplitSource:
             raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.source, self.split, self.limit = Path(source), split, limit
         self.names = SPLIT_FILES[split]
-        self.rows, self.fingerprint = self._scan()
 
+    @property
+    def rows(self) -> int:
+        return self._scan[0]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._scan[1]
+
+    @functools.cached_property
     def _scan(self) -> tuple[int, str]:
         """Count rows and fingerprint pixels and labels (sha256), whatever archive holds them."""
         pixels, labels, rows = hashlib.sha256(), hashlib.sha256(), 0

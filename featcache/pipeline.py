@@ -45,12 +45,9 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
     for name, value in (("chunk size", chunk_size), ("batch size", batch_size or 1)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    source = data.resolve_source(data_dir)
-    reader = data.SplitSource(source, split, key.limit or None)
+    source, reader, path, expected = _target(key, split, data_dir, cache_dir)
     if reader.rows == 0:
         raise UserError(f"the {split} split at {source} has no images")
-    path = key.path(cache_dir, split)
-    expected = dict(key.attrs(split), rows=reader.rows, source_fingerprint=reader.fingerprint)
 
     state = store.inspect(path, expected)
     if state.status == "complete" and not force:
@@ -87,6 +84,14 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                              engine=extractor.engine)
 
 
+def _target(key: store.CacheKey, split: str, data_dir, cache_dir):
+    """The source, its reader, the cache path, and the attributes a matching cache must carry."""
+    source = data.resolve_source(data_dir)
+    reader = data.SplitSource(source, split, key.limit or None)
+    expected = dict(key.attrs(split), rows=reader.rows, source_fingerprint=reader.fingerprint)
+    return source, reader, key.path(cache_dir, split), expected
+
+
 def _versions() -> dict:
     import tensorflow as tf
     import tensorflow_hub as hub
@@ -103,9 +108,7 @@ def _progress_bar(total: int, initial: int, split: str, enabled: bool):
 
 def verify(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache") -> tuple[Path, list[str]]:
     """Check a cache against its source: settings, completeness, shapes, labels, fingerprint, NaN/Inf."""
-    reader = data.SplitSource(data.resolve_source(data_dir), split, key.limit or None)
-    path = key.path(cache_dir, split)
-    expected = dict(key.attrs(split), rows=reader.rows, source_fingerprint=reader.fingerprint)
+    _, reader, path, expected = _target(key, split, data_dir, cache_dir)
     state = store.inspect(path, expected)
     if state.status == "missing":
         return path, [f"no cache file (run extract.py --split {split})"]
