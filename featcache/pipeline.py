@@ -1,14 +1,18 @@
 """Stage 1 end to end: CIFAR-10 split -> chunks -> extractor -> HDF5 cache.
 
-reader (data.load_split, sliced into chunks) -> mapper (Extractor.embed) -> writer
-(store.CacheWriter). Each finished chunk is committed, so a rerun continues where a
-crashed run stopped; a complete, matching cache is reported up to date before
-TensorFlow is even imported.
+reader (data.SplitSource.chunks) -> mapper (Extractor.embed) -> writer (store.CacheWriter).
+The three overlap: a thread reads and decodes the next chunk, and another commits the
+previous one, while the extractor embeds the current one. Each finished chunk is
+committed, so a rerun continues where a crashed run stopped; a complete, matching cache
+is reported up to date before TensorFlow is even imported.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +74,13 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                 log(f"resuming {writer.partial} at row {start} of {writer.rows}")
             bar = _progress_bar(writer.rows, start, split, enabled=progress)
             try:
-                for lo, images, labels in reader.chunks(chunk_size, start):
-                    writer.write(lo, extractor.embed(images), labels)
-                    bar.update(len(labels))
+                with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
+                    pending = None  # at most one chunk waits to be committed
+                    for lo, images, labels in prefetched(reader.chunks(chunk_size, start)):
+                        vectors = extractor.embed(images)
+                        _wait(pending, bar)
+                        pending = commits.submit(writer.write, lo, vectors, labels), len(labels)
+                    _wait(pending, bar)
                 writer.finish()
             except OSError as exc:  # disk full, I/O error: committed chunks stay, the next run resumes
                 raise UserError(f"writing {writer.partial} failed ({exc.strerror or exc}); {writer.rows_done} "
@@ -82,6 +90,37 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=extractor.engine)
+
+
+def _wait(pending, bar):
+    """Wait for the commit in flight (its error is raised here), then count its rows as done."""
+    if pending is not None:
+        future, rows = pending
+        future.result()
+        bar.update(rows)
+
+
+def prefetched(items, depth: int = 1):
+    """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                ready.put((item, None))
+            ready.put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put((end, exc))
+
+    threading.Thread(target=produce, name="chunk-reader", daemon=True).start()
+    while True:
+        item, error = ready.get()
+        if error is not None:
+            raise error
+        if item is end:
+            return
+        yield item
 
 
 def _target(key: store.CacheKey, split: str, data_dir, cache_dir):

@@ -3,7 +3,7 @@ import pytest
 
 from featcache import ov_engine
 from featcache.errors import UserError
-from featcache.extractor import Extractor, load_model, preprocess
+from featcache.extractor import RESIZE_METHODS, Extractor, load_model, preprocess, preprocess_static
 from conftest import TINY_DIM, save_tiny_model
 
 
@@ -17,6 +17,14 @@ def test_preprocess_gives_requested_size_and_unit_range():
         assert out.shape == (3, 224, 224, 3) and out.dtype == np.float32
         assert out.min() >= 0.0 and out.max() <= 1.0
         assert out[0].max() == 0.0 and out[1].max() == 1.0
+
+
+@pytest.mark.parametrize("method", RESIZE_METHODS)
+@pytest.mark.parametrize("shape,size", [((32, 32), 224), ((20, 28), 48)])
+def test_matrix_resize_gives_the_same_pixels_as_tf_image_resize(method, shape, size):
+    images = np.random.default_rng(1).integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    ref = preprocess(images, size, method).numpy()
+    assert np.abs(preprocess_static(images, size, method).numpy() - ref).max() < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +70,12 @@ def test_folder_that_is_not_a_savedmodel_names_the_offline_options(tmp_path):
 
 
 @pytest.mark.skipif(not ov_engine.available(), reason="openvino is not installed (optional engine)")
-def test_openvino_engine_agrees_with_tensorflow(tiny):
-    images = _images(37)
-    tf_out = Extractor(tiny, image_size=64, views=("plain", "flip"), batch_size=8, engine="tensorflow").embed(images)
-    ov_out = Extractor(tiny, image_size=64, views=("plain", "flip"), batch_size=8, engine="openvino").embed(images)
-    for view in ("plain", "flip"):
-        assert np.abs(tf_out[view] - ov_out[view]).max() < 1e-3
+@pytest.mark.parametrize("batch_size", [None, 8])  # default (1), and a batch that 37 images leave partly empty
+def test_openvino_engine_agrees_with_tensorflow(tiny, batch_size):
+    tf_engine = Extractor(tiny, image_size=64, views=("plain", "flip"), batch_size=8, engine="tensorflow")
+    openvino = Extractor(tiny, image_size=64, views=("plain", "flip"), batch_size=batch_size, engine="openvino")
+    for images in (_images(37), _images(5)[:, :24]):  # CIFAR's 32x32, and another input size
+        tf_out, ov_out = tf_engine.embed(images), openvino.embed(images)
+        for view in ("plain", "flip"):
+            assert ov_out[view].shape == (len(images), TINY_DIM)
+            assert np.abs(tf_out[view] - ov_out[view]).max() < 1e-3

@@ -122,3 +122,17 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_cache(tiny_model, ci
     assert attrs["complete"]
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_prefetched_keeps_order_and_raises_the_readers_error_in_the_caller():
+    assert list(pipeline.prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise UserError("batch file is damaged")
+
+    got = []
+    with pytest.raises(UserError, match="damaged"):
+        for item in pipeline.prefetched(failing()):
+            got.append(item)
+    assert got == [1]
