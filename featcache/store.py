@@ -27,6 +27,7 @@ discarded and rebuilt; a lock file keeps two writers off the same cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -118,7 +119,7 @@ def inspect(path: Path, expected: dict) -> CacheState:
     if not path.exists():
         return CacheState("missing")
     try:
-        with h5py.File(path, "r") as f:
+        with _h5(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             if attrs.get("tool") != TOOL:
                 return CacheState("bad", "it was not made by featcache")
@@ -143,7 +144,7 @@ def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, 
         raise UserError(f"no cache at {path}")
     if state.status == "bad":
         raise UserError(f"cache {path} cannot be used: {state.reason}")
-    with h5py.File(path, "r") as f:
+    with _h5(path, "r") as f:
         missing = [v for v in views if view_dataset(v) not in f]
         if missing:
             raise UserError(f"cache {path} has no {missing[0]} view; extract it with --views flip")
@@ -155,9 +156,10 @@ def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, 
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """Hold `<file>.lock` (flock) while writing a cache, so a second writer is turned away.
+    """Hold `<file>.lock` while writing a cache, so a second writer is turned away.
 
-    The kernel drops the lock when the process dies, so a crash never leaves it stuck.
+    A POSIX record lock (lockf), not flock: the kernel drops it when the process dies, so a
+    crash never leaves it stuck, and a child forked meanwhile does not inherit it.
     """
     path = Path(path)
     try:
@@ -166,14 +168,16 @@ def locked(path: Path):
     except OSError as exc:
         raise UserError(f"cannot write cache folder {path.parent}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         os.close(fd)
         raise UserError(f"cache {path} is busy: another extract.py is writing it") from None
     try:
         yield
     finally:
-        os.close(fd)  # closing releases the flock
+        os.close(fd)  # closing releases the lock
 
 
 def check_contents(path: Path, reader) -> list[str]:
@@ -182,7 +186,7 @@ def check_contents(path: Path, reader) -> list[str]:
     Reads one source batch at a time, so memory stays bounded for any split size.
     """
     problems = []
-    with h5py.File(path, "r") as f:
+    with _h5(path, "r") as f:
         rows = int(f.attrs.get("rows", -1))
         names = [n for n in f if n.startswith("embeddings")]
         if not names:
@@ -236,7 +240,7 @@ class CacheWriter:
     def _open(self):
         if self.partial.exists() and not self.restart:
             try:
-                f = h5py.File(self.partial, "r+")
+                f = _h5(self.partial, "r+")
             except OSError:
                 f = None
             if f is not None and not _mismatches(f.attrs, self.attrs, RESUME_IDENTITY) and self._has_datasets(f):
@@ -255,7 +259,7 @@ class CacheWriter:
     def _create(self):
         tmp = self.partial.with_name(self.partial.name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        with _h5(tmp, "w") as f:
             for view in self.views:
                 f.create_dataset(view_dataset(view), shape=(self.rows, self.dim), dtype="f4",
                                  chunks=(max(1, min(CHUNK_ROWS, self.rows)), self.dim), dcpl=_preallocated())
@@ -269,7 +273,7 @@ class CacheWriter:
         _fsync_path(tmp)
         os.replace(tmp, self.partial)
         _fsync_path(self.partial.parent)
-        self._file = h5py.File(self.partial, "r+")
+        self._file = _h5(self.partial, "r+")
         self.rows_done = 0
 
     def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray):
@@ -304,6 +308,13 @@ class CacheWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _h5(path, mode: str) -> h5py.File:
+    """Open without HDF5's own flock: `locked()` already keeps writers apart, readers only open
+    published files (never written again), and a flock would also be held by any child a
+    library forks meanwhile (OpenVINO's telemetry does), making this very process's reopen fail."""
+    return h5py.File(path, mode, locking=False)
 
 
 def _preallocated():

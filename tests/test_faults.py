@@ -122,3 +122,35 @@ def test_extract_killed_at_random_moments_gives_the_uninterrupted_cache(tiny_mod
         for name, values in want.items():
             np.testing.assert_array_equal(f[name][:], values)
     assert kills == 5
+
+
+def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_next(tmp_path):
+    """Libraries fork children that inherit every open file (OpenVINO's telemetry does, for up to 3 s).
+
+    Such a child must not make HDF5 refuse this process's own files, nor keep the next writer out.
+    """
+    path = tmp_path / "cache" / "train.h5"
+    attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+                 model="m", image_size=1, resize="r", views="plain", limit=0, rows=4, source_fingerprint="f",
+                 engine="e")
+    with store.locked(path), store.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
+        child = os.fork()
+        if child == 0:  # holds copies of the lock file's and the partial file's descriptors
+            time.sleep(60)
+            os._exit(0)
+        try:
+            writer.write(0, {"plain": np.ones((4, DIM), np.float32)}, np.arange(4))
+            writer.finish()
+        except BaseException:
+            os.kill(child, signal.SIGKILL)
+            raise
+    try:
+        views, labels, _ = store.read(path, attrs, ("plain",))
+        assert labels.tolist() == [0, 1, 2, 3] and views["plain"].shape == (4, DIM)
+        take_lock = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from featcache import store\n" \
+                    f"with store.locked(store.Path({str(path)!r})): print('locked')"
+        second = subprocess.run([sys.executable, "-c", take_lock], capture_output=True, text=True, timeout=60)
+        assert second.stdout.strip() == "locked", second.stderr
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import data, pipeline, store
+from featcache import data, ov_engine, pipeline, store
 from featcache.errors import UserError
 from featcache.extractor import Extractor, load_model
 from conftest import ROOT, TINY_DIM
@@ -26,24 +26,28 @@ def _rows(path):
         return {name: f[name][:] for name in f}, dict(f.attrs)
 
 
-def test_chunked_cache_equals_one_pass_over_everything(tiny_model, cifar_root, tmp_path):
+@pytest.mark.parametrize("engine", ["tensorflow", pytest.param("openvino", marks=pytest.mark.skipif(
+    not ov_engine.available(), reason="openvino is not installed (optional engine)"))])
+def test_chunked_cache_equals_one_pass_over_everything(tiny_model, cifar_root, tmp_path, engine):
     key = _key(tiny_model)
     result = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=7,
-                              batch_size=3, engine="tensorflow", progress=False)
+                              batch_size=3, engine=engine, progress=False)
     rows, attrs = _rows(result.path)
     split = data.load_split(data.resolve_source(cifar_root), "train")
     ex = Extractor(load_model(str(tiny_model)), image_size=48, resize="bilinear", views=("plain", "flip"),
                    batch_size=len(split.labels), engine="tensorflow")
     whole = ex.embed(split.images)
-    np.testing.assert_allclose(rows["embeddings"], whole["plain"], atol=1e-5)
-    np.testing.assert_allclose(rows["embeddings_flip"], whole["flip"], atol=1e-5)
+    tolerance = 1e-5 if engine == "tensorflow" else 1e-3  # the engines' agreement bound
+    np.testing.assert_allclose(rows["embeddings"], whole["plain"], atol=tolerance, rtol=0)
+    np.testing.assert_allclose(rows["embeddings_flip"], whole["flip"], atol=tolerance, rtol=0)
     np.testing.assert_array_equal(rows["labels"], split.labels)
     assert attrs["complete"] and attrs["rows_done"] == attrs["rows"] == len(split.labels)
     assert attrs["source_fingerprint"] == data.SplitSource(data.resolve_source(cifar_root), "train").fingerprint
     assert attrs["dim"] == TINY_DIM
     for name in ("model", "image_size", "resize", "dataset", "split", "tool_version", "tensorflow_version",
-                 "tensorflow_hub_version", "created", "engine"):
+                 "tensorflow_hub_version", "created"):
         assert name in attrs
+    assert attrs["engine"] == engine and attrs["batch_size"] == 3
 
 
 def test_up_to_date_cache_sends_no_image_through_the_model(tiny_model, cifar_root, tmp_path, monkeypatch):
