@@ -9,6 +9,7 @@ is reported up to date before TensorFlow is even imported.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -101,26 +102,38 @@ def _wait(pending, bar):
 
 
 def prefetched(items, depth: int = 1):
-    """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here."""
+    """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here.
+
+    When the consumer stops early (an error downstream), the thread stops too instead of
+    waiting forever on a full queue with the source file open.
+    """
     ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
     end = object()
 
     def produce():
         try:
             for item in items:
                 ready.put((item, None))
+                if stop.is_set():
+                    return
             ready.put((end, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             ready.put((end, exc))
 
     threading.Thread(target=produce, name="chunk-reader", daemon=True).start()
-    while True:
-        item, error = ready.get()
-        if error is not None:
-            raise error
-        if item is end:
-            return
-        yield item
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            ready.get_nowait()  # frees a producer blocked on the full queue
 
 
 def _target(key: store.CacheKey, split: str, data_dir, cache_dir):

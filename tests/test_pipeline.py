@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import h5py
@@ -140,3 +141,13 @@ def test_prefetched_keeps_order_and_raises_the_readers_error_in_the_caller():
         for item in pipeline.prefetched(failing()):
             got.append(item)
     assert got == [1]
+
+
+def test_prefetched_reader_thread_ends_when_the_consumer_stops_early():
+    for item in pipeline.prefetched(iter(range(1000))):
+        if item == 3:
+            break  # as an extractor error would
+    deadline = time.monotonic() + 10
+    while any(t.name == "chunk-reader" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "chunk-reader" for t in threading.enumerate())
