@@ -133,17 +133,6 @@ def test_extract_image_size_the_model_cannot_take(cifar_root, tmp_path):
     assert not list((tmp_path / "c").rglob("*.h5"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--image-size", "0"], "Invalid value for '--image-size'"),
-    (["--chunk-size", "-1"], "Invalid value for '--chunk-size'"),
-    (["--batch-size", "x"], "Invalid value for '--batch-size'"),
-    (["--limit", "0"], "Invalid value for '--limit'"),
-    (["--engine", "cuda"], "Invalid value for '--engine'"),
-])
-def test_more_extract_option_errors(args, message):
-    _fails_cleanly(run_cli("extract.py", *args), message)
-
-
 def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_path):
     args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
             "--model", str(tiny_model), "--image-size", "32", "--chunk-size", "1", "--batch-size", "1",
