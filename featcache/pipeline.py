@@ -80,6 +80,8 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                     for lo, images, labels in prefetched(reader.chunks(chunk_size, start)):
                         vectors = extractor.embed(images)
                         _wait(pending, bar)
+                        pending = None
+                        _refuse_non_finite(vectors, key, split, lo, writer.rows_done)
                         pending = commits.submit(writer.write, lo, vectors, labels), len(labels)
                     _wait(pending, bar)
                 writer.finish()
@@ -91,6 +93,17 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=extractor.engine)
+
+
+def _refuse_non_finite(vectors: dict, key: store.CacheKey, split: str, lo: int, committed: int):
+    """A NaN/Inf embedding never reaches the cache: stop before committing its chunk."""
+    for view, rows in vectors.items():
+        count, first = store.non_finite(rows)
+        if count:
+            raise UserError(
+                f"model {key.model} gave {count} NaN/Inf values for {split} rows {lo}:{lo + len(rows)} "
+                f"(first in row {lo + first}, {view} view); nothing of them was written, {committed} committed "
+                "rows are kept and the next run resumes from there")
 
 
 def _wait(pending, bar):

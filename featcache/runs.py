@@ -8,6 +8,7 @@ without retraining.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -46,12 +47,30 @@ def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, 
         hint = " (an interrupted extraction is waiting to resume)" if store.partial_path(path).exists() else ""
         raise UserError(f"no {split} cache at {path}{hint}; run: {extract_command(key, split, cache_dir)}")
     state = store.inspect(path, key.attrs(split))
+    rebuild = f"{extract_command(key, split, cache_dir)} --force"
     if state.status != "complete":
-        raise UserError(f"{split} cache {path} cannot be used: {state.reason}; rebuild it with "
-                        f"{extract_command(key, split, cache_dir)} --force")
-    embeddings, labels, attrs = store.read(path, key.attrs(split), views)
+        raise UserError(f"{split} cache {path} cannot be used: {state.reason}; rebuild it with {rebuild}")
+    try:
+        embeddings, labels, attrs = store.read(path, key.attrs(split), views)
+    except store.CorruptCache as exc:
+        raise UserError(f"{exc}; rebuild it with {rebuild}") from None
+    for view, rows in embeddings.items():
+        count, first = store.non_finite(rows)
+        if count:
+            raise UserError(f"{split} cache {path} holds {count} NaN/Inf values ({view} view, first in row {first}); "
+                            f"check it with {extract_command(key, split, cache_dir)} --verify, rebuild it with {rebuild}")
     return Features(embeddings, labels), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
                                           "engine": attrs.get("engine", ""), "rows": int(attrs["rows"])}
+
+
+def _check_writable(runs_dir):
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write runs folder {runs_dir}: {exc.strerror}") from None
+    if not os.access(runs_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write runs folder {runs_dir}: permission denied")
 
 
 def new_run_dir(runs_dir) -> Path:
@@ -80,7 +99,7 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     views = config.views_needed()
     train_features, train_info = load_features(key, "train", cache_dir, views)
     test_features, test_info = load_features(key, "test", cache_dir, views)
-    run_dir = new_run_dir(runs_dir)  # made before training, so an unwritable runs/ fails fast
+    _check_writable(runs_dir)  # fail before training; the run folder itself only once there is a result
     sweep_table = best_row = None
     if sweep:
         best, sweep_table = sweep_l2(train_features, config)
@@ -93,6 +112,7 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     if best_row:
         trained.metrics.update(sweep=sweep_table, val_accuracy=best_row["val_accuracy"],
                                val_loss=best_row["val_loss"])
+    run_dir = new_run_dir(runs_dir)
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
               "test_cache": test_info}
     record["cache"].pop("split")
@@ -119,6 +139,8 @@ def ledger(runs_dir) -> list[dict]:
             config = json.loads((run_dir.parent / "config.json").read_text())
         except (OSError, ValueError):
             continue
+        if not _finite_metrics(metrics):
+            continue  # a diverged run (recorded by an older version) is never a candidate
         head, cache = config["head"], config["cache"]
         rows.append({
             "run": run_dir.parent.name, "val_acc": metrics.get("val_accuracy"),
@@ -129,6 +151,11 @@ def ledger(runs_dir) -> list[dict]:
                      + (f"-limit{cache['limit']}" if cache.get("limit") else ""),
         })
     return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
+
+
+def _finite_metrics(metrics: dict) -> bool:
+    values = [metrics.get(k) for k in ("test_accuracy", "test_loss", "val_accuracy", "val_loss")]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values if v is not None)
 
 
 def format_ledger(rows: list[dict]) -> str:

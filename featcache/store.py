@@ -12,12 +12,19 @@ Why it survives a crash at any moment (SIGKILL, Ctrl-C, power loss):
   half-written cache, and a failed `--force` rebuild leaves the old cache untouched.
 - The partial file is created under a temporary name and renamed once its datasets exist,
   so a kill during creation leaves nothing, or a harmless stray temp file.
-- Datasets are allocated in full at creation (H5D_ALLOC_TIME_EARLY, no fill, no
-  compression): every chunk has its final address, so appending rows is a raw write at a
-  fixed offset and never touches HDF5's metadata (chunk index, heaps). The only metadata
+- Datasets are allocated in full at creation (H5D_ALLOC_TIME_EARLY, no compression):
+  every chunk has its final address and size, so appending rows is a write at a fixed
+  offset and never touches HDF5's metadata (chunk index, heaps). The only metadata
   write per chunk is an in-place `rows_done` attribute update, done after the rows are
   flushed and fsynced. A kill mid-chunk leaves rows past `rows_done` that the next run
   simply writes again, so a crash costs at most the chunk in flight.
+- Every HDF5 chunk carries a Fletcher-32 checksum (its last 4 bytes, no metadata), so
+  bit rot fails loudly on read. A commit therefore only ever writes *whole* HDF5 chunks
+  (the committed rows already in the first one, kept in memory, then the new rows, then
+  padding): HDF5 never has to read a chunk back to merge a partial write, so a chunk torn
+  by a kill (its committed rows intact, its checksum not) is simply written whole again
+  by the next run, which takes the committed rows from the stored bytes without the check.
+  Caches made before checksums (no filter) are read and resumed as they are.
 We chose this over SWMR (needs h5clear after a crash) and over per-chunk side files
 (more moving parts, and `h5ls` could no longer show the whole cache).
 A partial file that still cannot be opened, or that belongs to other settings, is
@@ -30,6 +37,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import re
 import time
@@ -41,9 +49,10 @@ import numpy as np
 
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # checksummed chunks (since 0.2) need no new version: readers see the filter, not a format
 TOOL = "featcache"
 CHUNK_ROWS = 256
+CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize",
             "views", "limit", "rows", "source_fingerprint")
@@ -148,10 +157,34 @@ def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, 
         missing = [v for v in views if view_dataset(v) not in f]
         if missing:
             raise UserError(f"cache {path} has no {missing[0]} view; extract it with --views flip")
-        embeddings = {v: f[view_dataset(v)][:] for v in views}
-        labels = f["labels"][:]
+        try:
+            embeddings = {v: f[view_dataset(v)][:] for v in views}
+            labels = f["labels"][:]
+        except OSError as exc:
+            if "filter returned failure" in str(exc):
+                raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
+            raise
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
     return embeddings, labels, attrs
+
+
+class CorruptCache(UserError):
+    """Stored bytes no longer match their checksum (bit rot, a failing disk)."""
+
+
+def non_finite(array: np.ndarray) -> tuple[int, int]:
+    """(count of NaN/Inf values, first row holding one, or -1): a cheap check before any use.
+
+    Fast path: one NaN or Inf anywhere makes the sum NaN or Inf (a sum of finite values
+    overflowing, never seen for embeddings, only costs the exact scan below).
+    """
+    if np.isfinite(array.sum()):
+        return 0, -1
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return 0, -1
+    rows = bad.reshape(len(array), -1).any(axis=1)
+    return int(bad.sum()), int(np.argmax(rows))
 
 
 @contextlib.contextmanager
@@ -204,7 +237,13 @@ def check_contents(path: Path, reader) -> list[str]:
             if not np.array_equal(f["labels"][lo:hi], labels):
                 problems.append(f"labels differ from the source in rows {lo}:{hi}")
             for name in names:
-                block = f[name][lo:hi]
+                try:
+                    block = f[name][lo:hi]
+                except OSError as exc:
+                    if "filter returned failure" not in str(exc):
+                        raise
+                    problems.append(f"{name} fails its checksum in rows {lo}:{hi} (damaged)")
+                    continue
                 if not np.isfinite(block).all():
                     problems.append(f"{name} has NaN or Inf in rows {lo}:{hi}")
             lo = hi
@@ -218,8 +257,10 @@ class CacheWriter:
     `write()` commits rows, `finish()` publishes the complete file.
     """
 
-    def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False):
+    def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False,
+                 checksums: bool = True):
         self.path = Path(path)
+        self.checksums = checksums  # False only to measure what they cost (bench/)
         self.partial = partial_path(self.path)
         self.attrs = dict(attrs, dim=dim)
         self.rows = int(attrs["rows"])
@@ -229,9 +270,11 @@ class CacheWriter:
         self.rows_done = 0
         self.resumed = False
         self._file = None
+        self._tails: dict[str, np.ndarray] = {}  # committed rows of each dataset's current HDF5 chunk
 
     def __enter__(self):
         self._open()
+        self._tails = {name: self._committed_tail(self._file[name]) for name in self._names()}
         return self
 
     def __exit__(self, *exc):
@@ -252,19 +295,31 @@ class CacheWriter:
                 f.close()
         self._create()
 
+    def _names(self) -> list[str]:
+        return [view_dataset(v) for v in self.views] + ["labels"]
+
     def _has_datasets(self, f) -> bool:
-        names = ["labels"] + [view_dataset(v) for v in self.views]
+        names = self._names()
         return all(n in f for n in names) and len(f) == len(names)
 
+    def _committed_tail(self, ds) -> np.ndarray:
+        """Committed rows between the start of the HDF5 chunk holding `rows_done` and `rows_done`.
+
+        Read from the stored bytes without checking the checksum: a kill may have torn that
+        chunk's last write, which rewrote these very bytes but not necessarily its checksum.
+        """
+        n = self.rows_done % ds.chunks[0]
+        return stored_rows(ds, self.rows_done - n, n)
     def _create(self):
         tmp = self.partial.with_name(self.partial.name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with _h5(tmp, "w") as f:
             for view in self.views:
-                f.create_dataset(view_dataset(view), shape=(self.rows, self.dim), dtype="f4",
-                                 chunks=(max(1, min(CHUNK_ROWS, self.rows)), self.dim), dcpl=_preallocated())
-            f.create_dataset("labels", shape=(self.rows,), dtype="i8",
-                             chunks=(max(1, min(CHUNK_ROWS * 64, self.rows)),), dcpl=_preallocated())
+                f.create_dataset(view_dataset(view), shape=(self.rows, self.dim), dtype="<f4",
+                                 chunks=(max(1, min(CHUNK_ROWS, self.rows)), self.dim),
+                                 fletcher32=self.checksums, dcpl=_preallocated())
+            f.create_dataset("labels", shape=(self.rows,), dtype="<i8", chunks=(max(1, min(CHUNK_ROWS * 64, self.rows)),),
+                             fletcher32=self.checksums, dcpl=_preallocated())
             for name, value in self.attrs.items():
                 f.attrs[name] = value
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -283,12 +338,33 @@ class CacheWriter:
             raise ValueError(f"rows {start}:{stop} do not follow committed row {self.rows_done}")
         f = self._file
         for view in self.views:
-            f[view_dataset(view)][start:stop] = embeddings[view]
-        f["labels"][start:stop] = labels
+            self._write_whole_chunks(f[view_dataset(view)], stop, embeddings[view])
+        self._write_whole_chunks(f["labels"], stop, labels)
         self._sync()
         f.attrs.modify("rows_done", np.int64(stop))
         self._sync()
         self.rows_done = stop
+
+    def _write_whole_chunks(self, ds, stop: int, rows: np.ndarray):
+        """Write the dataset's current chunk's committed rows, `rows`, and zero padding up to a chunk end.
+
+        Only whole chunks are written, so HDF5 never reads one back (it would refuse a torn
+        one). The last chunk of a dataset is shorter than a chunk; it goes through
+        `_write_edge_chunk`, since HDF5 still reads back a short edge chunk it is given.
+        """
+        tail = self._tails[ds.name.lstrip("/")]
+        size = ds.chunks[0]
+        lo = stop - len(rows) - len(tail)
+        hi = min(-(-stop // size) * size, self.rows)
+        block = np.zeros((hi - lo, *ds.shape[1:]), ds.dtype)
+        block[: len(tail)] = tail
+        block[len(tail) : stop - lo] = rows
+        edge = self.rows - self.rows % size if ds.fletcher32 and self.rows % size and hi == self.rows else hi
+        if edge > lo:
+            ds[lo:edge] = block[: edge - lo]
+        if edge < hi:
+            _write_edge_chunk(ds, edge, block[edge - lo :])
+        self._tails[ds.name.lstrip("/")] = block[stop - stop % size - lo : stop - lo].copy()
 
     def finish(self):
         """Mark complete and publish under the final name; replaces an older cache atomically."""
@@ -315,6 +391,30 @@ def _h5(path, mode: str) -> h5py.File:
     published files (never written again), and a flock would also be held by any child a
     library forks meanwhile (OpenVINO's telemetry does), making this very process's reopen fail."""
     return h5py.File(path, mode, locking=False)
+
+
+def stored_rows(ds, lo: int, n: int) -> np.ndarray:
+    """The first `n` rows of the chunk starting at row `lo`, as stored, without checking its checksum."""
+    if n == 0:
+        return np.empty((0, *ds.shape[1:]), ds.dtype)
+    if not ds.fletcher32:
+        return ds[lo : lo + n]
+    _, stored = ds.id.read_direct_chunk((lo,) + (0,) * (ds.ndim - 1))
+    return np.frombuffer(stored[:-CHECKSUM_BYTES], ds.dtype).reshape(ds.chunks)[:n].copy()
+
+
+def _write_edge_chunk(ds, lo: int, rows: np.ndarray):
+    """Write a dataset's short last chunk as one whole stored chunk, checksummed by HDF5 itself.
+
+    HDF5 filters a full-size chunk (padding past the dataset's end) in a scratch in-memory
+    file, and the stored bytes are copied to the chunk's fixed place with write_direct_chunk.
+    """
+    padded = np.zeros(ds.chunks, ds.dtype)
+    padded[: len(rows)] = rows
+    with h5py.File(io.BytesIO(), "w") as scratch:
+        chunk = scratch.create_dataset("chunk", data=padded, chunks=ds.chunks, fletcher32=True)
+        mask, stored = chunk.id.read_direct_chunk((0,) * ds.ndim)
+    ds.id.write_direct_chunk((lo,) + (0,) * (ds.ndim - 1), stored, mask)
 
 
 def _preallocated():

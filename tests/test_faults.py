@@ -53,7 +53,11 @@ def check_partial_consistent(path, want):
         done = int(f.attrs["rows_done"])
         assert not f.attrs["complete"]
         for name, values in want.items():
-            np.testing.assert_array_equal(f[name][:done], values[:done])
+            # Whole chunks of committed rows pass their checksum; the chunk holding `done` may have
+            # been torn by the kill (its committed rows intact, its checksum not): read it as stored.
+            whole = done - done % f[name].chunks[0]
+            np.testing.assert_array_equal(f[name][:whole], values[:whole])
+            np.testing.assert_array_equal(store.stored_rows(f[name], whole, done - whole), values[whole:done])
     return done
 
 
