@@ -26,10 +26,10 @@ from featcache.store import CacheKey
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")
 @one_line_errors
-def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, chunk_size, batch_size,
+def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, precision, chunk_size, batch_size,
          engine, force, quiet, verify):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
-    key = CacheKey.make(model, image_size, resize, views, limit)
+    key = CacheKey.make(model, image_size, resize, views, limit, precision)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)

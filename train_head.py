@@ -37,14 +37,14 @@ DEFAULTS = HeadConfig()
 @click.option("--list", "list_runs", is_flag=True, help="Print the table of recorded runs and exit.")
 @click.option("--verbose", is_flag=True, help="Show Keras' per-epoch progress.")
 @one_line_errors
-def main(cache_dir, model, image_size, resize, views, limit, runs_dir, sweep, list_runs, verbose, **head_options):
+def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir, sweep, list_runs, verbose, **head_options):
     """Train a softmax head on the cached train split and evaluate it on the cached test split."""
     if list_runs:
         rows = ledger(runs_dir)
         click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
         return
     started = time.perf_counter()
-    key = CacheKey.make(model, image_size, resize, views, limit)
+    key = CacheKey.make(model, image_size, resize, views, limit, precision)
     config = HeadConfig(**head_options)
     if views == "plain" and (config.flip_train or config.tta):
         config.flip_train = config.tta = False  # a plain-view cache has no flips to use

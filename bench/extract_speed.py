@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark stage 1 on the same real CIFAR-10 images: the seed's method vs our two engines.
+"""Benchmark stage 1 on the same real CIFAR-10 images: the seed's method vs our engines and precisions.
 
 Each method runs in its own subprocess (so its peak RSS is its own), embeds the same
-images `--reps` times, and reports the median images/s, peak RSS, and the max abs
-difference of its vectors from our TensorFlow engine's. Prints a Markdown table.
+images `--reps` times, and reports the median images/s, peak RSS, the max abs difference of
+its vectors from our TensorFlow engine's, and the max abs and mean cosine distance from the
+OpenVINO f32 engine's. For each precision whose full default caches exist in `--cache-dir`
+(made by `extract.py --precision P`), it also trains the default head on them and reports
+its test accuracy. Prints a Markdown table.
 
-    python bench/extract_speed.py --images 256 --data-dir ../shared/data/cifar-10-python.tar.gz
+    python bench/extract_speed.py --images 512 --data-dir ../shared/data/cifar-10-python.tar.gz
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ METHODS = {
     "seed": "seed: PIL LANCZOS resize of the whole array + Keras hub.KerasLayer predict",
     "tensorflow": "featcache --engine tensorflow (in-graph bicubic resize, batch 16)",
     "openvino": "featcache --engine openvino (f32; whole uint8 graph, static batch 1, async queue)",
+    "openvino-bf16": "featcache --precision bf16 (OpenVINO, native bf16)",
+    "openvino-int8": "featcache --precision int8 (OpenVINO, NNCF post-training INT8, 300 train images)",
 }
+PRECISION_OF = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
 
 
 def _images(data_dir, n):
@@ -63,16 +69,22 @@ def _seed_method(model, batch_size):
     return embed
 
 
-def _our_engine(model, engine, batch_size):
+def _our_engine(model, method, batch_size, data_dir, scratch):
+    from featcache import data
     from featcache.extractor import Extractor, load_model
+    from featcache.quantize import Int8Quantizer
 
-    extractor = Extractor(load_model(model), views=("plain",), batch_size=batch_size, engine=engine)
+    engine, precision = method.split("-")[0], PRECISION_OF.get(method, "f32")
+    quantizer = Int8Quantizer(data.resolve_source(data_dir), None, scratch) if precision == "int8" else None
+    extractor = Extractor(load_model(model), views=("plain",), batch_size=batch_size, engine=engine,
+                          precision=precision, quantizer=quantizer)  # int8: calibration happens here, untimed
     return lambda images: extractor.embed(images)["plain"]
 
 
 def worker(method, model, data_dir, n, reps, batch_size, out):
     images = _images(data_dir, n)
-    embed = _seed_method(model, batch_size) if method == "seed" else _our_engine(model, method, batch_size)
+    embed = (_seed_method(model, batch_size) if method == "seed"
+             else _our_engine(model, method, batch_size, data_dir, Path(out).parent / f"{method}-model"))
     embed(images[:64])  # warm-up: tracing, compilation
     rates = []
     for _ in range(reps):
@@ -99,14 +111,16 @@ def cpu_name() -> str:
               show_default=True)
 @click.option("--data-dir", default=str(ROOT.parent / "shared/data/cifar-10-python.tar.gz"), show_default=True)
 @click.option("--methods", default=",".join(METHODS), show_default=True)
+@click.option("--cache-dir", default=str(ROOT / "cache"), show_default=True,
+              help="Where to look for full default caches per precision (for the head's test accuracy).")
 @click.option("--worker", "worker_method", default=None, hidden=True)
 @click.option("--out", default=None, hidden=True)
-def main(images, reps, batch_size, model, data_dir, methods, worker_method, out):
+def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_method, out):
     if worker_method:
         return worker(worker_method, model, data_dir, images, reps, batch_size, out)
     from featcache import ov_engine
 
-    chosen = [m for m in methods.split(",") if m != "openvino" or ov_engine.available()]
+    chosen = [m for m in methods.split(",") if not m.startswith("openvino") or ov_engine.available()]
     results, vectors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in chosen:
@@ -118,16 +132,48 @@ def main(images, reps, batch_size, model, data_dir, methods, worker_method, out)
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-2000:]}")
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             vectors[method] = np.load(out_file)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {images} real CIFAR-10 test images, "
+    print(f"CPU: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores; {images} real CIFAR-10 test images, "
           f"batch {batch_size or 'default'}, median of {reps} runs")
-    print("| method | images/s | vs seed | vs tensorflow engine | peak RSS (MB) | max abs diff vs tensorflow engine |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | images/s | vs seed | vs tensorflow engine | vs openvino f32 | peak RSS (MB) "
+          "| max abs diff vs tensorflow engine | max abs / mean cosine distance vs openvino f32 "
+          "| default head test acc (full caches) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rates = {method: statistics.median(results[method]["rates"]) for method in chosen}
-    base, ours = rates[chosen[0]], rates.get("tensorflow", float("nan"))
+    base, ours, f32 = rates[chosen[0]], rates.get("tensorflow", float("nan")), rates.get("openvino", float("nan"))
     for method in chosen:
         diff = np.abs(vectors[method] - vectors["tensorflow"]).max() if "tensorflow" in vectors else float("nan")
+        versus_f32 = "-"
+        if "openvino" in vectors:
+            a, b = vectors[method], vectors["openvino"]
+            cosine = 1 - (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            versus_f32 = f"{np.abs(a - b).max():.2g} / {max(cosine.mean(), 0.0):.4f}"
+        accuracy = head_accuracy(cache_dir, PRECISION_OF[method]) if method in PRECISION_OF else "-"
         print(f"| {METHODS[method]} | {rates[method]:.1f} | {rates[method] / base:.2f}x | {rates[method] / ours:.2f}x "
-              f"| {results[method]['peak_rss_mb']:.0f} | {diff:.2g} |")
+              f"| {rates[method] / f32:.2f}x | {results[method]['peak_rss_mb']:.0f} | {diff:.2g} | {versus_f32} "
+              f"| {accuracy} |")
+
+
+def head_accuracy(cache_dir, precision) -> str:
+    """The default head's test accuracy on the default full caches of one precision, if they exist."""
+    from featcache.errors import UserError
+    from featcache.extractor import DEFAULT_MODEL, DEFAULT_RESIZE
+    from featcache.head import HeadConfig, train
+    from featcache.runs import load_features
+    from featcache.store import CacheKey
+
+    key, config = CacheKey.make(DEFAULT_MODEL, 224, DEFAULT_RESIZE, "flip", None, precision), HeadConfig()
+    try:
+        train_features, _ = load_features(key, "train", cache_dir, config.views_needed())
+        test_features, _ = load_features(key, "test", cache_dir, config.views_needed())
+    except UserError:
+        return f"- (no full caches: extract.py --precision {precision})"
+    return f"{train(train_features, test_features, config).metrics['test_accuracy']:.4f}"
+
+
+def cpu_flags() -> str:
+    flags = set(open("/proc/cpuinfo").read().split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .extractor import DEFAULT_MODEL, DEFAULT_RESIZE, RESIZE_METHODS, VIEWS
+from .extractor import DEFAULT_MODEL, DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, VIEWS
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
@@ -52,6 +52,10 @@ def selection_options(func):
                      help="'flip' also caches horizontally mirrored images (training rows and TTA)."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Only the first N images of each split (quick runs; part of the cache key)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
+                     help="Network precision (OpenVINO engine for bf16/int8): f32 exact; bf16 on CPUs with "
+                          "native bf16 (AMX, AVX512-BF16); int8 NNCF-quantized, calibrated on 300 train images. "
+                          "Part of the cache key; accuracy cost in the README."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -8,6 +8,7 @@ resized split never exists in memory; with OpenVINO it is compiled together with
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,16 +73,38 @@ def preprocess_static(images, image_size: int, method: str):
 
 
 ENGINES = ("auto", "tensorflow", "openvino")
+PRECISIONS = ("f32", "bf16", "int8")
 
 
-def resolve_engine(engine: str) -> str:
-    """'auto' -> OpenVINO when it is installed and no GPU is visible, else TensorFlow."""
+def check_engine_options(engine: str, precision: str = "f32"):
+    """Refuse an engine/precision choice that cannot run here, before any data or model is read.
+
+    bf16 and int8 exist on the OpenVINO engine only: asking for them picks it, never silently f32.
+    """
     from . import ov_engine
 
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "f32":
+        if engine == "tensorflow":
+            raise UserError(f"--precision {precision} runs on the OpenVINO engine only; drop --engine tensorflow "
+                            "or use --precision f32")
+        if not ov_engine.available():
+            raise UserError(f"--precision {precision} needs the OpenVINO engine: {ov_engine.INSTALL_HINT}")
+        ov_engine.check_precision(precision)
     if engine == "openvino" and not ov_engine.available():
         raise UserError(f"the openvino engine is not installed: {ov_engine.INSTALL_HINT}")
+
+
+def resolve_engine(engine: str, precision: str = "f32") -> str:
+    """'auto' -> OpenVINO when it is installed and no GPU is visible (or a precision needs it), else TensorFlow."""
+    from . import ov_engine
+
+    check_engine_options(engine, precision)
+    if precision != "f32":
+        return "openvino"
     if engine == "auto":
         import tensorflow as tf
 
@@ -100,13 +123,17 @@ class Extractor:
     views: tuple[str, ...] = ("plain",)
     batch_size: int | None = None  # None: the fastest measured: 1 for OpenVINO, 16 for TF on a CPU, 128 on a GPU
     engine: str = "tensorflow"
+    precision: str = "f32"
+    quantizer: object = None  # int8: turns an f32 OpenVINO model into its INT8 version (quantize.Int8Quantizer)
 
     def __post_init__(self):
         import tensorflow as tf
 
         if self.resize not in RESIZE_METHODS:
             raise UserError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
-        self.engine = resolve_engine(self.engine)
+        self.engine = resolve_engine(self.engine, self.precision)
+        if self.precision == "int8" and self.quantizer is None:
+            raise UserError("--precision int8 needs calibration images (a quantize.Int8Quantizer)")
         if self.batch_size is None:
             gpu = bool(tf.config.list_physical_devices("GPU"))
             self.batch_size = 128 if gpu else 1 if self.engine == "openvino" else 16
@@ -159,7 +186,11 @@ class Extractor:
             spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
             graph = tf.function(lambda images: self._network(preprocess_static(images, self.image_size, self.resize)),
                                 input_signature=[spec])
-            self._ov_networks[height, width] = OpenVinoNetwork(graph)
+            quantize = None
+            if self.precision == "int8":
+                quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
+                                             resize=self.resize)
+            self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize)
         return self._ov_networks[height, width]
 
     def _network_inputs(self, images: np.ndarray):

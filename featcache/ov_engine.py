@@ -3,9 +3,10 @@
 What OpenVINO compiles is the whole uint8 -> embedding graph (preprocess_static, then the
 network), with a fixed batch size, so TensorFlow does no work while it runs. Measured on
 2 AVX-512 cores (README "Results"), each of these choices mattered:
-- INFERENCE_PRECISION_HINT is pinned to f32. On CPUs with AMX/bf16, OpenVINO otherwise
-  defaults to bf16, which moved embeddings by up to 1.7 (values up to ~5.5); f32 agrees
-  with TensorFlow to ~7e-5.
+- INFERENCE_PRECISION_HINT is pinned (f32 unless --precision bf16 asks otherwise). On CPUs
+  with AMX/bf16, OpenVINO otherwise defaults to bf16, which moved embeddings by up to 1.7
+  (values up to ~5.5); f32 agrees with TensorFlow to ~7e-5. An int8 model keeps f32 for the
+  operations NNCF left unquantized.
 - A static input shape: the same network ran ~25% faster than with a dynamic batch.
 - Batch 1 requests through an AsyncInferQueue under the THROUGHPUT hint: one stream per
   core, each request's activations small enough to stay in the core's cache.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-INSTALL_HINT = "pip install openvino  (optional; about 2.5x faster extraction on CPUs)"
+from .errors import UserError
+
+INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; about 2.5x faster extraction on CPUs)"
 
 
 def available() -> bool:
@@ -26,17 +29,36 @@ def available() -> bool:
     return True
 
 
+def check_precision(precision: str):
+    """bf16 only where the CPU computes it natively (else OpenVINO would emulate or ignore it); int8 needs NNCF."""
+    from . import quantize
+
+    if precision == "int8" and not quantize.nncf_available():
+        raise UserError(f"--precision int8 needs NNCF: {quantize.NNCF_HINT}")
+    if precision != "bf16":
+        return
+    import openvino as ov
+
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:
+        raise UserError("--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); OpenVINO finds only "
+                        f"{', '.join(capabilities)} here. Use --precision f32 or int8")
+
+
 class OpenVinoNetwork:
     """uint8 [N,H,W,3] arrays in, float32 [N,D] out, from a tf.function with a static input signature."""
 
-    def __init__(self, tf_function):
+    def __init__(self, tf_function, precision: str = "f32", quantize=None):
         import openvino as ov
 
         concrete = tf_function.get_concrete_function()
         self.batch_size = concrete.inputs[0].shape[0]
-        compiled = ov.Core().compile_model(
-            ov.convert_model(concrete), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT"}
-        )
+        model = ov.convert_model(concrete)
+        if precision == "int8":
+            model = quantize(model)
+        hint = "bf16" if precision == "bf16" else "f32"
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                          "PERFORMANCE_HINT": "THROUGHPUT"})
         self.dim = compiled.output(0).get_partial_shape()[1].get_length()
         # Twice the streams' optimum, so a stream never waits while Python queues the next batch.
         requests = 2 * max(1, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, data, store
+from . import __version__, data, quantize, store
 from .errors import UserError
-from .extractor import VIEWS
+from .extractor import VIEWS, check_engine_options
 
 
 @dataclass
@@ -50,6 +50,7 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
     for name, value in (("chunk size", chunk_size), ("batch size", batch_size or 1)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    check_engine_options(engine, key.precision)
     source, reader, path, expected = _target(key, split, data_dir, cache_dir)
     if reader.rows == 0:
         raise UserError(f"the {split} split at {source} has no images")
@@ -64,11 +65,16 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
         from .extractor import Extractor, load_model  # TensorFlow loads only when there is work
 
         started = time.perf_counter()
+        quantizer = None
+        if key.precision == "int8":  # calibrated on the train split's images, whichever split this is
+            quantizer = quantize.Int8Quantizer(source, key.limit or None, key.model_dir(cache_dir) / "int8")
         extractor = Extractor(load_model(key.model), image_size=key.image_size, resize=key.resize,
-                              views=VIEWS[key.views], batch_size=batch_size, engine=engine)
+                              views=VIEWS[key.views], batch_size=batch_size, engine=engine, precision=key.precision,
+                              quantizer=quantizer)
         loaded = time.perf_counter()
         attrs = dict(expected, engine=extractor.engine, source=str(source), tool_version=__version__,
-                     chunk_size=chunk_size, batch_size=extractor.batch_size, **_versions())
+                     chunk_size=chunk_size, batch_size=extractor.batch_size, **_versions(),
+                     **(quantizer.describe() if quantizer else {}))
         with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force) as writer:
             start = writer.rows_done
             if writer.resumed:
@@ -92,7 +98,7 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                 bar.close()
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
-                             engine=extractor.engine)
+                             engine=extractor.engine + ("" if key.precision == "f32" else f" {key.precision}"))
 
 
 def _refuse_non_finite(vectors: dict, key: store.CacheKey, split: str, lo: int, committed: int):

@@ -34,6 +34,8 @@ def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
         parts.append(f"--resize {key.resize}")
     if key.views != "flip":
         parts.append(f"--views {key.views}")
+    if key.precision != "f32":
+        parts.append(f"--precision {key.precision}")
     if key.limit:
         parts.append(f"--limit {key.limit}")
     parts.append(f"--cache-dir {cache_dir}")
@@ -147,8 +149,8 @@ def ledger(runs_dir) -> list[dict]:
             "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
             "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
             "flip": head["flip_train"], "tta": head["tta"],
-            "cache": f"{cache['image_size']}px-{cache['resize']}-{cache['views']}"
-                     + (f"-limit{cache['limit']}" if cache.get("limit") else ""),
+            "cache": store.CacheKey(cache.get("model", ""), cache["image_size"], cache["resize"], cache["views"],
+                                    cache.get("limit", 0), precision=cache.get("precision", "f32")).settings_name(),
         })
     return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
 

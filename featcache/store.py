@@ -55,7 +55,9 @@ CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize",
-            "views", "limit", "rows", "source_fingerprint")
+            "views", "limit", "precision", "rows", "source_fingerprint")
+# What a cache made before an attribute existed implicitly had.
+LEGACY_DEFAULTS = {"precision": "f32"}
 # A partial file is only resumed by the same engine, so one file never mixes engines.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim")
 
@@ -70,22 +72,34 @@ class CacheKey:
     views: str
     limit: int = 0
     dataset: str = "cifar10"
+    precision: str = "f32"
 
     @classmethod
-    def make(cls, model: str, image_size: int, resize: str, views: str, limit: int | None):
+    def make(cls, model: str, image_size: int, resize: str, views: str, limit: int | None, precision: str = "f32"):
         """Normalise a local model path to an absolute one, so cwd does not change the key."""
         if os.path.exists(model):
             model = os.path.abspath(model)
-        return cls(model=model, image_size=image_size, resize=resize, views=views, limit=limit or 0)
+        return cls(model=model, image_size=image_size, resize=resize, views=views, limit=limit or 0,
+                   precision=precision)
 
-    def path(self, cache_dir: str | os.PathLike, split: str) -> Path:
+    def model_dir(self, cache_dir: str | os.PathLike) -> Path:
+        """`<cache_dir>/<dataset>/<model-slug>-<hash>`: every cache of this model, and its quantized versions."""
         readable = self.model.split("://", 1)[-1].split("/", 1)[-1] if "://" in self.model else Path(self.model).name
         slug = re.sub(r"[^A-Za-z0-9]+", "-", readable).strip("-")[:48]
         digest = hashlib.sha1(self.model.encode()).hexdigest()[:8]
+        return Path(cache_dir) / self.dataset / f"{slug}-{digest}"
+
+    def path(self, cache_dir: str | os.PathLike, split: str) -> Path:
+        return self.model_dir(cache_dir) / self.settings_name() / f"{split}.h5"
+
+    def settings_name(self) -> str:
+        """`<size>px-<resize>-<views>[-<precision>][-limitN]`; f32 adds nothing (paths as before precisions)."""
         name = f"{self.image_size}px-{self.resize}-{self.views}"
+        if self.precision != "f32":
+            name += f"-{self.precision}"
         if self.limit:
             name += f"-limit{self.limit}"
-        return Path(cache_dir) / self.dataset / f"{slug}-{digest}" / name / f"{split}.h5"
+        return name
 
     def attrs(self, split: str) -> dict:
         return {"tool": TOOL, "format_version": FORMAT_VERSION, "split": split, **asdict(self)}
@@ -102,7 +116,7 @@ def partial_path(path: Path) -> Path:
 def _mismatches(attrs, expected: dict, names) -> list[str]:
     out = []
     for name in names:
-        if name in expected and _plain(attrs.get(name)) != _plain(expected[name]):
+        if name in expected and _plain(attrs.get(name, LEGACY_DEFAULTS.get(name))) != _plain(expected[name]):
             out.append(name)
     return out
 

@@ -1,0 +1,118 @@
+"""--precision f32|bf16|int8: part of the cache key, calibrated on train images only, built once, clear errors."""
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache import data, extractor, ov_engine, pipeline, quantize, store
+from featcache.errors import UserError
+from conftest import run_cli
+
+needs_openvino = pytest.mark.skipif(not (ov_engine.available() and quantize.nncf_available()),
+                                    reason="OpenVINO and NNCF are optional (requirements-openvino.txt)")
+
+
+def _key(model, precision):
+    return store.CacheKey.make(str(model), 32, "bilinear", "plain", None, precision)
+
+
+def _extract(model, precision, split, data_dir, cache):
+    return pipeline.extract(_key(model, precision), split, data_dir=data_dir, cache_dir=cache, progress=False)
+
+
+@needs_openvino
+def test_int8_calibrates_on_train_images_only_once_and_coexists_with_f32(tiny_model, cifar_root, tmp_path,
+                                                                          monkeypatch):
+    import nncf
+
+    seen = []
+    real_quantize = nncf.quantize
+
+    def spying_quantize(model, dataset, **kwargs):
+        seen.extend(np.asarray(item) for item in dataset.get_inference_data())
+        return real_quantize(model, dataset, **kwargs)
+
+    monkeypatch.setattr(nncf, "quantize", spying_quantize)
+    # The test split first: it must still calibrate on train images.
+    int8 = _extract(tiny_model, "int8", "test", cifar_root, tmp_path)
+    source = data.resolve_source(cifar_root)
+    train, test = data.load_split(source, "train"), data.load_split(source, "test")
+    assert len(seen) == len(train.labels)  # the fixture's train split is smaller than the sample size
+    train_rows = {image.tobytes(): i for i, image in enumerate(train.images)}
+    test_images = {image.tobytes() for image in test.images}
+    rows = sorted(train_rows[batch[0].tobytes()] for batch in seen)
+    assert rows == list(range(len(train.labels)))
+    assert not any(batch[0].tobytes() in test_images for batch in seen)
+
+    with h5py.File(int8.path, "r") as f:
+        assert f.attrs["precision"] == "int8" and f.attrs["engine"] == "openvino"
+        assert f.attrs["calibration"].startswith(f"{len(train.labels)} train images, seed 0")
+        model_file = f.attrs["quantized_model"]
+    before = (tmp_path / model_file).stat().st_mtime_ns
+
+    def no_calibration(*_, **__):
+        raise AssertionError("the quantized model was built again")
+
+    monkeypatch.setattr(nncf, "quantize", no_calibration)
+    again = _extract(tiny_model, "int8", "train", cifar_root, tmp_path)
+    assert again.processed == len(train.labels)
+    assert (tmp_path / model_file).stat().st_mtime_ns == before
+
+    f32 = _extract(tiny_model, "f32", "test", cifar_root, tmp_path)
+    assert f32.path != int8.path and int8.path.exists()
+    assert f32.path.parent.name == "32px-bilinear-plain" and int8.path.parent.name == "32px-bilinear-plain-int8"
+    with h5py.File(f32.path, "r") as a, h5py.File(int8.path, "r") as b:
+        assert a.attrs["precision"] == "f32" and "calibration" not in a.attrs
+        f32_rows, int8_rows = a["embeddings"][:], b["embeddings"][:]
+    assert not np.array_equal(f32_rows, int8_rows)  # quantized for real
+    cosine = (f32_rows * int8_rows).sum(1) / np.linalg.norm(f32_rows, axis=1) / np.linalg.norm(int8_rows, axis=1)
+    assert cosine.min() > 0.9, cosine.min()  # and still the same features
+
+
+def test_a_cache_made_before_precisions_counts_as_f32(tiny_model, tmp_path):
+    key = _key(tiny_model, "f32")
+    expected = dict(key.attrs("test"), rows=2, source_fingerprint="f")
+    path = key.path(tmp_path, "test")
+    legacy = {k: v for k, v in expected.items() if k != "precision"}
+    with store.locked(path), store.CacheWriter(path, dict(legacy, engine="tensorflow"), 3, ("plain",)) as writer:
+        writer.write(0, {"plain": np.ones((2, 3), np.float32)}, np.arange(2))
+        writer.finish()
+    assert store.inspect(path, expected).status == "complete"
+    assert store.inspect(path, dict(expected, precision="int8")).status == "bad"
+
+
+def test_precision_errors_are_one_line(monkeypatch):
+    with pytest.raises(UserError, match="OpenVINO engine only"):
+        extractor.resolve_engine("tensorflow", "int8")
+    monkeypatch.setattr(ov_engine, "available", lambda: False)
+    with pytest.raises(UserError, match="needs the OpenVINO engine: pip install -r requirements-openvino.txt"):
+        extractor.resolve_engine("auto", "bf16")
+
+
+@needs_openvino
+def test_bf16_without_native_support_and_int8_without_nncf_are_refused(monkeypatch):
+    import openvino
+
+    class CpuWithoutBf16:
+        def get_property(self, device, name):
+            return ["FP32", "INT8", "BIN"]
+
+    monkeypatch.setattr(openvino, "Core", CpuWithoutBf16)
+    with pytest.raises(UserError, match="needs a CPU with native bf16"):
+        extractor.resolve_engine("auto", "bf16")
+    monkeypatch.setattr(quantize, "nncf_available", lambda: False)
+    with pytest.raises(UserError, match="needs NNCF"):
+        extractor.resolve_engine("openvino", "int8")
+
+
+def test_cli_precision_on_the_tensorflow_engine_and_a_missing_cache(tiny_model, tmp_path):
+    out = run_cli("extract.py", "--engine", "tensorflow", "--precision", "int8", "--model", tiny_model,
+                  "--split", "test", "--cache-dir", tmp_path, "--data-dir", tmp_path / "nothing")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "--precision int8 runs on the OpenVINO engine only" in line  # said before the data is even looked at
+    missing = run_cli("train_head.py", "--precision", "bf16", "--model", tiny_model, "--cache-dir", tmp_path,
+                      "--runs-dir", tmp_path / "runs")
+    assert missing.returncode == 2
+    (line,) = missing.stderr.strip().splitlines()
+    assert "224px-bicubic-flip-bf16" in line and "--precision bf16" in line
