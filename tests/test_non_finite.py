@@ -131,9 +131,11 @@ def test_a_model_that_emits_nan_stops_extract_at_that_chunk_and_the_fixed_model_
 def test_a_diverging_fit_records_no_run(tiny_model, caches, tmp_path):
     runs = tmp_path / "runs"
     config = HeadConfig(epochs=3, lr=1e30, flip_train=False, tta=False, batch_size=16)
-    with pytest.raises(UserError, match="training diverged"):
+    with pytest.raises(UserError, match="training diverged: the loss became NaN/Inf"):
         run_experiment(_key(tiny_model), caches, runs, config)
     assert not runs.exists() or not any(runs.iterdir())
+    run_dir, _ = run_experiment(_key(tiny_model), caches, runs, HeadConfig(epochs=1, flip_train=False, tta=False))
+    assert list(runs.iterdir()) == [run_dir]  # the same call with a sane rate records its run
 
 
 def test_ledger_never_offers_a_run_with_non_finite_metrics(tmp_path):
