@@ -3,7 +3,7 @@
 
 import click
 
-from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors
+from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, setup_process
 from featcache.classifier import build_classifier, export, resolve_run
 
 
@@ -11,9 +11,11 @@ from featcache.classifier import build_classifier, export, resolve_run
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--run", "run_id", default=None, help="Run id under --runs-dir. Default: best by validation, else latest.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
-def main(out_dir, run_id, runs_dir):
+def main(out_dir, run_id, runs_dir, verbose):
     """Write the run's classifier (resize, frozen extractor, standardisation, head) to OUT_DIR."""
+    setup_process(verbose)
     run_dir = resolve_run(runs_dir, run_id)
     export(build_classifier(run_dir), out_dir)
     click.echo(f"exported run {run_dir.name} to {out_dir} (serving_default: images uint8 [N,H,W,3] -> "

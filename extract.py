@@ -3,7 +3,7 @@
 
 import click
 
-from featcache.cli import one_line_errors, selection_options
+from featcache.cli import one_line_errors, selection_options, setup_process, verbosity_options
 from featcache.data import DATA_DIR_ENV, SPLITS
 from featcache.extractor import ENGINES
 from featcache.pipeline import extract, verify
@@ -23,12 +23,13 @@ from featcache.store import CacheKey
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")
+@verbosity_options
 @one_line_errors
 def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, precision, chunk_size, batch_size,
-         engine, force, quiet, verify):
+         engine, force, verify, quiet, verbose):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
+    setup_process(verbose)
     key = CacheKey.make(model, image_size, resize, views, limit, precision)
     splits = SPLITS if split == "all" else (split,)
     if verify:

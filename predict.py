@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors
+from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, setup_process
 from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
 from featcache.errors import UserError
 
@@ -17,14 +17,19 @@ from featcache.errors import UserError
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
+@click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
-def main(images, run_id, runs_dir, top_k, as_json):
+def main(images, run_id, runs_dir, top_k, as_json, verbose):
     """Print the top classes of each image (PNG/JPEG/BMP/GIF, any size); folders are expanded."""
+    setup_process(verbose)
+    paths = expand_paths(images)
+    if not paths:
+        raise UserError(f"no PNG/JPEG/BMP/GIF files in {', '.join(images)}")
     run_dir = resolve_run(runs_dir, run_id)
     classifier = build_classifier(run_dir)
     names = [n.decode() for n in classifier.class_names.numpy()]
     failures = 0
-    for path in expand_paths(images):
+    for path in paths:
         try:
             pixels = decode_image(path)
         except UserError as exc:

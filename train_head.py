@@ -4,9 +4,10 @@
 import time
 
 import click
+from click.core import ParameterSource
 
-from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, selection_options
-from featcache.head import HeadConfig
+from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, selection_options, setup_process, verbosity_options
+from featcache.head import SCHEDULES, HeadConfig
 from featcache.runs import format_ledger, ledger, run_experiment
 from featcache.store import CacheKey
 
@@ -23,7 +24,7 @@ DEFAULTS = HeadConfig()
 @click.option("--hidden", type=click.IntRange(min=0), default=DEFAULTS.hidden, show_default=True,
               help="Units of an optional hidden ReLU layer (0: linear head).")
 @click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=DEFAULTS.schedule, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True)
 @click.option("--flip-train/--no-flip-train", default=DEFAULTS.flip_train, show_default=True,
               help="Use the flipped views as extra training rows.")
 @click.option("--tta/--no-tta", default=DEFAULTS.tta, show_default=True,
@@ -35,10 +36,12 @@ DEFAULTS = HeadConfig()
 @click.option("--sweep", type=click.Choice(["l2"]), default=None,
               help="Choose --l2 on a validation split (--val-split, default 0.2), then refit on all rows.")
 @click.option("--list", "list_runs", is_flag=True, help="Print the table of recorded runs and exit.")
-@click.option("--verbose", is_flag=True, help="Show Keras' per-epoch progress.")
+@verbosity_options
 @one_line_errors
-def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir, sweep, list_runs, verbose, **head_options):
+def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir, sweep, list_runs, quiet, verbose,
+         **head_options):
     """Train a softmax head on the cached train split and evaluate it on the cached test split."""
+    setup_process(verbose)
     if list_runs:
         rows = ledger(runs_dir)
         click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
@@ -47,9 +50,15 @@ def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir
     key = CacheKey.make(model, image_size, resize, views, limit, precision)
     config = HeadConfig(**head_options)
     if views == "plain" and (config.flip_train or config.tta):
+        asked = [f"--{name.replace('_', '-')}" for name in ("flip_train", "tta")
+                 if click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if asked:
+            click.echo(f"note: --views plain has no flipped views, so {' and '.join(asked)} "
+                       f"{'is' if len(asked) == 1 else 'are'} off", err=True)
         config.flip_train = config.tta = False  # a plain-view cache has no flips to use
     run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
-                                      verbose=2 if verbose else 0, log=click.echo)
+                                      verbose=2 if verbose else 0,
+                                      log=(lambda _: None) if quiet else click.echo)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
                f"({metrics['rows']} rows x {metrics['epochs']} epochs fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:

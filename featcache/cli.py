@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
+import re
+import sys
+import threading
 from pathlib import Path
 
 import click
@@ -15,7 +19,46 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
 DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+# TensorFlow's C++ log lines (absl/TSL) and the one absl prints before it is set up.
+NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
+                             rb"|WARNING: All log messages before absl::InitializeLog\(\) is called)")
+
+
+def setup_process(verbose: bool):
+    """Process-wide settings of a CLI run, made before TensorFlow is imported.
+
+    Without --verbose no TensorFlow log line reaches the terminal: the CUDA probes on machines
+    without a GPU, oneDNN's notice, a NodeDef warning from tf.data. This TensorFlow logs them
+    through absl, which TF_CPP_MIN_LOG_LEVEL does not silence, so stderr's file descriptor goes
+    through a filter that drops exactly such lines and passes every other one on; Python's own
+    stderr (our errors, progress bars, tracebacks) is written past the filter, unchanged.
+    """
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = io.TextIOWrapper(io.FileIO(terminal, "w", closefd=False), encoding=sys.stderr.encoding,
+                                  errors="backslashreplace", line_buffering=True)
+
+    def forward():
+        with open(read_end, "rb") as native:
+            for line in native:
+                if not NATIVE_LOG_LINE.match(line):
+                    os.write(terminal, line)
+
+    threading.Thread(target=forward, name="stderr-filter", daemon=True).start()
+
+
+def verbosity_options(func):
+    """The same --quiet/--verbose pair on every CLI."""
+    func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines (and Keras' "
+                        "per-epoch progress in train_head.py).")(func)
+    return click.option("--quiet", is_flag=True, help="No progress bar (extract.py) or per-step lines "
+                        "(train_head.py); results, notes and errors still print.")(func)
 
 
 class CliError(click.ClickException):

@@ -16,6 +16,9 @@ import numpy as np
 from .errors import UserError
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class HeadConfig:
     # Defaults chosen on a 10% validation split of the real cached train features (README).
@@ -33,6 +36,8 @@ class HeadConfig:
     seed: int = 0
 
     def check(self):
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
         if not 0.0 <= self.val_split < 1.0:

@@ -88,3 +88,8 @@ def test_sweep_on_real_training_prefers_weaker_penalty_on_easy_data():
         blobs(spread=1.5), HeadConfig(epochs=3, batch_size=64, lr=1e-2), grid=(1e-4, 10.0))
     accuracy = {row["l2"]: row["val_accuracy"] for row in table}
     assert accuracy[1e-4] > accuracy[10.0] and best < 1.0
+
+
+def test_schedule_is_checked_by_the_config_itself():
+    with pytest.raises(UserError, match="--schedule must be one of cosine, constant"):
+        HeadConfig(schedule="linear").check()

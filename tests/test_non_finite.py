@@ -174,3 +174,11 @@ def test_a_torn_chunk_after_a_kill_does_not_block_the_resume(tmp_path):
     views, labels, _ = store.read(path, attrs, ("plain",))
     np.testing.assert_array_equal(views["plain"], values)
     np.testing.assert_array_equal(labels, np.arange(rows) % 10)
+
+
+def test_views_plain_says_when_it_turns_an_asked_for_flip_option_off(tiny_model, caches, tmp_path):
+    out = _train_head(tiny_model, caches, tmp_path / "runs", "--tta")
+    assert out.returncode == 0, out.stderr
+    assert "note: --views plain has no flipped views, so --tta is off" in out.stderr
+    quiet = _train_head(tiny_model, caches, tmp_path / "runs")
+    assert "note:" not in quiet.stderr  # not said when the user did not ask for it

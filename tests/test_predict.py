@@ -106,3 +106,12 @@ def test_unknown_run_is_one_clear_error(trained_run):
     base, _, pngs = trained_run
     out = run_cli("predict.py", "--runs-dir", base / "runs", "--run", "nope", pngs)
     assert out.returncode == 2 and "no run 'nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_folder_without_images_is_one_error_before_anything_loads(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    out = run_cli("predict.py", "--runs-dir", tmp_path / "no-runs-either", tmp_path / "empty")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line == f"Error: no PNG/JPEG/BMP/GIF files in {tmp_path / 'empty'}"  # said before looking for a run
