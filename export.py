@@ -16,7 +16,8 @@ from featcache.classifier import build_classifier, export, resolve_run
 def main(out_dir, run_id, runs_dir, verbose):
     """Write the run's classifier (resize, frozen extractor, standardisation, head) to OUT_DIR."""
     setup_process(verbose)
-    run_dir = resolve_run(runs_dir, run_id)
+    run_dir, why = resolve_run(runs_dir, run_id)
+    click.echo(f"using run {run_dir.name} ({why})", err=True)
     export(build_classifier(run_dir), out_dir)
     click.echo(f"exported run {run_dir.name} to {out_dir} (serving_default: images uint8 [N,H,W,3] -> "
                "probabilities [N,10], top_class [N], class_names [10])")

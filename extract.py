@@ -19,7 +19,8 @@ from featcache.store import CacheKey
 @click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images per committed chunk (what a crash can cost at most).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per forward pass. Default: 1 (OpenVINO), 16 (TensorFlow on a CPU), 128 (GPU).")
+              help="Images per forward pass of the frozen network (not train_head.py's rows per training step). "
+                   "Default: 1 (OpenVINO), 16 (TensorFlow on a CPU), 128 (GPU).")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")

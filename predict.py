@@ -25,7 +25,8 @@ def main(images, run_id, runs_dir, top_k, as_json, verbose):
     paths = expand_paths(images)
     if not paths:
         raise UserError(f"no PNG/JPEG/BMP/GIF files in {', '.join(images)}")
-    run_dir = resolve_run(runs_dir, run_id)
+    run_dir, why = resolve_run(runs_dir, run_id)
+    click.echo(f"using run {run_dir.name} ({why})", err=True)
     classifier = build_classifier(run_dir)
     names = [n.decode() for n in classifier.class_names.numpy()]
     failures = 0

@@ -18,7 +18,8 @@ DEFAULTS = HeadConfig()
 @selection_options
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True)
 @click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Peak Adam learning rate.")
-@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True)
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
+              help="Cached rows per training step of the head (not extract.py's images per forward pass).")
 @click.option("--l2", type=float, default=DEFAULTS.l2, show_default=True, help="L2 weight penalty.")
 @click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=0), default=DEFAULTS.hidden, show_default=True,

@@ -19,19 +19,27 @@ from .errors import UserError
 from .extractor import load_model, preprocess
 
 
-def resolve_run(runs_dir, run_id: str | None) -> Path:
-    """The named run, or else the best by validation accuracy, or else the latest."""
+def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
+    """(run folder, why it was chosen): the named run, or else among the runs on the default cache
+    settings (all runs if none is) the best by validation accuracy, or else the latest.
+
+    A quick `--limit 1000` run with a validation split thus never outranks the full default run.
+    """
     runs_dir = Path(runs_dir)
     if run_id:
         run_dir = runs_dir / run_id if not Path(run_id).is_dir() else Path(run_id)
         if not (run_dir / "head.keras").exists():
             raise UserError(f"no run {run_id!r} with a head.keras in {runs_dir}")
-        return run_dir
-    rows = runs.ledger(runs_dir)
+        return run_dir, "as asked"
+    rows = [r for r in runs.ledger(runs_dir) if (runs_dir / r["run"] / "head.keras").exists()]
     if not rows:
         raise UserError(f"no runs in {runs_dir}; train one with: python train_head.py")
-    with_val = [r for r in rows if r["val_acc"] is not None]
-    return runs_dir / (with_val[0]["run"] if with_val else max(r["run"] for r in rows))
+    on_default = [r for r in rows if r["key"] == runs.default_key()]
+    pool, where = (on_default, "on the default cache settings") if on_default else (rows, "(none is on the default cache settings)")
+    with_val = [r for r in pool if r["val_acc"] is not None]
+    if with_val:
+        return runs_dir / with_val[0]["run"], f"best validation accuracy among runs {where}"
+    return runs_dir / max(r["run"] for r in pool), f"latest run {where}"
 
 
 def head_weights(keras_path: Path) -> dict:

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .extractor import DEFAULT_MODEL, DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, VIEWS
+from .extractor import (DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_RESIZE, DEFAULT_VIEWS, PRECISIONS, RESIZE_METHODS,
+                        VIEWS)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
@@ -87,11 +88,11 @@ def selection_options(func):
                      show_default=True, help="Where embedding caches live."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
-        click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+        click.option("--image-size", type=click.IntRange(min=1), default=DEFAULT_IMAGE_SIZE, show_default=True,
                      help="Side the 32x32 images are resized to before the model."),
         click.option("--resize", type=click.Choice(RESIZE_METHODS), default=DEFAULT_RESIZE, show_default=True,
                      help="tf.image.resize method."),
-        click.option("--views", type=click.Choice(tuple(VIEWS)), default="flip", show_default=True,
+        click.option("--views", type=click.Choice(tuple(VIEWS)), default=DEFAULT_VIEWS, show_default=True,
                      help="'flip' also caches horizontally mirrored images (training rows and TTA)."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Only the first N images of each split (quick runs; part of the cache key)."),

@@ -18,7 +18,9 @@ from .errors import UserError
 DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
 DEFAULT_RESIZE = "bicubic"  # measured best on real CIFAR-10; see README "Results"
+DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size
 VIEWS = {"plain": ("plain",), "flip": ("plain", "flip")}
+DEFAULT_VIEWS = "flip"
 
 
 def load_model(handle: str):

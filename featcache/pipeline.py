@@ -79,6 +79,8 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
             start = writer.rows_done
             if writer.resumed:
                 log(f"resuming {writer.partial} at row {start} of {writer.rows}")
+            elif writer.discarded:
+                log(f"restarting {writer.partial} from row 0: {writer.discarded}")
             bar = _progress_bar(writer.rows, start, split, enabled=progress)
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,18 +22,24 @@ from .errors import UserError
 from .head import Features, HeadConfig, sweep_l2, train
 
 
+def default_key() -> store.CacheKey:
+    """The cache that extract.py and train_head.py select without options."""
+    from .extractor import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_RESIZE, DEFAULT_VIEWS
+
+    return store.CacheKey(DEFAULT_MODEL, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, DEFAULT_VIEWS)
+
+
 def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
     """The extract.py command that builds the cache this key names."""
-    from .extractor import DEFAULT_MODEL, DEFAULT_RESIZE
-
+    default = default_key()
     parts = ["python extract.py", f"--split {split}"]
-    if key.model != DEFAULT_MODEL:
+    if key.model != default.model:
         parts.append(f"--model {key.model}")
-    if key.image_size != 224:
+    if key.image_size != default.image_size:
         parts.append(f"--image-size {key.image_size}")
-    if key.resize != DEFAULT_RESIZE:
+    if key.resize != default.resize:
         parts.append(f"--resize {key.resize}")
-    if key.views != "flip":
+    if key.views != default.views:
         parts.append(f"--views {key.views}")
     if key.precision != "f32":
         parts.append(f"--precision {key.precision}")
@@ -119,39 +126,44 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
               "test_cache": test_info}
     record["cache"].pop("split")
     _write_json(run_dir / "config.json", record)
-    _write_json(run_dir / "metrics.json", trained.metrics)
     _write_json(run_dir / "history.json", trained.history)
     trained.model.save(run_dir / "head.keras")
     np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
     plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
     plots.plot_confusion(test_features.labels, trained.test_probs.argmax(1), run_dir / "confusion.png",
                          title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
+    _write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
     return run_dir, trained.metrics
 
 
 LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "epochs", "hidden", "l2", "lr", "flip", "tta", "cache")
 
 
-def ledger(runs_dir) -> list[dict]:
-    """One row per recorded run, best validation accuracy first (runs without one last)."""
+def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
+    """One row per recorded run, best validation accuracy first (runs without one last).
+
+    A run folder whose record is unreadable or incomplete is skipped with one warning line;
+    a run with non-finite metrics (recorded by an older version) is skipped silently.
+    """
     rows = []
-    for run_dir in sorted(Path(runs_dir).glob("*/metrics.json")):
+    for metrics_path in sorted(Path(runs_dir).glob("*/metrics.json")):
+        run_dir = metrics_path.parent
         try:
-            metrics = json.loads(run_dir.read_text())
-            config = json.loads((run_dir.parent / "config.json").read_text())
-        except (OSError, ValueError):
+            metrics = json.loads(metrics_path.read_text())
+            config = json.loads((run_dir / "config.json").read_text())
+            head, cache = config["head"], config["cache"]
+            key = store.CacheKey(cache.get("model", ""), cache["image_size"], cache["resize"], cache["views"],
+                                 cache.get("limit", 0), precision=cache.get("precision", "f32"))
+            row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
+                   "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
+                   "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
+                   "flip": head["flip_train"], "tta": head["tta"], "cache": key.settings_name(), "key": key}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warn(f"warning: skipping run {run_dir.name}: its record is damaged or half-written "
+                 f"({type(exc).__name__}: {str(exc)[:80]})")
             continue
-        if not _finite_metrics(metrics):
-            continue  # a diverged run (recorded by an older version) is never a candidate
-        head, cache = config["head"], config["cache"]
-        rows.append({
-            "run": run_dir.parent.name, "val_acc": metrics.get("val_accuracy"),
-            "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
-            "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
-            "flip": head["flip_train"], "tta": head["tta"],
-            "cache": store.CacheKey(cache.get("model", ""), cache["image_size"], cache["resize"], cache["views"],
-                                    cache.get("limit", 0), precision=cache.get("precision", "f32")).settings_name(),
-        })
+        if _finite_metrics(metrics):  # a diverged run (recorded by an older version) is never a candidate
+            rows.append(row)
     return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
 
 

@@ -283,6 +283,7 @@ class CacheWriter:
         self.restart = restart
         self.rows_done = 0
         self.resumed = False
+        self.discarded = ""  # why a partial file found here could not be resumed
         self._file = None
         self._tails: dict[str, np.ndarray] = {}  # committed rows of each dataset's current HDF5 chunk
 
@@ -299,13 +300,17 @@ class CacheWriter:
             try:
                 f = _h5(self.partial, "r+")
             except OSError:
-                f = None
-            if f is not None and not _mismatches(f.attrs, self.attrs, RESUME_IDENTITY) and self._has_datasets(f):
-                self._file = f
-                self.rows_done = int(f.attrs["rows_done"])
-                self.resumed = True
-                return
+                f, self.discarded = None, "it could not be opened"
             if f is not None:
+                wrong = _mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
+                if not wrong and self._has_datasets(f):
+                    self._file = f
+                    self.rows_done = int(f.attrs["rows_done"])
+                    self.resumed = True
+                    return
+                done = int(f.attrs.get("rows_done", 0))
+                why = f"it was made with other {', '.join(wrong)}" if wrong else "its datasets are not these settings'"
+                self.discarded = f"{done} rows of it are not reused: {why}"
                 f.close()
         self._create()
 

@@ -158,3 +158,18 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_partial_cache_of_another_engine_is_restarted_with_a_reason(tmp_path):
+    """Installing OpenVINO between a crash and the rerun changes the engine: say so, never silently."""
+    path = tmp_path / "train.h5"
+    attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+                 model="m", image_size=1, resize="r", views="plain", limit=0, rows=8, source_fingerprint="f",
+                 engine="tensorflow")
+    with store.locked(path), store.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
+        writer.write(0, {"plain": np.ones((4, DIM), np.float32)}, np.arange(4))
+    with store.locked(path), store.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
+        assert not writer.resumed and writer.rows_done == 0
+        assert writer.discarded == "4 rows of it are not reused: it was made with other engine"
+    with store.locked(path), store.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
+        assert writer.resumed and not writer.discarded

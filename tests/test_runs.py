@@ -27,3 +27,37 @@ def test_ledger_sorts_by_validation_accuracy_and_prints_a_table(tmp_path):
     assert lines[0].split() == list(LEDGER_COLUMNS)
     assert lines[1].split()[:3] == ["c", "0.8600", "0.8500"] and lines[3].split()[1] == "-"
     assert "224px-bicubic-flip" in lines[1]
+
+
+def _record_on(runs, name, val, model, limit, head_file=True):
+    _record(runs, name, val, 0.8)
+    config = json.loads((runs / name / "config.json").read_text())
+    config["cache"].update(model=model, limit=limit)
+    (runs / name / "config.json").write_text(json.dumps(config))
+    if head_file:
+        (runs / name / "head.keras").write_bytes(b"")
+
+
+def test_default_run_is_the_best_on_the_default_cache_settings(tmp_path):
+    from featcache.classifier import resolve_run
+    from featcache.extractor import DEFAULT_MODEL
+
+    _record_on(tmp_path, "full", 0.85, DEFAULT_MODEL, 0)
+    _record_on(tmp_path, "quick", 0.95, DEFAULT_MODEL, 1000)  # better validation, but a --limit run
+    _record_on(tmp_path, "half-written", 0.99, DEFAULT_MODEL, 0, head_file=False)
+    run_dir, why = resolve_run(tmp_path, None)
+    assert run_dir.name == "full" and "default cache settings" in why
+    (tmp_path / "full" / "head.keras").unlink()
+    run_dir, why = resolve_run(tmp_path, None)
+    assert run_dir.name == "quick" and "none is on the default" in why
+
+
+def test_a_damaged_run_record_is_skipped_with_one_warning(tmp_path):
+    _record(tmp_path, "good", 0.8, 0.8)
+    _record(tmp_path, "damaged", 0.9, 0.9)
+    (tmp_path / "damaged" / "config.json").write_text(json.dumps({"cache": {}}))  # no "head"
+    warnings = []
+    rows = ledger(tmp_path, warn=warnings.append)
+    assert [r["run"] for r in rows] == ["good"]
+    (warning,) = warnings
+    assert warning.startswith("warning: skipping run damaged:") and "\n" not in warning
