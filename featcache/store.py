@@ -58,8 +58,8 @@ IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size",
             "views", "limit", "precision", "rows", "source_fingerprint")
 # What a cache made before an attribute existed implicitly had.
 LEGACY_DEFAULTS = {"precision": "f32"}
-# A partial file is only resumed by the same engine, so one file never mixes engines.
-RESUME_IDENTITY = IDENTITY + ("engine", "dim")
+# A partial file is only resumed by the same engine (and int8 model), so one file never mixes them.
+RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256")
 
 
 @dataclass(frozen=True)
