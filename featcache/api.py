@@ -1,0 +1,62 @@
+"""The Python API, for notebooks and other libraries: cached features as numpy, and one head experiment.
+
+    from featcache.api import load_cache, run_head
+    train = load_cache("train")                 # numpy only: TensorFlow is not imported
+    train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
+    result = run_head(epochs=5, hidden=0)       # metrics, the Keras model, history; not recorded
+
+Both take the selection options of the CLIs as keyword arguments (cache_dir, model, image_size,
+resize, views, limit, precision), with the same defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import runs, store
+from .cli import DEFAULT_CACHE_DIR
+from .data import CLASS_NAMES
+from .extractor import VIEWS
+from .head import HeadConfig, TrainedHead, train
+
+
+@dataclass
+class CachedSplit:
+    """One split of a complete cache: {view: float32 [N, D]}, labels int64 [N], and what the file says."""
+
+    views: dict[str, np.ndarray]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    attrs: dict
+    path: Path
+
+
+def _key(model=None, image_size=None, resize=None, views=None, limit=None, precision="f32") -> store.CacheKey:
+    default = runs.default_key()
+    return store.CacheKey.make(model or default.model, image_size or default.image_size, resize or default.resize,
+                               views or default.views, limit, precision)
+
+
+def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, views: str | None = None, **selection) -> CachedSplit:
+    """Read one complete, checked cache (settings, checksums, NaN/Inf) without importing TensorFlow."""
+    key = _key(views=views, **selection)
+    features, info = runs.load_features(key, split, cache_dir, VIEWS[key.views])
+    _, _, attrs = store.read(Path(info["path"]), key.attrs(split), ())  # the attributes alone
+    return CachedSplit(features.views, features.labels, CLASS_NAMES, attrs, Path(info["path"]))
+
+
+def run_head(cache_dir=DEFAULT_CACHE_DIR, model=None, image_size=None, resize=None, views=None, limit=None,
+             precision="f32", **head_options) -> TrainedHead:
+    """Train one head on the cached train split and score it on test, as train_head.py does, without
+    recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`."""
+    key = _key(model, image_size, resize, views, limit, precision)
+    config = HeadConfig(**head_options)
+    if key.views == "plain":
+        config = replace(config, flip_train=False, tta=False)
+    config.check()
+    train_split, _ = runs.load_features(key, "train", cache_dir, config.views_needed())
+    test_split, _ = runs.load_features(key, "test", cache_dir, config.views_needed())
+    return train(train_split, test_split, config)

@@ -1,0 +1,53 @@
+"""The Python API: cached arrays without TensorFlow, one head experiment, a cache read with h5py alone."""
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache import pipeline, store
+from conftest import ROOT
+
+SELECTION = dict(image_size=32, views="plain")
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, cifar_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api_cache")
+    key = store.CacheKey.make(str(tiny_model), 32, "bicubic", "plain", None)
+    for split in ("train", "test"):
+        pipeline.extract(key, split, data_dir=cifar_root, cache_dir=folder, engine="tensorflow", progress=False)
+    return folder
+
+
+def test_load_cache_returns_numpy_and_never_imports_tensorflow(cache, tiny_model):
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from featcache.api import load_cache
+split = load_cache("train", cache_dir={str(cache)!r}, model={str(tiny_model)!r}, image_size=32, views="plain")
+print(type(split.views["plain"]).__name__, split.views["plain"].shape, len(split.labels), split.class_names[0],
+      split.attrs["split"], "tensorflow" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ndarray", "(120,", "16)", "120", "airplane", "train", "False"]
+
+
+def test_run_head_returns_metrics_and_a_model(cache, tiny_model):
+    from featcache.api import load_cache, run_head
+
+    result = run_head(cache_dir=cache, model=str(tiny_model), epochs=2, **SELECTION)
+    test = load_cache("test", cache_dir=cache, model=str(tiny_model), **SELECTION)
+    assert 0.0 <= result.metrics["test_accuracy"] <= 1.0 and len(result.history["loss"]) == 2
+    probs = np.asarray(result.model(test.views["plain"]))
+    np.testing.assert_allclose(probs, result.test_probs, atol=1e-5)  # the returned model is the scored one
+
+
+def test_a_cache_reads_with_h5py_alone(cache, tiny_model):
+    (path,) = [p for p in cache.rglob("train.h5")]
+    with h5py.File(path, "r") as f:
+        x, y = f["embeddings"][:], f["labels"][:]
+        assert f.attrs["complete"] and x.shape == (f.attrs["rows"], f.attrs["dim"]) and len(y) == len(x)
