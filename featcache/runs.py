@@ -7,6 +7,7 @@ without retraining.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -121,6 +122,84 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     if best_row:
         trained.metrics.update(sweep=sweep_table, val_accuracy=best_row["val_accuracy"],
                                val_loss=best_row["val_loss"])
+    return record_run(runs_dir, key, config, trained, test_features.labels, train_info, test_info), trained.metrics
+
+
+def parse_grid(specs) -> list[dict]:
+    """`["hidden=0,1024", "lr=1e-3,1e-2"]` -> every combination as HeadConfig overrides, in order."""
+    defaults, axes = HeadConfig(), {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in defaults.to_dict() or not values:
+            raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; got {spec!r}")
+        kind = type(getattr(defaults, name))
+        try:
+            axes[name] = [_parse_value(kind, v.strip()) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {name}: {values!r} are not {kind.__name__} values") from None
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _parse_value(kind, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "yes", "1")
+    if kind is int:
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError(text)
+        return int(number)
+    return kind(text)
+
+
+def run_grid(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict],
+             log=print) -> list[dict]:
+    """Every combination of `grid` over `config`, with the features loaded (and TensorFlow imported)
+    once; each is recorded as its own run. Returns rows sorted by validation accuracy."""
+    configs = [replace(config, **overrides) for overrides in grid]
+    for one in configs:
+        one.check()
+    views = ("plain", "flip") if any(one.views_needed() == ("plain", "flip") for one in configs) else ("plain",)
+    train_features, train_info = load_features(key, "train", cache_dir, views)
+    test_features, test_info = load_features(key, "test", cache_dir, views)
+    _check_writable(runs_dir)
+    rows = []
+    for overrides, one in zip(grid, configs):
+        trained = train(train_features, test_features, one)
+        run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info)
+        rows.append({**overrides, "val_acc": trained.metrics.get("val_accuracy"),
+                     "test_acc": trained.metrics["test_accuracy"], "fit_s": trained.metrics["fit_seconds"],
+                     "run": run_dir.name})
+        log(f"{len(rows)}/{len(grid)} " + "  ".join(f"{k}={v}" for k, v in overrides.items()) +
+            f"  test accuracy {trained.metrics['test_accuracy']:.4f}")
+    return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -r["test_acc"]))
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as aligned columns (the grid's result, the ledger)."""
+    columns = list(rows[0])
+    table = [columns] + [[_cell(c, r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _cell(column, value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if column.endswith("_acc"):
+        return f"{value:.4f}"
+    if column == "fit_s":
+        return f"{value:.1f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def record_run(runs_dir, key: store.CacheKey, config: HeadConfig, trained, test_labels: np.ndarray,
+               train_info: dict, test_info: dict) -> Path:
+    """Write one run folder: config, history, head.keras, test probabilities, plots, then metrics."""
     run_dir = new_run_dir(runs_dir)
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
               "test_cache": test_info}
@@ -130,10 +209,10 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     trained.model.save(run_dir / "head.keras")
     np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
     plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
-    plots.plot_confusion(test_features.labels, trained.test_probs.argmax(1), run_dir / "confusion.png",
+    plots.plot_confusion(test_labels, trained.test_probs.argmax(1), run_dir / "confusion.png",
                          title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
     _write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
-    return run_dir, trained.metrics
+    return run_dir
 
 
 LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "epochs", "hidden", "l2", "lr", "flip", "tta", "cache")
@@ -173,20 +252,7 @@ def _finite_metrics(metrics: dict) -> bool:
 
 
 def format_ledger(rows: list[dict]) -> str:
-    def cell(column, value):
-        if value is None:
-            return "-"
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if column.endswith("_acc"):
-            return f"{value:.4f}"
-        if column == "fit_s":
-            return f"{value:.1f}"
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    table = [LEDGER_COLUMNS] + [tuple(cell(c, r[c]) for c in LEDGER_COLUMNS) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(LEDGER_COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
+    return format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows])
 
 
 def _write_json(path: Path, obj):

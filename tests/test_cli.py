@@ -124,3 +124,21 @@ def test_train_head_sweep_and_list(extracted, tiny_model, tmp_path):
     assert (run_dir / "curves.png").stat().st_size > 1000 and (run_dir / "confusion.png").stat().st_size > 1000
     listed = run_cli("train_head.py", "--runs-dir", runs, "--list")
     assert listed.returncode == 0 and run_dir.name in listed.stdout and listed.stdout.startswith("run ")
+
+
+def test_a_grid_records_every_combination_and_prints_them_by_validation_accuracy(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    runs = tmp_path / "runs"
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                  "--runs-dir", runs, "--epochs", "1", "--val-split", "0.2",
+                  "--grid", "hidden=0,8", "--grid", "lr=1e-3,1e-2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    header = lines.index(next(line for line in lines if line.split()[:2] == ["hidden", "lr"]))
+    table = [line.split() for line in lines[header + 1 : header + 5]]
+    assert sorted((row[0], row[1]) for row in table) == [("0", "0.001"), ("0", "0.01"), ("8", "0.001"), ("8", "0.01")]
+    val = [float(row[2]) for row in table]
+    assert val == sorted(val, reverse=True)
+    assert len(list(runs.iterdir())) == 4 and "4 runs recorded" in lines[-1]
+    conflict = run_cli("train_head.py", "--sweep", "l2", "--grid", "lr=1e-3")
+    assert conflict.returncode == 2 and "use one of --sweep and --grid" in conflict.stderr

@@ -61,3 +61,18 @@ def test_a_damaged_run_record_is_skipped_with_one_warning(tmp_path):
     assert [r["run"] for r in rows] == ["good"]
     (warning,) = warnings
     assert warning.startswith("warning: skipping run damaged:") and "\n" not in warning
+
+
+def test_parse_grid_makes_every_combination_and_refuses_bad_specs():
+    import pytest
+
+    from featcache.errors import UserError
+    from featcache.runs import parse_grid
+
+    assert parse_grid(["hidden=0,1024", "lr=1e-3,1e-2"]) == [
+        {"hidden": 0, "lr": 1e-3}, {"hidden": 0, "lr": 1e-2}, {"hidden": 1024, "lr": 1e-3}, {"hidden": 1024, "lr": 1e-2}]
+    assert parse_grid(["tta=yes,no", "label-smoothing=0.1"]) == [
+        {"tta": True, "label_smoothing": 0.1}, {"tta": False, "label_smoothing": 0.1}]
+    for bad, message in ((["width=1,2"], "NAME one of"), (["hidden=1.5"], "not int values"), (["lr="], "NAME=V1")):
+        with pytest.raises(UserError, match=message):
+            parse_grid(bad)
