@@ -7,6 +7,7 @@ from featcache.cli import one_line_errors, selection_options, setup_process, ver
 from featcache.data import DATA_DIR_ENV, SPLITS
 from featcache.extractor import ENGINES
 from featcache.pipeline import extract, verify
+from featcache.runs import existing_caches
 from featcache.store import CacheKey
 
 
@@ -25,12 +26,17 @@ from featcache.store import CacheKey
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
 @click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")
+@click.option("--list", "list_caches", is_flag=True, help="List the caches in --cache-dir (settings, rows, complete "
+              "or partial, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
 def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, precision, chunk_size, batch_size,
-         engine, force, verify, quiet, verbose):
+         engine, force, verify, list_caches, quiet, verbose):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
+    if list_caches:
+        click.echo(existing_caches(cache_dir) or f"no caches in {cache_dir}")
+        return
     key = CacheKey.make(model, image_size, resize, views, limit, precision)
     splits = SPLITS if split == "all" else (split,)
     if verify:

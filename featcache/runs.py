@@ -32,8 +32,13 @@ def default_key() -> store.CacheKey:
 
 def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
     """The extract.py command that builds the cache this key names."""
+    return f"python extract.py --split {split} {selection_args(key)} --cache-dir {cache_dir}".replace("  ", " ")
+
+
+def selection_args(key: store.CacheKey) -> str:
+    """The options (beyond the defaults) that select this key's cache, on either CLI."""
     default = default_key()
-    parts = ["python extract.py", f"--split {split}"]
+    parts = []
     if key.model != default.model:
         parts.append(f"--model {key.model}")
     if key.image_size != default.image_size:
@@ -46,8 +51,19 @@ def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
         parts.append(f"--precision {key.precision}")
     if key.limit:
         parts.append(f"--limit {key.limit}")
-    parts.append(f"--cache-dir {cache_dir}")
     return " ".join(parts)
+
+
+def existing_caches(cache_dir) -> str:
+    """One line per settings with caches in `cache_dir`: its splits, their state, and its options."""
+    groups: dict[str, list[str]] = {}
+    for entry in store.list_caches(cache_dir):
+        if entry.get("key") is None:
+            continue
+        state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
+        groups.setdefault(selection_args(entry["key"]) or "(defaults)", []).append(
+            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB")
+    return "\n".join(f"  {options}: {'; '.join(splits)}" for options, splits in sorted(groups.items()))
 
 
 def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, ...]) -> tuple[Features, dict]:
@@ -55,7 +71,9 @@ def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, 
     path = key.path(cache_dir, split)
     if not path.exists():
         hint = " (an interrupted extraction is waiting to resume)" if store.partial_path(path).exists() else ""
-        raise UserError(f"no {split} cache at {path}{hint}; run: {extract_command(key, split, cache_dir)}")
+        present = existing_caches(cache_dir).replace("\n", " |")
+        present = f". Caches present (pass their options): {present.strip()}" if present else ""
+        raise UserError(f"no {split} cache at {path}{hint}; run: {extract_command(key, split, cache_dir)}{present}")
     state = store.inspect(path, key.attrs(split))
     rebuild = f"{extract_command(key, split, cache_dir)} --force"
     if state.status != "complete":

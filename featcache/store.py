@@ -227,6 +227,24 @@ def locked(path: Path):
         os.close(fd)  # closing releases the lock
 
 
+def list_caches(cache_dir) -> list[dict]:
+    """Every cache file under `cache_dir` (complete or partial): its key, split, rows, state and size."""
+    found = []
+    for path in sorted(Path(cache_dir).glob("*/*/*/*.h5")):
+        entry = {"path": path, "megabytes": path.stat().st_size / 1e6, "key": None}
+        try:
+            with _h5(path, "r") as f:
+                a = {k: _plain(v) for k, v in f.attrs.items()}
+            entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]),
+                         complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
+                         key=CacheKey(a["model"], int(a["image_size"]), a["resize"], a["views"], int(a["limit"]),
+                                      a.get("dataset", "cifar10"), a.get("precision", "f32")))
+        except (OSError, KeyError, ValueError, TypeError):
+            pass  # not a readable featcache file: listed by path only
+        found.append(entry)
+    return found
+
+
 def check_contents(path: Path, reader) -> list[str]:
     """Row-level checks that `inspect` leaves out: shapes, labels vs the source, NaN/Inf.
 

@@ -142,3 +142,18 @@ def test_a_grid_records_every_combination_and_prints_them_by_validation_accuracy
     assert len(list(runs.iterdir())) == 4 and "4 runs recorded" in lines[-1]
     conflict = run_cli("train_head.py", "--sweep", "l2", "--grid", "lr=1e-3")
     assert conflict.returncode == 2 and "use one of --sweep and --grid" in conflict.stderr
+
+
+def test_extract_list_and_a_missing_cache_name_the_caches_present(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    listed = run_cli("extract.py", "--list", "--cache-dir", cache)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [line for line in listed.stdout.splitlines() if "--image-size 48" in line]
+    assert f"--model {tiny_model}" in line and "train 120 rows complete" in line and "test 40 rows complete" in line
+    missing = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--limit", "5",
+                      "--cache-dir", cache, "--runs-dir", tmp_path / "runs")
+    assert missing.returncode == 2
+    (error,) = missing.stderr.strip().splitlines()
+    assert "--limit 5" in error and "Caches present" in error and "--image-size 48: " in error
+    empty = run_cli("extract.py", "--list", "--cache-dir", tmp_path / "none")
+    assert empty.stdout.strip() == f"no caches in {tmp_path / 'none'}"
