@@ -35,7 +35,7 @@ def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, pr
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
     if list_caches:
-        click.echo(existing_caches(cache_dir) or f"no caches in {cache_dir}")
+        click.echo("\n".join(f"  {line}" for line in existing_caches(cache_dir)) or f"no caches in {cache_dir}")
         return
     key = CacheKey.make(model, image_size, resize, views, limit, precision)
     splits = SPLITS if split == "all" else (split,)

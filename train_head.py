@@ -60,7 +60,7 @@ def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir
         if asked:
             click.echo(f"note: --views plain has no flipped views, so {' and '.join(asked)} "
                        f"{'is' if len(asked) == 1 else 'are'} off", err=True)
-        config.flip_train = config.tta = False  # a plain-view cache has no flips to use
+        config = config.for_cached_views(views)
     log = (lambda _: None) if quiet else click.echo
     if grid:
         if sweep:

@@ -11,7 +11,7 @@ resize, views, limit, precision), with the same defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,8 @@ def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, views: str | N
     """Read one complete, checked cache (settings, checksums, NaN/Inf) without importing TensorFlow."""
     key = _key(views=views, **selection)
     features, info = runs.load_features(key, split, cache_dir, VIEWS[key.views])
-    _, _, attrs = store.read(Path(info["path"]), key.attrs(split), ())  # the attributes alone
-    return CachedSplit(features.views, features.labels, CLASS_NAMES, attrs, Path(info["path"]))
+    path = Path(info["path"])
+    return CachedSplit(features.views, features.labels, CLASS_NAMES, store.attributes(path), path)
 
 
 def run_head(cache_dir=DEFAULT_CACHE_DIR, model=None, image_size=None, resize=None, views=None, limit=None,
@@ -53,9 +53,7 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, model=None, image_size=None, resize=No
     """Train one head on the cached train split and score it on test, as train_head.py does, without
     recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`."""
     key = _key(model, image_size, resize, views, limit, precision)
-    config = HeadConfig(**head_options)
-    if key.views == "plain":
-        config = replace(config, flip_train=False, tta=False)
+    config = HeadConfig(**head_options).for_cached_views(key.views)
     config.check()
     train_split, _ = runs.load_features(key, "train", cache_dir, config.views_needed())
     test_split, _ = runs.load_features(key, "test", cache_dir, config.views_needed())

@@ -51,6 +51,10 @@ class HeadConfig:
         if self.l2 < 0 or not 0.0 <= self.label_smoothing < 1.0:
             raise UserError("--l2 must be >= 0 and --label-smoothing in [0, 1)")
 
+    def for_cached_views(self, views: str) -> "HeadConfig":
+        """The config a cache of `views` can serve: a plain-view cache has no flips to train or average on."""
+        return replace(self, flip_train=False, tta=False) if views == "plain" else self
+
     def views_needed(self) -> tuple[str, ...]:
         return ("plain", "flip") if self.flip_train or self.tta else ("plain",)
 

@@ -9,6 +9,7 @@ rebuild, a resume) load it instead of calibrating again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -50,30 +51,27 @@ class Int8Quantizer:
 
     def __init__(self, source, limit: int | None, folder: Path):
         self.source, self.limit, self.folder = source, limit, Path(folder)
-        self._sample = None
         self.paths: list[Path] = []
 
-    @property
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._sample is None:
-            self._sample = calibration_sample(self.source, self.limit)
-        return self._sample
+    @functools.cached_property
+    def sample(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """(images, their train rows, sha256 of the images): read on first use only."""
+        images, rows = calibration_sample(self.source, self.limit)
+        return images, rows, hashlib.sha256(images.tobytes()).hexdigest()
 
     def describe(self) -> dict:
         """What the cache records about its calibration."""
-        images, rows = self.sample
+        _, rows, digest = self.sample
         return {"calibration": f"{len(rows)} train images, seed {CALIBRATION_SEED}, NNCF post-training quantization",
-                "calibration_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
-                "quantized_model": ", ".join(str(p) for p in self.paths)}
+                "calibration_sha256": digest, "quantized_model": ", ".join(str(p) for p in self.paths)}
 
     def __call__(self, model, batch_size: int, image_size: int, resize: str):
         """The quantized `model` (an openvino.Model with a static uint8 input [batch, H, W, 3])."""
         import openvino as ov
 
-        images, _ = self.sample
+        images, _, digest = self.sample
         height, width = model.inputs[0].get_partial_shape().to_shape()[1:3]
-        digest = hashlib.sha256(images.tobytes()).hexdigest()[:12]
-        path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest}-{RECIPE}.xml"
+        path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{RECIPE}.xml"
         self.paths.append(path)
         if path.exists():
             return ov.Core().read_model(path)

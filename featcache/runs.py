@@ -32,7 +32,7 @@ def default_key() -> store.CacheKey:
 
 def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
     """The extract.py command that builds the cache this key names."""
-    return f"python extract.py --split {split} {selection_args(key)} --cache-dir {cache_dir}".replace("  ", " ")
+    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(key), f"--cache-dir {cache_dir}"]))
 
 
 def selection_args(key: store.CacheKey) -> str:
@@ -54,8 +54,8 @@ def selection_args(key: store.CacheKey) -> str:
     return " ".join(parts)
 
 
-def existing_caches(cache_dir) -> str:
-    """One line per settings with caches in `cache_dir`: its splits, their state, and its options."""
+def existing_caches(cache_dir) -> list[str]:
+    """One line per settings with caches in `cache_dir`: its options, then its splits and their state."""
     groups: dict[str, list[str]] = {}
     for entry in store.list_caches(cache_dir):
         if entry.get("key") is None:
@@ -63,7 +63,7 @@ def existing_caches(cache_dir) -> str:
         state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
         groups.setdefault(selection_args(entry["key"]) or "(defaults)", []).append(
             f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB")
-    return "\n".join(f"  {options}: {'; '.join(splits)}" for options, splits in sorted(groups.items()))
+    return [f"{options}: {'; '.join(splits)}" for options, splits in sorted(groups.items())]
 
 
 def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, ...]) -> tuple[Features, dict]:
@@ -71,8 +71,8 @@ def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, 
     path = key.path(cache_dir, split)
     if not path.exists():
         hint = " (an interrupted extraction is waiting to resume)" if store.partial_path(path).exists() else ""
-        present = existing_caches(cache_dir).replace("\n", " |")
-        present = f". Caches present (pass their options): {present.strip()}" if present else ""
+        present = existing_caches(cache_dir)
+        present = f". Caches present (pass their options): {' | '.join(present)}" if present else ""
         raise UserError(f"no {split} cache at {path}{hint}; run: {extract_command(key, split, cache_dir)}{present}")
     state = store.inspect(path, key.attrs(split))
     rebuild = f"{extract_command(key, split, cache_dir)} --force"
@@ -89,6 +89,14 @@ def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, 
                             f"check it with {extract_command(key, split, cache_dir)} --verify, rebuild it with {rebuild}")
     return Features(embeddings, labels), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
                                           "engine": attrs.get("engine", ""), "rows": int(attrs["rows"])}
+
+
+def _load_splits(key: store.CacheKey, cache_dir, runs_dir, views: tuple[str, ...]):
+    """Both splits' features and cache info, after checking that a run can be recorded at all
+    (that fails before training; the run folder itself is made only once there is a result)."""
+    splits = [load_features(key, split, cache_dir, views) for split in ("train", "test")]
+    _check_writable(runs_dir)
+    return splits
 
 
 def _check_writable(runs_dir):
@@ -124,10 +132,8 @@ def run_experiment(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig,
     refit on all training rows with it.
     """
     config.check()
-    views = config.views_needed()
-    train_features, train_info = load_features(key, "train", cache_dir, views)
-    test_features, test_info = load_features(key, "test", cache_dir, views)
-    _check_writable(runs_dir)  # fail before training; the run folder itself only once there is a result
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir,
+                                                                            config.views_needed())
     sweep_table = best_row = None
     if sweep:
         best, sweep_table = sweep_l2(train_features, config)
@@ -180,9 +186,7 @@ def run_grid(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig, grid:
     for one in configs:
         one.check()
     views = ("plain", "flip") if any(one.views_needed() == ("plain", "flip") for one in configs) else ("plain",)
-    train_features, train_info = load_features(key, "train", cache_dir, views)
-    test_features, test_info = load_features(key, "test", cache_dir, views)
-    _check_writable(runs_dir)
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, views)
     rows = []
     for overrides, one in zip(grid, configs):
         trained = train(train_features, test_features, one)
@@ -249,8 +253,7 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
             metrics = json.loads(metrics_path.read_text())
             config = json.loads((run_dir / "config.json").read_text())
             head, cache = config["head"], config["cache"]
-            key = store.CacheKey(cache.get("model", ""), cache["image_size"], cache["resize"], cache["views"],
-                                 cache.get("limit", 0), precision=cache.get("precision", "f32"))
+            key = store.CacheKey.from_attrs(cache)
             row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
                    "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
                    "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],

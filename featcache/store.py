@@ -82,6 +82,13 @@ class CacheKey:
         return cls(model=model, image_size=image_size, resize=resize, views=views, limit=limit or 0,
                    precision=precision)
 
+    @classmethod
+    def from_attrs(cls, attrs: dict):
+        """The key a cache's attributes (or a run record's "cache" entry) name; older ones lack some."""
+        return cls(attrs.get("model", ""), int(attrs["image_size"]), attrs["resize"], attrs["views"],
+                   int(attrs.get("limit", 0)), attrs.get("dataset", "cifar10"),
+                   attrs.get("precision", LEGACY_DEFAULTS["precision"]))
+
     def model_dir(self, cache_dir: str | os.PathLike) -> Path:
         """`<cache_dir>/<dataset>/<model-slug>-<hash>`: every cache of this model, and its quantized versions."""
         readable = self.model.split("://", 1)[-1].split("/", 1)[-1] if "://" in self.model else Path(self.model).name
@@ -143,7 +150,7 @@ def inspect(path: Path, expected: dict) -> CacheState:
         return CacheState("missing")
     try:
         with _h5(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = _attributes(f)
             if attrs.get("tool") != TOOL:
                 return CacheState("bad", "it was not made by featcache")
             wrong = _mismatches(attrs, expected, IDENTITY)
@@ -175,11 +182,26 @@ def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, 
             embeddings = {v: f[view_dataset(v)][:] for v in views}
             labels = f["labels"][:]
         except OSError as exc:
-            if "filter returned failure" in str(exc):
+            if _failed_checksum(exc):
                 raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
             raise
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        attrs = _attributes(f)
     return embeddings, labels, attrs
+
+
+def attributes(path: Path) -> dict:
+    """A cache file's attributes as plain Python values, without reading any rows."""
+    with _h5(path, "r") as f:
+        return _attributes(f)
+
+
+def _attributes(f) -> dict:
+    return {k: _plain(v) for k, v in f.attrs.items()}
+
+
+def _failed_checksum(exc: OSError) -> bool:
+    """h5py reports a Fletcher-32 mismatch as an OSError from the filter pipeline."""
+    return "filter returned failure" in str(exc)
 
 
 class CorruptCache(UserError):
@@ -233,12 +255,10 @@ def list_caches(cache_dir) -> list[dict]:
     for path in sorted(Path(cache_dir).glob("*/*/*/*.h5")):
         entry = {"path": path, "megabytes": path.stat().st_size / 1e6, "key": None}
         try:
-            with _h5(path, "r") as f:
-                a = {k: _plain(v) for k, v in f.attrs.items()}
+            a = attributes(path)
             entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]),
                          complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
-                         key=CacheKey(a["model"], int(a["image_size"]), a["resize"], a["views"], int(a["limit"]),
-                                      a.get("dataset", "cifar10"), a.get("precision", "f32")))
+                         key=CacheKey.from_attrs(a))
         except (OSError, KeyError, ValueError, TypeError):
             pass  # not a readable featcache file: listed by path only
         found.append(entry)
@@ -272,7 +292,7 @@ def check_contents(path: Path, reader) -> list[str]:
                 try:
                     block = f[name][lo:hi]
                 except OSError as exc:
-                    if "filter returned failure" not in str(exc):
+                    if not _failed_checksum(exc):
                         raise
                     problems.append(f"{name} fails its checksum in rows {lo}:{hi} (damaged)")
                     continue
