@@ -4,9 +4,10 @@
 Writes a cache of the default CIFAR-10 train cache's shape (50,000 rows x 1280, plain and flip
 views, in 1,024-row commits as extract.py makes them) with and without checksums, reads each back
 as train_head.py does, and times the finite check on what was read. The values are random (the
-cost of a checksum does not depend on them). Runs alternate, and medians are printed (reads: 3 per file and repeat).
+cost of a checksum does not depend on them), or those of a real cache (--from-cache). Runs alternate,
+and medians are printed (reads: 3 per file and repeat).
 
-    python bench/cache_checks.py [--rows 50000] [--repeats 3]
+    python bench/cache_checks.py [--rows 50000] [--repeats 3] [--from-cache cache/.../train.h5]
 """
 
 import statistics
@@ -49,9 +50,16 @@ def read(path: Path) -> tuple[float, float, dict]:
 @click.command()
 @click.option("--rows", type=click.IntRange(min=1), default=50_000, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-def main(rows, repeats):
-    rng = np.random.default_rng(0)
-    views = {v: np.clip(rng.gamma(1.0, 0.5, (rows, DIM)), 0, 6).astype(np.float32) for v in ("plain", "flip")}
+@click.option("--from-cache", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use the rows of this real flip-view cache (e.g. the default train.h5) instead of random ones.")
+def main(rows, repeats, from_cache):
+    if from_cache:
+        loaded, _, _ = store.read(Path(from_cache), {}, ("plain", "flip"))
+        views = {v: x[:rows] for v, x in loaded.items()}
+        rows = len(views["plain"])
+    else:
+        rng = np.random.default_rng(0)
+        views = {v: np.clip(rng.gamma(1.0, 0.5, (rows, DIM)), 0, 6).astype(np.float32) for v in ("plain", "flip")}
     times = {(c, what): [] for c in (False, True) for what in ("write", "read", "finite")}
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as tmp:
         paths = {}
