@@ -136,6 +136,8 @@ class _Fitter:
         self.optimizer = keras.optimizers.Adam(lr)
         self.optimizer.build(trainer.trainable_variables)
         self.loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        # The data term alone (no penalty, no smoothing): what tells a fit that learnt from a diverged one.
+        self.cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         # Standardised per batch, in the graph: cheaper than a pass over all rows up front (measured).
         self.x, self.y = _shared_tensor(x), tf.constant(y.astype(np.int32))
         self.mean, self.scale = tf.constant(mean), tf.constant(1.0 / np.sqrt(variance))
@@ -145,7 +147,7 @@ class _Fitter:
         import tensorflow as tf
 
         order = tf.argsort(tf.random.stateless_uniform([self.n], seed=tf.stack([self.config.seed, number])))
-        loss_sum, correct = tf.constant(0.0), tf.constant(0)
+        loss_sum, entropy_sum, correct = tf.constant(0.0), tf.constant(0.0), tf.constant(0)
         for step in tf.range(self.steps):
             rows = order[step * self.batch : (step + 1) * self.batch]
             labels = tf.gather(self.y, rows)
@@ -156,10 +158,11 @@ class _Fitter:
                     loss += tf.add_n(self.trainer.losses)
             variables = self.trainer.trainable_variables
             self.optimizer.apply(tape.gradient(loss, variables), variables)
-            size = tf.shape(rows)[0]
-            loss_sum += loss * tf.cast(size, tf.float32)
+            size = tf.cast(tf.shape(rows)[0], tf.float32)
+            loss_sum += loss * size
+            entropy_sum += tf.reduce_sum(self.cross_entropy(labels, probs))
             correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, 1, output_type=tf.int32), labels), tf.int32))
-        return loss_sum / self.n, tf.cast(correct, tf.float32) / self.n
+        return loss_sum / self.n, tf.cast(correct, tf.float32) / self.n, entropy_sum / self.n
 
 
 def training_rows(features: Features, flip: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -236,8 +239,8 @@ def train(train_features: Features, test_features: Features | None, config: Head
     fitter = _Fitter(trainer, config, x, y, CLASSES, mean, variance)
     history: dict[str, list[float]] = {}
     for epoch in range(config.epochs):
-        loss, accuracy = (float(v) for v in fitter.epoch(tf.constant(epoch, tf.int32)))
-        results = {"loss": loss, "accuracy": accuracy}
+        loss, accuracy, cross_entropy = (float(v) for v in fitter.epoch(tf.constant(epoch, tf.int32)))
+        results = {"loss": loss, "accuracy": accuracy, "cross_entropy": cross_entropy}
         if val_features is not None:
             val = score(predict(model, val_features, config.tta), val_features.labels)
             results.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -248,7 +251,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
         if not np.isfinite(loss):
             break
     fit_seconds = time.perf_counter() - started
-    _refuse_divergence(history["loss"], config)
+    _refuse_divergence(history, config, CLASSES)
     metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(y)),
                "train_images": int(len(fit_features.labels))}
     if val_features is not None:
@@ -263,12 +266,20 @@ def train(train_features: Features, test_features: Features | None, config: Head
     return TrainedHead(model, history, fit_seconds, metrics, test_probs)
 
 
-def _refuse_divergence(losses: list, config: HeadConfig):
-    """A fit whose loss left the finite numbers is no result (the epoch loop has stopped it)."""
+def _refuse_divergence(history: dict, config: HeadConfig, classes: int):
+    """A fit that left the finite numbers (the epoch loop has stopped it), or ended far worse on its own
+    training rows than guessing uniformly (cross-entropy ln K), is no result. A fit that learnt ends
+    below ln K even under a heavy penalty (a zero head scores exactly ln K), so twice ln K leaves room
+    for short or noisy fits; `--lr 1e6` on the default cache ends near 3e4."""
+    losses, entropy = history["loss"], history["cross_entropy"]
+    hint = f"(try a lower --lr than {config.lr:g}); nothing was recorded"
     if len(losses) < config.epochs or not np.isfinite(losses).all():
         epoch = next((i + 1 for i, v in enumerate(losses) if not np.isfinite(v)), len(losses))
-        raise UserError(f"training diverged: the loss became NaN/Inf in epoch {epoch} of {config.epochs} "
-                        f"(try a lower --lr than {config.lr:g}); nothing was recorded")
+        raise UserError(f"training diverged: the loss became NaN/Inf in epoch {epoch} of {config.epochs} {hint}")
+    limit = 2 * np.log(classes)
+    if entropy[-1] > limit:
+        raise UserError(f"training diverged: the training cross-entropy ended at {entropy[-1]:.4g}, above "
+                        f"{limit:.2f} (twice that of guessing uniformly) {hint}")
 
 
 SWEEP_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)

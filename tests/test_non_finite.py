@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from featcache import pipeline, store
 from featcache.errors import UserError
-from featcache.head import HeadConfig
+from featcache.head import Features, HeadConfig, train
 from featcache.runs import ledger, run_experiment
 from conftest import TINY_DIM, run_cli, save_tiny_model, write_batches
 
@@ -136,6 +137,26 @@ def test_a_diverging_fit_records_no_run(tiny_model, caches, tmp_path):
     assert not runs.exists() or not any(runs.iterdir())
     run_dir, _ = run_experiment(_key(tiny_model), caches, runs, HeadConfig(epochs=1, flip_train=False, tta=False))
     assert list(runs.iterdir()) == [run_dir]  # the same call with a sane rate records its run
+
+
+def test_lr_1e6_is_refused_by_the_cli_and_records_no_run(tiny_model, caches, tmp_path):
+    out = _train_head(tiny_model, caches, tmp_path / "runs", "--lr", "1e6", "--epochs", "3")
+    assert out.returncode == 2, out.stderr
+    assert "training diverged" in out.stderr and "nothing was recorded" in out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_finite_fit_far_worse_than_guessing_is_refused():
+    """Finite but diverged: learnable data, a huge rate; the same data at a sane rate is accepted."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2000)
+    x = rng.normal(size=(2000, 32)).astype(np.float32) + 3 * np.eye(10, 32, dtype=np.float32)[labels]
+    features = Features({"plain": x}, labels)
+    config = HeadConfig(epochs=3, lr=1e6, flip_train=False, tta=False, batch_size=256)
+    with pytest.raises(UserError, match=r"training cross-entropy ended at .* above 4.61"):
+        train(features, None, config)
+    sane = train(features, None, replace(config, lr=1e-2))
+    assert sane.history["cross_entropy"][-1] < np.log(10) and np.isfinite(sane.history["loss"]).all()
 
 
 def test_ledger_never_offers_a_run_with_non_finite_metrics(tmp_path):
