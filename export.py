@@ -18,9 +18,11 @@ def main(out_dir, run_id, runs_dir, verbose):
     setup_process(verbose)
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)
-    export(build_classifier(run_dir), out_dir)
+    classifier = build_classifier(run_dir)
+    export(classifier, out_dir)
+    n = int(classifier.class_names.shape[0])
     click.echo(f"exported run {run_dir.name} to {out_dir} (serving_default: images uint8 [N,H,W,3] -> "
-               "probabilities [N,10], top_class [N], class_names [10])")
+               f"probabilities [N,{n}], top_class [N], class_names [{n}])")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
 #!/usr/bin/env python
-"""Stage 1: embed CIFAR-10 with a frozen TF Hub model once, into an HDF5 cache under cache/."""
+"""Stage 1: embed a dataset's images with a frozen TF Hub model once, into an HDF5 cache under cache/."""
 
 import click
 
-from featcache.cli import one_line_errors, selection_options, setup_process, verbosity_options
-from featcache.data import DATA_DIR_ENV, SPLITS
+from featcache.cli import one_line_errors, selected_key, selection_options, setup_process, verbosity_options
 from featcache.extractor import ENGINES
 from featcache.pipeline import extract, verify
 from featcache.runs import existing_caches
-from featcache.store import CacheKey
+from featcache.sources import SPLITS
 
 
 @click.command()
 @click.option("--split", type=click.Choice(SPLITS + ("all",)), default="all", show_default=True)
-@click.option("--data-dir", type=click.Path(), default=None,
-              help=f"Local CIFAR-10: the cifar-10-batches-py folder, its parent, or the .tar.gz "
-                   f"(also ${DATA_DIR_ENV}). Default: the official download, cached like Keras does.")
 @selection_options
 @click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images per committed chunk (what a crash can cost at most).")
@@ -25,25 +21,28 @@ from featcache.store import CacheKey
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
+@click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "
+              "it and list it in the summary and the cache).")
 @click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")
 @click.option("--list", "list_caches", is_flag=True, help="List the caches in --cache-dir (settings, rows, complete "
               "or partial, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
-def main(split, data_dir, cache_dir, model, image_size, resize, views, limit, precision, chunk_size, batch_size,
-         engine, force, verify, list_caches, quiet, verbose):
+def main(split, chunk_size, batch_size, engine, force, strict, verify, list_caches, quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
     if list_caches:
+        cache_dir = selection["cache_dir"]
         click.echo("\n".join(f"  {line}" for line in existing_caches(cache_dir)) or f"no caches in {cache_dir}")
         return
-    key = CacheKey.make(model, image_size, resize, views, limit, precision)
+    key, cache_dir, data_dir = selected_key(selection)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
     for one_split in splits:
         result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
-                         batch_size=batch_size, engine=engine, force=force, progress=not quiet, log=click.echo)
+                         batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,
+                         log=click.echo)
         click.echo(result.summary())
 
 

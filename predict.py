@@ -15,7 +15,8 @@ from featcache.errors import UserError
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--run", "run_id", default=None, help="Run id under --runs-dir. Default: best by validation, else latest.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
-@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Classes shown per image (at most the run's class count).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
@@ -29,6 +30,7 @@ def main(images, run_id, runs_dir, top_k, as_json, verbose):
     click.echo(f"using run {run_dir.name} ({why})", err=True)
     classifier = build_classifier(run_dir)
     names = [n.decode() for n in classifier.class_names.numpy()]
+    top_k = min(top_k, len(names))
     failures = 0
     for path in paths:
         try:

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""Stage 2: train a 10-class head on cached embeddings, report test accuracy, record the run."""
+"""Stage 2: train a softmax head on cached embeddings, report test accuracy, record the run."""
 
 import time
 
 import click
 from click.core import ParameterSource
 
-from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, selection_options, setup_process, verbosity_options
+from featcache.cli import (DEFAULT_RUNS_DIR, SELECTION_NAMES, one_line_errors, selected_key, selection_options,
+                           setup_process, verbosity_options)
 from featcache.head import SCHEDULES, HeadConfig
 from featcache.errors import UserError
 from featcache.runs import format_ledger, format_table, ledger, parse_grid, run_experiment, run_grid
-from featcache.store import CacheKey
 
 DEFAULTS = HeadConfig()
 
@@ -43,8 +43,7 @@ DEFAULTS = HeadConfig()
 @click.option("--list", "list_runs", is_flag=True, help="Print the table of recorded runs and exit.")
 @verbosity_options
 @one_line_errors
-def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir, sweep, grid, list_runs, quiet,
-         verbose, **head_options):
+def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     """Train a softmax head on the cached train split and evaluate it on the cached test split."""
     setup_process(verbose)
     if list_runs:
@@ -52,7 +51,9 @@ def main(cache_dir, model, image_size, resize, views, limit, precision, runs_dir
         click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
         return
     started = time.perf_counter()
-    key = CacheKey.make(model, image_size, resize, views, limit, precision)
+    head_options = {name: value for name, value in options.items() if name not in SELECTION_NAMES}
+    key, cache_dir, _ = selected_key(options)
+    views = key.views
     config = HeadConfig(**head_options)
     if views == "plain" and (config.flip_train or config.tta):
         asked = [f"--{name.replace('_', '-')}" for name in ("flip_train", "tta")

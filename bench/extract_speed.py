@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -41,9 +42,9 @@ PRECISION_OF = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "in
 
 
 def _images(data_dir, n):
-    from featcache import data
+    from featcache.sources import cifar
 
-    return data.load_split(data.resolve_source(data_dir), "test", n).images
+    return cifar.load_split(cifar.resolve_source(data_dir), "test", n).images
 
 
 def _peak_rss_mb() -> float:
@@ -70,12 +71,13 @@ def _seed_method(model, batch_size):
 
 
 def _our_engine(model, method, batch_size, data_dir, scratch):
-    from featcache import data
     from featcache.extractor import Extractor, load_model
+    from featcache.sources import cifar
     from featcache.quantize import Int8Quantizer
 
     engine, precision = method.split("-")[0], PRECISION_OF.get(method, "f32")
-    quantizer = Int8Quantizer(data.resolve_source(data_dir), None, scratch) if precision == "int8" else None
+    train = cifar.SplitSource(cifar.resolve_source(data_dir), "train")
+    quantizer = Int8Quantizer(train, scratch) if precision == "int8" else None
     extractor = Extractor(load_model(model), views=("plain",), batch_size=batch_size, engine=engine,
                           precision=precision, quantizer=quantizer)  # int8: calibration happens here, untimed
     return lambda images: extractor.embed(images)["plain"]
@@ -159,9 +161,9 @@ def head_accuracy(cache_dir, precision) -> str:
     from featcache.extractor import DEFAULT_MODEL, DEFAULT_RESIZE
     from featcache.head import HeadConfig, train
     from featcache.runs import load_features
-    from featcache.store import CacheKey
+    from featcache.selection import default_key
 
-    key, config = CacheKey.make(DEFAULT_MODEL, 224, DEFAULT_RESIZE, "flip", None, precision), HeadConfig()
+    key, config = replace(default_key(), precision=precision), HeadConfig()
     try:
         train_features, _ = load_features(key, "train", cache_dir, config.views_needed())
         test_features, _ = load_features(key, "test", cache_dir, config.views_needed())

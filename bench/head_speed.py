@@ -10,6 +10,7 @@ train_head.py calls it. Prints fit seconds per run, their median and the test ac
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -33,13 +34,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def main(runs, cache_dir, precision, epochs, hidden, dropout, lr, batch_size, l2, label_smoothing):
     from bench.extract_speed import cpu_flags, cpu_name
     from featcache.head import HeadConfig, train
-    from featcache.runs import default_key, load_features
+    from featcache.runs import load_features
+    from featcache.selection import default_key
 
     settings = dict(epochs=epochs, hidden=hidden, dropout=dropout, label_smoothing=label_smoothing)
     settings.update({k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("l2", l2)) if v is not None})
     config = HeadConfig(**settings)
-    key = default_key()
-    key = type(key)(key.model, key.image_size, key.resize, key.views, precision=precision)
+    key = replace(default_key(), precision=precision)
     train_features, _ = load_features(key, "train", cache_dir, config.views_needed())
     test_features, _ = load_features(key, "test", cache_dir, config.views_needed())
     fits, accuracies = [], []

@@ -52,11 +52,11 @@ print(json.dumps({"top": top, "batch64_images_per_s": 64 / statistics.median(tim
 def main(run_id, runs_dir, data_dir, images):
     import tensorflow as tf
 
-    from featcache import data
+    from featcache.sources import cifar
     from featcache.classifier import build_classifier, decode_image
 
     run_dir = Path(runs_dir) / run_id
-    test = data.load_split(data.resolve_source(data_dir), "test", images)
+    test = cifar.load_split(cifar.resolve_source(data_dir), "test", images)
     recorded = np.load(run_dir / "test_probs.npy")[:images]
     with tempfile.TemporaryDirectory() as tmp:
         pngs = Path(tmp) / "pngs"
@@ -91,7 +91,7 @@ def main(run_id, runs_dir, data_dir, images):
         fresh = subprocess.run([sys.executable, "-c", FRESH, str(exported), str(pngs)], capture_output=True,
                                text=True, check=True, cwd=tmp)
         result = json.loads(fresh.stdout.strip().splitlines()[-1])
-        names = list(data.CLASS_NAMES)
+        names = list(cifar.CIFAR10_CLASS_NAMES)
         same = sum(names[p] == t for p, t in zip(predicted, result["top"]))
         print(f"exported SavedModel (fresh Python, TensorFlow only): top-1 same as predict.py on {same}/{images}")
         print(f"exported SavedModel throughput at batch 64: {result['batch64_images_per_s']:.1f} images/s")

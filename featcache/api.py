@@ -5,8 +5,8 @@
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
     result = run_head(epochs=5, hidden=0)       # metrics, the Keras model, history; not recorded
 
-Both take the selection options of the CLIs as keyword arguments (cache_dir, model, image_size,
-resize, views, limit, precision), with the same defaults.
+Both take the selection options of the CLIs as keyword arguments (cache_dir, dataset, data_dir,
+test_fraction, model, image_size, resize, crop, views, limit, precision), with the same defaults.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 
 from . import runs, store
 from .cli import DEFAULT_CACHE_DIR
-from .data import CLASS_NAMES
 from .extractor import VIEWS
 from .head import HeadConfig, TrainedHead, train
+from .selection import select
 
 
 @dataclass
@@ -34,26 +34,24 @@ class CachedSplit:
     path: Path
 
 
-def _key(model=None, image_size=None, resize=None, views=None, limit=None, precision="f32") -> store.CacheKey:
-    default = runs.default_key()
-    return store.CacheKey.make(model or default.model, image_size or default.image_size, resize or default.resize,
-                               views or default.views, limit, precision)
-
-
-def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, views: str | None = None, **selection) -> CachedSplit:
+def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:
     """Read one complete, checked cache (settings, checksums, NaN/Inf) without importing TensorFlow."""
-    key = _key(views=views, **selection)
+    key = select(cache_dir, **selection)
     features, info = runs.load_features(key, split, cache_dir, VIEWS[key.views])
     path = Path(info["path"])
-    return CachedSplit(features.views, features.labels, CLASS_NAMES, store.attributes(path), path)
+    return CachedSplit(features.views, features.labels, features.class_names, store.attributes(path), path)
 
 
-def run_head(cache_dir=DEFAULT_CACHE_DIR, model=None, image_size=None, resize=None, views=None, limit=None,
-             precision="f32", **head_options) -> TrainedHead:
+SELECTION = ("dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop", "views", "limit",
+             "precision")
+
+
+def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     """Train one head on the cached train split and score it on test, as train_head.py does, without
-    recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`."""
-    key = _key(model, image_size, resize, views, limit, precision)
-    config = HeadConfig(**head_options).for_cached_views(key.views)
+    recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`.
+    Keyword arguments: the selection options above, and HeadConfig's fields (epochs, lr, hidden, ...)."""
+    key = select(cache_dir, **{name: options.pop(name) for name in SELECTION if name in options})
+    config = HeadConfig(**options).for_cached_views(key.views)
     config.check()
     train_split, _ = runs.load_features(key, "train", cache_dir, config.views_needed())
     test_split, _ = runs.load_features(key, "test", cache_dir, config.views_needed())

@@ -1,9 +1,10 @@
 """The trained classifier as one TensorFlow module: uint8 images of any size in, class probabilities out.
 
-Inside: the same preprocessing the cache was made with, the frozen TF Hub extractor, the
-run's standardisation and its head (plus flip averaging when the run used TTA). predict.py
-calls it directly and export.py saves it as a SavedModel, so both give the same numbers,
-and the export loads with `tf.saved_model.load` alone (no featcache, no tensorflow_hub).
+Inside: the extractor's own preprocessing with the cache's settings, the frozen TF Hub
+extractor, and the run's saved Keras head as it is (standardisation and whatever layers it
+has), plus flip averaging when the run used TTA. predict.py calls it directly and export.py
+saves it as a SavedModel, so both give the same numbers, and the export loads with
+`tf.saved_model.load` alone (no featcache, no tensorflow_hub, no Keras).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runs
-from .data import CLASS_NAMES
+from . import runs, store
 from .errors import UserError
 from .extractor import load_model, preprocess
+from .selection import default_key
+from .sources import legacy_class_names
+from .sources.folder import IMAGE_SUFFIXES, decode_file
 
 
 def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
@@ -34,7 +37,7 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
     rows = [r for r in runs.ledger(runs_dir) if (runs_dir / r["run"] / "head.keras").exists()]
     if not rows:
         raise UserError(f"no runs in {runs_dir}; train one with: python train_head.py")
-    on_default = [r for r in rows if r["key"] == runs.default_key()]
+    on_default = [r for r in rows if r["key"] == default_key()]
     pool, where = (on_default, "on the default cache settings") if on_default else (rows, "(none is on the default cache settings)")
     with_val = [r for r in pool if r["val_acc"] is not None]
     if with_val:
@@ -42,54 +45,36 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
     return runs_dir / max(r["run"] for r in pool), f"latest run {where}"
 
 
-def head_weights(keras_path: Path) -> dict:
-    """Standardisation statistics and dense weights of a saved head, as numpy arrays."""
-    import keras
-
-    model = keras.models.load_model(keras_path, compile=False)
-    norm = model.get_layer("standardize")
-    weights = {"mean": np.asarray(norm.mean).reshape(-1), "variance": np.asarray(norm.variance).reshape(-1)}
-    layer_names = {layer.name for layer in model.layers}
-    for name in ("hidden", "classes"):
-        if name in layer_names:
-            kernel, bias = model.get_layer(name).get_weights()
-            weights[name] = (kernel, bias)
-    return weights
+def run_class_names(config: dict) -> tuple[str, ...]:
+    """The class names a run was trained with (runs made before they were recorded: CIFAR-10's)."""
+    return tuple(config.get("class_names") or legacy_class_names(config["cache"].get("dataset", "cifar10")))
 
 
 def build_classifier(run_dir: Path):
     """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`."""
+    import keras
     import tensorflow as tf
 
     config = json.loads((Path(run_dir) / "config.json").read_text())
-    cache, head = config["cache"], config["head"]
-    weights = head_weights(Path(run_dir) / "head.keras")
+    key, tta = store.CacheKey.from_attrs(config["cache"]), bool(config["head"]["tta"])
+    names = run_class_names(config)
 
     class Classifier(tf.Module):
         def __init__(self):
-            super().__init__(name="cifar10_classifier")
-            self.extractor = load_model(cache["model"])
-            self.image_size, self.resize, self.tta = int(cache["image_size"]), cache["resize"], bool(head["tta"])
-            self.mean = tf.constant(weights["mean"], tf.float32)
-            # Keras' Normalization divides by max(sqrt(variance), epsilon).
-            self.std = tf.constant(np.maximum(np.sqrt(weights["variance"]), 1e-7), tf.float32)
-            self.dense = [tuple(tf.constant(w, tf.float32) for w in weights[name])
-                          for name in ("hidden", "classes") if name in weights]
-            self.class_names = tf.constant(CLASS_NAMES)
+            super().__init__(name="featcache_classifier")
+            self.extractor = load_model(key.model)
+            self.head = keras.models.load_model(Path(run_dir) / "head.keras", compile=False)
+            self.class_names = tf.constant(names)
 
         def _probabilities(self, x):
             features = tf.cast(self.extractor(x, training=False), tf.float32)
-            h = (features - self.mean) / self.std
-            for kernel, bias in self.dense[:-1]:
-                h = tf.nn.relu(tf.matmul(h, kernel) + bias)
-            kernel, bias = self.dense[-1]
-            return tf.nn.softmax(tf.matmul(h, kernel) + bias)
+            return self.head(features, training=False)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def classify(self, images):
-            x = preprocess(images, self.image_size, self.resize)
+            x = preprocess(images, key.image_size, key.resize, key.crop)
             probs = self._probabilities(x)
-            if self.tta:
+            if tta:
                 probs = (probs + self._probabilities(tf.image.flip_left_right(x))) / 2.0
             return {"probabilities": probs, "top_class": tf.gather(self.class_names, tf.argmax(probs, axis=1)),
                     "class_names": self.class_names}
@@ -98,17 +83,11 @@ def build_classifier(run_dir: Path):
 
 
 def decode_image(path: Path) -> np.ndarray:
-    """PNG/JPEG/BMP/GIF of any size and mode (gray, RGB, RGBA) -> uint8 [H, W, 3]."""
-    import tensorflow as tf
-
-    try:
-        return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
-    except (tf.errors.OpError, ValueError) as exc:
-        message = getattr(exc, "message", str(exc)).strip().splitlines()
-        raise UserError(f"cannot read image ({message[0][:100] if message else type(exc).__name__})") from None
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+    """PNG/JPEG/BMP/GIF of any size and mode (gray, RGB, RGBA) -> uint8 [H, W, 3], decoded as extraction does."""
+    image, reason = decode_file(Path(path))
+    if image is None:
+        raise UserError(f"cannot read image ({reason})")
+    return image
 
 
 def expand_paths(paths) -> list[Path]:
@@ -116,7 +95,7 @@ def expand_paths(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(f for f in p.iterdir() if f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith("."))
         else:
             out.append(p)
     return out

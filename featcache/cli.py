@@ -83,19 +83,37 @@ def one_line_errors(func):
 
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
+    from .selection import CROPS, DEFAULT_CROP
+    from .sources import DATASETS, DEFAULT_DATASET, cifar, folder
+
     options = [
         click.option("--cache-dir", type=click.Path(file_okay=False), default=str(DEFAULT_CACHE_DIR),
                      show_default=True, help="Where embedding caches live."),
+        click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True,
+                     help="cifar10 / cifar100 (python-pickle layout), or folder: --data-dir holds a folder per "
+                          "class (or train/ and test/ folders of class folders). Part of the cache key."),
+        click.option("--data-dir", type=click.Path(), default=None,
+                     help=f"cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
+                          f"${cifar.CIFAR10.env} / ${cifar.CIFAR100.env}); default: the official download, cached "
+                          "like Keras does. folder: the image folder (needed; part of the cache key)."),
+        click.option("--test-fraction", type=float, default=None,
+                     help=f"folder with class folders only: share of files (seeded hash of the path) that form "
+                          f"the test split [default: {folder.DEFAULT_TEST_FRACTION}]."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
-        click.option("--image-size", type=click.IntRange(min=1), default=DEFAULT_IMAGE_SIZE, show_default=True,
-                     help="Side the 32x32 images are resized to before the model."),
+        click.option("--image-size", type=click.IntRange(min=1), default=None,
+                     help=f"Side images are resized to before the model. Default: the model's own input size "
+                          f"when it fixes one, else {DEFAULT_IMAGE_SIZE}."),
         click.option("--resize", type=click.Choice(RESIZE_METHODS), default=DEFAULT_RESIZE, show_default=True,
                      help="tf.image.resize method."),
+        click.option("--crop", type=click.Choice(CROPS), default=DEFAULT_CROP, show_default=True,
+                     help="none: squash each image to a square (Keras' default); center: cut the centered "
+                          "square first, keeping the aspect ratio."),
         click.option("--views", type=click.Choice(tuple(VIEWS)), default=DEFAULT_VIEWS, show_default=True,
                      help="'flip' also caches horizontally mirrored images (training rows and TTA)."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Only the first N images of each split (quick runs; part of the cache key)."),
+                     help="Only N images of each split (quick runs; part of the cache key): CIFAR's first N, "
+                          "a seeded sample of a folder's."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
                      help="Network precision (OpenVINO engine for bf16/int8): f32 exact; bf16 on CPUs with "
                           "native bf16 (AMX, AVX512-BF16); int8 NNCF-quantized, calibrated on 300 train images. "
@@ -104,3 +122,15 @@ def selection_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop",
+                   "views", "limit", "precision")
+
+
+def selected_key(options: dict):
+    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders."""
+    from .selection import select
+
+    chosen = {name: options.pop(name) for name in SELECTION_NAMES}
+    return select(**chosen), chosen["cache_dir"], chosen["data_dir"]

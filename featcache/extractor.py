@@ -1,9 +1,11 @@
 """The frozen feature extractor: a TF Hub image feature-vector model behind an in-graph resize.
 
-`Extractor.embed(chunk)` takes uint8 images of any size and returns one float32 [N, D]
-array per view ("plain", and "flip" for the horizontally mirrored image). Preprocessing
-(uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a
-resized split never exists in memory; with OpenVINO it is compiled together with the network.
+`Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of
+images of different sizes) and returns one float32 [N, D] array per view ("plain", and
+"flip" for the horizontally mirrored image). Preprocessing (optional center crop -> uint8
+-> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
+never exists in memory; with OpenVINO it is compiled together with the network for
+same-size chunks, and images of mixed sizes are resized one by one before the network.
 """
 
 from __future__ import annotations
@@ -37,10 +39,27 @@ def load_model(handle: str):
         ) from None
 
 
-def preprocess(images, image_size: int, method: str):
+def center_square(images):
+    """The centered square of a batch [B,H,W,3] (numpy or tf), as Keras' crop_to_aspect_ratio cuts it."""
+    height, width = images.shape[1], images.shape[2]
+    if height is None or width is None:  # a tf.function traced for any size
+        import tensorflow as tf
+
+        shape = tf.shape(images)
+        height, width = shape[1], shape[2]
+        side = tf.minimum(height, width)
+    else:
+        side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return images[:, top : top + side, left : left + side]
+
+
+def preprocess(images, image_size: int, method: str, crop: str = "none"):
     """uint8 [B,H,W,3] -> float32 [B,S,S,3] in [0,1]; bicubic overshoot is clipped back."""
     import tensorflow as tf
 
+    if crop == "center":
+        images = center_square(images)
     x = tf.image.convert_image_dtype(images, tf.float32)
     x = tf.image.resize(x, (image_size, image_size), method=method)
     return tf.clip_by_value(x, 0.0, 1.0)
@@ -127,15 +146,20 @@ class Extractor:
     engine: str = "tensorflow"
     precision: str = "f32"
     quantizer: object = None  # int8: turns an f32 OpenVINO model into its INT8 version (quantize.Int8Quantizer)
+    crop: str = "none"  # "center": the centered square of each image, before resizing
+    input_shape: tuple | None = None  # (H, W) the source expects most images to have: compiled at load time
+    log: object = print  # where the one-line notice of an OpenVINO fallback goes
 
     def __post_init__(self):
         import tensorflow as tf
 
         if self.resize not in RESIZE_METHODS:
             raise UserError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+        asked = self.engine
         self.engine = resolve_engine(self.engine, self.precision)
         if self.precision == "int8" and self.quantizer is None:
             raise UserError("--precision int8 needs calibration images (a quantize.Int8Quantizer)")
+        self._asked_batch_size = self.batch_size is not None
         if self.batch_size is None:
             gpu = bool(tf.config.list_physical_devices("GPU"))
             self.batch_size = 128 if gpu else 1 if self.engine == "openvino" else 16
@@ -144,13 +168,27 @@ class Extractor:
         self.dim = self._probe()
         self._ov_networks = {}
         if self.engine == "openvino":
-            self._ov_network(32, 32)  # CIFAR's size, compiled now so that it counts as load time
+            try:  # compiled now, so that it counts as load time and a conversion failure shows at once
+                self._ov_network(*(self.input_shape or (self.image_size, self.image_size)))
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - OpenVINO's converter fails in many ways
+                if asked != "auto":
+                    raise UserError(f"OpenVINO cannot convert model {self.model_name}: {_first_line(exc)}") from None
+                self.log(f"note: OpenVINO cannot convert this model ({_first_line(exc)}); using TensorFlow instead")
+                self.engine = "tensorflow"
+                if self.batch_size == 1 and not self._asked_batch_size:
+                    self.batch_size = 16
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.model, "handle", type(self.model).__name__)
 
     def _views_graph(self, images):
         """uint8 images -> preprocessed floats [views, B, S, S, 3]; the flip view is mirrored."""
         import tensorflow as tf
 
-        x = preprocess(images, self.image_size, self.resize)
+        x = preprocess(images, self.image_size, self.resize, self.crop)
         views = [x, tf.image.flip_left_right(x)] if "flip" in self.views else [x]
         return tf.stack(views)
 
@@ -163,7 +201,7 @@ class Extractor:
         """Run two blank images once: finds the call convention, checks input size and output."""
         import tensorflow as tf
 
-        blank = self._preprocess(np.zeros((2, 32, 32, 3), np.uint8))[0]
+        blank = self._preprocess(np.zeros((2, self.image_size, self.image_size, 3), np.uint8))[0]
         for kwargs in ({"training": False}, {}):  # TF Hub models take `training`; plain ones may not
             self._call_kwargs = kwargs
             self._tf_network = tf.function(self._network, input_signature=[self._float_spec])
@@ -186,8 +224,9 @@ class Extractor:
 
         if (height, width) not in self._ov_networks:
             spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
-            graph = tf.function(lambda images: self._network(preprocess_static(images, self.image_size, self.resize)),
-                                input_signature=[spec])
+            graph = tf.function(lambda images: self._network(
+                preprocess_static(center_square(images) if self.crop == "center" else images, self.image_size,
+                                  self.resize)), input_signature=[spec])
             quantize = None
             if self.precision == "int8":
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
@@ -195,25 +234,57 @@ class Extractor:
             self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize)
         return self._ov_networks[height, width]
 
+    def _ov_float_network(self):
+        """The network alone, compiled by OpenVINO for preprocessed float batches (chunks of mixed sizes)."""
+        import tensorflow as tf
+
+        from .ov_engine import OpenVinoNetwork
+
+        if "float" not in self._ov_networks:
+            if self.precision == "int8":
+                raise UserError("--precision int8 needs images of one size (it is calibrated per input size); "
+                                "this chunk mixes sizes: use --precision f32 or bf16")
+            spec = tf.TensorSpec([self.batch_size, self.image_size, self.image_size, 3], tf.float32)
+            self._ov_networks["float"] = OpenVinoNetwork(tf.function(self._network, input_signature=[spec]),
+                                                         self.precision)
+        return self._ov_networks["float"]
+
     def _network_inputs(self, images: np.ndarray):
         """Preprocessed network batches in order: batch 0's views, then batch 1's, ..."""
         for i in range(0, len(images), self.batch_size):
             for view_batch in self._preprocess(images[i : i + self.batch_size]):
                 yield view_batch
 
-    def embed(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def embed(self, images: np.ndarray | list) -> dict[str, np.ndarray]:
         """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}.
 
         Each view is its own network call, so activation memory follows `batch_size` alone.
         OpenVINO gets the flip view as mirrored uint8 images (mirroring commutes with the
         symmetric resize kernels), so TensorFlow does no work at all in its loop.
+        A list of images of different sizes is preprocessed image by image (the same graph),
+        then goes through the network in batches.
         """
+        if isinstance(images, list):
+            return self._embed_mixed(images)
         if self.engine == "openvino":
             inputs = {"plain": images, "flip": images[:, :, ::-1]}
             network = self._ov_network(*images.shape[1:3])
             return dict(zip(self.views, network.run([inputs[view] for view in self.views])))
         outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
+
+    def _embed_mixed(self, images: list) -> dict[str, np.ndarray]:
+        views = np.concatenate([self._preprocess(image[None]).numpy() for image in images], axis=1)
+        if self.engine == "openvino":
+            return dict(zip(self.views, self._ov_float_network().run(list(views))))
+        outputs = [self._tf_network(view[i : i + self.batch_size]).numpy()
+                   for i in range(0, len(images), self.batch_size) for view in views]
+        return split_views(outputs, self.views)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def split_views(outputs: list[np.ndarray], views: tuple[str, ...]) -> dict[str, np.ndarray]:

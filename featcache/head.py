@@ -2,7 +2,7 @@
 
 The head standardises features with statistics of its training rows (a Normalization
 layer, so they are saved inside the .keras file), optionally passes them through one
-hidden ReLU layer, and ends in Dense(10) softmax. Flip views add training rows, and at
+hidden ReLU layer, and ends in a softmax over the cache's classes. Flip views add training rows, and at
 test time the probabilities of both views can be averaged (TTA).
 """
 
@@ -17,7 +17,6 @@ from .errors import UserError
 
 
 SCHEDULES = ("cosine", "constant")
-CLASSES = 10  # CIFAR-10
 
 
 @dataclass
@@ -64,10 +63,11 @@ class HeadConfig:
 
 @dataclass
 class Features:
-    """Cached embeddings of one split, per view, with labels."""
+    """Cached embeddings of one split, per view, with labels and the names of all classes."""
 
     views: dict[str, np.ndarray]
     labels: np.ndarray
+    class_names: tuple[str, ...]
 
 
 def split_validation(train: Features, fraction: float, seed: int) -> tuple[Features, Features | None]:
@@ -82,7 +82,7 @@ def split_validation(train: Features, fraction: float, seed: int) -> tuple[Featu
     val_idx, fit_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
 
     def take(idx):
-        return Features({v: x[idx] for v, x in train.views.items()}, train.labels[idx])
+        return Features({v: x[idx] for v, x in train.views.items()}, train.labels[idx], train.class_names)
 
     return take(fit_idx), take(val_idx)
 
@@ -142,6 +142,14 @@ class _Fitter:
         self.x, self.y = _shared_tensor(x), tf.constant(y.astype(np.int32))
         self.mean, self.scale = tf.constant(mean), tf.constant(1.0 / np.sqrt(variance))
         self.epoch = tf.function(self._epoch, input_signature=[tf.TensorSpec([], tf.int32)])
+
+    def untrained_cross_entropy(self, sample: int = 4096) -> float:
+        """The data cross-entropy of the head as initialised, on an evenly spaced sample of the rows."""
+        import tensorflow as tf
+
+        rows = tf.range(0, self.n, max(1, self.n // sample))
+        probs = self.trainer((tf.gather(self.x, rows) - self.mean) * self.scale, training=False)
+        return float(tf.reduce_mean(self.cross_entropy(tf.gather(self.y, rows), probs)))
 
     def _epoch(self, number):
         import tensorflow as tf
@@ -216,6 +224,7 @@ class TrainedHead:
     history: dict
     fit_seconds: float
     metrics: dict
+    class_names: tuple[str, ...]
     test_probs: np.ndarray | None = None
 
 
@@ -234,9 +243,11 @@ def train(train_features: Features, test_features: Features | None, config: Head
     fit_features, val_features = split_validation(train_features, config.val_split, config.seed)
     x, y = training_rows(fit_features, config.flip_train)
     mean, variance = x.mean(0), x.var(0) + 1e-6
-    model, trainer = build_model(x.shape[1], config, mean, variance, CLASSES)
+    classes = len(train_features.class_names)
+    model, trainer = build_model(x.shape[1], config, mean, variance, classes)
     started = time.perf_counter()
-    fitter = _Fitter(trainer, config, x, y, CLASSES, mean, variance)
+    fitter = _Fitter(trainer, config, x, y, classes, mean, variance)
+    untrained = fitter.untrained_cross_entropy()
     history: dict[str, list[float]] = {}
     for epoch in range(config.epochs):
         loss, accuracy, cross_entropy = (float(v) for v in fitter.epoch(tf.constant(epoch, tf.int32)))
@@ -251,7 +262,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
         if not np.isfinite(loss):
             break
     fit_seconds = time.perf_counter() - started
-    _refuse_divergence(history, config, CLASSES)
+    _refuse_divergence(history, config, classes, untrained)
     metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(y)),
                "train_images": int(len(fit_features.labels))}
     if val_features is not None:
@@ -263,23 +274,23 @@ def train(train_features: Features, test_features: Features | None, config: Head
             raise UserError(f"the trained head predicts NaN/Inf (try a lower --lr than {config.lr:g}); nothing was recorded")
         test = score(test_probs, test_features.labels)
         metrics.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
-    return TrainedHead(model, history, fit_seconds, metrics, test_probs)
+    return TrainedHead(model, history, fit_seconds, metrics, train_features.class_names, test_probs)
 
 
-def _refuse_divergence(history: dict, config: HeadConfig, classes: int):
-    """A fit that left the finite numbers (the epoch loop has stopped it), or ended far worse on its own
-    training rows than guessing uniformly (cross-entropy ln K), is no result. A fit that learnt ends
-    below ln K even under a heavy penalty (a zero head scores exactly ln K), so twice ln K leaves room
-    for short or noisy fits; `--lr 1e6` on the default cache ends near 3e4."""
+def _refuse_divergence(history: dict, config: HeadConfig, classes: int, untrained: float):
+    """A fit that left the finite numbers (the epoch loop has stopped it), or that ended with a training
+    cross-entropy more than twice that of the untrained head and of guessing uniformly (ln K), is no
+    result. A fit that learnt ends below both, even under a heavy penalty (a zero head scores ln K); a
+    short fit on few rows stays near the untrained value; `--lr 1e6` on the default cache ends near 3e4."""
     losses, entropy = history["loss"], history["cross_entropy"]
     hint = f"(try a lower --lr than {config.lr:g}); nothing was recorded"
     if len(losses) < config.epochs or not np.isfinite(losses).all():
         epoch = next((i + 1 for i, v in enumerate(losses) if not np.isfinite(v)), len(losses))
         raise UserError(f"training diverged: the loss became NaN/Inf in epoch {epoch} of {config.epochs} {hint}")
-    limit = 2 * np.log(classes)
+    limit = 2 * max(np.log(classes), untrained)
     if entropy[-1] > limit:
-        raise UserError(f"training diverged: the training cross-entropy ended at {entropy[-1]:.4g}, above "
-                        f"{limit:.2f} (twice that of guessing uniformly) {hint}")
+        raise UserError(f"training diverged: the training cross-entropy ended at {entropy[-1]:.4g}, above {limit:.2f} "
+                        f"(twice that of the untrained head or of guessing uniformly) {hint}")
 
 
 SWEEP_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)

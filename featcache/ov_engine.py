@@ -46,7 +46,8 @@ def check_precision(precision: str):
 
 
 class OpenVinoNetwork:
-    """uint8 [N,H,W,3] arrays in, float32 [N,D] out, from a tf.function with a static input signature."""
+    """Image arrays in (uint8 [N,H,W,3], or preprocessed floats), float32 [N,D] out, from a tf.function with a
+    static input signature."""
 
     def __init__(self, tf_function, precision: str = "f32", quantize=None):
         import openvino as ov
@@ -75,7 +76,7 @@ class OpenVinoNetwork:
         for lo in range(0, len(arrays[0]), self.batch_size):
             for images, out in zip(arrays, outputs):
                 batch = images[lo : lo + self.batch_size]
-                padded = np.zeros((self.batch_size, *batch.shape[1:]), np.uint8)
+                padded = np.zeros((self.batch_size, *batch.shape[1:]), batch.dtype)
                 padded[: len(batch)] = batch  # also makes a mirrored (strided) view contiguous
                 self._queue.start_async({0: padded}, out[lo : lo + self.batch_size])
         self._queue.wait_all()

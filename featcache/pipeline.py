@@ -1,6 +1,6 @@
-"""Stage 1 end to end: CIFAR-10 split -> chunks -> extractor -> HDF5 cache.
+"""Stage 1 end to end: a source's split -> chunks -> extractor -> HDF5 cache.
 
-reader (data.SplitSource.chunks) -> mapper (Extractor.embed) -> writer (store.CacheWriter).
+reader (sources.open_split(...).chunks) -> mapper (Extractor.embed) -> writer (store.CacheWriter).
 The three overlap: a thread reads and decodes the next chunk, and another commits the
 previous one, while the extractor embeds the current one. Each finished chunk is
 committed, so a rerun continues where a crashed run stopped; a complete, matching cache
@@ -10,14 +10,17 @@ is reported up to date before TensorFlow is even imported.
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, data, quantize, store
+import numpy as np
+
+from . import __version__, models, quantize, sources, store
 from .errors import UserError
 from .extractor import VIEWS, check_engine_options
 
@@ -31,33 +34,38 @@ class ExtractResult:
     up_to_date: bool = False
     load_seconds: float = 0.0
     engine: str = ""
+    skipped: list = field(default_factory=list)  # (file, reason) of source files that gave no row
 
     @property
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        """One line, then one line per skipped file."""
+        skipped = f"; {len(self.skipped)} unreadable files skipped" if self.skipped else ""
         if self.up_to_date:
-            return f"up to date: {self.path} ({self.rows} rows); 0 images processed, --force rebuilds it"
-        return (f"done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
+            return f"up to date: {self.path} ({self.rows} rows{skipped}); 0 images processed, --force rebuilds it"
+        line = (f"done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s, {self.engine}; model load {self.load_seconds:.1f} s)"
-                f" -> {self.path}")
+                f"{skipped} -> {self.path}")
+        return "\n".join([line] + [f"  skipped {file}: {reason}" for file, reason in self.skipped])
 
 
 def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", chunk_size=1024,
-            batch_size=None, force=False, engine="auto", progress=True, log=print) -> ExtractResult:
+            batch_size=None, force=False, engine="auto", strict=False, progress=True, log=print) -> ExtractResult:
     """Build (or resume, or confirm) the cache for one split."""
     for name, value in (("chunk size", chunk_size), ("batch size", batch_size or 1)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     check_engine_options(engine, key.precision)
-    source, reader, path, expected = _target(key, split, data_dir, cache_dir)
+    reader, path, expected = _target(key, split, data_dir, cache_dir, strict)
     if reader.rows == 0:
-        raise UserError(f"the {split} split at {source} has no images")
+        raise UserError(f"the {split} split at {reader.where} has no images")
 
     state = store.inspect(path, expected)
     if state.status == "complete" and not force:
-        return ExtractResult(path, reader.rows, 0, 0.0, up_to_date=True)
+        rows = int(store.attributes(path)["rows"])
+        return ExtractResult(path, rows, 0, 0.0, up_to_date=True, skipped=store.skipped_files(path))
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with --force to rebuild it")
 
@@ -67,51 +75,81 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
         started = time.perf_counter()
         quantizer = None
         if key.precision == "int8":  # calibrated on the train split's images, whichever split this is
-            quantizer = quantize.Int8Quantizer(source, key.limit or None, key.model_dir(cache_dir) / "int8")
-        extractor = Extractor(load_model(key.model), image_size=key.image_size, resize=key.resize,
+            train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
+            quantizer = quantize.Int8Quantizer(train_reader, key.model_dir(cache_dir) / "int8")
+        model = load_model(key.model)
+        models.checked_size(key.model, models.remember_input_size(model, key.model, key.model_sha256, cache_dir),
+                            key.image_size)
+        extractor = Extractor(model, image_size=key.image_size, resize=key.resize,
                               views=VIEWS[key.views], batch_size=batch_size, engine=engine, precision=key.precision,
-                              quantizer=quantizer)
+                              quantizer=quantizer, crop=key.crop, input_shape=reader.image_shape, log=log)
         loaded = time.perf_counter()
-        attrs = dict(expected, engine=extractor.engine, source=str(source), tool_version=__version__,
-                     chunk_size=chunk_size, batch_size=extractor.batch_size, **_versions(),
+        attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
+                     engine=extractor.engine, source=reader.where, tool_version=__version__, chunk_size=chunk_size,
+                     batch_size=extractor.batch_size, **reader.attrs(), **_versions(),
                      **(quantizer.describe() if quantizer else {}))
-        with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force) as writer:
-            start = writer.rows_done
+        files = reader.files if reader.may_skip else None
+        with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force, files=files) as writer:
+            start = writer.next_item
             if writer.resumed:
-                log(f"resuming {writer.partial} at row {start} of {writer.rows}")
+                log(f"resuming {writer.partial} at row {writer.rows_done} (item {start} of {reader.rows})")
             elif writer.discarded:
                 log(f"restarting {writer.partial} from row 0: {writer.discarded}")
-            bar = _progress_bar(writer.rows, start, split, enabled=progress)
+            bar = _progress_bar(reader.rows, start, split, enabled=progress)
+            skipped: dict[int, str] = {}
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
                     pending = None  # at most one chunk waits to be committed
-                    for lo, images, labels in prefetched(reader.chunks(chunk_size, start)):
-                        vectors = extractor.embed(images)
+                    row, item = writer.rows_done, start
+                    for chunk in prefetched(reader.chunks(chunk_size, start)):
+                        skipped.update(chunk.skipped)
+                        read, item = chunk.next_item - item, chunk.next_item
+                        if not len(chunk.labels):
+                            bar.update(read)
+                            continue
+                        vectors = extractor.embed(chunk.images)
                         _wait(pending, bar)
                         pending = None
-                        _refuse_non_finite(vectors, key, split, lo, writer.rows_done)
-                        pending = commits.submit(writer.write, lo, vectors, labels), len(labels)
+                        _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
+                        pending = commits.submit(writer.write, row, vectors, chunk.labels, chunk.items), read
+                        row += len(chunk.labels)
                     _wait(pending, bar)
-                writer.finish()
+                if writer.rows_done == 0:
+                    raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
+                                    f"(first: {_skipped_lines(reader, skipped)[:1]})")
+                listed = _skipped_lines(reader, _all_skipped(reader, writer, skipped)) if reader.may_skip else []
+                writer.finish(listed)
             except OSError as exc:  # disk full, I/O error: committed chunks stay, the next run resumes
                 raise UserError(f"writing {writer.partial} failed ({exc.strerror or exc}); {writer.rows_done} "
                                 "committed rows are kept and the next run resumes from there") from None
             finally:
                 bar.close()
         done = time.perf_counter()
-        return ExtractResult(path, writer.rows, writer.rows - start, done - loaded, load_seconds=loaded - started,
-                             engine=extractor.engine + ("" if key.precision == "f32" else f" {key.precision}"))
+        return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
+                             engine=extractor.engine + ("" if key.precision == "f32" else f" {key.precision}"),
+                             skipped=listed)
 
 
-def _refuse_non_finite(vectors: dict, key: store.CacheKey, split: str, lo: int, committed: int):
+def _all_skipped(reader, writer, skipped: dict[int, str]) -> dict[int, str]:
+    """Every item without a row, with its reason: those skipped before a resume are decoded again to say why."""
+    missing = np.setdiff1d(np.arange(reader.rows), writer.written_items())
+    return {int(item): skipped.get(int(item)) or reader.decode(int(item))[1] or "unreadable" for item in missing}
+
+
+def _skipped_lines(reader, skipped: dict[int, str]) -> list[tuple[str, str]]:
+    return [(reader.files[item], reason) for item, reason in sorted(skipped.items())]
+
+
+def _refuse_non_finite(vectors: dict, key: store.CacheKey, split: str, lo: int, committed: int, reader, items):
     """A NaN/Inf embedding never reaches the cache: stop before committing its chunk."""
     for view, rows in vectors.items():
         count, first = store.non_finite(rows)
         if count:
+            image = f" ({reader.files[items[first]]})" if reader.may_skip else ""
             raise UserError(
                 f"model {key.model} gave {count} NaN/Inf values for {split} rows {lo}:{lo + len(rows)} "
-                f"(first in row {lo + first}, {view} view); nothing of them was written, {committed} committed "
-                "rows are kept and the next run resumes from there")
+                f"(first in row {lo + first}{image}, {view} view); nothing of them was written, {committed} "
+                "committed rows are kept and the next run resumes from there")
 
 
 def _wait(pending, bar):
@@ -157,12 +195,15 @@ def prefetched(items, depth: int = 1):
             ready.get_nowait()  # frees a producer blocked on the full queue
 
 
-def _target(key: store.CacheKey, split: str, data_dir, cache_dir):
-    """The source, its reader, the cache path, and the attributes a matching cache must carry."""
-    source = data.resolve_source(data_dir)
-    reader = data.SplitSource(source, split, key.limit or None)
-    expected = dict(key.attrs(split), rows=reader.rows, source_fingerprint=reader.fingerprint)
-    return source, reader, key.path(cache_dir, split), expected
+def _target(key: store.CacheKey, split: str, data_dir, cache_dir, strict=False):
+    """The source's reader, the cache path, and the attributes a matching cache must carry.
+
+    A folder's row count is known only once its files are decoded: its fingerprint stands for it."""
+    reader = sources.open_split(key, split, data_dir, strict=strict)
+    expected = dict(key.attrs(split), source_fingerprint=reader.fingerprint)
+    if not reader.may_skip:
+        expected["rows"] = reader.rows
+    return reader, key.path(cache_dir, split), expected
 
 
 def _versions() -> dict:
@@ -181,7 +222,7 @@ def _progress_bar(total: int, initial: int, split: str, enabled: bool):
 
 def verify(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache") -> tuple[Path, list[str]]:
     """Check a cache against its source: settings, completeness, shapes, labels, fingerprint, NaN/Inf."""
-    _, reader, path, expected = _target(key, split, data_dir, cache_dir)
+    reader, path, expected = _target(key, split, data_dir, cache_dir)
     state = store.inspect(path, expected)
     if state.status == "missing":
         return path, [f"no cache file (run extract.py --split {split})"]

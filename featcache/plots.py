@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CLASS_NAMES
+CELL_TEXT_UP_TO = 20  # classes; beyond that, per-cell percentages would be unreadable
 
 
 def _pyplot():
@@ -38,23 +38,30 @@ def plot_history(history: dict, path: Path, title: str = ""):
     plt.close(fig)
 
 
-def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path, title: str = ""):
-    """Row-normalised confusion matrix with CIFAR-10 class names and per-cell percentages."""
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path: Path, title: str = ""):
+    """Row-normalised confusion matrix with the class names; per-cell percentages up to 20 classes.
+
+    The figure grows with the class count (100 classes stay readable at 0.16 inch per row).
+    """
     plt = _pyplot()
-    n = len(CLASS_NAMES)
+    n = len(class_names)
     counts = np.zeros((n, n), np.int64)
     np.add.at(counts, (labels, predicted), 1)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 7))
+    side = max(7.0, 0.16 * n + 3)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), CLASS_NAMES, rotation=45, ha="right")
-    ax.set_yticks(range(n), CLASS_NAMES)
+    fontsize = 8 if n <= CELL_TEXT_UP_TO else 6
+    ax.set_xticks(range(n), class_names, rotation=90 if n > CELL_TEXT_UP_TO else 45, ha="right" if n <= CELL_TEXT_UP_TO
+                  else "center", fontsize=fontsize)
+    ax.set_yticks(range(n), class_names, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
+    if n <= CELL_TEXT_UP_TO:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(title or f"test confusion matrix (accuracy {accuracy:.4f})")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
 from .errors import UserError
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
@@ -33,30 +32,30 @@ def nncf_available() -> bool:
     return True
 
 
-def calibration_sample(source, limit: int | None, size: int = CALIBRATION_SIZE,
-                       seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, their train row numbers): a seeded sample of the train split, read in one pass."""
-    reader = data.SplitSource(source, "train", limit)
+def calibration_sample(reader, size: int = CALIBRATION_SIZE, seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, their train items): a seeded sample of the train split's reader, read in one pass."""
     rows = np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
-    picked, position = [], 0
-    for images, _ in reader.batches():
-        inside = rows[(rows >= position) & (rows < position + len(images))]
-        picked.append(images[inside - position])
-        position += len(images)
-    return np.concatenate(picked), rows
+    picked = []
+    for chunk in reader.chunks(4096):
+        inside = np.isin(chunk.items, rows)
+        picked += [image for image, keep in zip(chunk.images, inside) if keep]
+    if len({image.shape for image in picked}) > 1:
+        raise UserError("--precision int8 needs train images of one size (it is calibrated per input size); "
+                        "use --precision f32 or bf16 for this dataset")
+    return np.stack(picked), rows
 
 
 class Int8Quantizer:
     """Turns the f32 OpenVINO model of one input shape into its INT8 version, building it at most once."""
 
-    def __init__(self, source, limit: int | None, folder: Path):
-        self.source, self.limit, self.folder = source, limit, Path(folder)
+    def __init__(self, train_reader, folder: Path):
+        self.reader, self.folder = train_reader, Path(folder)
         self.paths: list[Path] = []
 
     @functools.cached_property
     def sample(self) -> tuple[np.ndarray, np.ndarray, str]:
         """(images, their train rows, sha256 of the images): read on first use only."""
-        images, rows = calibration_sample(self.source, self.limit)
+        images, rows = calibration_sample(self.reader)
         return images, rows, hashlib.sha256(images.tobytes()).hexdigest()
 
     def describe(self) -> dict:

@@ -21,37 +21,13 @@ import numpy as np
 from . import plots, store
 from .errors import UserError
 from .head import Features, HeadConfig, sweep_l2, train
-
-
-def default_key() -> store.CacheKey:
-    """The cache that extract.py and train_head.py select without options."""
-    from .extractor import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_RESIZE, DEFAULT_VIEWS
-
-    return store.CacheKey(DEFAULT_MODEL, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, DEFAULT_VIEWS)
+from .selection import selection_args
+from .sources import legacy_class_names
 
 
 def extract_command(key: store.CacheKey, split: str, cache_dir) -> str:
     """The extract.py command that builds the cache this key names."""
     return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(key), f"--cache-dir {cache_dir}"]))
-
-
-def selection_args(key: store.CacheKey) -> str:
-    """The options (beyond the defaults) that select this key's cache, on either CLI."""
-    default = default_key()
-    parts = []
-    if key.model != default.model:
-        parts.append(f"--model {key.model}")
-    if key.image_size != default.image_size:
-        parts.append(f"--image-size {key.image_size}")
-    if key.resize != default.resize:
-        parts.append(f"--resize {key.resize}")
-    if key.views != default.views:
-        parts.append(f"--views {key.views}")
-    if key.precision != "f32":
-        parts.append(f"--precision {key.precision}")
-    if key.limit:
-        parts.append(f"--limit {key.limit}")
-    return " ".join(parts)
 
 
 def existing_caches(cache_dir) -> list[str]:
@@ -87,8 +63,9 @@ def load_features(key: store.CacheKey, split: str, cache_dir, views: tuple[str, 
         if count:
             raise UserError(f"{split} cache {path} holds {count} NaN/Inf values ({view} view, first in row {first}); "
                             f"check it with {extract_command(key, split, cache_dir)} --verify, rebuild it with {rebuild}")
-    return Features(embeddings, labels), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
-                                          "engine": attrs.get("engine", ""), "rows": int(attrs["rows"])}
+    names = store.class_names(attrs) or legacy_class_names(key.dataset)
+    return Features(embeddings, labels, names), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
+                                                 "engine": attrs.get("engine", ""), "rows": int(attrs["rows"])}
 
 
 def _load_splits(key: store.CacheKey, cache_dir, runs_dir, views: tuple[str, ...]):
@@ -224,14 +201,14 @@ def record_run(runs_dir, key: store.CacheKey, config: HeadConfig, trained, test_
     """Write one run folder: config, history, head.keras, test probabilities, plots, then metrics."""
     run_dir = new_run_dir(runs_dir)
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
-              "test_cache": test_info}
+              "test_cache": test_info, "class_names": list(trained.class_names)}
     record["cache"].pop("split")
     _write_json(run_dir / "config.json", record)
     _write_json(run_dir / "history.json", trained.history)
     trained.model.save(run_dir / "head.keras")
     np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
     plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
-    plots.plot_confusion(test_labels, trained.test_probs.argmax(1), run_dir / "confusion.png",
+    plots.plot_confusion(test_labels, trained.test_probs.argmax(1), trained.class_names, run_dir / "confusion.png",
                          title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
     _write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
     return run_dir

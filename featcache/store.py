@@ -1,10 +1,13 @@
 """The HDF5 embedding cache: where a cache lives, what it says about itself, and crash-safe writing.
 
 Layout: `<cache_dir>/<dataset>/<model-slug>-<hash>/<size>px-<resize>-<views>[-limitN]/<split>.h5`,
-so other settings always make another file and vectors never mix. Each file holds
-`embeddings` (float32 [N, D]), `embeddings_flip` when flip views were asked for, and
-`labels` (int64 [N]), plus attributes naming its settings, the source fingerprint, the
-versions that made it, `rows_done` and `complete`.
+so other settings always make another file and vectors never mix (a folder dataset's
+`<dataset>` names the folder and a hash of its path). Each file holds `embeddings`
+(float32 [N, D]), `embeddings_flip` when flip views were asked for, and `labels` (int64 [N]),
+plus attributes naming its settings, class names, the source fingerprint, the versions that
+made it, `rows_done` and `complete`. A folder dataset's cache also holds `source_files` (every
+file of the split, relative to the data folder), `source_index` (int64 [N]: each row's file)
+and `skipped_files` ([K, 2] strings: each file that could not be decoded, and why).
 
 Why it survives a crash at any moment (SIGKILL, Ctrl-C, power loss):
 - The file is built as `<split>.partial.h5` and only renamed to `<split>.h5` (atomically,
@@ -38,6 +41,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import json
 import os
 import re
 import time
@@ -48,6 +52,7 @@ import h5py
 import numpy as np
 
 from .errors import UserError
+from .sources import DEFAULT_DATASET
 
 FORMAT_VERSION = 1  # checksummed chunks (since 0.2) need no new version: readers see the filter, not a format
 TOOL = "featcache"
@@ -55,53 +60,63 @@ CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize",
-            "views", "limit", "precision", "rows", "source_fingerprint")
+            "views", "limit", "precision", "crop", "data_dir", "test_fraction", "model_sha256", "rows",
+            "source_fingerprint")
 # What a cache made before an attribute existed implicitly had.
-LEGACY_DEFAULTS = {"precision": "f32"}
+LEGACY_DEFAULTS = {"dataset": "cifar10", "precision": "f32", "crop": "none", "data_dir": "", "test_fraction": 0.0, "model_sha256": ""}
 # A partial file is only resumed by the same engine (and int8 model), so one file never mixes them.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256")
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """The settings that select one cache file (limit 0 means the whole split)."""
+    """The settings that select one cache file (limit 0 means the whole split).
+
+    Build it with `selection.select` (it resolves paths, the model's input size and content hash).
+    """
 
     model: str
     image_size: int
     resize: str
     views: str
     limit: int = 0
-    dataset: str = "cifar10"
+    dataset: str = DEFAULT_DATASET
     precision: str = "f32"
-
-    @classmethod
-    def make(cls, model: str, image_size: int, resize: str, views: str, limit: int | None, precision: str = "f32"):
-        """Normalise a local model path to an absolute one, so cwd does not change the key."""
-        if os.path.exists(model):
-            model = os.path.abspath(model)
-        return cls(model=model, image_size=image_size, resize=resize, views=views, limit=limit or 0,
-                   precision=precision)
+    crop: str = "none"
+    data_dir: str = ""  # a folder dataset's root; CIFAR copies are told apart by their fingerprint alone
+    test_fraction: float = 0.0  # a one-level folder's split rule
+    model_sha256: str = ""  # a local model folder's contents; a TF Hub handle names fixed contents
 
     @classmethod
     def from_attrs(cls, attrs: dict):
         """The key a cache's attributes (or a run record's "cache" entry) name; older ones lack some."""
-        return cls(attrs.get("model", ""), int(attrs["image_size"]), attrs["resize"], attrs["views"],
-                   int(attrs.get("limit", 0)), attrs.get("dataset", "cifar10"),
-                   attrs.get("precision", LEGACY_DEFAULTS["precision"]))
+        def get(name, default=None):
+            return attrs.get(name, LEGACY_DEFAULTS.get(name, default))
+
+        return cls(get("model", ""), int(attrs["image_size"]), attrs["resize"], attrs["views"], int(get("limit", 0)),
+                   get("dataset"), get("precision"), get("crop"), get("data_dir"),
+                   float(get("test_fraction")), get("model_sha256"))
 
     def model_dir(self, cache_dir: str | os.PathLike) -> Path:
         """`<cache_dir>/<dataset>/<model-slug>-<hash>`: every cache of this model, and its quantized versions."""
-        readable = self.model.split("://", 1)[-1].split("/", 1)[-1] if "://" in self.model else Path(self.model).name
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", readable).strip("-")[:48]
-        digest = hashlib.sha1(self.model.encode()).hexdigest()[:8]
-        return Path(cache_dir) / self.dataset / f"{slug}-{digest}"
+        return Path(cache_dir) / self.dataset_name() / model_slug(self.model, self.model_sha256)
+
+    def dataset_name(self) -> str:
+        """`cifar10`, `cifar100`, or `folder-<name>-<hash of its path and split rule>`."""
+        if not self.data_dir:
+            return self.dataset
+        digest = hashlib.sha1(f"{self.data_dir}|{self.test_fraction}".encode()).hexdigest()[:8]
+        return f"{self.dataset}-{_slug(Path(self.data_dir).name)}-{digest}"
 
     def path(self, cache_dir: str | os.PathLike, split: str) -> Path:
         return self.model_dir(cache_dir) / self.settings_name() / f"{split}.h5"
 
     def settings_name(self) -> str:
-        """`<size>px-<resize>-<views>[-<precision>][-limitN]`; f32 adds nothing (paths as before precisions)."""
-        name = f"{self.image_size}px-{self.resize}-{self.views}"
+        """`<size>px-<resize>[-center]-<views>[-<precision>][-limitN]`; defaults add nothing (older paths stay)."""
+        name = f"{self.image_size}px-{self.resize}"
+        if self.crop != "none":
+            name += f"-{self.crop}"
+        name += f"-{self.views}"
         if self.precision != "f32":
             name += f"-{self.precision}"
         if self.limit:
@@ -110,6 +125,33 @@ class CacheKey:
 
     def attrs(self, split: str) -> dict:
         return {"tool": TOOL, "format_version": FORMAT_VERSION, "split": split, **asdict(self)}
+
+
+def model_slug(model: str, sha256: str = "") -> str:
+    """A readable, unique folder name for a model: its last path part and a hash of handle (and contents)."""
+    readable = model.split("://", 1)[-1].split("/", 1)[-1] if "://" in model else Path(model).name
+    digest = hashlib.sha1((model + (f"|{sha256}" if sha256 else "")).encode()).hexdigest()[:8]
+    return f"{_slug(readable)[:48]}-{digest}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+def skipped_files(path: Path) -> list[tuple[str, str]]:
+    """(file, reason) of each source file a folder cache has no row for."""
+    with _h5(path, "r") as f:
+        if "skipped_files" not in f:
+            return []
+        return [(file.decode(), reason.decode()) for file, reason in f["skipped_files"][:]]
+
+
+def class_names(attrs: dict) -> tuple[str, ...] | None:
+    """The class names a cache (or run record) stores; None for caches made before they were stored."""
+    names = attrs.get("class_names")
+    if names is None:
+        return None
+    return tuple(json.loads(names) if isinstance(names, str) else names)
 
 
 def view_dataset(view: str) -> str:
@@ -154,6 +196,8 @@ def inspect(path: Path, expected: dict) -> CacheState:
             if attrs.get("tool") != TOOL:
                 return CacheState("bad", "it was not made by featcache")
             wrong = _mismatches(attrs, expected, IDENTITY)
+            if wrong == ["source_fingerprint"]:
+                return CacheState("bad", "its source changed since it was made (images added, removed or modified)")
             if wrong:
                 return CacheState("bad", f"it was made with other {', '.join(wrong)}")
             if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
@@ -265,10 +309,13 @@ def list_caches(cache_dir) -> list[dict]:
     return found
 
 
+VERIFY_BLOCK_ROWS = 10_000
+
+
 def check_contents(path: Path, reader) -> list[str]:
     """Row-level checks that `inspect` leaves out: shapes, labels vs the source, NaN/Inf.
 
-    Reads one source batch at a time, so memory stays bounded for any split size.
+    Reads a block of rows at a time, so memory stays bounded for any split size.
     """
     problems = []
     with _h5(path, "r") as f:
@@ -281,12 +328,15 @@ def check_contents(path: Path, reader) -> list[str]:
                 problems.append(f"{name} has shape {f[name].shape}, expected ({rows}, D)")
         if "labels" not in f or f["labels"].shape != (rows,):
             return problems + ["labels dataset missing or the wrong length"]
-        if rows != reader.rows:
+        if not reader.may_skip and rows != reader.rows:
             return problems + [f"{rows} rows, but the source has {reader.rows}"]
-        lo = 0
-        for _, labels in reader.batches():
-            hi = lo + len(labels)
-            if not np.array_equal(f["labels"][lo:hi], labels):
+        items = f["source_index"][:] if "source_index" in f else np.arange(rows)
+        if len(items) != rows or (rows and not 0 <= items.min() <= items.max() < reader.rows):
+            return problems + ["its rows name source files that the source does not have"]
+        expected = reader.labels_of(items)
+        for lo in range(0, rows, VERIFY_BLOCK_ROWS):
+            hi = min(lo + VERIFY_BLOCK_ROWS, rows)
+            if not np.array_equal(f["labels"][lo:hi], expected[lo:hi]):
                 problems.append(f"labels differ from the source in rows {lo}:{hi}")
             for name in names:
                 try:
@@ -298,7 +348,6 @@ def check_contents(path: Path, reader) -> list[str]:
                     continue
                 if not np.isfinite(block).all():
                     problems.append(f"{name} has NaN or Inf in rows {lo}:{hi}")
-            lo = hi
     return problems
 
 
@@ -307,14 +356,19 @@ class CacheWriter:
 
     Use as a context manager inside `locked(path)`: `rows_done` says where to continue,
     `write()` commits rows, `finish()` publishes the complete file.
+
+    With `files` (a folder source, whose unreadable files are skipped), `attrs["rows"]` is the
+    number of files, an upper bound: each row records its file in `source_index`, `next_item`
+    says which file to read next, and `finish()` shrinks the datasets to the rows written.
     """
 
     def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False,
-                 checksums: bool = True):
+                 checksums: bool = True, files: list[str] | None = None):
         self.path = Path(path)
         self.checksums = checksums  # False only to measure what they cost (bench/)
         self.partial = partial_path(self.path)
         self.attrs = dict(attrs, dim=dim)
+        self.files = files
         self.rows = int(attrs["rows"])
         self.dim = dim
         self.views = views
@@ -353,11 +407,21 @@ class CacheWriter:
         self._create()
 
     def _names(self) -> list[str]:
-        return [view_dataset(v) for v in self.views] + ["labels"]
+        """The datasets that get one entry per row."""
+        return [view_dataset(v) for v in self.views] + ["labels"] + (["source_index"] if self.files is not None else [])
 
     def _has_datasets(self, f) -> bool:
-        names = self._names()
-        return all(n in f for n in names) and len(f) == len(names)
+        names = set(self._names()) | ({"source_files"} if self.files is not None else set())
+        return set(f) == names
+
+    @property
+    def next_item(self) -> int:
+        """The source item after the last committed row's (its row number when nothing is skipped)."""
+        if self.files is None or self.rows_done == 0:
+            return self.rows_done
+        tail = self._tails["source_index"]
+        last = tail[-1] if len(tail) else self._file["source_index"][self.rows_done - 1]
+        return int(last) + 1
 
     def _committed_tail(self, ds) -> np.ndarray:
         """Committed rows between the start of the HDF5 chunk holding `rows_done` and `rows_done`.
@@ -370,13 +434,19 @@ class CacheWriter:
     def _create(self):
         tmp = self.partial.with_name(self.partial.name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        shrinkable = self.files is not None  # finish() cuts the rows of skipped files off the end
         with _h5(tmp, "w") as f:
+            def rows_dataset(name, width, dtype, chunk_rows):
+                f.create_dataset(name, shape=(self.rows, *width), dtype=dtype, chunks=(max(1, min(chunk_rows, self.rows)), *width),
+                                 maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums,
+                                 dcpl=_preallocated())
+
             for view in self.views:
-                f.create_dataset(view_dataset(view), shape=(self.rows, self.dim), dtype="<f4",
-                                 chunks=(max(1, min(CHUNK_ROWS, self.rows)), self.dim),
-                                 fletcher32=self.checksums, dcpl=_preallocated())
-            f.create_dataset("labels", shape=(self.rows,), dtype="<i8", chunks=(max(1, min(CHUNK_ROWS * 64, self.rows)),),
-                             fletcher32=self.checksums, dcpl=_preallocated())
+                rows_dataset(view_dataset(view), (self.dim,), "<f4", CHUNK_ROWS)
+            rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
+            if shrinkable:
+                rows_dataset("source_index", (), "<i8", CHUNK_ROWS * 64)
+                f.create_dataset("source_files", data=np.array(self.files, dtype=h5py.string_dtype()))
             for name, value in self.attrs.items():
                 f.attrs[name] = value
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -388,8 +458,10 @@ class CacheWriter:
         self._file = _h5(self.partial, "r+")
         self.rows_done = 0
 
-    def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray):
-        """Write rows [start, start+n) and commit them: after this returns they survive a crash."""
+    def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items: np.ndarray | None = None):
+        """Write rows [start, start+n) and commit them: after this returns they survive a crash.
+
+        `items`: each row's source item (file), recorded when the writer was given `files`."""
         stop = start + len(labels)
         if start != self.rows_done or stop > self.rows:
             raise ValueError(f"rows {start}:{stop} do not follow committed row {self.rows_done}")
@@ -397,6 +469,8 @@ class CacheWriter:
         for view in self.views:
             self._write_whole_chunks(f[view_dataset(view)], stop, embeddings[view])
         self._write_whole_chunks(f["labels"], stop, labels)
+        if self.files is not None:
+            self._write_whole_chunks(f["source_index"], stop, np.asarray(items, np.int64))
         self._sync()
         f.attrs.modify("rows_done", np.int64(stop))
         self._sync()
@@ -423,15 +497,33 @@ class CacheWriter:
             _write_edge_chunk(ds, edge, block[edge - lo :])
         self._tails[ds.name.lstrip("/")] = block[stop - stop % size - lo : stop - lo].copy()
 
-    def finish(self):
-        """Mark complete and publish under the final name; replaces an older cache atomically."""
-        if self.rows_done != self.rows:
+    def finish(self, skipped: list[tuple[str, str]] = ()):
+        """Mark complete and publish under the final name; replaces an older cache atomically.
+
+        `skipped`: (file, reason) of the source files that gave no row (then fewer rows than files)."""
+        if self.rows_done != self.rows and self.files is None:
             raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
-        self._file.attrs.modify("complete", True)
+        f = self._file
+        if self.rows_done != self.rows:
+            for name in self._names():
+                f[name].resize(self.rows_done, axis=0)
+            f.attrs.modify("rows", np.int64(self.rows_done))
+            self.rows = self.rows_done
+        if self.files is not None:
+            f.create_dataset("skipped_files", data=np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype()),
+                             shape=(len(skipped), 2))
+            f.attrs["skipped"] = np.int64(len(skipped))
+        f.attrs.modify("complete", True)
         self._sync()
         self._close()
         os.replace(self.partial, self.path)
         _fsync_path(self.path.parent)
+
+    def written_items(self) -> np.ndarray:
+        """The source item of every committed row (all rows' own numbers when nothing is skipped)."""
+        if self.files is None:
+            return np.arange(self.rows_done)
+        return self._file["source_index"][: self.rows_done]
 
     def _sync(self):
         self._file.flush()

@@ -40,7 +40,7 @@ def write_batches(folder: Path, train_per_batch=TRAIN_PER_BATCH, test_rows=TEST_
             pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, fh)
         written[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, fh)
+        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, fh)  # not read: CIFAR-10 names are fixed
     return written
 
 
@@ -60,7 +60,7 @@ def cifar_archive(cifar_root, tmp_path_factory) -> Path:
     return archive
 
 
-def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="vector", size=None) -> Path:
+def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="vector", size=None, seed=1) -> Path:
     """A SavedModel with the TF Hub image feature-vector convention: [0,1] floats in, [N, D] out.
 
     A fixed random conv + global average pooling, so it accepts any image size and its
@@ -71,7 +71,7 @@ def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="ve
     class Tiny(tf.Module):
         def __init__(self):
             super().__init__()
-            rng = np.random.default_rng(1)
+            rng = np.random.default_rng(seed)
             self.kernel = tf.Variable(rng.normal(size=(3, 3, 3, dim)).astype(np.float32))
 
         def features(self, images):
@@ -102,6 +102,30 @@ def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="ve
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def write_cifar100(folder: Path, train_rows=150, test_rows=60, seed=0) -> tuple[str, ...]:
+    """train, test and meta pickles in CIFAR-100's python layout (fine and coarse labels); returns the names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = tuple(f"class_{i:02d}" for i in range(100))
+    for name, n in (("train", train_rows), ("test", test_rows)):
+        fine = rng.integers(0, 100, n)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": fine.tolist(),
+                         b"coarse_labels": (fine // 5).tolist()}, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [n.encode() for n in names],
+                     b"coarse_label_names": [f"group_{i}".encode() for i in range(20)]}, fh)
+    return names
+
+
+def make_key(model, image_size, resize, views, limit=None, precision="f32", **selection):
+    """The cache key the CLIs' options select (selection.select), as tests name it."""
+    from featcache.selection import select
+
+    return select(None, model=str(model), image_size=image_size, resize=resize, views=views, limit=limit,
+                  precision=precision, **selection)
 
 
 def run_cli(script: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:

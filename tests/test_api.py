@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featcache import pipeline, store
-from conftest import ROOT
+from conftest import make_key, ROOT
 
 SELECTION = dict(image_size=32, views="plain")
 
@@ -16,7 +16,7 @@ SELECTION = dict(image_size=32, views="plain")
 @pytest.fixture(scope="module")
 def cache(tiny_model, cifar_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("api_cache")
-    key = store.CacheKey.make(str(tiny_model), 32, "bicubic", "plain", None)
+    key = make_key(str(tiny_model), 32, "bicubic", "plain", None)
     for split in ("train", "test"):
         pipeline.extract(key, split, data_dir=cifar_root, cache_dir=folder, engine="tensorflow", progress=False)
     return folder

@@ -11,7 +11,7 @@ import time
 import h5py
 import pytest
 
-from conftest import ROOT, run_cli, save_tiny_model
+from conftest import make_key, ROOT, run_cli, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_extract_image_size_the_model_cannot_take(cifar_root, tmp_path):
     fixed = save_tiny_model(tmp_path / "fixed64", size=64)
     out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", fixed, "--image-size", "48",
                   "--cache-dir", tmp_path / "c", "--engine", "tensorflow")
-    _fails_cleanly(out, "model cannot take 48x48")
+    _fails_cleanly(out, "takes 64x64 images; --image-size 48 contradicts it")
     assert not list((tmp_path / "c").rglob("*.h5"))
 
 
@@ -188,15 +188,15 @@ def test_disk_full_mid_write_keeps_committed_rows_and_resumes(tiny_model, cifar_
     from featcache import pipeline, store
     from featcache.errors import UserError
 
-    key = store.CacheKey.make(str(tiny_model), 32, "bilinear", "plain", None)
+    key = make_key(str(tiny_model), 32, "bilinear", "plain", None)
     real_write = store.CacheWriter.write
     calls = {"n": 0}
 
-    def failing_write(self, start, embeddings, labels):
+    def failing_write(self, start, embeddings, labels, items=None):
         calls["n"] += 1
         if calls["n"] == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, start, embeddings, labels)
+        return real_write(self, start, embeddings, labels, items)
 
     monkeypatch.setattr(store.CacheWriter, "write", failing_write)
     with pytest.raises(UserError, match="No space left on device.*30 committed rows are kept"):

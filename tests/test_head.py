@@ -12,7 +12,7 @@ def blobs(n_per_class=60, dim=32, seed=0, spread=1.0):
     labels = np.repeat(np.arange(10), n_per_class)
     plain = (centers[labels] + rng.normal(size=(len(labels), dim)) * spread).astype(np.float32)
     flip = (plain + rng.normal(size=plain.shape) * 0.1).astype(np.float32)
-    return Features({"plain": plain, "flip": flip}, labels)
+    return Features({"plain": plain, "flip": flip}, labels, tuple(f"class{i}" for i in range(10)))
 
 
 def test_head_learns_a_separable_problem():
@@ -74,7 +74,7 @@ def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
         assert test is None, "the sweep must never see test data"
         seen.append(config.l2)
         score = -abs(np.log10(config.l2) + 3.4)  # best near 4e-4
-        return head.TrainedHead(None, {}, 0.0, {"val_accuracy": 0.9 + score / 100})
+        return head.TrainedHead(None, {}, 0.0, {"val_accuracy": 0.9 + score / 100}, features.class_names)
 
     monkeypatch.setattr(head, "train", fake_train)
     best, table = head.sweep_l2(blobs(), HeadConfig())

@@ -9,16 +9,17 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import data, ov_engine, pipeline, store
+from featcache.sources import cifar
+from featcache import ov_engine, pipeline, store
 from featcache.errors import UserError
 from featcache.extractor import Extractor, load_model
-from conftest import ROOT, TINY_DIM
+from conftest import make_key, ROOT, TINY_DIM
 
 
 def _key(model, **kw):
     settings = dict(image_size=48, resize="bilinear", views="flip", limit=None)
     settings.update(kw)
-    return store.CacheKey.make(str(model), settings["image_size"], settings["resize"], settings["views"],
+    return make_key(str(model), settings["image_size"], settings["resize"], settings["views"],
                                settings["limit"])
 
 
@@ -34,7 +35,7 @@ def test_chunked_cache_equals_one_pass_over_everything(tiny_model, cifar_root, t
     result = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=7,
                               batch_size=3, engine=engine, progress=False)
     rows, attrs = _rows(result.path)
-    split = data.load_split(data.resolve_source(cifar_root), "train")
+    split = cifar.load_split(cifar.resolve_source(cifar_root), "train")
     ex = Extractor(load_model(str(tiny_model)), image_size=48, resize="bilinear", views=("plain", "flip"),
                    batch_size=len(split.labels), engine="tensorflow")
     whole = ex.embed(split.images)
@@ -43,7 +44,7 @@ def test_chunked_cache_equals_one_pass_over_everything(tiny_model, cifar_root, t
     np.testing.assert_allclose(rows["embeddings_flip"], whole["flip"], atol=tolerance, rtol=0)
     np.testing.assert_array_equal(rows["labels"], split.labels)
     assert attrs["complete"] and attrs["rows_done"] == attrs["rows"] == len(split.labels)
-    assert attrs["source_fingerprint"] == data.SplitSource(data.resolve_source(cifar_root), "train").fingerprint
+    assert attrs["source_fingerprint"] == cifar.SplitSource(cifar.resolve_source(cifar_root), "train").fingerprint
     assert attrs["dim"] == TINY_DIM
     for name in ("model", "image_size", "resize", "dataset", "split", "tool_version", "tensorflow_version",
                  "tensorflow_hub_version", "created"):
@@ -83,7 +84,7 @@ def test_cache_from_other_source_data_is_not_silently_reused(tiny_model, cifar_r
     other = tmp_path / "other"
     from conftest import write_batches
     write_batches(other / "cifar-10-batches-py", seed=7)
-    with pytest.raises(UserError, match="source_fingerprint.*--force"):
+    with pytest.raises(UserError, match="source changed since it was made.*--force"):
         pipeline.extract(key, "test", data_dir=other, cache_dir=tmp_path, engine="tensorflow", progress=False)
     rebuilt = pipeline.extract(key, "test", data_dir=other, cache_dir=tmp_path, engine="tensorflow",
                                progress=False, force=True)

@@ -4,16 +4,17 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import data, extractor, ov_engine, pipeline, quantize, store
+from featcache.sources import cifar
+from featcache import extractor, ov_engine, pipeline, quantize, store
 from featcache.errors import UserError
-from conftest import run_cli
+from conftest import make_key, run_cli
 
 needs_openvino = pytest.mark.skipif(not (ov_engine.available() and quantize.nncf_available()),
                                     reason="OpenVINO and NNCF are optional (requirements-openvino.txt)")
 
 
 def _key(model, precision):
-    return store.CacheKey.make(str(model), 32, "bilinear", "plain", None, precision)
+    return make_key(str(model), 32, "bilinear", "plain", None, precision)
 
 
 def _extract(model, precision, split, data_dir, cache):
@@ -35,8 +36,8 @@ def test_int8_calibrates_on_train_images_only_once_and_coexists_with_f32(tiny_mo
     monkeypatch.setattr(nncf, "quantize", spying_quantize)
     # The test split first: it must still calibrate on train images.
     int8 = _extract(tiny_model, "int8", "test", cifar_root, tmp_path)
-    source = data.resolve_source(cifar_root)
-    train, test = data.load_split(source, "train"), data.load_split(source, "test")
+    source = cifar.resolve_source(cifar_root)
+    train, test = cifar.load_split(source, "train"), cifar.load_split(source, "test")
     assert len(seen) == len(train.labels)  # the fixture's train split is smaller than the sample size
     train_rows = {image.tobytes(): i for i, image in enumerate(train.images)}
     test_images = {image.tobytes() for image in test.images}

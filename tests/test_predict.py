@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from featcache import data
+from featcache.sources import cifar
 from conftest import run_cli
 
 
@@ -21,7 +21,7 @@ def trained_run(tiny_model, cifar_root, tmp_path_factory):
     done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
     assert done.returncode == 0, done.stderr
     (run_dir,) = (base / "runs").iterdir()
-    test = data.load_split(data.resolve_source(cifar_root), "test")
+    test = cifar.load_split(cifar.resolve_source(cifar_root), "test")
     pngs = base / "pngs"
     pngs.mkdir()
     for i, image in enumerate(test.images[:12]):
@@ -98,8 +98,8 @@ print(json.dumps({{"probs": probs, "names": names, "top": out["top_class"].numpy
     assert loaded.returncode == 0, loaded.stderr
     result = json.loads(loaded.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(np.array(result["probs"]), want, atol=1e-5)
-    assert result["names"] == list(data.CLASS_NAMES)
-    assert result["top"] == data.CLASS_NAMES[int(want[-1].argmax())]
+    assert result["names"] == list(cifar.CIFAR10_CLASS_NAMES)
+    assert result["top"] == cifar.CIFAR10_CLASS_NAMES[int(want[-1].argmax())]
 
 
 def test_unknown_run_is_one_clear_error(trained_run):

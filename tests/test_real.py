@@ -3,12 +3,12 @@
 import numpy as np
 
 from featcache import pipeline, store
-from conftest import REAL_DATA, REAL_MODEL, requires_shared
+from conftest import make_key, REAL_DATA, REAL_MODEL, requires_shared
 
 
 @requires_shared()
 def test_real_model_on_256_real_images_gives_useful_features(tmp_path):
-    key = store.CacheKey.make(str(REAL_MODEL), 224, "bicubic", "plain", 256)
+    key = make_key(str(REAL_MODEL), 224, "bicubic", "plain", 256)
     rows = {}
     for split in ("train", "test"):
         result = pipeline.extract(key, split, data_dir=REAL_DATA, cache_dir=tmp_path, progress=False)

@@ -1,0 +1,106 @@
+"""What stage 1 needs to know about a model before using it: its identity and its input size.
+
+A local SavedModel folder is identified by a hash of its contents (saved_model.pb and the
+variables index), so replacing its files in place makes a new cache instead of silently
+reusing vectors of the old model; a TF Hub handle names fixed contents by itself.
+
+The input size comes from the model when its signature fixes one (Inception V3: 299), else
+from --image-size (default 224). Finding it means loading the model once; the answer is kept
+in `<cache_dir>/models/`, so up-to-date checks and train_head.py stay free of TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.index")
+
+
+def identity(handle: str) -> tuple[str, str]:
+    """(handle, content sha256): a local folder becomes its absolute path plus the hash of its files."""
+    if not os.path.exists(handle):
+        return handle, ""
+    folder = Path(handle).resolve()
+    digest = hashlib.sha256()
+    found = False
+    for name in IDENTITY_FILES:
+        path = folder / name
+        if path.is_file():
+            found = True
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    if not found:
+        raise UserError(f"model folder {folder} holds no SavedModel (no saved_model.pb)")
+    return str(folder), digest.hexdigest()
+
+
+def fixed_input_size(model) -> int | None:
+    """The square input size a loaded model's call signature fixes, or None when it takes any size."""
+    functions = getattr(getattr(model, "__call__", None), "concrete_functions", None) or []
+    if not functions and hasattr(model, "signatures") and "serving_default" in model.signatures:
+        functions = [model.signatures["serving_default"]]
+    for function in functions:
+        args, kwargs = function.structured_input_signature
+        specs = [s for s in list(args) + list(kwargs.values()) if getattr(s, "shape", None) is not None]
+        if specs and specs[0].shape.rank == 4:
+            height, width = specs[0].shape[1], specs[0].shape[2]
+            if height is not None and width is not None:
+                if height != width:
+                    raise UserError(f"the model takes {height}x{width} images; only square inputs are supported")
+                return int(height)
+    return None
+
+
+def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_dir) -> int:
+    """The image size to feed the model: its own when it fixes one (a different `asked` is an error),
+    else `asked`, else `default`. A model that cannot be loaded here (offline, say) is taken to accept
+    any size: whatever then needs the model says why it cannot load, and extraction checks again."""
+    try:
+        fixed = json.loads(_record(handle, sha256, cache_dir).read_text())["fixed_input_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        from .extractor import load_model
+
+        try:
+            fixed = remember_input_size(load_model(handle), handle, sha256, cache_dir)
+        except UserError:
+            fixed = None
+    return checked_size(handle, fixed, asked or (fixed or default))
+
+
+def checked_size(handle: str, fixed: int | None, size: int) -> int:
+    if fixed is not None and size != fixed:
+        raise UserError(f"model {handle} takes {fixed}x{fixed} images; --image-size {size} contradicts it "
+                        "(leave --image-size out)")
+    return size
+
+
+def remember_input_size(model, handle: str, sha256: str, cache_dir) -> int | None:
+    """The loaded model's fixed input size, kept under `<cache_dir>/models/` for the next selection."""
+    fixed = fixed_input_size(model)
+    if cache_dir:
+        _write_atomically(_record(handle, sha256, cache_dir),
+                          {"model": handle, "model_sha256": sha256, "fixed_input_size": fixed})
+    return fixed
+
+
+def _record(handle: str, sha256: str, cache_dir) -> Path:
+    from .store import model_slug
+
+    return Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}.json"
+
+
+def _write_atomically(path: Path, content: dict):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only a shortcut: without it the model is loaded again next time

@@ -1,0 +1,274 @@
+"""CIFAR-10 and CIFAR-100 sources: find the python-pickle batches, read one split, fingerprint it.
+
+Local copies are read in place (a `cifar-10-batches-py` / `cifar-100-python` folder, its
+parent, or the official .tar.gz). We deliberately do not go through
+`keras.datasets.cifar10.load_data()`: it checks the archive's checksum and rejects
+re-packed but byte-identical copies. This module never imports TensorFlow, so checking
+whether a cache is up to date stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import UserError
+from .base import SPLITS, Chunk, check_split
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one CIFAR dataset is published: its files, pickle keys, classes and download."""
+
+    name: str
+    title: str
+    folder: str  # the folder inside the archive
+    archive: str
+    url: str
+    env: str  # environment variable naming a local copy
+    split_files: dict
+    label_key: bytes
+    classes: int
+    meta: str  # the file holding the class names
+    names_key: bytes
+
+
+CIFAR10 = Layout("cifar10", "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "CIFAR10_DATA_DIR",
+                 {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+                 b"labels", 10, "batches.meta", b"label_names")
+CIFAR100 = Layout("cifar100", "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
+                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "CIFAR100_DATA_DIR",
+                  {"train": ("train",), "test": ("test",)}, b"fine_labels", 100, "meta", b"fine_label_names")
+LAYOUTS = {layout.name: layout for layout in (CIFAR10, CIFAR100)}
+IMAGE_SHAPE = (32, 32)
+# CIFAR-10's names as its batches.meta lists them; CIFAR-100's 100 names are read from its meta file.
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass
+class Split:
+    """A whole split in memory (tests and small jobs; extraction streams with SplitSource)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+
+
+def resolve_source(data_dir: str | os.PathLike | None, layout: Layout = CIFAR10) -> Path:
+    """Return the batch folder or the .tar.gz archive to read.
+
+    Order: the explicit path, then the layout's environment variable, then the Keras download
+    cache (downloading the official archive there if it is absent, as Keras does).
+    """
+    data_dir = data_dir or os.environ.get(layout.env)
+    if data_dir is None:
+        return _keras_cached_copy(layout)
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist")
+    if path.is_file():
+        if not tarfile.is_tarfile(path):
+            raise UserError(f"{path} is not a tar archive of {layout.title} (expected {layout.archive})")
+        return path
+    marker = layout.split_files["test"][0]
+    for candidate in (path, path / layout.folder):
+        if (candidate / layout.meta).exists() or (candidate / marker).exists():
+            return candidate
+    archive = path / layout.archive
+    if archive.is_file():
+        return archive
+    files = ", ".join(name for names in layout.split_files.values() for name in names)
+    raise UserError(f"no {layout.title} batches in {path}: expected {layout.folder}/ ({files}) or {layout.archive}")
+
+
+def _keras_cached_copy(layout: Layout) -> Path:
+    """The official archive, cached under ~/.keras/datasets the way Keras caches it."""
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
+    target = f"{layout.folder}-target"  # the folder name keras.datasets uses
+    marker = layout.split_files["test"][0]
+    for folder in (layout.folder, f"{target}/{layout.folder}"):
+        if (keras_home / "datasets" / folder / marker).exists():
+            return keras_home / "datasets" / folder
+    import keras  # only on the download path: keeps TensorFlow out of up-to-date checks
+
+    try:
+        path = keras.utils.get_file(fname=target, origin=layout.url, extract=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure means the same to the user
+        raise UserError(
+            f"could not download {layout.title} from {layout.url} ({type(exc).__name__}); "
+            f"pass --data-dir PATH (or set {layout.env}) to read a local copy"
+        ) from None
+    return resolve_source(path, layout)
+
+
+def class_names(source: Path, layout: Layout = CIFAR10) -> tuple[str, ...]:
+    """The dataset's class names; CIFAR-10's are fixed, CIFAR-100's come from its meta file."""
+    if layout is CIFAR10:
+        return CIFAR10_CLASS_NAMES
+    what = f"{layout.title} meta file"
+    meta = next(_members(source, (layout.meta,), lambda fh, where: _unpickle(fh, where, what), what))
+    names = meta.get(layout.names_key) if isinstance(meta, dict) else None
+    if not names or len(names) != layout.classes:
+        raise UserError(f"{source}: {layout.meta} has no list of {layout.classes} class names")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+class SplitSource:
+    """One split read batch file by batch file: memory stays at one batch (30 MB) whatever N is.
+
+    The archive is streamed in one pass per use; batches that the archive stores out of
+    order are held until their turn (the official archive is in order). `rows` and
+    `fingerprint` cost one pass, made on first use only.
+    """
+
+    may_skip = False  # every row of a batch file is an image
+    image_shape = IMAGE_SHAPE
+
+    def __init__(self, source: Path, split: str, limit: int | None = None, layout: Layout = CIFAR10):
+        check_split(split)
+        self.source, self.split, self.limit, self.layout = Path(source), split, limit, layout
+        self.names = layout.split_files[split]
+
+    @functools.cached_property
+    def class_names(self) -> tuple[str, ...]:
+        return class_names(self.source, self.layout)
+
+    @property
+    def where(self) -> str:
+        return str(self.source)
+
+    def attrs(self) -> dict:
+        return {}
+
+    def labels_of(self, items: np.ndarray) -> np.ndarray:
+        return np.concatenate([labels for _, labels in self.batches()])[items]
+
+    @property
+    def rows(self) -> int:
+        return self._scan[0]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._scan[1]
+
+    @functools.cached_property
+    def _scan(self) -> tuple[int, str]:
+        """Count rows and fingerprint pixels and labels (sha256), whatever archive holds them."""
+        pixels, labels, rows = hashlib.sha256(), hashlib.sha256(), 0
+        for images, batch_labels in self.batches():
+            pixels.update(images.tobytes())
+            labels.update(batch_labels.astype("<i8").tobytes())
+            rows += len(batch_labels)
+        return rows, hashlib.sha256(pixels.digest() + labels.digest()).hexdigest()
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 [n,32,32,3], int64 [n]) per batch file, in order, cut at `limit` rows."""
+        left = self.limit if self.limit is not None else float("inf")
+        decode = functools.partial(_decode_batch, layout=self.layout)
+        for images, labels in _members(self.source, self.names, decode, f"{self.layout.title} batch"):
+            take = int(min(left, len(labels)))
+            left -= take
+            yield images[:take], labels[:take]
+            if left <= 0:
+                return
+
+    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
+        """Consecutive chunks, beginning at row `start`."""
+        pending_images, pending_labels, position = [], [], 0
+        for images, labels in self.batches():
+            skip = min(max(start - position, 0), len(labels))
+            position += len(labels)
+            if skip < len(labels):
+                pending_images.append(images[skip:])
+                pending_labels.append(labels[skip:])
+            while sum(len(x) for x in pending_labels) >= chunk_size:
+                yield from self._emit(pending_images, pending_labels, chunk_size, position)
+        if pending_labels:
+            yield from self._emit(pending_images, pending_labels, None, position)
+
+    @staticmethod
+    def _emit(pending_images, pending_labels, size, position):
+        images, labels = np.concatenate(pending_images), np.concatenate(pending_labels)
+        size = len(labels) if size is None else size
+        pending_images[:] = [images[size:]] if size < len(labels) else []
+        pending_labels[:] = [labels[size:]] if size < len(labels) else []
+        lo = position - len(labels)
+        yield Chunk(images[:size], labels[:size], np.arange(lo, lo + size))
+
+
+def load_split(source: Path, split: str, limit: int | None = None, layout: Layout = CIFAR10) -> Split:
+    """Read a whole split into memory, in the original order."""
+    reader = SplitSource(source, split, limit, layout)
+    batches = list(reader.batches())
+    return Split(images=np.concatenate([b[0] for b in batches]), labels=np.concatenate([b[1] for b in batches]),
+                 source=str(source))
+
+
+def _members(source: Path, names: tuple[str, ...], decode, what: str):
+    """decode(file object, where) of each named file, in the order named, from a folder or an archive."""
+    if source.is_file():
+        yield from _archive_members(source, names, decode, what)
+        return
+    for name in names:
+        path = source / name
+        if not path.is_file():
+            raise UserError(f"missing {what} file {path}")
+        with open(path, "rb") as fh:
+            yield decode(fh, str(path))
+
+
+def _archive_members(archive: Path, names: tuple[str, ...], decode, what: str):
+    early: dict[str, object] = {}
+    wanted = iter(names)
+    next_name = next(wanted)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:  # one streaming pass; nothing is extracted to disk
+                name = member.name.rsplit("/", 1)[-1]
+                if not member.isfile() or name not in names or name in early:
+                    continue
+                early[name] = decode(tar.extractfile(member), f"{archive}:{member.name}")
+                while next_name in early:
+                    yield early.pop(next_name)
+                    next_name = next(wanted, None)
+                if next_name is None:
+                    return
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise UserError(f"cannot read archive {archive}: {exc}") from None
+    raise UserError(f"archive {archive} has no {what} {next_name}")
+
+
+def _unpickle(fh, where: str, what: str):
+    try:
+        return pickle.load(fh, encoding="bytes")
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign pickles fail in many ways
+        raise UserError(f"{where} is not a readable {what} ({type(exc).__name__})") from None
+
+
+def _decode_batch(fh, where: str, layout: Layout = CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch -> (uint8 [N,32,32,3], int64 [N]) after checking shapes and labels."""
+    batch = _unpickle(fh, where, f"{layout.title} batch")
+    key = layout.label_key
+    if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
+        raise UserError(f"{where} is not a {layout.title} batch (no data/{key.decode()} entries)")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[key])
+    height, width = IMAGE_SHAPE
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * height * width:
+        raise UserError(f"{where}: data has shape {data.shape} {data.dtype}, expected [N, {3 * height * width}] uint8")
+    if labels.shape != (data.shape[0],):
+        raise UserError(f"{where}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= layout.classes):
+        raise UserError(f"{where}: labels outside 0..{layout.classes - 1}")
+    images = data.reshape(-1, 3, height, width).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int64)

@@ -1,0 +1,195 @@
+"""Class-folder source: `ROOT/<class>/<images>` (or `ROOT/train/<class>/...` and `ROOT/test/<class>/...`).
+
+Read the way `keras.utils.image_dataset_from_directory` reads such a tree: class names are
+the sorted subfolder names, files are found recursively, hidden files and names without an
+image suffix are ignored, and images are decoded with `tf.io.decode_image` (JPEG, PNG, BMP,
+GIF's first frame; gray and RGBA become RGB). With one level only, a file goes to the test
+split when a seeded hash of its path falls below `test_fraction`: adding a file never moves
+the others between splits.
+
+Decoding happens chunk by chunk (never a whole split in memory). A file that cannot be
+decoded (random bytes, truncated, empty, unreadable) is skipped and reported with its
+reason; `strict` makes the first one an error instead. The fingerprint is built from
+paths, sizes and modification times (one stat per file, no decoding), so confirming that a
+60,000-image cache is up to date takes well under a second of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import UserError
+from .base import Chunk, check_split
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_FORMATS
+DEFAULT_TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
+
+
+def is_nested(root: Path) -> bool:
+    """True when ROOT holds train/ and test/ folders (each a class-folder tree)."""
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def check_root(data_dir) -> Path:
+    if data_dir is None:
+        raise UserError("--dataset folder needs --data-dir PATH: a folder of class folders of images")
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist or is not a folder")
+    return root
+
+
+class FolderSplit:
+    """One split of a class-folder tree."""
+
+    may_skip = True
+
+    def __init__(self, root: Path, split: str, limit: int | None = None,
+                 test_fraction: float = DEFAULT_TEST_FRACTION, strict: bool = False):
+        check_split(split)
+        self.root, self.split, self.strict = check_root(root), split, strict
+        self.nested = is_nested(self.root)
+        self.test_fraction = 0.0 if self.nested else test_fraction
+        if not self.nested and not 0.0 < test_fraction < 1.0:
+            raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+        self.class_names, files, labels = self._scan()
+        if limit:  # a seeded subset in the same order, so it spans the classes
+            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(files))[:limit])
+            files, labels = [files[i] for i in keep], labels[keep]
+        self.files, self.labels = files, labels
+
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
+    @property
+    def rows(self) -> int:
+        return len(self.files)
+
+    def _scan(self) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+        """Class names, then each image file (relative to the root) and its label, in sorted order."""
+        base = self.root / self.split if self.nested else self.root
+        names = _class_folders(base)
+        if self.nested:
+            other = _class_folders(self.root / ("test" if self.split == "train" else "train"))
+            if other != names:
+                differ = sorted(set(names) ^ set(other))
+                raise UserError(f"{self.root}/train and {self.root}/test must hold the same class folders; "
+                                f"they differ in {', '.join(differ[:5])}")
+        files, labels = [], []
+        for label, name in enumerate(names):
+            found = _image_files(base / name)
+            if not found:
+                raise UserError(f"class folder {base / name} has no images ({' '.join(IMAGE_SUFFIXES)})")
+            for path in found:
+                relative = path.relative_to(self.root).as_posix()
+                if self.nested or self._in_split(relative):
+                    files.append(relative)
+                    labels.append(label)
+        return tuple(names), files, np.asarray(labels, np.int64)
+
+    def _in_split(self, relative: str) -> bool:
+        digest = hashlib.sha1(f"{SPLIT_SEED}:{relative}".encode()).digest()
+        in_test = int.from_bytes(digest[:8], "big") / 2**64 < self.test_fraction
+        return in_test == (self.split == "test")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of class names, the split rule, and every file's path, size and modification time."""
+        h = hashlib.sha256(f"{self.class_names}|{self.test_fraction}|{SPLIT_SEED}".encode())
+        for relative in self.files:
+            try:
+                st = os.stat(self.root / relative)
+                h.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{relative}\0missing\n".encode())
+        return h.hexdigest()
+
+    @functools.cached_property
+    def image_shape(self) -> tuple[int, int] | None:
+        """The first readable image's (H, W): images of a folder often share it (any size is accepted)."""
+        for item in range(min(self.rows, 10)):
+            image, _ = self.decode(item)
+            if image is not None:
+                return image.shape[:2]
+        return None
+
+    def attrs(self) -> dict:
+        return {"data_dir": str(self.root), "test_fraction": self.test_fraction,
+                "split_rule": "train/ and test/ folders" if self.nested else
+                f"seeded hash of the path (seed {SPLIT_SEED}), {self.test_fraction:g} to test"}
+
+    def labels_of(self, items: np.ndarray) -> np.ndarray:
+        return self.labels[items]
+
+    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
+        """Chunks of `chunk_size` files from item `start`; a chunk's unreadable files are in `skipped`."""
+        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
+            for lo in range(start, self.rows, chunk_size):
+                items = range(lo, min(lo + chunk_size, self.rows))
+                images, kept, skipped = [], [], []
+                for item, (image, reason) in zip(items, pool.map(self.decode, items)):
+                    if image is None:
+                        if self.strict:
+                            raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
+                                            "(--strict stops at the first unreadable image)")
+                        skipped.append((item, reason))
+                    else:
+                        images.append(image)
+                        kept.append(item)
+                if len({image.shape for image in images}) == 1:
+                    images = np.stack(images)
+                kept = np.asarray(kept, np.int64)
+                yield Chunk(images, self.labels[kept], kept, skipped, stop=items.stop)
+
+    def decode(self, item: int) -> tuple[np.ndarray | None, str]:
+        """(uint8 [H, W, 3], "") or (None, why it cannot be read)."""
+        return decode_file(self.root / self.files[item])
+
+
+def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
+    import tensorflow as tf
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable file ({exc.strerror or exc})"
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    except (tf.errors.OpError, ValueError) as exc:
+        message = re.sub(r"\s*\[Op:\w+\]", "", getattr(exc, "message", str(exc)).split("}}")[-1]).strip().splitlines()
+        return None, f"not a decodable image ({message[0][:100] if message else type(exc).__name__})"
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return None, "image has no pixels"
+    return image, ""
+
+
+def _class_folders(base: Path) -> list[str]:
+    if not base.is_dir():
+        raise UserError(f"data folder {base} does not exist")
+    names = sorted(entry.name for entry in os.scandir(base) if entry.is_dir() and not entry.name.startswith("."))
+    if not names:
+        raise UserError(f"no class folders in {base}: expected {base}/<class name>/<images>")
+    return names
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, without hidden files or folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    return found

@@ -1,0 +1,266 @@
+"""Class-folder datasets: any image size and format, broken files skipped and listed, a cheap fingerprint."""
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache import ov_engine, pipeline, store
+from featcache.errors import UserError
+from featcache.extractor import Extractor, load_model
+from featcache.sources import folder
+from conftest import TINY_DIM, make_key, run_cli
+
+CLASSES = ("cat", "dog", "emu")
+GIF_1X1 = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
+           b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")  # the classic one-pixel GIF
+
+
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+    import tensorflow as tf
+
+    if fmt == "png":
+        return tf.io.encode_png(image).numpy()
+    if fmt == "jpg":
+        return tf.io.encode_jpeg(image, quality=95).numpy()
+    if fmt == "bmp":  # 24-bit BMP, rows bottom-up, BGR, padded to 4 bytes
+        h, w = image.shape[:2]
+        row = (w * 3 + 3) // 4 * 4
+        pixels = b"".join(image[y, :, ::-1].tobytes().ljust(row, b"\0") for y in range(h - 1, -1, -1))
+        header = b"BM" + (54 + len(pixels)).to_bytes(4, "little") + b"\0" * 4 + (54).to_bytes(4, "little")
+        info = (40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little") + (1).to_bytes(2, "little")
+        info += (24).to_bytes(2, "little") + b"\0" * 4 + len(pixels).to_bytes(4, "little") + b"\0" * 16
+        return header + info + pixels
+    raise ValueError(fmt)
+
+
+def write_tree(root, per_class=(5, 3), sizes=((24, 24),), seed=0, nested=True):
+    """ROOT/{train,test}/<class>/<n>.png (or ROOT/<class>/... when not nested), random pixels.
+
+    Class c's pictures are biased towards colour channel c, so a head can learn them."""
+    rng = np.random.default_rng(seed)
+    splits = (("train", per_class[0]), ("test", per_class[1])) if nested else (("", sum(per_class)),)
+    for split, count in splits:
+        for label, name in enumerate(CLASSES):
+            folder_path = root / split / name if split else root / name
+            folder_path.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                h, w = sizes[n % len(sizes)]
+                image = rng.integers(0, 128, (h, w, 3), dtype=np.uint8)
+                image[..., label] += 120
+                (folder_path / f"{n:03d}.png").write_bytes(_encode(image, "png"))
+    return root
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    return write_tree(tmp_path / "images")
+
+
+def _key(model, root, **kw):
+    return make_key(model, 32, "bilinear", "plain", dataset="folder", data_dir=root, **kw)
+
+
+def _extract(key, root, cache, split="train", **kw):
+    kw.setdefault("engine", "tensorflow")
+    return pipeline.extract(key, split, data_dir=root, cache_dir=cache, progress=False, log=lambda _: None, **kw)
+
+
+def test_class_names_are_the_sorted_folders_and_junk_is_ignored(tree):
+    (tree / "train" / "cat" / ".hidden.png").write_bytes(b"junk")
+    (tree / "train" / "cat" / "notes.txt").write_text("not an image")
+    (tree / "train" / "cat" / "sub").mkdir()
+    (tree / "train" / "cat" / "sub" / "deep.PNG").write_bytes((tree / "train" / "cat" / "000.png").read_bytes())
+    split = folder.FolderSplit(tree, "train")
+    assert split.class_names == CLASSES
+    assert split.rows == 16 and "train/cat/sub/deep.PNG" in split.files
+    assert not any("notes" in f or ".hidden" in f for f in split.files)
+    np.testing.assert_array_equal(np.bincount(split.labels), [6, 5, 5])
+
+
+def test_every_row_is_its_own_files_embedding_with_mixed_sizes_and_formats(tiny_model, tmp_path):
+    """Rows trace to files; gray, RGBA, BMP, GIF and JPEG files of different sizes in one chunk."""
+    import tensorflow as tf
+
+    root = write_tree(tmp_path / "images", sizes=((24, 24), (17, 40), (64, 31)))
+    cat = root / "train" / "cat"
+    rng = np.random.default_rng(5)
+    (cat / "gray.png").write_bytes(tf.io.encode_png(rng.integers(0, 255, (20, 22, 1), dtype=np.uint8)).numpy())
+    (cat / "rgba.png").write_bytes(tf.io.encode_png(rng.integers(0, 255, (30, 18, 4), dtype=np.uint8)).numpy())
+    (cat / "photo.jpg").write_bytes(_encode(rng.integers(0, 255, (45, 33, 3), dtype=np.uint8), "jpg"))
+    (cat / "pic.bmp").write_bytes(_encode(rng.integers(0, 255, (13, 21, 3), dtype=np.uint8), "bmp"))
+    (cat / "dot.gif").write_bytes(GIF_1X1)
+    key = _key(tiny_model, root)
+    result = _extract(key, root, tmp_path / "cache", chunk_size=6, batch_size=4)
+    with h5py.File(result.path, "r") as f:
+        files = [name.decode() for name in f["source_files"][:]]
+        rows, items, labels = f["embeddings"][:], f["source_index"][:], f["labels"][:]
+        assert store.class_names(dict(f.attrs)) == CLASSES
+    assert result.rows == len(files) == 20 and sorted(items) == list(range(20))
+    extractor = Extractor(load_model(str(tiny_model)), image_size=32, resize="bilinear", engine="tensorflow")
+    for row, item in enumerate(items):
+        image, _ = folder.decode_file(root / files[item])
+        np.testing.assert_allclose(rows[row], extractor.embed(image[None])["plain"][0], atol=1e-5)
+        assert labels[row] == CLASSES.index(files[item].split("/")[1])
+
+
+@pytest.mark.skipif(not ov_engine.available(), reason="openvino is not installed (optional engine)")
+def test_mixed_sizes_give_the_same_vectors_on_both_engines(tiny_model, tmp_path):
+    root = write_tree(tmp_path / "images", sizes=((24, 24), (17, 40), (64, 31)))
+    key = _key(tiny_model, root)
+    by_engine = {}
+    for engine in ("tensorflow", "openvino"):
+        result = _extract(key, root, tmp_path / engine, engine=engine, chunk_size=5)
+        with h5py.File(result.path, "r") as f:
+            by_engine[engine] = f["embeddings"][:]
+            assert f.attrs["engine"] == engine
+    np.testing.assert_allclose(by_engine["openvino"], by_engine["tensorflow"], atol=1e-4)
+
+
+def _break_files(root):
+    """Three kinds of broken file in train/dog: random bytes, a truncated PNG, an empty file."""
+    dog = root / "train" / "dog"
+    (dog / "001.png").write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    good = (dog / "002.png").read_bytes()
+    (dog / "002.png").write_bytes(good[: len(good) // 2])
+    (dog / "003.png").write_bytes(b"")
+    return {"train/dog/001.png", "train/dog/002.png", "train/dog/003.png"}
+
+
+def test_broken_files_are_skipped_listed_and_the_rest_is_cached(tiny_model, tree, tmp_path):
+    broken = _break_files(tree)
+    key = _key(tiny_model, tree)
+    result = _extract(key, tree, tmp_path / "cache", chunk_size=4)
+    assert result.rows == 12 and {file for file, _ in result.skipped} == broken
+    assert "3 unreadable files skipped" in result.summary().splitlines()[0]
+    reasons = dict(result.skipped)
+    assert "empty file" in reasons["train/dog/003.png"] and "not a decodable image" in reasons["train/dog/001.png"]
+    assert store.skipped_files(result.path) == result.skipped
+    with h5py.File(result.path, "r") as f:
+        files = [name.decode() for name in f["source_files"][:]]
+        assert f["embeddings"].shape == (12, TINY_DIM) and f.attrs["rows"] == 12 and f.attrs["skipped"] == 3
+        assert not broken & {files[i] for i in f["source_index"][:]}
+    again = _extract(key, tree, tmp_path / "cache")
+    assert again.up_to_date and again.skipped == result.skipped
+    assert pipeline.verify(key, "train", tree, tmp_path / "cache")[1] == []
+
+
+def test_strict_stops_at_the_first_broken_file(tiny_model, tree, tmp_path):
+    _break_files(tree)
+    with pytest.raises(UserError, match=r"cannot read .*train/dog/001.png: not a decodable image.*--strict"):
+        _extract(_key(tiny_model, tree), tree, tmp_path / "cache", strict=True)
+
+
+def test_a_resume_after_a_crash_keeps_rows_and_still_lists_files_skipped_before_it(tiny_model, tree, tmp_path,
+                                                                                  monkeypatch):
+    broken = _break_files(tree)
+    key = _key(tiny_model, tree)
+    real_write, calls = store.CacheWriter.write, {"n": 0}
+
+    def failing_write(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args)
+
+    monkeypatch.setattr(store.CacheWriter, "write", failing_write)
+    with pytest.raises(UserError, match="committed rows are kept"):
+        _extract(key, tree, tmp_path / "cache", chunk_size=3)
+    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    resumed = _extract(key, tree, tmp_path / "cache", chunk_size=3)
+    assert resumed.processed < 15  # the first two chunks (6 files, 3 of them broken) were not read again
+    clean = _extract(key, tree, tmp_path / "clean", chunk_size=3)
+    assert {file for file, _ in resumed.skipped} == broken and dict(resumed.skipped) == dict(clean.skipped)
+    with h5py.File(resumed.path, "r") as a, h5py.File(clean.path, "r") as b:
+        for name in ("embeddings", "labels", "source_index"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_any_change_to_the_files_changes_the_fingerprint(tree):
+    before = folder.FolderSplit(tree, "train").fingerprint
+    target = tree / "train" / "cat" / "001.png"
+    changes = [
+        lambda: os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9)),
+        lambda: target.write_bytes(target.read_bytes() + b"\0"),
+        lambda: target.rename(target.with_name("renamed.png")),
+        lambda: shutil.copy(tree / "train" / "dog" / "000.png", tree / "train" / "dog" / "new.png"),
+    ]
+    seen = {before}
+    for change in changes:
+        change()
+        now = folder.FolderSplit(tree, "train").fingerprint
+        assert now not in seen
+        seen.add(now)
+    assert folder.FolderSplit(tree, "train").fingerprint == now  # and it is stable when nothing changes
+
+
+def test_a_one_level_folder_is_split_by_a_seeded_hash_that_adding_files_does_not_disturb(tmp_path):
+    root = write_tree(tmp_path / "flat", per_class=(20, 10), nested=False)
+    train, test = (folder.FolderSplit(root, split, test_fraction=0.3) for split in ("train", "test"))
+    assert not set(train.files) & set(test.files) and train.rows + test.rows == 90
+    assert 15 <= test.rows <= 40
+    shutil.copy(root / "cat" / "000.png", root / "cat" / "999.png")
+    after = folder.FolderSplit(root, "test", test_fraction=0.3)
+    assert set(test.files) <= set(after.files)
+
+
+def test_two_folders_never_share_a_cache_and_fractions_differ(tiny_model, tmp_path):
+    a, b = write_tree(tmp_path / "a" / "images"), write_tree(tmp_path / "b" / "images")
+    flat = write_tree(tmp_path / "flat", nested=False)
+    paths = {_key(tiny_model, a).path("c", "train"), _key(tiny_model, b).path("c", "train"),
+             _key(tiny_model, flat).path("c", "train"), _key(tiny_model, flat, test_fraction=0.5).path("c", "train")}
+    assert len(paths) == 4
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root.mkdir(), "no class folders in"),
+    (lambda root: (root / "cat").mkdir(parents=True), "class folder .*cat has no images"),
+    (lambda root: None, "does not exist or is not a folder"),
+])
+def test_unusable_folders_are_one_line_errors(tiny_model, tmp_path, make, message):
+    root = tmp_path / "images"
+    make(root)
+    with pytest.raises(UserError, match=message):
+        folder.FolderSplit(folder.check_root(root), "train")
+
+
+def test_cli_folder_end_to_end_and_a_changed_source_is_named(tiny_model, tree, tmp_path):
+    """extract.py and train_head.py select the folder's cache with the same options; a changed file is noticed."""
+    _break_files(tree)
+    common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "32",
+              "--views", "plain", "--cache-dir", tmp_path / "cache"]
+    out = run_cli("extract.py", *common, "--engine", "tensorflow", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "3 unreadable files skipped" in out.stdout and "skipped train/dog/002.png: " in out.stdout
+    strict = run_cli("extract.py", *common, "--force", "--strict", "--split", "train", "--engine", "tensorflow",
+                     "--quiet")
+    assert strict.returncode == 2 and strict.stderr.count("\n") == 1 and "--strict" in strict.stderr
+    assert "[Op:" not in strict.stderr
+    out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "3")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert '"emu"' in (run / "config.json").read_text()
+    target = tree / "test" / "cat" / "000.png"
+    target.write_bytes(target.read_bytes() + b"\0")
+    again = run_cli("extract.py", *common, "--split", "test", "--engine", "tensorflow")
+    assert again.returncode == 2 and "source changed since it was made" in again.stderr
+
+
+def test_openvino_conversion_failure_under_auto_falls_back_to_tensorflow(tiny_model, tree, tmp_path, monkeypatch):
+    if not ov_engine.available():
+        pytest.skip("openvino is not installed (optional engine)")
+
+    def cannot_convert(*args, **kwargs):
+        raise RuntimeError("Cannot create Foo layer: unsupported operation")
+
+    monkeypatch.setattr(ov_engine, "OpenVinoNetwork", cannot_convert)
+    said = []
+    result = pipeline.extract(_key(tiny_model, tree), "train", data_dir=tree, cache_dir=tmp_path, progress=False,
+                              engine="auto", log=said.append)
+    assert result.engine == "tensorflow" and store.attributes(result.path)["engine"] == "tensorflow"
+    assert len(said) == 1 and "OpenVINO cannot convert this model" in said[0] and "using TensorFlow" in said[0]
+    with pytest.raises(UserError, match="OpenVINO cannot convert model"):
+        pipeline.extract(_key(tiny_model, tree), "test", data_dir=tree, cache_dir=tmp_path, progress=False,
+                         engine="openvino")
