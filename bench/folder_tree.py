@@ -37,7 +37,8 @@ def main():
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
 @click.option("--quality", type=int, default=95, show_default=True, help="JPEG quality.")
 @click.option("--limit", type=int, default=None, help="Only the first N images of each split.")
-@click.option("--damage", is_flag=True, help="Break 28 test files (20 random bytes, 5 truncated, 3 empty), add notes.txt.")
+@click.option("--damage", is_flag=True,
+              help="Break 28 test files (20 random bytes, 5 truncated, 3 empty), add notes.txt.")
 def write(out, data_dir, fmt, quality, limit, damage):
     import tensorflow as tf
 

@@ -47,7 +47,7 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
 
 def run_class_names(config: dict) -> tuple[str, ...]:
     """The class names a run was trained with (runs made before they were recorded: CIFAR-10's)."""
-    return tuple(config.get("class_names") or legacy_class_names(config["cache"].get("dataset", "cifar10")))
+    return tuple(config.get("class_names") or legacy_class_names(store.CacheKey.from_attrs(config["cache"]).dataset))
 
 
 def build_classifier(run_dir: Path):
@@ -95,7 +95,8 @@ def expand_paths(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith("."))
+            out += sorted(f for f in p.iterdir()
+                          if f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith("."))
         else:
             out.append(p)
     return out

@@ -20,9 +20,12 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
 DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
 
-# TensorFlow's C++ log lines (absl/TSL) and the one absl prints before it is set up.
+# TensorFlow's C++ log lines (absl/TSL), the one absl prints before it is set up, and libjpeg's own
+# messages about a broken JPEG (extract.py lists every file it skips, with the reason, itself).
 NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
-                             rb"|WARNING: All log messages before absl::InitializeLog\(\) is called)")
+                             rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+                             rb"|Improper call to JPEG library in state \d+$|Corrupt JPEG data: "
+                             rb"|Premature end of JPEG file$|Invalid JPEG file structure: |Not a JPEG file: )")
 
 
 def setup_process(verbose: bool):

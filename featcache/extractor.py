@@ -139,7 +139,7 @@ class Extractor:
     """A loaded model plus its preprocessing: the 'mapper' stage of extraction."""
 
     model: object
-    image_size: int = 224
+    image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
     views: tuple[str, ...] = ("plain",)
     batch_size: int | None = None  # None: the fastest measured: 1 for OpenVINO, 16 for TF on a CPU, 128 on a GPU

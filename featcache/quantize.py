@@ -32,7 +32,8 @@ def nncf_available() -> bool:
     return True
 
 
-def calibration_sample(reader, size: int = CALIBRATION_SIZE, seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
+def calibration_sample(reader, size: int = CALIBRATION_SIZE,
+                       seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, their train items): a seeded sample of the train split's reader, read in one pass."""
     rows = np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
     picked = []

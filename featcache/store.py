@@ -63,7 +63,8 @@ IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size",
             "views", "limit", "precision", "crop", "data_dir", "test_fraction", "model_sha256", "rows",
             "source_fingerprint")
 # What a cache made before an attribute existed implicitly had.
-LEGACY_DEFAULTS = {"dataset": "cifar10", "precision": "f32", "crop": "none", "data_dir": "", "test_fraction": 0.0, "model_sha256": ""}
+LEGACY_DEFAULTS = {"dataset": "cifar10", "precision": "f32", "crop": "none", "data_dir": "", "test_fraction": 0.0,
+                   "model_sha256": ""}
 # A partial file is only resumed by the same engine (and int8 model), so one file never mixes them.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256")
 
@@ -437,7 +438,8 @@ class CacheWriter:
         shrinkable = self.files is not None  # finish() cuts the rows of skipped files off the end
         with _h5(tmp, "w") as f:
             def rows_dataset(name, width, dtype, chunk_rows):
-                f.create_dataset(name, shape=(self.rows, *width), dtype=dtype, chunks=(max(1, min(chunk_rows, self.rows)), *width),
+                f.create_dataset(name, shape=(self.rows, *width), dtype=dtype,
+                                 chunks=(max(1, min(chunk_rows, self.rows)), *width),
                                  maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums,
                                  dcpl=_preallocated())
 
@@ -510,8 +512,8 @@ class CacheWriter:
             f.attrs.modify("rows", np.int64(self.rows_done))
             self.rows = self.rows_done
         if self.files is not None:
-            f.create_dataset("skipped_files", data=np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype()),
-                             shape=(len(skipped), 2))
+            listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
+            f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
             f.attrs["skipped"] = np.int64(len(skipped))
         f.attrs.modify("complete", True)
         self._sync()

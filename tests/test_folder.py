@@ -30,8 +30,8 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
         row = (w * 3 + 3) // 4 * 4
         pixels = b"".join(image[y, :, ::-1].tobytes().ljust(row, b"\0") for y in range(h - 1, -1, -1))
         header = b"BM" + (54 + len(pixels)).to_bytes(4, "little") + b"\0" * 4 + (54).to_bytes(4, "little")
-        info = (40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little") + (1).to_bytes(2, "little")
-        info += (24).to_bytes(2, "little") + b"\0" * 4 + len(pixels).to_bytes(4, "little") + b"\0" * 16
+        info = (40).to_bytes(4, "little") + w.to_bytes(4, "little") + h.to_bytes(4, "little")
+        info += (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + b"\0" * 4 + len(pixels).to_bytes(4, "little") + b"\0" * 16
         return header + info + pixels
     raise ValueError(fmt)
 
@@ -229,11 +229,13 @@ def test_unusable_folders_are_one_line_errors(tiny_model, tmp_path, make, messag
 def test_cli_folder_end_to_end_and_a_changed_source_is_named(tiny_model, tree, tmp_path):
     """extract.py and train_head.py select the folder's cache with the same options; a changed file is noticed."""
     _break_files(tree)
+    photo = _encode(np.random.default_rng(3).integers(0, 255, (40, 40, 3), dtype=np.uint8), "jpg")
+    (tree / "train" / "emu" / "cut.jpg").write_bytes(photo[: len(photo) // 2])
     common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "32",
               "--views", "plain", "--cache-dir", tmp_path / "cache"]
     out = run_cli("extract.py", *common, "--engine", "tensorflow", "--quiet")
     assert out.returncode == 0, out.stderr
-    assert "3 unreadable files skipped" in out.stdout and "skipped train/dog/002.png: " in out.stdout
+    assert "4 unreadable files skipped" in out.stdout and "skipped train/emu/cut.jpg: " in out.stdout
     strict = run_cli("extract.py", *common, "--force", "--strict", "--split", "train", "--engine", "tensorflow",
                      "--quiet")
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1 and "--strict" in strict.stderr

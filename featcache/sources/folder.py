@@ -33,6 +33,7 @@ IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_F
 DEFAULT_TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
+SHAPE_PROBE_FILES = 10  # files tried to find the size to compile for ahead
 
 
 def is_nested(root: Path) -> bool:
@@ -118,7 +119,7 @@ class FolderSplit:
     @functools.cached_property
     def image_shape(self) -> tuple[int, int] | None:
         """The first readable image's (H, W): images of a folder often share it (any size is accepted)."""
-        for item in range(min(self.rows, 10)):
+        for item in range(min(self.rows, SHAPE_PROBE_FILES)):
             image, _ = self.decode(item)
             if image is not None:
                 return image.shape[:2]
