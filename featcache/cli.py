@@ -29,7 +29,7 @@ NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:
 
 
 def setup_process(verbose: bool):
-    """Process-wide settings of a CLI run, made before TensorFlow is imported.
+    """Process-wide settings of a CLI run, made before TensorFlow is imported: deterministic ops, and quiet.
 
     Without --verbose no TensorFlow log line reaches the terminal: the CUDA probes on machines
     without a GPU, oneDNN's notice, a NodeDef warning from tf.data. This TensorFlow logs them
@@ -37,6 +37,7 @@ def setup_process(verbose: bool):
     through a filter that drops exactly such lines and passes every other one on; Python's own
     stderr (our errors, progress bars, tracebacks) is written past the filter, unchanged.
     """
+    os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")  # same seed, same head, on a GPU too
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -94,14 +94,17 @@ def build_model(dim: int, config: HeadConfig, mean: np.ndarray, variance: np.nda
     """
     import keras
 
+    def dense(units, activation, name, seed):  # seeded here: no process-wide random state is touched
+        return keras.layers.Dense(units, activation=activation, name=name,
+                                  kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                                  kernel_regularizer=keras.regularizers.l2(config.l2))
+
     layers = []
     if config.hidden:
-        layers.append(keras.layers.Dense(config.hidden, activation="relu", name="hidden",
-                                         kernel_regularizer=keras.regularizers.l2(config.l2)))
+        layers.append(dense(config.hidden, "relu", "hidden", config.seed))
     if config.dropout:
         layers.append(keras.layers.Dropout(config.dropout, seed=config.seed))
-    layers.append(keras.layers.Dense(classes, activation="softmax", name="classes",
-                                     kernel_regularizer=keras.regularizers.l2(config.l2)))
+    layers.append(dense(classes, "softmax", "classes", config.seed + 1))
 
     def stack(x):
         for layer in layers:
@@ -231,15 +234,15 @@ class TrainedHead:
 def train(train_features: Features, test_features: Features | None, config: HeadConfig, verbose: int = 0) -> TrainedHead:
     """Fit the head (optionally holding out a validation split) and score it.
 
+    Every random choice is seeded from `config.seed` alone (initialisers, dropout, batches), so the
+    same config gives the same head without touching process-wide random state.
+
     Validation accuracy per epoch (curves.png) and at the end (metrics.json) is computed the same
     way, with TTA when TTA is on.
     """
-    import keras
     import tensorflow as tf
 
     config.check()
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
     fit_features, val_features = split_validation(train_features, config.val_split, config.seed)
     x, y = training_rows(fit_features, config.flip_train)
     mean, variance = x.mean(0), x.var(0) + 1e-6

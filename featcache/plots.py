@@ -1,4 +1,7 @@
-"""PNG figures of a run: training curves and the test confusion matrix (matplotlib, no display)."""
+"""PNG figures of a run: training curves and the test confusion matrix.
+
+matplotlib's object API (Figure, no pyplot), so no backend or other global state is chosen or needed.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,12 @@ import numpy as np
 CELL_TEXT_UP_TO = 20  # classes; beyond that, per-cell percentages would be unreadable
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_history(history: dict, path: Path, title: str = ""):
     """Loss and accuracy per epoch, training and (when present) validation."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for prefix, label in (("", "train"), ("val_", "validation")):
             values = history.get(prefix + metric)
@@ -35,7 +31,6 @@ def plot_history(history: dict, path: Path, title: str = ""):
     fig.suptitle(title or "training curves")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path: Path, title: str = ""):
@@ -43,13 +38,15 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path:
 
     The figure grows with the class count (100 classes stay readable at 0.16 inch per row).
     """
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     n = len(class_names)
     counts = np.zeros((n, n), np.int64)
     np.add.at(counts, (labels, predicted), 1)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     side = max(7.0, 0.16 * n + 3)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fontsize = 8 if n <= CELL_TEXT_UP_TO else 6
     ax.set_xticks(range(n), class_names, rotation=90 if n > CELL_TEXT_UP_TO else 45, ha="right" if n <= CELL_TEXT_UP_TO
@@ -67,4 +64,3 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path:
     ax.set_title(title or f"test confusion matrix (accuracy {accuracy:.4f})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -115,3 +115,32 @@ def test_a_folder_without_images_is_one_error_before_anything_loads(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line == f"Error: no PNG/JPEG/BMP/GIF files in {tmp_path / 'empty'}"  # said before looking for a run
+
+
+def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny_model, cifar_root, tmp_path):
+    """predict/export use the saved head as it is: any layers, not a rebuild from layers found by name."""
+    import shutil
+
+    import keras
+
+    from featcache.classifier import build_classifier
+    from featcache.extractor import Extractor, load_model
+    from featcache.store import CacheKey
+    from conftest import TINY_DIM
+
+    _, run_dir, _ = trained_run
+    custom = tmp_path / "custom"
+    shutil.copytree(run_dir, custom)
+    inputs = keras.Input((TINY_DIM,))
+    x = keras.layers.Dense(12, activation="tanh")(inputs)
+    x = keras.layers.LayerNormalization()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    model.save(custom / "head.keras")
+    images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images[:8]
+    got = build_classifier(custom).classify(images)["probabilities"].numpy()
+    key = CacheKey.from_attrs(json.loads((custom / "config.json").read_text())["cache"])
+    extractor = Extractor(load_model(str(tiny_model)), image_size=key.image_size, resize=key.resize,
+                          views=("plain", "flip"), engine="tensorflow")
+    views = extractor.embed(images)
+    want = np.mean([model.predict(views[v], verbose=0) for v in ("plain", "flip")], axis=0)  # the run used TTA
+    np.testing.assert_allclose(got, want, atol=1e-5)
