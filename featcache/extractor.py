@@ -94,6 +94,7 @@ def preprocess_static(images, image_size: int, method: str):
 
 
 ENGINES = ("auto", "tensorflow", "openvino")
+MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats x 2 views = 38 MB
 PRECISIONS = ("f32", "bf16", "int8")
 
 
@@ -273,12 +274,17 @@ class Extractor:
         outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 
-    def _embed_mixed(self, images: list) -> dict[str, np.ndarray]:
-        views = np.concatenate([self._preprocess(image[None]).numpy() for image in images], axis=1)
-        if self.engine == "openvino":
-            return dict(zip(self.views, self._ov_float_network().run(list(views))))
-        outputs = [self._tf_network(view[i : i + self.batch_size]).numpy()
-                   for i in range(0, len(images), self.batch_size) for view in views]
+    def _embed_mixed(self, images: list, group: int = MIXED_GROUP) -> dict[str, np.ndarray]:
+        """Images of different sizes, `group` at a time (so only a few resized images exist at once)."""
+        outputs = []
+        for lo in range(0, len(images), max(group, self.batch_size)):
+            chunk = images[lo : lo + max(group, self.batch_size)]
+            views = np.concatenate([self._preprocess(image[None]).numpy() for image in chunk], axis=1)
+            if self.engine == "openvino":
+                outputs += self._ov_float_network().run(list(views))
+            else:
+                outputs += [self._tf_network(view[i : i + self.batch_size]).numpy()
+                            for i in range(0, len(chunk), self.batch_size) for view in views]
         return split_views(outputs, self.views)
 
 

@@ -115,8 +115,9 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                         row += len(chunk.labels)
                     _wait(pending, bar)
                 if writer.rows_done == 0:
+                    file, reason = _skipped_lines(reader, skipped)[0]
                     raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
-                                    f"(first: {_skipped_lines(reader, skipped)[:1]})")
+                                    f"(the first, {file}: {reason})")
                 listed = _skipped_lines(reader, _all_skipped(reader, writer, skipped)) if reader.may_skip else []
                 writer.finish(listed)
             except OSError as exc:  # disk full, I/O error: committed chunks stay, the next run resumes

@@ -266,3 +266,22 @@ def test_openvino_conversion_failure_under_auto_falls_back_to_tensorflow(tiny_mo
     with pytest.raises(UserError, match="OpenVINO cannot convert model"):
         pipeline.extract(_key(tiny_model, tree), "test", data_dir=tree, cache_dir=tmp_path, progress=False,
                          engine="openvino")
+
+
+def test_mixed_sizes_are_embedded_in_groups_with_the_same_result(tiny_model):
+    rng = np.random.default_rng(2)
+    sizes = ((20, 30), (31, 17), (8, 8), (40, 22), (9, 50))
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    extractor = Extractor(load_model(str(tiny_model)), image_size=32, resize="bilinear", views=("plain", "flip"),
+                          engine="tensorflow", batch_size=2)
+    grouped = extractor._embed_mixed(images, group=3)
+    for view in ("plain", "flip"):
+        alone = np.concatenate([extractor.embed(image[None])[view] for image in images])
+        np.testing.assert_allclose(grouped[view], alone, atol=1e-5)
+
+
+def test_a_split_without_one_readable_image_is_one_error(tiny_model, tree, tmp_path):
+    for path in (tree / "test").rglob("*.png"):
+        path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"none of the 9 test images .* read \(the first, test/cat/000.png: empty"):
+        _extract(_key(tiny_model, tree), tree, tmp_path / "cache", split="test")
