@@ -93,3 +93,29 @@ def test_sweep_on_real_training_prefers_weaker_penalty_on_easy_data():
 def test_schedule_is_checked_by_the_config_itself():
     with pytest.raises(UserError, match="--schedule must be one of cosine, constant"):
         HeadConfig(schedule="linear").check()
+
+
+def test_training_and_plotting_leave_process_wide_state_alone(tmp_path):
+    """Seeds, op determinism and the plotting backend belong to the entry points, not to a fit."""
+    import random
+
+    import matplotlib
+    import tensorflow as tf
+
+    from featcache import plots
+
+    backend = matplotlib.get_backend()
+
+    def draws():
+        return np.random.rand(), random.random(), float(tf.random.uniform([]))
+
+    def seed_all():
+        np.random.seed(7), random.seed(7), tf.random.set_seed(7)
+
+    seed_all()
+    expected = draws()
+    seed_all()
+    trained = train(blobs(), blobs(n_per_class=5, seed=1), HeadConfig(epochs=1, seed=3, hidden=4, dropout=0.1))
+    plots.plot_history(trained.history, tmp_path / "curves.png")
+    assert draws() == expected
+    assert matplotlib.get_backend() == backend and (tmp_path / "curves.png").stat().st_size > 0
