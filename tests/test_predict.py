@@ -137,7 +137,8 @@ def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny
     model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
     model.save(custom / "head.keras")
     images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images[:8]
-    got = build_classifier(custom).classify(images)["probabilities"].numpy()
+    classifier = build_classifier(custom)  # kept: its tf.function holds the module only weakly
+    got = classifier.classify(images)["probabilities"].numpy()
     key = CacheKey.from_attrs(json.loads((custom / "config.json").read_text())["cache"])
     extractor = Extractor(load_model(str(tiny_model)), image_size=key.image_size, resize=key.resize,
                           views=("plain", "flip"), engine="tensorflow")
