@@ -158,7 +158,6 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
 def head_accuracy(cache_dir, precision) -> str:
     """The default head's test accuracy on the default full caches of one precision, if they exist."""
     from featcache.errors import UserError
-    from featcache.extractor import DEFAULT_MODEL, DEFAULT_RESIZE
     from featcache.head import HeadConfig, train
     from featcache.runs import load_features
     from featcache.selection import default_key

@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline, store
-from conftest import make_key, ROOT
+from featcache import pipeline
+from conftest import ROOT, make_key
 
 SELECTION = dict(image_size=32, views="plain")
 

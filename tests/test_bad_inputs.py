@@ -11,7 +11,7 @@ import time
 import h5py
 import pytest
 
-from conftest import make_key, ROOT, run_cli, save_tiny_model
+from conftest import ROOT, make_key, run_cli, save_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from featcache.sources import cifar
 from featcache.errors import UserError
+from featcache.sources import cifar
 from conftest import TEST_ROWS, TRAIN_PER_BATCH, write_batches
 
 

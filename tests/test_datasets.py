@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline, store
+from featcache import store
 from featcache.errors import UserError
 from featcache.sources import cifar
 from conftest import make_key, run_cli, save_tiny_model, write_cifar100

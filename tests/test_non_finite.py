@@ -12,7 +12,7 @@ from featcache import pipeline, store
 from featcache.errors import UserError
 from featcache.head import Features, HeadConfig, train
 from featcache.runs import ledger, run_experiment
-from conftest import make_key, TINY_DIM, run_cli, save_tiny_model, write_batches
+from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, write_batches
 
 COMMON = ["--image-size", "32", "--views", "plain"]
 

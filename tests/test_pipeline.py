@@ -9,18 +9,17 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.sources import cifar
 from featcache import ov_engine, pipeline, store
 from featcache.errors import UserError
 from featcache.extractor import Extractor, load_model
-from conftest import make_key, ROOT, TINY_DIM
+from featcache.sources import cifar
+from conftest import ROOT, TINY_DIM, make_key
 
 
 def _key(model, **kw):
     settings = dict(image_size=48, resize="bilinear", views="flip", limit=None)
     settings.update(kw)
-    return make_key(str(model), settings["image_size"], settings["resize"], settings["views"],
-                               settings["limit"])
+    return make_key(str(model), settings["image_size"], settings["resize"], settings["views"], settings["limit"])
 
 
 def _rows(path):

@@ -4,9 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.sources import cifar
 from featcache import extractor, ov_engine, pipeline, quantize, store
 from featcache.errors import UserError
+from featcache.sources import cifar
 from conftest import make_key, run_cli
 
 needs_openvino = pytest.mark.skipif(not (ov_engine.available() and quantize.nncf_available()),

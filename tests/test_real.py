@@ -3,7 +3,7 @@
 import numpy as np
 
 from featcache import pipeline, store
-from conftest import make_key, REAL_DATA, REAL_MODEL, requires_shared
+from conftest import REAL_DATA, REAL_MODEL, make_key, requires_shared
 
 
 @requires_shared()

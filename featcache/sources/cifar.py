@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
-from .base import SPLITS, Chunk, check_split
+from .base import Chunk, check_split
 
 
 @dataclass(frozen=True)
