@@ -6,8 +6,8 @@ import time
 import click
 from click.core import ParameterSource
 
-from featcache.cli import (DEFAULT_RUNS_DIR, SELECTION_NAMES, one_line_errors, selected_key, selection_options,
-                           setup_process, verbosity_options)
+from featcache.cli import (DEFAULT_RUNS_DIR, one_line_errors, selected_key, selection_options, setup_process,
+                           verbosity_options)
 from featcache.head import SCHEDULES, HeadConfig
 from featcache.errors import UserError
 from featcache.runs import format_ledger, format_table, ledger, parse_grid, run_experiment, run_grid
@@ -51,10 +51,9 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
         click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
         return
     started = time.perf_counter()
-    head_options = {name: value for name, value in options.items() if name not in SELECTION_NAMES}
-    key, cache_dir, _ = selected_key(options)
+    key, cache_dir, _ = selected_key(options)  # takes the selection options out; the head's remain
     views = key.views
-    config = HeadConfig(**head_options)
+    config = HeadConfig(**options)
     if views == "plain" and (config.flip_train or config.tta):
         asked = [f"--{name.replace('_', '-')}" for name in ("flip_train", "tta")
                  if click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runs, store
-from .cli import DEFAULT_CACHE_DIR
+from .cli import DEFAULT_CACHE_DIR, SELECTION_NAMES
 from .extractor import VIEWS
 from .head import HeadConfig, TrainedHead, train
 from .selection import select
@@ -42,15 +42,11 @@ def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -
     return CachedSplit(features.views, features.labels, features.class_names, store.attributes(path), path)
 
 
-SELECTION = ("dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop", "views", "limit",
-             "precision")
-
-
 def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     """Train one head on the cached train split and score it on test, as train_head.py does, without
     recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`.
     Keyword arguments: the selection options above, and HeadConfig's fields (epochs, lr, hidden, ...)."""
-    key = select(cache_dir, **{name: options.pop(name) for name in SELECTION if name in options})
+    key = select(cache_dir, **{name: options.pop(name) for name in SELECTION_NAMES if name in options})
     config = HeadConfig(**options).for_cached_views(key.views)
     config.check()
     train_split, _ = runs.load_features(key, "train", cache_dir, config.views_needed())

@@ -28,13 +28,7 @@ def select(cache_dir, model: str = DEFAULT_MODEL, image_size: int | None = None,
     root, fraction = "", 0.0
     if dataset == "folder":
         path = folder.check_root(data_dir)
-        root = str(path)
-        if not folder.is_nested(path):
-            fraction = folder.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
-            if not 0.0 < fraction < 1.0:
-                raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {fraction}")
-        elif test_fraction is not None:
-            raise UserError(f"{path} has train/ and test/ folders: they are the split, --test-fraction does not apply")
+        root, fraction = str(path), folder.split_fraction(path, test_fraction)
     elif test_fraction is not None:
         raise UserError("--test-fraction applies to --dataset folder only")
     model, sha256 = models.identity(model)

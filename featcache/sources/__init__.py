@@ -19,7 +19,7 @@ def open_split(key, split: str, data_dir=None, strict: bool = False):
         layout = cifar.LAYOUTS[key.dataset]
         return cifar.SplitSource(cifar.resolve_source(data_dir, layout), split, key.limit or None, layout)
     if key.dataset == "folder":
-        return folder.FolderSplit(key.data_dir, split, key.limit or None, key.test_fraction, strict=strict)
+        return folder.FolderSplit(key.data_dir, split, key.limit or None, key.test_fraction or None, strict=strict)
     raise UserError(f"unknown dataset {key.dataset!r}; choose one of {', '.join(DATASETS)}")
 
 

@@ -50,19 +50,30 @@ def check_root(data_dir) -> Path:
     return root
 
 
+def split_fraction(root: Path, asked: float | None) -> float:
+    """The share of files that forms the test split: 0 when ROOT has train/ and test/ folders (they are
+    the split), else `asked` (default DEFAULT_TEST_FRACTION), strictly between 0 and 1."""
+    if is_nested(root):
+        if asked is not None:
+            raise UserError(f"{root} has train/ and test/ folders: they are the split, --test-fraction does not apply")
+        return 0.0
+    fraction = DEFAULT_TEST_FRACTION if asked is None else asked
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    return fraction
+
+
 class FolderSplit:
     """One split of a class-folder tree."""
 
     may_skip = True
 
-    def __init__(self, root: Path, split: str, limit: int | None = None,
-                 test_fraction: float = DEFAULT_TEST_FRACTION, strict: bool = False):
+    def __init__(self, root: Path, split: str, limit: int | None = None, test_fraction: float | None = None,
+                 strict: bool = False):
         check_split(split)
         self.root, self.split, self.strict = check_root(root), split, strict
         self.nested = is_nested(self.root)
-        self.test_fraction = 0.0 if self.nested else test_fraction
-        if not self.nested and not 0.0 < test_fraction < 1.0:
-            raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+        self.test_fraction = split_fraction(self.root, test_fraction)
         self.class_names, files, labels = self._scan()
         if limit:  # a seeded subset in the same order, so it spans the classes
             keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(files))[:limit])
@@ -126,8 +137,7 @@ class FolderSplit:
         return None
 
     def attrs(self) -> dict:
-        return {"data_dir": str(self.root), "test_fraction": self.test_fraction,
-                "split_rule": "train/ and test/ folders" if self.nested else
+        return {"split_rule": "train/ and test/ folders" if self.nested else
                 f"seeded hash of the path (seed {SPLIT_SEED}), {self.test_fraction:g} to test"}
 
     def labels_of(self, items: np.ndarray) -> np.ndarray:
