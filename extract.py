@@ -6,6 +6,7 @@ import click
 from featcache.cli import one_line_errors, selected_key, selection_options, setup_process, verbosity_options
 from featcache.extractor import ENGINES
 from featcache.pipeline import extract, verify
+from featcache.runners import RUNNERS, make_runner
 from featcache.runs import existing_caches
 from featcache.sources import SPLITS
 
@@ -20,6 +21,12 @@ from featcache.sources import SPLITS
                    "Default: 1 (OpenVINO), 16 (TensorFlow on a CPU), 128 (GPU).")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
+@click.option("--runner", type=click.Choice(RUNNERS), default="local", show_default=True,
+              help="local: this process; ray: Ray workers on a cluster (one per CPU, or per GPU, by default).")
+@click.option("--ray-address", default=None, help="With --runner ray: the cluster to join (host:port, or auto for "
+              "the one running on this machine; default: RAY_ADDRESS if set, else a Ray started for this run).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --runner ray: how many workers (each loads the model once).")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
 @click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "
               "it and list it in the summary and the cache).")
@@ -28,7 +35,8 @@ from featcache.sources import SPLITS
               "or partial, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
-def main(split, chunk_size, batch_size, engine, force, strict, verify, list_caches, quiet, verbose, **selection):
+def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, force, strict, verify, list_caches,
+         quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
     if list_caches:
@@ -39,11 +47,12 @@ def main(split, chunk_size, batch_size, engine, force, strict, verify, list_cach
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
-    for one_split in splits:
-        result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
-                         batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,
-                         log=click.echo)
-        click.echo(result.summary())
+    with make_runner(runner, ray_address, workers, verbose) as runner:  # Ray's workers serve both splits
+        for one_split in splits:
+            result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
+                             batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,
+                             log=click.echo, runner=runner)
+            click.echo(result.summary())
 
 
 def verify_caches(key, splits, data_dir, cache_dir):

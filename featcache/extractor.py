@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
@@ -32,9 +32,8 @@ def load_model(handle: str):
     try:
         return hub.load(handle)
     except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"cannot load model {handle!r} ({reason}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
+            f"cannot load model {handle!r} ({first_line(exc, 200)}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
             "cache that holds it, or pass --model PATH to a local SavedModel folder"
         ) from None
 
@@ -135,6 +134,45 @@ def resolve_engine(engine: str, precision: str = "f32") -> str:
     return engine
 
 
+def library_versions() -> dict:
+    """What the cache records about the software that computed its vectors."""
+    import tensorflow as tf
+    import tensorflow_hub as hub
+
+    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__}
+
+
+@dataclass(frozen=True)
+class ExtractorSettings:
+    """An Extractor's settings without the loaded model: small and picklable, so each Ray worker builds its own."""
+
+    model: str
+    image_size: int = DEFAULT_IMAGE_SIZE
+    resize: str = DEFAULT_RESIZE
+    views: tuple[str, ...] = ("plain",)
+    batch_size: int | None = None
+    engine: str = "auto"
+    precision: str = "f32"
+    crop: str = "none"
+    input_shape: tuple | None = None
+    model_sha256: str = ""  # a local model folder's content hash, as the cache key has it
+
+    def build(self, quantizer=None, log=print, threads: int | None = None) -> tuple[Extractor, int | None]:
+        """Load the model: (its Extractor, the input size its signature fixes or None).
+
+        A local folder must still hold the model the cache key names (on another node, the same path
+        may hold other files)."""
+        from .models import fixed_input_size, identity
+
+        if self.model_sha256 and identity(self.model)[1] != self.model_sha256:
+            raise UserError(f"model folder {self.model} holds other files here than where the job started "
+                            "(its content hash differs)")
+        model = load_model(self.model)
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__
+                  if name not in ("model", "model_sha256")}
+        return Extractor(model, **fields, quantizer=quantizer, log=log, threads=threads), fixed_input_size(model)
+
+
 @dataclass
 class Extractor:
     """A loaded model plus its preprocessing: the 'mapper' stage of extraction."""
@@ -150,6 +188,7 @@ class Extractor:
     crop: str = "none"  # "center": the centered square of each image, before resizing
     input_shape: tuple | None = None  # (H, W) the source expects most images to have: compiled at load time
     log: object = print  # where the one-line notice of an OpenVINO fallback goes
+    threads: int | None = None  # OpenVINO's inference threads (None: all cores); a Ray worker uses its CPUs
 
     def __post_init__(self):
         import tensorflow as tf
@@ -175,8 +214,8 @@ class Extractor:
                 raise
             except Exception as exc:  # noqa: BLE001 - OpenVINO's converter fails in many ways
                 if asked != "auto":
-                    raise UserError(f"OpenVINO cannot convert model {self.model_name}: {_first_line(exc)}") from None
-                self.log(f"note: OpenVINO cannot convert this model ({_first_line(exc)}); using TensorFlow instead")
+                    raise UserError(f"OpenVINO cannot convert model {self.model_name}: {first_line(exc)}") from None
+                self.log(f"note: OpenVINO cannot convert this model ({first_line(exc)}); using TensorFlow instead")
                 self.engine = "tensorflow"
                 if self.batch_size == 1 and not self._asked_batch_size:
                     self.batch_size = 16
@@ -210,7 +249,7 @@ class Extractor:
                 out = self._tf_network(blank).numpy()
                 break
             except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
-                failure = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                failure = first_line(exc)
         else:
             raise UserError(f"model cannot take {self.image_size}x{self.image_size} float images: {failure}")
         if out.ndim != 2 or out.shape[0] != 2 or not np.issubdtype(out.dtype, np.floating):
@@ -232,7 +271,7 @@ class Extractor:
             if self.precision == "int8":
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
                                              resize=self.resize)
-            self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize)
+            self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize, self.threads)
         return self._ov_networks[height, width]
 
     def _ov_float_network(self):
@@ -247,7 +286,7 @@ class Extractor:
                                 "this chunk mixes sizes: use --precision f32 or bf16")
             spec = tf.TensorSpec([self.batch_size, self.image_size, self.image_size, 3], tf.float32)
             self._ov_networks["float"] = OpenVinoNetwork(tf.function(self._network, input_signature=[spec]),
-                                                         self.precision)
+                                                         self.precision, threads=self.threads)
         return self._ov_networks["float"]
 
     def _network_inputs(self, images: np.ndarray):
@@ -286,11 +325,6 @@ class Extractor:
                 outputs += [self._tf_network(view[i : i + self.batch_size]).numpy()
                             for i in range(0, len(chunk), self.batch_size) for view in views]
         return split_views(outputs, self.views)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def split_views(outputs: list[np.ndarray], views: tuple[str, ...]) -> dict[str, np.ndarray]:

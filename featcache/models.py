@@ -83,7 +83,11 @@ def checked_size(handle: str, fixed: int | None, size: int) -> int:
 
 def remember_input_size(model, handle: str, sha256: str, cache_dir) -> int | None:
     """The loaded model's fixed input size, kept under `<cache_dir>/models/` for the next selection."""
-    fixed = fixed_input_size(model)
+    return record_input_size(fixed_input_size(model), handle, sha256, cache_dir)
+
+
+def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) -> int | None:
+    """Keep a fixed input size found elsewhere (by a Ray worker, say) for the next selection."""
     if cache_dir:
         _write_atomically(_record(handle, sha256, cache_dir),
                           {"model": handle, "model_sha256": sha256, "fixed_input_size": fixed})

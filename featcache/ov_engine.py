@@ -49,7 +49,7 @@ class OpenVinoNetwork:
     """Image arrays in (uint8 [N,H,W,3], or preprocessed floats), float32 [N,D] out, from a tf.function with a
     static input signature."""
 
-    def __init__(self, tf_function, precision: str = "f32", quantize=None):
+    def __init__(self, tf_function, precision: str = "f32", quantize=None, threads: int | None = None):
         import openvino as ov
 
         concrete = tf_function.get_concrete_function()
@@ -58,8 +58,10 @@ class OpenVinoNetwork:
         if precision == "int8":
             model = quantize(model)
         hint = "bf16" if precision == "bf16" else "f32"
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                          "PERFORMANCE_HINT": "THROUGHPUT"})
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = ov.Core().compile_model(model, "CPU", config)
         self.dim = compiled.output(0).get_partial_shape()[1].get_length()
         # Twice the streams' optimum, so a stream never waits while Python queues the next batch.
         requests = 2 * max(1, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))

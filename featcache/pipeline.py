@@ -22,7 +22,8 @@ import numpy as np
 
 from . import __version__, models, quantize, sources, store
 from .errors import UserError
-from .extractor import VIEWS, check_engine_options
+from .extractor import VIEWS, ExtractorSettings, check_engine_options
+from .runners import LocalRunner
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ExtractResult:
     load_seconds: float = 0.0
     engine: str = ""
     skipped: list = field(default_factory=list)  # (file, reason) of source files that gave no row
+    report: list = field(default_factory=list)  # the runner's lines: per-worker throughput, rows per node
 
     @property
     def images_per_second(self) -> float:
@@ -48,12 +50,14 @@ class ExtractResult:
         line = (f"done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s, {self.engine}; model load {self.load_seconds:.1f} s)"
                 f"{skipped} -> {self.path}")
-        return "\n".join([line] + [f"  skipped {file}: {reason}" for file, reason in self.skipped])
+        return "\n".join([line] + [f"  {text}" for text in self.report]
+                         + [f"  skipped {file}: {reason}" for file, reason in self.skipped])
 
 
 def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", chunk_size=1024,
-            batch_size=None, force=False, engine="auto", strict=False, progress=True, log=print) -> ExtractResult:
-    """Build (or resume, or confirm) the cache for one split."""
+            batch_size=None, force=False, engine="auto", strict=False, progress=True, log=print,
+            runner=None) -> ExtractResult:
+    """Build (or resume, or confirm) the cache for one split; `runner` embeds (default: runners.LocalRunner)."""
     for name, value in (("chunk size", chunk_size), ("batch size", batch_size or 1)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -69,27 +73,27 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with --force to rebuild it")
 
-    with store.locked(path):  # taken before the slow model load, so a second writer hears at once
-        from .extractor import Extractor, load_model  # TensorFlow loads only when there is work
-
+    runner = runner or LocalRunner()
+    views = VIEWS[key.views]
+    settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=views,
+                                 batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
+                                 input_shape=reader.image_shape, model_sha256=key.model_sha256)
+    with store.locked(path), contextlib.ExitStack() as stack:  # locked before the slow model load
         started = time.perf_counter()
         quantizer = None
         if key.precision == "int8":  # calibrated on the train split's images, whichever split this is
             train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
             quantizer = quantize.Int8Quantizer(train_reader, key.model_dir(cache_dir) / "int8")
-        model = load_model(key.model)
-        models.checked_size(key.model, models.remember_input_size(model, key.model, key.model_sha256, cache_dir),
-                            key.image_size)
-        extractor = Extractor(model, image_size=key.image_size, resize=key.resize,
-                              views=VIEWS[key.views], batch_size=batch_size, engine=engine, precision=key.precision,
-                              quantizer=quantizer, crop=key.crop, input_shape=reader.image_shape, log=log)
+        mapper = stack.enter_context(runner.open(settings, quantizer, log))
+        models.checked_size(key.model, models.record_input_size(mapper.fixed_input_size, key.model,
+                                                                key.model_sha256, cache_dir), key.image_size)
         loaded = time.perf_counter()
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
-                     engine=extractor.engine, source=reader.where, tool_version=__version__, chunk_size=chunk_size,
-                     batch_size=extractor.batch_size, **reader.attrs(), **_versions(),
+                     engine=mapper.engine, source=reader.where, tool_version=__version__, chunk_size=chunk_size,
+                     batch_size=mapper.batch_size, **reader.attrs(), **mapper.versions,
                      **(quantizer.describe() if quantizer else {}))
         files = reader.files if reader.may_skip else None
-        with store.CacheWriter(path, attrs, extractor.dim, extractor.views, restart=force, files=files) as writer:
+        with store.CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files) as writer:
             start = writer.next_item
             if writer.resumed:
                 log(f"resuming {writer.partial} at row {writer.rows_done} (item {start} of {reader.rows})")
@@ -101,13 +105,12 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                 with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
                     pending = None  # at most one chunk waits to be committed
                     row, item = writer.rows_done, start
-                    for chunk in prefetched(reader.chunks(chunk_size, start)):
+                    for chunk, vectors in mapper.map(prefetched(reader.chunks(chunk_size, start))):
                         skipped.update(chunk.skipped)
                         read, item = chunk.next_item - item, chunk.next_item
-                        if not len(chunk.labels):
+                        if vectors is None:
                             bar.update(read)
                             continue
-                        vectors = extractor.embed(chunk.images)
                         _wait(pending, bar)
                         pending = None
                         _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
@@ -127,8 +130,8 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                 bar.close()
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
-                             engine=extractor.engine + ("" if key.precision == "f32" else f" {key.precision}"),
-                             skipped=listed)
+                             engine=mapper.engine + ("" if key.precision == "f32" else f" {key.precision}"),
+                             skipped=listed, report=mapper.report())
 
 
 def _all_skipped(reader, writer, skipped: dict[int, str]) -> dict[int, str]:
@@ -205,13 +208,6 @@ def _target(key: store.CacheKey, split: str, data_dir, cache_dir, strict=False):
     if not reader.may_skip:
         expected["rows"] = reader.rows
     return reader, key.path(cache_dir, split), expected
-
-
-def _versions() -> dict:
-    import tensorflow as tf
-    import tensorflow_hub as hub
-
-    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__}
 
 
 def _progress_bar(total: int, initial: int, split: str, enabled: bool):

@@ -95,7 +95,7 @@ def test_cache_without_checksums_stays_readable(tiny_model, cifar_root, tmp_path
     assert views["plain"].shape == (5, 4) and labels.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_a_model_that_emits_nan_stops_extract_at_that_chunk_and_the_fixed_model_resumes(tiny_model, tmp_path):
+def test_a_model_that_emits_nan_stops_extract_at_that_chunk_and_the_fixed_model_is_a_new_cache(tiny_model, tmp_path):
     data = tmp_path / "data"
     write_batches(data)
     batch = data / "data_batch_1"
@@ -118,14 +118,17 @@ def test_a_model_that_emits_nan_stops_extract_at_that_chunk_and_the_fixed_model_
         assert int(f.attrs["rows_done"]) == 16
 
     shutil.rmtree(model)
-    save_tiny_model(model)  # the fixed model, same path, same output size
-    resumed = pipeline.extract(key, "train", data_dir=data, cache_dir=cache, chunk_size=8, engine="tensorflow",
-                               progress=False)
-    assert resumed.processed == resumed.rows - 16
-    clean = pipeline.extract(key, "train", data_dir=data, cache_dir=tmp_path / "clean", engine="tensorflow",
+    save_tiny_model(model)  # the fixed model in the same folder: another model, by its contents
+    with pytest.raises(UserError, match="holds other files here than where the job started"):
+        pipeline.extract(key, "train", data_dir=data, cache_dir=cache, chunk_size=8, engine="tensorflow",
+                         progress=False)  # the old key names the faulty model: its rows never mix with the fixed one's
+    fixed = pipeline.extract(_key(model), "train", data_dir=data, cache_dir=cache, chunk_size=8, engine="tensorflow",
                              progress=False)
-    with h5py.File(resumed.path, "r") as a, h5py.File(clean.path, "r") as b:
-        assert a["embeddings"].shape == (resumed.rows, TINY_DIM)
+    assert fixed.path != path and fixed.processed == fixed.rows
+    clean = pipeline.extract(_key(model), "train", data_dir=data, cache_dir=tmp_path / "clean", engine="tensorflow",
+                             progress=False)
+    with h5py.File(fixed.path, "r") as a, h5py.File(clean.path, "r") as b:
+        assert a["embeddings"].shape == (fixed.rows, TINY_DIM)
         np.testing.assert_allclose(a["embeddings"][:], b["embeddings"][:], atol=1e-6, rtol=0)
 
 

@@ -1,0 +1,77 @@
+"""Runners of stage 1's mapper: what turns chunks of images into embeddings, here or on a cluster.
+
+pipeline.extract reads chunks and writes the cache itself; a runner only opens a mapper, whose
+`map(chunks)` gives back each chunk with its embeddings, in order. The local runner embeds in
+this process; `ray_runner.RayRunner` spreads the chunks over Ray actors. Both build the same
+Extractor from the same ExtractorSettings, so their caches hold the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from .errors import UserError
+from .extractor import library_versions
+
+RUNNERS = ("local", "ray")
+
+
+@dataclass
+class LocalMapper:
+    extractor: object
+    fixed_input_size: int | None
+
+    @property
+    def engine(self) -> str:
+        return self.extractor.engine
+
+    @property
+    def batch_size(self) -> int:
+        return self.extractor.batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.extractor.dim
+
+    @property
+    def versions(self) -> dict:
+        return library_versions()
+
+    def map(self, chunks):
+        """(chunk, {view: float32 [N, D]}) per chunk, in order; a chunk without rows gets None."""
+        for chunk in chunks:
+            yield chunk, self.extractor.embed(chunk.images) if len(chunk.labels) else None
+
+    def report(self) -> list[str]:
+        return []
+
+
+class LocalRunner:
+    """The extractor in this process (one model, all of this machine's cores)."""
+
+    name = "local"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @contextlib.contextmanager
+    def open(self, settings, quantizer=None, log=print):
+        yield LocalMapper(*settings.build(quantizer, log))
+
+
+def make_runner(name: str, address: str | None = None, workers: int | None = None, verbose: bool = False):
+    """The runner a CLI names; Ray's options mean nothing to the local runner, so they are refused there."""
+    if name not in RUNNERS:
+        raise UserError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")
+    if name == "local":
+        given = [flag for flag, value in (("--ray-address", address), ("--workers", workers)) if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} only apply to --runner ray")
+        return LocalRunner()
+    from .ray_runner import RayRunner
+
+    return RayRunner(address=address, workers=workers, verbose=verbose)
