@@ -43,11 +43,12 @@ def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, fo
         cache_dir = selection["cache_dir"]
         click.echo("\n".join(f"  {line}" for line in existing_caches(cache_dir)) or f"no caches in {cache_dir}")
         return
+    runner = make_runner(runner, ray_address, workers, verbose)  # before anything slow: Ray missing is one line
     key, cache_dir, data_dir = selected_key(selection)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
-    with make_runner(runner, ray_address, workers, verbose) as runner:  # Ray's workers serve both splits
+    with runner:  # Ray's workers serve both splits
         for one_split in splits:
             result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
                              batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,

@@ -70,7 +70,7 @@ def make_runner(name: str, address: str | None = None, workers: int | None = Non
     if name == "local":
         given = [flag for flag, value in (("--ray-address", address), ("--workers", workers)) if value is not None]
         if given:
-            raise UserError(f"{' and '.join(given)} only apply to --runner ray")
+            raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --runner ray only")
         return LocalRunner()
     from .ray_runner import RayRunner
 

@@ -133,6 +133,17 @@ def test_extract_image_size_the_model_cannot_take(cifar_root, tmp_path):
     assert not list((tmp_path / "c").rglob("*.h5"))
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--workers", "2"], "--workers applies to --runner ray only"),
+    (["--ray-address", "auto", "--workers", "2"], "--ray-address and --workers apply to --runner ray only"),
+])
+def test_ray_options_without_the_ray_runner(cifar_root, tiny_model, tmp_path, options, message):
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tiny_model,
+                  "--cache-dir", tmp_path, *options)
+    _fails_cleanly(out, message)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
 def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_path):
     args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
             "--model", str(tiny_model), "--image-size", "32", "--chunk-size", "1", "--batch-size", "1",
