@@ -1,10 +1,10 @@
-"""Stage 1 end to end: a source's split -> chunks -> extractor -> HDF5 cache.
+"""Stage 1 end to end: a source's split -> chunks -> embeddings -> HDF5 cache.
 
-reader (sources.open_split(...).chunks) -> mapper (Extractor.embed) -> writer (store.CacheWriter).
-The three overlap: a thread reads and decodes the next chunk, and another commits the
-previous one, while the extractor embeds the current one. Each finished chunk is
-committed, so a rerun continues where a crashed run stopped; a complete, matching cache
-is reported up to date before TensorFlow is even imported.
+reader (sources.open_split(...).chunks) -> mapper (a runner's: the Extractor in this process, or
+Ray workers) -> writer (store.CacheWriter). The three overlap: a thread reads and decodes the next
+chunk, and another commits the previous one, while the mapper embeds the current one. Each
+finished chunk is committed, so a rerun continues where a crashed run stopped; a complete,
+matching cache is reported up to date before TensorFlow is even imported.
 """
 
 from __future__ import annotations
@@ -78,13 +78,12 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
     settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=views,
                                  batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
                                  input_shape=reader.image_shape, model_sha256=key.model_sha256)
-    with store.locked(path), contextlib.ExitStack() as stack:  # locked before the slow model load
-        started = time.perf_counter()
-        quantizer = None
-        if key.precision == "int8":  # calibrated on the train split's images, whichever split this is
-            train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
-            quantizer = quantize.Int8Quantizer(train_reader, key.model_dir(cache_dir) / "int8")
-        mapper = stack.enter_context(runner.open(settings, quantizer, log))
+    quantizer = None
+    if key.precision == "int8":  # calibrated on the train split's images (read when first needed), whichever split
+        train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
+        quantizer = quantize.Int8Quantizer(train_reader, key.model_dir(cache_dir) / "int8")
+    started = time.perf_counter()
+    with store.locked(path), runner.open(settings, quantizer, log) as mapper:  # locked before the slow model load
         models.checked_size(key.model, models.record_input_size(mapper.fixed_input_size, key.model,
                                                                 key.model_sha256, cache_dir), key.image_size)
         loaded = time.perf_counter()

@@ -212,7 +212,7 @@ class RayMapper:
                 vectors, pid, seconds, peak_rss = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
                 raise UserError(f"ray worker {worker.index} on node {worker.node[:8]} ({worker.ip}) failed: "
-                                f"{_cause(exc)}") from None
+                                f"{_cause(exc)}; committed rows are kept and a rerun resumes from them") from None
             worker.in_flight -= 1
             worker.rows += rows
             worker.busy_seconds += seconds
