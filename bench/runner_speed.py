@@ -70,7 +70,8 @@ def main(data_dir, images, rounds, workers, ray_address):
         print(f"| {name} | {statistics.median(r['speed'] for r in runs):.1f} | "
               f"{statistics.median(r['wall'] for r in runs):.1f} | "
               f"{statistics.median(r['driver'] for r in runs):.2f} | {worker_rss or '-'} |")
-    ratio = statistics.median(r["speed"] for r in results["ray"]) / statistics.median(r["speed"] for r in results["local"])
+    speeds = {name: statistics.median(r["speed"] for r in runs) for name, runs in results.items()}
+    ratio = speeds["ray"] / speeds["local"]
     print(f"ray / local images/s: {ratio:.3f} (overhead {100 * (1 - ratio):.1f}%)")
 
 

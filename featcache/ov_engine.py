@@ -59,8 +59,8 @@ class OpenVinoNetwork:
             model = quantize(model)
         hint = "bf16" if precision == "bf16" else "f32"
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
-        if threads:
-            config.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)  # workers share cores: pinning put all on core 0
+        if threads:  # a Ray worker's share of the machine; pinned, two one-thread workers both ran on core 0
+            config.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)
         compiled = ov.Core().compile_model(model, "CPU", config)
         self.dim = compiled.output(0).get_partial_shape()[1].get_length()
         # Twice the streams' optimum, so a stream never waits while Python queues the next batch.

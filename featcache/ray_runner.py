@@ -34,7 +34,7 @@ from .extractor import MIXED_GROUP, library_versions
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 IN_FLIGHT_PER_WORKER = 2  # one piece being embedded, the next already there: a worker never waits for the driver
-MAX_RESTARTS = 3  # times Ray starts a dead worker again (reloading the model) and retries its chunks
+MAX_RESTARTS = 3  # times Ray starts a dead worker again (reloading the model) and retries its pieces
 # What a worker started by `ray start` on another node does not inherit from this shell but needs.
 FORWARDED_ENV = ("TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "TF_CPP_MIN_LOG_LEVEL", "TF_DETERMINISTIC_OPS")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -125,7 +125,10 @@ class RayMapper:
         self.ray = ray
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        count = workers or gpus or int(resources.get("CPU", 1))
+        slots = gpus or int(resources.get("CPU", 0))
+        count = workers or slots
+        if count > slots:  # Ray would keep the extra workers pending forever
+            raise UserError(f"--workers {count} needs one {'GPU' if gpus else 'CPU'} each; the Ray cluster has {slots}")
         self._options = dict(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=MAX_RESTARTS,
                              max_task_retries=MAX_RESTARTS)
         self._threads = None if gpus else 1

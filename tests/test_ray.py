@@ -179,6 +179,12 @@ def test_a_worker_that_cannot_load_the_model_fails_in_one_line_naming_its_node(c
     _wait_for_free_cpus()
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_an_error_not_a_hang(cluster, tiny_model, cifar_root, tmp_path):
+    with pytest.raises(UserError, match=f"--workers {CPUS + 1} needs one CPU each; the Ray cluster has {CPUS}"):
+        _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=CPUS + 1))
+    assert not list(tmp_path.rglob("*.h5"))
+
+
 def test_without_ray_the_runner_is_a_one_line_error(tiny_model, cifar_root, tmp_path):
     hidden = tmp_path / "no_ray" / "ray"
     hidden.mkdir(parents=True)
