@@ -287,10 +287,11 @@ class RayRunner:
                             "the driver); use --precision f32 or bf16 with --runner ray")
         failed = True
         try:
-            if self._mapper is None or settings != self._settings:
+            same = replace(settings, input_shape=None)  # only a hint of what to compile first: any size works
+            if self._mapper is None or same != self._settings:
                 self._stop_workers()
                 self._started_here = self._connect(ray) or self._started_here
-                self._mapper, self._settings = RayMapper(ray, settings, self.workers, log), settings
+                self._mapper, self._settings = RayMapper(ray, settings, self.workers, log), same
             self._mapper.reset_counts()
             yield self._mapper
             failed = False

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from featcache import pipeline, sources, store
 from featcache.errors import UserError
+from featcache.extractor import ExtractorSettings
 from featcache.runners import LocalRunner
 from conftest import ROOT, make_key
 
@@ -176,6 +178,19 @@ def test_a_worker_that_cannot_load_the_model_fails_in_one_line_naming_its_node(c
     message = str(error.value)
     assert re.match(r"ray worker \d on node [0-9a-f]{8} \(.+\): cannot load model ", message), message
     assert "\n" not in message
+    _wait_for_free_cpus()
+
+
+def test_one_job_keeps_its_workers_for_both_splits(cluster, tiny_model):
+    """extract.py's two splits: the model is loaded once per worker unless the settings change."""
+    settings = ExtractorSettings(str(tiny_model), image_size=IMAGE_SIZE, engine="tensorflow", input_shape=(32, 32))
+    with RayRunner(workers=2) as runner:
+        with runner.open(settings) as first:
+            pids = [worker.pids[-1] for worker in first.workers]
+        with runner.open(replace(settings, input_shape=(40, 50))) as second:  # a folder's other split
+            assert second is first and [worker.pids[-1] for worker in second.workers] == pids
+        with runner.open(replace(settings, image_size=IMAGE_SIZE + 8)) as third:
+            assert third is not first
     _wait_for_free_cpus()
 
 
