@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline, sources, store
+from featcache import pipeline, sources
 from featcache.errors import UserError
 from featcache.extractor import ExtractorSettings
 from featcache.runners import LocalRunner
