@@ -19,7 +19,7 @@ from .errors import UserError
 from .extractor import load_model, preprocess
 from .selection import default_key
 from .sources import legacy_class_names
-from .sources.folder import IMAGE_SUFFIXES, decode_file
+from .sources.folder import decode_file, is_image_name
 
 
 def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
@@ -95,8 +95,7 @@ def expand_paths(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir()
-                          if f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith("."))
+            out += sorted(f for f in p.iterdir() if is_image_name(f.name))
         else:
             out.append(p)
     return out

@@ -76,7 +76,7 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
         return tf.image.resize(basis, (n_out, 1), method=method)[:, :, 0, 0].numpy().T
 
 
-def preprocess_static(images, image_size: int, method: str):
+def preprocess_static(images, image_size: int, method: str, crop: str = "none"):
     """`preprocess` for a fixed input size, its resize as two constant matrix products.
 
     Same numbers as `preprocess` (a test checks), but made only of ops that OpenVINO's
@@ -84,6 +84,8 @@ def preprocess_static(images, image_size: int, method: str):
     """
     import tensorflow as tf
 
+    if crop == "center":
+        images = center_square(images)
     rows = tf.constant(resize_matrix(images.shape[1], image_size, method))
     cols = tf.constant(resize_matrix(images.shape[2], image_size, method))
     x = tf.image.convert_image_dtype(images, tf.float32)
@@ -94,6 +96,12 @@ def preprocess_static(images, image_size: int, method: str):
 
 ENGINES = ("auto", "tensorflow", "openvino")
 MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats x 2 views = 38 MB
+
+
+def batch_unit(images, batch_size: int, group: int = MIXED_GROUP) -> int:
+    """How many images `Extractor.embed` takes together: cut a chunk at multiples of this and every
+    network batch stays the same (an array goes in batches, a list of mixed sizes in groups)."""
+    return max(group, batch_size) if isinstance(images, list) else batch_size
 PRECISIONS = ("f32", "bf16", "int8")
 
 
@@ -265,8 +273,7 @@ class Extractor:
         if (height, width) not in self._ov_networks:
             spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
             graph = tf.function(lambda images: self._network(
-                preprocess_static(center_square(images) if self.crop == "center" else images, self.image_size,
-                                  self.resize)), input_signature=[spec])
+                preprocess_static(images, self.image_size, self.resize, self.crop)), input_signature=[spec])
             quantize = None
             if self.precision == "int8":
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
@@ -315,9 +322,9 @@ class Extractor:
 
     def _embed_mixed(self, images: list, group: int = MIXED_GROUP) -> dict[str, np.ndarray]:
         """Images of different sizes, `group` at a time (so only a few resized images exist at once)."""
-        outputs = []
-        for lo in range(0, len(images), max(group, self.batch_size)):
-            chunk = images[lo : lo + max(group, self.batch_size)]
+        outputs, step = [], batch_unit(images, self.batch_size, group)
+        for lo in range(0, len(images), step):
+            chunk = images[lo : lo + step]
             views = np.concatenate([self._preprocess(image[None]).numpy() for image in chunk], axis=1)
             if self.engine == "openvino":
                 outputs += self._ov_float_network().run(list(views))

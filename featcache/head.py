@@ -88,10 +88,7 @@ def split_validation(train: Features, fraction: float, seed: int) -> tuple[Featu
 
 
 def build_model(dim: int, config: HeadConfig, mean: np.ndarray, variance: np.ndarray, classes: int):
-    """Two Keras models sharing their layers: the head as saved (embedding -> standardize -> ... ->
-    softmax), and the trainer, the same layers without standardize (training standardises its
-    batches itself).
-    """
+    """The head as saved: embedding -> standardize -> [hidden ReLU] -> [dropout] -> softmax."""
     import keras
 
     def dense(units, activation, name, seed):  # seeded here: no process-wide random state is touched
@@ -106,15 +103,11 @@ def build_model(dim: int, config: HeadConfig, mean: np.ndarray, variance: np.nda
         layers.append(keras.layers.Dropout(config.dropout, seed=config.seed))
     layers.append(dense(classes, "softmax", "classes", config.seed + 1))
 
-    def stack(x):
-        for layer in layers:
-            x = layer(x)
-        return x
-
     inputs = keras.Input(shape=(dim,), name="embedding")
-    norm = keras.layers.Normalization(axis=-1, mean=mean, variance=variance, name="standardize")
-    standardized = keras.Input(shape=(dim,), name="standardized")
-    return keras.Model(inputs, stack(norm(inputs)), name="head"), keras.Model(standardized, stack(standardized))
+    x = keras.layers.Normalization(axis=-1, mean=mean, variance=variance, name="standardize")(inputs)
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
 
 
 class _Fitter:
@@ -125,30 +118,32 @@ class _Fitter:
     for a head this small; the model and the .keras file stay Keras.
     """
 
-    def __init__(self, trainer, config: HeadConfig, x: np.ndarray, y: np.ndarray, classes: int,
+    def __init__(self, model, config: HeadConfig, x: np.ndarray, y: np.ndarray, classes: int,
                  mean: np.ndarray, variance: np.ndarray):
         import keras
         import tensorflow as tf
 
-        self.trainer, self.config, self.classes = trainer, config, classes
+        self.model, self.config, self.classes = model, config, classes
         self.n, self.batch = len(y), config.batch_size
         self.steps = int(np.ceil(self.n / self.batch))
         lr = config.lr
         if config.schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(1, config.epochs * self.steps))
         self.optimizer = keras.optimizers.Adam(lr)
-        self.optimizer.build(trainer.trainable_variables)
+        self.optimizer.build(model.trainable_variables)
         self.loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
         # The data term alone (no penalty, no smoothing): what tells a fit that learnt from a diverged one.
         self.cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         self.x, self.y = _shared_tensor(x), tf.constant(y.astype(np.int32))
         self.mean, self.scale = tf.constant(mean), tf.constant(1.0 / np.sqrt(variance))
-        layers = [layer for layer in trainer.layers if not isinstance(layer, keras.layers.InputLayer)]
+        # The model's layers after its standardize layer, which the loop folds into the first one.
+        layers = [layer for layer in model.layers
+                  if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Normalization))]
         self.first, self.rest = layers[0], layers[1:]
         self.epoch = tf.function(self._epoch, input_signature=[tf.TensorSpec([], tf.int32)])
 
     def _forward(self, x, training: bool):
-        """The trainer on raw rows: standardisation folded into the first Dense layer's weights.
+        """The model on raw rows, its standardisation folded into the first Dense layer's weights.
 
         ((x - m) * s) @ W + b == x @ (s W) + (b - (m s) @ W), so a batch is never copied into a
         standardised one. The kernel goes in transposed, so that its gradient is dz^T @ x rather than
@@ -182,9 +177,9 @@ class _Fitter:
             with tf.GradientTape() as tape:
                 probs = self._forward(tf.gather(self.x, rows), training=True)
                 loss = self.loss(tf.one_hot(labels, self.classes), probs)
-                if self.trainer.losses:
-                    loss += tf.add_n(self.trainer.losses)
-            variables = self.trainer.trainable_variables
+                if self.model.losses:
+                    loss += tf.add_n(self.model.losses)
+            variables = self.model.trainable_variables
             self.optimizer.apply(tape.gradient(loss, variables), variables)
             size = tf.cast(tf.shape(rows)[0], tf.float32)
             loss_sum += loss * size
@@ -264,9 +259,9 @@ def train(train_features: Features, test_features: Features | None, config: Head
     x, y = training_rows(fit_features, config.flip_train)
     mean, variance = x.mean(0), x.var(0) + 1e-6
     classes = len(train_features.class_names)
-    model, trainer = build_model(x.shape[1], config, mean, variance, classes)
+    model = build_model(x.shape[1], config, mean, variance, classes)
     started = time.perf_counter()
-    fitter = _Fitter(trainer, config, x, y, classes, mean, variance)
+    fitter = _Fitter(model, config, x, y, classes, mean, variance)
     untrained = fitter.untrained_cross_entropy()
     history: dict[str, list[float]] = {}
     for epoch in range(config.epochs):

@@ -68,7 +68,7 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
         from .extractor import load_model
 
         try:
-            fixed = remember_input_size(load_model(handle), handle, sha256, cache_dir)
+            fixed = record_input_size(fixed_input_size(load_model(handle)), handle, sha256, cache_dir)
         except UserError:
             fixed = None
     return checked_size(handle, fixed, asked or (fixed or default))
@@ -81,13 +81,8 @@ def checked_size(handle: str, fixed: int | None, size: int) -> int:
     return size
 
 
-def remember_input_size(model, handle: str, sha256: str, cache_dir) -> int | None:
-    """The loaded model's fixed input size, kept under `<cache_dir>/models/` for the next selection."""
-    return record_input_size(fixed_input_size(model), handle, sha256, cache_dir)
-
-
 def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) -> int | None:
-    """Keep a fixed input size found elsewhere (by a Ray worker, say) for the next selection."""
+    """Keep a model's fixed input size (or None) under `<cache_dir>/models/` for the next selection."""
     if cache_dir:
         _write_atomically(_record(handle, sha256, cache_dir),
                           {"model": handle, "model_sha256": sha256, "fixed_input_size": fixed})

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, first_line
-from .extractor import MIXED_GROUP, library_versions
+from .extractor import batch_unit, library_versions
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 IN_FLIGHT_PER_WORKER = 2  # one piece being embedded, the next already there: a worker never waits for the driver
@@ -196,8 +196,8 @@ class RayMapper:
             yield self._result(*waiting.popleft())
 
     def _pieces(self, images) -> list[tuple[int, int]]:
-        """[lo, hi) ranges: one per worker, each a whole number of network batches (of 32 images for mixed sizes)."""
-        unit = self.batch_size if not isinstance(images, list) else max(MIXED_GROUP, self.batch_size)
+        """[lo, hi) ranges: one per worker, each a whole number of the extractor's batches (or groups)."""
+        unit = batch_unit(images, self.batch_size)
         size = unit * max(1, math.ceil(len(images) / len(self.workers) / unit))
         return [(lo, min(lo + size, len(images))) for lo in range(0, len(images), size)]
 

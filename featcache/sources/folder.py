@@ -36,6 +36,11 @@ DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
 SHAPE_PROBE_FILES = 10  # files tried to find the size to compile for ahead
 
 
+def is_image_name(name: str) -> bool:
+    """A file name read as an image: an image suffix, and not hidden."""
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
 def is_nested(root: Path) -> bool:
     """True when ROOT holds train/ and test/ folders (each a class-folder tree)."""
     return (root / "train").is_dir() and (root / "test").is_dir()
@@ -201,6 +206,5 @@ def _image_files(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+        found += [Path(dirpath) / f for f in sorted(filenames) if is_image_name(f)]
     return found
