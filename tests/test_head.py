@@ -119,3 +119,48 @@ def test_training_and_plotting_leave_process_wide_state_alone(tmp_path):
     plots.plot_history(trained.history, tmp_path / "curves.png")
     assert draws() == expected
     assert matplotlib.get_backend() == backend and (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("schedule, smoothing, hidden", [("constant", 0.0, 0), ("cosine", 0.1, 8)])
+def test_fit_loop_takes_the_steps_keras_fit_takes(schedule, smoothing, hidden):
+    """The loop's own Adam, learning-rate schedule, folded standardisation and loss on logits give the
+    weights Keras' Adam and fit give the same model on the same batches (one batch per epoch)."""
+    import keras
+
+    from featcache import head
+
+    data = blobs(n_per_class=20, dim=16)
+    config = HeadConfig(epochs=4, batch_size=1000, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
+                        hidden=hidden, schedule=schedule, flip_train=False, tta=False)
+    x, y = head.training_rows(data, flip=False, seed=0)
+    mean, variance = head.column_stats(x)
+    ours = head.build_model(16, config, mean, variance + 1e-6, 10)
+    theirs = head.build_model(16, config, mean, variance + 1e-6, 10)
+    fitter = head._Fitter(ours, config, x, y, 10, mean, variance + 1e-6)
+    for epoch in range(config.epochs):
+        fitter.epoch(np.int32(epoch))
+    lr = (config.lr if schedule == "constant"
+          else keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs))
+    theirs.compile(keras.optimizers.Adam(lr), keras.losses.CategoricalCrossentropy(label_smoothing=smoothing))
+    theirs.fit(x, keras.ops.one_hot(y, 10), batch_size=len(y), epochs=config.epochs, shuffle=False, verbose=0)
+    for a, b in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    assert not np.allclose(ours.get_weights()[-1], head.build_model(16, config, mean, variance, 10).get_weights()[-1])
+
+
+def test_training_rows_are_every_view_row_once_in_a_seeded_order():
+    from featcache.head import column_stats, training_rows
+
+    data = blobs(n_per_class=7, dim=8)
+    x, y = training_rows(data, flip=True, seed=1)
+    rows = np.concatenate([data.views["plain"], data.views["flip"]])
+    labels = np.concatenate([data.labels, data.labels])
+    assert sorted(map(bytes, x)) == sorted(map(bytes, rows))  # the same rows ...
+    assert {bytes(r): l for r, l in zip(x, y)} == {bytes(r): l for r, l in zip(rows, labels)}  # ... and labels
+    assert not np.array_equal(x, rows)  # ... shuffled, the same way for the same seed only
+    np.testing.assert_array_equal(x, training_rows(data, flip=True, seed=1)[0])
+    assert not np.array_equal(x, training_rows(data, flip=True, seed=2)[0])
+    assert x.ctypes.data % 64 == 0  # TensorFlow shares it without a copy
+    mean, variance = column_stats(x, chunk=5)
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(variance, rows.var(0), rtol=1e-4)
