@@ -71,21 +71,48 @@ class Features:
     class_names: tuple[str, ...]
 
 
-def split_validation(train: Features, fraction: float, seed: int) -> tuple[Features, Features | None]:
-    """Hold out whole images (all their views), chosen by a seeded permutation."""
+def split_validation(train: Features, fraction: float, seed: int) -> tuple[np.ndarray | None, Features | None]:
+    """Hold out whole images (all their views), chosen by a seeded permutation: the indices of the
+    images left to fit on (None: all of them) and a copy of the held-out ones."""
     if fraction <= 0:
-        return train, None
+        return None, None
     n = len(train.labels)
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
     if n_val < 1 or n_val >= n:
         raise UserError(f"--val-split {fraction} leaves no rows to train or validate on ({n} images)")
-    val_idx, fit_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    val_idx = np.sort(order[:n_val])
+    val = Features({v: x[val_idx] for v, x in train.views.items()}, train.labels[val_idx], train.class_names)
+    return np.sort(order[n_val:]), val
 
-    def take(idx):
-        return Features({v: x[idx] for v, x in train.views.items()}, train.labels[idx], train.class_names)
 
-    return take(fit_idx), take(val_idx)
+@dataclass
+class TrainingData:
+    """What a fit reads, made once per validation split, seed and flip setting (a grid's runs share it)."""
+
+    key: tuple
+    x: np.ndarray
+    y: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    images: int
+    val: Features | None
+
+    @staticmethod
+    def key_of(features: Features, config: HeadConfig) -> tuple:
+        return id(features), config.val_split, config.seed, config.flip_train
+
+
+def training_data(features: Features, config: HeadConfig, reuse: TrainingData | None = None) -> TrainingData:
+    """The validation split and the shuffled training rows with their column statistics; `reuse`
+    (an earlier run's, on the same features) when it was made for the same split, seed and flips."""
+    key = TrainingData.key_of(features, config)
+    if reuse is not None and reuse.key == key:
+        return reuse
+    images, val = split_validation(features, config.val_split, config.seed)
+    x, y = training_rows(features, config.flip_train, config.seed, images)
+    mean, variance = column_stats(x)
+    return TrainingData(key, x, y, mean, variance + 1e-6, len(features.labels) if images is None else len(images), val)
 
 
 def build_model(dim: int, config: HeadConfig, mean: np.ndarray, variance: np.ndarray, classes: int):
@@ -124,7 +151,7 @@ class _Fitter:
     BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # Keras' Adam defaults
 
     def __init__(self, model, config: HeadConfig, x: np.ndarray, y: np.ndarray, classes: int,
-                 mean: np.ndarray, variance: np.ndarray):
+                 mean: np.ndarray, variance: np.ndarray, val: Features | None = None):
         import keras
         import tensorflow as tf
 
@@ -132,6 +159,10 @@ class _Fitter:
         self.n, self.batch = len(y), config.batch_size
         self.steps = int(np.ceil(self.n / self.batch))
         self.x, self.y = _shared_tensor(x), tf.constant(y.astype(np.int32))
+        self.val = None
+        if val is not None:  # scored in the epoch's graph, each of its views as `predict` would
+            self.val = ([tf.constant(val.views[v], tf.float32) for v in ("plain", "flip") if v != "flip" or config.tta],
+                        tf.constant(val.labels.astype(np.int32)))
         self.mean, self.scale = tf.constant(mean), tf.constant(1.0 / np.sqrt(variance))
         # The model's layers after its standardize layer, which the loop folds into the first one.
         layers = [layer for layer in model.layers
@@ -212,19 +243,33 @@ class _Fitter:
 
         _, loss_sum, entropy_sum, correct = tf.while_loop(
             lambda index, *_: index < self.steps, step, (tf.constant(0), tf.constant(0.0), tf.constant(0.0), tf.constant(0)))
-        return loss_sum / self.n, tf.cast(correct, tf.float32) / self.n, entropy_sum / self.n, before
+        results = {"loss": loss_sum / self.n, "accuracy": tf.cast(correct, tf.float32) / self.n,
+                   "cross_entropy": entropy_sum / self.n, "before": before}
+        if self.val is not None:
+            views, labels = self.val
+            probs = tf.add_n([tf.nn.softmax(self._logits(view, training=False)) for view in views]) / len(views)
+            truth = tf.gather(probs, labels, batch_dims=1)
+            results["val_loss"] = -tf.reduce_mean(tf.math.log(tf.clip_by_value(truth, SCORE_EPSILON, 1.0)))
+            results["val_accuracy"] = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probs, 1, output_type=tf.int32), labels),
+                                                             tf.float32))
+        return results
 
 
-def training_rows(features: Features, flip: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """All training rows (the flip view's as extra rows) in a seeded random order, in a buffer
-    TensorFlow can share: the fit loop then takes its batches as contiguous slices."""
+def training_rows(features: Features, flip: bool, seed: int,
+                  images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `images` (default: all; the flip view's as extra rows) in a seeded random order,
+    in a buffer TensorFlow can share: the fit loop then takes its batches as contiguous slices."""
     views = [features.views[v] for v in (("plain", "flip") if flip else ("plain",))]
-    n = sum(len(v) for v in views)
+    count = len(features.labels) if images is None else len(images)
+    n = count * len(views)
     x, y = _aligned_empty((n, views[0].shape[1]), np.float32), np.empty(n, np.int32)
-    place = np.random.default_rng(seed).permutation(n)  # row i of the views goes to place[i]
-    for view, here in zip(views, np.split(place, np.cumsum([len(v) for v in views])[:-1])):
-        x[here] = view
-        y[here] = features.labels
+    place = np.random.default_rng(seed).permutation(n).reshape(len(views), count)  # where each row goes
+    chunk = 4096  # rows of a view copied at a time: no temporary the size of the view
+    for view, places in zip(views, place):
+        for start in range(0, count, chunk):
+            here = places[start : start + chunk]
+            rows = slice(start, start + chunk) if images is None else images[start : start + chunk]
+            x[here], y[here] = view[rows], features.labels[rows]
     return x, y
 
 
@@ -271,9 +316,11 @@ def predict(model, features: Features, tta: bool, batch_size: int = 8192) -> np.
     return np.mean([probabilities(features.views[v]) for v in views], axis=0)
 
 
+SCORE_EPSILON = 1e-7  # probabilities are clipped to [this, 1] for the log loss
+
+
 def score(probs: np.ndarray, labels: np.ndarray) -> dict:
-    eps = 1e-7
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0))))
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], SCORE_EPSILON, 1.0))))
     return {"accuracy": float(np.mean(probs.argmax(1) == labels)), "loss": loss}
 
 
@@ -287,35 +334,32 @@ class TrainedHead:
     test_probs: np.ndarray | None = None
 
 
-def train(train_features: Features, test_features: Features | None, config: HeadConfig, verbose: int = 0) -> TrainedHead:
+def train(train_features: Features, test_features: Features | None, config: HeadConfig, verbose: int = 0,
+          data: TrainingData | None = None) -> TrainedHead:
     """Fit the head (optionally holding out a validation split) and score it.
 
     Every random choice is seeded from `config.seed` alone (initialisers, dropout, batches), so the
     same config gives the same head without touching process-wide random state.
 
     Validation accuracy per epoch (curves.png) and at the end (metrics.json) is computed the same
-    way, with TTA when TTA is on.
+    way, with TTA when TTA is on. `data` (see `training_data`) lets runs on the same rows share them.
     """
     import tensorflow as tf
 
     config.check()
-    fit_features, val_features = split_validation(train_features, config.val_split, config.seed)
-    x, y = training_rows(fit_features, config.flip_train, config.seed)
-    mean, variance = column_stats(x)
-    variance += 1e-6
+    data = training_data(train_features, config, reuse=data)
+    x, y, mean, variance, val_features = data.x, data.y, data.mean, data.variance, data.val
     classes = len(train_features.class_names)
     model = build_model(x.shape[1], config, mean, variance, classes)
     started = time.perf_counter()
-    fitter = _Fitter(model, config, x, y, classes, mean, variance)
+    fitter = _Fitter(model, config, x, y, classes, mean, variance, val_features)
     history: dict[str, list[float]] = {}
     for epoch in range(config.epochs):
-        loss, accuracy, cross_entropy, before = (float(v) for v in fitter.epoch(tf.constant(epoch, tf.int32)))
+        results = {name: float(value) for name, value in fitter.epoch(tf.constant(epoch, tf.int32)).items()}
+        before = results.pop("before")
         if epoch == 0:
             untrained = before
-        results = {"loss": loss, "accuracy": accuracy, "cross_entropy": cross_entropy}
-        if val_features is not None:
-            val = score(predict(model, val_features, config.tta), val_features.labels)
-            results.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        loss = results["loss"]
         for name, value in results.items():
             history.setdefault(name, []).append(value)
         if verbose:
@@ -325,7 +369,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
     fit_seconds = time.perf_counter() - started
     _refuse_divergence(history, config, classes, untrained)
     metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(y)),
-               "train_images": int(len(fit_features.labels))}
+               "train_images": data.images}
     if val_features is not None:
         metrics.update(val_accuracy=history["val_accuracy"][-1], val_loss=history["val_loss"][-1])
     test_probs = None
@@ -360,12 +404,13 @@ SWEEP_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID) -> tuple[float, list[dict]]:
     """Pick the L2 strength on a validation split carved from train: a coarse log grid, then
     half-decade steps around the best (Kornblith et al. / CLIP style). Test data is never seen."""
-    fraction = config.val_split or 0.2
+    config = replace(config, val_split=config.val_split or 0.2)
+    data = training_data(train_features, config)
     tried: dict[float, dict] = {}
 
     def evaluate(l2):
         if l2 not in tried:
-            metrics = train(train_features, None, replace(config, l2=l2, val_split=fraction)).metrics
+            metrics = train(train_features, None, replace(config, l2=l2), data=data).metrics
             tried[l2] = {"l2": l2, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics.get("val_loss")}
 
     def best_l2():

@@ -29,7 +29,7 @@ def plot_history(history: dict, path: Path, title: str = ""):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "training curves")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.88, wspace=0.25)  # fixed labels: no layout pass
     fig.savefig(path, dpi=100)
 
 

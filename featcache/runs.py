@@ -20,7 +20,7 @@ import numpy as np
 
 from . import plots, store
 from .errors import UserError
-from .head import Features, HeadConfig, sweep_l2, train
+from .head import Features, HeadConfig, sweep_l2, train, training_data
 from .selection import selection_args
 from .sources import legacy_class_names
 
@@ -164,9 +164,10 @@ def run_grid(key: store.CacheKey, cache_dir, runs_dir, config: HeadConfig, grid:
         one.check()
     views = ("plain", "flip") if any(one.views_needed() == ("plain", "flip") for one in configs) else ("plain",)
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, views)
-    rows = []
+    rows, data = [], None
     for overrides, one in zip(grid, configs):
-        trained = train(train_features, test_features, one)
+        data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and flips
+        trained = train(train_features, test_features, one, data=data)
         run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info)
         rows.append({**overrides, "val_acc": trained.metrics.get("val_accuracy"),
                      "test_acc": trained.metrics["test_accuracy"], "fit_s": trained.metrics["fit_seconds"],

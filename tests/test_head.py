@@ -37,9 +37,9 @@ def test_same_seed_same_result_other_seed_other_result():
 
 def test_validation_split_holds_out_whole_images():
     data = blobs()
-    fit, val = split_validation(data, 0.25, seed=0)
-    assert len(val.labels) == 150 and len(fit.labels) == 450
-    fit_rows = {row.tobytes() for row in fit.views["plain"]}
+    images, val = split_validation(data, 0.25, seed=0)
+    assert len(val.labels) == 150 and len(images) == 450
+    fit_rows = {row.tobytes() for row in data.views["plain"][images]}
     assert not any(row.tobytes() in fit_rows for row in val.views["plain"])
     np.testing.assert_array_equal(val.views["flip"] - val.views["plain"] != 0, True)
 
@@ -70,7 +70,7 @@ def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
 
     seen = []
 
-    def fake_train(features, test, config, verbose=0):
+    def fake_train(features, test, config, verbose=0, data=None):
         assert test is None, "the sweep must never see test data"
         seen.append(config.l2)
         score = -abs(np.log10(config.l2) + 3.4)  # best near 4e-4
@@ -164,3 +164,39 @@ def test_training_rows_are_every_view_row_once_in_a_seeded_order():
     mean, variance = column_stats(x, chunk=5)
     np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5)
     np.testing.assert_allclose(variance, rows.var(0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_validation_scores_are_those_of_the_saved_head(tta):
+    """The loop scores the validation split in its own graph; the saved Keras head, asked the same
+    way (with TTA when TTA is on), gives the same numbers."""
+    from featcache.head import predict, score
+
+    data = blobs(spread=4.0)
+    data.views["flip"] = data.views["plain"] + np.random.default_rng(5).normal(size=data.views["plain"].shape) * 2
+    trained = train(data, None, HeadConfig(epochs=2, batch_size=64, hidden=8, val_split=0.25, tta=tta))
+    _, val = split_validation(data, 0.25, seed=0)
+    expected = score(predict(trained.model, val, tta=tta), val.labels)
+    assert trained.metrics["val_accuracy"] == pytest.approx(expected["accuracy"], abs=1 / len(val.labels))
+    assert trained.metrics["val_loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    other = score(predict(trained.model, val, tta=not tta), val.labels)
+    assert trained.metrics["val_loss"] != pytest.approx(other["loss"], rel=1e-4)
+
+
+def test_runs_sharing_training_rows_match_runs_that_make_their_own():
+    """A grid's runs share the split and shuffled rows when their split, seed and flips agree."""
+    from dataclasses import replace
+
+    from featcache.head import training_data
+
+    data, test = blobs(), blobs(n_per_class=10, seed=2)
+    first = HeadConfig(epochs=2, batch_size=64, val_split=0.2)
+    shared = training_data(data, first)
+    other_lr = replace(first, lr=3e-3)
+    assert training_data(data, other_lr, reuse=shared) is shared
+    for differs in (dict(seed=1), dict(val_split=0.1), dict(flip_train=False)):
+        assert training_data(data, replace(first, **differs), reuse=shared) is not shared
+    assert training_data(blobs(), first, reuse=shared) is not shared  # other features
+    np.testing.assert_array_equal(train(data, test, other_lr, data=shared).test_probs,
+                                  train(data, test, other_lr).test_probs)
+    assert shared.images == 480 and len(shared.val.labels) == 120 and len(shared.y) == 960
