@@ -8,7 +8,7 @@ from click.core import ParameterSource
 
 from featcache.cli import (DEFAULT_RUNS_DIR, one_line_errors, selected_key, selection_options, setup_process,
                            verbosity_options)
-from featcache.head import SCHEDULES, HeadConfig
+from featcache.head import COMPUTES, SCHEDULES, HeadConfig
 from featcache.errors import UserError
 from featcache.runs import format_ledger, format_table, ledger, parse_grid, run_experiment, run_grid
 
@@ -34,6 +34,9 @@ DEFAULTS = HeadConfig()
 @click.option("--val-split", type=float, default=DEFAULTS.val_split, show_default=True,
               help="Fraction of train images held out for validation.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--compute", type=click.Choice(COMPUTES), default=DEFAULTS.compute, show_default=True,
+              help="Number format of the first layer's products in training steps. auto: bf16 with a hidden layer "
+                   "on a CPU with native bf16 (AVX512-BF16, AMX), else f32. The saved head is f32 either way.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--sweep", type=click.Choice(["l2"]), default=None,
               help="Choose --l2 on a validation split (--val-split, default 0.2), then refit on all rows.")

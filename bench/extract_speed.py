@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from featcache import cpu  # noqa: E402
 
 METHODS = {
     "seed": "seed: PIL LANCZOS resize of the whole array + Keras hub.KerasLayer predict",
@@ -97,13 +98,6 @@ def worker(method, model, data_dir, n, reps, batch_size, out):
     print(json.dumps({"rates": rates, "peak_rss_mb": _peak_rss_mb()}))
 
 
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 @click.command()
 @click.option("--images", default=256, show_default=True, help="Real test images embedded per run.")
 @click.option("--reps", default=3, show_default=True, help="Timed runs per method (median reported).")
@@ -134,7 +128,7 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-2000:]}")
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             vectors[method] = np.load(out_file)
-    print(f"CPU: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores; {images} real CIFAR-10 test images, "
+    print(f"CPU: {cpu.name()} ({cpu.noted_flags()}), {os.cpu_count()} cores; {images} real CIFAR-10 test images, "
           f"batch {batch_size or 'default'}, median of {reps} runs")
     print("| method | images/s | vs seed | vs tensorflow engine | vs openvino f32 | peak RSS (MB) "
           "| max abs diff vs tensorflow engine | max abs / mean cosine distance vs openvino f32 "
@@ -169,12 +163,6 @@ def head_accuracy(cache_dir, precision) -> str:
     except UserError:
         return f"- (no full caches: extract.py --precision {precision})"
     return f"{train(train_features, test_features, config).metrics['test_accuracy']:.4f}"
-
-
-def cpu_flags() -> str:
-    flags = set(open("/proc/cpuinfo").read().split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
 
 if __name__ == "__main__":

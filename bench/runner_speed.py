@@ -25,7 +25,7 @@ import click
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.extract_speed import cpu_flags, cpu_name  # noqa: E402
+from featcache import cpu  # noqa: E402
 
 
 def run(args: list[str]) -> dict:
@@ -62,7 +62,7 @@ def main(data_dir, images, rounds, workers, ray_address):
                 results[name].append(result)
                 print(f"round {round_ + 1} {name}: {result['speed']:.1f} images/s, wall {result['wall']:.1f} s, "
                       f"driver peak RSS {result['driver']:.2f} GB, workers {result['workers']}", flush=True)
-    print(f"\nCPU: {cpu_name()} ({cpu_flags()}); {images} train images, plain view, {rounds} rounds, medians")
+    print(f"\nCPU: {cpu.name()} ({cpu.noted_flags()}); {images} train images, plain view, {rounds} rounds, medians")
     print("| runner | images/s | wall s | driver peak RSS GB | worker peak RSS GB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, runs in results.items():

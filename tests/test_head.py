@@ -131,7 +131,7 @@ def test_fit_loop_takes_the_steps_keras_fit_takes(schedule, smoothing, hidden):
 
     data = blobs(n_per_class=20, dim=16)
     config = HeadConfig(epochs=4, batch_size=1000, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
-                        hidden=hidden, schedule=schedule, flip_train=False, tta=False)
+                        hidden=hidden, schedule=schedule, flip_train=False, tta=False, compute="f32")
     x, y = head.training_rows(data, flip=False, seed=0)
     mean, variance = head.column_stats(x)
     ours = head.build_model(16, config, mean, variance + 1e-6, 10)
@@ -200,3 +200,25 @@ def test_runs_sharing_training_rows_match_runs_that_make_their_own():
     np.testing.assert_array_equal(train(data, test, other_lr, data=shared).test_probs,
                                   train(data, test, other_lr).test_probs)
     assert shared.images == 480 and len(shared.val.labels) == 120 and len(shared.y) == 960
+
+
+def test_bf16_products_are_a_training_choice_that_auto_makes_only_for_hidden_layers_on_native_bf16(monkeypatch):
+    from featcache import head
+
+    monkeypatch.setattr(head, "native_bf16", lambda: True)
+    assert HeadConfig(hidden=8).resolved_compute() == "bf16"
+    assert HeadConfig(hidden=0).resolved_compute() == "f32"  # memory-bound: casts would only cost
+    assert HeadConfig(hidden=8, compute="f32").resolved_compute() == "f32"
+    monkeypatch.setattr(head, "native_bf16", lambda: False)
+    assert HeadConfig(hidden=8).resolved_compute() == "f32"
+    assert HeadConfig(hidden=0, compute="bf16").resolved_compute() == "bf16"
+    with pytest.raises(UserError, match="--compute must be one of auto, f32, bf16"):
+        HeadConfig(compute="f16").check()
+
+    data, test = blobs(seed=0), blobs(n_per_class=20, seed=0)
+    runs = {compute: train(data, test, HeadConfig(epochs=20, batch_size=64, hidden=16, compute=compute))
+            for compute in ("f32", "bf16")}
+    assert {c: r.metrics["compute"] for c, r in runs.items()} == {"f32": "f32", "bf16": "bf16"}
+    assert runs["bf16"].metrics["test_accuracy"] > 0.95
+    assert not np.array_equal(runs["f32"].model.get_weights()[0], runs["bf16"].model.get_weights()[0])
+    assert runs["bf16"].model.get_weights()[0].dtype == np.float32  # the saved head stays f32
