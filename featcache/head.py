@@ -262,15 +262,18 @@ class _Fitter:
             labels = self.y[start : start + self.batch]
             with tf.GradientTape() as tape:
                 logits = self._logits(self.x[start : start + self.batch], training=True)
-                targets = tf.one_hot(labels, self.classes) * (1 - smoothing) + smoothing / self.classes
-                loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
+                entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)  # per row
+                if smoothing:
+                    targets = tf.one_hot(labels, self.classes) * (1 - smoothing) + smoothing / self.classes
+                    loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
+                else:
+                    loss = tf.reduce_mean(entropy)
                 if self.model.losses:
                     loss += tf.add_n(self.model.losses)
             self._adam(tape.gradient(loss, self.variables))
             hits = tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels)
             return (index + 1, loss_sum + loss * tf.cast(tf.shape(labels)[0], tf.float32),
-                    entropy_sum + tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)),
-                    correct + tf.reduce_sum(tf.cast(hits, tf.int32)))
+                    entropy_sum + tf.reduce_sum(entropy), correct + tf.reduce_sum(tf.cast(hits, tf.int32)))
 
         _, loss_sum, entropy_sum, correct = tf.while_loop(
             lambda index, *_: index < self.steps, step, (tf.constant(0), tf.constant(0.0), tf.constant(0.0), tf.constant(0)))
