@@ -61,8 +61,7 @@ def main(runs, checkouts, cache_dir, precision, settings):
     from featcache import cpu
     from featcache.runs import parse_grid
 
-    overrides = parse_grid([f"{name}={value}" for name, _, value in (s.partition("=") for s in settings)]
-                           if settings else [])[0]
+    overrides = parse_grid(settings)[0]  # NAME=VALUE parsed and typed as train_head.py --grid does
     roots = [ROOT, *map(Path, checkouts)]
     results: dict[Path, list[dict]] = {root: [] for root in roots}
     for _ in range(runs):

@@ -102,6 +102,8 @@ def batch_unit(images, batch_size: int, group: int = MIXED_GROUP) -> int:
     """How many images `Extractor.embed` takes together: cut a chunk at multiples of this and every
     network batch stays the same (an array goes in batches, a list of mixed sizes in groups)."""
     return max(group, batch_size) if isinstance(images, list) else batch_size
+
+
 PRECISIONS = ("f32", "bf16", "int8")
 
 

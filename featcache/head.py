@@ -165,20 +165,19 @@ class _Fitter:
 
     BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # Keras' Adam defaults
 
-    def __init__(self, model, config: HeadConfig, x: np.ndarray, y: np.ndarray, classes: int,
-                 mean: np.ndarray, variance: np.ndarray, val: Features | None = None):
+    def __init__(self, model, config: HeadConfig, data: TrainingData, classes: int):
         import keras
         import tensorflow as tf
 
         self.model, self.config, self.classes = model, config, classes
-        self.n, self.batch = len(y), config.batch_size
+        self.n, self.batch = len(data.y), config.batch_size
         self.steps = int(np.ceil(self.n / self.batch))
-        self.x, self.y = _shared_tensor(x), tf.constant(y.astype(np.int32))
+        self.x, self.y = _shared_tensor(data.x), tf.constant(data.y.astype(np.int32))
         self.val = None
-        if val is not None:  # scored in the epoch's graph, each of its views as `predict` would
-            self.val = ([tf.constant(val.views[v], tf.float32) for v in scored_views(config.tta)],
-                        tf.constant(val.labels.astype(np.int32)))
-        self.mean, self.scale = tf.constant(mean), tf.constant(1.0 / np.sqrt(variance))
+        if data.val is not None:  # scored in the epoch's graph, each of its views as `predict` would
+            self.val = ([tf.constant(data.val.views[v], tf.float32) for v in scored_views(config.tta)],
+                        tf.constant(data.val.labels.astype(np.int32)))
+        self.mean, self.scale = tf.constant(data.mean), tf.constant(1.0 / np.sqrt(data.variance))
         # The model's layers after its standardize layer, which the loop folds into the first one.
         layers = [layer for layer in model.layers
                   if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Normalization))]
@@ -276,7 +275,8 @@ class _Fitter:
                     entropy_sum + tf.reduce_sum(entropy), correct + tf.reduce_sum(tf.cast(hits, tf.int32)))
 
         _, loss_sum, entropy_sum, correct = tf.while_loop(
-            lambda index, *_: index < self.steps, step, (tf.constant(0), tf.constant(0.0), tf.constant(0.0), tf.constant(0)))
+            lambda index, *_: index < self.steps, step,
+            (tf.constant(0), tf.constant(0.0), tf.constant(0.0), tf.constant(0)))
         results = {"loss": loss_sum / self.n, "accuracy": tf.cast(correct, tf.float32) / self.n,
                    "cross_entropy": entropy_sum / self.n, "before": before}
         if self.val is not None:
@@ -284,8 +284,8 @@ class _Fitter:
             probs = tf.add_n([tf.nn.softmax(self._logits(view, training=False)) for view in views]) / len(views)
             truth = tf.gather(probs, labels, batch_dims=1)
             results["val_loss"] = -tf.reduce_mean(tf.math.log(tf.clip_by_value(truth, SCORE_EPSILON, 1.0)))
-            results["val_accuracy"] = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probs, 1, output_type=tf.int32), labels),
-                                                             tf.float32))
+            hits = tf.equal(tf.argmax(probs, 1, output_type=tf.int32), labels)
+            results["val_accuracy"] = tf.reduce_mean(tf.cast(hits, tf.float32))
         return results
 
 
@@ -386,11 +386,10 @@ def train(train_features: Features, test_features: Features | None, config: Head
 
     config.check()
     data = training_data(train_features, config, reuse=data)
-    x, y, mean, variance, val_features = data.x, data.y, data.mean, data.variance, data.val
     classes = len(train_features.class_names)
-    model = build_model(x.shape[1], config, mean, variance, classes)
+    model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
     started = time.perf_counter()
-    fitter = _Fitter(model, config, x, y, classes, mean, variance, val_features)
+    fitter = _Fitter(model, config, data, classes)
     history: dict[str, list[float]] = {}
     for epoch in range(config.epochs):
         results = {name: float(value) for name, value in fitter.epoch(tf.constant(epoch, tf.int32)).items()}
@@ -406,9 +405,9 @@ def train(train_features: Features, test_features: Features | None, config: Head
             break
     fit_seconds = time.perf_counter() - started
     _refuse_divergence(history, config, classes, untrained)
-    metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(y)), "train_images": data.images,
-               "compute": "bf16" if fitter.bf16 else "f32"}
-    if val_features is not None:
+    metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(data.y)),
+               "train_images": data.images, "compute": "bf16" if fitter.bf16 else "f32"}
+    if data.val is not None:
         metrics.update(val_accuracy=history["val_accuracy"][-1], val_loss=history["val_loss"][-1])
     test_probs = None
     if test_features is not None:

@@ -132,11 +132,11 @@ def test_fit_loop_takes_the_steps_keras_fit_takes(schedule, smoothing, hidden):
     data = blobs(n_per_class=20, dim=16)
     config = HeadConfig(epochs=4, batch_size=1000, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
                         hidden=hidden, schedule=schedule, flip_train=False, tta=False, compute="f32")
-    x, y = head.training_rows(data, flip=False, seed=0)
-    mean, variance = head.column_stats(x)
-    ours = head.build_model(16, config, mean, variance + 1e-6, 10)
-    theirs = head.build_model(16, config, mean, variance + 1e-6, 10)
-    fitter = head._Fitter(ours, config, x, y, 10, mean, variance + 1e-6)
+    rows = head.training_data(data, config)
+    x, y, mean, variance = rows.x, rows.y, rows.mean, rows.variance
+    ours = head.build_model(16, config, mean, variance, 10)
+    theirs = head.build_model(16, config, mean, variance, 10)
+    fitter = head._Fitter(ours, config, rows, 10)
     for epoch in range(config.epochs):
         fitter.epoch(np.int32(epoch))
     lr = (config.lr if schedule == "constant"
