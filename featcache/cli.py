@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import io
 import os
 import re
@@ -29,7 +31,8 @@ NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:
 
 
 def setup_process(verbose: bool):
-    """Process-wide settings of a CLI run, made before TensorFlow is imported: deterministic ops, and quiet.
+    """Process-wide settings of a CLI run, made before TensorFlow is imported: deterministic ops, a quick
+    exit, and quiet.
 
     Without --verbose no TensorFlow log line reaches the terminal: the CUDA probes on machines
     without a GPU, oneDNN's notice, a NodeDef warning from tf.data. This TensorFlow logs them
@@ -38,6 +41,10 @@ def setup_process(verbose: bool):
     stderr (our errors, progress bars, tracebacks) is written past the filter, unchanged.
     """
     os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")  # same seed, same head, on a GPU too
+    # Exit without a last cyclic collection over the ~1M objects TensorFlow's import leaves: 1.4 of the
+    # 1.5 s `python -c "import tensorflow"` spent exiting here. (Spack does the same; only finalizers of
+    # cyclic garbage alive at exit are skipped, which Python never promises to run.)
+    atexit.register(gc.freeze)
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

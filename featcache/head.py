@@ -8,7 +8,6 @@ test time the probabilities of both views can be averaged (TTA).
 
 from __future__ import annotations
 
-import mmap
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from .cpu import native_bf16
 from .errors import UserError
+from .memory import fresh_array, shared_tensor
 
 
 SCHEDULES = ("cosine", "constant")
@@ -172,7 +172,7 @@ class _Fitter:
         self.model, self.config, self.classes = model, config, classes
         self.n, self.batch = len(data.y), config.batch_size
         self.steps = int(np.ceil(self.n / self.batch))
-        self.x, self.y = _shared_tensor(data.x), tf.constant(data.y.astype(np.int32))
+        self.x, self.y = shared_tensor(data.x), tf.constant(data.y.astype(np.int32))
         self.val = None
         if data.val is not None:  # scored in the epoch's graph, each of its views as `predict` would
             self.val = ([tf.constant(data.val.views[v], tf.float32) for v in scored_views(config.tta)],
@@ -296,7 +296,7 @@ def training_rows(features: Features, flip: bool, seed: int,
     views = [features.views[v] for v in (("plain", "flip") if flip else ("plain",))]
     count = len(features.labels) if images is None else len(images)
     n = count * len(views)
-    x, y = _aligned_empty((n, views[0].shape[1]), np.float32), np.empty(n, np.int32)
+    x, y = fresh_array((n, views[0].shape[1]), np.float32), np.empty(n, np.int32)
     place = np.random.default_rng(seed).permutation(n).reshape(len(views), count)  # where each row goes
     chunk = 4096  # rows of a view copied at a time: no temporary the size of the view
     for view, places in zip(views, place):
@@ -319,26 +319,6 @@ def column_stats(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarr
     return mean.astype(np.float32), np.maximum(squares / len(x) - mean**2, 0).astype(np.float32)
 
 
-TF_ALIGNMENT = 64  # bytes; TensorFlow uses a CPU buffer in place (DLPack) only when it is this aligned
-
-
-def _aligned_empty(shape, dtype) -> np.ndarray:
-    """An array in fresh anonymous memory: page-aligned, so TensorFlow can share it. Also without
-    the transparent-huge-page request numpy makes for big arrays, whose first touch took 0.6-1.3 s
-    for the default 512 MB rows here against 0.5 s."""
-    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return np.frombuffer(mmap.mmap(-1, size), dtype, count=int(np.prod(shape))).reshape(shape)
-
-
-def _shared_tensor(x: np.ndarray):
-    """The array as a tf.Tensor without copying it (0.45 s for the default 512 MB) when TensorFlow allows."""
-    import tensorflow as tf
-
-    if x.flags.c_contiguous and x.ctypes.data % TF_ALIGNMENT == 0:
-        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
-    return tf.convert_to_tensor(x)
-
-
 def scored_views(tta: bool) -> tuple[str, ...]:
     return ("plain", "flip") if tta else ("plain",)
 
@@ -348,6 +328,7 @@ def predict(model, features: Features, tta: bool, batch_size: int = 8192) -> np.
     views = scored_views(tta)
 
     def probabilities(x):
+        x = shared_tensor(x)  # batches sliced from a tensor: 0.024 s vs 0.045 s for the default test rows here
         return np.concatenate([np.asarray(model(x[i : i + batch_size], training=False))
                                for i in range(0, len(x), batch_size)])
 

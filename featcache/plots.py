@@ -45,12 +45,14 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path:
     np.add.at(counts, (labels, predicted), 1)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     side = max(7.0, 0.16 * n + 3)
-    fig = Figure(figsize=(side + 1, side), layout="constrained")  # measured 0.24 s a plot vs 0.34 s tight_layout
+    fontsize = 8 if n <= CELL_TEXT_UP_TO else 6
+    rotation = 45 if n <= CELL_TEXT_UP_TO else 90
+    fig = Figure(figsize=(side + 1, side))
+    _fit_margins(fig, class_names, fontsize, rotation)
     ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fontsize = 8 if n <= CELL_TEXT_UP_TO else 6
-    ax.set_xticks(range(n), class_names, rotation=90 if n > CELL_TEXT_UP_TO else 45, ha="right" if n <= CELL_TEXT_UP_TO
-                  else "center", fontsize=fontsize)
+    ax.set_xticks(range(n), class_names, rotation=rotation, ha="right" if rotation == 45 else "center",
+                  fontsize=fontsize)
     ax.set_yticks(range(n), class_names, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -63,3 +65,19 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path:
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(title or f"test confusion matrix (accuracy {accuracy:.4f})")
     fig.savefig(path, dpi=100)
+
+
+def _fit_margins(fig, class_names, fontsize: float, rotation: int):
+    """Margins that fit the longest class name, measured with the font rather than by a layout pass
+    (constrained layout draws the figure twice: 0.27 vs 0.18 s a 10-class plot here)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure, font = TextToPath(), FontProperties(size=fontsize)
+    longest = max((measure.get_text_width_height_descent(str(name), font, ismath=False)[0] for name in class_names),
+                  default=0.0) / 72  # inches
+    line, axis_label = 1.3 * fontsize / 72, 0.45  # a tick label's height; an axis label with its pad
+    below = longest * np.sin(np.radians(rotation)) + line * np.cos(np.radians(rotation))
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=(longest + 0.1 + axis_label) / width, right=1 - 0.9 / width,
+                        bottom=(below + 0.1 + axis_label) / height, top=1 - 0.45 / height)

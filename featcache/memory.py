@@ -1,0 +1,37 @@
+"""Fresh arrays for the big buffers (cache rows, training rows): prefilled by the kernel in one
+call, and page-aligned, so TensorFlow can use them in place.
+
+Measured here (2-core AMD EPYC VM) for 256 MB in fresh processes: numpy's own allocation took
+0.05-0.85 s to first touch (it asks for transparent huge pages, and the kernel compacts memory
+for them on the spot), touching a plain anonymous mapping 0.22 s, one populated by the kernel
+in the mmap call 0.10-0.15 s. Reading the default train cache into one: 0.28 s vs numpy's 0.18-0.67 s.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+TF_ALIGNMENT = 64  # bytes; TensorFlow uses a CPU buffer in place (DLPack) only when it is this aligned
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages are touched as they are written
+
+
+def fresh_array(shape, dtype) -> np.ndarray:
+    """An uninitialised array in a fresh anonymous mapping (page-aligned)."""
+    count = int(np.prod(shape))
+    size = max(1, count * np.dtype(dtype).itemsize)
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+    else:
+        buffer = mmap.mmap(-1, size)
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
+
+
+def shared_tensor(x: np.ndarray):
+    """The array as a tf.Tensor without copying it (0.45 s for the default 512 MB) when TensorFlow allows."""
+    import tensorflow as tf
+
+    if x.flags.c_contiguous and x.ctypes.data % TF_ALIGNMENT == 0:
+        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+    return tf.convert_to_tensor(x)
