@@ -55,7 +55,7 @@ def test_the_filter_drops_only_log_lines_and_verbose_keeps_them():
 
 
 EXIT_PROBE = f"""
-import gc, sys
+import sys
 sys.path.insert(0, {str(ROOT)!r})
 if sys.argv[1] == "cli":
     from featcache.cli import setup_process
