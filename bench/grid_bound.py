@@ -2,9 +2,9 @@
 """Stage 2 grid: does a grid finish in less than (TensorFlow import + its fits + 5 s)?
 
 Each round runs, per checkout, `train_head.py --grid ...` as a user would (fresh process, wall clock,
-runs recorded in a temporary folder) and then `python -c "import tensorflow"` (median of 3), and prints the wall
-time against that bound, the fits' own seconds (from each run's metrics.json) and the rest. Rounds
-alternate between checkouts for a before/after on a shared, noisy machine.
+runs recorded in a temporary folder) and then `python -c "import tensorflow"` (median of 3), and
+prints the wall time against that bound, the fits' own seconds (from each run's metrics.json) and
+the rest. Rounds alternate between checkouts for a before/after on a shared, noisy machine.
 
     python bench/grid_bound.py [--rounds 5] [--checkout /path/to/old/clone] [-- extra train_head.py options]
 """
@@ -40,7 +40,8 @@ def one_round(checkout: Path, options: tuple[str, ...], cache_dir: str) -> dict:
         wall = timed([sys.executable, "train_head.py", *GRID, *options, "--cache-dir", cache_dir,
                       "--runs-dir", runs_dir, "--quiet"], checkout)
         fits = [json.loads(p.read_text())["fit_seconds"] for p in sorted(Path(runs_dir).glob("*/metrics.json"))]
-    tf_import = statistics.median(timed([sys.executable, "-c", "import tensorflow"], checkout) for _ in range(IMPORTS))
+    tf_import = statistics.median(timed([sys.executable, "-c", "import tensorflow"], checkout)
+                                  for _ in range(IMPORTS))
     bound = tf_import + sum(fits) + ALLOWANCE
     return {"wall": wall, "import": tf_import, "fits": sum(fits), "runs": len(fits), "bound": bound,
             "rest": wall - tf_import - sum(fits)}
@@ -61,7 +62,8 @@ def main(rounds, checkouts, cache_dir, options):
         for root in roots:
             r = one_round(root, options, cache_dir)
             results[root].append(r)
-            print(f"{root}: wall {r['wall']:.2f} s, bound {r['bound']:.2f} s ({'met' if r['wall'] < r['bound'] else 'MISSED'}); "
+            verdict = "met" if r["wall"] < r["bound"] else "MISSED"
+            print(f"{root}: wall {r['wall']:.2f} s, bound {r['bound']:.2f} s ({verdict}); "
                   f"import {r['import']:.2f} s, {r['runs']} fits {r['fits']:.2f} s, rest {r['rest']:.2f} s", flush=True)
     print(f"CPU: {cpu.name()} ({cpu.noted_flags()}); grid {' '.join(GRID + tuple(options))}; medians of {rounds}:")
     for root, rows in results.items():
