@@ -18,7 +18,7 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages are touch
 
 
 def fresh_array(shape, dtype) -> np.ndarray:
-    """An uninitialised array in a fresh anonymous mapping (page-aligned)."""
+    """A zero-filled array in a fresh anonymous mapping (page-aligned)."""
     count = int(np.prod(shape))
     size = max(1, count * np.dtype(dtype).itemsize)
     if hasattr(mmap, "MAP_ANONYMOUS"):
