@@ -105,7 +105,8 @@ def split_validation(train: Features, fraction: float, seed: int) -> tuple[np.nd
 class TrainingData:
     """What a fit reads, made once per validation split, seed and flip setting (a grid's runs share it)."""
 
-    key: tuple
+    source: Features  # held, not its id: an id is reused once its object is freed
+    settings: tuple
     x: np.ndarray
     y: np.ndarray
     mean: np.ndarray
@@ -114,20 +115,21 @@ class TrainingData:
     val: Features | None
 
     @staticmethod
-    def key_of(features: Features, config: HeadConfig) -> tuple:
-        return id(features), config.val_split, config.seed, config.flip_train
+    def settings_of(config: HeadConfig) -> tuple:
+        return config.val_split, config.seed, config.flip_train
 
 
 def training_data(features: Features, config: HeadConfig, reuse: TrainingData | None = None) -> TrainingData:
     """The validation split and the shuffled training rows with their column statistics; `reuse`
     (an earlier run's, on the same features) when it was made for the same split, seed and flips."""
-    key = TrainingData.key_of(features, config)
-    if reuse is not None and reuse.key == key:
+    settings = TrainingData.settings_of(config)
+    if reuse is not None and reuse.source is features and reuse.settings == settings:
         return reuse
     images, val = split_validation(features, config.val_split, config.seed)
     x, y = training_rows(features, config.flip_train, config.seed, images)
     mean, variance = column_stats(x)
-    return TrainingData(key, x, y, mean, variance + 1e-6, len(features.labels) if images is None else len(images), val)
+    return TrainingData(features, settings, x, y, mean, variance + 1e-6,
+                        len(features.labels) if images is None else len(images), val)
 
 
 def build_model(dim: int, config: HeadConfig, mean: np.ndarray, variance: np.ndarray, classes: int):
