@@ -3,8 +3,9 @@
 
 import click
 
-from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, setup_process
+from featcache.cli import one_line_errors, setup_process
 from featcache.classifier import build_classifier, export, resolve_run
+from featcache.settings import DEFAULT_RUNS_DIR
 
 
 @click.command()

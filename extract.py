@@ -3,25 +3,24 @@
 
 import click
 
-from featcache.cli import one_line_errors, selected_key, selection_options, setup_process, verbosity_options
-from featcache.extractor import ENGINES
+from featcache.cli import (as_flags, list_caches_lines, one_line_errors, selected_key, selection_options,
+                           setup_process, verbosity_options)
 from featcache.pipeline import extract, verify
-from featcache.runners import RUNNERS, make_runner
-from featcache.runs import existing_caches
-from featcache.sources import SPLITS
+from featcache.runners import make_runner
+from featcache.settings import DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, ENGINES, RUNNERS, SPLITS
 
 
 @click.command()
 @click.option("--split", type=click.Choice(SPLITS + ("all",)), default="all", show_default=True)
 @selection_options
-@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
               help="Images per committed chunk (what a crash can cost at most).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass of the frozen network (not train_head.py's rows per training step). "
                    "Default: 1 (OpenVINO), 16 (TensorFlow on a CPU), 128 (GPU).")
-@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
-@click.option("--runner", type=click.Choice(RUNNERS), default="local", show_default=True,
+@click.option("--runner", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER, show_default=True,
               help="local: this process; ray: Ray workers on a cluster (one per CPU, or per GPU, by default).")
 @click.option("--ray-address", default=None, help="With --runner ray: the cluster to join (host:port, or auto for "
               "the one running on this machine; default: RAY_ADDRESS if set, else a Ray started for this run).")
@@ -41,10 +40,10 @@ def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, fo
     setup_process(verbose)
     if list_caches:
         cache_dir = selection["cache_dir"]
-        click.echo("\n".join(f"  {line}" for line in existing_caches(cache_dir)) or f"no caches in {cache_dir}")
+        click.echo("\n".join(f"  {line}" for line in list_caches_lines(cache_dir)) or f"no caches in {cache_dir}")
         return
     runner = make_runner(runner, ray_address, workers, verbose)  # before anything slow: Ray missing is one line
-    key, cache_dir, data_dir = selected_key(selection)
+    key, cache_dir, data_dir = selected_key(selection, stage=1)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
@@ -53,7 +52,7 @@ def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, fo
             result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
                              batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,
                              log=click.echo, runner=runner)
-            click.echo(result.summary())
+            click.echo(result.summary(words=as_flags))
 
 
 def verify_caches(key, splits, data_dir, cache_dir):

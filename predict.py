@@ -6,9 +6,10 @@ import sys
 
 import click
 
-from featcache.cli import DEFAULT_RUNS_DIR, one_line_errors, setup_process
+from featcache.cli import one_line_errors, setup_process
 from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
 from featcache.errors import UserError
+from featcache.settings import DEFAULT_RUNS_DIR
 
 
 @click.command()

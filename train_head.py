@@ -6,11 +6,12 @@ import time
 import click
 from click.core import ParameterSource
 
-from featcache.cli import (DEFAULT_RUNS_DIR, one_line_errors, selected_key, selection_options, setup_process,
-                           verbosity_options)
-from featcache.head import COMPUTES, SCHEDULES, HeadConfig
+from featcache.cli import (format_ledger, format_table, one_line_errors, parse_grid, selected_key, selection_options,
+                           setup_process, verbosity_options)
 from featcache.errors import UserError
-from featcache.runs import format_ledger, format_table, ledger, parse_grid, run_experiment, run_grid
+from featcache.records import ledger
+from featcache.runs import run_experiment, run_grid
+from featcache.settings import COMPUTES, DEFAULT_RUNS_DIR, SCHEDULES, HeadConfig
 
 DEFAULTS = HeadConfig()
 
@@ -54,7 +55,7 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
         click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
         return
     started = time.perf_counter()
-    key, cache_dir, _ = selected_key(options)  # takes the selection options out; the head's remain
+    key, cache_dir, _ = selected_key(options, stage=2)  # takes the selection options out; the head's remain
     views = key.views
     config = HeadConfig(**options)
     if views == "plain" and (config.flip_train or config.tta):

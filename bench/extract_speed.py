@@ -72,7 +72,8 @@ def _seed_method(model, batch_size):
 
 
 def _our_engine(model, method, batch_size, data_dir, scratch):
-    from featcache.extractor import Extractor, load_model
+    from featcache.extractor import Extractor
+    from featcache.models import load_model
     from featcache.sources import cifar
     from featcache.quantize import Int8Quantizer
 
@@ -152,8 +153,9 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
 def head_accuracy(cache_dir, precision) -> str:
     """The default head's test accuracy on the default full caches of one precision, if they exist."""
     from featcache.errors import UserError
-    from featcache.head import HeadConfig, train
-    from featcache.runs import load_features
+    from featcache.head import train
+    from featcache.settings import HeadConfig
+    from featcache.cache.read import load_features
     from featcache.selection import default_key
 
     key, config = replace(default_key(), precision=precision), HeadConfig()

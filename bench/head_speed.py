@@ -26,8 +26,9 @@ import json, os, sys, time
 sys.path.insert(0, os.environ["HEAD_SPEED_ROOT"])
 from dataclasses import replace
 import tensorflow  # imported before the clock starts, as train_head.py has by then
-from featcache.head import HeadConfig, train
-from featcache.runs import load_features
+from featcache.head import train
+from featcache.settings import HeadConfig
+from featcache.cache.read import load_features
 from featcache.selection import default_key
 config = HeadConfig(**json.loads(sys.argv[1]))
 key = replace(default_key(), precision=sys.argv[3])
@@ -59,7 +60,7 @@ def one_run(checkout: Path, settings: dict, cache_dir: str, precision: str) -> d
               help="HeadConfig field, e.g. --setting hidden=2048 --setting epochs=15 (repeatable).")
 def main(runs, checkouts, cache_dir, precision, settings):
     from featcache import cpu
-    from featcache.runs import parse_grid
+    from featcache.cli import parse_grid
 
     overrides = parse_grid(settings)[0]  # NAME=VALUE parsed and typed as train_head.py --grid does
     roots = [ROOT, *map(Path, checkouts)]

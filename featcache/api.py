@@ -1,12 +1,14 @@
-"""The Python API, for notebooks and other libraries: cached features as numpy, and one head experiment.
+"""The Python API, for notebooks and other libraries: extract a cache, read it as numpy, train a head.
 
-    from featcache.api import load_cache, run_head
-    train = load_cache("train")                 # numpy only: TensorFlow is not imported
+    from featcache.api import extract, load_cache, run_head
+    extract("train", limit=1000); extract("test", limit=1000)   # stage 1 (loads the network)
+    train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
-    result = run_head(epochs=5, hidden=0)       # metrics, the Keras model, history; not recorded
+    result = run_head(limit=1000, epochs=5)    # metrics, the Keras model, history; not recorded
 
-Both take the selection options of the CLIs as keyword arguments (cache_dir, dataset, data_dir,
-test_fraction, model, image_size, resize, crop, views, limit, precision), with the same defaults.
+Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
+test_fraction, model, image_size, resize, crop, views, limit, precision), with the defaults of
+featcache.settings. Errors are featcache.errors.UserError, naming these parameters.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runs, store
-from .cli import DEFAULT_CACHE_DIR, SELECTION_NAMES
-from .extractor import VIEWS
-from .head import HeadConfig, TrainedHead, train
-from .selection import select
+from .cache.read import attributes, load_features
+from .errors import UserError
+from .head import TrainedHead, train
+from .pipeline import ExtractResult
+from .pipeline import extract as extract_split
+from .selection import SELECTION_NAMES, select, select_cached
+from .settings import DEFAULT_CACHE_DIR, HeadConfig, views_of
 
 
 @dataclass
@@ -34,21 +38,36 @@ class CachedSplit:
     path: Path
 
 
-def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:
-    """Read one complete, checked cache (settings, checksums, NaN/Inf) without importing TensorFlow."""
+def _split_selection(options: dict) -> dict:
+    return {name: options.pop(name) for name in SELECTION_NAMES if name in options and name != "cache_dir"}
+
+
+def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> ExtractResult:
+    """Build (or resume, or confirm) one split's cache, as extract.py does. Keyword arguments: the selection
+    settings above, and pipeline.extract's (chunk_size, batch_size, engine, force, strict, progress, runner)."""
+    selection = _split_selection(options)
     key = select(cache_dir, **selection)
-    features, info = runs.load_features(key, split, cache_dir, VIEWS[key.views])
+    return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
+
+
+def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:
+    """Read one complete, checked cache (settings, checksums, NaN/Inf, labels) without importing TensorFlow."""
+    key = select_cached(cache_dir, **selection)
+    features, info = load_features(key, split, cache_dir, views_of(key.views))
     path = Path(info["path"])
-    return CachedSplit(features.views, features.labels, features.class_names, store.attributes(path), path)
+    return CachedSplit(features.views, features.labels, features.class_names, attributes(path), path)
 
 
 def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     """Train one head on the cached train split and score it on test, as train_head.py does, without
     recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`.
-    Keyword arguments: the selection options above, and HeadConfig's fields (epochs, lr, hidden, ...)."""
-    key = select(cache_dir, **{name: options.pop(name) for name in SELECTION_NAMES if name in options})
+    Keyword arguments: the selection settings above, and HeadConfig's fields (epochs, lr, hidden, ...)."""
+    key = select_cached(cache_dir, **_split_selection(options))
+    unknown = sorted(set(options) - set(HeadConfig().to_dict()))
+    if unknown:
+        raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
     config = HeadConfig(**options).for_cached_views(key.views)
     config.check()
-    train_split, _ = runs.load_features(key, "train", cache_dir, config.views_needed())
-    test_split, _ = runs.load_features(key, "test", cache_dir, config.views_needed())
+    train_split, _ = load_features(key, "train", cache_dir, config.views_needed())
+    test_split, _ = load_features(key, "test", cache_dir, config.views_needed())
     return train(train_split, test_split, config)

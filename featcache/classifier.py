@@ -9,16 +9,15 @@ saves it as a SavedModel, so both give the same numbers, and the export loads wi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from . import runs, store
+from .cache.layout import CacheKey
 from .errors import UserError
-from .extractor import load_model, preprocess
-from .selection import default_key
-from .sources import legacy_class_names
+from .extractor import preprocess
+from .models import call_kwargs, load_model
+from .records import ledger, read_config
 from .sources.folder import decode_file, is_image_name
 
 
@@ -26,7 +25,7 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
     """(run folder, why it was chosen): the named run, or else among the runs on the default cache
     settings (all runs if none is) the best by validation accuracy, or else the latest.
 
-    A quick `--limit 1000` run with a validation split thus never outranks the full default run.
+    A quick run on a 1,000-image limit with a validation split thus never outranks the full default run.
     """
     runs_dir = Path(runs_dir)
     if run_id:
@@ -34,10 +33,10 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
         if not (run_dir / "head.keras").exists():
             raise UserError(f"no run {run_id!r} with a head.keras in {runs_dir}")
         return run_dir, "as asked"
-    rows = [r for r in runs.ledger(runs_dir) if (runs_dir / r["run"] / "head.keras").exists()]
+    rows = [r for r in ledger(runs_dir) if (runs_dir / r["run"] / "head.keras").exists()]
     if not rows:
         raise UserError(f"no runs in {runs_dir}; train one with: python train_head.py")
-    on_default = [r for r in rows if r["key"] == default_key()]
+    on_default = [r for r in rows if r["key"] == CacheKey()]
     pool, where = (on_default, "on the default cache settings") if on_default else (rows, "(none is on the default cache settings)")
     with_val = [r for r in pool if r["val_acc"] is not None]
     if with_val:
@@ -45,29 +44,25 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
     return runs_dir / max(r["run"] for r in pool), f"latest run {where}"
 
 
-def run_class_names(config: dict) -> tuple[str, ...]:
-    """The class names a run was trained with (runs made before they were recorded: CIFAR-10's)."""
-    return tuple(config.get("class_names") or legacy_class_names(store.CacheKey.from_attrs(config["cache"]).dataset))
-
-
 def build_classifier(run_dir: Path):
     """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`."""
     import keras
     import tensorflow as tf
 
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    key, tta = store.CacheKey.from_attrs(config["cache"]), bool(config["head"]["tta"])
-    names = run_class_names(config)
+    config = read_config(run_dir)
+    key, tta = CacheKey.from_attrs(config["cache"]), bool(config["head"]["tta"])
+    names = tuple(config["class_names"])
 
     class Classifier(tf.Module):
         def __init__(self):
             super().__init__(name="featcache_classifier")
             self.extractor = load_model(key.model)
+            self.call_kwargs = call_kwargs(self.extractor, key.image_size)
             self.head = keras.models.load_model(Path(run_dir) / "head.keras", compile=False)
             self.class_names = tf.constant(names)
 
         def _probabilities(self, x):
-            features = tf.cast(self.extractor(x, training=False), tf.float32)
+            features = tf.cast(self.extractor(x, **self.call_kwargs), tf.float32)
             return self.head(features, training=False)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])

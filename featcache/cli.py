@@ -1,26 +1,27 @@
-"""What the two CLIs share: the options that select a cache, and one-line error handling."""
+"""The command-line layer: what the scripts share (the options that select a cache, one-line errors in
+flag words, process setup, --grid parsing, tables). The library speaks Python; only this module, and the
+scripts at the top level, know flag names: errors.py's marked parameters become flags here."""
 
 from __future__ import annotations
 
+import ast
 import atexit
 import functools
 import gc
 import io
+import itertools
 import os
 import re
 import sys
 import threading
-from pathlib import Path
 
 import click
 
-from .errors import UserError
-from .extractor import (DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_RESIZE, DEFAULT_VIEWS, PRECISIONS, RESIZE_METHODS,
-                        VIEWS)
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
-DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
+from .cache.read import CacheUnusable, caches_present
+from .errors import PARAMETER, UserError
+from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
+                       DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS,
+                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, HeadConfig)
 
 # TensorFlow's C++ log lines (absl/TSL), the one absl prints before it is set up, and libjpeg's own
 # messages about a broken JPEG (extract.py lists every file it skips, with the reason, itself).
@@ -66,10 +67,10 @@ def setup_process(verbose: bool):
 
 
 def verbosity_options(func):
-    """The same --quiet/--verbose pair on every CLI."""
-    func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines (and Keras' "
-                        "per-epoch progress in train_head.py).")(func)
-    return click.option("--quiet", is_flag=True, help="No progress bar (extract.py) or per-step lines "
+    """The same --quiet/--verbose pair on extract.py and train_head.py."""
+    func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines (and, in "
+                        "train_head.py, one line per epoch).")(func)
+    return click.option("--quiet", is_flag=True, help="No progress bar (extract.py) or per-run and L2-sweep lines "
                         "(train_head.py); results, notes and errors still print.")(func)
 
 
@@ -80,22 +81,81 @@ class CliError(click.ClickException):
 
 
 def one_line_errors(func):
-    """Turn UserError into CliError, so bad input never shows a traceback."""
+    """Turn UserError into CliError, worded in flags, so bad input never shows a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except CacheUnusable as exc:
+            raise CliError(cache_remedy(exc)) from None
         except UserError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(as_flags(exc.template)) from None
 
     return wrapper
 
 
+def flag(name: str, value=None) -> str:
+    """A parameter as its flag: `lr` -> --lr, force=True -> --force, flip_train=False -> --no-flip-train,
+    views='plain' -> --views plain."""
+    option = "--" + name.replace("_", "-")
+    if value is None or value is True:
+        return option
+    if value is False:
+        return "--no-" + name.replace("_", "-")
+    return f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
+
+
+def as_flags(text: str) -> str:
+    """A library message with its marked parameters (errors.py) as flags."""
+    def one(match):
+        name, value = match.group(1), match.group(2)
+        if value is None:
+            return flag(name)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a placeholder such as PATH
+        return flag(name, value)
+
+    return PARAMETER.sub(one, text)
+
+
+def selection_args(chosen: dict) -> str:
+    """Selection settings (selection.selection_kwargs) as the options that select their cache."""
+    return " ".join(flag(name, value) for name, value in chosen.items())
+
+
+def extract_command(error: CacheUnusable) -> str:
+    """The extract.py command that builds the cache an error is about."""
+    from .selection import selection_kwargs
+
+    return " ".join(filter(None, ["python extract.py", f"--split {error.split}",
+                                  selection_args(selection_kwargs(error.key)), f"--cache-dir {error.cache_dir}"]))
+
+
+def cache_remedy(error: CacheUnusable) -> str:
+    """A missing or unusable cache's error, with the commands that make a usable one."""
+    command = extract_command(error)
+    remedy = {"extract": f"run: {command}", "rebuild": f"rebuild it with {command} --force",
+              "verify": f"check it with {command} --verify, rebuild it with {command} --force"}[error.action]
+    present = existing_caches(error.present)
+    listed = f". Caches present (pass their options): {' | '.join(present)}" if present else ""
+    return f"{as_flags(error.problem)}; {remedy}{listed}"
+
+
+def existing_caches(present) -> list[str]:
+    """One line per cached settings (cache.read.caches_present): its options, then its splits and their state."""
+    return sorted(f"{selection_args(chosen) or '(defaults)'}: {state}" for chosen, state in present)
+
+
+def list_caches_lines(cache_dir) -> list[str]:
+    return existing_caches(caches_present(cache_dir))
+
+
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
-    from .selection import CROPS, DEFAULT_CROP
-    from .sources import DATASETS, DEFAULT_DATASET, cifar, folder
+    from .sources import cifar
 
     options = [
         click.option("--cache-dir", type=click.Path(file_okay=False), default=str(DEFAULT_CACHE_DIR),
@@ -109,7 +169,7 @@ def selection_options(func):
                           "like Keras does. folder: the image folder (needed; part of the cache key)."),
         click.option("--test-fraction", type=float, default=None,
                      help=f"folder with class folders only: share of files (seeded hash of the path) that form "
-                          f"the test split [default: {folder.DEFAULT_TEST_FRACTION}]."),
+                          f"the test split [default: {DEFAULT_TEST_FRACTION}]."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
         click.option("--image-size", type=click.IntRange(min=1), default=None,
@@ -120,12 +180,12 @@ def selection_options(func):
         click.option("--crop", type=click.Choice(CROPS), default=DEFAULT_CROP, show_default=True,
                      help="none: squash each image to a square (Keras' default); center: cut the centered "
                           "square first, keeping the aspect ratio."),
-        click.option("--views", type=click.Choice(tuple(VIEWS)), default=DEFAULT_VIEWS, show_default=True,
+        click.option("--views", type=click.Choice(tuple(VIEW_SETS)), default=DEFAULT_VIEWS, show_default=True,
                      help="'flip' also caches horizontally mirrored images (training rows and TTA)."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Only N images of each split (quick runs; part of the cache key): CIFAR's first N, "
                           "a seeded sample of a folder's."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="f32", show_default=True,
+        click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
                      help="Network precision (OpenVINO engine for bf16/int8): f32 exact; bf16 on CPUs with "
                           "native bf16 (AMX, AVX512-BF16); int8 NNCF-quantized, calibrated on 300 train images. "
                           "Part of the cache key; accuracy cost in the README."),
@@ -135,13 +195,67 @@ def selection_options(func):
     return func
 
 
-SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop",
-                   "views", "limit", "precision")
-
-
-def selected_key(options: dict):
-    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders."""
-    from .selection import select
+def selected_key(options: dict, stage: int):
+    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders.
+    Stage 1 may load the model to learn its input size; stage 2 finds the cache by what caches record."""
+    from .selection import SELECTION_NAMES, select, select_cached
 
     chosen = {name: options.pop(name) for name in SELECTION_NAMES}
-    return select(**chosen), chosen["cache_dir"], chosen["data_dir"]
+    cache_dir = chosen.pop("cache_dir")
+    key = (select if stage == 1 else select_cached)(cache_dir, **chosen)
+    return key, cache_dir, chosen["data_dir"]
+
+
+def parse_grid(specs) -> list[dict]:
+    """`["hidden=0,1024", "lr=1e-3,1e-2"]` -> every combination as HeadConfig overrides, in order."""
+    defaults, axes = HeadConfig(), {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in defaults.to_dict() or not values:
+            raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; got {spec!r}")
+        kind = type(getattr(defaults, name))
+        try:
+            axes[name] = [_parse_value(kind, v.strip()) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {name}: {values!r} are not {kind.__name__} values") from None
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _parse_value(kind, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "yes", "1")
+    if kind is int:
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError(text)
+        return int(number)
+    return kind(text)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as aligned columns (the grid's result, the ledger)."""
+    columns = list(rows[0])
+    table = [columns] + [[_cell(c, r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _cell(column, value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if column.endswith("_acc"):
+        return f"{value:.4f}"
+    if column == "fit_s":
+        return f"{value:.1f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_ledger(rows: list[dict]) -> str:
+    from .records import LEDGER_COLUMNS
+
+    return format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows])

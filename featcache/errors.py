@@ -1,8 +1,32 @@
-"""One exception type for problems the user can fix: the CLIs print it as one line and exit 2."""
+"""Errors the user can fix, worded for whoever called: Python names in the library, flags on the command line.
+
+A message names a parameter between backticks, as Python spells it: `lr`, `force=True`,
+`views='flip'`, `data_dir=PATH`. `str(error)` drops the backticks ("lr must be positive, got -1");
+the command-line layer (cli.py) turns each one into its flag ("--lr must be positive, got -1").
+"""
+
+from __future__ import annotations
+
+import re
+
+PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 
 
 class UserError(Exception):
     """Bad input or environment; the message says what is wrong and what to do."""
+
+    @property
+    def template(self) -> str:
+        """The message with its parameters still marked (for a caller that words them its own way)."""
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return in_python(self.template)
+
+
+def in_python(text: str) -> str:
+    """A message with its marked parameters as Python spells them (the backticks dropped)."""
+    return PARAMETER.sub(lambda m: m.group(0)[1:-1], text)
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:

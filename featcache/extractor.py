@@ -16,26 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError, first_line
-
-DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
-RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
-DEFAULT_RESIZE = "bicubic"  # measured best on real CIFAR-10; see README "Results"
-DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size
-VIEWS = {"plain": ("plain",), "flip": ("plain", "flip")}
-DEFAULT_VIEWS = "flip"
-
-
-def load_model(handle: str):
-    """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line."""
-    import tensorflow_hub as hub
-
-    try:
-        return hub.load(handle)
-    except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
-        raise UserError(
-            f"cannot load model {handle!r} ({first_line(exc, 200)}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
-            "cache that holds it, or pass --model PATH to a local SavedModel folder"
-        ) from None
+from .models import fixed_input_size, identity, load_model
+from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES,
+                       PRECISIONS, RESIZE_METHODS, default_batch_size)
 
 
 def center_square(images):
@@ -53,7 +36,7 @@ def center_square(images):
     return images[:, top : top + side, left : left + side]
 
 
-def preprocess(images, image_size: int, method: str, crop: str = "none"):
+def preprocess(images, image_size: int, method: str, crop: str = DEFAULT_CROP):
     """uint8 [B,H,W,3] -> float32 [B,S,S,3] in [0,1]; bicubic overshoot is clipped back."""
     import tensorflow as tf
 
@@ -76,7 +59,7 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
         return tf.image.resize(basis, (n_out, 1), method=method)[:, :, 0, 0].numpy().T
 
 
-def preprocess_static(images, image_size: int, method: str, crop: str = "none"):
+def preprocess_static(images, image_size: int, method: str, crop: str = DEFAULT_CROP):
     """`preprocess` for a fixed input size, its resize as two constant matrix products.
 
     Same numbers as `preprocess` (a test checks), but made only of ops that OpenVINO's
@@ -94,7 +77,6 @@ def preprocess_static(images, image_size: int, method: str, crop: str = "none"):
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
-ENGINES = ("auto", "tensorflow", "openvino")
 MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats x 2 views = 38 MB
 
 
@@ -104,10 +86,7 @@ def batch_unit(images, batch_size: int, group: int = MIXED_GROUP) -> int:
     return max(group, batch_size) if isinstance(images, list) else batch_size
 
 
-PRECISIONS = ("f32", "bf16", "int8")
-
-
-def check_engine_options(engine: str, precision: str = "f32"):
+def check_engine_options(engine: str, precision: str = DEFAULT_PRECISION):
     """Refuse an engine/precision choice that cannot run here, before any data or model is read.
 
     bf16 and int8 exist on the OpenVINO engine only: asking for them picks it, never silently f32.
@@ -115,26 +94,26 @@ def check_engine_options(engine: str, precision: str = "f32"):
     from . import ov_engine
 
     if engine not in ENGINES:
-        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise UserError(f"unknown `engine` {engine!r}; choose one of {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "f32":
+        raise UserError(f"unknown `precision` {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != DEFAULT_PRECISION:
         if engine == "tensorflow":
-            raise UserError(f"--precision {precision} runs on the OpenVINO engine only; drop --engine tensorflow "
-                            "or use --precision f32")
+            raise UserError(f"`precision={precision!r}` runs on the OpenVINO engine only; drop "
+                            f"`engine='tensorflow'` or use `precision={DEFAULT_PRECISION!r}`")
         if not ov_engine.available():
-            raise UserError(f"--precision {precision} needs the OpenVINO engine: {ov_engine.INSTALL_HINT}")
+            raise UserError(f"`precision={precision!r}` needs the OpenVINO engine: {ov_engine.INSTALL_HINT}")
         ov_engine.check_precision(precision)
     if engine == "openvino" and not ov_engine.available():
         raise UserError(f"the openvino engine is not installed: {ov_engine.INSTALL_HINT}")
 
 
-def resolve_engine(engine: str, precision: str = "f32") -> str:
+def resolve_engine(engine: str, precision: str = DEFAULT_PRECISION) -> str:
     """'auto' -> OpenVINO when it is installed and no GPU is visible (or a precision needs it), else TensorFlow."""
     from . import ov_engine
 
     check_engine_options(engine, precision)
-    if precision != "f32":
+    if precision != DEFAULT_PRECISION:
         return "openvino"
     if engine == "auto":
         import tensorflow as tf
@@ -161,9 +140,9 @@ class ExtractorSettings:
     resize: str = DEFAULT_RESIZE
     views: tuple[str, ...] = ("plain",)
     batch_size: int | None = None
-    engine: str = "auto"
-    precision: str = "f32"
-    crop: str = "none"
+    engine: str = DEFAULT_ENGINE
+    precision: str = DEFAULT_PRECISION
+    crop: str = DEFAULT_CROP
     input_shape: tuple | None = None
     model_sha256: str = ""  # a local model folder's content hash, as the cache key has it
 
@@ -172,8 +151,6 @@ class ExtractorSettings:
 
         A local folder must still hold the model the cache key names (on another node, the same path
         may hold other files)."""
-        from .models import fixed_input_size, identity
-
         if self.model_sha256 and identity(self.model)[1] != self.model_sha256:
             raise UserError(f"model folder {self.model} holds other files here than where the job started "
                             "(its content hash differs)")
@@ -191,11 +168,11 @@ class Extractor:
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
     views: tuple[str, ...] = ("plain",)
-    batch_size: int | None = None  # None: the fastest measured: 1 for OpenVINO, 16 for TF on a CPU, 128 on a GPU
+    batch_size: int | None = None  # None: settings.default_batch_size
     engine: str = "tensorflow"
-    precision: str = "f32"
+    precision: str = DEFAULT_PRECISION
     quantizer: object = None  # int8: turns an f32 OpenVINO model into its INT8 version (quantize.Int8Quantizer)
-    crop: str = "none"  # "center": the centered square of each image, before resizing
+    crop: str = DEFAULT_CROP  # "center": the centered square of each image, before resizing
     input_shape: tuple | None = None  # (H, W) the source expects most images to have: compiled at load time
     log: object = print  # where the one-line notice of an OpenVINO fallback goes
     threads: int | None = None  # OpenVINO's inference threads (None: all cores); a Ray worker uses its CPUs
@@ -204,15 +181,14 @@ class Extractor:
         import tensorflow as tf
 
         if self.resize not in RESIZE_METHODS:
-            raise UserError(f"unknown resize method {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
+            raise UserError(f"unknown `resize` {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
         asked = self.engine
         self.engine = resolve_engine(self.engine, self.precision)
         if self.precision == "int8" and self.quantizer is None:
-            raise UserError("--precision int8 needs calibration images (a quantize.Int8Quantizer)")
+            raise ValueError("precision int8 needs calibration images (a quantize.Int8Quantizer)")
         self._asked_batch_size = self.batch_size is not None
         if self.batch_size is None:
-            gpu = bool(tf.config.list_physical_devices("GPU"))
-            self.batch_size = 128 if gpu else 1 if self.engine == "openvino" else 16
+            self.batch_size = default_batch_size(self.engine, bool(tf.config.list_physical_devices("GPU")))
         self._preprocess = tf.function(self._views_graph, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
         self.dim = self._probe()
@@ -227,8 +203,8 @@ class Extractor:
                     raise UserError(f"OpenVINO cannot convert model {self.model_name}: {first_line(exc)}") from None
                 self.log(f"note: OpenVINO cannot convert this model ({first_line(exc)}); using TensorFlow instead")
                 self.engine = "tensorflow"
-                if self.batch_size == 1 and not self._asked_batch_size:
-                    self.batch_size = 16
+                if not self._asked_batch_size:
+                    self.batch_size = default_batch_size(self.engine, gpu=False)
 
     @property
     def model_name(self) -> str:
@@ -291,8 +267,8 @@ class Extractor:
 
         if "float" not in self._ov_networks:
             if self.precision == "int8":
-                raise UserError("--precision int8 needs images of one size (it is calibrated per input size); "
-                                "this chunk mixes sizes: use --precision f32 or bf16")
+                raise UserError("`precision='int8'` needs images of one size (it is calibrated per input size); "
+                                "this chunk mixes sizes: use `precision='f32'` or `precision='bf16'`")
             spec = tf.TensorSpec([self.batch_size, self.image_size, self.image_size, 3], tf.float32)
             self._ov_networks["float"] = OpenVinoNetwork(tf.function(self._network, input_signature=[spec]),
                                                          self.precision, threads=self.threads)

@@ -1,12 +1,13 @@
-"""What stage 1 needs to know about a model before using it: its identity and its input size.
+"""What stage 1 needs to know about a model: its identity, its input size, and loading it.
 
 A local SavedModel folder is identified by a hash of its contents (saved_model.pb and the
 variables index), so replacing its files in place makes a new cache instead of silently
 reusing vectors of the old model; a TF Hub handle names fixed contents by itself.
 
 The input size comes from the model when its signature fixes one (Inception V3: 299), else
-from --image-size (default 224). Finding it means loading the model once; the answer is kept
-in `<cache_dir>/models/`, so up-to-date checks and train_head.py stay free of TensorFlow.
+from `image_size` (default settings.DEFAULT_IMAGE_SIZE). Finding it means loading the model once;
+the answer is kept in `<cache_dir>/models/`, so up-to-date checks stay free of TensorFlow. Stage 2
+never comes here: it finds a cache by the settings the cache records (selection.select_cached).
 """
 
 from __future__ import annotations
@@ -16,9 +17,37 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .cache.layout import model_slug
+from .errors import UserError, first_line
 
 IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.index")
+
+
+def load_model(handle: str):
+    """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line."""
+    import tensorflow_hub as hub
+
+    try:
+        return hub.load(handle)
+    except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
+        raise UserError(
+            f"cannot load model {handle!r} ({first_line(exc, 200)}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
+            "cache that holds it, or pass `model=PATH` to a local SavedModel folder"
+        ) from None
+
+
+def call_kwargs(model, image_size: int) -> dict:
+    """How to call a loaded model: TF Hub models take `training`, plain SavedModels may not."""
+    import tensorflow as tf
+
+    blank = tf.zeros([1, image_size, image_size, 3])
+    for kwargs in ({"training": False}, {}):
+        try:
+            model(blank, **kwargs)
+            return kwargs
+        except (TypeError, ValueError):
+            continue
+    return {}
 
 
 def identity(handle: str) -> tuple[str, str]:
@@ -62,11 +91,8 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
     """The image size to feed the model: its own when it fixes one (a different `asked` is an error),
     else `asked`, else `default`. A model that cannot be loaded here (offline, say) is taken to accept
     any size: whatever then needs the model says why it cannot load, and extraction checks again."""
-    try:
-        fixed = json.loads(_record(handle, sha256, cache_dir).read_text())["fixed_input_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        from .extractor import load_model
-
+    known, fixed = recorded_input_size(handle, sha256, cache_dir)
+    if not known:
         try:
             fixed = record_input_size(fixed_input_size(load_model(handle)), handle, sha256, cache_dir)
         except UserError:
@@ -76,8 +102,8 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
 
 def checked_size(handle: str, fixed: int | None, size: int) -> int:
     if fixed is not None and size != fixed:
-        raise UserError(f"model {handle} takes {fixed}x{fixed} images; --image-size {size} contradicts it "
-                        "(leave --image-size out)")
+        raise UserError(f"model {handle} takes {fixed}x{fixed} images; `image_size` {size} contradicts it "
+                        "(leave `image_size` out)")
     return size
 
 
@@ -89,9 +115,15 @@ def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) ->
     return fixed
 
 
-def _record(handle: str, sha256: str, cache_dir) -> Path:
-    from .store import model_slug
+def recorded_input_size(handle: str, sha256: str, cache_dir) -> tuple[bool, int | None]:
+    """(whether a record exists, the fixed input size it keeps) without loading anything."""
+    try:
+        return True, json.loads(_record(handle, sha256, cache_dir).read_text())["fixed_input_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False, None
 
+
+def _record(handle: str, sha256: str, cache_dir) -> Path:
     return Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}.json"
 
 

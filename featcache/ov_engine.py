@@ -3,7 +3,7 @@
 What OpenVINO compiles is the whole uint8 -> embedding graph (preprocess_static, then the
 network), with a fixed batch size, so TensorFlow does no work while it runs. Measured on
 2 AVX-512 cores (README "Results"), each of these choices mattered:
-- INFERENCE_PRECISION_HINT is pinned (f32 unless --precision bf16 asks otherwise). On CPUs
+- INFERENCE_PRECISION_HINT is pinned (f32 unless precision bf16 asks otherwise). On CPUs
   with AMX/bf16, OpenVINO otherwise defaults to bf16, which moved embeddings by up to 1.7
   (values up to ~5.5); f32 agrees with TensorFlow to ~7e-5. An int8 model keeps f32 for the
   operations NNCF left unquantized.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import UserError
+from .settings import DEFAULT_PRECISION
 
 INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; about 2.5x faster extraction on CPUs)"
 
@@ -34,22 +35,22 @@ def check_precision(precision: str):
     from . import quantize
 
     if precision == "int8" and not quantize.nncf_available():
-        raise UserError(f"--precision int8 needs NNCF: {quantize.NNCF_HINT}")
+        raise UserError(f"`precision='int8'` needs NNCF: {quantize.NNCF_HINT}")
     if precision != "bf16":
         return
     import openvino as ov
 
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in capabilities:
-        raise UserError("--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); OpenVINO finds only "
-                        f"{', '.join(capabilities)} here. Use --precision f32 or int8")
+        raise UserError("`precision='bf16'` needs a CPU with native bf16 (AMX or AVX512-BF16); OpenVINO finds only "
+                        f"{', '.join(capabilities)} here. Use `precision='f32'` or `precision='int8'`")
 
 
 class OpenVinoNetwork:
     """Image arrays in (uint8 [N,H,W,3], or preprocessed floats), float32 [N,D] out, from a tf.function with a
     static input signature."""
 
-    def __init__(self, tf_function, precision: str = "f32", quantize=None, threads: int | None = None):
+    def __init__(self, tf_function, precision: str = DEFAULT_PRECISION, quantize=None, threads: int | None = None):
         import openvino as ov
 
         concrete = tf_function.get_concrete_function()

@@ -1,7 +1,7 @@
 """Stage 1 end to end: a source's split -> chunks -> embeddings -> HDF5 cache.
 
 reader (sources.open_split(...).chunks) -> mapper (a runner's: the Extractor in this process, or
-Ray workers) -> writer (store.CacheWriter). The three overlap: a thread reads and decodes the next
+Ray workers) -> writer (cache.write.CacheWriter). The three overlap: a thread reads and decodes the next
 chunk, and another commits the previous one, while the mapper embeds the current one. Each
 finished chunk is committed, so a rerun continues where a crashed run stopped; a complete,
 matching cache is reported up to date before TensorFlow is even imported.
@@ -20,10 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, models, quantize, sources, store
-from .errors import UserError
-from .extractor import VIEWS, ExtractorSettings, check_engine_options
+from . import __version__, models, quantize, sources
+from .cache.layout import CacheKey
+from .cache.read import attributes, check_contents, inspect, non_finite, skipped_files
+from .cache.write import CacheWriter, locked
+from .errors import UserError, in_python
+from .extractor import ExtractorSettings, check_engine_options
 from .runners import LocalRunner
+from .settings import DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, views_of
 
 
 @dataclass
@@ -42,11 +46,12 @@ class ExtractResult:
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
-    def summary(self) -> str:
-        """One line, then one line per skipped file."""
+    def summary(self, words=in_python) -> str:
+        """One line, then one line per skipped file; `words` words the parameters it names (errors.py)."""
         skipped = f"; {len(self.skipped)} unreadable files skipped" if self.skipped else ""
         if self.up_to_date:
-            return f"up to date: {self.path} ({self.rows} rows{skipped}); 0 images processed, --force rebuilds it"
+            return words(f"up to date: {self.path} ({self.rows} rows{skipped}); 0 images processed, `force=True` "
+                         "rebuilds it")
         line = (f"done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s, {self.engine}; model load {self.load_seconds:.1f} s)"
                 f"{skipped} -> {self.path}")
@@ -54,27 +59,27 @@ class ExtractResult:
                          + [f"  skipped {file}: {reason}" for file, reason in self.skipped])
 
 
-def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", chunk_size=1024,
-            batch_size=None, force=False, engine="auto", strict=False, progress=True, log=print,
+def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, chunk_size=DEFAULT_CHUNK_SIZE,
+            batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False, progress=True, log=print,
             runner=None) -> ExtractResult:
     """Build (or resume, or confirm) the cache for one split; `runner` embeds (default: runners.LocalRunner)."""
-    for name, value in (("chunk size", chunk_size), ("batch size", batch_size or 1)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size or 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"`{name}` must be at least 1, got {value!r}")
     check_engine_options(engine, key.precision)
     reader, path, expected = _target(key, split, data_dir, cache_dir, strict)
     if reader.rows == 0:
         raise UserError(f"the {split} split at {reader.where} has no images")
 
-    state = store.inspect(path, expected)
+    state = inspect(path, expected)
     if state.status == "complete" and not force:
-        rows = int(store.attributes(path)["rows"])
-        return ExtractResult(path, rows, 0, 0.0, up_to_date=True, skipped=store.skipped_files(path))
+        rows = int(attributes(path)["rows"])
+        return ExtractResult(path, rows, 0, 0.0, up_to_date=True, skipped=skipped_files(path))
     if state.status == "bad" and not force:
-        raise UserError(f"cache {path} exists but {state.reason}; rerun with --force to rebuild it")
+        raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
 
     runner = runner or LocalRunner()
-    views = VIEWS[key.views]
+    views = views_of(key.views)
     settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=views,
                                  batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
                                  input_shape=reader.image_shape, model_sha256=key.model_sha256)
@@ -83,7 +88,7 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
         train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
         quantizer = quantize.Int8Quantizer(train_reader, key.model_dir(cache_dir) / "int8")
     started = time.perf_counter()
-    with store.locked(path), runner.open(settings, quantizer, log) as mapper:  # locked before the slow model load
+    with locked(path), runner.open(settings, quantizer, log) as mapper:  # locked before the slow model load
         models.checked_size(key.model, models.record_input_size(mapper.fixed_input_size, key.model,
                                                                 key.model_sha256, cache_dir), key.image_size)
         loaded = time.perf_counter()
@@ -92,7 +97,7 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                      batch_size=mapper.batch_size, **reader.attrs(), **mapper.versions,
                      **(quantizer.describe() if quantizer else {}))
         files = reader.files if reader.may_skip else None
-        with store.CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files) as writer:
+        with CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files) as writer:
             start = writer.next_item
             if writer.resumed:
                 log(f"resuming {writer.partial} at row {writer.rows_done} (item {start} of {reader.rows})")
@@ -129,7 +134,7 @@ def extract(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache", c
                 bar.close()
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
-                             engine=mapper.engine + ("" if key.precision == "f32" else f" {key.precision}"),
+                             engine=mapper.engine + ("" if key.precision == DEFAULT_PRECISION else f" {key.precision}"),
                              skipped=listed, report=mapper.report())
 
 
@@ -143,10 +148,10 @@ def _skipped_lines(reader, skipped: dict[int, str]) -> list[tuple[str, str]]:
     return [(reader.files[item], reason) for item, reason in sorted(skipped.items())]
 
 
-def _refuse_non_finite(vectors: dict, key: store.CacheKey, split: str, lo: int, committed: int, reader, items):
+def _refuse_non_finite(vectors: dict, key: CacheKey, split: str, lo: int, committed: int, reader, items):
     """A NaN/Inf embedding never reaches the cache: stop before committing its chunk."""
     for view, rows in vectors.items():
-        count, first = store.non_finite(rows)
+        count, first = non_finite(rows)
         if count:
             image = f" ({reader.files[items[first]]})" if reader.may_skip else ""
             raise UserError(
@@ -198,7 +203,7 @@ def prefetched(items, depth: int = 1):
             ready.get_nowait()  # frees a producer blocked on the full queue
 
 
-def _target(key: store.CacheKey, split: str, data_dir, cache_dir, strict=False):
+def _target(key: CacheKey, split: str, data_dir, cache_dir, strict=False):
     """The source's reader, the cache path, and the attributes a matching cache must carry.
 
     A folder's row count is known only once its files are decoded: its fingerprint stands for it."""
@@ -216,15 +221,15 @@ def _progress_bar(total: int, initial: int, split: str, enabled: bool):
                 disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
-def verify(key: store.CacheKey, split: str, data_dir=None, cache_dir="cache") -> tuple[Path, list[str]]:
+def verify(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR) -> tuple[Path, list[str]]:
     """Check a cache against its source: settings, completeness, shapes, labels, fingerprint, NaN/Inf."""
     reader, path, expected = _target(key, split, data_dir, cache_dir)
-    state = store.inspect(path, expected)
+    state = inspect(path, expected)
     if state.status == "missing":
-        return path, [f"no cache file (run extract.py --split {split})"]
+        return path, ["no cache file"]
     problems = [state.reason] if state.status == "bad" else []
     try:
-        problems += store.check_contents(path, reader)
+        problems += check_contents(path, reader)
     except OSError as exc:
         problems.append(f"unreadable: {str(exc).splitlines()[0][:120]}")
     return path, list(dict.fromkeys(problems))

@@ -3,7 +3,7 @@
 The calibration sample is a fixed, seeded draw of `CALIBRATION_SIZE` images from the *train*
 split (never test: test images must stay unseen by every choice made). The quantized network
 is built once and saved as OpenVINO IR next to the embedding caches, keyed by model, image
-size, resize, input shape and a hash of the sample, so later runs (the test split, a --force
+size, resize, input shape and a hash of the sample, so later runs (the test split, a forced
 rebuild, a resume) load it instead of calibrating again.
 """
 
@@ -41,8 +41,8 @@ def calibration_sample(reader, size: int = CALIBRATION_SIZE,
         inside = np.isin(chunk.items, rows)
         picked += [image for image, keep in zip(chunk.images, inside) if keep]
     if len({image.shape for image in picked}) > 1:
-        raise UserError("--precision int8 needs train images of one size (it is calibrated per input size); "
-                        "use --precision f32 or bf16 for this dataset")
+        raise UserError("`precision='int8'` needs train images of one size (it is calibrated per input size); "
+                        "use `precision='f32'` or `precision='bf16'` for this dataset")
     return np.stack(picked), rows
 
 

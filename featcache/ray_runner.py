@@ -1,14 +1,14 @@
 """Stage 1's mapper on a Ray cluster: each worker is a Ray actor that loads the model once.
 
 The driver (pipeline.extract) still reads the source and writes the one cache file with the
-crash-safe writer, so resume, --verify and every reader work unchanged; this module only sends
+crash-safe writer, so resume, verification and every reader work unchanged; this module only sends
 each chunk of images to the workers, cut into one piece per worker, and takes the embeddings back
 in source order, with at most IN_FLIGHT_PER_WORKER pieces per worker in flight. Ray Core actors
 rather than Ray Data's map_batches: the results must come back in order into one file with a bound
 on what waits, which is a small queue here, and Ray Data would add pandas/pyarrow and a second
 scheduler for it.
 
-The engine is chosen once: the first worker resolves --engine (auto: OpenVINO when installed,
+The engine is chosen once: the first worker resolves `engine` (auto: OpenVINO when installed,
 no GPU, and the model converts) and its batch size, and every other worker is started with both
 pinned, so one cache never mixes engines. A worker process that dies is restarted by Ray (the
 model loaded again) and its chunks retried; a worker that cannot load the model stops the job
@@ -44,7 +44,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise UserError(f"--runner ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+        raise UserError(f"`runner='ray'` needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
 
 
@@ -68,7 +68,7 @@ class Embedder:
                 _limit_tensorflow_threads(threads)
             self.extractor, self.fixed_input_size = settings.build(log=self.notes.append, threads=threads)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, with its node, by info()
-            self.error = first_line(exc) if not isinstance(exc, UserError) else str(exc)
+            self.error = first_line(exc) if not isinstance(exc, UserError) else exc.template
         self.load_seconds = time.perf_counter() - started
 
     def info(self) -> dict:
@@ -128,7 +128,7 @@ class RayMapper:
         slots = gpus or int(resources.get("CPU", 0))
         count = workers or slots
         if count > slots:  # Ray would keep the extra workers pending forever
-            raise UserError(f"--workers {count} needs one {'GPU' if gpus else 'CPU'} each; the Ray cluster has {slots}")
+            raise UserError(f"`workers` {count} needs one {'GPU' if gpus else 'CPU'} each; the Ray cluster has {slots}")
         self._options = dict(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=MAX_RESTARTS,
                              max_task_retries=MAX_RESTARTS)
         self._threads = None if gpus else 1
@@ -283,8 +283,8 @@ class RayRunner:
     def open(self, settings, quantizer=None, log=print):
         ray = import_ray()
         if quantizer is not None:
-            raise UserError("--precision int8 runs with --runner local only (its calibrated network is built on "
-                            "the driver); use --precision f32 or bf16 with --runner ray")
+            raise UserError("`precision='int8'` runs with `runner='local'` only (its calibrated network is built on "
+                            "the driver); use `precision='f32'` or `precision='bf16'` with `runner='ray'`")
         failed = True
         try:
             same = replace(settings, input_shape=None)  # only a hint of what to compile first: any size works

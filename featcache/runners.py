@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .extractor import library_versions
-
-RUNNERS = ("local", "ray")
+from .settings import RUNNERS
 
 
 @dataclass
@@ -63,15 +62,16 @@ class LocalRunner:
         yield LocalMapper(*settings.build(quantizer, log))
 
 
-def make_runner(name: str, address: str | None = None, workers: int | None = None, verbose: bool = False):
-    """The runner a CLI names; Ray's options mean nothing to the local runner, so they are refused there."""
+def make_runner(name: str, ray_address: str | None = None, workers: int | None = None, verbose: bool = False):
+    """The runner `name` names; Ray's settings mean nothing to the local runner, so they are refused there."""
     if name not in RUNNERS:
-        raise UserError(f"unknown runner {name!r}; choose one of {', '.join(RUNNERS)}")
+        raise UserError(f"unknown `runner` {name!r}; choose one of {', '.join(RUNNERS)}")
     if name == "local":
-        given = [flag for flag, value in (("--ray-address", address), ("--workers", workers)) if value is not None]
+        given = [f"`{param}`" for param, value in (("ray_address", ray_address), ("workers", workers))
+                 if value is not None]
         if given:
-            raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --runner ray only")
+            raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to `runner='ray'` only")
         return LocalRunner()
     from .ray_runner import RayRunner
 
-    return RayRunner(address=address, workers=workers, verbose=verbose)
+    return RayRunner(address=ray_address, workers=workers, verbose=verbose)

@@ -1,60 +1,96 @@
-"""From the options a user typed to the cache they select: the one place that knows the defaults.
+"""From the settings a user asked for to the cache they select (a CacheKey), and back.
 
-extract.py, train_head.py and the Python API all build their CacheKey here, so the same
-options always name the same cache, and the options that name a cache can be printed back.
+Stage 1 (`select`) may load the model once to learn the input size its signature fixes. Stage 2
+and the API (`select_cached`) never load a network: a size left out is the one recorded by the
+caches present for the other settings. `selection_kwargs` gives the non-default settings of a key,
+which the command line prints back as options.
 """
 
 from __future__ import annotations
 
 from . import models
+from .cache.layout import CacheKey
+from .cache.read import list_caches
 from .errors import UserError
-from .extractor import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_RESIZE, DEFAULT_VIEWS
-from .sources import DATASETS, DEFAULT_DATASET, folder
-from .store import CacheKey
+from .settings import (CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
+                       DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, PRECISIONS,
+                       RESIZE_METHODS, VIEW_SETS)
+from .sources import folder
 
-CROPS = ("none", "center")
-DEFAULT_CROP = "none"  # squash to a square, as Keras' image_dataset_from_directory does by default
+# The selection parameters, in the order the command line lists them.
+SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop",
+                   "views", "limit", "precision")
 
 
-def select(cache_dir, model: str = DEFAULT_MODEL, image_size: int | None = None, resize: str = DEFAULT_RESIZE,
-           views: str = DEFAULT_VIEWS, limit: int | None = None, precision: str = "f32",
-           dataset: str = DEFAULT_DATASET, data_dir=None, crop: str = DEFAULT_CROP,
-           test_fraction: float | None = None) -> CacheKey:
-    """The key of the cache these options select (a local model's contents and input size resolved)."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if crop not in CROPS:
-        raise UserError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, resize: str = DEFAULT_RESIZE,
+         views: str = DEFAULT_VIEWS, limit: int | None = None, precision: str = DEFAULT_PRECISION,
+         dataset: str = DEFAULT_DATASET, data_dir=None, crop: str = DEFAULT_CROP,
+         test_fraction: float | None = None) -> CacheKey:
+    """The key these settings name; `size_of(key without a size)` gives the image size when none is asked."""
+    for name, value, choices in (("dataset", dataset, DATASETS), ("crop", crop, CROPS), ("resize", resize, RESIZE_METHODS),
+                                 ("views", views, VIEW_SETS), ("precision", precision, PRECISIONS)):
+        if value not in choices:
+            raise UserError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")
+    for name, value in (("image_size", image_size), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"`{name}` must be a positive whole number, got {value!r}")
     root, fraction = "", 0.0
     if dataset == "folder":
         path = folder.check_root(data_dir)
         root, fraction = str(path), folder.split_fraction(path, test_fraction)
     elif test_fraction is not None:
-        raise UserError("--test-fraction applies to --dataset folder only")
+        raise UserError("`test_fraction` applies to `dataset='folder'` only")
     model, sha256 = models.identity(model)
-    size = models.input_size(model, sha256, image_size, DEFAULT_IMAGE_SIZE, cache_dir)
-    return CacheKey(model, size, resize, views, limit or 0, dataset, precision, crop, root, fraction, sha256)
+    key = CacheKey(model, 0, resize, views, limit or 0, dataset, precision, crop, root, fraction, sha256)
+    return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
+
+
+def select(cache_dir, **settings) -> CacheKey:
+    """Stage 1's key: the model's own input size when its signature fixes one (loaded once, then recorded
+    under `<cache_dir>/models/`), else `image_size`, else the default."""
+    def size_of(key, asked):
+        return models.input_size(key.model, key.model_sha256, asked, DEFAULT_IMAGE_SIZE, cache_dir)
+
+    return _key(size_of, **settings)
+
+
+def select_cached(cache_dir, **settings) -> CacheKey:
+    """Stage 2's key, found without loading any network: `image_size` when asked, else the size of the
+    caches present for the other settings (an error when they hold several), else the model's record,
+    else the default (whose absence the reader then reports with the caches that are present)."""
+    def size_of(key, asked):
+        if asked:
+            return asked
+        sizes = sorted({entry["key"].image_size for entry in list_caches(cache_dir)
+                        if entry["key"] is not None and entry["key"] == CacheKey(**{**key.__dict__, "image_size":
+                                                                                      entry["key"].image_size})})
+        if len(sizes) > 1:
+            raise UserError(f"caches of {', '.join(map(str, sizes))} px exist for these settings; choose one "
+                            "with `image_size`")
+        if sizes:
+            return sizes[0]
+        _, fixed = models.recorded_input_size(key.model, key.model_sha256, cache_dir)
+        return fixed or DEFAULT_IMAGE_SIZE
+
+    return _key(size_of, **settings)
 
 
 def default_key() -> CacheKey:
     """The cache that extract.py and train_head.py select without options."""
-    return CacheKey(DEFAULT_MODEL, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, DEFAULT_VIEWS, dataset=DEFAULT_DATASET)
+    return CacheKey()
 
 
-def selection_args(key: CacheKey) -> str:
-    """The options (beyond the defaults) that select this key's cache, on either CLI."""
+def selection_kwargs(key: CacheKey) -> dict:
+    """The selection parameters (beyond the defaults) that select this key's cache, in SELECTION_NAMES order."""
     default = default_key()
-    parts = []
+    chosen = {}
     if key.dataset != default.dataset:
-        parts.append(f"--dataset {key.dataset}")
+        chosen["dataset"] = key.dataset
     if key.data_dir:
-        parts.append(f"--data-dir {key.data_dir}")
-    if key.test_fraction and key.test_fraction != folder.DEFAULT_TEST_FRACTION:
-        parts.append(f"--test-fraction {key.test_fraction:g}")
-    for name in ("model", "image_size", "resize", "crop", "views", "precision"):
-        value = getattr(key, name)
-        if value != getattr(default, name):
-            parts.append(f"--{name.replace('_', '-')} {value}")
-    if key.limit:
-        parts.append(f"--limit {key.limit}")
-    return " ".join(parts)
+        chosen["data_dir"] = key.data_dir
+    if key.test_fraction and key.test_fraction != DEFAULT_TEST_FRACTION:
+        chosen["test_fraction"] = key.test_fraction
+    for name in ("model", "image_size", "resize", "crop", "views", "precision", "limit"):
+        if getattr(key, name) != getattr(default, name):
+            chosen[name] = getattr(key, name)
+    return chosen

@@ -196,11 +196,12 @@ def test_unwritable_runs_folder(good, tmp_path):
 def test_disk_full_mid_write_keeps_committed_rows_and_resumes(tiny_model, cifar_root, tmp_path, monkeypatch):
     import errno
 
-    from featcache import pipeline, store
+    from featcache import pipeline
+    from featcache.cache import write
     from featcache.errors import UserError
 
     key = make_key(str(tiny_model), 32, "bilinear", "plain", None)
-    real_write = store.CacheWriter.write
+    real_write = write.CacheWriter.write
     calls = {"n": 0}
 
     def failing_write(self, start, embeddings, labels, items=None):
@@ -209,12 +210,12 @@ def test_disk_full_mid_write_keeps_committed_rows_and_resumes(tiny_model, cifar_
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, start, embeddings, labels, items)
 
-    monkeypatch.setattr(store.CacheWriter, "write", failing_write)
+    monkeypatch.setattr(write.CacheWriter, "write", failing_write)
     with pytest.raises(UserError, match="No space left on device.*30 committed rows are kept"):
         pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10,
                          engine="tensorflow", progress=False)
     assert not key.path(tmp_path, "train").exists()
-    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    monkeypatch.setattr(write.CacheWriter, "write", real_write)
     resumed = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10,
                                engine="tensorflow", progress=False, log=lambda *_: None)
     assert resumed.processed == 120 - 30 and resumed.rows == 120

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import store
+from featcache.cache import read
 from featcache.errors import UserError
 from featcache.sources import cifar
 from conftest import make_key, run_cli, save_tiny_model, write_cifar100
@@ -22,8 +22,8 @@ def test_cifar100_end_to_end_gives_100_way_outputs_with_the_stored_names(tiny_mo
     assert out.returncode == 0, out.stderr
     key = make_key(tiny_model, 32, "bicubic", "plain", dataset="cifar100")
     assert key.path(tmp_path / "cache", "train").parts[-4] == "cifar100"
-    attrs = store.attributes(key.path(tmp_path / "cache", "test"))
-    assert store.class_names(attrs) == names and attrs["rows"] == 60
+    attrs = read.attributes(key.path(tmp_path / "cache", "test"))
+    assert read.class_names(attrs) == names and attrs["rows"] == 60
     out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "2")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()

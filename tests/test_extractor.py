@@ -3,7 +3,9 @@ import pytest
 
 from featcache import ov_engine
 from featcache.errors import UserError
-from featcache.extractor import RESIZE_METHODS, Extractor, load_model, preprocess, preprocess_static
+from featcache.extractor import Extractor, preprocess, preprocess_static
+from featcache.models import load_model
+from featcache.settings import RESIZE_METHODS
 from conftest import TINY_DIM, save_tiny_model
 
 
@@ -65,7 +67,7 @@ def test_model_that_is_not_a_feature_vector_is_rejected(tmp_path):
 
 
 def test_folder_that_is_not_a_savedmodel_names_the_offline_options(tmp_path):
-    with pytest.raises(UserError, match="TFHUB_CACHE_DIR.*--model PATH"):
+    with pytest.raises(UserError, match="TFHUB_CACHE_DIR.*model=PATH"):
         load_model(str(tmp_path))
 
 

@@ -16,19 +16,19 @@ import time
 import h5py
 import numpy as np
 
-from featcache import store
+from featcache.cache import layout, read, write
 from conftest import ROOT
 
 ROWS, DIM, CHUNK = 2400, 64, 8
 WRITER = f"""
 import sys, numpy as np
 sys.path.insert(0, {str(ROOT)!r})
-from featcache import store
-path = store.Path(sys.argv[1])
-attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+from featcache.cache import layout, read, write
+path = __import__("pathlib").Path(sys.argv[1])
+attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
              model="m", image_size=1, resize="r", views="flip", limit=0, rows={ROWS}, source_fingerprint="f",
              engine="e")
-with store.locked(path), store.CacheWriter(path, attrs, {DIM}, ("plain", "flip")) as w:
+with write.locked(path), write.CacheWriter(path, attrs, {DIM}, ("plain", "flip")) as w:
     for lo in range(w.rows_done, {ROWS}, {CHUNK}):
         rows = np.arange(lo, min(lo + {CHUNK}, {ROWS}))
         emb = (rows[:, None] * 1.5 + np.arange({DIM})[None]).astype("f4")
@@ -45,7 +45,7 @@ def expected_rows():
 
 def check_partial_consistent(path, want):
     """Whatever the kill did, committed rows are exact and nothing claims to be complete."""
-    partial = store.partial_path(path)
+    partial = layout.partial_path(path)
     assert not path.exists(), "a killed writer left a file under the final name"
     if not partial.exists():
         return 0
@@ -57,7 +57,7 @@ def check_partial_consistent(path, want):
             # been torn by the kill (its committed rows intact, its checksum not): read it as stored.
             whole = done - done % f[name].chunks[0]
             np.testing.assert_array_equal(f[name][:whole], values[:whole])
-            np.testing.assert_array_equal(store.stored_rows(f[name], whole, done - whole), values[whole:done])
+            np.testing.assert_array_equal(layout.stored_rows(f[name], whole, done - whole), values[whole:done])
     return done
 
 
@@ -85,7 +85,7 @@ def test_writer_killed_at_30_random_moments_always_resumes_exactly(tmp_path):
         # A first run to get going, then a kill at a seeded moment, then a second kill in the resumed run.
         for attempt in range(2):
             kills += kill_at_random_moment([sys.executable, "-c", WRITER, str(path)],
-                                           store.partial_path(path).exists, rng, 0.2)
+                                           layout.partial_path(path).exists, rng, 0.2)
             done = check_partial_consistent(path, want) if not path.exists() else ROWS
             mid_write += 0 < done < ROWS
         finished = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True)
@@ -134,10 +134,10 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
     Such a child must not make HDF5 refuse this process's own files, nor keep the next writer out.
     """
     path = tmp_path / "cache" / "train.h5"
-    attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+    attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
                  model="m", image_size=1, resize="r", views="plain", limit=0, rows=4, source_fingerprint="f",
                  engine="e")
-    with store.locked(path), store.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
+    with write.locked(path), write.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
         child = os.fork()
         if child == 0:  # holds copies of the lock file's and the partial file's descriptors
             time.sleep(60)
@@ -149,10 +149,10 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
             os.kill(child, signal.SIGKILL)
             raise
     try:
-        views, labels, _ = store.read(path, attrs, ("plain",))
+        views, labels, _ = read.read(path, attrs, ("plain",))
         assert labels.tolist() == [0, 1, 2, 3] and views["plain"].shape == (4, DIM)
-        take_lock = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from featcache import store\n" \
-                    f"with store.locked(store.Path({str(path)!r})): print('locked')"
+        take_lock = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from featcache.cache import layout, read, write\n" \
+                    f"with write.locked(__import__('pathlib').Path({str(path)!r})): print('locked')"
         second = subprocess.run([sys.executable, "-c", take_lock], capture_output=True, text=True, timeout=60)
         assert second.stdout.strip() == "locked", second.stderr
     finally:
@@ -163,13 +163,13 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
 def test_a_partial_cache_of_another_engine_is_restarted_with_a_reason(tmp_path):
     """Installing OpenVINO between a crash and the rerun changes the engine: say so, never silently."""
     path = tmp_path / "train.h5"
-    attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+    attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
                  model="m", image_size=1, resize="r", views="plain", limit=0, rows=8, source_fingerprint="f",
                  engine="tensorflow")
-    with store.locked(path), store.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
+    with write.locked(path), write.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
         writer.write(0, {"plain": np.ones((4, DIM), np.float32)}, np.arange(4))
-    with store.locked(path), store.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
+    with write.locked(path), write.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
         assert not writer.resumed and writer.rows_done == 0
         assert writer.discarded == "4 rows of it are not reused: it was made with other engine"
-    with store.locked(path), store.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
+    with write.locked(path), write.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
         assert writer.resumed and not writer.discarded

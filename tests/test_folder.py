@@ -7,9 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import ov_engine, pipeline, store
+from featcache import ov_engine, pipeline
+from featcache.cache import read, write
 from featcache.errors import UserError
-from featcache.extractor import Extractor, load_model
+from featcache.extractor import Extractor
+from featcache.models import load_model
 from featcache.sources import folder
 from conftest import TINY_DIM, make_key, run_cli
 
@@ -97,7 +99,7 @@ def test_every_row_is_its_own_files_embedding_with_mixed_sizes_and_formats(tiny_
     with h5py.File(result.path, "r") as f:
         files = [name.decode() for name in f["source_files"][:]]
         rows, items, labels = f["embeddings"][:], f["source_index"][:], f["labels"][:]
-        assert store.class_names(dict(f.attrs)) == CLASSES
+        assert read.class_names(dict(f.attrs)) == CLASSES
     assert result.rows == len(files) == 20 and sorted(items) == list(range(20))
     extractor = Extractor(load_model(str(tiny_model)), image_size=32, resize="bilinear", engine="tensorflow")
     for row, item in enumerate(items):
@@ -137,7 +139,7 @@ def test_broken_files_are_skipped_listed_and_the_rest_is_cached(tiny_model, tree
     assert "3 unreadable files skipped" in result.summary().splitlines()[0]
     reasons = dict(result.skipped)
     assert "empty file" in reasons["train/dog/003.png"] and "not a decodable image" in reasons["train/dog/001.png"]
-    assert store.skipped_files(result.path) == result.skipped
+    assert read.skipped_files(result.path) == result.skipped
     with h5py.File(result.path, "r") as f:
         files = [name.decode() for name in f["source_files"][:]]
         assert f["embeddings"].shape == (12, TINY_DIM) and f.attrs["rows"] == 12 and f.attrs["skipped"] == 3
@@ -149,7 +151,7 @@ def test_broken_files_are_skipped_listed_and_the_rest_is_cached(tiny_model, tree
 
 def test_strict_stops_at_the_first_broken_file(tiny_model, tree, tmp_path):
     _break_files(tree)
-    with pytest.raises(UserError, match=r"cannot read .*train/dog/001.png: not a decodable image.*--strict"):
+    with pytest.raises(UserError, match=r"cannot read .*train/dog/001.png: not a decodable image.*strict=True"):
         _extract(_key(tiny_model, tree), tree, tmp_path / "cache", strict=True)
 
 
@@ -157,7 +159,7 @@ def test_a_resume_after_a_crash_keeps_rows_and_still_lists_files_skipped_before_
                                                                                   monkeypatch):
     broken = _break_files(tree)
     key = _key(tiny_model, tree)
-    real_write, calls = store.CacheWriter.write, {"n": 0}
+    real_write, calls = write.CacheWriter.write, {"n": 0}
 
     def failing_write(self, *args):
         calls["n"] += 1
@@ -165,10 +167,10 @@ def test_a_resume_after_a_crash_keeps_rows_and_still_lists_files_skipped_before_
             raise OSError(28, "No space left on device")
         return real_write(self, *args)
 
-    monkeypatch.setattr(store.CacheWriter, "write", failing_write)
+    monkeypatch.setattr(write.CacheWriter, "write", failing_write)
     with pytest.raises(UserError, match="committed rows are kept"):
         _extract(key, tree, tmp_path / "cache", chunk_size=3)
-    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    monkeypatch.setattr(write.CacheWriter, "write", real_write)
     resumed = _extract(key, tree, tmp_path / "cache", chunk_size=3)
     assert resumed.processed < 15  # the first two chunks (6 files, 3 of them broken) were not read again
     clean = _extract(key, tree, tmp_path / "clean", chunk_size=3)
@@ -261,7 +263,7 @@ def test_openvino_conversion_failure_under_auto_falls_back_to_tensorflow(tiny_mo
     said = []
     result = pipeline.extract(_key(tiny_model, tree), "train", data_dir=tree, cache_dir=tmp_path, progress=False,
                               engine="auto", log=said.append)
-    assert result.engine == "tensorflow" and store.attributes(result.path)["engine"] == "tensorflow"
+    assert result.engine == "tensorflow" and read.attributes(result.path)["engine"] == "tensorflow"
     assert len(said) == 1 and "OpenVINO cannot convert this model" in said[0] and "using TensorFlow" in said[0]
     with pytest.raises(UserError, match="OpenVINO cannot convert model"):
         pipeline.extract(_key(tiny_model, tree), "test", data_dir=tree, cache_dir=tmp_path, progress=False,

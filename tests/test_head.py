@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from featcache.errors import UserError
-from featcache.head import Features, HeadConfig, split_validation, train
+from featcache.cache.read import Features
+from featcache.head import split_validation, train
+from featcache.settings import HeadConfig
 
 
 def blobs(n_per_class=60, dim=32, seed=0, spread=1.0):
@@ -45,12 +47,15 @@ def test_validation_split_holds_out_whole_images():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(epochs=0), "--epochs"), (dict(val_split=1.5), "--val-split"), (dict(lr=0), "--lr"),
-    (dict(dropout=1.0), "--dropout"), (dict(batch_size=0), "--batch-size"),
+    (dict(epochs=0), "epochs must be at least 1, got 0"), (dict(val_split=1.5), "val_split must be in [0, 1), got 1.5"),
+    (dict(lr=0), "lr must be positive, got 0"), (dict(lr=float("nan")), "lr must be positive, got nan"),
+    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"), (dict(batch_size=0), "batch_size must be positive, got 0"),
+    (dict(l2=-1.0), "l2 must be >= 0, got -1.0"), (dict(hidden=-3), "hidden must be >= 0, got -3"),
 ])
-def test_bad_head_settings_are_refused(bad, message):
-    with pytest.raises(UserError, match=message):
+def test_bad_head_settings_are_refused_naming_the_parameter(bad, message):
+    with pytest.raises(UserError) as caught:
         train(blobs(n_per_class=5), None, HeadConfig(**bad))
+    assert str(caught.value) == message
 
 
 def test_tta_averages_the_probabilities_of_both_views():
@@ -66,7 +71,7 @@ def test_tta_averages_the_probabilities_of_both_views():
 
 
 def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
-    from featcache import head
+    from featcache.head import training as head
 
     seen = []
 
@@ -91,7 +96,7 @@ def test_sweep_on_real_training_prefers_weaker_penalty_on_easy_data():
 
 
 def test_schedule_is_checked_by_the_config_itself():
-    with pytest.raises(UserError, match="--schedule must be one of cosine, constant"):
+    with pytest.raises(UserError, match="^schedule must be one of cosine, constant"):
         HeadConfig(schedule="linear").check()
 
 
@@ -128,6 +133,7 @@ def test_fit_loop_takes_the_steps_keras_fit_takes(schedule, smoothing, hidden):
     import keras
 
     from featcache import head
+    from featcache.head.fit import Fitter
 
     data = blobs(n_per_class=20, dim=16)
     config = HeadConfig(epochs=4, batch_size=1000, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
@@ -136,7 +142,7 @@ def test_fit_loop_takes_the_steps_keras_fit_takes(schedule, smoothing, hidden):
     x, y, mean, variance = rows.x, rows.y, rows.mean, rows.variance
     ours = head.build_model(16, config, mean, variance, 10)
     theirs = head.build_model(16, config, mean, variance, 10)
-    fitter = head._Fitter(ours, config, rows, 10)
+    fitter = Fitter(ours, config, rows, 10)
     for epoch in range(config.epochs):
         fitter.epoch(np.int32(epoch))
     lr = (config.lr if schedule == "constant"
@@ -203,16 +209,16 @@ def test_runs_sharing_training_rows_match_runs_that_make_their_own():
 
 
 def test_bf16_products_are_a_training_choice_that_auto_makes_only_for_hidden_layers_on_native_bf16(monkeypatch):
-    from featcache import head
+    from featcache import cpu
 
-    monkeypatch.setattr(head, "native_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
     assert HeadConfig(hidden=8).resolved_compute() == "bf16"
     assert HeadConfig(hidden=0).resolved_compute() == "f32"  # memory-bound: casts would only cost
     assert HeadConfig(hidden=8, compute="f32").resolved_compute() == "f32"
-    monkeypatch.setattr(head, "native_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
     assert HeadConfig(hidden=8).resolved_compute() == "f32"
     assert HeadConfig(hidden=0, compute="bf16").resolved_compute() == "bf16"
-    with pytest.raises(UserError, match="--compute must be one of auto, f32, bf16"):
+    with pytest.raises(UserError, match="^compute must be one of auto, f32, bf16"):
         HeadConfig(compute="f16").check()
 
     data, test = blobs(seed=0), blobs(n_per_class=20, seed=0)

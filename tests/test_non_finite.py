@@ -2,16 +2,21 @@
 
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline, store
+from featcache import pipeline
+from featcache.cache import layout, read, write
+from featcache.cache.layout import CacheKey
 from featcache.errors import UserError
-from featcache.head import Features, HeadConfig, train
-from featcache.runs import ledger, run_experiment
+from featcache.cache.read import Features
+from featcache.head import train
+from featcache.settings import HeadConfig
+from featcache.records import ledger
+from featcache.runs import run_experiment
 from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, write_batches
 
 COMMON = ["--image-size", "32", "--views", "plain"]
@@ -86,12 +91,12 @@ def test_cache_without_checksums_stays_readable(tiny_model, cifar_root, tmp_path
     """Caches written before checksums existed are read as they are."""
     path = tmp_path / "old" / "train.h5"
     attrs = dict(_key(tiny_model).attrs("train"), rows=5, source_fingerprint="f", engine="tensorflow")
-    with store.locked(path), store.CacheWriter(path, attrs, 4, ("plain",), checksums=False) as writer:
+    with write.locked(path), write.CacheWriter(path, attrs, 4, ("plain",), checksums=False) as writer:
         writer.write(0, {"plain": np.ones((5, 4), np.float32)}, np.arange(5))
         writer.finish()
     with h5py.File(path, "r") as f:
         assert not f["embeddings"].fletcher32
-    views, labels, _ = store.read(path, attrs, ("plain",))
+    views, labels, _ = read.read(path, attrs, ("plain",))
     assert views["plain"].shape == (5, 4) and labels.tolist() == [0, 1, 2, 3, 4]
 
 
@@ -114,7 +119,7 @@ def test_a_model_that_emits_nan_stops_extract_at_that_chunk_and_the_fixed_model_
     assert "16 committed rows are kept" in message and "\n" not in message
     path = key.path(cache, "train")
     assert not path.exists()
-    with h5py.File(store.partial_path(path), "r") as f:
+    with h5py.File(layout.partial_path(path), "r") as f:
         assert int(f.attrs["rows_done"]) == 16
 
     shutil.rmtree(model)
@@ -164,26 +169,29 @@ def test_a_finite_fit_far_worse_than_guessing_is_refused():
 
 
 def test_ledger_never_offers_a_run_with_non_finite_metrics(tmp_path):
+    """No run with NaN metrics is ever recorded; a record that holds them was damaged, and is skipped, said once."""
     for name, loss in (("good", 0.5), ("diverged", float("nan"))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({"test_accuracy": 0.1, "test_loss": loss}))
         head = {"epochs": 5, "hidden": 0, "l2": 1e-4, "lr": 1e-3, "flip_train": True, "tta": True}
-        cache = {"image_size": 224, "resize": "bicubic", "views": "flip", "limit": 0}
-        (tmp_path / name / "config.json").write_text(json.dumps({"head": head, "cache": cache}))
-    assert [row["run"] for row in ledger(tmp_path)] == ["good"]
+        (tmp_path / name / "config.json").write_text(json.dumps({"head": head, "cache": asdict(CacheKey())}))
+    warnings = []
+    assert [row["run"] for row in ledger(tmp_path, warn=warnings.append)] == ["good"]
+    assert warnings == ["warning: skipping run diverged: its record is damaged or half-written "
+                        "(ValueError: non-finite metrics)"]
 
 
 def test_a_torn_chunk_after_a_kill_does_not_block_the_resume(tmp_path):
     """A kill mid-write can leave the chunk holding `rows_done` with a wrong checksum; resuming rewrites it whole."""
     rows, dim = 600, 8
     path = tmp_path / "train.h5"
-    attrs = dict(tool=store.TOOL, format_version=store.FORMAT_VERSION, dataset="synthetic", split="train",
+    attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
                  model="m", image_size=1, resize="r", views="plain", limit=0, rows=rows, source_fingerprint="f",
                  engine="e")
     values = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim)
-    with store.locked(path), store.CacheWriter(path, attrs, dim, ("plain",)) as writer:
+    with write.locked(path), write.CacheWriter(path, attrs, dim, ("plain",)) as writer:
         writer.write(0, {"plain": values[:300]}, np.arange(300) % 10)
-    partial = store.partial_path(path)
+    partial = layout.partial_path(path)
     with h5py.File(partial, "r") as f:
         info = f["embeddings"].id.get_chunk_info(1)  # rows 256..511: 44 committed, the rest not
     with open(partial, "r+b") as fh:  # damage an uncommitted row of that chunk, as a torn write would
@@ -191,12 +199,12 @@ def test_a_torn_chunk_after_a_kill_does_not_block_the_resume(tmp_path):
         fh.write(b"\x12\x34" * 8)  # not 0xff: Fletcher-32 cannot tell 0xffff from 0
     with h5py.File(partial, "r") as f, pytest.raises(OSError):
         f["embeddings"][256:300]
-    with store.locked(path), store.CacheWriter(path, attrs, dim, ("plain",)) as writer:
+    with write.locked(path), write.CacheWriter(path, attrs, dim, ("plain",)) as writer:
         assert writer.resumed and writer.rows_done == 300
         for lo in range(300, rows, 77):
             writer.write(lo, {"plain": values[lo : lo + 77]}, np.arange(lo, min(lo + 77, rows)) % 10)
         writer.finish()
-    views, labels, _ = store.read(path, attrs, ("plain",))
+    views, labels, _ = read.read(path, attrs, ("plain",))
     np.testing.assert_array_equal(views["plain"], values)
     np.testing.assert_array_equal(labels, np.arange(rows) % 10)
 

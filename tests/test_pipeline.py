@@ -9,9 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import ov_engine, pipeline, store
+from featcache import ov_engine, pipeline
+from featcache.cache import layout
 from featcache.errors import UserError
-from featcache.extractor import Extractor, load_model
+from featcache.extractor import Extractor
+from featcache.models import load_model
 from featcache.sources import cifar
 from conftest import ROOT, TINY_DIM, make_key
 
@@ -83,7 +85,7 @@ def test_cache_from_other_source_data_is_not_silently_reused(tiny_model, cifar_r
     other = tmp_path / "other"
     from conftest import write_batches
     write_batches(other / "cifar-10-batches-py", seed=7)
-    with pytest.raises(UserError, match="source changed since it was made.*--force"):
+    with pytest.raises(UserError, match="source changed since it was made.*force=True to rebuild"):
         pipeline.extract(key, "test", data_dir=other, cache_dir=tmp_path, engine="tensorflow", progress=False)
     rebuilt = pipeline.extract(key, "test", data_dir=other, cache_dir=tmp_path, engine="tensorflow",
                                progress=False, force=True)
@@ -110,11 +112,11 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_cache(tiny_model, ci
     path = _key(tiny_model, image_size=96, resize="bilinear").path(cache, "train")
     proc = subprocess.Popen(args + ["--cache-dir", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while _committed_rows(store.partial_path(path)) < 8 and time.monotonic() < deadline and proc.poll() is None:
+    while _committed_rows(layout.partial_path(path)) < 8 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed = _committed_rows(store.partial_path(path))
+    committed = _committed_rows(layout.partial_path(path))
     assert 8 <= committed < 120, "the kill should land mid-run"
     assert not path.exists()
 

@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import extractor, ov_engine, pipeline, quantize, store
+from featcache import extractor, ov_engine, pipeline, quantize
+from featcache.cache import read, write
 from featcache.errors import UserError
 from featcache.sources import cifar
 from conftest import make_key, run_cli
@@ -68,18 +69,6 @@ def test_int8_calibrates_on_train_images_only_once_and_coexists_with_f32(tiny_mo
     assert not np.array_equal(f32_rows, int8_rows)  # quantized for real
     cosine = (f32_rows * int8_rows).sum(1) / np.linalg.norm(f32_rows, axis=1) / np.linalg.norm(int8_rows, axis=1)
     assert cosine.min() > 0.9, cosine.min()  # and still the same features
-
-
-def test_a_cache_made_before_precisions_counts_as_f32(tiny_model, tmp_path):
-    key = _key(tiny_model, "f32")
-    expected = dict(key.attrs("test"), rows=2, source_fingerprint="f")
-    path = key.path(tmp_path, "test")
-    legacy = {k: v for k, v in expected.items() if k != "precision"}
-    with store.locked(path), store.CacheWriter(path, dict(legacy, engine="tensorflow"), 3, ("plain",)) as writer:
-        writer.write(0, {"plain": np.ones((2, 3), np.float32)}, np.arange(2))
-        writer.finish()
-    assert store.inspect(path, expected).status == "complete"
-    assert store.inspect(path, dict(expected, precision="int8")).status == "bad"
 
 
 def test_precision_errors_are_one_line(monkeypatch):

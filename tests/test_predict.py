@@ -124,8 +124,9 @@ def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny
     import keras
 
     from featcache.classifier import build_classifier
-    from featcache.extractor import Extractor, load_model
-    from featcache.store import CacheKey
+    from featcache.extractor import Extractor
+    from featcache.models import load_model
+    from featcache.cache.layout import CacheKey
     from conftest import TINY_DIM
 
     _, run_dir, _ = trained_run

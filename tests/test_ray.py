@@ -195,7 +195,7 @@ def test_one_job_keeps_its_workers_for_both_splits(cluster, tiny_model):
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_an_error_not_a_hang(cluster, tiny_model, cifar_root, tmp_path):
-    with pytest.raises(UserError, match=f"--workers {CPUS + 1} needs one CPU each; the Ray cluster has {CPUS}"):
+    with pytest.raises(UserError, match=f"^workers {CPUS + 1} needs one CPU each; the Ray cluster has {CPUS}"):
         _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=CPUS + 1))
     assert not list(tmp_path.rglob("*.h5"))
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from featcache import pipeline, store
+from featcache import pipeline
+from featcache.cache import read
 from conftest import REAL_DATA, REAL_MODEL, make_key, requires_shared
 
 
@@ -12,7 +13,7 @@ def test_real_model_on_256_real_images_gives_useful_features(tmp_path):
     rows = {}
     for split in ("train", "test"):
         result = pipeline.extract(key, split, data_dir=REAL_DATA, cache_dir=tmp_path, progress=False)
-        embeddings, labels, _ = store.read(result.path, key.attrs(split), ("plain",))
+        embeddings, labels, _ = read.read(result.path, key.attrs(split), ("plain",))
         rows[split] = embeddings["plain"], labels
     x, y = rows["train"]
     assert x.shape == (256, 1280) and x.dtype == np.float32

@@ -1,6 +1,9 @@
 import json
+from dataclasses import asdict
 
-from featcache.runs import LEDGER_COLUMNS, format_ledger, ledger
+from featcache.cache.layout import CacheKey
+from featcache.cli import format_ledger
+from featcache.records import LEDGER_COLUMNS, ledger
 
 
 def _record(runs, name, val, test):
@@ -11,8 +14,8 @@ def _record(runs, name, val, test):
         metrics["val_accuracy"] = val
     (folder / "metrics.json").write_text(json.dumps(metrics))
     head = {"epochs": 5, "hidden": 0, "l2": 1e-4, "lr": 1e-3, "flip_train": True, "tta": True}
-    cache = {"image_size": 224, "resize": "bicubic", "views": "flip", "limit": 0}
-    (folder / "config.json").write_text(json.dumps({"head": head, "cache": cache}))
+    cache = asdict(CacheKey(model="m"))
+    (folder / "config.json").write_text(json.dumps({"head": head, "cache": cache, "class_names": ["a", "b"]}))
 
 
 def test_ledger_sorts_by_validation_accuracy_and_prints_a_table(tmp_path):
@@ -40,7 +43,7 @@ def _record_on(runs, name, val, model, limit, head_file=True):
 
 def test_default_run_is_the_best_on_the_default_cache_settings(tmp_path):
     from featcache.classifier import resolve_run
-    from featcache.extractor import DEFAULT_MODEL
+    from featcache.settings import DEFAULT_MODEL
 
     _record_on(tmp_path, "full", 0.85, DEFAULT_MODEL, 0)
     _record_on(tmp_path, "quick", 0.95, DEFAULT_MODEL, 1000)  # better validation, but a --limit run
@@ -67,7 +70,7 @@ def test_parse_grid_makes_every_combination_and_refuses_bad_specs():
     import pytest
 
     from featcache.errors import UserError
-    from featcache.runs import parse_grid
+    from featcache.cli import parse_grid
 
     assert parse_grid(["hidden=0,1024", "lr=1e-3,1e-2"]) == [
         {"hidden": 0, "lr": 1e-3}, {"hidden": 0, "lr": 1e-2}, {"hidden": 1024, "lr": 1e-3}, {"hidden": 1024, "lr": 1e-2}]

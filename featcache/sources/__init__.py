@@ -6,25 +6,16 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from ..settings import DATASETS
 from . import cifar, folder
-from .base import SPLITS, Chunk  # noqa: F401 - the interface, re-exported
-
-DATASETS = ("cifar10", "cifar100", "folder")
-DEFAULT_DATASET = "cifar10"
+from .base import Chunk  # noqa: F401 - the interface, re-exported
 
 
 def open_split(key, split: str, data_dir=None, strict: bool = False):
-    """The reader of one split of the key's dataset (--limit applied)."""
+    """The reader of one split of the key's dataset (its `limit` applied)."""
     if key.dataset in cifar.LAYOUTS:
         layout = cifar.LAYOUTS[key.dataset]
         return cifar.SplitSource(cifar.resolve_source(data_dir, layout), split, key.limit or None, layout)
     if key.dataset == "folder":
         return folder.FolderSplit(key.data_dir, split, key.limit or None, key.test_fraction or None, strict=strict)
-    raise UserError(f"unknown dataset {key.dataset!r}; choose one of {', '.join(DATASETS)}")
-
-
-def legacy_class_names(dataset: str) -> tuple[str, ...]:
-    """Class names for caches and runs made before caches stored them (all of them CIFAR-10)."""
-    if dataset == "cifar10":
-        return cifar.CIFAR10_CLASS_NAMES
-    raise UserError(f"this {dataset} cache or run records no class names; rebuild it with extract.py --force")
+    raise UserError(f"unknown `dataset` {key.dataset!r}; choose one of {', '.join(DATASETS)}")

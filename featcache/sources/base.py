@@ -6,7 +6,7 @@ A split reader (cifar.SplitSource, folder.FolderSplit) has:
 - `fingerprint`: changes whenever the split's content may have (cheap: no image is decoded);
 - `class_names`, and `image_shape`: (H, W) of (most of) its images, for compiling ahead;
 - `chunks(chunk_size, start)`: Chunk objects from item `start` on, in order;
-- `labels_of(items)` for --verify, and `attrs()`: what else the cache should record.
+- `labels_of(items)` for verifying a cache, and `attrs()`: what else the cache should record.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from ..settings import SPLITS
 
-SPLITS = ("train", "test")
 
 
 def check_split(split: str):

@@ -106,7 +106,7 @@ def _keras_cached_copy(layout: Layout) -> Path:
     except Exception as exc:  # noqa: BLE001 - any download failure means the same to the user
         raise UserError(
             f"could not download {layout.title} from {layout.url} ({type(exc).__name__}); "
-            f"pass --data-dir PATH (or set {layout.env}) to read a local copy"
+            f"pass `data_dir=PATH` (or set {layout.env}) to read a local copy"
         ) from None
     return resolve_source(path, layout)
 

@@ -27,10 +27,10 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
+from ..settings import DEFAULT_TEST_FRACTION
 from .base import Chunk, check_split
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_FORMATS
-DEFAULT_TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
 SHAPE_PROBE_FILES = 10  # files tried to find the size to compile for ahead
@@ -48,7 +48,7 @@ def is_nested(root: Path) -> bool:
 
 def check_root(data_dir) -> Path:
     if data_dir is None:
-        raise UserError("--dataset folder needs --data-dir PATH: a folder of class folders of images")
+        raise UserError("`dataset='folder'` needs `data_dir=PATH`: a folder of class folders of images")
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist or is not a folder")
@@ -60,11 +60,11 @@ def split_fraction(root: Path, asked: float | None) -> float:
     the split), else `asked` (default DEFAULT_TEST_FRACTION), strictly between 0 and 1."""
     if is_nested(root):
         if asked is not None:
-            raise UserError(f"{root} has train/ and test/ folders: they are the split, --test-fraction does not apply")
+            raise UserError(f"{root} has train/ and test/ folders: they are the split, `test_fraction` does not apply")
         return 0.0
     fraction = DEFAULT_TEST_FRACTION if asked is None else asked
     if not 0.0 < fraction < 1.0:
-        raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {fraction}")
+        raise UserError(f"`test_fraction` must be between 0 and 1 (exclusive), got {fraction}")
     return fraction
 
 
@@ -158,7 +158,7 @@ class FolderSplit:
                     if image is None:
                         if self.strict:
                             raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
-                                            "(--strict stops at the first unreadable image)")
+                                            "(`strict=True` stops at the first unreadable image)")
                         skipped.append((item, reason))
                     else:
                         images.append(image)

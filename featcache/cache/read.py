@@ -1,0 +1,275 @@
+"""Reading caches: is a file the cache asked for, its rows and attributes, listing and checking caches.
+
+Nothing here imports TensorFlow: a cache is checked and read with h5py and numpy alone.
+`load_features` is what stage 2 and the API call: it refuses any cache that is missing,
+incomplete, made with other settings, damaged (Fletcher-32) or holding NaN/Inf or labels
+outside its classes, and says in one line what would make a usable one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..memory import fresh_array
+from ..settings import view_dataset
+from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
+
+VERIFY_BLOCK_ROWS = 10_000
+
+
+@dataclass
+class CacheState:
+    """What a cache file on disk is: 'missing', 'complete', or 'bad' with a reason."""
+
+    status: str
+    reason: str = ""
+
+
+def inspect(path: Path, expected: dict) -> CacheState:
+    """Compare a finished cache file with the attributes we expect, without loading rows."""
+    if not path.exists():
+        return CacheState("missing")
+    try:
+        with open_h5(path, "r") as f:
+            attrs = _attributes(f)
+            if attrs.get("tool") != TOOL:
+                return CacheState("bad", "it was not made by featcache")
+            wrong = mismatches(attrs, expected, IDENTITY)
+            if wrong == ["source_fingerprint"]:
+                return CacheState("bad", "its source changed since it was made (images added, removed or modified)")
+            if wrong:
+                return CacheState("bad", f"it was made with other {', '.join(wrong)}")
+            if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
+                return CacheState("bad", "it is incomplete")
+            for name in ("embeddings", "labels"):
+                if name not in f or f[name].shape[0] != attrs["rows"]:
+                    return CacheState("bad", f"its {name} dataset is missing or the wrong length")
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        return CacheState("bad", f"it is not a readable HDF5 file ({first_line})")
+    return CacheState("complete")
+
+
+class CorruptCache(UserError):
+    """Stored bytes no longer match their checksum (bit rot, a failing disk)."""
+
+
+def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Load a complete cache: ({view: embeddings}, labels, attributes). Refuses anything else."""
+    state = inspect(path, expected)
+    if state.status == "missing":
+        raise UserError(f"no cache at {path}")
+    if state.status == "bad":
+        raise UserError(f"cache {path} cannot be used: {state.reason}")
+    with open_h5(path, "r") as f:
+        missing = [v for v in views if view_dataset(v) not in f]
+        if missing:
+            raise UserError(f"cache {path} has no {missing[0]} view; extract one with `views='flip'`")
+        try:
+            embeddings = {v: _read_whole(f[view_dataset(v)]) for v in views}
+            labels = f["labels"][:]
+        except OSError as exc:
+            if _failed_checksum(exc):
+                raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
+            raise
+        attrs = _attributes(f)
+    return embeddings, labels, attrs
+
+
+def _read_whole(dataset) -> np.ndarray:
+    """All of a dataset, into a fresh buffer (steadier and often faster to fill than numpy's, see memory.py)."""
+    rows = fresh_array(dataset.shape, dataset.dtype)
+    if rows.size:
+        dataset.read_direct(rows)
+    return rows
+
+
+def attributes(path: Path) -> dict:
+    """A cache file's attributes as plain Python values, without reading any rows."""
+    with open_h5(path, "r") as f:
+        return _attributes(f)
+
+
+def _attributes(f) -> dict:
+    return {k: plain(v) for k, v in f.attrs.items()}
+
+
+def _failed_checksum(exc: OSError) -> bool:
+    """h5py reports a Fletcher-32 mismatch as an OSError from the filter pipeline."""
+    return "filter returned failure" in str(exc)
+
+
+def class_names(attrs: dict) -> tuple[str, ...]:
+    """The class names a cache (or run record) stores."""
+    names = attrs["class_names"]
+    return tuple(json.loads(names) if isinstance(names, str) else names)
+
+
+def skipped_files(path: Path) -> list[tuple[str, str]]:
+    """(file, reason) of each source file a folder cache has no row for."""
+    with open_h5(path, "r") as f:
+        if "skipped_files" not in f:
+            return []
+        return [(file.decode(), reason.decode()) for file, reason in f["skipped_files"][:]]
+
+
+def non_finite(array: np.ndarray) -> tuple[int, int]:
+    """(count of NaN/Inf values, first row holding one, or -1): a cheap check before any use.
+
+    Fast path: one NaN or Inf anywhere makes the sum NaN or Inf (a sum of finite values
+    overflowing, never seen for embeddings, only costs the exact scan below).
+    """
+    if np.isfinite(array.sum()):
+        return 0, -1
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return 0, -1
+    rows = bad.reshape(len(array), -1).any(axis=1)
+    return int(bad.sum()), int(np.argmax(rows))
+
+
+def labels_outside(labels: np.ndarray, classes: int) -> tuple[int, int]:
+    """(count of labels outside [0, classes), first row holding one, or -1)."""
+    bad = (labels < 0) | (labels >= classes)
+    count = int(bad.sum())
+    return count, int(np.argmax(bad)) if count else -1
+
+
+def list_caches(cache_dir) -> list[dict]:
+    """Every cache file under `cache_dir` (complete or partial): its key, split, rows, state and size."""
+    found = []
+    for path in sorted(Path(cache_dir).glob("*/*/*/*.h5")):
+        entry = {"path": path, "megabytes": path.stat().st_size / 1e6, "key": None}
+        try:
+            a = attributes(path)
+            entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]),
+                         complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
+                         key=CacheKey.from_attrs(a))
+        except (OSError, KeyError, ValueError, TypeError):
+            pass  # not a readable featcache file: listed by path only
+        found.append(entry)
+    return found
+
+
+def check_contents(path: Path, reader) -> list[str]:
+    """Row-level checks that `inspect` leaves out: shapes, labels vs the source, NaN/Inf.
+
+    Reads a block of rows at a time, so memory stays bounded for any split size.
+    """
+    problems = []
+    with open_h5(path, "r") as f:
+        rows = int(f.attrs.get("rows", -1))
+        names = [n for n in f if n.startswith("embeddings")]
+        if not names:
+            return ["no embeddings dataset"]
+        for name in names:
+            if f[name].ndim != 2 or f[name].shape[0] != rows:
+                problems.append(f"{name} has shape {f[name].shape}, expected ({rows}, D)")
+        if "labels" not in f or f["labels"].shape != (rows,):
+            return problems + ["labels dataset missing or the wrong length"]
+        if not reader.may_skip and rows != reader.rows:
+            return problems + [f"{rows} rows, but the source has {reader.rows}"]
+        items = f["source_index"][:] if "source_index" in f else np.arange(rows)
+        if len(items) != rows or (rows and not 0 <= items.min() <= items.max() < reader.rows):
+            return problems + ["its rows name source files that the source does not have"]
+        expected = reader.labels_of(items)
+        classes = len(reader.class_names)
+        for lo in range(0, rows, VERIFY_BLOCK_ROWS):
+            hi = min(lo + VERIFY_BLOCK_ROWS, rows)
+            stored = f["labels"][lo:hi]
+            outside, first = labels_outside(stored, classes)
+            if outside:
+                problems.append(f"{outside} labels outside [0, {classes}) in rows {lo}:{hi} (first in row {lo + first})")
+            elif not np.array_equal(stored, expected[lo:hi]):
+                problems.append(f"labels differ from the source in rows {lo}:{hi}")
+            for name in names:
+                try:
+                    block = f[name][lo:hi]
+                except OSError as exc:
+                    if not _failed_checksum(exc):
+                        raise
+                    problems.append(f"{name} fails its checksum in rows {lo}:{hi} (damaged)")
+                    continue
+                if not np.isfinite(block).all():
+                    problems.append(f"{name} has NaN or Inf in rows {lo}:{hi}")
+    return problems
+
+
+# --- what stage 2 and the API read ------------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    """Cached embeddings of one split, per view, with labels and the names of all classes."""
+
+    views: dict[str, np.ndarray]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+class CacheUnusable(UserError):
+    """A cache a run needs is missing or cannot be used. Besides the message, it carries what would
+    make a usable one: the cache's `key`, `split` and `cache_dir`, and `action`: 'extract' (it is
+    missing), 'rebuild' (force a new one) or 'verify' (check it against its source, then rebuild)."""
+
+    def __init__(self, problem: str, key: CacheKey, split: str, cache_dir, action: str, present: list | None = None):
+        self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
+        self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
+        remedy = {"extract": "extract it", "rebuild": "rebuild it with `force=True`",
+                  "verify": "check it with `verify=True`, rebuild it with `force=True`"}[action]
+        listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
+                                                    for kwargs, state in self.present)) if self.present else ""
+        super().__init__(f"{problem}; {remedy}{listed}")
+
+
+def _marked(kwargs: dict) -> str:
+    """Selection keyword arguments as marked parameters (errors.py): `views='plain'` `limit=100`."""
+    return " ".join(f"`{name}={value!r}`" for name, value in kwargs.items())
+
+
+def caches_present(cache_dir) -> list[tuple[dict, str]]:
+    """(the selection kwargs that differ from the defaults, its splits and their states) per cached settings."""
+    from ..selection import selection_kwargs
+
+    groups: dict[CacheKey, list[str]] = {}
+    for entry in list_caches(cache_dir):
+        if entry.get("key") is None:
+            continue
+        state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
+        groups.setdefault(entry["key"], []).append(
+            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB")
+    return sorted(((selection_kwargs(key), "; ".join(splits)) for key, splits in groups.items()),
+                  key=lambda item: repr(item[0]))
+
+
+def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...]) -> tuple[Features, dict]:
+    """Read one complete, checked cache: its Features and where they came from (path, fingerprint, engine, rows)."""
+    path = key.path(cache_dir, split)
+    if not path.exists():
+        hint = " (an interrupted extraction is waiting to resume)" if partial_path(path).exists() else ""
+        raise CacheUnusable(f"no {split} cache at {path}{hint}", key, split, cache_dir, "extract",
+                            caches_present(cache_dir))
+    state = inspect(path, key.attrs(split))
+    if state.status != "complete":
+        raise CacheUnusable(f"{split} cache {path} cannot be used: {state.reason}", key, split, cache_dir, "rebuild")
+    try:
+        embeddings, labels, attrs = read(path, key.attrs(split), views)
+    except CorruptCache as exc:
+        raise CacheUnusable(str(exc), key, split, cache_dir, "rebuild") from None
+    for view, rows in embeddings.items():
+        count, first = non_finite(rows)
+        if count:
+            raise CacheUnusable(f"{split} cache {path} holds {count} NaN/Inf values ({view} view, first in row "
+                                f"{first})", key, split, cache_dir, "verify")
+    names = class_names(attrs)
+    count, first = labels_outside(labels, len(names))
+    if count:
+        raise CacheUnusable(f"{split} cache {path} holds {count} labels outside [0, {len(names)}) (first in row "
+                            f"{first}: {labels[first]})", key, split, cache_dir, "verify")
+    return Features(embeddings, labels, names), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
+                                                 "engine": attrs.get("engine", ""), "rows": int(attrs["rows"])}

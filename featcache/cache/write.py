@@ -1,0 +1,284 @@
+"""Writing a cache: one file built chunk by chunk, so that a crash at any moment loses at most a chunk.
+
+Why it survives a crash at any moment (SIGKILL, Ctrl-C, power loss):
+- The file is built as `<split>.partial.h5` and only renamed to `<split>.h5` (atomically,
+  then the folder is fsynced) after `complete` is set. A `.h5` name therefore never holds a
+  half-written cache, and a failed rebuild leaves the old cache untouched.
+- The partial file is created under a temporary name and renamed once its datasets exist,
+  so a kill during creation leaves nothing, or a harmless stray temp file.
+- Datasets are allocated in full at creation (H5D_ALLOC_TIME_EARLY, no compression):
+  every chunk has its final address and size, so appending rows is a write at a fixed
+  offset and never touches HDF5's metadata (chunk index, heaps). The only metadata
+  write per chunk is an in-place `rows_done` attribute update, done after the rows are
+  flushed and fsynced. A kill mid-chunk leaves rows past `rows_done` that the next run
+  simply writes again, so a crash costs at most the chunk in flight.
+- Every HDF5 chunk carries a Fletcher-32 checksum (its last 4 bytes, no metadata), so
+  bit rot fails loudly on read. A commit therefore only ever writes *whole* HDF5 chunks
+  (the committed rows already in the first one, kept in memory, then the new rows, then
+  padding): HDF5 never has to read a chunk back to merge a partial write, so a chunk torn
+  by a kill (its committed rows intact, its checksum not) is simply written whole again
+  by the next run, which takes the committed rows from the stored bytes without the check.
+We chose this over SWMR (needs h5clear after a crash) and over per-chunk side files
+(more moving parts, and `h5ls` could no longer show the whole cache).
+A partial file that still cannot be opened, or that belongs to other settings, is
+discarded and rebuilt; a lock file keeps two writers off the same cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import UserError
+from ..settings import view_dataset
+from .layout import CHUNK_ROWS, RESUME_IDENTITY, mismatches, open_h5, partial_path, stored_rows
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold `<file>.lock` while writing a cache, so a second writer is turned away.
+
+    A POSIX record lock (lockf), not flock: the kernel drops it when the process dies, so a
+    crash never leaves it stuck, and a child forked meanwhile does not inherit it.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write cache folder {path.parent}: {exc.strerror}") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        os.close(fd)
+        raise UserError(f"cache {path} is busy: another extract.py is writing it") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class CacheWriter:
+    """Builds one cache file chunk by chunk, resuming a matching partial file.
+
+    Use as a context manager inside `locked(path)`: `rows_done` says where to continue,
+    `write()` commits rows, `finish()` publishes the complete file.
+
+    With `files` (a folder source, whose unreadable files are skipped), `attrs["rows"]` is the
+    number of files, an upper bound: each row records its file in `source_index`, `next_item`
+    says which file to read next, and `finish()` shrinks the datasets to the rows written.
+    """
+
+    def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False,
+                 checksums: bool = True, files: list[str] | None = None):
+        self.path = Path(path)
+        self.checksums = checksums  # False only to measure what they cost (bench/)
+        self.partial = partial_path(self.path)
+        self.attrs = dict(attrs, dim=dim)
+        self.files = files
+        self.rows = int(attrs["rows"])
+        self.dim = dim
+        self.views = views
+        self.restart = restart
+        self.rows_done = 0
+        self.resumed = False
+        self.discarded = ""  # why a partial file found here could not be resumed
+        self._file = None
+        self._tails: dict[str, np.ndarray] = {}  # committed rows of each dataset's current HDF5 chunk
+
+    def __enter__(self):
+        self._open()
+        self._tails = {name: self._committed_tail(self._file[name]) for name in self._names()}
+        return self
+
+    def __exit__(self, *exc):
+        self._close()
+
+    def _open(self):
+        if self.partial.exists() and not self.restart:
+            try:
+                f = open_h5(self.partial, "r+")
+            except OSError:
+                f, self.discarded = None, "it could not be opened"
+            if f is not None:
+                wrong = mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
+                if not wrong and self._has_datasets(f):
+                    self._file = f
+                    self.rows_done = int(f.attrs["rows_done"])
+                    self.resumed = True
+                    return
+                done = int(f.attrs.get("rows_done", 0))
+                why = f"it was made with other {', '.join(wrong)}" if wrong else "its datasets are not these settings'"
+                self.discarded = f"{done} rows of it are not reused: {why}"
+                f.close()
+        self._create()
+
+    def _names(self) -> list[str]:
+        """The datasets that get one entry per row."""
+        return [view_dataset(v) for v in self.views] + ["labels"] + (["source_index"] if self.files is not None else [])
+
+    def _has_datasets(self, f) -> bool:
+        names = set(self._names()) | ({"source_files"} if self.files is not None else set())
+        return set(f) == names
+
+    @property
+    def next_item(self) -> int:
+        """The source item after the last committed row's (its row number when nothing is skipped)."""
+        if self.files is None or self.rows_done == 0:
+            return self.rows_done
+        tail = self._tails["source_index"]
+        last = tail[-1] if len(tail) else self._file["source_index"][self.rows_done - 1]
+        return int(last) + 1
+
+    def _committed_tail(self, ds) -> np.ndarray:
+        """Committed rows between the start of the HDF5 chunk holding `rows_done` and `rows_done`.
+
+        Read from the stored bytes without checking the checksum: a kill may have torn that
+        chunk's last write, which rewrote these very bytes but not necessarily its checksum.
+        """
+        n = self.rows_done % ds.chunks[0]
+        return stored_rows(ds, self.rows_done - n, n)
+
+    def _create(self):
+        tmp = self.partial.with_name(self.partial.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shrinkable = self.files is not None  # finish() cuts the rows of skipped files off the end
+        with open_h5(tmp, "w") as f:
+            def rows_dataset(name, width, dtype, chunk_rows):
+                f.create_dataset(name, shape=(self.rows, *width), dtype=dtype,
+                                 chunks=(max(1, min(chunk_rows, self.rows)), *width),
+                                 maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums,
+                                 dcpl=_preallocated())
+
+            for view in self.views:
+                rows_dataset(view_dataset(view), (self.dim,), "<f4", CHUNK_ROWS)
+            rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
+            if shrinkable:
+                rows_dataset("source_index", (), "<i8", CHUNK_ROWS * 64)
+                f.create_dataset("source_files", data=np.array(self.files, dtype=h5py.string_dtype()))
+            for name, value in self.attrs.items():
+                f.attrs[name] = value
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.attrs["rows_done"] = np.int64(0)
+            f.attrs["complete"] = False
+        _fsync_path(tmp)
+        os.replace(tmp, self.partial)
+        _fsync_path(self.partial.parent)
+        self._file = open_h5(self.partial, "r+")
+        self.rows_done = 0
+
+    def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items: np.ndarray | None = None):
+        """Write rows [start, start+n) and commit them: after this returns they survive a crash.
+
+        `items`: each row's source item (file), recorded when the writer was given `files`."""
+        stop = start + len(labels)
+        if start != self.rows_done or stop > self.rows:
+            raise ValueError(f"rows {start}:{stop} do not follow committed row {self.rows_done}")
+        f = self._file
+        for view in self.views:
+            self._write_whole_chunks(f[view_dataset(view)], stop, embeddings[view])
+        self._write_whole_chunks(f["labels"], stop, labels)
+        if self.files is not None:
+            self._write_whole_chunks(f["source_index"], stop, np.asarray(items, np.int64))
+        self._sync()
+        f.attrs.modify("rows_done", np.int64(stop))
+        self._sync()
+        self.rows_done = stop
+
+    def _write_whole_chunks(self, ds, stop: int, rows: np.ndarray):
+        """Write the dataset's current chunk's committed rows, `rows`, and zero padding up to a chunk end.
+
+        Only whole chunks are written, so HDF5 never reads one back (it would refuse a torn
+        one). The last chunk of a dataset is shorter than a chunk; it goes through
+        `_write_edge_chunk`, since HDF5 still reads back a short edge chunk it is given.
+        """
+        tail = self._tails[ds.name.lstrip("/")]
+        size = ds.chunks[0]
+        lo = stop - len(rows) - len(tail)
+        hi = min(-(-stop // size) * size, self.rows)
+        block = np.zeros((hi - lo, *ds.shape[1:]), ds.dtype)
+        block[: len(tail)] = tail
+        block[len(tail) : stop - lo] = rows
+        edge = self.rows - self.rows % size if ds.fletcher32 and self.rows % size and hi == self.rows else hi
+        if edge > lo:
+            ds[lo:edge] = block[: edge - lo]
+        if edge < hi:
+            _write_edge_chunk(ds, edge, block[edge - lo :])
+        self._tails[ds.name.lstrip("/")] = block[stop - stop % size - lo : stop - lo].copy()
+
+    def finish(self, skipped: list[tuple[str, str]] = ()):
+        """Mark complete and publish under the final name; replaces an older cache atomically.
+
+        `skipped`: (file, reason) of the source files that gave no row (then fewer rows than files)."""
+        if self.rows_done != self.rows and self.files is None:
+            raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
+        f = self._file
+        if self.rows_done != self.rows:
+            for name in self._names():
+                f[name].resize(self.rows_done, axis=0)
+            f.attrs.modify("rows", np.int64(self.rows_done))
+            self.rows = self.rows_done
+        if self.files is not None:
+            listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
+            f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
+            f.attrs["skipped"] = np.int64(len(skipped))
+        f.attrs.modify("complete", True)
+        self._sync()
+        self._close()
+        os.replace(self.partial, self.path)
+        _fsync_path(self.path.parent)
+
+    def written_items(self) -> np.ndarray:
+        """The source item of every committed row (all rows' own numbers when nothing is skipped)."""
+        if self.files is None:
+            return np.arange(self.rows_done)
+        return self._file["source_index"][: self.rows_done]
+
+    def _sync(self):
+        self._file.flush()
+        os.fsync(self._file.id.get_vfd_handle())
+
+    def _close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _write_edge_chunk(ds, lo: int, rows: np.ndarray):
+    """Write a dataset's short last chunk as one whole stored chunk, checksummed by HDF5 itself.
+
+    HDF5 filters a full-size chunk (padding past the dataset's end) in a scratch in-memory
+    file, and the stored bytes are copied to the chunk's fixed place with write_direct_chunk.
+    """
+    padded = np.zeros(ds.chunks, ds.dtype)
+    padded[: len(rows)] = rows
+    with h5py.File(io.BytesIO(), "w") as scratch:
+        chunk = scratch.create_dataset("chunk", data=padded, chunks=ds.chunks, fletcher32=True)
+        mask, stored = chunk.id.read_direct_chunk((0,) * ds.ndim)
+    ds.id.write_direct_chunk((lo,) + (0,) * (ds.ndim - 1), stored, mask)
+
+
+def _preallocated():
+    """Dataset creation properties: all space allocated now, never filled, so writes are raw."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

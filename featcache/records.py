@@ -1,0 +1,121 @@
+"""Run records: one folder per trained head under runs/, and the ledger that lists them.
+
+A run folder holds config.json (head settings, the cache's key and files, class names),
+history.json, head.keras, test_probs.npy, curves.png, confusion.png, and metrics.json, written
+last: a folder without it is a run that did not finish and is never listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+from .cache.layout import CacheKey
+from .errors import UserError
+from .settings import HeadConfig
+
+
+def check_writable(runs_dir):
+    """Refuse a runs folder that cannot be written, before any training."""
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write runs folder {runs_dir}: {exc.strerror}") from None
+    if not os.access(runs_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write runs folder {runs_dir}: permission denied")
+
+
+def new_run_dir(runs_dir) -> Path:
+    """A new, empty folder named by the time (with -1, -2, ... when several start in one second)."""
+    runs_dir = Path(runs_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        run_dir = runs_dir / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot write runs folder {runs_dir}: {exc.strerror}") from None
+    raise UserError(f"too many runs started at {stamp} in {runs_dir}")
+
+
+def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels: np.ndarray,
+               train_info: dict, test_info: dict) -> Path:
+    """Write one run folder: config, history, head.keras, test probabilities, plots, then metrics."""
+    run_dir = new_run_dir(runs_dir)
+    record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
+              "test_cache": test_info, "class_names": list(trained.class_names)}
+    record["cache"].pop("split")
+    write_json(run_dir / "config.json", record)
+    write_json(run_dir / "history.json", trained.history)
+    trained.model.save(run_dir / "head.keras")
+    np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
+    plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
+    plots.plot_confusion(test_labels, trained.test_probs.argmax(1), trained.class_names, run_dir / "confusion.png",
+                         title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
+    write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
+    return run_dir
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run's config.json; a missing or damaged one is one line naming the run."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        CacheKey.from_attrs(config["cache"])
+        config["head"]["tta"], config["class_names"]  # noqa: B018 - what every reader of a run needs
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"run {Path(run_dir).name}: its config.json is damaged or half-written "
+                        f"({type(exc).__name__}: {str(exc)[:80]})") from None
+    return config
+
+
+LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "epochs", "hidden", "l2", "lr", "flip", "tta", "cache")
+
+
+def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
+    """One row per recorded run, best validation accuracy first (runs without one last).
+
+    A run folder whose record is unreadable or incomplete is skipped with one warning line.
+    """
+    rows = []
+    for metrics_path in sorted(Path(runs_dir).glob("*/metrics.json")):
+        run_dir = metrics_path.parent
+        try:
+            metrics = json.loads(metrics_path.read_text())
+            config = json.loads((run_dir / "config.json").read_text())
+            head, cache = config["head"], config["cache"]
+            key = CacheKey.from_attrs(cache)
+            row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
+                   "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
+                   "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
+                   "flip": head["flip_train"], "tta": head["tta"], "cache": key.settings_name(), "key": key}
+            if not _finite_metrics(metrics):
+                raise ValueError("non-finite metrics")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warn(f"warning: skipping run {run_dir.name}: its record is damaged or half-written "
+                 f"({type(exc).__name__}: {str(exc)[:80]})")
+            continue
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
+
+
+def _finite_metrics(metrics: dict) -> bool:
+    values = [metrics.get(k) for k in ("test_accuracy", "test_loss", "val_accuracy", "val_loss")]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values if v is not None)
+
+
+def write_json(path: Path, obj):
+    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
