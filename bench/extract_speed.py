@@ -156,9 +156,9 @@ def head_accuracy(cache_dir, precision) -> str:
     from featcache.head import train
     from featcache.settings import HeadConfig
     from featcache.cache.read import load_features
-    from featcache.selection import default_key
+    from featcache.cache.layout import CacheKey
 
-    key, config = replace(default_key(), precision=precision), HeadConfig()
+    key, config = replace(CacheKey(), precision=precision), HeadConfig()
     try:
         train_features, _ = load_features(key, "train", cache_dir, config.views_needed())
         test_features, _ = load_features(key, "test", cache_dir, config.views_needed())

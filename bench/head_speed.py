@@ -29,9 +29,9 @@ import tensorflow  # imported before the clock starts, as train_head.py has by t
 from featcache.head import train
 from featcache.settings import HeadConfig
 from featcache.cache.read import load_features
-from featcache.selection import default_key
+from featcache.cache.layout import CacheKey
 config = HeadConfig(**json.loads(sys.argv[1]))
-key = replace(default_key(), precision=sys.argv[3])
+key = replace(CacheKey(), precision=sys.argv[3])
 train_features, _ = load_features(key, "train", sys.argv[2], config.views_needed())
 test_features, _ = load_features(key, "test", sys.argv[2], config.views_needed())
 started = time.perf_counter()

@@ -122,16 +122,13 @@ def as_flags(text: str) -> str:
 
 
 def selection_args(chosen: dict) -> str:
-    """Selection settings (selection.selection_kwargs) as the options that select their cache."""
+    """Selection settings (CacheKey.chosen) as the options that select their cache."""
     return " ".join(flag(name, value) for name, value in chosen.items())
 
 
 def extract_command(error: CacheUnusable) -> str:
     """The extract.py command that builds the cache an error is about."""
-    from .selection import selection_kwargs
-
-    return " ".join(filter(None, ["python extract.py", f"--split {error.split}",
-                                  selection_args(selection_kwargs(error.key)), f"--cache-dir {error.cache_dir}"]))
+    return " ".join(filter(None, ["python extract.py", f"--split {error.split}", selection_args(error.key.chosen()), f"--cache-dir {error.cache_dir}"]))
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -174,7 +171,8 @@ def selection_options(func):
                      help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
         click.option("--image-size", type=click.IntRange(min=1), default=None,
                      help=f"Side images are resized to before the model. Default: the model's own input size "
-                          f"when it fixes one, else {DEFAULT_IMAGE_SIZE}."),
+                          f"when it fixes one, else {DEFAULT_IMAGE_SIZE}; train_head.py takes the size of the caches "
+                          "present for the other options (it never loads the model)."),
         click.option("--resize", type=click.Choice(RESIZE_METHODS), default=DEFAULT_RESIZE, show_default=True,
                      help="tf.image.resize method."),
         click.option("--crop", type=click.Choice(CROPS), default=DEFAULT_CROP, show_default=True,

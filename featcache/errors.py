@@ -2,7 +2,7 @@
 
 A message names a parameter between backticks, as Python spells it: `lr`, `force=True`,
 `views='flip'`, `data_dir=PATH`. `str(error)` drops the backticks ("lr must be positive, got -1");
-the command-line layer (cli.py) turns each one into its flag ("--lr must be positive, got -1").
+the command-line layer (cli.py `as_flags`) turns each one into its flag, the only place that knows them.
 """
 
 from __future__ import annotations

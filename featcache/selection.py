@@ -2,8 +2,7 @@
 
 Stage 1 (`select`) may load the model once to learn the input size its signature fixes. Stage 2
 and the API (`select_cached`) never load a network: a size left out is the one recorded by the
-caches present for the other settings. `selection_kwargs` gives the non-default settings of a key,
-which the command line prints back as options.
+caches present for the other settings. CacheKey.chosen gives the way back: the non-default settings.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from .cache.layout import CacheKey
 from .cache.read import list_caches
 from .errors import UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
-                       DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, PRECISIONS,
+                       DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_VIEWS, PRECISIONS,
                        RESIZE_METHODS, VIEW_SETS)
 from .sources import folder
 
@@ -73,24 +72,3 @@ def select_cached(cache_dir, **settings) -> CacheKey:
         return fixed or DEFAULT_IMAGE_SIZE
 
     return _key(size_of, **settings)
-
-
-def default_key() -> CacheKey:
-    """The cache that extract.py and train_head.py select without options."""
-    return CacheKey()
-
-
-def selection_kwargs(key: CacheKey) -> dict:
-    """The selection parameters (beyond the defaults) that select this key's cache, in SELECTION_NAMES order."""
-    default = default_key()
-    chosen = {}
-    if key.dataset != default.dataset:
-        chosen["dataset"] = key.dataset
-    if key.data_dir:
-        chosen["data_dir"] = key.data_dir
-    if key.test_fraction and key.test_fraction != DEFAULT_TEST_FRACTION:
-        chosen["test_fraction"] = key.test_fraction
-    for name in ("model", "image_size", "resize", "crop", "views", "precision", "limit"):
-        if getattr(key, name) != getattr(default, name):
-            chosen[name] = getattr(key, name)
-    return chosen

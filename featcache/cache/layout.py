@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from ..settings import (DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION,
-                        DEFAULT_RESIZE, DEFAULT_VIEWS)
+                        DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS)
 
 FORMAT_VERSION = 1
 TOOL = "featcache"
@@ -90,6 +90,17 @@ class CacheKey:
         if self.limit:
             name += f"-limit{self.limit}"
         return name
+
+    def chosen(self) -> dict:
+        """The settings that differ from the defaults: what a user passes to select this key's cache."""
+        default, chosen = CacheKey(), {}
+        for name in ("dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop", "views",
+                     "precision", "limit"):
+            if getattr(self, name) != getattr(default, name):
+                chosen[name] = getattr(self, name)
+        if self.test_fraction == DEFAULT_TEST_FRACTION:
+            chosen.pop("test_fraction")  # the folder split's default
+        return chosen
 
     def attrs(self, split: str) -> dict:
         return {"tool": TOOL, "format_version": FORMAT_VERSION, "split": split, **asdict(self)}

@@ -234,8 +234,6 @@ def _marked(kwargs: dict) -> str:
 
 def caches_present(cache_dir) -> list[tuple[dict, str]]:
     """(the selection kwargs that differ from the defaults, its splits and their states) per cached settings."""
-    from ..selection import selection_kwargs
-
     groups: dict[CacheKey, list[str]] = {}
     for entry in list_caches(cache_dir):
         if entry.get("key") is None:
@@ -243,7 +241,7 @@ def caches_present(cache_dir) -> list[tuple[dict, str]]:
         state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
         groups.setdefault(entry["key"], []).append(
             f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB")
-    return sorted(((selection_kwargs(key), "; ".join(splits)) for key, splits in groups.items()),
+    return sorted(((key.chosen(), "; ".join(splits)) for key, splits in groups.items()),
                   key=lambda item: repr(item[0]))
 
 
