@@ -20,7 +20,9 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from featcache.cache import layout, read, write  # noqa: E402
+from featcache.cache import layout  # noqa: E402
+from featcache.cache import read as cache_read  # noqa: E402
+from featcache.cache import write as cache_write  # noqa: E402
 
 DIM, COMMIT = 1280, 1024
 
@@ -30,7 +32,7 @@ def write(path: Path, rows: int, checksums: bool, views: dict) -> float:
                  image_size=224, resize="bicubic", views="flip", limit=0, rows=rows, source_fingerprint="f",
                  engine="bench")
     started = time.perf_counter()
-    with write.locked(path), write.CacheWriter(path, attrs, DIM, ("plain", "flip"), checksums=checksums) as w:
+    with cache_write.locked(path), cache_write.CacheWriter(path, attrs, DIM, ("plain", "flip"), checksums=checksums) as w:
         for lo in range(0, rows, COMMIT):
             hi = min(lo + COMMIT, rows)
             w.write(lo, {v: x[lo:hi] for v, x in views.items()}, np.arange(lo, hi) % 10)
@@ -40,10 +42,10 @@ def write(path: Path, rows: int, checksums: bool, views: dict) -> float:
 
 def read(path: Path) -> tuple[float, float, dict]:
     started = time.perf_counter()
-    embeddings, _, _ = read.read(path, {}, ("plain", "flip"))
+    embeddings, _, _ = cache_read.read(path, {}, ("plain", "flip"))
     loaded = time.perf_counter()
     for rows in embeddings.values():
-        assert read.non_finite(rows)[0] == 0
+        assert cache_read.non_finite(rows)[0] == 0
     return loaded - started, time.perf_counter() - loaded, embeddings
 
 
@@ -54,7 +56,7 @@ def read(path: Path) -> tuple[float, float, dict]:
               help="Use the rows of this real flip-view cache (e.g. the default train.h5) instead of random ones.")
 def main(rows, repeats, from_cache):
     if from_cache:
-        loaded, _, _ = read.read(Path(from_cache), {}, ("plain", "flip"))
+        loaded, _, _ = cache_read.read(Path(from_cache), {}, ("plain", "flip"))
         views = {v: x[:rows] for v, x in loaded.items()}
         rows = len(views["plain"])
     else:

@@ -63,7 +63,17 @@ def setup_process(verbose: bool):
                 if not NATIVE_LOG_LINE.match(line):
                     os.write(terminal, line)
 
-    threading.Thread(target=forward, name="stderr-filter", daemon=True).start()
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def drain():
+        """At exit, pass on what is still in the pipe: fd 2 back to the terminal closes the pipe's write end,
+        so the filter reads to its end and stops (bounded: a child process may hold a copy of the end)."""
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        thread.join(timeout=2)
+
+    atexit.register(drain)
 
 
 def verbosity_options(func):

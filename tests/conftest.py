@@ -26,6 +26,22 @@ TRAIN_PER_BATCH = 24
 TEST_ROWS = 40
 TINY_DIM = 16
 
+# Patches CacheWriter.<argv[1]> to send this process SIGKILL (or $KILL_SIGNAL) at its <argv[2]>-th call,
+# then the script goes on.
+KILL_POINT = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from featcache.cache import write
+method, at = sys.argv.pop(1), int(sys.argv.pop(1))
+original, calls = getattr(write.CacheWriter, method), [0]
+def counted(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+    return original(*args, **kwargs)
+setattr(write.CacheWriter, method, counted)
+"""
+
 
 def write_batches(folder: Path, train_per_batch=TRAIN_PER_BATCH, test_rows=TEST_ROWS, seed=0) -> dict:
     """Write data_batch_1..5, test_batch and batches.meta like the official python layout."""
@@ -128,11 +144,42 @@ def make_key(model, image_size, resize, views, limit=None, precision="f32", **se
                   precision=precision, **selection)
 
 
-def run_cli(script: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """Run extract.py or train_head.py as a user would."""
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
+def run_cli(script: str, *args, env=None, timeout=300, in_process=True) -> subprocess.CompletedProcess:
+    """Run extract.py, train_head.py, predict.py or export.py as a user would: its click command with these
+    arguments, in this process (click's CliRunner, without the process setup of setup_process), or with
+    `in_process=False` in a fresh interpreter (for what only a whole process shows: log lines, exit, kills).
+
+    Either way the result has the exit code, stdout and stderr; an unexpected exception's traceback ends
+    up in stderr, as it would in a terminal."""
+    if not in_process:
+        full_env = dict(os.environ, **(env or {}))
+        return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                              text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    import traceback
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    module = _script_module(script)
+    with mock.patch.dict(os.environ, env or {}), mock.patch.object(module, "setup_process", lambda verbose: None):
+        result = CliRunner().invoke(module.main, [str(a) for a in args], catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess([script, *map(str, args)], result.exit_code, result.stdout, stderr)
+
+
+def _script_module(script: str):
+    """A top-level script imported once as a module (its click command is `main`)."""
+    import importlib.util
+
+    name = f"featcache_script_{Path(script).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def requires_shared():

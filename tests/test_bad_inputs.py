@@ -6,10 +6,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 
 import h5py
 import pytest
+
+from featcache.cache import layout
 
 from conftest import ROOT, make_key, run_cli, save_tiny_model
 
@@ -145,20 +146,24 @@ def test_ray_options_without_the_ray_runner(cifar_root, tiny_model, tmp_path, op
 
 
 def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_path):
-    args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
-            "--model", str(tiny_model), "--image-size", "32", "--chunk-size", "1", "--batch-size", "1",
-            "--engine", "tensorflow", "--quiet", "--cache-dir", str(tmp_path)]
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.rglob("train.partial.h5")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    second = subprocess.run(args, capture_output=True, text=True)
-    out, err = first.communicate(timeout=300)
-    if first.returncode == 0 and "busy" not in second.stderr:
-        pytest.skip("the first writer finished before the second started")
-    _fails_cleanly(second, "is busy")
-    assert first.returncode == 0, err
-    (path,) = tmp_path.rglob("train.h5")
+    """Another process holds the cache's lock (it says so, then waits for us): extract.py is turned away
+    in one line and writes nothing; once the lock is free, the same command builds the cache."""
+    args = ["--split", "train", "--data-dir", cifar_root, "--model", tiny_model, "--image-size", "32",
+            "--engine", "tensorflow", "--quiet", "--cache-dir", tmp_path]
+    path = make_key(str(tiny_model), 32, "bicubic", "flip", None).path(tmp_path, "train")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                               "from featcache.cache.write import locked\n"
+                               f"with locked(__import__('pathlib').Path({str(path)!r})):\n"
+                               "    print('locked', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _fails_cleanly(run_cli("extract.py", *args), f"cache {path} is busy: another extract.py is writing it")
+        assert not path.exists() and not layout.partial_path(path).exists()
+    finally:
+        holder.communicate("", timeout=60)
+    done = run_cli("extract.py", *args)
+    assert done.returncode == 0, done.stderr
     with h5py.File(path, "r") as f:
         assert f.attrs["complete"] and f.attrs["rows_done"] == f.attrs["rows"] == 120
 

@@ -1,8 +1,10 @@
-"""Fault injection: SIGKILL writers at seeded random moments; every cache must come out exact.
+"""Fault injection: SIGKILL writers at seeded kill points; every cache must come out exact.
 
-Two levels:
-- the HDF5 writer alone (no TensorFlow, so a kill cycle takes a fraction of a second): many
-  kills, most of them inside HDF5 writes and fsyncs;
+A kill point is a method of the cache writer and the call of it at which the process kills itself
+(before the call runs): its creation of the file, a dataset's write of a commit (the first view written,
+the next not yet), an fsync before or after the `rows_done` update, the final publish. Each one is
+reached, so each kill is certain and the tests need no timing. Two levels:
+- the HDF5 writer alone (no TensorFlow, so a kill cycle takes a fraction of a second): 60 kills;
 - extract.py end to end on the fixture data and model.
 """
 
@@ -11,19 +13,17 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 
 from featcache.cache import layout, read, write
-from conftest import ROOT
+from conftest import KILL_POINT, ROOT
 
 ROWS, DIM, CHUNK = 2400, 64, 8
-WRITER = f"""
-import sys, numpy as np
-sys.path.insert(0, {str(ROOT)!r})
-from featcache.cache import layout, read, write
+WRITER = KILL_POINT + f"""
+import numpy as np
+from featcache.cache import layout
 path = __import__("pathlib").Path(sys.argv[1])
 attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
              model="m", image_size=1, resize="r", views="flip", limit=0, rows={ROWS}, source_fingerprint="f",
@@ -61,41 +61,42 @@ def check_partial_consistent(path, want):
     return done
 
 
-def kill_at_random_moment(args, started, rng, max_delay, timeout=120) -> bool:
-    """Start `args`, wait until `started()` (its partial file exists), sleep a seeded random time,
-    then SIGKILL it. Returns whether the kill landed before the process finished by itself."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while not started() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    time.sleep(rng.uniform(0.0, max_delay))
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return killed
+def run_killed(args, method: str, at: int) -> int:
+    """Run a KILL_POINT script killed at call `at` of CacheWriter.`method`; its exit code (-9 when killed)."""
+    return subprocess.run([args[0], "-c", args[1], method, str(at), *args[2:]], capture_output=True).returncode
 
 
-def test_writer_killed_at_30_random_moments_always_resumes_exactly(tmp_path):
+def kill_point(rng, rows_left: int, chunk: int, fresh: bool) -> tuple[str, int]:
+    """A seeded kill point that the run is sure to reach, given the rows it has left to write."""
+    commits = -(-rows_left // chunk)
+    points = [("_write_whole_chunks", 3 * commits), ("_sync", 2 * commits), ("finish", 1)] + \
+        ([("_create", 1)] if fresh else [])
+    method, calls = rng.choice([(method, calls) for method, calls in points if calls])
+    return method, rng.randint(1, calls)
+
+
+def test_writer_killed_at_60_seeded_points_always_resumes_exactly(tmp_path):
     rng = random.Random(20261127)
     want = expected_rows()
-    kills, mid_write = 0, 0
+    methods = []
     for cycle in range(30):
         path = tmp_path / f"c{cycle}" / "train.h5"
-        # A first run to get going, then a kill at a seeded moment, then a second kill in the resumed run.
+        # A first run killed at a seeded point, then the resumed run killed at another.
         for attempt in range(2):
-            kills += kill_at_random_moment([sys.executable, "-c", WRITER, str(path)],
-                                           layout.partial_path(path).exists, rng, 0.2)
-            done = check_partial_consistent(path, want) if not path.exists() else ROWS
-            mid_write += 0 < done < ROWS
-        finished = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True)
+            done = check_partial_consistent(path, want) if attempt else 0
+            method, at = kill_point(rng, ROWS - done, CHUNK, fresh=attempt == 0 or done == 0 and
+                                    not layout.partial_path(path).exists())
+            assert run_killed([sys.executable, WRITER, str(path)], method, at) == -9
+            methods.append(method)
+            check_partial_consistent(path, want)
+        finished = subprocess.run([sys.executable, "-c", WRITER, "finish", "0", str(path)], capture_output=True,
+                                  text=True)
         assert finished.returncode == 0, finished.stderr
         with h5py.File(path, "r") as f:
             assert f.attrs["complete"] and f.attrs["rows_done"] == ROWS
             for name, values in want.items():
                 np.testing.assert_array_equal(f[name][:], values)
-    print(f"writer kills: {kills}, killed with rows partly committed: {mid_write}, all resumed bit-identical")
-    assert kills >= 40 and mid_write >= 20
+    assert set(methods) == {"_create", "_write_whole_chunks", "_sync", "finish"}
 
 
 def _extract_args(tiny_model, cifar_root, cache):
@@ -104,29 +105,28 @@ def _extract_args(tiny_model, cifar_root, cache):
             "--engine", "tensorflow", "--quiet", "--cache-dir", str(cache)]
 
 
-def test_extract_killed_at_random_moments_gives_the_uninterrupted_cache(tiny_model, cifar_root, tmp_path):
+def test_extract_killed_at_seeded_points_gives_the_uninterrupted_cache(tiny_model, cifar_root, tmp_path):
     reference = subprocess.run(_extract_args(tiny_model, cifar_root, tmp_path / "ref"), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     (ref_path,) = (tmp_path / "ref").rglob("train.h5")
     with h5py.File(ref_path, "r") as f:
         want = {name: f[name][:] for name in f}
-    rng = random.Random(7)
     cache = tmp_path / "killed"
-    kills = 0
-    for _ in range(5):
-        kills += kill_at_random_moment(_extract_args(tiny_model, cifar_root, cache),
-                                       lambda: any(cache.rglob("train.partial.h5")), rng, 0.3)
+    script = KILL_POINT + f"import runpy; runpy.run_path({str(ROOT / 'extract.py')!r}, run_name='__main__')"
+    # extract.py commits each of the 120 images (--chunk-size 1): kill it at its 1st commit, then resumed runs
+    # at the 40th, 80th and 117th image's commit, and as it publishes the finished file.
+    for method, at in (("write", 1), ("write", 40), ("write", 41), ("write", 38), ("finish", 1)):
+        args = _extract_args(tiny_model, cifar_root, cache)
+        assert run_killed([args[0], script, *args[2:]], method, at) == -9
         (partial,) = cache.rglob("train.partial.h5")
         check_partial_consistent(partial.with_name("train.h5"), want)
     finished = subprocess.run(_extract_args(tiny_model, cifar_root, cache), capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     (path,) = cache.rglob("train.h5")
     with h5py.File(path, "r") as f:
-        assert f.attrs["complete"]
+        assert f.attrs["complete"] and f.attrs["rows_done"] == 120
         for name, values in want.items():
             np.testing.assert_array_equal(f[name][:], values)
-    assert kills == 5
-
 
 def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_next(tmp_path):
     """Libraries fork children that inherit every open file (OpenVINO's telemetry does, for up to 3 s).
@@ -140,7 +140,7 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
     with write.locked(path), write.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
         child = os.fork()
         if child == 0:  # holds copies of the lock file's and the partial file's descriptors
-            time.sleep(60)
+            signal.pause()  # until the test kills it
             os._exit(0)
         try:
             writer.write(0, {"plain": np.ones((4, DIM), np.float32)}, np.arange(4))

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from featcache import extractor, ov_engine, pipeline, quantize
-from featcache.cache import read, write
 from featcache.errors import UserError
 from featcache.sources import cifar
 from conftest import make_key, run_cli

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 
@@ -21,7 +20,7 @@ from featcache import pipeline, sources
 from featcache.errors import UserError
 from featcache.extractor import ExtractorSettings
 from featcache.runners import LocalRunner
-from conftest import ROOT, make_key
+from conftest import KILL_POINT, ROOT, make_key
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
 from featcache.ray_runner import RayRunner  # noqa: E402 - needs Ray
@@ -118,21 +117,6 @@ def _cli(model, root, cache, address, *extra):
             "--workers", "2", *extra]
 
 
-def _start_and_wait_for_rows(args, rows: int):
-    """Start the CLI and return it once its progress bar shows `rows` committed rows."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    seen = []
-    threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(1), b"")), daemon=True).start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(n) for n in re.findall(rb"\| *(\d+)/\d+ \[", b"".join(seen))]
-        if done and max(done) >= rows:
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no progress to {rows} rows: {b''.join(seen).decode(errors='replace')[-2000:]}")
-
-
 def test_a_killed_driver_resumes_from_its_committed_rows(cluster, tiny_model, cifar_root, tmp_path):
     reference = subprocess.run(_cli(tiny_model, cifar_root, tmp_path / "ref", cluster, "--quiet"),
                                capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -141,13 +125,15 @@ def test_a_killed_driver_resumes_from_its_committed_rows(cluster, tiny_model, ci
     want, _ = _rows(ref_path)
 
     cache = tmp_path / "killed"
-    proc = _start_and_wait_for_rows(_cli(tiny_model, cifar_root, cache, cluster), rows=16)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = _cli(tiny_model, cifar_root, cache, cluster, "--quiet")
+    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
+    killed = subprocess.run([args[0], "-c", script, "write", "5", *args[2:]], capture_output=True, cwd=ROOT,
+                            timeout=300)  # the driver dies as it commits its 5th chunk of 4 images
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     (partial,) = cache.rglob("train.partial.h5")
     with h5py.File(partial, "r") as f:
         committed = int(f.attrs["rows_done"])
-    assert 16 <= committed < len(want["labels"])
+    assert committed == 16
     _wait_for_free_cpus()  # the dead driver's workers went with it
 
     rerun = subprocess.run(_cli(tiny_model, cifar_root, cache, cluster, "--quiet"), capture_output=True, text=True,
@@ -162,9 +148,11 @@ def test_a_killed_driver_resumes_from_its_committed_rows(cluster, tiny_model, ci
 
 
 def test_ctrl_c_stops_the_workers_it_started(cluster, tiny_model, cifar_root, tmp_path):
-    proc = _start_and_wait_for_rows(_cli(tiny_model, cifar_root, tmp_path, cluster), rows=8)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    args = _cli(tiny_model, cifar_root, tmp_path, cluster, "--quiet")
+    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
+    interrupted = subprocess.run([args[0], "-c", script, "write", "3", *args[2:]], capture_output=True, cwd=ROOT,
+                                 timeout=300, env=dict(os.environ, KILL_SIGNAL="SIGINT"))  # Ctrl-C at commit 3
+    assert interrupted.returncode != 0
     _wait_for_free_cpus(timeout=20)
     assert not list(tmp_path.rglob("train.h5")) and list(tmp_path.rglob("train.partial.h5"))
 
