@@ -195,7 +195,7 @@ class Extractor:
         self._ov_networks = {}
         if self.engine == "openvino":
             try:  # compiled now, so that it counts as load time and a conversion failure shows at once
-                self._ov_network(*(self.input_shape or (self.image_size, self.image_size)))
+                self._ov_network(*self._uint8_shape(*(self.input_shape or (self.image_size, self.image_size))))
             except UserError:
                 raise
             except Exception as exc:  # noqa: BLE001 - OpenVINO's converter fails in many ways
@@ -242,8 +242,13 @@ class Extractor:
             raise UserError(f"model output has shape {out.shape}, expected a [N, D] float feature vector")
         return int(out.shape[1])
 
+    def _uint8_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The image shape OpenVINO's uint8 network gets for images of this shape (center crops are cut first)."""
+        return (min(height, width),) * 2 if self.crop == "center" else (height, width)
+
     def _ov_network(self, height: int, width: int):
-        """The whole uint8 -> embedding graph compiled by OpenVINO, one per input size."""
+        """The whole uint8 -> embedding graph compiled by OpenVINO, one per input size. A center crop is cut
+        before (embed), so that the flip view mirrors the crop, as the TensorFlow graph does."""
         import tensorflow as tf
 
         from .ov_engine import OpenVinoNetwork
@@ -251,11 +256,11 @@ class Extractor:
         if (height, width) not in self._ov_networks:
             spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
             graph = tf.function(lambda images: self._network(
-                preprocess_static(images, self.image_size, self.resize, self.crop)), input_signature=[spec])
+                preprocess_static(images, self.image_size, self.resize)), input_signature=[spec])
             quantize = None
             if self.precision == "int8":
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
-                                             resize=self.resize)
+                                             resize=self.resize, crop=self.crop)
             self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize, self.threads)
         return self._ov_networks[height, width]
 
@@ -292,6 +297,8 @@ class Extractor:
         if isinstance(images, list):
             return self._embed_mixed(images)
         if self.engine == "openvino":
+            if self.crop == "center":
+                images = center_square(images)
             inputs = {"plain": images, "flip": images[:, :, ::-1]}
             network = self._ov_network(*images.shape[1:3])
             return dict(zip(self.views, network.run([inputs[view] for view in self.views])))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .settings import DEFAULT_CROP
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
 CALIBRATION_SEED = 0
@@ -65,11 +66,16 @@ class Int8Quantizer:
         return {"calibration": f"{len(rows)} train images, seed {CALIBRATION_SEED}, NNCF post-training quantization",
                 "calibration_sha256": digest, "quantized_model": ", ".join(str(p) for p in self.paths)}
 
-    def __call__(self, model, batch_size: int, image_size: int, resize: str):
-        """The quantized `model` (an openvino.Model with a static uint8 input [batch, H, W, 3])."""
+    def __call__(self, model, batch_size: int, image_size: int, resize: str, crop: str = DEFAULT_CROP):
+        """The quantized `model` (an openvino.Model with a static uint8 input [batch, H, W, 3], center crops
+        already cut when `crop` says so)."""
         import openvino as ov
 
+        from .extractor import center_square
+
         images, _, digest = self.sample
+        if crop == "center":
+            images = center_square(images)
         height, width = model.inputs[0].get_partial_shape().to_shape()[1:3]
         path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{RECIPE}.xml"
         self.paths.append(path)

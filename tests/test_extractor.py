@@ -81,3 +81,33 @@ def test_openvino_engine_agrees_with_tensorflow(tiny, batch_size):
         for view in ("plain", "flip"):
             assert ov_out[view].shape == (len(images), TINY_DIM)
             assert np.abs(tf_out[view] - ov_out[view]).max() < 1e-3
+
+
+def _odd_images(n=5, height=24, width=37, seed=3):
+    """Images whose width and height differ by an odd number: a mirrored image's center square is not the
+    mirrored center square of the image."""
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def test_crop_center_embeds_the_centered_square_in_both_views(tiny):
+    images = _odd_images()
+    square = images[:, :, 6:30]  # (37 - 24) // 2 = 6 columns cut on the left
+    cropped = Extractor(tiny, image_size=32, views=("plain", "flip"), crop="center", engine="tensorflow")
+    plain = Extractor(tiny, image_size=32, views=("plain",), engine="tensorflow")
+    out = cropped.embed(images)
+    np.testing.assert_allclose(out["plain"], plain.embed(square)["plain"], atol=1e-5)
+    np.testing.assert_allclose(out["flip"], plain.embed(square[:, :, ::-1])["plain"], atol=1e-5)
+    mixed = cropped.embed(list(images))  # images of mixed sizes go through the per-image path
+    for view in ("plain", "flip"):
+        np.testing.assert_allclose(mixed[view], out[view], atol=1e-5)
+    squashed = Extractor(tiny, image_size=32, views=("plain",), engine="tensorflow").embed(images)["plain"]
+    assert np.abs(squashed - out["plain"]).max() > 1e-3  # crop none squashes the whole image instead
+
+
+@pytest.mark.skipif(not ov_engine.available(), reason="openvino is not installed (optional engine)")
+def test_crop_center_agrees_across_engines_in_both_views(tiny):
+    images = _odd_images()
+    by_engine = {engine: Extractor(tiny, image_size=32, views=("plain", "flip"), crop="center", engine=engine,
+                                   input_shape=images.shape[1:3]).embed(images) for engine in ("tensorflow", "openvino")}
+    for view in ("plain", "flip"):
+        np.testing.assert_allclose(by_engine["openvino"][view], by_engine["tensorflow"][view], atol=1e-4)

@@ -126,29 +126,40 @@ def test_training_and_plotting_leave_process_wide_state_alone(tmp_path):
     assert matplotlib.get_backend() == backend and (tmp_path / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("schedule, smoothing, hidden", [("constant", 0.0, 0), ("cosine", 0.1, 8)])
-def test_fit_loop_takes_the_steps_keras_fit_takes(schedule, smoothing, hidden):
-    """The loop's own Adam, learning-rate schedule, folded standardisation and loss on logits give the
-    weights Keras' Adam and fit give the same model on the same batches (one batch per epoch)."""
+@pytest.mark.parametrize("schedule, smoothing, hidden", [
+    ("constant", 0.0, 0),  # linear: the standardisation folded into the kernel
+    ("cosine", 0.1, 8),  # a narrow hidden layer: folded too
+    ("cosine", 0.0, 128),  # a hidden layer wider than a batch (the README's recipe): the batch is standardised
+])
+def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden):
+    """The loop's own Adam, learning-rate schedule, standardisation and loss on logits give the weights Keras'
+    Adam gives the same model on the same batches: 4 batches an epoch (the last one short), in the loop's order."""
     import keras
+    import tensorflow as tf
 
     from featcache import head
     from featcache.head.fit import Fitter
 
     data = blobs(n_per_class=20, dim=16)
-    config = HeadConfig(epochs=4, batch_size=1000, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
+    config = HeadConfig(epochs=3, batch_size=64, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
                         hidden=hidden, schedule=schedule, flip_train=False, tta=False, compute="f32")
     rows = head.training_data(data, config)
     x, y, mean, variance = rows.x, rows.y, rows.mean, rows.variance
+    steps = -(-len(y) // config.batch_size)
+    assert steps == 4 and len(y) % config.batch_size
     ours = head.build_model(16, config, mean, variance, 10)
     theirs = head.build_model(16, config, mean, variance, 10)
     fitter = Fitter(ours, config, rows, 10)
+    assert fitter.fold == (hidden < config.batch_size)
+    lr = (config.lr if schedule == "constant"
+          else keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps))
+    theirs.compile(keras.optimizers.Adam(lr), keras.losses.CategoricalCrossentropy(label_smoothing=smoothing))
     for epoch in range(config.epochs):
         fitter.epoch(np.int32(epoch))
-    lr = (config.lr if schedule == "constant"
-          else keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs))
-    theirs.compile(keras.optimizers.Adam(lr), keras.losses.CategoricalCrossentropy(label_smoothing=smoothing))
-    theirs.fit(x, keras.ops.one_hot(y, 10), batch_size=len(y), epochs=config.epochs, shuffle=False, verbose=0)
+        order = tf.argsort(tf.random.stateless_uniform([steps], seed=[config.seed, epoch])).numpy()
+        for batch in order:  # the loop's batch order for this epoch
+            rows_of = slice(batch * config.batch_size, (batch + 1) * config.batch_size)
+            theirs.train_on_batch(x[rows_of], keras.ops.one_hot(y[rows_of], 10))
     for a, b in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
     assert not np.allclose(ours.get_weights()[-1], head.build_model(16, config, mean, variance, 10).get_weights()[-1])

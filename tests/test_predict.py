@@ -146,3 +146,26 @@ def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny
     views = extractor.embed(images)
     want = np.mean([model.predict(views[v], verbose=0) for v in ("plain", "flip")], axis=0)  # the run used TTA
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_model_without_a_training_argument_goes_through_predict_and_export(cifar_root, tmp_path):
+    """A plain SavedModel whose call takes images alone: the classifier calls it as extraction did."""
+    import tensorflow as tf
+
+    from conftest import save_tiny_model
+    from featcache.classifier import build_classifier, export
+
+    model = save_tiny_model(tmp_path / "no_training_arg", with_training_arg=False)
+    common = ["--model", model, "--image-size", "40", "--cache-dir", tmp_path / "cache", "--limit", "30"]
+    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "2")
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images[:30]
+    classifier = build_classifier(run_dir)
+    probs = classifier.classify(images)["probabilities"].numpy()
+    np.testing.assert_allclose(probs, np.load(run_dir / "test_probs.npy"), atol=1e-5)
+    export(classifier, tmp_path / "exported")
+    served = tf.saved_model.load(str(tmp_path / "exported")).signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-6)
