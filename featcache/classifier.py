@@ -18,6 +18,7 @@ from .errors import UserError
 from .extractor import preprocess
 from .models import call_kwargs, load_model
 from .records import ledger, read_config
+from .settings import head_views, view_images
 from .sources.folder import decode_file, is_image_name
 
 
@@ -68,9 +69,8 @@ def build_classifier(run_dir: Path):
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def classify(self, images):
             x = preprocess(images, key.image_size, key.resize, key.crop)
-            probs = self._probabilities(x)
-            if tta:
-                probs = (probs + self._probabilities(tf.image.flip_left_right(x))) / 2.0
+            views = head_views(tta)
+            probs = tf.add_n([self._probabilities(view_images(x, view)) for view in views]) / len(views)
             return {"probabilities": probs, "top_class": tf.gather(self.class_names, tf.argmax(probs, axis=1)),
                     "class_names": self.class_names}
 

@@ -18,7 +18,7 @@ import numpy as np
 from .errors import UserError, first_line
 from .models import fixed_input_size, identity, load_model
 from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES,
-                       PRECISIONS, RESIZE_METHODS, default_batch_size)
+                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, default_batch_size, view_images)
 
 
 def center_square(images):
@@ -138,7 +138,7 @@ class ExtractorSettings:
     model: str
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
-    views: tuple[str, ...] = ("plain",)
+    views: tuple[str, ...] = VIEW_SETS["plain"]
     batch_size: int | None = None
     engine: str = DEFAULT_ENGINE
     precision: str = DEFAULT_PRECISION
@@ -167,7 +167,7 @@ class Extractor:
     model: object
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
-    views: tuple[str, ...] = ("plain",)
+    views: tuple[str, ...] = VIEW_SETS["plain"]
     batch_size: int | None = None  # None: settings.default_batch_size
     engine: str = "tensorflow"
     precision: str = DEFAULT_PRECISION
@@ -215,8 +215,7 @@ class Extractor:
         import tensorflow as tf
 
         x = preprocess(images, self.image_size, self.resize, self.crop)
-        views = [x, tf.image.flip_left_right(x)] if "flip" in self.views else [x]
-        return tf.stack(views)
+        return tf.stack([view_images(x, view) for view in self.views])
 
     def _network(self, x):
         import tensorflow as tf
@@ -299,9 +298,8 @@ class Extractor:
         if self.engine == "openvino":
             if self.crop == "center":
                 images = center_square(images)
-            inputs = {"plain": images, "flip": images[:, :, ::-1]}
             network = self._ov_network(*images.shape[1:3])
-            return dict(zip(self.views, network.run([inputs[view] for view in self.views])))
+            return dict(zip(self.views, network.run([view_images(images, view) for view in self.views])))
         outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 

@@ -31,9 +31,20 @@ PRECISIONS = ("f32", "bf16", "int8")
 DEFAULT_PRECISION = "f32"
 
 # --- views: the versions of each image whose embeddings a cache holds ------------------------------
-# A cache's `views` setting names one of these sets; each view is its own dataset in the HDF5 file.
-VIEW_SETS = {"plain": ("plain",), "flip": ("plain", "flip")}  # flip: the image mirrored left-right
+# A view is a fixed transformation of a batch of images [B, H, W, C] (numpy array or tf.Tensor), applied
+# after the crop and resize. A cache's `views` setting names one of the sets; each view is its own dataset
+# in the HDF5 file, and the head trains on (flip_train) and averages over (tta) them.
+VIEW_TRANSFORMS = {
+    "plain": lambda images: images,
+    "flip": lambda images: images[:, :, ::-1],  # mirrored left-right
+}
+VIEW_SETS = {"plain": ("plain",), "flip": ("plain", "flip")}
 DEFAULT_VIEWS = "flip"
+
+
+def view_images(images, view: str):
+    """A batch of images [B, H, W, C] as `view` shows them."""
+    return VIEW_TRANSFORMS[view](images)
 
 
 def views_of(view_set: str) -> tuple[str, ...]:
