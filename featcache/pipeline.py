@@ -97,45 +97,54 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
                      batch_size=mapper.batch_size, **reader.attrs(), **mapper.versions,
                      **(quantizer.describe() if quantizer else {}))
         files = reader.files if reader.may_skip else None
-        with CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files) as writer:
-            start = writer.next_item
-            if writer.resumed:
-                log(f"resuming {writer.partial} at row {writer.rows_done} (item {start} of {reader.rows})")
-            elif writer.discarded:
-                log(f"restarting {writer.partial} from row 0: {writer.discarded}")
-            bar = _progress_bar(reader.rows, start, split, enabled=progress)
-            skipped: dict[int, str] = {}
-            try:
-                with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
-                    pending = None  # at most one chunk waits to be committed
-                    row, item = writer.rows_done, start
-                    for chunk, vectors in mapper.map(prefetched(reader.chunks(chunk_size, start))):
-                        skipped.update(chunk.skipped)
-                        read, item = chunk.next_item - item, chunk.next_item
-                        if vectors is None:
-                            bar.update(read)
-                            continue
-                        _wait(pending, bar)
-                        pending = None
-                        _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
-                        pending = commits.submit(writer.write, row, vectors, chunk.labels, chunk.items), read
-                        row += len(chunk.labels)
-                    _wait(pending, bar)
-                if writer.rows_done == 0:
-                    file, reason = _skipped_lines(reader, skipped)[0]
-                    raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
-                                    f"(the first, {file}: {reason})")
-                listed = _skipped_lines(reader, _all_skipped(reader, writer, skipped)) if reader.may_skip else []
-                writer.finish(listed)
-            except OSError as exc:  # disk full, I/O error: committed chunks stay, the next run resumes
-                raise UserError(f"writing {writer.partial} failed ({exc.strerror or exc}); {writer.rows_done} "
-                                "committed rows are kept and the next run resumes from there") from None
-            finally:
-                bar.close()
+        writer = CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files)
+        try:
+            with writer:
+                start = writer.next_item
+                if writer.resumed:
+                    log(f"resuming {writer.partial} at row {writer.rows_done} (item {start} of {reader.rows})")
+                elif writer.discarded:
+                    log(f"restarting {writer.partial} from row 0: {writer.discarded}")
+                listed = _fill(writer, mapper, reader, key, split, chunk_size, start, progress)
+        except OSError as exc:  # disk full, I/O error, at any moment: committed chunks stay, the next run resumes
+            raise UserError(f"writing {writer.partial} failed ({exc.strerror or exc}); {writer.rows_done} "
+                            "committed rows are kept and the next run resumes from there") from None
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=mapper.engine + ("" if key.precision == DEFAULT_PRECISION else f" {key.precision}"),
                              skipped=listed, report=mapper.report())
+
+
+def _fill(writer: CacheWriter, mapper, reader, key: CacheKey, split: str, chunk_size: int, start: int,
+          progress: bool) -> list[tuple[str, str]]:
+    """Embed the source's chunks from item `start` and commit them, then publish the cache; the skipped files."""
+    bar = _progress_bar(reader.rows, start, split, enabled=progress)
+    skipped: dict[int, str] = {}
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
+            pending = None  # at most one chunk waits to be committed
+            row, item = writer.rows_done, start
+            for chunk, vectors in mapper.map(prefetched(reader.chunks(chunk_size, start))):
+                skipped.update(chunk.skipped)
+                read, item = chunk.next_item - item, chunk.next_item
+                if vectors is None:
+                    bar.update(read)
+                    continue
+                _wait(pending, bar)
+                pending = None
+                _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
+                pending = commits.submit(writer.write, row, vectors, chunk.labels, chunk.items), read
+                row += len(chunk.labels)
+            _wait(pending, bar)
+    finally:
+        bar.close()
+    if writer.rows_done == 0:
+        file, reason = _skipped_lines(reader, skipped)[0]
+        raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
+                        f"(the first, {file}: {reason})")
+    listed = _skipped_lines(reader, _all_skipped(reader, writer, skipped)) if reader.may_skip else []
+    writer.finish(listed)
+    return listed
 
 
 def _all_skipped(reader, writer, skipped: dict[int, str]) -> dict[int, str]:

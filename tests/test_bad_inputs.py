@@ -198,32 +198,53 @@ def test_unwritable_runs_folder(good, tmp_path):
     _fails_cleanly(out, "cannot write runs folder")
 
 
-def test_disk_full_mid_write_keeps_committed_rows_and_resumes(tiny_model, cifar_root, tmp_path, monkeypatch):
-    import errno
+H5_DISK_FULL = ("Unable to synchronously {} (file write failed: time = Mon Nov 30 22:00:00 2026, filename = 'x', "
+                "file descriptor = 7, errno = 28, error message = 'No space left on device', buf = 0x1, total write "
+                "size = 4096, bytes this sub-write = 4096, bytes actually written = 18446744073709551615, offset = 0)")
+
+
+@pytest.mark.parametrize("where, target, name, call, error, kept", [
+    # h5py's own words for a full disk, at each moment of a cache's life: creating its datasets, writing
+    # rows, the fsync of a commit, the rename that publishes it.
+    ("creating the file", "h5py.Group", "create_dataset", 1, ValueError(H5_DISK_FULL.format("create dataset")), 0),
+    ("writing rows", "h5py.Dataset", "__setitem__", 5, OSError(H5_DISK_FULL.format("write data")), 20),
+    ("a commit's fsync", "os", "fsync", 9, OSError(28, "No space left on device"), 30),
+    ("publishing", "os", "replace", 3, OSError(28, "No space left on device"), 120),
+])
+def test_disk_full_at_any_moment_is_one_line_keeps_committed_rows_and_resumes(
+        tiny_model, cifar_root, tmp_path, monkeypatch, where, target, name, call, error, kept):
+    import importlib
 
     from featcache import pipeline
-    from featcache.cache import write
     from featcache.errors import UserError
 
     key = make_key(str(tiny_model), 32, "bilinear", "plain", None)
-    real_write = write.CacheWriter.write
-    calls = {"n": 0}
+    options = dict(data_dir=cifar_root, chunk_size=10, engine="tensorflow", progress=False, log=lambda *_: None)
+    reference = pipeline.extract(key, "train", cache_dir=tmp_path / "reference", **options).path
+    module, _, cls = target.partition(".")
+    owner = getattr(importlib.import_module(module), cls) if cls else importlib.import_module(module)
+    real, calls = getattr(owner, name), [0]
 
-    def failing_write(self, start, embeddings, labels, items=None):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, start, embeddings, labels, items)
+    def full_disk(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(write.CacheWriter, "write", failing_write)
-    with pytest.raises(UserError, match="No space left on device.*30 committed rows are kept"):
-        pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10,
-                         engine="tensorflow", progress=False)
-    assert not key.path(tmp_path, "train").exists()
-    monkeypatch.setattr(write.CacheWriter, "write", real_write)
-    resumed = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10,
-                               engine="tensorflow", progress=False, log=lambda *_: None)
-    assert resumed.processed == 120 - 30 and resumed.rows == 120
+    monkeypatch.setattr(owner, name, full_disk)
+    with pytest.raises(UserError) as failure:
+        pipeline.extract(key, "train", cache_dir=tmp_path / "cache", **options)
+    monkeypatch.setattr(owner, name, real)
+    message = str(failure.value)
+    assert message.startswith("writing ") and "failed (No space left on device)" in message, message
+    assert f"; {kept} committed rows are kept and the next run resumes from there" in message
+    assert "\n" not in message and not key.path(tmp_path / "cache", "train").exists()
+    assert [p.name for p in (tmp_path / "cache").rglob("*.tmp")] == []
+    resumed = pipeline.extract(key, "train", cache_dir=tmp_path / "cache", **options)
+    assert resumed.processed == 120 - kept and resumed.rows == 120
+    with h5py.File(resumed.path, "r") as got, h5py.File(reference, "r") as want:
+        for dataset in ("embeddings", "labels"):
+            assert got[dataset][:].tobytes() == want[dataset][:].tobytes()
 
 
 def test_verify_reports_each_problem(good, tmp_path):

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -97,8 +98,13 @@ class CacheWriter:
         self._tails: dict[str, np.ndarray] = {}  # committed rows of each dataset's current HDF5 chunk
 
     def __enter__(self):
-        self._open()
-        self._tails = {name: self._committed_tail(self._file[name]) for name in self._names()}
+        with _io_errors():
+            self._open()
+            try:
+                self._tails = {name: self._committed_tail(self._file[name]) for name in self._names()}
+            except BaseException:
+                self._close()
+                raise
         return self
 
     def __exit__(self, *exc):
@@ -152,6 +158,18 @@ class CacheWriter:
     def _create(self):
         tmp = self.partial.with_name(self.partial.name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create_datasets(tmp)
+            _fsync_path(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, self.partial)
+        _fsync_path(self.partial.parent)
+        self._file = open_h5(self.partial, "r+")
+        self.rows_done = 0
+
+    def _create_datasets(self, tmp: Path):
         shrinkable = self.files is not None  # finish() cuts the rows of skipped files off the end
         with open_h5(tmp, "w") as f:
             def rows_dataset(name, width, dtype, chunk_rows):
@@ -171,11 +189,6 @@ class CacheWriter:
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["rows_done"] = np.int64(0)
             f.attrs["complete"] = False
-        _fsync_path(tmp)
-        os.replace(tmp, self.partial)
-        _fsync_path(self.partial.parent)
-        self._file = open_h5(self.partial, "r+")
-        self.rows_done = 0
 
     def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items: np.ndarray | None = None):
         """Write rows [start, start+n) and commit them: after this returns they survive a crash.
@@ -184,6 +197,10 @@ class CacheWriter:
         stop = start + len(labels)
         if start != self.rows_done or stop > self.rows:
             raise ValueError(f"rows {start}:{stop} do not follow committed row {self.rows_done}")
+        with _io_errors():
+            self._write(stop, embeddings, labels, items)
+
+    def _write(self, stop: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items):
         f = self._file
         for view in self.views:
             self._write_whole_chunks(f[view_dataset(view)], stop, embeddings[view])
@@ -223,17 +240,18 @@ class CacheWriter:
         if self.rows_done != self.rows and self.files is None:
             raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
         f = self._file
-        if self.rows_done != self.rows:
-            for name in self._names():
-                f[name].resize(self.rows_done, axis=0)
-            f.attrs.modify("rows", np.int64(self.rows_done))
-            self.rows = self.rows_done
-        if self.files is not None:
-            listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
-            f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
-            f.attrs["skipped"] = np.int64(len(skipped))
-        f.attrs.modify("complete", True)
-        self._sync()
+        with _io_errors():
+            if self.rows_done != self.rows:
+                for name in self._names():
+                    f[name].resize(self.rows_done, axis=0)
+                f.attrs.modify("rows", np.int64(self.rows_done))
+                self.rows = self.rows_done
+            if self.files is not None:
+                listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
+                f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
+                f.attrs["skipped"] = np.int64(len(skipped))
+            f.attrs.modify("complete", True)
+            self._sync()
         self._close()
         os.replace(self.partial, self.path)
         _fsync_path(self.path.parent)
@@ -252,6 +270,21 @@ class CacheWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@contextlib.contextmanager
+def _io_errors():
+    """h5py reports a failed write of the file (disk full, I/O error) as an error whose message names the errno
+    (a ValueError, a RuntimeError, or an OSError without its errno); make it the OSError it is, so callers
+    meet every I/O failure one way."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as exc:
+        found = re.search(r"errno = (\d+)", str(exc))
+        if not found or getattr(exc, "errno", None):
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number)) from exc
 
 
 def _write_edge_chunk(ds, lo: int, rows: np.ndarray):
