@@ -12,8 +12,9 @@ import io
 import itertools
 import os
 import re
+import signal
 import sys
-import threading
+import time
 
 import click
 
@@ -23,9 +24,9 @@ from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT
                        DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS,
                        PRECISIONS, RESIZE_METHODS, VIEW_SETS, HeadConfig)
 
-# TensorFlow's C++ log lines (absl/TSL), the one absl prints before it is set up, and libjpeg's own
-# messages about a broken JPEG (extract.py lists every file it skips, with the reason, itself).
-NATIVE_LOG_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
+# TensorFlow's C++ log lines (absl/TSL) but its fatal ones (F...), the one absl prints before it is set up,
+# and libjpeg's own messages about a broken JPEG (extract.py lists every file it skips, with the reason).
+NATIVE_LOG_LINE = re.compile(rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
                              rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
                              rb"|Improper call to JPEG library in state \d+$|Corrupt JPEG data: "
                              rb"|Premature end of JPEG file$|Invalid JPEG file structure: |Not a JPEG file: )")
@@ -52,28 +53,44 @@ def setup_process(verbose: bool):
     sys.stderr.flush()
     terminal = os.dup(2)
     read_end, write_end = os.pipe()
+    filter_pid = os.fork()
+    if filter_pid == 0:  # the filter: a process of its own, so it passes on even what a crashing process wrote last
+        _filter_native_lines(read_end, write_end, terminal)
+    os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
     sys.stderr = io.TextIOWrapper(io.FileIO(terminal, "w", closefd=False), encoding=sys.stderr.encoding,
                                   errors="backslashreplace", line_buffering=True)
 
-    def forward():
-        with open(read_end, "rb") as native:
-            for line in native:
-                if not NATIVE_LOG_LINE.match(line):
-                    os.write(terminal, line)
-
-    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
-    thread.start()
-
     def drain():
-        """At exit, pass on what is still in the pipe: fd 2 back to the terminal closes the pipe's write end,
-        so the filter reads to its end and stops (bounded: a child process may hold a copy of the end)."""
+        """At exit, let the filter pass on what is still in the pipe: fd 2 back to the terminal closes the pipe's
+        write end, so the filter reads to its end and exits (waited for 2 s at most: a child process may hold
+        a copy of the write end)."""
         sys.stderr.flush()
         os.dup2(terminal, 2)
-        thread.join(timeout=2)
+        deadline = time.monotonic() + 2
+        while os.waitpid(filter_pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     atexit.register(drain)
+
+
+def _filter_native_lines(read_end: int, write_end: int, terminal: int):
+    """The filter process: every line from the pipe but the native log lines, to the terminal; exits at the
+    pipe's end (once every process that writes to it has closed it, or died)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the process it serves
+        os.close(write_end)
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            passed = b"".join(line + b"\n" for line in lines if not NATIVE_LOG_LINE.match(line + b"\n"))
+            if passed:
+                os.write(terminal, passed)
+        if pending and not NATIVE_LOG_LINE.match(pending):
+            os.write(terminal, pending)
+    finally:
+        os._exit(0)
 
 
 def verbosity_options(func):

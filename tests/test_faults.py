@@ -173,3 +173,32 @@ def test_a_partial_cache_of_another_engine_is_restarted_with_a_reason(tmp_path):
         assert writer.discarded == "4 rows of it are not reused: it was made with other engine"
     with write.locked(path), write.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:
         assert writer.resumed and not writer.discarded
+
+
+def test_the_cache_lock_holds_against_another_thread_of_this_process(tmp_path):
+    import threading
+
+    import pytest
+
+    from featcache.errors import UserError
+
+    path = tmp_path / "train.h5"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with write.locked(path):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(timeout=60)
+        with pytest.raises(UserError, match="is busy"):
+            with write.locked(path):
+                pass
+    finally:
+        release.set()
+        thread.join()
+    with write.locked(path):  # free again once the holder is done
+        pass

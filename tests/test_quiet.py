@@ -45,9 +45,26 @@ print("python stderr line", file=sys.stderr)
 """
 
 
+FATAL_PROBE = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from featcache.cli import setup_process
+setup_process(verbose=False)
+os.write(2, b"I0000 00:00:1795851638.782067   29279 cudart_stub.cc:31] Could not find cuda drivers\\n")
+os.write(2, b"F0000 00:00:1795851640.000001   29279 tensor.cc:1] Check failed: dims() == 2\\n")
+os.abort()  # as TensorFlow does after a fatal line
+"""
+
+
+def test_a_fatal_native_line_reaches_the_terminal_even_as_the_process_dies():
+    died = subprocess.run([sys.executable, "-c", FATAL_PROBE], capture_output=True, text=True, timeout=60)
+    assert died.returncode == -6  # SIGABRT
+    assert died.stderr == "F0000 00:00:1795851640.000001   29279 tensor.cc:1] Check failed: dims() == 2\n"
+
+
 def test_the_filter_drops_only_log_lines_and_verbose_keeps_them():
     quiet = subprocess.run([sys.executable, "-c", FILTER_PROBE, "quiet"], capture_output=True, text=True)
-    # (the two streams are not ordered against each other: Python's bypasses the filter thread)
+    # (the two streams are not ordered against each other: Python's bypasses the filter)
     assert sorted(quiet.stderr.splitlines()) == ["a native line that is not a log line", "python stderr line"]
     verbose = subprocess.run([sys.executable, "-c", FILTER_PROBE, "verbose"], capture_output=True, text=True)
     assert len(verbose.stderr.splitlines()) == 6 and "cudart_stub" in verbose.stderr

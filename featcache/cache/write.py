@@ -45,10 +45,12 @@ from .layout import CHUNK_ROWS, RESUME_IDENTITY, mismatches, open_h5, partial_pa
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """Hold `<file>.lock` while writing a cache, so a second writer is turned away.
+    """Hold `<file>.lock` while writing a cache, so a second writer is turned away: in another process, or in
+    this one (a thread, a notebook cell), since each call opens the file anew.
 
-    A POSIX record lock (lockf), not flock: the kernel drops it when the process dies, so a
-    crash never leaves it stuck, and a child forked meanwhile does not inherit it.
+    An flock, which belongs to the open file: the kernel drops it when the process dies, so a crash never
+    leaves it stuck. A child forked meanwhile shares the open file (OpenVINO's telemetry forks one), so the
+    lock is released explicitly, not by closing: the child's copy then holds nothing.
     """
     path = Path(path)
     try:
@@ -57,16 +59,17 @@ def locked(path: Path):
     except OSError as exc:
         raise UserError(f"cannot write cache folder {path.parent}: {exc.strerror}") from None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        os.close(fd)
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
             raise
-        os.close(fd)
         raise UserError(f"cache {path} is busy: another extract.py is writing it") from None
     try:
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 class CacheWriter:
