@@ -14,7 +14,7 @@ from featcache.settings import DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNE
 @click.option("--split", type=click.Choice(SPLITS + ("all",)), default="all", show_default=True)
 @selection_options
 @click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
-              help="Images per committed chunk (what a crash can cost at most).")
+              help="Images per committed chunk: a crash costs at most the work on the two chunks in flight.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass of the frozen network (not train_head.py's rows per training step). "
                    "Default: 1 (OpenVINO), 16 (TensorFlow on a CPU), 128 (GPU).")

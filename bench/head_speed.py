@@ -6,7 +6,7 @@ Each run imports TensorFlow and loads the features, then times `head.train` as t
 it. Prints fit seconds, train() seconds (fit + data preparation + test predictions) and accuracies
 per run, and the medians per checkout.
 
-    python bench/head_speed.py [--runs 5] [--epochs 5] [--hidden 0] [--checkout /path/to/old/clone]
+    python bench/head_speed.py [--runs 5] [--setting NAME=VALUE ...] [--precision f32] [--checkout /path/to/old/clone]
 """
 
 import json

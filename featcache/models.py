@@ -51,9 +51,12 @@ def call_kwargs(model, image_size: int) -> dict:
 
 
 def identity(handle: str) -> tuple[str, str]:
-    """(handle, content sha256): a local folder becomes its absolute path plus the hash of its files."""
-    if not os.path.exists(handle):
+    """(handle, content sha256): a local folder becomes its absolute path plus the hash of its files; a TF Hub
+    handle (a URL) stays as it is."""
+    if "://" in handle:
         return handle, ""
+    if not os.path.exists(handle):
+        raise UserError(f"model folder {handle} does not exist (`model` takes a TF Hub URL or a SavedModel folder)")
     folder = Path(handle).resolve()
     digest = hashlib.sha256()
     found = False

@@ -2,7 +2,7 @@
 
 What OpenVINO compiles is the whole uint8 -> embedding graph (preprocess_static, then the
 network), with a fixed batch size, so TensorFlow does no work while it runs. Measured on
-2 AVX-512 cores (README "Results"), each of these choices mattered:
+2 AVX-512 cores (docs/benchmarks.md), each of these choices mattered:
 - INFERENCE_PRECISION_HINT is pinned (f32 unless precision bf16 asks otherwise). On CPUs
   with AMX/bf16, OpenVINO otherwise defaults to bf16, which moved embeddings by up to 1.7
   (values up to ~5.5); f32 agrees with TensorFlow to ~7e-5. An int8 model keeps f32 for the

@@ -100,7 +100,7 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
                    "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
                    "flip": head["flip_train"], "tta": head["tta"], "cache": key.settings_name(), "key": key}
             if not _finite_metrics(metrics):
-                raise ValueError("non-finite metrics")
+                raise ValueError("its metrics are not finite numbers")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             warn(f"warning: skipping run {run_dir.name}: its record is damaged or half-written "
                  f"({type(exc).__name__}: {str(exc)[:80]})")

@@ -178,7 +178,7 @@ def test_ledger_never_offers_a_run_with_non_finite_metrics(tmp_path):
     warnings = []
     assert [row["run"] for row in ledger(tmp_path, warn=warnings.append)] == ["good"]
     assert warnings == ["warning: skipping run diverged: its record is damaged or half-written "
-                        "(ValueError: non-finite metrics)"]
+                        "(ValueError: its metrics are not finite numbers)"]
 
 
 def test_a_torn_chunk_after_a_kill_does_not_block_the_resume(tmp_path):

@@ -18,13 +18,14 @@ def _clean(out):
 
 
 def test_every_cli_run_as_a_user_would_prints_no_tensorflow_log_line(tiny_model, cifar_root, tmp_path):
-    from PIL import Image
+    import tensorflow as tf
 
     common = ["--model", tiny_model, "--image-size", "32", "--views", "plain", "--cache-dir", tmp_path / "cache"]
     _clean(run_cli("extract.py", "--data-dir", cifar_root, *common, "--engine", "tensorflow", in_process=False))
     _clean(run_cli("train_head.py", *common, "--epochs", "1", "--runs-dir", tmp_path / "runs", in_process=False))
     image = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(image)
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    image.write_bytes(tf.io.encode_png(pixels).numpy())
     predicted = run_cli("predict.py", image, "--runs-dir", tmp_path / "runs", in_process=False)
     _clean(predicted)
     assert predicted.stdout.startswith(f"{image}: ")

@@ -20,7 +20,7 @@ class Fitter:
     seeded random row order, each step a contiguous slice of it (batches visited in a new order each
     epoch), Adam steps, running loss and accuracy.
 
-    Measured on the real default cache (README "Stage 2 speed"): Keras' fit loop took 2.3x as long
+    Measured on the real default cache (docs/benchmarks.md): Keras' fit loop took 2.3x as long
     for a head this small, and gathering each batch from a per-epoch row permutation 1.7x as long per
     step as a slice. The model and the .keras file stay Keras; the loop works on its layers' weights.
     """
