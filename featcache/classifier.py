@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .cache.layout import CacheKey
-from .errors import UserError
+from .errors import UserError, first_line
 from .extractor import preprocess
 from .models import call_kwargs, load_model
 from .records import ledger, read_config
-from .settings import head_views, view_images
+from .settings import DEFAULT_PRECISION, head_views, view_images
 from .sources.folder import decode_file, is_image_name
 
 
@@ -53,13 +53,22 @@ def build_classifier(run_dir: Path):
     config = read_config(run_dir)
     key, tta = CacheKey.from_attrs(config["cache"]), bool(config["head"]["tta"])
     names = tuple(config["class_names"])
+    if key.precision != DEFAULT_PRECISION:
+        raise UserError(f"run {Path(run_dir).name} was trained on {key.precision} embeddings (OpenVINO), but predict "
+                        f"and export run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a "
+                        f"head on a {DEFAULT_PRECISION} cache (extract and train without `precision`) to serve")
+    try:
+        head = keras.models.load_model(Path(run_dir) / "head.keras", compile=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file, a missing one: all the same here
+        raise UserError(f"run {Path(run_dir).name}: its head.keras cannot be read ({first_line(exc, 120)}); "
+                        "train the run again") from None
 
     class Classifier(tf.Module):
         def __init__(self):
             super().__init__(name="featcache_classifier")
             self.extractor = load_model(key.model)
             self.call_kwargs = call_kwargs(self.extractor, key.image_size)
-            self.head = keras.models.load_model(Path(run_dir) / "head.keras", compile=False)
+            self.head = head
             self.class_names = tf.constant(names)
 
         def _probabilities(self, x):

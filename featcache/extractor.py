@@ -18,7 +18,8 @@ import numpy as np
 from .errors import UserError, first_line
 from .models import fixed_input_size, identity, load_model
 from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES,
-                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, default_batch_size, view_images)
+                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, check_image_size, default_batch_size,
+                       view_images)
 
 
 def center_square(images):
@@ -180,6 +181,7 @@ class Extractor:
     def __post_init__(self):
         import tensorflow as tf
 
+        check_image_size(self.image_size)
         if self.resize not in RESIZE_METHODS:
             raise UserError(f"unknown `resize` {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
         asked = self.engine

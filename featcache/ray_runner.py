@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import resource
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from .extractor import batch_unit, library_versions
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 IN_FLIGHT_PER_WORKER = 2  # one piece being embedded, the next already there: a worker never waits for the driver
+CONNECT_SECONDS = 10  # how long a cluster address may take to answer
 MAX_RESTARTS = 3  # times Ray starts a dead worker again (reloading the model) and retries its pieces
 # What a worker started by `ray start` on another node does not inherit from this shell but needs.
 FORWARDED_ENV = ("TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "TF_CPP_MIN_LOG_LEVEL", "TF_DETERMINISTIC_OPS")
@@ -244,6 +246,18 @@ class RayMapper:
                 self.ray.kill(worker.actor, no_restart=True)
 
 
+def check_reachable(address: str, timeout: float = CONNECT_SECONDS):
+    """Refuse a cluster address where nothing answers within `timeout` (ray.init would wait for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"`ray_address` {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                        f"({exc.strerror or type(exc).__name__})") from None
+
+
 def _cause(exc) -> str:
     """The worker's own error line when it raised one, else Ray's first line."""
     cause = getattr(exc, "cause", None)
@@ -324,6 +338,8 @@ class RayRunner:
                        runtime_env=runtime_env)
         if address == "local":
             options["include_dashboard"] = False
+        elif address != "auto":
+            check_reachable(address)
         try:
             ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:

@@ -13,7 +13,7 @@ from .cache.read import list_caches
 from .errors import UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
                        DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_VIEWS, PRECISIONS,
-                       RESIZE_METHODS, VIEW_SETS)
+                       RESIZE_METHODS, VIEW_SETS, check_image_size)
 from .sources import folder
 
 # The selection parameters, in the order the command line lists them.
@@ -33,6 +33,8 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     for name, value in (("image_size", image_size), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UserError(f"`{name}` must be a positive whole number, got {value!r}")
+    if image_size is not None:
+        check_image_size(image_size)
     root, fraction = "", 0.0
     if dataset == "folder":
         path = folder.check_root(data_dir)

@@ -23,6 +23,16 @@ SPLITS = ("train", "test")
 DEFAULT_TEST_FRACTION = 0.2  # a one-level class folder's share of files in the test split
 DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size; a model whose signature fixes another size gets its own
+# The largest side accepted: a batch of 16 images of this side is 16 x 1024^2 x 3 floats = 200 MB a view before the
+# network's own activations, which grow the same way (ImageNet models are trained at 224-600 px).
+MAX_IMAGE_SIZE = 1024
+
+
+def check_image_size(size: int):
+    """Refuse a side no batch of images should be resized to, before anything is allocated."""
+    if size > MAX_IMAGE_SIZE:
+        raise UserError(f"`image_size` {size} is above {MAX_IMAGE_SIZE}, the largest accepted: memory per image "
+                        "grows with its square (ImageNet models are trained at 224-600 px)")
 RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
 DEFAULT_RESIZE = "bicubic"  # measured best on real CIFAR-10 (docs/benchmarks.md)
 CROPS = ("none", "center")

@@ -263,3 +263,48 @@ def test_verify_reports_each_problem(good, tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     for fragment in ("incomplete", "NaN or Inf", "labels differ"):
         assert fragment in out.stdout, out.stdout
+
+
+def test_labels_outside_the_classes_are_refused_on_reading_and_listed_by_verify(good, tmp_path):
+    """A cache with valid checksums but a label no class has (another tool wrote it, or it was damaged before
+    its checksum was computed): refused before any run folder exists, and named by --verify."""
+    def relabel(copy):
+        with h5py.File(copy, "r+") as f:
+            f["labels"][7] = 99
+
+    copy, opts = _damaged_copy(good, tmp_path, relabel)
+    runs = tmp_path / "runs"
+    out = run_cli("train_head.py", *[o for o in opts if o not in ("--engine", "tensorflow", "--quiet")],
+                  "--runs-dir", runs)
+    _fails_cleanly(out, f"test cache {copy} holds 1 labels outside [0, 10) (first in row 7: 99); check it with "
+                        "python extract.py --split test")
+    assert "--verify, rebuild it with" in out.stderr and not runs.exists()
+    verify = run_cli("extract.py", "--split", "test", *opts, "--verify")
+    assert verify.returncode == 1 and "1 labels outside [0, 10) in rows 0:40 (first in row 7)" in verify.stdout
+
+
+def test_an_image_size_beyond_the_limit_is_refused_before_anything_is_allocated(tiny_model, cifar_root, tmp_path):
+    for size in ("100000", "2240"):
+        out = run_cli("extract.py", "--data-dir", cifar_root, "--model", tiny_model, "--image-size", size,
+                      "--cache-dir", tmp_path)
+        _fails_cleanly(out, f"Error: --image-size {size} is above 1024, the largest accepted: memory per image grows "
+                            "with its square")
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_an_unreachable_ray_address_fails_at_once_in_one_line(cifar_root, tiny_model, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
+    import socket
+
+    from featcache.ray_runner import check_reachable
+
+    with socket.socket() as listening:  # an address where something answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tiny_model,
+                  "--cache-dir", tmp_path, "--runner", "ray", "--ray-address", "127.0.0.1:1")
+    _fails_cleanly(out, "Error: cannot join the Ray cluster at 127.0.0.1:1: nothing answers there (Connection refused)")
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tiny_model,
+                  "--cache-dir", tmp_path, "--runner", "ray", "--ray-address", "nowhere")
+    _fails_cleanly(out, "Error: --ray-address 'nowhere' is not host:port, ray://host:port or auto")

@@ -169,3 +169,28 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
     export(classifier, tmp_path / "exported")
     served = tf.saved_model.load(str(tmp_path / "exported")).signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "head.keras").write_bytes((run / "head.keras").read_bytes()[:200]),
+     "its head.keras cannot be read"),
+    (lambda run: (run / "head.keras").unlink(), "no run"),
+    (lambda run: (run / "config.json").write_text('{"head": {'), "its config.json is damaged or half-written"),
+    (lambda run: (run / "config.json").write_text(
+        (run / "config.json").read_text().replace('"precision": "f32"', '"precision": "int8"')),
+     "was trained on int8 embeddings (OpenVINO), but predict and export run the f32 TensorFlow network"),
+])
+def test_a_damaged_or_unservable_run_is_one_line_naming_it(trained_run, tmp_path, damage, message):
+    import shutil
+
+    base, run_dir, pngs = trained_run
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "copy")
+    damage(runs / "copy")
+    for script, target in (("predict.py", pngs / "000.png"), ("export.py", tmp_path / "out")):
+        out = run_cli(script, "--runs-dir", runs, "--run", "copy", target)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        *chosen, line = out.stderr.strip().splitlines()  # "using run copy (as asked)", then the error
+        assert chosen in ([], ["using run copy (as asked)"]), out.stderr
+        assert line.startswith("Error: ") and message in line and "copy" in line, line
+        assert not (tmp_path / "out").exists()
