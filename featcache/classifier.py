@@ -15,7 +15,7 @@ import numpy as np
 
 from .cache.layout import CacheKey
 from .errors import UserError, first_line
-from .extractor import preprocess
+from .preprocess import preprocess
 from .models import call_kwargs, load_model
 from .records import ledger, read_config
 from .settings import DEFAULT_PRECISION, head_views, view_images

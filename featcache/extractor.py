@@ -17,65 +17,10 @@ import numpy as np
 
 from .errors import UserError, first_line
 from .models import fixed_input_size, identity, load_model
+from .preprocess import center_square, preprocess, preprocess_static
 from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES,
                        PRECISIONS, RESIZE_METHODS, VIEW_SETS, check_image_size, default_batch_size,
                        view_images)
-
-
-def center_square(images):
-    """The centered square of a batch [B,H,W,3] (numpy or tf), as Keras' crop_to_aspect_ratio cuts it."""
-    height, width = images.shape[1], images.shape[2]
-    if height is None or width is None:  # a tf.function traced for any size
-        import tensorflow as tf
-
-        shape = tf.shape(images)
-        height, width = shape[1], shape[2]
-        side = tf.minimum(height, width)
-    else:
-        side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return images[:, top : top + side, left : left + side]
-
-
-def preprocess(images, image_size: int, method: str, crop: str = DEFAULT_CROP):
-    """uint8 [B,H,W,3] -> float32 [B,S,S,3] in [0,1]; bicubic overshoot is clipped back."""
-    import tensorflow as tf
-
-    if crop == "center":
-        images = center_square(images)
-    x = tf.image.convert_image_dtype(images, tf.float32)
-    x = tf.image.resize(x, (image_size, image_size), method=method)
-    return tf.clip_by_value(x, 0.0, 1.0)
-
-
-def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
-    """tf.image.resize along one axis, as a float32 [n_out, n_in] matrix.
-
-    Every method here is linear and separable, so resizing the identity gives the exact map.
-    """
-    import tensorflow as tf
-
-    with tf.init_scope():  # eager even while a tf.function traces: the matrix is a constant
-        basis = tf.eye(n_in)[:, :, None, None]  # n_in one-pixel-wide images, one per input row
-        return tf.image.resize(basis, (n_out, 1), method=method)[:, :, 0, 0].numpy().T
-
-
-def preprocess_static(images, image_size: int, method: str, crop: str = DEFAULT_CROP):
-    """`preprocess` for a fixed input size, its resize as two constant matrix products.
-
-    Same numbers as `preprocess` (a test checks), but made only of ops that OpenVINO's
-    TensorFlow frontend converts; it has no ResizeBicubic / ScaleAndTranslate.
-    """
-    import tensorflow as tf
-
-    if crop == "center":
-        images = center_square(images)
-    rows = tf.constant(resize_matrix(images.shape[1], image_size, method))
-    cols = tf.constant(resize_matrix(images.shape[2], image_size, method))
-    x = tf.image.convert_image_dtype(images, tf.float32)
-    x = tf.einsum("oh,bhwc->bowc", rows, x)
-    x = tf.einsum("pw,bowc->bopc", cols, x)
-    return tf.clip_by_value(x, 0.0, 1.0)
 
 
 MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats x 2 views = 38 MB

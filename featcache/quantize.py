@@ -71,7 +71,7 @@ class Int8Quantizer:
         already cut when `crop` says so)."""
         import openvino as ov
 
-        from .extractor import center_square
+        from .preprocess import center_square
 
         images, _, digest = self.sample
         if crop == "center":

@@ -64,10 +64,14 @@ def test_extract_bad_input_exits_2_with_one_line(args, message):
 
 
 def test_extract_unreachable_model_names_offline_options(cifar_root, tmp_path):
-    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tmp_path / "nothing",
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", "https://hub.invalid/m/1",
                   "--cache-dir", tmp_path, env={"TFHUB_CACHE_DIR": str(tmp_path / "empty_hub")})
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "TFHUB_CACHE_DIR" in out.stderr and "--model PATH" in out.stderr
+    missing = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tmp_path / "nothing",
+                      "--cache-dir", tmp_path)
+    assert missing.returncode == 2 and missing.stderr == (f"Error: model folder {tmp_path / 'nothing'} does not exist "
+                                                          "(--model takes a TF Hub URL or a SavedModel folder)\n")
 
 
 def test_train_head_without_cache_names_the_extract_command(tmp_path):

@@ -3,7 +3,8 @@ import pytest
 
 from featcache import ov_engine
 from featcache.errors import UserError
-from featcache.extractor import Extractor, preprocess, preprocess_static
+from featcache.extractor import Extractor
+from featcache.preprocess import preprocess, preprocess_static
 from featcache.models import load_model
 from featcache.settings import RESIZE_METHODS
 from conftest import TINY_DIM, save_tiny_model
