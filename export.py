@@ -4,7 +4,7 @@
 import click
 
 from featcache.cli import one_line_errors, setup_process
-from featcache.classifier import build_classifier, export, resolve_run
+from featcache.classifier import build_classifier, check_new_folder, export, resolve_run
 from featcache.settings import DEFAULT_RUNS_DIR
 
 
@@ -17,6 +17,7 @@ from featcache.settings import DEFAULT_RUNS_DIR
 def main(out_dir, run_id, runs_dir, verbose):
     """Write the run's classifier (resize, frozen extractor, standardisation, head) to OUT_DIR."""
     setup_process(verbose)
+    check_new_folder(out_dir)  # before the slow model load
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)
     classifier = build_classifier(run_dir)

@@ -6,10 +6,10 @@ import time
 import click
 from click.core import ParameterSource
 
-from featcache.cli import (format_ledger, format_table, one_line_errors, parse_grid, selected_key, selection_options,
+from featcache.cli import (format_table, one_line_errors, parse_grid, selected_key, selection_options,
                            setup_process, verbosity_options)
 from featcache.errors import UserError
-from featcache.records import ledger
+from featcache.records import LEDGER_COLUMNS, ledger
 from featcache.runs import run_experiment, run_grid
 from featcache.settings import COMPUTES, DEFAULT_RUNS_DIR, SCHEDULES, HeadConfig
 
@@ -52,7 +52,8 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     setup_process(verbose)
     if list_runs:
         rows = ledger(runs_dir)
-        click.echo(format_ledger(rows) if rows else f"no runs recorded in {runs_dir}")
+        click.echo(format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]) if rows
+                   else f"no runs recorded in {runs_dir}")
         return
     started = time.perf_counter()
     key, cache_dir, _ = selected_key(options, stage=2)  # takes the selection options out; the head's remain

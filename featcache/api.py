@@ -1,10 +1,11 @@
 """The Python API, for notebooks and other libraries: extract a cache, read it as numpy, train a head.
 
-    from featcache.api import extract, load_cache, run_head
+    from featcache.api import extract, load_cache, run_head, verify
     extract("train", limit=1000); extract("test", limit=1000)   # stage 1 (loads the network)
     train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
     result = run_head(limit=1000, epochs=5)    # metrics, the Keras model, history; not recorded
+    path, problems = verify("test", limit=1000)  # the cache against its source, as extract.py --verify
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
 test_fraction, model, image_size, resize, crop, views, limit, precision), with the defaults of
@@ -23,6 +24,7 @@ from .errors import UserError
 from .head import TrainedHead, train
 from .pipeline import ExtractResult
 from .pipeline import extract as extract_split
+from .pipeline import verify as verify_split
 from .selection import SELECTION_NAMES, select, select_cached
 from .settings import DEFAULT_CACHE_DIR, HeadConfig, views_of
 
@@ -48,6 +50,11 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     selection = _split_selection(options)
     key = select(cache_dir, **selection)
     return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
+
+
+def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tuple[Path, list[str]]:
+    """Check one split's cache against its source, as extract.py --verify does: (its path, the problems found)."""
+    return verify_split(select(cache_dir, **selection), split, data_dir=selection.get("data_dir"), cache_dir=cache_dir)
 
 
 def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:

@@ -9,14 +9,16 @@ saves it as a SavedModel, so both give the same numbers, and the export loads wi
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .cache.layout import CacheKey
 from .errors import UserError, first_line
+from .models import call_kwargs, identity, load_model
 from .preprocess import preprocess
-from .models import call_kwargs, load_model
 from .records import ledger, read_config
 from .settings import DEFAULT_PRECISION, head_views, view_images
 from .sources.folder import decode_file, is_image_name
@@ -53,6 +55,9 @@ def build_classifier(run_dir: Path):
     config = read_config(run_dir)
     key, tta = CacheKey.from_attrs(config["cache"]), bool(config["head"]["tta"])
     names = tuple(config["class_names"])
+    if key.model_sha256 and identity(key.model)[1] != key.model_sha256:
+        raise UserError(f"run {Path(run_dir).name}: model folder {key.model} holds other files than the model the run "
+                        "was trained on (its content hash differs)")
     if key.precision != DEFAULT_PRECISION:
         raise UserError(f"run {Path(run_dir).name} was trained on {key.precision} embeddings (OpenVINO), but predict "
                         f"and export run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a "
@@ -106,6 +111,24 @@ def expand_paths(paths) -> list[Path]:
 
 
 def export(classifier, out_dir: Path):
+    """Save the classifier as a SavedModel in `out_dir`, which must not exist yet: it is written under a
+    temporary name beside it and renamed when complete, so nothing half-written is ever left there."""
     import tensorflow as tf
 
-    tf.saved_model.save(classifier, str(out_dir), signatures={"serving_default": classifier.classify})
+    out_dir = check_new_folder(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    try:
+        tf.saved_model.save(classifier, str(tmp), signatures={"serving_default": classifier.classify})
+        os.replace(tmp, out_dir)
+    except (OSError, tf.errors.OpError) as exc:
+        raise UserError(f"writing {out_dir} failed ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_new_folder(out_dir) -> Path:
+    """An export's destination: refused when it exists (nothing is ever written over)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UserError(f"{out_dir} exists already; choose a new folder")
+    return out_dir

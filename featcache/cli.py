@@ -279,8 +279,3 @@ def _cell(column, value) -> str:
         return f"{value:.1f}"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
-
-def format_ledger(rows: list[dict]) -> str:
-    from .records import LEDGER_COLUMNS
-
-    return format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows])

@@ -23,8 +23,8 @@ import numpy as np
 from . import __version__, models, quantize, sources
 from .cache.layout import CacheKey
 from .cache.read import attributes, check_contents, inspect, non_finite, skipped_files
-from .cache.write import CacheWriter, locked
-from .errors import UserError, in_python
+from .cache.write import CacheWriteError, CacheWriter, locked
+from .errors import UserError, first_line, in_python
 from .extractor import ExtractorSettings, check_engine_options
 from .runners import LocalRunner
 from .settings import DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, views_of
@@ -63,7 +63,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False, progress=True, log=print,
             runner=None) -> ExtractResult:
     """Build (or resume, or confirm) the cache for one split; `runner` embeds (default: runners.LocalRunner)."""
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size or 1)):
+    for name, value in (("chunk_size", chunk_size), ("batch_size", 1 if batch_size is None else batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"`{name}` must be at least 1, got {value!r}")
     check_engine_options(engine, key.precision)
@@ -106,9 +106,12 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
                 elif writer.discarded:
                     log(f"restarting {writer.partial} from row 0: {writer.discarded}")
                 listed = _fill(writer, mapper, reader, key, split, chunk_size, start, progress)
-        except OSError as exc:  # disk full, I/O error, at any moment: committed chunks stay, the next run resumes
-            raise UserError(f"writing {writer.partial} failed ({exc.strerror or exc}); {writer.rows_done} "
+        except CacheWriteError as exc:  # disk full, I/O error, at any moment: committed chunks stay
+            raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
                             "committed rows are kept and the next run resumes from there") from None
+        except OSError as exc:  # the source: a file made unreadable meanwhile, a disk gone
+            raise UserError(f"reading the {split} split at {reader.where} failed ({exc.strerror or first_line(exc)}); "
+                            f"{writer.rows_done} committed rows are kept and the next run resumes from there") from None
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=mapper.engine + ("" if key.precision == DEFAULT_PRECISION else f" {key.precision}"),
@@ -240,5 +243,5 @@ def verify(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR
     try:
         problems += check_contents(path, reader)
     except OSError as exc:
-        problems.append(f"unreadable: {str(exc).splitlines()[0][:120]}")
+        problems.append(f"unreadable: {first_line(exc, 120)}")
     return path, list(dict.fromkeys(problems))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import plots
 from .cache.layout import CacheKey
-from .errors import UserError
+from .errors import UserError, first_line
 from .settings import HeadConfig
 
 
@@ -56,14 +57,20 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
               "test_cache": test_info, "class_names": list(trained.class_names)}
     record["cache"].pop("split")
-    write_json(run_dir / "config.json", record)
-    write_json(run_dir / "history.json", trained.history)
-    trained.model.save(run_dir / "head.keras")
-    np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
-    plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
-    plots.plot_confusion(test_labels, trained.test_probs.argmax(1), trained.class_names, run_dir / "confusion.png",
-                         title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
-    write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
+    try:
+        write_json(run_dir / "config.json", record)
+        write_json(run_dir / "history.json", trained.history)
+        trained.model.save(run_dir / "head.keras")
+        np.save(run_dir / "test_probs.npy", trained.test_probs.astype(np.float32))
+        plots.plot_history(trained.history, run_dir / "curves.png", title=f"run {run_dir.name}")
+        plots.plot_confusion(test_labels, trained.test_probs.argmax(1), trained.class_names,
+                             run_dir / "confusion.png",
+                             title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
+        write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
+    except OSError as exc:  # disk full, a folder made read-only meanwhile: no half-written run stays behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"recording the run in {run_dir} failed ({exc.strerror or first_line(exc)}); nothing was "
+                        "recorded") from None
     return run_dir
 
 

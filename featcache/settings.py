@@ -71,7 +71,7 @@ def view_dataset(view: str) -> str:
 
 def head_views(flip: bool) -> tuple[str, ...]:
     """The views a head trains on (flip: as extra rows) or averages at test time (flip: TTA)."""
-    return ("plain", "flip") if flip else ("plain",)
+    return VIEW_SETS["flip" if flip else "plain"]
 
 
 # --- how stage 1 runs -----------------------------------------------------------------------------
@@ -139,8 +139,9 @@ class HeadConfig:
         for name in ("val_split", "dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"`{name}` must be in [0, 1), got {getattr(self, name)}")
-        if self.hidden < 0:
-            raise UserError(f"`hidden` must be >= 0, got {self.hidden}")
+        for name in ("hidden", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"`{name}` must be >= 0, got {getattr(self, name)}")
 
     def for_cached_views(self, view_set: str) -> "HeadConfig":
         """The config a cache of `view_set` can serve: a plain-view cache has no flips to train or average on."""

@@ -158,7 +158,7 @@ def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_pat
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        _fails_cleanly(run_cli("extract.py", *args), f"cache {path} is busy: another extract.py is writing it")
+        _fails_cleanly(run_cli("extract.py", *args), f"cache {path} is busy: another writer (an extract.py run, or a thread) holds it")
         assert not path.exists() and not layout.partial_path(path).exists()
     finally:
         holder.communicate("", timeout=60)
@@ -308,3 +308,28 @@ def test_an_unreachable_ray_address_fails_at_once_in_one_line(cifar_root, tiny_m
     out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", tiny_model,
                   "--cache-dir", tmp_path, "--runner", "ray", "--ray-address", "nowhere")
     _fails_cleanly(out, "Error: --ray-address 'nowhere' is not host:port, ray://host:port or auto")
+
+
+def test_a_source_that_fails_while_read_is_one_line_and_keeps_committed_rows(tiny_model, cifar_root, tmp_path,
+                                                                            monkeypatch):
+    import errno
+
+    from featcache import pipeline
+    from featcache.errors import UserError
+    from featcache.sources import cifar
+
+    key = make_key(str(tiny_model), 32, "bilinear", "plain", None)
+    real_chunks = cifar.SplitSource.chunks
+
+    def failing_chunks(self, chunk_size, start=0):
+        for number, chunk in enumerate(real_chunks(self, chunk_size, start)):
+            if number == 3:
+                raise OSError(errno.EIO, "Input/output error")
+            yield chunk
+
+    monkeypatch.setattr(cifar.SplitSource, "chunks", failing_chunks)
+    with pytest.raises(UserError) as failure:
+        pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=10, engine="tensorflow",
+                         progress=False, log=lambda *_: None)
+    assert str(failure.value) == (f"reading the train split at {cifar_root / 'cifar-10-batches-py'} failed "
+                                  "(Input/output error); 30 committed rows are kept and the next run resumes from there")

@@ -126,12 +126,13 @@ def test_training_and_plotting_leave_process_wide_state_alone(tmp_path):
     assert matplotlib.get_backend() == backend and (tmp_path / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("schedule, smoothing, hidden", [
-    ("constant", 0.0, 0),  # linear: the standardisation folded into the kernel
-    ("cosine", 0.1, 8),  # a narrow hidden layer: folded too
-    ("cosine", 0.0, 128),  # a hidden layer wider than a batch (the README's recipe): the batch is standardised
+@pytest.mark.parametrize("schedule, smoothing, hidden, dropout", [
+    ("constant", 0.0, 0, 0.0),  # linear: the standardisation folded into the kernel
+    ("cosine", 0.1, 8, 0.0),  # a narrow hidden layer: folded too
+    ("cosine", 0.0, 128, 0.0),  # a hidden layer wider than a batch (the README's recipe): the batch is standardised
+    ("cosine", 0.0, 0, 0.5),  # dropout on the standardised input of a linear head: the batch is standardised
 ])
-def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden):
+def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden, dropout):
     """The loop's own Adam, learning-rate schedule, standardisation and loss on logits give the weights Keras'
     Adam gives the same model on the same batches: 4 batches an epoch (the last one short), in the loop's order."""
     import keras
@@ -142,7 +143,7 @@ def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden):
 
     data = blobs(n_per_class=20, dim=16)
     config = HeadConfig(epochs=3, batch_size=64, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
-                        hidden=hidden, schedule=schedule, flip_train=False, tta=False, compute="f32")
+                        hidden=hidden, dropout=dropout, schedule=schedule, flip_train=False, tta=False, compute="f32")
     rows = head.training_data(data, config)
     x, y, mean, variance = rows.x, rows.y, rows.mean, rows.variance
     steps = -(-len(y) // config.batch_size)
@@ -150,7 +151,7 @@ def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden):
     ours = head.build_model(16, config, mean, variance, 10)
     theirs = head.build_model(16, config, mean, variance, 10)
     fitter = Fitter(ours, config, rows, 10)
-    assert fitter.fold == (hidden < config.batch_size)
+    assert fitter.fold == (hidden < config.batch_size and not dropout)
     lr = (config.lr if schedule == "constant"
           else keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps))
     theirs.compile(keras.optimizers.Adam(lr), keras.losses.CategoricalCrossentropy(label_smoothing=smoothing))

@@ -2,7 +2,7 @@ import json
 from dataclasses import asdict
 
 from featcache.cache.layout import CacheKey
-from featcache.cli import format_ledger
+from featcache.cli import format_table
 from featcache.records import LEDGER_COLUMNS, ledger
 
 
@@ -26,7 +26,7 @@ def test_ledger_sorts_by_validation_accuracy_and_prints_a_table(tmp_path):
     (tmp_path / "broken" / "metrics.json").write_text("{not json")
     rows = ledger(tmp_path)
     assert [r["run"] for r in rows] == ["c", "a", "b"]
-    lines = format_ledger(rows).splitlines()
+    lines = format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]).splitlines()
     assert lines[0].split() == list(LEDGER_COLUMNS)
     assert lines[1].split()[:3] == ["c", "0.8600", "0.8500"] and lines[3].split()[1] == "-"
     assert "224px-bicubic-flip" in lines[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..memory import fresh_array
 from ..settings import view_dataset
 from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
@@ -50,8 +50,7 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 if name not in f or f[name].shape[0] != attrs["rows"]:
                     return CacheState("bad", f"its {name} dataset is missing or the wrong length")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
-        return CacheState("bad", f"it is not a readable HDF5 file ({first_line})")
+        return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
 
 
@@ -105,9 +104,8 @@ def _failed_checksum(exc: OSError) -> bool:
 
 
 def class_names(attrs: dict) -> tuple[str, ...]:
-    """The class names a cache (or run record) stores."""
-    names = attrs["class_names"]
-    return tuple(json.loads(names) if isinstance(names, str) else names)
+    """The class names a cache stores."""
+    return tuple(json.loads(attrs["class_names"]))
 
 
 def skipped_files(path: Path) -> list[tuple[str, str]]:
@@ -144,13 +142,16 @@ def list_caches(cache_dir) -> list[dict]:
     """Every cache file under `cache_dir` (complete or partial): its key, split, rows, state and size."""
     found = []
     for path in sorted(Path(cache_dir).glob("*/*/*/*.h5")):
-        entry = {"path": path, "megabytes": path.stat().st_size / 1e6, "key": None}
+        try:
+            entry = {"path": path, "megabytes": path.stat().st_size / 1e6, "key": None}
+        except FileNotFoundError:
+            continue  # published or discarded meanwhile
         try:
             a = attributes(path)
             entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]),
                          complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
                          key=CacheKey.from_attrs(a))
-        except (OSError, KeyError, ValueError, TypeError):
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError):
             pass  # not a readable featcache file: listed by path only
         found.append(entry)
     return found
@@ -221,7 +222,7 @@ class CacheUnusable(UserError):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
         remedy = {"extract": "extract it", "rebuild": "rebuild it with `force=True`",
-                  "verify": "check it with `verify=True`, rebuild it with `force=True`"}[action]
+                  "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
                                                     for kwargs, state in self.present)) if self.present else ""
         super().__init__(f"{problem}; {remedy}{listed}")
@@ -270,4 +271,4 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...]) 
         raise CacheUnusable(f"{split} cache {path} holds {count} labels outside [0, {len(names)}) (first in row "
                             f"{first}: {labels[first]})", key, split, cache_dir, "verify")
     return Features(embeddings, labels, names), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
-                                                 "engine": attrs.get("engine", ""), "rows": int(attrs["rows"])}
+                                                 "engine": attrs["engine"], "rows": int(attrs["rows"])}

@@ -38,7 +38,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..settings import view_dataset
 from .layout import CHUNK_ROWS, RESUME_IDENTITY, mismatches, open_h5, partial_path, stored_rows
 
@@ -64,7 +64,7 @@ def locked(path: Path):
         os.close(fd)
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
             raise
-        raise UserError(f"cache {path} is busy: another extract.py is writing it") from None
+        raise UserError(f"cache {path} is busy: another writer (an extract.py run, or a thread) holds it") from None
     try:
         yield
     finally:
@@ -115,22 +115,29 @@ class CacheWriter:
 
     def _open(self):
         if self.partial.exists() and not self.restart:
-            try:
-                f = open_h5(self.partial, "r+")
-            except OSError:
-                f, self.discarded = None, "it could not be opened"
-            if f is not None:
-                wrong = mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
-                if not wrong and self._has_datasets(f):
-                    self._file = f
-                    self.rows_done = int(f.attrs["rows_done"])
-                    self.resumed = True
-                    return
-                done = int(f.attrs.get("rows_done", 0))
-                why = f"it was made with other {', '.join(wrong)}" if wrong else "its datasets are not these settings'"
-                self.discarded = f"{done} rows of it are not reused: {why}"
-                f.close()
+            self.discarded = self._resume()
+            if self.resumed:
+                return
         self._create()
+
+    def _resume(self) -> str:
+        """Open the partial file to go on with it; or why it cannot be (it is then rebuilt from row 0)."""
+        try:
+            f = open_h5(self.partial, "r+")
+        except (OSError, RuntimeError, ValueError):
+            return "it could not be opened"
+        try:
+            wrong = mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
+            if not wrong and self._has_datasets(f):
+                self._file, self.rows_done, self.resumed = f, int(f.attrs["rows_done"]), True
+                return ""
+            done = int(f.attrs.get("rows_done", 0))
+            why = f"it was made with other {', '.join(wrong)}" if wrong else "its datasets are not these settings'"
+            reason = f"{done} rows of it are not reused: {why}"
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # its metadata is damaged
+            reason = f"it could not be read ({type(exc).__name__})"
+        f.close()
+        return reason
 
     def _names(self) -> list[str]:
         """The datasets that get one entry per row."""
@@ -242,19 +249,22 @@ class CacheWriter:
         `skipped`: (file, reason) of the source files that gave no row (then fewer rows than files)."""
         if self.rows_done != self.rows and self.files is None:
             raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
-        f = self._file
         with _io_errors():
-            if self.rows_done != self.rows:
-                for name in self._names():
-                    f[name].resize(self.rows_done, axis=0)
-                f.attrs.modify("rows", np.int64(self.rows_done))
-                self.rows = self.rows_done
-            if self.files is not None:
-                listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
-                f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
-                f.attrs["skipped"] = np.int64(len(skipped))
-            f.attrs.modify("complete", True)
-            self._sync()
+            self._publish(skipped)
+
+    def _publish(self, skipped):
+        f = self._file
+        if self.rows_done != self.rows:
+            for name in self._names():
+                f[name].resize(self.rows_done, axis=0)
+            f.attrs.modify("rows", np.int64(self.rows_done))
+            self.rows = self.rows_done
+        if self.files is not None:
+            listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
+            f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
+            f.attrs["skipped"] = np.int64(len(skipped))
+        f.attrs.modify("complete", True)
+        self._sync()
         self._close()
         os.replace(self.partial, self.path)
         _fsync_path(self.path.parent)
@@ -275,19 +285,27 @@ class CacheWriter:
             self._file = None
 
 
+class CacheWriteError(OSError):
+    """Writing the cache file failed (disk full, an I/O error): what was committed before is kept."""
+
+
 @contextlib.contextmanager
 def _io_errors():
-    """h5py reports a failed write of the file (disk full, I/O error) as an error whose message names the errno
-    (a ValueError, a RuntimeError, or an OSError without its errno); make it the OSError it is, so callers
-    meet every I/O failure one way."""
+    """Any failed write of the cache file as a CacheWriteError with its errno. h5py reports one (disk full, an
+    I/O error) as an error whose message names the errno: a ValueError, a RuntimeError, or an OSError
+    without its errno."""
     try:
         yield
+    except CacheWriteError:
+        raise
     except (OSError, ValueError, RuntimeError) as exc:
-        found = re.search(r"errno = (\d+)", str(exc))
-        if not found or getattr(exc, "errno", None):
-            raise
-        number = int(found.group(1))
-        raise OSError(number, os.strerror(number)) from exc
+        number = getattr(exc, "errno", None)
+        if not number:
+            found = re.search(r"errno = (\d+)", str(exc))
+            if not found and not isinstance(exc, OSError):
+                raise
+            number = int(found.group(1)) if found else 0
+        raise CacheWriteError(number, os.strerror(number) if number else first_line(exc)) from exc
 
 
 def _write_edge_chunk(ds, lo: int, rows: np.ndarray):

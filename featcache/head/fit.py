@@ -43,10 +43,13 @@ class Fitter:
         # The model's layers after its standardize layer, which the loop folds into the first one.
         layers = [layer for layer in model.layers
                   if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Normalization))]
-        self.first, self.last = layers[0], layers[-1]
+        dense = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Dense)]
+        self.leading = layers[: dense[0]]  # a dropout on the standardised input (no hidden layer)
+        self.first, self.last = layers[dense[0]], layers[-1]
         self.bf16 = config.resolved_compute() == "bf16"
-        self.fold = self.first.units < self.batch  # scale the kernel (units x dim) or a batch (rows x dim)
-        self.middle = layers[1:-1]
+        # Scale the kernel (units x dim) or a batch (rows x dim); a batch when dropout comes between the two.
+        self.fold = self.first.units < self.batch and not self.leading
+        self.middle = layers[dense[0] + 1 : -1]
         assert self.last.activation is keras.activations.softmax, "the loop trains on the last layer's logits"
         self.variables = model.trainable_variables
         self.moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in self.variables]
@@ -71,6 +74,8 @@ class Fitter:
             bias = self.first.bias - tf.linalg.matvec(kernel, self.mean, transpose_a=True)
         else:
             x, kernel, bias = (x - self.mean) * self.scale, self.first.kernel, self.first.bias
+            for layer in self.leading:
+                x = layer(x, training=training)
         if training and self.bf16:
             z = tf.cast(tf.matmul(tf.cast(x, tf.bfloat16), tf.cast(kernel, tf.bfloat16)), tf.float32) + bias
         elif self.fold:
