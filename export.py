@@ -3,14 +3,16 @@
 
 import click
 
-from featcache.cli import one_line_errors, setup_process
 from featcache.classifier import build_classifier, check_new_folder, export, resolve_run
+from featcache.cli import one_line_errors
+from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR
 
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--run", "run_id", default=None, help="Run id under --runs-dir. Default: best by validation, else latest.")
+@click.option("--run", "run_id", default=None,
+              help="Run id under --runs-dir. Default: best by validation, else latest.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors

@@ -3,11 +3,13 @@
 
 import click
 
-from featcache.cli import (as_flags, list_caches_lines, one_line_errors, selected_key, selection_options,
-                           setup_process, verbosity_options)
+from featcache.cli import (as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
+                           verbosity_options)
 from featcache.pipeline import extract, verify
+from featcache.process import setup_process
 from featcache.runners import make_runner
-from featcache.settings import DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, ENGINES, RUNNERS, SPLITS
+from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, ENGINES, RUNNERS, SPLITS,
+                                default_batch_size)
 
 
 @click.command()
@@ -17,7 +19,9 @@ from featcache.settings import DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNE
               help="Images per committed chunk: a crash costs at most the work on the two chunks in flight.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass of the frozen network (not train_head.py's rows per training step). "
-                   "Default: 1 (OpenVINO), 16 (TensorFlow on a CPU), 128 (GPU).")
+                   f"Default: {default_batch_size('openvino', False)} (OpenVINO), "
+                   f"{default_batch_size('tensorflow', False)} (TensorFlow on a CPU), "
+                   f"{default_batch_size('tensorflow', True)} (GPU).")
 @click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--runner", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER, show_default=True,
@@ -43,7 +47,7 @@ def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, fo
         click.echo("\n".join(f"  {line}" for line in list_caches_lines(cache_dir)) or f"no caches in {cache_dir}")
         return
     runner = make_runner(runner, ray_address, workers, verbose)  # before anything slow: Ray missing is one line
-    key, cache_dir, data_dir = selected_key(selection, stage=1)
+    key, cache_dir, data_dir = key_to_extract(selection)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)

@@ -6,17 +6,19 @@ import sys
 
 import click
 
-from featcache.cli import one_line_errors, setup_process
 from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
+from featcache.cli import one_line_errors
 from featcache.errors import UserError
-from featcache.settings import DEFAULT_RUNS_DIR
+from featcache.process import setup_process
+from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--run", "run_id", default=None, help="Run id under --runs-dir. Default: best by validation, else latest.")
+@click.option("--run", "run_id", default=None,
+              help="Run id under --runs-dir. Default: best by validation, else latest.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,
               help="Classes shown per image (at most the run's class count).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")

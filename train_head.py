@@ -6,9 +6,10 @@ import time
 import click
 from click.core import ParameterSource
 
-from featcache.cli import (format_table, one_line_errors, parse_grid, selected_key, selection_options,
-                           setup_process, verbosity_options)
+from featcache.cli import (flag, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
+                           verbosity_options)
 from featcache.errors import UserError
+from featcache.process import setup_process
 from featcache.records import LEDGER_COLUMNS, ledger
 from featcache.runs import run_experiment, run_grid
 from featcache.settings import COMPUTES, DEFAULT_RUNS_DIR, SCHEDULES, HeadConfig
@@ -56,16 +57,16 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
                    else f"no runs recorded in {runs_dir}")
         return
     started = time.perf_counter()
-    key, cache_dir, _ = selected_key(options, stage=2)  # takes the selection options out; the head's remain
-    views = key.views
+    key, cache_dir, _ = key_to_read(options)  # takes the selection options out; the head's remain
     config = HeadConfig(**options)
-    if views == "plain" and (config.flip_train or config.tta):
-        asked = [f"--{name.replace('_', '-')}" for name in ("flip_train", "tta")
-                 if click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    served = config.for_cached_views(key.views)
+    if served != config:
+        asked = [flag(name) for name in ("flip_train", "tta") if getattr(served, name) != getattr(config, name)
+                 and click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE]
         if asked:
-            click.echo(f"note: --views plain has no flipped views, so {' and '.join(asked)} "
+            click.echo(f"note: --views {key.views} has no flipped views, so {' and '.join(asked)} "
                        f"{'is' if len(asked) == 1 else 'are'} off", err=True)
-        config = config.for_cached_views(views)
+        config = served
     log = (lambda _: None) if quiet else click.echo
     if grid:
         if sweep:

@@ -5,7 +5,7 @@
     train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
     result = run_head(limit=1000, epochs=5)    # metrics, the Keras model, history; not recorded
-    path, problems = verify("test", limit=1000)  # the cache against its source, as extract.py --verify
+    path, problems = verify("test", limit=1000)  # the cache against its source
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
 test_fraction, model, image_size, resize, crop, views, limit, precision), with the defaults of
@@ -53,7 +53,7 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
 
 
 def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tuple[Path, list[str]]:
-    """Check one split's cache against its source, as extract.py --verify does: (its path, the problems found)."""
+    """Check one split's cache against its source, as extract.py's verify option does: (its path, the problems)."""
     return verify_split(select(cache_dir, **selection), split, data_dir=selection.get("data_dir"), cache_dir=cache_dir)
 
 

@@ -40,11 +40,18 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
     if not rows:
         raise UserError(f"no runs in {runs_dir}; train one with: python train_head.py")
     on_default = [r for r in rows if r["key"] == CacheKey()]
-    pool, where = (on_default, "on the default cache settings") if on_default else (rows, "(none is on the default cache settings)")
+    pool, where = ((on_default, "on the default cache settings") if on_default
+                   else (rows, "(none is on the default cache settings)"))
     with_val = [r for r in pool if r["val_acc"] is not None]
     if with_val:
         return runs_dir / with_val[0]["run"], f"best validation accuracy among runs {where}"
-    return runs_dir / max(r["run"] for r in pool), f"latest run {where}"
+    return runs_dir / max((r["run"] for r in pool), key=_started), f"latest run {where}"
+
+
+def _started(run: str) -> tuple:
+    """A run folder's name as the time it started: `<date>-<time>`, then `-1`, `-2`, ... in that order."""
+    parts = run.split("-")
+    return parts[:2], int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
 
 
 def build_classifier(run_dir: Path):

@@ -1,20 +1,14 @@
 """The command-line layer: what the scripts share (the options that select a cache, one-line errors in
-flag words, process setup, --grid parsing, tables). The library speaks Python; only this module, and the
-scripts at the top level, know flag names: errors.py's marked parameters become flags here."""
+flag words, --grid parsing, tables; their process setup is process.py). The library speaks Python; only
+this module, and the scripts at the top level, know flag names: errors.py's marked parameters become
+flags here."""
 
 from __future__ import annotations
 
 import ast
-import atexit
 import functools
-import gc
-import io
 import itertools
-import os
-import re
-import signal
-import sys
-import time
+import shlex
 
 import click
 
@@ -23,75 +17,6 @@ from .errors import PARAMETER, UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
                        DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS,
                        PRECISIONS, RESIZE_METHODS, VIEW_SETS, HeadConfig)
-
-# TensorFlow's C++ log lines (absl/TSL) but its fatal ones (F...), the one absl prints before it is set up,
-# and libjpeg's own messages about a broken JPEG (extract.py lists every file it skips, with the reason).
-NATIVE_LOG_LINE = re.compile(rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
-                             rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
-                             rb"|Improper call to JPEG library in state \d+$|Corrupt JPEG data: "
-                             rb"|Premature end of JPEG file$|Invalid JPEG file structure: |Not a JPEG file: )")
-
-
-def setup_process(verbose: bool):
-    """Process-wide settings of a CLI run, made before TensorFlow is imported: deterministic ops, a quick
-    exit, and quiet.
-
-    Without --verbose no TensorFlow log line reaches the terminal: the CUDA probes on machines
-    without a GPU, oneDNN's notice, a NodeDef warning from tf.data. This TensorFlow logs them
-    through absl, which TF_CPP_MIN_LOG_LEVEL does not silence, so stderr's file descriptor goes
-    through a filter that drops exactly such lines and passes every other one on; Python's own
-    stderr (our errors, progress bars, tracebacks) is written past the filter, unchanged.
-    """
-    os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")  # same seed, same head, on a GPU too
-    # Exit without a last cyclic collection over the ~1M objects TensorFlow's import leaves: 1.4 of the
-    # 1.5 s `python -c "import tensorflow"` spent exiting here. (Spack does the same; only finalizers of
-    # cyclic garbage alive at exit are skipped, which Python never promises to run.)
-    atexit.register(gc.freeze)
-    if verbose:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    terminal = os.dup(2)
-    read_end, write_end = os.pipe()
-    filter_pid = os.fork()
-    if filter_pid == 0:  # the filter: a process of its own, so it passes on even what a crashing process wrote last
-        _filter_native_lines(read_end, write_end, terminal)
-    os.close(read_end)
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    sys.stderr = io.TextIOWrapper(io.FileIO(terminal, "w", closefd=False), encoding=sys.stderr.encoding,
-                                  errors="backslashreplace", line_buffering=True)
-
-    def drain():
-        """At exit, let the filter pass on what is still in the pipe: fd 2 back to the terminal closes the pipe's
-        write end, so the filter reads to its end and exits (waited for 2 s at most: a child process may hold
-        a copy of the write end)."""
-        sys.stderr.flush()
-        os.dup2(terminal, 2)
-        deadline = time.monotonic() + 2
-        while os.waitpid(filter_pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    atexit.register(drain)
-
-
-def _filter_native_lines(read_end: int, write_end: int, terminal: int):
-    """The filter process: every line from the pipe but the native log lines, to the terminal; exits at the
-    pipe's end (once every process that writes to it has closed it, or died)."""
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the process it serves
-        os.close(write_end)
-        pending = b""
-        while chunk := os.read(read_end, 65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            passed = b"".join(line + b"\n" for line in lines if not NATIVE_LOG_LINE.match(line + b"\n"))
-            if passed:
-                os.write(terminal, passed)
-        if pending and not NATIVE_LOG_LINE.match(pending):
-            os.write(terminal, pending)
-    finally:
-        os._exit(0)
-
 
 def verbosity_options(func):
     """The same --quiet/--verbose pair on extract.py and train_head.py."""
@@ -150,12 +75,14 @@ def as_flags(text: str) -> str:
 
 def selection_args(chosen: dict) -> str:
     """Selection settings (CacheKey.chosen) as the options that select their cache."""
-    return " ".join(flag(name, value) for name, value in chosen.items())
+    return " ".join(flag(name, shlex.quote(value) if isinstance(value, str) else value)
+                    for name, value in chosen.items())
 
 
 def extract_command(error: CacheUnusable) -> str:
     """The extract.py command that builds the cache an error is about."""
-    return " ".join(filter(None, ["python extract.py", f"--split {error.split}", selection_args(error.key.chosen()), f"--cache-dir {error.cache_dir}"]))
+    return " ".join(filter(None, ["python extract.py", f"--split {error.split}", selection_args(error.key.chosen()),
+                                  f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -179,6 +106,7 @@ def list_caches_lines(cache_dir) -> list[str]:
 
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
+    from .quantize import CALIBRATION_SIZE
     from .sources import cifar
 
     options = [
@@ -212,7 +140,8 @@ def selection_options(func):
                           "a seeded sample of a folder's."),
         click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
                      help="Network precision (OpenVINO engine for bf16/int8): f32 exact; bf16 on CPUs with "
-                          "native bf16 (AMX, AVX512-BF16); int8 NNCF-quantized, calibrated on 300 train images. "
+                          f"native bf16 (AMX, AVX512-BF16); int8 NNCF-quantized, calibrated on {CALIBRATION_SIZE} "
+                          "train images. "
                           "Part of the cache key; accuracy cost in the README."),
     ]
     for option in reversed(options):
@@ -220,15 +149,27 @@ def selection_options(func):
     return func
 
 
-def selected_key(options: dict, stage: int):
-    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders.
-    Stage 1 may load the model to learn its input size; stage 2 finds the cache by what caches record."""
-    from .selection import SELECTION_NAMES, select, select_cached
+def key_to_extract(options: dict):
+    """The CacheKey the selection options (popped from `options`) name for stage 1, which may load the model to
+    learn its input size; and the cache and data folders."""
+    from .selection import select
+
+    return _selected(options, select)
+
+
+def key_to_read(options: dict):
+    """The same for stage 2, which finds the cache by what caches record and never loads a network."""
+    from .selection import select_cached
+
+    return _selected(options, select_cached)
+
+
+def _selected(options: dict, select):
+    from .selection import SELECTION_NAMES
 
     chosen = {name: options.pop(name) for name in SELECTION_NAMES}
     cache_dir = chosen.pop("cache_dir")
-    key = (select if stage == 1 else select_cached)(cache_dir, **chosen)
-    return key, cache_dir, chosen["data_dir"]
+    return select(cache_dir, **chosen), cache_dir, chosen["data_dir"]
 
 
 def parse_grid(specs) -> list[dict]:
@@ -238,7 +179,8 @@ def parse_grid(specs) -> list[dict]:
         name, _, values = spec.partition("=")
         name = name.strip().replace("-", "_")
         if name not in defaults.to_dict() or not values:
-            raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; got {spec!r}")
+            raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; "
+                            f"got {spec!r}")
         kind = type(getattr(defaults, name))
         try:
             axes[name] = [_parse_value(kind, v.strip()) for v in values.split(",")]

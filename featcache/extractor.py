@@ -136,7 +136,8 @@ class Extractor:
         self._asked_batch_size = self.batch_size is not None
         if self.batch_size is None:
             self.batch_size = default_batch_size(self.engine, bool(tf.config.list_physical_devices("GPU")))
-        self._preprocess = tf.function(self._views_graph, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        self._preprocess = tf.function(self._views_graph,
+                                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
         self.dim = self._probe()
         self._ov_networks = {}

@@ -183,8 +183,8 @@ def _wait(pending, bar):
 def prefetched(items, depth: int = 1):
     """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here.
 
-    When the consumer stops early (an error downstream), the thread stops too instead of
-    waiting forever on a full queue with the source file open.
+    When the consumer stops early (an error downstream), the thread stops too, and is gone when this
+    generator is closed, instead of waiting forever on a full queue with the source file open.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -200,7 +200,8 @@ def prefetched(items, depth: int = 1):
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             ready.put((end, exc))
 
-    threading.Thread(target=produce, name="chunk-reader", daemon=True).start()
+    thread = threading.Thread(target=produce, name="chunk-reader", daemon=True)
+    thread.start()
     try:
         while True:
             item, error = ready.get()
@@ -213,6 +214,7 @@ def prefetched(items, depth: int = 1):
         stop.set()
         with contextlib.suppress(queue.Empty):
             ready.get_nowait()  # frees a producer blocked on the full queue
+        thread.join()  # it stops after the item it is reading: a put, then it sees `stop`
 
 
 def _target(key: CacheKey, split: str, data_dir, cache_dir, strict=False):

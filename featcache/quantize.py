@@ -92,7 +92,8 @@ class Int8Quantizer:
         # in f32 (input quantization and the layer that makes the embedding hurt most) 0.030, same speed.
         convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                         if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
-        keep = nncf.IgnoredScope(names=sorted({convolutions[0], convolutions[-1]}), validate=False) if convolutions else None
+        keep = (nncf.IgnoredScope(names=sorted({convolutions[0], convolutions[-1]}), validate=False)
+                if convolutions else None)
         quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), fast_bias_correction=False,
                                   **({"ignored_scope": keep} if keep else {}))
         _save_atomically(quantized, path)

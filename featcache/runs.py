@@ -28,6 +28,7 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
     refit on all training rows with it.
     """
+    config = config.for_cached_views(key.views)
     config.check()
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir,
                                                                             config.views_needed())
@@ -48,10 +49,11 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
 
 def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print) -> list[dict]:
     """Every combination of `grid` (HeadConfig overrides) over `config`, with the features loaded (and
-    TensorFlow imported) once; each is recorded as its own run. Returns rows sorted by validation accuracy."""
+    TensorFlow imported) once; each is recorded as its own run. Returns rows by validation accuracy (with a
+    validation split), else in the grid's order."""
     if not grid:
         raise UserError("`grid` holds no combination")
-    configs = [replace(config, **overrides) for overrides in grid]
+    configs = [replace(config, **overrides).for_cached_views(key.views) for overrides in grid]
     for one in configs:
         one.check()
     views = head_views(any(one.flip_train or one.tta for one in configs))
@@ -66,4 +68,6 @@ def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[
                      "run": run_dir.name})
         log(f"{len(rows)}/{len(grid)} " + "  ".join(f"{k}={v}" for k, v in overrides.items()) +
             f"  test accuracy {trained.metrics['test_accuracy']:.4f}")
-    return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -r["test_acc"]))
+    if any(row["val_acc"] is None for row in rows):
+        return rows  # without a validation split, in the grid's order: choosing by test accuracy would leak test data
+    return sorted(rows, key=lambda row: -row["val_acc"])

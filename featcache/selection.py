@@ -26,8 +26,9 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
          dataset: str = DEFAULT_DATASET, data_dir=None, crop: str = DEFAULT_CROP,
          test_fraction: float | None = None) -> CacheKey:
     """The key these settings name; `size_of(key without a size)` gives the image size when none is asked."""
-    for name, value, choices in (("dataset", dataset, DATASETS), ("crop", crop, CROPS), ("resize", resize, RESIZE_METHODS),
-                                 ("views", views, VIEW_SETS), ("precision", precision, PRECISIONS)):
+    for name, value, choices in (("dataset", dataset, DATASETS), ("crop", crop, CROPS),
+                                 ("resize", resize, RESIZE_METHODS), ("views", views, VIEW_SETS),
+                                 ("precision", precision, PRECISIONS)):
         if value not in choices:
             raise UserError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")
     for name, value in (("image_size", image_size), ("limit", limit)):

@@ -90,6 +90,8 @@ def default_batch_size(engine: str, gpu: bool) -> int:
 
 # --- stage 2: the head ------------------------------------------------------------------------------
 SCHEDULES = ("cosine", "constant")
+SWEEP_VAL_SPLIT = 0.2  # the L2 sweep's validation split when none is asked
+DEFAULT_TOP_K = 3  # classes predict.py shows per image
 COMPUTES = ("auto", "f32", "bf16")
 
 

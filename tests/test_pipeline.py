@@ -1,9 +1,7 @@
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import h5py
 import numpy as np
@@ -15,7 +13,7 @@ from featcache.errors import UserError
 from featcache.extractor import Extractor
 from featcache.models import load_model
 from featcache.sources import cifar
-from conftest import ROOT, TINY_DIM, make_key
+from conftest import KILL_POINT, ROOT, TINY_DIM, make_key
 
 
 def _key(model, **kw):
@@ -110,15 +108,12 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_cache(tiny_model, ci
 
     cache = tmp_path / "killed"
     path = _key(tiny_model, image_size=96, resize="bilinear").path(cache, "train")
-    proc = subprocess.Popen(args + ["--cache-dir", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _committed_rows(layout.partial_path(path)) < 8 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
+    killed = subprocess.run([args[0], "-c", script, "write", "3", *args[2:], "--cache-dir", str(cache)],
+                            capture_output=True)  # SIGKILLed as it commits its third chunk of 4 images
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     committed = _committed_rows(layout.partial_path(path))
-    assert 8 <= committed < 120, "the kill should land mid-run"
-    assert not path.exists()
+    assert committed == 8 and not path.exists()
 
     resumed = subprocess.run(args + ["--cache-dir", str(cache)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -146,10 +141,9 @@ def test_prefetched_keeps_order_and_raises_the_readers_error_in_the_caller():
 
 
 def test_prefetched_reader_thread_ends_when_the_consumer_stops_early():
-    for item in pipeline.prefetched(iter(range(1000))):
+    items = pipeline.prefetched(iter(range(1000)))
+    for item in items:
         if item == 3:
             break  # as an extractor error would
-    deadline = time.monotonic() + 10
-    while any(t.name == "chunk-reader" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    items.close()  # what leaving the loop does to the generator in extract
     assert not any(t.name == "chunk-reader" for t in threading.enumerate())

@@ -35,7 +35,7 @@ def test_every_cli_run_as_a_user_would_prints_no_tensorflow_log_line(tiny_model,
 FILTER_PROBE = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-from featcache.cli import setup_process
+from featcache.process import setup_process
 setup_process(verbose=sys.argv[1] == "verbose")
 os.write(2, b"I0000 00:00:1795851638.782067   29279 cudart_stub.cc:31] Could not find cuda drivers\\n")
 os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
@@ -49,7 +49,7 @@ print("python stderr line", file=sys.stderr)
 FATAL_PROBE = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-from featcache.cli import setup_process
+from featcache.process import setup_process
 setup_process(verbose=False)
 os.write(2, b"I0000 00:00:1795851638.782067   29279 cudart_stub.cc:31] Could not find cuda drivers\\n")
 os.write(2, b"F0000 00:00:1795851640.000001   29279 tensor.cc:1] Check failed: dims() == 2\\n")
@@ -75,7 +75,7 @@ EXIT_PROBE = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 if sys.argv[1] == "cli":
-    from featcache.cli import setup_process
+    from featcache.process import setup_process
     setup_process(verbose=True)
 
 class Cycle:

@@ -185,7 +185,8 @@ def check_contents(path: Path, reader) -> list[str]:
             stored = f["labels"][lo:hi]
             outside, first = labels_outside(stored, classes)
             if outside:
-                problems.append(f"{outside} labels outside [0, {classes}) in rows {lo}:{hi} (first in row {lo + first})")
+                problems.append(f"{outside} labels outside [0, {classes}) in rows {lo}:{hi} "
+                                f"(first in row {lo + first})")
             elif not np.array_equal(stored, expected[lo:hi]):
                 problems.append(f"labels differ from the source in rows {lo}:{hi}")
             for name in names:

@@ -11,7 +11,7 @@ import numpy as np
 from ..cache.read import Features
 from ..errors import UserError
 from ..memory import shared_tensor
-from ..settings import HeadConfig, head_views
+from ..settings import SWEEP_VAL_SPLIT, HeadConfig, head_views
 from .fit import SCORE_EPSILON, Fitter
 from .model import build_model
 from .rows import TrainingData, training_data
@@ -85,7 +85,8 @@ def train(train_features: Features, test_features: Features | None, config: Head
     if test_features is not None:
         test_probs = predict(model, test_features, config.tta)
         if not np.isfinite(test_probs).all():
-            raise UserError(f"the trained head predicts NaN/Inf (try a lower `lr` than {config.lr:g}); nothing was recorded")
+            raise UserError(f"the trained head predicts NaN/Inf (try a lower `lr` than {config.lr:g}); "
+                            "nothing was recorded")
         test = score(test_probs, test_features.labels)
         metrics.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
     return TrainedHead(model, history, fit_seconds, metrics, train_features.class_names, test_probs)
@@ -113,7 +114,7 @@ SWEEP_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID) -> tuple[float, list[dict]]:
     """Pick the L2 strength on a validation split carved from train: a coarse log grid, then
     half-decade steps around the best (Kornblith et al. / CLIP style). Test data is never seen."""
-    config = replace(config, val_split=config.val_split or 0.2)
+    config = replace(config, val_split=config.val_split or SWEEP_VAL_SPLIT)
     data = training_data(train_features, config)
     tried: dict[float, dict] = {}
 
