@@ -1,31 +1,56 @@
 #!/usr/bin/env python
-"""Export a trained run as one SavedModel: uint8 images in, class probabilities and names out."""
+"""Export a trained run for deployment: a SavedModel, a LiteRT (.tflite) or an ONNX file; uint8 images in,
+class probabilities out."""
 
 import click
 
 from featcache.classifier import build_classifier, check_new_folder, export, resolve_run
 from featcache.cli import one_line_errors
+from featcache.deploy import FORMATS, SUFFIXES, check_new_path, export_run
+from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR
 
 
 @click.command()
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--format", "format_", type=click.Choice(FORMATS), default=FORMATS[0], show_default=True,
+              help="saved_model: a folder, for TensorFlow and TF Serving (images of any size); tflite: a LiteRT file "
+                   "(class names in OUT.labels.txt beside it); onnx: an ONNX file (class names in its metadata). "
+                   "tflite and onnx take images of one size (--input-size).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="tflite only: full-integer int8 weights and activations, calibrated on a seeded sample of the "
+                   "run's train images (uint8 images in, float probabilities out).")
+@click.option("--input-size", type=click.IntRange(min=1), default=None,
+              help="tflite/onnx: the side of the square uint8 images the file takes. Default: the dataset's own "
+                   "(CIFAR: 32), else the network's input size.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--run", "run_id", default=None,
               help="Run id under --runs-dir. Default: best by validation, else latest.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
-def main(out_dir, run_id, runs_dir, verbose):
-    """Write the run's classifier (resize, frozen extractor, standardisation, head) to OUT_DIR."""
+def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
+    """Write the run's classifier (preprocessing, frozen network, head, flip averaging) to OUT."""
     setup_process(verbose)
-    check_new_folder(out_dir)  # before the slow model load
+    if format_ == "saved_model":
+        if quantize:
+            raise UserError("--quantize int8 is for --format tflite only, not saved_model")
+        if input_size:
+            raise UserError("--input-size is for --format tflite or onnx (a SavedModel takes images of any size)")
+        check_new_folder(out, force)  # before the slow model load
+    else:
+        out = check_new_path(out if out.endswith(SUFFIXES[format_]) else out + SUFFIXES[format_], force)
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)
+    if format_ != "saved_model":
+        path = export_run(run_dir, out, format_, quantize, input_size, force)
+        click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return
     classifier = build_classifier(run_dir)
-    export(classifier, out_dir)
+    export(classifier, out, force)
     n = int(classifier.class_names.shape[0])
-    click.echo(f"exported run {run_dir.name} to {out_dir} (serving_default: images uint8 [N,H,W,3] -> "
+    click.echo(f"exported run {run_dir.name} to {out} (serving_default: images uint8 [N,H,W,3] -> "
                f"probabilities [N,{n}], top_class [N], class_names [{n}])")
 
 

@@ -8,6 +8,7 @@ import click
 
 from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
 from featcache.cli import one_line_errors
+from featcache.deploy import open_exported
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
@@ -18,35 +19,48 @@ from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 @click.option("--run", "run_id", default=None,
               help="Run id under --runs-dir. Default: best by validation, else latest.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--model", "exported", type=click.Path(), default=None,
+              help="Classify with an exported file instead of a run: a .tflite (LiteRT) or .onnx (ONNX Runtime) file, "
+                   "or a SavedModel folder (export.py), to check what you ship against what you trained.")
 @click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,
               help="Classes shown per image (at most the run's class count).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
-def main(images, run_id, runs_dir, top_k, as_json, verbose):
+def main(images, run_id, runs_dir, exported, top_k, as_json, verbose):
     """Print the top classes of each image (PNG/JPEG/BMP/GIF, any size); folders are expanded."""
     setup_process(verbose)
     paths = expand_paths(images)
     if not paths:
         raise UserError(f"no PNG/JPEG/BMP/GIF files in {', '.join(images)}")
-    run_dir, why = resolve_run(runs_dir, run_id)
-    click.echo(f"using run {run_dir.name} ({why})", err=True)
-    classifier = build_classifier(run_dir)
-    names = [n.decode() for n in classifier.class_names.numpy()]
+    if exported:
+        if run_id:
+            raise UserError("--run and --model each choose the classifier; pass one")
+        model = open_exported(exported)
+        click.echo(f"using {model.format} export {exported}", err=True)
+        names, source = list(model.class_names), f"export {exported}"
+        probabilities = model.probabilities
+    else:
+        run_dir, why = resolve_run(runs_dir, run_id)
+        click.echo(f"using run {run_dir.name} ({why})", err=True)
+        classifier = build_classifier(run_dir)
+        names, source = [n.decode() for n in classifier.class_names.numpy()], run_dir.name
+
+        def probabilities(pixels):
+            return classifier.classify(pixels)["probabilities"].numpy()
     top_k = min(top_k, len(names))
     failures = 0
     for path in paths:
         try:
-            pixels = decode_image(path)
+            probs = probabilities(decode_image(path)[None])[0]
         except UserError as exc:
             failures += 1
             click.echo(json.dumps({"file": str(path), "error": str(exc)}) if as_json else f"{path}: error: {exc}",
                        err=not as_json)
             continue
-        probs = classifier.classify(pixels[None])["probabilities"].numpy()[0]
         order = probs.argsort()[::-1][:top_k]
         if as_json:
-            click.echo(json.dumps({"file": str(path), "run": run_dir.name,
+            click.echo(json.dumps({"file": str(path), "run": source,
                                    "top": [{"class": names[i], "probability": float(probs[i])} for i in order],
                                    "probabilities": [float(p) for p in probs]}))
         else:

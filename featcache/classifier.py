@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,44 +55,66 @@ def _started(run: str) -> tuple:
     return parts[:2], int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
 
 
-def build_classifier(run_dir: Path):
-    """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`."""
+@dataclass
+class RunParts:
+    """What classifying with a run takes: its cache key (preprocessing, model), TTA, class names, the loaded
+    network and head. `probabilities` maps preprocessed float images to the head's class probabilities."""
+
+    run: str
+    key: CacheKey
+    tta: bool
+    class_names: tuple[str, ...]
+    network: object
+    call_kwargs: dict
+    head: object
+
+    def probabilities(self, x):
+        import tensorflow as tf
+
+        return self.head(tf.cast(self.network(x, **self.call_kwargs), tf.float32), training=False)
+
+
+def load_run(run_dir: Path) -> RunParts:
+    """A run's parts, checked: its record, the model folder unchanged, an f32 cache, a readable head."""
     import keras
-    import tensorflow as tf
 
     config = read_config(run_dir)
-    key, tta = CacheKey.from_attrs(config["cache"]), bool(config["head"]["tta"])
-    names = tuple(config["class_names"])
+    name, key = Path(run_dir).name, CacheKey.from_attrs(config["cache"])
     if key.model_sha256 and identity(key.model)[1] != key.model_sha256:
-        raise UserError(f"run {Path(run_dir).name}: model folder {key.model} holds other files than the model the run "
-                        "was trained on (its content hash differs)")
+        raise UserError(f"run {name}: model folder {key.model} holds other files than the model the run was trained "
+                        "on (its content hash differs)")
     if key.precision != DEFAULT_PRECISION:
-        raise UserError(f"run {Path(run_dir).name} was trained on {key.precision} embeddings (OpenVINO), but predict "
-                        f"and export run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a "
-                        f"head on a {DEFAULT_PRECISION} cache (extract and train without `precision`) to serve")
+        raise UserError(f"run {name} was trained on {key.precision} embeddings (OpenVINO), but predict and export "
+                        f"run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a head on a "
+                        f"{DEFAULT_PRECISION} cache (extract and train without `precision`) to serve")
     try:
         head = keras.models.load_model(Path(run_dir) / "head.keras", compile=False)
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file, a missing one: all the same here
-        raise UserError(f"run {Path(run_dir).name}: its head.keras cannot be read ({first_line(exc, 120)}); "
+        raise UserError(f"run {name}: its head.keras cannot be read ({first_line(exc, 120)}); "
                         "train the run again") from None
+    network = load_model(key.model)
+    return RunParts(name, key, bool(config["head"]["tta"]), tuple(config["class_names"]), network,
+                    call_kwargs(network, key.image_size), head)
+
+
+def build_classifier(run_dir: Path):
+    """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`."""
+    import tensorflow as tf
+
+    parts = load_run(run_dir)
+    key = parts.key
 
     class Classifier(tf.Module):
         def __init__(self):
             super().__init__(name="featcache_classifier")
-            self.extractor = load_model(key.model)
-            self.call_kwargs = call_kwargs(self.extractor, key.image_size)
-            self.head = head
-            self.class_names = tf.constant(names)
-
-        def _probabilities(self, x):
-            features = tf.cast(self.extractor(x, **self.call_kwargs), tf.float32)
-            return self.head(features, training=False)
+            self.extractor, self.head = parts.network, parts.head  # tracked, so that a SavedModel holds them
+            self.class_names = tf.constant(parts.class_names)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def classify(self, images):
             x = preprocess(images, key.image_size, key.resize, key.crop)
-            views = head_views(tta)
-            probs = tf.add_n([self._probabilities(view_images(x, view)) for view in views]) / len(views)
+            views = head_views(parts.tta)
+            probs = tf.add_n([parts.probabilities(view_images(x, view)) for view in views]) / len(views)
             return {"probabilities": probs, "top_class": tf.gather(self.class_names, tf.argmax(probs, axis=1)),
                     "class_names": self.class_names}
 
@@ -117,25 +140,29 @@ def expand_paths(paths) -> list[Path]:
     return out
 
 
-def export(classifier, out_dir: Path):
-    """Save the classifier as a SavedModel in `out_dir`, which must not exist yet: it is written under a
-    temporary name beside it and renamed when complete, so nothing half-written is ever left there."""
+def export(classifier, out_dir: Path, force: bool = False):
+    """Save the classifier as a SavedModel folder `out_dir`: written under a temporary name beside it and renamed
+    when complete, so nothing half-written is ever left there; an existing folder is replaced only with `force`."""
     import tensorflow as tf
 
-    out_dir = check_new_folder(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    out_dir = check_new_folder(out_dir, force)
+    tmp, old = (out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
     try:
         tf.saved_model.save(classifier, str(tmp), signatures={"serving_default": classifier.classify})
+        if out_dir.exists():
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     except (OSError, tf.errors.OpError) as exc:
         raise UserError(f"writing {out_dir} failed ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def check_new_folder(out_dir) -> Path:
-    """An export's destination: refused when it exists (nothing is ever written over)."""
+def check_new_folder(out_dir, force: bool = False) -> Path:
+    """A SavedModel export's destination: refused when it exists, unless `force` and it is a folder."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UserError(f"{out_dir} exists already; choose a new folder")
+    if out_dir.exists() and not (force and out_dir.is_dir()):
+        raise UserError(f"{out_dir} exists already; choose a new name" + ("" if out_dir.is_file() else
+                                                                           " or pass `force=True` to replace it"))
     return out_dir

@@ -1,0 +1,266 @@
+"""The trained classifier where MobileNetV2 is meant to run: LiteRT (TFLite) and ONNX files, and reading them back.
+
+An exported file takes uint8 images [N, S, S, 3] of one input size S and returns class probabilities
+[N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which every
+runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op), the frozen network, the
+run's head, and the flip average when the run used TTA. The class names travel with it: ONNX metadata
+(`class_names`, JSON), or `<file>.labels.txt` beside a .tflite file. `--quantize int8` makes a LiteRT file
+with full-integer weights and activations, calibrated on a seeded sample of the run's *train* images.
+
+Files are written under a temporary name and renamed when complete. `open_exported` reads any export
+back (a SavedModel folder too) for predict.py, with the runtime each format is meant for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError, first_line
+
+FORMATS = ("saved_model", "tflite", "onnx")
+SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
+INSTALL_HINT = "pip install -r requirements-deploy.txt"
+ONNX_OPSET = 17
+
+
+def export_run(run_dir: Path, path, format: str, quantize: str | None = None, input_size: int | None = None,
+               force: bool = False) -> Path:
+    """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written."""
+    from .classifier import load_run
+    from .settings import check_image_size
+
+    if format not in SUFFIXES:
+        raise UserError(f"unknown `format` {format!r} for a file; choose one of {', '.join(SUFFIXES)}")
+    if quantize not in (None, "int8"):
+        raise UserError(f"unknown `quantize` {quantize!r}; the one choice is 'int8'")
+    if quantize and format != "tflite":
+        raise UserError(f"`quantize='int8'` is for `format='tflite'` only, not {format}")
+    path = Path(path)
+    if path.suffix != SUFFIXES[format]:
+        path = path.with_name(path.name + SUFFIXES[format])
+    check_new_path(path, force)  # before the slow part
+    if format == "onnx":
+        require("tf2onnx", "format onnx")
+    parts = load_run(run_dir)
+    size = input_size or default_input_size(parts.key)
+    check_image_size(size)
+    frozen = portable_function(parts, size)
+    if format == "tflite":
+        content = to_tflite(frozen, calibration_images(run_dir, parts.key, size) if quantize else None)
+    else:
+        content = to_onnx(frozen, parts.class_names, parts.run)
+    write_export(path, content, parts.class_names, force)
+    return path
+
+
+def default_input_size(key) -> int:
+    """The image side an exported file takes by default: the dataset's own when it has one (CIFAR: 32), else
+    the network's input size."""
+    from .sources import cifar
+
+    return cifar.IMAGE_SHAPE[0] if key.dataset in cifar.LAYOUTS else key.image_size
+
+
+def calibration_images(run_dir: Path, key, size: int) -> np.ndarray:
+    """A seeded sample of the run's train images (never test) for int8 calibration, of the input size."""
+    from .cache.read import attributes
+    from .quantize import calibration_sample
+    from .records import read_config
+    from .sources import open_split
+
+    train_cache = read_config(run_dir)["train_cache"]["path"]
+    try:
+        source = attributes(Path(train_cache))["source"]
+    except (OSError, KeyError) as exc:
+        raise UserError(f"int8 calibration reads the run's train images, but its train cache {train_cache} cannot "
+                        f"be read ({first_line(exc)})") from None
+    images, _ = calibration_sample(open_split(key, "train", data_dir=None if key.data_dir else source))
+    if images.shape[1:3] != (size, size):
+        raise UserError(f"int8 calibration needs train images of the input size {size}x{size}; the run's are "
+                        f"{images.shape[2]}x{images.shape[1]} (choose `input_size` {images.shape[1]})")
+    return images
+
+
+def require(module: str, what: str):
+    """Import an optional package, or say in one line which requirements file brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs {module.split('.')[0]}, which is not installed: {INSTALL_HINT}") from None
+
+
+def labels_path(path: Path) -> Path:
+    """The class-name file beside a .tflite file: one name per line."""
+    return Path(path).with_suffix(".labels.txt")
+
+
+def portable_function(parts, input_size: int):
+    """The run's classifier as a frozen concrete function of uint8 [None, S, S, 3] -> probabilities [None, K]."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from .preprocess import resize_matrix
+    from .settings import head_views, view_images
+
+    key = parts.key
+    rows = tf.constant(resize_matrix(input_size, key.image_size, key.resize))
+    cols = tf.constant(resize_matrix(input_size, key.image_size, key.resize).T)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")])
+    def classify(images):
+        # [0, 1] floats, channels first so that both resize products are plain (batched) matrix products
+        x = tf.transpose(tf.cast(images, tf.float32) / 255.0, [0, 3, 1, 2])
+        x = tf.clip_by_value(tf.transpose(tf.matmul(tf.matmul(rows, x), cols), [0, 2, 3, 1]), 0.0, 1.0)
+        views = head_views(parts.tta)
+        probs = tf.add_n([parts.probabilities(view_images(x, view)) for view in views]) / len(views)
+        return {"probabilities": tf.identity(probs, name="probabilities")}
+
+    return convert_variables_to_constants_v2(classify.get_concrete_function())
+
+
+def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
+    """A LiteRT model; with `calibration` (uint8 images), full-integer int8 with uint8 images in."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    if calibration is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8  # images stay uint8; probabilities come back as floats
+    try:
+        return converter.convert()
+    except Exception as exc:  # noqa: BLE001 - the converter's errors are many and all mean the same here
+        raise UserError(f"the TFLite converter cannot convert this classifier: {first_line(exc)}") from None
+
+
+def to_onnx(frozen, class_names: tuple[str, ...], run: str) -> bytes:
+    """An ONNX model (opset ONNX_OPSET) with the class names in its metadata."""
+    tf2onnx = require("tf2onnx", "format onnx")
+    try:
+        model, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+            output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
+    model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
+    for name, value in (("class_names", json.dumps(list(class_names))), ("featcache_run", run)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = name, value
+    return model.SerializeToString()
+
+
+def _rename(model, input_name: str, output_name: str) -> tuple[str, str]:
+    """Give the graph's one input and one output plain names (tf2onnx keeps TensorFlow's `images:0`)."""
+    old_in, old_out = model.graph.input[0].name, model.graph.output[0].name
+    for node in model.graph.node:
+        node.input[:] = [input_name if name == old_in else name for name in node.input]
+        node.output[:] = [output_name if name == old_out else name for name in node.output]
+    return input_name, output_name
+
+
+def write_export(path: Path, content: bytes, class_names: tuple[str, ...], force: bool):
+    """Write a .tflite or .onnx file (and a .tflite's labels) under temporary names, then rename: nothing
+    half-written is ever left under the final names."""
+    path = Path(path)
+    files = {path: content}
+    if path.suffix == SUFFIXES["tflite"]:
+        files[labels_path(path)] = "".join(f"{name}\n" for name in class_names).encode()
+    check_new_path(path, force)
+    temporary = {final: final.with_name(f".{final.name}.{os.getpid()}.tmp") for final in files}
+    try:
+        for final, data in files.items():
+            temporary[final].write_bytes(data)
+        for final in sorted(files, key=lambda p: p == path):  # the model file last: a model always has its labels
+            os.replace(temporary[final], final)
+    except OSError as exc:
+        raise UserError(f"writing {path} failed ({exc.strerror})") from None
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+
+
+def check_new_path(path, force: bool) -> Path:
+    """An export's destination: refused when it exists, unless `force` (a file is then replaced whole)."""
+    path = Path(path)
+    if path.exists() and not (force and path.is_file()):
+        raise UserError(f"{path} exists already; choose a new name" + ("" if path.is_dir() else
+                                                                        " or pass `force=True` to replace it"))
+    return path
+
+
+@dataclass
+class Exported:
+    """An exported classifier read back with its own runtime: `probabilities(uint8 [N, H, W, 3])`."""
+
+    format: str
+    class_names: tuple[str, ...]
+    input_size: int | None  # None: any size
+    run: object
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        if self.input_size is not None and images.shape[1:3] != (self.input_size, self.input_size):
+            raise UserError(f"the image is {images.shape[2]}x{images.shape[1]}, the exported model takes "
+                            f"{self.input_size}x{self.input_size}")
+        return self.run(images)
+
+
+def open_exported(path) -> Exported:
+    """A .tflite (LiteRT interpreter), .onnx (ONNX Runtime) file or a SavedModel folder (TensorFlow alone)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no exported model at {path}")
+    try:
+        if path.is_dir():
+            return _open_saved_model(path)
+        if path.suffix == SUFFIXES["tflite"]:
+            return _open_tflite(path)
+        if path.suffix == SUFFIXES["onnx"]:
+            return _open_onnx(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: each runtime fails its own way
+        raise UserError(f"cannot load {path} ({first_line(exc)})") from None
+    raise UserError(f"{path} is not an export: a .tflite or .onnx file, or a SavedModel folder")
+
+
+def _open_saved_model(path: Path) -> Exported:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    names = tuple(n.decode() for n in serve(images=tf.zeros([1, 8, 8, 3], tf.uint8))["class_names"].numpy())
+    return Exported("saved_model", names, None, lambda images: serve(images=tf.constant(images))["probabilities"].numpy())
+
+
+def _open_tflite(path: Path) -> Exported:
+    interpreter_module = require("ai_edge_litert.interpreter", "a .tflite model")
+    interpreter = interpreter_module.Interpreter(model_path=str(path), num_threads=os.cpu_count())
+    (entry,), (exit_,) = interpreter.get_input_details(), interpreter.get_output_details()
+    if not labels_path(path).exists():
+        raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
+    names = tuple(labels_path(path).read_text().splitlines())
+
+    def run(images):
+        interpreter.resize_tensor_input(entry["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(entry["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(exit_["index"]).copy()
+
+    return Exported("tflite", names, int(entry["shape"][1]), run)
+
+
+def _open_onnx(path: Path) -> Exported:
+    ort = require("onnxruntime", "an .onnx model")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = tuple(json.loads(session.get_modelmeta().custom_metadata_map["class_names"]))
+    size = session.get_inputs()[0].shape[1]
+    return Exported("onnx", names, size if isinstance(size, int) else None,
+                    lambda images: session.run(["probabilities"], {"images": images})[0])

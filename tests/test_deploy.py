@@ -1,0 +1,132 @@
+"""LiteRT and ONNX exports, checked by their own runtimes against predict.py's classifier on the same images."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from featcache.sources import cifar
+from conftest import run_cli
+
+pytest.importorskip("ai_edge_litert", reason="LiteRT is not installed (pip install -r requirements-deploy.txt)")
+pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install -r requirements-deploy.txt)")
+pytest.importorskip("tf2onnx", reason="tf2onnx is not installed (pip install -r requirements-deploy.txt)")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, cifar_root, tmp_path_factory):
+    """A small run with a hidden layer and TTA, its test images, and predict.py's probabilities for them."""
+    from featcache.classifier import build_classifier
+
+    base = tmp_path_factory.mktemp("deploy")
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", base / "cache"]
+    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (base / "runs").iterdir()
+    images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images
+    classifier = build_classifier(run_dir)  # kept: its tf.function holds the module only weakly
+    want = classifier.classify(images)["probabilities"].numpy()
+    return base, run_dir, images, want
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_an_export_run_by_its_own_runtime_gives_predicts_probabilities(run, fmt):
+    from featcache.deploy import open_exported
+
+    base, run_dir, images, want = run
+    out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs")
+    assert out.returncode == 0, out.stderr
+    path = base / f"model-{fmt}.{fmt}"
+    assert f"exported run {run_dir.name} to {path}" in out.stdout
+    model = open_exported(path)
+    assert model.format == fmt and model.input_size == 32 and model.class_names == cifar.CIFAR10_CLASS_NAMES
+    got = model.probabilities(images)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
+    import tensorflow as tf
+
+    base, run_dir, images, want = run
+    path = tmp_path / "model.onnx"
+    assert run_cli("export.py", path, "--format", "onnx", "--runs-dir", base / "runs").returncode == 0
+    for i in range(3):
+        tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(images[i]))
+    tf.io.write_file(str(tmp_path / "big.png"), tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)))
+    out = run_cli("predict.py", "--model", path, "--json", *[tmp_path / f"{i}.png" for i in range(3)],
+                  tmp_path / "big.png")
+    assert out.returncode == 1  # one image failed
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    np.testing.assert_allclose([line["probabilities"] for line in lines[:3]], want[:3], atol=1e-4)
+    assert lines[3] == {"file": str(tmp_path / "big.png"),
+                        "error": "the image is 40x40, the exported model takes 32x32"}
+
+
+def test_int8_litert_takes_uint8_images_and_is_calibrated_on_train_images(run, monkeypatch):
+    from featcache import deploy, quantize
+    from featcache.deploy import open_exported
+
+    base, run_dir, images, want = run
+    sampled = []
+    real = quantize.calibration_sample
+
+    def spy(reader, *args, **kwargs):
+        sampled.append(reader.split)
+        return real(reader, *args, **kwargs)
+
+    monkeypatch.setattr(quantize, "calibration_sample", spy)
+    path = deploy.export_run(run_dir, base / "int8", "tflite", quantize="int8")
+    assert path == base / "int8.tflite" and sampled == ["train"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    tensors = interpreter.get_tensor_details()
+    # Every weight and activation of the network and head is int8; floats are left only where the uint8 images
+    # come in (a cast) and where the probabilities go out (softmax, the flip average).
+    assert any(t["dtype"] == np.int8 for t in tensors)
+    floats = [t["name"] for t in tensors if t["dtype"] == np.float32]
+    assert floats and all(re.search(r"Cast|Softmax|AddN|Identity|truediv", name) for name in floats), floats
+    got = open_exported(path).probabilities(images)
+    assert got.shape == want.shape and got.dtype == np.float32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "onnx", "--quantize", "int8"], "Error: --quantize int8 is for --format tflite only, not onnx"),
+    (["--quantize", "int8"], "Error: --quantize int8 is for --format tflite only, not saved_model"),
+    (["--format", "pdf"], "Invalid value for '--format'"),
+    (["--format", "tflite", "--input-size", "5000"], "Error: --image-size 5000 is above 1024"),
+])
+def test_bad_export_options_are_one_line(run, tmp_path, args, message):
+    base, _, _, _ = run
+    out = run_cli("export.py", tmp_path / "out", *args, "--runs-dir", base / "runs")
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_refused_without_force_and_replaced_whole_with_it(run, tmp_path):
+    base, _, _, _ = run
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"an older file")
+    out = run_cli("export.py", path, "--format", "tflite", "--runs-dir", base / "runs")
+    assert out.returncode == 2 and f"Error: {path} exists already" in out.stderr and "--force" in out.stderr
+    assert path.read_bytes() == b"an older file"
+    out = run_cli("export.py", path, "--format", "tflite", "--runs-dir", base / "runs", "--force")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.labels.txt", "model.tflite"]
+    assert path.read_bytes()[4:8] == b"TFL3"
+
+
+def test_a_missing_converter_or_runtime_is_one_line_naming_its_requirements_file(run, tmp_path, monkeypatch):
+    import sys
+
+    base, _, _, _ = run
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # import fails as if not installed
+    out = run_cli("export.py", tmp_path / "m", "--format", "onnx", "--runs-dir", base / "runs")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "Error: format onnx needs tf2onnx, which is not installed: pip install -r requirements-deploy.txt")
+    assert list(tmp_path.iterdir()) == []
