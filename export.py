@@ -18,9 +18,6 @@ from featcache.settings import DEFAULT_RUNS_DIR
               help="saved_model: a folder, for TensorFlow and TF Serving (images of any size); tflite: a LiteRT file "
                    "(class names in OUT.labels.txt beside it); onnx: an ONNX file (class names in its metadata). "
                    "tflite and onnx take images of one size (--input-size).")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="tflite only: full-integer int8 weights and activations, calibrated on a seeded sample of the "
-                   "run's train images (uint8 images in, float probabilities out).")
 @click.option("--input-size", type=click.IntRange(min=1), default=None,
               help="tflite/onnx: the side of the square uint8 images the file takes. Default: the dataset's own "
                    "(CIFAR: 32), else the network's input size.")
@@ -30,12 +27,10 @@ from featcache.settings import DEFAULT_RUNS_DIR
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
-def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
+def main(out, format_, input_size, force, run_id, runs_dir, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, flip averaging) to OUT."""
     setup_process(verbose)
     if format_ == "saved_model":
-        if quantize:
-            raise UserError("--quantize int8 is for --format tflite only, not saved_model")
         if input_size:
             raise UserError("--input-size is for --format tflite or onnx (a SavedModel takes images of any size)")
         check_new_folder(out, force)  # before the slow model load
@@ -44,7 +39,7 @@ def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)
     if format_ != "saved_model":
-        path = export_run(run_dir, out, format_, quantize, input_size, force)
+        path = export_run(run_dir, out, format_, input_size, force)
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
     classifier = build_classifier(run_dir)

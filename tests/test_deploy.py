@@ -1,7 +1,6 @@
 """LiteRT and ONNX exports, checked by their own runtimes against predict.py's classifier on the same images."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -66,38 +65,9 @@ def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
                         "error": "the image is 40x40, the exported model takes 32x32"}
 
 
-def test_int8_litert_takes_uint8_images_and_is_calibrated_on_train_images(run, monkeypatch):
-    from featcache import deploy, quantize
-    from featcache.deploy import open_exported
-
-    base, run_dir, images, want = run
-    sampled = []
-    real = quantize.calibration_sample
-
-    def spy(reader, *args, **kwargs):
-        sampled.append(reader.split)
-        return real(reader, *args, **kwargs)
-
-    monkeypatch.setattr(quantize, "calibration_sample", spy)
-    path = deploy.export_run(run_dir, base / "int8", "tflite", quantize="int8")
-    assert path == base / "int8.tflite" and sampled == ["train"]
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
-    tensors = interpreter.get_tensor_details()
-    # Every weight and activation of the network and head is int8; floats are left only where the uint8 images
-    # come in (a cast) and where the probabilities go out (softmax, the flip average).
-    assert any(t["dtype"] == np.int8 for t in tensors)
-    floats = [t["name"] for t in tensors if t["dtype"] == np.float32]
-    assert floats and all(re.search(r"Cast|Softmax|AddN|Identity|truediv", name) for name in floats), floats
-    got = open_exported(path).probabilities(images)
-    assert got.shape == want.shape and got.dtype == np.float32
-
-
 @pytest.mark.parametrize("args, message", [
-    (["--format", "onnx", "--quantize", "int8"], "Error: --quantize int8 is for --format tflite only, not onnx"),
-    (["--quantize", "int8"], "Error: --quantize int8 is for --format tflite only, not saved_model"),
+    (["--input-size", "64"],
+     "Error: --input-size is for --format tflite or onnx (a SavedModel takes images of any size)"),
     (["--format", "pdf"], "Invalid value for '--format'"),
     (["--format", "tflite", "--input-size", "5000"], "Error: --image-size 5000 is above 1024"),
 ])

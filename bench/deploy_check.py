@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Each deployment format against predict.py's classifier on the CIFAR-10 test images.
+
+Exports the run as LiteRT and ONNX files (in a temporary folder), runs each with its own
+runtime (the LiteRT interpreter, ONNX Runtime) and predict.py's TensorFlow classifier on the first N test
+images, and prints per format: file size, top-1 agreement with predict.py, the largest probability
+difference, test accuracy, and images/s at batch 1 and batch 32 (medians of a few timed passes).
+
+    python bench/deploy_check.py --run RUN_ID --runs-dir runs --data-dir ../shared/data/cifar-10-python.tar.gz
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FORMATS = (("litert f32", "tflite"), ("onnx f32", "onnx"))
+
+
+def images_per_second(probabilities, images: np.ndarray, batch: int, passes: int) -> float:
+    """Median images/s over `passes` timed passes over `images` in batches (after one untimed batch)."""
+    probabilities(images[:batch])
+    rates = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        for lo in range(0, len(images), batch):
+            probabilities(images[lo : lo + batch])
+        rates.append(len(images) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def batched(probabilities, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate([probabilities(images[lo : lo + batch]) for lo in range(0, len(images), batch)])
+
+
+@click.command()
+@click.option("--run", "run_id", default=None, help="Run id (default: as predict.py chooses).")
+@click.option("--runs-dir", default=str(ROOT / "runs"), show_default=True)
+@click.option("--data-dir", default=None, help="CIFAR-10 copy (default: as extract.py finds it).")
+@click.option("--images", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--timed", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per timed pass.")
+@click.option("--passes", type=click.IntRange(min=1), default=3, show_default=True)
+def main(run_id, runs_dir, data_dir, images, timed, passes):
+    from featcache import cpu
+    from featcache.classifier import build_classifier, resolve_run
+    from featcache.deploy import export_run, open_exported
+    from featcache.sources import cifar
+
+    run_dir, _ = resolve_run(runs_dir, run_id)
+    test = cifar.load_split(cifar.resolve_source(data_dir), "test")
+    pixels, labels = test.images[:images], test.labels[:images]
+    classifier = build_classifier(run_dir)  # kept: its tf.function holds the module only weakly
+
+    def reference(batch):
+        return classifier.classify(batch)["probabilities"].numpy()
+
+    rows = []
+    want = batched(reference, pixels)
+    rows.append(("predict.py (TensorFlow)", "-", 1.0, 0.0, np.mean(want.argmax(1) == labels),
+                 images_per_second(reference, pixels[:timed], 1, passes),
+                 images_per_second(reference, pixels[:timed], 32, passes)))
+    with tempfile.TemporaryDirectory() as folder:
+        for name, fmt in FORMATS:
+            try:
+                path = export_run(run_dir, Path(folder) / name.replace(" ", "-"), fmt)
+                model = open_exported(path)
+                got = batched(model.probabilities, pixels)
+                rows.append((name, f"{path.stat().st_size / 1e6:.2f}", np.mean(got.argmax(1) == want.argmax(1)),
+                             float(np.abs(got - want).max()), np.mean(got.argmax(1) == labels),
+                             images_per_second(model.probabilities, pixels[:timed], 1, passes),
+                             images_per_second(model.probabilities, pixels[:timed], 32, passes)))
+            except Exception as exc:  # noqa: BLE001 - one failing format is reported in its row, not hiding the rest
+                rows.append((name, f"failed: {str(exc).splitlines()[0][:80]}", None, None, None, None, None))
+    print(f"run {run_dir.name}, {len(pixels)} CIFAR-10 test images; {cpu.name()} ({cpu.noted_flags()}), "
+          f"{os.cpu_count()} cores")
+    print("| format | MB | top-1 agrees with predict.py | max prob diff | test accuracy | images/s batch 1 | batch 32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, size, agree, diff, accuracy, one, many in rows:
+        if agree is None:
+            print(f"| {name} | {size} | | | | | |")
+        else:
+            print(f"| {name} | {size} | {agree:.4%} | {diff:.1e} | {accuracy:.4f} | {one:.1f} | {many:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
