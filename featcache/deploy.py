@@ -219,9 +219,13 @@ def _open_tflite(path: Path) -> Exported:
         raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
     names = tuple(labels_path(path).read_text().splitlines())
 
+    shape = [None]
+
     def run(images):
-        interpreter.resize_tensor_input(entry["index"], images.shape)
-        interpreter.allocate_tensors()
+        if shape[0] != images.shape:  # allocating again for every call of one shape cost more than the model
+            interpreter.resize_tensor_input(entry["index"], images.shape)
+            interpreter.allocate_tensors()
+            shape[0] = images.shape
         interpreter.set_tensor(entry["index"], images)
         interpreter.invoke()
         return interpreter.get_tensor(exit_["index"]).copy()
