@@ -14,6 +14,7 @@ featcache.settings. Errors are featcache.errors.UserError, naming these paramete
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     """Build (or resume, or confirm) one split's cache, as extract.py does. Keyword arguments: the selection
     settings above, and pipeline.extract's (chunk_size, batch_size, engine, force, strict, progress, runner)."""
     selection = _split_selection(options)
+    unknown = sorted(set(options) - set(inspect.signature(extract_split).parameters) - {"data_dir", "cache_dir"})
+    if unknown:
+        raise UserError(f"extract() takes no parameter {', '.join(unknown)}")
     key = select(cache_dir, **selection)
     return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
 

@@ -30,6 +30,7 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
     settings (all runs if none is) the best by validation accuracy, or else the latest.
 
     A quick run on a 1,000-image limit with a validation split thus never outranks the full default run.
+    `why` also names the dataset and cache the run was trained on.
     """
     runs_dir = Path(runs_dir)
     if run_id:
@@ -45,8 +46,11 @@ def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
                    else (rows, "(none is on the default cache settings)"))
     with_val = [r for r in pool if r["val_acc"] is not None]
     if with_val:
-        return runs_dir / with_val[0]["run"], f"best validation accuracy among runs {where}"
-    return runs_dir / max((r["run"] for r in pool), key=_started), f"latest run {where}"
+        chosen, why = with_val[0], f"best validation accuracy among runs {where}"
+    else:
+        chosen, why = max(pool, key=lambda r: _started(r["run"])), f"latest run {where}"
+    key = chosen["key"]
+    return runs_dir / chosen["run"], f"{why}; trained on {key.dataset_name()} {key.settings_name()}"
 
 
 def _started(run: str) -> tuple:

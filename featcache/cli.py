@@ -220,4 +220,3 @@ def _cell(column, value) -> str:
     if column == "fit_s":
         return f"{value:.1f}"
     return f"{value:g}" if isinstance(value, float) else str(value)
-

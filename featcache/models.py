@@ -1,4 +1,4 @@
-"""What stage 1 needs to know about a model: its identity, its input size, and loading it.
+"""A model's identity, its input size, and loading it.
 
 A local SavedModel folder is identified by a hash of its contents (saved_model.pb and the
 variables index), so replacing its files in place makes a new cache instead of silently
@@ -7,7 +7,8 @@ reusing vectors of the old model; a TF Hub handle names fixed contents by itself
 The input size comes from the model when its signature fixes one (Inception V3: 299), else
 from `image_size` (default settings.DEFAULT_IMAGE_SIZE). Finding it means loading the model once;
 the answer is kept in `<cache_dir>/models/`, so up-to-date checks stay free of TensorFlow. Stage 2
-never comes here: it finds a cache by the settings the cache records (selection.select_cached).
+only hashes a local folder and reads that record, never loading a model (selection.select_cached);
+predict and export load the run's model.
 """
 
 from __future__ import annotations

@@ -76,11 +76,15 @@ class OpenVinoNetwork:
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Embed each array; their batches are interleaved, so all of them move through together."""
         outputs = [np.empty((len(images), self.dim), np.float32) for images in arrays]
-        for lo in range(0, len(arrays[0]), self.batch_size):
-            for images, out in zip(arrays, outputs):
-                batch = images[lo : lo + self.batch_size]
-                padded = np.zeros((self.batch_size, *batch.shape[1:]), batch.dtype)
-                padded[: len(batch)] = batch  # also makes a mirrored (strided) view contiguous
-                self._queue.start_async({0: padded}, out[lo : lo + self.batch_size])
-        self._queue.wait_all()
+        try:
+            for lo in range(0, len(arrays[0]), self.batch_size):
+                for images, out in zip(arrays, outputs):
+                    batch = images[lo : lo + self.batch_size]
+                    padded = np.zeros((self.batch_size, *batch.shape[1:]), batch.dtype)
+                    padded[: len(batch)] = batch  # also makes a mirrored (strided) view contiguous
+                    self._queue.start_async({0: padded}, out[lo : lo + self.batch_size])
+        finally:
+            # Also on Ctrl-C: requests still running call back into Python from OpenVINO's threads, and one
+            # that does so while the interpreter shuts down aborts the process ("exception not rethrown").
+            self._queue.wait_all()
         return outputs

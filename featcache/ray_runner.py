@@ -276,7 +276,6 @@ class RayRunner:
     address: str | None = None
     workers: int | None = None
     verbose: bool = False
-    name = "ray"
     _mapper: RayMapper | None = field(default=None, init=False, repr=False)
     _settings: object = field(default=None, init=False, repr=False)
     _started_here: bool = field(default=False, init=False, repr=False)

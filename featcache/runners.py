@@ -49,8 +49,6 @@ class LocalMapper:
 class LocalRunner:
     """The extractor in this process (one model, all of this machine's cores)."""
 
-    name = "local"
-
     def __enter__(self):
         return self
 

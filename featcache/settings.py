@@ -33,6 +33,8 @@ def check_image_size(size: int):
     if size > MAX_IMAGE_SIZE:
         raise UserError(f"`image_size` {size} is above {MAX_IMAGE_SIZE}, the largest accepted: memory per image "
                         "grows with its square (ImageNet models are trained at 224-600 px)")
+
+
 RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
 DEFAULT_RESIZE = "bicubic"  # measured best on real CIFAR-10 (docs/benchmarks.md)
 CROPS = ("none", "center")
@@ -128,6 +130,12 @@ class HeadConfig:
 
     def check(self):
         """Refuse settings no fit can use, naming the parameter."""
+        for name, default in asdict(HeadConfig()).items():
+            value, kind = getattr(self, name), type(default)
+            if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                    or kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise UserError(f"`{name}` must be {'a whole number' if kind is int else 'a ' + kind.__name__}, "
+                                f"got {value!r}")
         for name, choices in (("schedule", SCHEDULES), ("compute", COMPUTES)):
             if getattr(self, name) not in choices:
                 raise UserError(f"`{name}` must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -142,8 +150,8 @@ class HeadConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"`{name}` must be in [0, 1), got {getattr(self, name)}")
         for name in ("hidden", "seed"):
-            if getattr(self, name) < 0:
-                raise UserError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < 2**31:
+                raise UserError(f"`{name}` must be in [0, 2^31), got {getattr(self, name)}")
 
     def for_cached_views(self, view_set: str) -> "HeadConfig":
         """The config a cache of `view_set` can serve: a plain-view cache has no flips to train or average on."""

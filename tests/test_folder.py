@@ -218,7 +218,8 @@ def test_two_folders_never_share_a_cache_and_fractions_differ(tiny_model, tmp_pa
 
 @pytest.mark.parametrize("make, message", [
     (lambda root: root.mkdir(), "no class folders in"),
-    (lambda root: (root / "cat").mkdir(parents=True), "class folder .*cat has no images"),
+    (lambda root: [(root / name).mkdir(parents=True) for name in ("cat", "dog")], "class folder .*cat has no images"),
+    (lambda root: (root / "cat").mkdir(parents=True), r"holds one class folder \(cat\); a classifier needs at least 2"),
     (lambda root: None, "does not exist or is not a folder"),
 ])
 def test_unusable_folders_are_one_line_errors(tiny_model, tmp_path, make, message):

@@ -47,10 +47,15 @@ def test_validation_split_holds_out_whole_images():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(epochs=0), "epochs must be at least 1, got 0"), (dict(val_split=1.5), "val_split must be in [0, 1), got 1.5"),
+    (dict(epochs=0), "epochs must be at least 1, got 0"),
+    (dict(val_split=1.5), "val_split must be in [0, 1), got 1.5"),
     (dict(lr=0), "lr must be positive, got 0"), (dict(lr=float("nan")), "lr must be positive, got nan"),
-    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"), (dict(batch_size=0), "batch_size must be positive, got 0"),
-    (dict(l2=-1.0), "l2 must be >= 0, got -1.0"), (dict(hidden=-3), "hidden must be >= 0, got -3"),
+    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    (dict(batch_size=0), "batch_size must be positive, got 0"),
+    (dict(l2=-1.0), "l2 must be >= 0, got -1.0"), (dict(hidden=-3), "hidden must be in [0, 2^31), got -3"),
+    (dict(seed=2**63), f"seed must be in [0, 2^31), got {2**63}"),
+    (dict(epochs="5"), "epochs must be a whole number, got '5'"),
+    (dict(epochs=2.5), "epochs must be a whole number, got 2.5"), (dict(tta=1), "tta must be a bool, got 1"),
 ])
 def test_bad_head_settings_are_refused_naming_the_parameter(bad, message):
     with pytest.raises(UserError) as caught:

@@ -43,7 +43,8 @@ RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_s
 class CacheKey:
     """The settings that select one cache file (limit 0 means the whole split).
 
-    Build it with `selection.select` (it resolves paths, the model's input size and content hash).
+    Build it with `selection.select` or `select_cached` (they resolve paths, the model's input size and
+    content hash).
     """
 
     model: str = DEFAULT_MODEL

@@ -154,5 +154,3 @@ class Fitter:
             hits = tf.equal(tf.argmax(probs, 1, output_type=tf.int32), labels)
             results["val_accuracy"] = tf.reduce_mean(tf.cast(hits, tf.float32))
         return results
-
-

@@ -28,5 +28,3 @@ def build_model(dim: int, config: HeadConfig, mean: np.ndarray, variance: np.nda
     for layer in layers:
         x = layer(x)
     return keras.Model(inputs, x, name="head")
-
-

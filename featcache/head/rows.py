@@ -87,5 +87,3 @@ def column_stats(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarr
         squares += np.einsum("ij,ij->j", rows, rows)
     mean = total / len(x)
     return mean.astype(np.float32), np.maximum(squares / len(x) - mean**2, 0).astype(np.float32)
-
-

@@ -59,22 +59,14 @@ def train(train_features: Features, test_features: Features | None, config: Head
     config.check()
     data = training_data(train_features, config, reuse=data)
     classes = len(train_features.class_names)
-    model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
     started = time.perf_counter()
-    fitter = Fitter(model, config, data, classes)
-    history: dict[str, list[float]] = {}
-    for epoch in range(config.epochs):
-        results = {name: float(value) for name, value in fitter.epoch(tf.constant(epoch, tf.int32)).items()}
-        before = results.pop("before")
-        if epoch == 0:
-            untrained = before
-        loss = results["loss"]
-        for name, value in results.items():
-            history.setdefault(name, []).append(value)
-        if verbose:
-            print(f"epoch {epoch + 1}/{config.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-        if not np.isfinite(loss):
-            break
+    try:
+        model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
+        fitter = Fitter(model, config, data, classes)
+        history, untrained = _epochs(fitter, config, verbose)
+    except tf.errors.ResourceExhaustedError:
+        raise UserError(f"the head does not fit in memory (`hidden` {config.hidden}, `batch_size` "
+                        f"{config.batch_size}); choose smaller ones; nothing was recorded") from None
     fit_seconds = time.perf_counter() - started
     _refuse_divergence(history, config, classes, untrained)
     metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(data.y)),
@@ -90,6 +82,25 @@ def train(train_features: Features, test_features: Features | None, config: Head
         test = score(test_probs, test_features.labels)
         metrics.update(test_accuracy=test["accuracy"], test_loss=test["loss"])
     return TrainedHead(model, history, fit_seconds, metrics, train_features.class_names, test_probs)
+
+
+def _epochs(fitter: Fitter, config: HeadConfig, verbose: int) -> tuple[dict, float]:
+    """Run the epochs (stopping at a non-finite loss): the history, and the untrained head's cross-entropy."""
+    import tensorflow as tf
+
+    history: dict[str, list[float]] = {}
+    for epoch in range(config.epochs):
+        results = {name: float(value) for name, value in fitter.epoch(tf.constant(epoch, tf.int32)).items()}
+        before = results.pop("before")
+        if epoch == 0:
+            untrained = before
+        for name, value in results.items():
+            history.setdefault(name, []).append(value)
+        if verbose:
+            print(f"epoch {epoch + 1}/{config.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        if not np.isfinite(results["loss"]):
+            break
+    return history, untrained
 
 
 def _refuse_divergence(history: dict, config: HeadConfig, classes: int, untrained: float):

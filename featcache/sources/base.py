@@ -19,7 +19,6 @@ from ..errors import UserError
 from ..settings import SPLITS
 
 
-
 def check_split(split: str):
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

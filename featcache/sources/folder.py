@@ -97,6 +97,9 @@ class FolderSplit:
         """Class names, then each image file (relative to the root) and its label, in sorted order."""
         base = self.root / self.split if self.nested else self.root
         names = _class_folders(base)
+        if len(names) < 2:
+            raise UserError(f"{base} holds one class folder ({names[0]}); a classifier needs at least 2 (a folder per "
+                            "class, each holding its images)")
         if self.nested:
             other = _class_folders(self.root / ("test" if self.split == "train" else "train"))
             if other != names:
