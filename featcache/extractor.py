@@ -142,11 +142,11 @@ class Extractor:
         self.dim = self._probe()
         self._ov_networks = {}
         if self.engine == "openvino":
+            from .ov_engine import conversion_errors
+
             try:  # compiled now, so that it counts as load time and a conversion failure shows at once
                 self._ov_network(*self._uint8_shape(*(self.input_shape or (self.image_size, self.image_size))))
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - OpenVINO's converter fails in many ways
+            except conversion_errors() as exc:
                 if asked != "auto":
                     raise UserError(f"OpenVINO cannot convert model {self.model_name}: {first_line(exc)}") from None
                 self.log(f"note: OpenVINO cannot convert this model ({first_line(exc)}); using TensorFlow instead")

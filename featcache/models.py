@@ -132,10 +132,10 @@ def _record(handle: str, sha256: str, cache_dir) -> Path:
 
 
 def _write_atomically(path: Path, content: dict):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(content, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError:
-        pass  # only a shortcut: without it the model is loaded again next time
+        tmp.unlink(missing_ok=True)  # only a shortcut: without it the model is loaded again next time

@@ -30,6 +30,15 @@ def available() -> bool:
     return True
 
 
+def conversion_errors() -> tuple[type[BaseException], ...]:
+    """What OpenVINO raises when it cannot convert or compile a model: its frontend's failures, and the
+    RuntimeError of compile_model. Anything else (our own bugs included) is not a reason to fall back."""
+    from openvino import frontend
+
+    return (frontend.GeneralFailure, frontend.OpConversionFailure, frontend.OpValidationFailure,
+            frontend.NotImplementedFailure, frontend.InitializationFailure, RuntimeError)
+
+
 def check_precision(precision: str):
     """bf16 only where the CPU computes it natively (else OpenVINO would emulate or ignore it); int8 needs NNCF."""
     from . import quantize

@@ -1,5 +1,6 @@
-"""Process setup of a CLI run, before TensorFlow is imported: deterministic ops, a quick exit, and a
-stderr without TensorFlow's log lines (a filter process between the native stderr and the terminal)."""
+"""Process setup of a CLI run, before TensorFlow is imported: deterministic ops, a quick exit, SIGTERM met as
+Ctrl-C, and a stderr without TensorFlow's log lines (a filter process between the native stderr and the
+terminal)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def setup_process(verbose: bool):
     # 1.5 s `python -c "import tensorflow"` spent exiting here. (Spack does the same; only finalizers of
     # cyclic garbage alive at exit are skipped, which Python never promises to run.)
     atexit.register(gc.freeze)
+    # SIGTERM (a scheduler's or `kill`'s stop) is met as Ctrl-C is: committed rows stay, Ray workers and OpenVINO
+    # requests are stopped by the same cleanup, and the process ends with a line instead of vanishing.
+    signal.signal(signal.SIGTERM, _interrupt)
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -61,6 +65,10 @@ def setup_process(verbose: bool):
             time.sleep(0.005)
 
     atexit.register(drain)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def _filter_native_lines(read_end: int, write_end: int, terminal: int):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .settings import DEFAULT_CROP
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
@@ -111,8 +111,15 @@ def _save_atomically(model, path: Path):
     """IR is two files; the .xml appears last, so an existing .xml always has its .bin."""
     import openvino as ov
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")
-    ov.save_model(model, tmp, compress_to_fp16=False)
-    os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # disk full, a folder made read-only: the next run calibrates again
+        raise UserError(f"saving the int8 network {path} failed ({getattr(exc, 'strerror', None) or first_line(exc)})"
+                        ) from None
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)

@@ -333,3 +333,16 @@ def test_a_source_that_fails_while_read_is_one_line_and_keeps_committed_rows(tin
                          progress=False, log=lambda *_: None)
     assert str(failure.value) == (f"reading the train split at {cifar_root / 'cifar-10-batches-py'} failed "
                                   "(Input/output error); 30 committed rows are kept and the next run resumes from there")
+
+
+def test_a_models_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from featcache import models
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models.os, "replace", full_disk)
+    models.record_input_size(96, "https://hub.invalid/m/1", "", tmp_path)  # only a shortcut: no error
+    assert [p.name for p in (tmp_path / "models").iterdir()] == []

@@ -270,6 +270,14 @@ def test_openvino_conversion_failure_under_auto_falls_back_to_tensorflow(tiny_mo
         pipeline.extract(_key(tiny_model, tree), "test", data_dir=tree, cache_dir=tmp_path, progress=False,
                          engine="openvino")
 
+    def our_own_bug(*args, **kwargs):
+        raise TypeError("an argument this code passed wrongly")
+
+    monkeypatch.setattr(ov_engine, "OpenVinoNetwork", our_own_bug)  # not a conversion failure: no fall-back
+    with pytest.raises(TypeError, match="passed wrongly"):
+        pipeline.extract(_key(tiny_model, tree), "test", data_dir=tree, cache_dir=tmp_path / "other", progress=False,
+                         engine="auto")
+
 
 def test_mixed_sizes_are_embedded_in_groups_with_the_same_result(tiny_model):
     rng = np.random.default_rng(2)

@@ -147,3 +147,21 @@ def test_prefetched_reader_thread_ends_when_the_consumer_stops_early():
             break  # as an extractor error would
     items.close()  # what leaving the loop does to the generator in extract
     assert not any(t.name == "chunk-reader" for t in threading.enumerate())
+
+
+def test_sigterm_stops_an_extraction_as_ctrl_c_does_and_the_rerun_resumes(tiny_model, cifar_root, tmp_path):
+    """SIGTERM as the third chunk is committed: that commit finishes (the writer waits for it), the process ends
+    with a line as on Ctrl-C, and the rerun resumes from the 12 committed rows."""
+    import os
+
+    args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
+            "--model", str(tiny_model), "--image-size", "32", "--chunk-size", "4", "--engine", "tensorflow",
+            "--quiet", "--cache-dir", str(tmp_path)]
+    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
+    stopped = subprocess.run([args[0], "-c", script, "write", "3", *args[2:]], capture_output=True, text=True,
+                             env=dict(os.environ, KILL_SIGNAL="SIGTERM"), timeout=300)
+    assert stopped.returncode == 1 and stopped.stderr.strip().endswith("Aborted!"), stopped.stderr
+    path = _key(tiny_model, image_size=32, resize="bicubic").path(tmp_path, "train")
+    assert _committed_rows(layout.partial_path(path)) == 12  # the commit in flight finishes: the writer waits for it
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
