@@ -13,6 +13,7 @@ predict and export load the run's model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -137,5 +138,6 @@ def _write_atomically(path: Path, content: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(content, indent=2) + "\n")
         os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # only a shortcut: without it the model is loaded again next time
+    except OSError:  # only a shortcut: without it the model is loaded again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -120,6 +120,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def small_run(tiny_model, cifar_root, tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, run folder): the fixture's caches at 40 px and one run on them (3 epochs, an 8-unit hidden layer,
+    TTA), made with the CLIs. Read-only use: copy a run before changing it."""
+    base = tmp_path_factory.mktemp("small_run")
+    common = ["--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache"]
+    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (base / "runs").iterdir()
+    return base, run_dir
+
+
 def write_cifar100(folder: Path, train_rows=150, test_rows=60, seed=0) -> tuple[str, ...]:
     """train, test and meta pickles in CIFAR-100's python layout (fine and coarse labels); returns the names."""
     folder.mkdir(parents=True, exist_ok=True)

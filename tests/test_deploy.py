@@ -14,17 +14,13 @@ pytest.importorskip("tf2onnx", reason="tf2onnx is not installed (pip install -r 
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model, cifar_root, tmp_path_factory):
+def run(small_run, cifar_root, tmp_path_factory):
     """A small run with a hidden layer and TTA, its test images, and predict.py's probabilities for them."""
     from featcache.classifier import build_classifier
 
+    _, run_dir = small_run
     base = tmp_path_factory.mktemp("deploy")
-    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", base / "cache"]
-    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
-    assert done.returncode == 0, done.stderr
-    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
-    assert done.returncode == 0, done.stderr
-    (run_dir,) = (base / "runs").iterdir()
+    (base / "runs").symlink_to(run_dir.parent)  # the run, read-only; exports go to `base`
     images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images
     classifier = build_classifier(run_dir)  # kept: its tf.function holds the module only weakly
     want = classifier.classify(images)["probabilities"].numpy()

@@ -10,17 +10,11 @@ from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model, cifar_root, tmp_path_factory):
+def trained_run(small_run, cifar_root):
     """Fixture caches, one trained run, and the CIFAR test images written out as PNG files."""
     import tensorflow as tf
 
-    base = tmp_path_factory.mktemp("predict")
-    common = ["--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache"]
-    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
-    assert done.returncode == 0, done.stderr
-    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
-    assert done.returncode == 0, done.stderr
-    (run_dir,) = (base / "runs").iterdir()
+    base, run_dir = small_run
     test = cifar.load_split(cifar.resolve_source(cifar_root), "test")
     pngs = base / "pngs"
     pngs.mkdir()
