@@ -44,7 +44,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         require("tf2onnx", "format onnx")
     parts = load_run(run_dir)
     size = input_size or default_input_size(parts.key)
-    check_image_size(size)
+    check_image_size(size, "input_size")
     frozen = portable_function(parts, size)
     if format == "tflite":
         content = to_tflite(frozen)

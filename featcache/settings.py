@@ -28,10 +28,10 @@ DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size; a model whose signature
 MAX_IMAGE_SIZE = 1024
 
 
-def check_image_size(size: int):
+def check_image_size(size: int, name: str = "image_size"):
     """Refuse a side no batch of images should be resized to, before anything is allocated."""
     if size > MAX_IMAGE_SIZE:
-        raise UserError(f"`image_size` {size} is above {MAX_IMAGE_SIZE}, the largest accepted: memory per image "
+        raise UserError(f"`{name}` {size} is above {MAX_IMAGE_SIZE}, the largest accepted: memory per image "
                         "grows with its square (ImageNet models are trained at 224-600 px)")
 
 

@@ -65,7 +65,7 @@ def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
     (["--input-size", "64"],
      "Error: --input-size is for --format tflite or onnx (a SavedModel takes images of any size)"),
     (["--format", "pdf"], "Invalid value for '--format'"),
-    (["--format", "tflite", "--input-size", "5000"], "Error: --image-size 5000 is above 1024"),
+    (["--format", "tflite", "--input-size", "5000"], "Error: --input-size 5000 is above 1024"),
 ])
 def test_bad_export_options_are_one_line(run, tmp_path, args, message):
     base, _, _, _ = run
