@@ -4,9 +4,9 @@ class probabilities out."""
 
 import click
 
-from featcache.classifier import build_classifier, check_new_folder, export, resolve_run
+from featcache.classifier import build_classifier, check_destination, export, resolve_run
 from featcache.cli import one_line_errors
-from featcache.deploy import FORMATS, SUFFIXES, check_new_path, export_run
+from featcache.deploy import FORMATS, export_run
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR
@@ -33,9 +33,7 @@ def main(out, format_, input_size, force, run_id, runs_dir, verbose):
     if format_ == "saved_model":
         if input_size:
             raise UserError("--input-size is for --format tflite or onnx (a SavedModel takes images of any size)")
-        check_new_folder(out, force)  # before the slow model load
-    else:
-        out = check_new_path(out if out.endswith(SUFFIXES[format_]) else out + SUFFIXES[format_], force)
+        check_destination(out, force, folder=True)  # before the slow model load
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)
     if format_ != "saved_model":

@@ -149,7 +149,7 @@ def export(classifier, out_dir: Path, force: bool = False):
     when complete, so nothing half-written is ever left there; an existing folder is replaced only with `force`."""
     import tensorflow as tf
 
-    out_dir = check_new_folder(out_dir, force)
+    out_dir = check_destination(out_dir, force, folder=True)
     tmp, old = (out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
     try:
         tf.saved_model.save(classifier, str(tmp), signatures={"serving_default": classifier.classify})
@@ -163,10 +163,12 @@ def export(classifier, out_dir: Path, force: bool = False):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_new_folder(out_dir, force: bool = False) -> Path:
-    """A SavedModel export's destination: refused when it exists, unless `force` and it is a folder."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (force and out_dir.is_dir()):
-        raise UserError(f"{out_dir} exists already; choose a new name" + ("" if out_dir.is_file() else
-                                                                           " or pass `force=True` to replace it"))
-    return out_dir
+def check_destination(path, force: bool, folder: bool) -> Path:
+    """An export's destination (a SavedModel `folder`, or a file): refused when it exists, unless `force` and it
+    is of the same kind, which is then replaced whole."""
+    path = Path(path)
+    if path.exists() and not (force and path.is_dir() == folder):
+        same_kind = path.is_dir() == folder
+        raise UserError(f"{path} exists already; choose a new name" + (" or pass `force=True` to replace it"
+                                                                        if same_kind else ""))
+    return path

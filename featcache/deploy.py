@@ -31,7 +31,7 @@ ONNX_OPSET = 17
 
 def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False) -> Path:
     """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written."""
-    from .classifier import load_run
+    from .classifier import check_destination, load_run
     from .settings import check_image_size
 
     if format not in SUFFIXES:
@@ -39,7 +39,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     path = Path(path)
     if path.suffix != SUFFIXES[format]:
         path = path.with_name(path.name + SUFFIXES[format])
-    check_new_path(path, force)  # before the slow part
+    check_destination(path, force, folder=False)  # before the slow part
     if format == "onnx":
         require("tf2onnx", "format onnx")
     parts = load_run(run_dir)
@@ -50,7 +50,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         content = to_tflite(frozen)
     else:
         content = to_onnx(frozen, parts.class_names, parts.run)
-    write_export(path, content, parts.class_names, force)
+    write_export(path, content, parts.class_names)
     return path
 
 
@@ -137,14 +137,13 @@ def _rename(model, input_name: str, output_name: str) -> tuple[str, str]:
     return input_name, output_name
 
 
-def write_export(path: Path, content: bytes, class_names: tuple[str, ...], force: bool):
+def write_export(path: Path, content: bytes, class_names: tuple[str, ...]):
     """Write a .tflite or .onnx file (and a .tflite's labels) under temporary names, then rename: nothing
     half-written is ever left under the final names."""
     path = Path(path)
     files = {path: content}
     if path.suffix == SUFFIXES["tflite"]:
         files[labels_path(path)] = "".join(f"{name}\n" for name in class_names).encode()
-    check_new_path(path, force)
     temporary = {final: final.with_name(f".{final.name}.{os.getpid()}.tmp") for final in files}
     try:
         for final, data in files.items():
@@ -156,15 +155,6 @@ def write_export(path: Path, content: bytes, class_names: tuple[str, ...], force
     finally:
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)
-
-
-def check_new_path(path, force: bool) -> Path:
-    """An export's destination: refused when it exists, unless `force` (a file is then replaced whole)."""
-    path = Path(path)
-    if path.exists() and not (force and path.is_file()):
-        raise UserError(f"{path} exists already; choose a new name" + ("" if path.is_dir() else
-                                                                        " or pass `force=True` to replace it"))
-    return path
 
 
 @dataclass
