@@ -3,18 +3,21 @@
 
 import click
 
-from featcache.cli import (as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
+from featcache.cli import (VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
                            verbosity_options)
 from featcache.pipeline import extract, verify
 from featcache.process import setup_process
 from featcache.runners import make_runner
-from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, ENGINES, RUNNERS, SPLITS,
-                                default_batch_size)
+from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_VIEWS, ENGINES, RUNNERS,
+                                SPLITS, default_batch_size)
 
 
 @click.command()
 @click.option("--split", type=click.Choice(SPLITS + ("all",)), default="all", show_default=True)
 @selection_options
+@click.option("--views", default=DEFAULT_VIEWS, show_default=True,
+              help="Views to cache, each as its own dataset; those a complete cache lacks are added to it (its "
+                   "other views are kept and not recomputed). " + VIEWS_HELP)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
               help="Images per committed chunk: a crash costs at most the work on the two chunks in flight.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -38,7 +41,7 @@ from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNN
               "or partial, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
-def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, force, strict, verify, list_caches,
+def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, force, strict, verify, list_caches,
          quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
@@ -53,7 +56,7 @@ def main(split, chunk_size, batch_size, engine, runner, ray_address, workers, fo
         return verify_caches(key, splits, data_dir, cache_dir)
     with runner:  # Ray's workers serve both splits
         for one_split in splits:
-            result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, chunk_size=chunk_size,
+            result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views, chunk_size=chunk_size,
                              batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,
                              log=click.echo, runner=runner)
             click.echo(result.summary(words=as_flags))

@@ -4,15 +4,16 @@
 import time
 
 import click
-from click.core import ParameterSource
 
-from featcache.cli import (flag, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
+from featcache.cache.read import views_present
+from featcache.cli import (VIEWS_HELP, flag, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
                            verbosity_options)
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.records import LEDGER_COLUMNS, ledger
 from featcache.runs import run_experiment, run_grid
-from featcache.settings import COMPUTES, DEFAULT_RUNS_DIR, SCHEDULES, HeadConfig
+from featcache.settings import (COMPUTES, DEFAULT_RUNS_DIR, MAX_BATCH_SIZE, MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS,
+                               HeadConfig, parse_views)
 
 DEFAULTS = HeadConfig()
 
@@ -21,18 +22,23 @@ DEFAULTS = HeadConfig()
 @selection_options
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True)
 @click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Peak Adam learning rate.")
-@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
-              help="Cached rows per training step of the head (not extract.py's images per forward pass).")
+@click.option("--batch-size", type=int, default=None,
+              help="Cached rows per training step of the head (not extract.py's images per forward pass). Default: "
+                   f"{MAX_BATCH_SIZE}, or fewer on small datasets so that an epoch has at least {MIN_STEPS_PER_EPOCH} "
+                   "steps (rows / 48).")
 @click.option("--l2", type=float, default=DEFAULTS.l2, show_default=True, help="L2 weight penalty.")
 @click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=0), default=DEFAULTS.hidden, show_default=True,
               help="Units of an optional hidden ReLU layer (0: linear head).")
 @click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True)
-@click.option("--flip-train/--no-flip-train", default=DEFAULTS.flip_train, show_default=True,
-              help="Use the flipped views as extra training rows.")
-@click.option("--tta/--no-tta", default=DEFAULTS.tta, show_default=True,
-              help="Average the predictions of the plain and flipped views.")
+@click.option("--train-views", default=DEFAULTS.train_views, show_default=True,
+              help="Cached views whose rows train the head (one row per image and view). " + VIEWS_HELP)
+@click.option("--tta-views", default=DEFAULTS.tta_views, show_default=True,
+              help="Cached views whose predictions are averaged at test time (and by predict.py and export.py).")
+@click.option("--solver", type=click.Choice(SOLVERS), default=DEFAULTS.solver, show_default=True,
+              help="adam: --epochs of Adam steps; lbfgs: a linear head fit to convergence on all rows at once "
+                   "(full-batch L-BFGS; ignores --epochs, --lr, --batch-size, --schedule).")
 @click.option("--val-split", type=float, default=DEFAULTS.val_split, show_default=True,
               help="Fraction of train images held out for validation.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
@@ -59,14 +65,12 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     started = time.perf_counter()
     key, cache_dir, _ = key_to_read(options)  # takes the selection options out; the head's remain
     config = HeadConfig(**options)
-    served = config.for_cached_views(key.views)
-    if served != config:
-        asked = [flag(name) for name in ("flip_train", "tta") if getattr(served, name) != getattr(config, name)
-                 and click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE]
-        if asked:
-            click.echo(f"note: --views {key.views} has no flipped views, so {' and '.join(asked)} "
-                       f"{'is' if len(asked) == 1 else 'are'} off", err=True)
-        config = served
+    served = config.for_cached_views(views_present(key, cache_dir))
+    for name in ("train_views", "tta_views"):
+        if getattr(served, name) != getattr(config, name):
+            click.echo(f"note: the caches hold no {', '.join(set(parse_views(getattr(config, name))) - set(parse_views(getattr(served, name))))} "
+                       f"view, so {flag(name)} is {getattr(served, name)}", err=True)
+    config = served
     log = (lambda _: None) if quiet else click.echo
     if grid:
         if sweep:
@@ -78,11 +82,17 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
                                       verbose=2 if verbose else 0, log=log)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
-               f"({metrics['rows']} rows x {metrics['epochs']} epochs fit in {metrics['fit_seconds']:.1f} s)")
+               f"({metrics['rows']} rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:
         click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}"
                    + ("  (best of the L2 sweep; refit on all training rows)" if "sweep" in metrics else ""))
     click.echo(f"run recorded in {run_dir} ({time.perf_counter() - started:.1f} s in all)")
+
+
+def fit_length(metrics: dict) -> str:
+    if metrics["solver"] == "lbfgs":
+        return f"{metrics['iterations']} L-BFGS iterations"
+    return f"{metrics['epochs']} epochs of batch {metrics['batch_size']}"
 
 
 if __name__ == "__main__":

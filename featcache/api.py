@@ -2,13 +2,14 @@
 
     from featcache.api import extract, load_cache, run_head, verify
     extract("train", limit=1000); extract("test", limit=1000)   # stage 1 (loads the network)
+    extract("train", limit=1000, views="crops")  # adds five crop views to that cache
     train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
-    result = run_head(limit=1000, epochs=5)    # metrics, the Keras model, history; not recorded
+    result = run_head(limit=1000, epochs=5, train_views="plain,flip,crops")  # metrics, Keras model; not recorded
     path, problems = verify("test", limit=1000)  # the cache against its source
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
-test_fraction, model, image_size, resize, crop, views, limit, precision), with the defaults of
+test_fraction, model, image_size, resize, crop, limit, precision), with the defaults of
 featcache.settings. Errors are featcache.errors.UserError, naming these parameters.
 """
 
@@ -20,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.read import attributes, load_features
+from .cache.read import attributes, load_features, views_present
 from .errors import UserError
 from .head import TrainedHead, train
 from .pipeline import ExtractResult
 from .pipeline import extract as extract_split
 from .pipeline import verify as verify_split
 from .selection import SELECTION_NAMES, select, select_cached
-from .settings import DEFAULT_CACHE_DIR, HeadConfig, views_of
+from .settings import DEFAULT_CACHE_DIR, HeadConfig
 
 
 @dataclass
@@ -47,7 +48,7 @@ def _split_selection(options: dict) -> dict:
 
 def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> ExtractResult:
     """Build (or resume, or confirm) one split's cache, as extract.py does. Keyword arguments: the selection
-    settings above, and pipeline.extract's (chunk_size, batch_size, engine, force, strict, progress, runner)."""
+    settings above, and pipeline.extract's (views, chunk_size, batch_size, engine, force, strict, progress, runner)."""
     selection = _split_selection(options)
     unknown = sorted(set(options) - set(inspect.signature(extract_split).parameters) - {"data_dir", "cache_dir"})
     if unknown:
@@ -64,7 +65,7 @@ def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tu
 def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:
     """Read one complete, checked cache (settings, checksums, NaN/Inf, labels) without importing TensorFlow."""
     key = select_cached(cache_dir, **selection)
-    features, info = load_features(key, split, cache_dir, views_of(key.views))
+    features, info = load_features(key, split, cache_dir, views=None)
     path = Path(info["path"])
     return CachedSplit(features.views, features.labels, features.class_names, attributes(path), path)
 
@@ -77,7 +78,7 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     unknown = sorted(set(options) - set(HeadConfig().to_dict()))
     if unknown:
         raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
-    config = HeadConfig(**options).for_cached_views(key.views)
+    config = HeadConfig(**options).for_cached_views(views_present(key, cache_dir))
     config.check()
     train_split, _ = load_features(key, "train", cache_dir, config.views_needed())
     test_split, _ = load_features(key, "test", cache_dir, config.views_needed())

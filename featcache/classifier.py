@@ -2,7 +2,7 @@
 
 Inside: the extractor's own preprocessing with the cache's settings, the frozen TF Hub
 extractor, and the run's saved Keras head as it is (standardisation and whatever layers it
-has), plus flip averaging when the run used TTA. predict.py calls it directly and export.py
+has), averaged over the run's test-time views. predict.py calls it directly and export.py
 saves it as a SavedModel, so both give the same numbers, and the export loads with
 `tf.saved_model.load` alone (no featcache, no tensorflow_hub, no Keras).
 """
@@ -19,9 +19,9 @@ import numpy as np
 from .cache.layout import CacheKey
 from .errors import UserError, first_line
 from .models import call_kwargs, identity, load_model
-from .preprocess import preprocess
+from .preprocess import preprocess_views
 from .records import ledger, read_config
-from .settings import DEFAULT_PRECISION, head_views, view_images
+from .settings import DEFAULT_PRECISION, parse_views
 from .sources.folder import decode_file, is_image_name
 
 
@@ -66,7 +66,7 @@ class RunParts:
 
     run: str
     key: CacheKey
-    tta: bool
+    tta_views: tuple[str, ...]  # the views whose probabilities are averaged
     class_names: tuple[str, ...]
     network: object
     call_kwargs: dict
@@ -97,7 +97,7 @@ def load_run(run_dir: Path) -> RunParts:
         raise UserError(f"run {name}: its head.keras cannot be read ({first_line(exc, 120)}); "
                         "train the run again") from None
     network = load_model(key.model)
-    return RunParts(name, key, bool(config["head"]["tta"]), tuple(config["class_names"]), network,
+    return RunParts(name, key, parse_views(config["head"]["tta_views"]), tuple(config["class_names"]), network,
                     call_kwargs(network, key.image_size), head)
 
 
@@ -116,9 +116,8 @@ def build_classifier(run_dir: Path):
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def classify(self, images):
-            x = preprocess(images, key.image_size, key.resize, key.crop)
-            views = head_views(parts.tta)
-            probs = tf.add_n([parts.probabilities(view_images(x, view)) for view in views]) / len(views)
+            views = preprocess_views(images, parts.tta_views, key.image_size, key.resize, key.crop)
+            probs = tf.add_n([parts.probabilities(x) for x in views]) / len(views)
             return {"probabilities": probs, "top_class": tf.gather(self.class_names, tf.argmax(probs, axis=1)),
                     "class_names": self.class_names}
 

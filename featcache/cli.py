@@ -15,8 +15,12 @@ import click
 from .cache.read import CacheUnusable, caches_present
 from .errors import PARAMETER, UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-                       DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS,
-                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, HeadConfig)
+                       DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, PRECISIONS,
+                       RESIZE_METHODS, VIEW_SETS, VIEWS, HeadConfig)
+
+VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets ({', '.join(f'{k}: {len(v)} views' for k, v in VIEW_SETS.items())}); "
+              "a crop view is the 7/8 window at top-left, top-right, bottom-left, bottom-right or center.")
+
 
 def verbosity_options(func):
     """The same --quiet/--verbose pair on extract.py and train_head.py."""
@@ -48,7 +52,7 @@ def one_line_errors(func):
 
 
 def flag(name: str, value=None) -> str:
-    """A parameter as its flag: `lr` -> --lr, force=True -> --force, flip_train=False -> --no-flip-train,
+    """A parameter as its flag: `lr` -> --lr, force=True -> --force, tta=False -> --no-tta,
     views='plain' -> --views plain."""
     option = "--" + name.replace("_", "-")
     if value is None or value is True:
@@ -80,9 +84,10 @@ def selection_args(chosen: dict) -> str:
 
 
 def extract_command(error: CacheUnusable) -> str:
-    """The extract.py command that builds the cache an error is about."""
+    """The extract.py command that builds the cache an error is about (with the views it lacks)."""
+    views = f"--views {','.join(error.views)}" if error.views else ""
     return " ".join(filter(None, ["python extract.py", f"--split {error.split}", selection_args(error.key.chosen()),
-                                  f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
+                                  views, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -133,8 +138,6 @@ def selection_options(func):
         click.option("--crop", type=click.Choice(CROPS), default=DEFAULT_CROP, show_default=True,
                      help="none: squash each image to a square (Keras' default); center: cut the centered "
                           "square first, keeping the aspect ratio."),
-        click.option("--views", type=click.Choice(tuple(VIEW_SETS)), default=DEFAULT_VIEWS, show_default=True,
-                     help="'flip' also caches horizontally mirrored images (training rows and TTA)."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Only N images of each split (quick runs; part of the cache key): CIFAR's first N, "
                           "a seeded sample of a folder's."),
@@ -181,7 +184,7 @@ def parse_grid(specs) -> list[dict]:
         if name not in defaults.to_dict() or not values:
             raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; "
                             f"got {spec!r}")
-        kind = type(getattr(defaults, name))
+        kind = int if name == "batch_size" else type(getattr(defaults, name))
         try:
             axes[name] = [_parse_value(kind, v.strip()) for v in values.split(",")]
         except ValueError:

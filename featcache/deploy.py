@@ -3,7 +3,7 @@
 An exported file takes uint8 images [N, S, S, 3] of one input size S and returns class probabilities
 [N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which every
 runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op), the frozen network, the
-run's head, and the flip average when the run used TTA. The class names travel with it: ONNX metadata
+run's head, averaged over the run's test-time views. The class names travel with it: ONNX metadata
 (`class_names`, JSON), or `<file>.labels.txt` beside a .tflite file. Full-integer int8 LiteRT is not offered
 yet: the TFLite converter's post-training quantization of this MobileNetV2 left its embeddings at a mean
 cosine similarity of 0.87 to f32 (network alone), and with the resize in front the classifier fell to chance.
@@ -83,19 +83,23 @@ def portable_function(parts, input_size: int):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     from .preprocess import resize_matrix
-    from .settings import head_views, view_images
+    from .settings import view_images
 
     key = parts.key
-    rows = tf.constant(resize_matrix(input_size, key.image_size, key.resize))
-    cols = tf.constant(resize_matrix(input_size, key.image_size, key.resize).T)
+
+    def resized(x):
+        """[0, 1] floats [N, H, W, 3] -> [N, S, S, 3], channels first in between so that both resize products
+        are plain (batched) matrix products."""
+        rows = tf.constant(resize_matrix(x.shape[1], key.image_size, key.resize))
+        cols = tf.constant(resize_matrix(x.shape[2], key.image_size, key.resize).T)
+        x = tf.matmul(tf.matmul(rows, tf.transpose(x, [0, 3, 1, 2])), cols)
+        return tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0.0, 1.0)
 
     @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")])
     def classify(images):
-        # [0, 1] floats, channels first so that both resize products are plain (batched) matrix products
-        x = tf.transpose(tf.cast(images, tf.float32) / 255.0, [0, 3, 1, 2])
-        x = tf.clip_by_value(tf.transpose(tf.matmul(tf.matmul(rows, x), cols), [0, 2, 3, 1]), 0.0, 1.0)
-        views = head_views(parts.tta)
-        probs = tf.add_n([parts.probabilities(view_images(x, view)) for view in views]) / len(views)
+        x = tf.cast(images, tf.float32) / 255.0  # square: a center crop would cut nothing
+        views = [resized(view_images(x, view)) for view in parts.tta_views]
+        probs = tf.add_n([parts.probabilities(view) for view in views]) / len(views)
         return {"probabilities": tf.identity(probs, name="probabilities")}
 
     return convert_variables_to_constants_v2(classify.get_concrete_function())

@@ -17,9 +17,9 @@ import numpy as np
 
 from .errors import UserError, first_line
 from .models import fixed_input_size, identity, load_model
-from .preprocess import center_square, preprocess, preprocess_static
+from .preprocess import center_square, preprocess_static, preprocess_views
 from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES,
-                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, check_image_size, default_batch_size,
+                       PRECISIONS, RESIZE_METHODS, check_image_size, default_batch_size,
                        view_images)
 
 
@@ -84,7 +84,7 @@ class ExtractorSettings:
     model: str
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
-    views: tuple[str, ...] = VIEW_SETS["plain"]
+    views: tuple[str, ...] = ("plain",)
     batch_size: int | None = None
     engine: str = DEFAULT_ENGINE
     precision: str = DEFAULT_PRECISION
@@ -113,7 +113,7 @@ class Extractor:
     model: object
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
-    views: tuple[str, ...] = VIEW_SETS["plain"]
+    views: tuple[str, ...] = ("plain",)
     batch_size: int | None = None  # None: settings.default_batch_size
     engine: str = "tensorflow"
     precision: str = DEFAULT_PRECISION
@@ -159,11 +159,11 @@ class Extractor:
         return getattr(self.model, "handle", type(self.model).__name__)
 
     def _views_graph(self, images):
-        """uint8 images -> preprocessed floats [views, B, S, S, 3]; the flip view is mirrored."""
+        """uint8 images -> preprocessed floats [views, B, S, S, 3]: each view cut from the (center-cropped) image,
+        then resized."""
         import tensorflow as tf
 
-        x = preprocess(images, self.image_size, self.resize, self.crop)
-        return tf.stack([view_images(x, view) for view in self.views])
+        return tf.stack(preprocess_views(images, self.views, self.image_size, self.resize, self.crop))
 
     def _network(self, x):
         import tensorflow as tf
@@ -236,8 +236,8 @@ class Extractor:
         """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}.
 
         Each view is its own network call, so activation memory follows `batch_size` alone.
-        OpenVINO gets the flip view as mirrored uint8 images (mirroring commutes with the
-        symmetric resize kernels), so TensorFlow does no work at all in its loop.
+        OpenVINO gets each view as uint8 images (mirrored, cropped), each shape its own compiled
+        network, so TensorFlow does no work at all in its loop.
         A list of images of different sizes is preprocessed image by image (the same graph),
         then goes through the network in batches.
         """
@@ -246,8 +246,12 @@ class Extractor:
         if self.engine == "openvino":
             if self.crop == "center":
                 images = center_square(images)
-            network = self._ov_network(*images.shape[1:3])
-            return dict(zip(self.views, network.run([view_images(images, view) for view in self.views])))
+            viewed = {view: view_images(images, view) for view in self.views}
+            embedded = {}
+            for shape in dict.fromkeys(batch.shape[1:3] for batch in viewed.values()):
+                same = [view for view in self.views if viewed[view].shape[1:3] == shape]
+                embedded.update(zip(same, self._ov_network(*shape).run([viewed[view] for view in same])))
+            return {view: embedded[view] for view in self.views}
         outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 

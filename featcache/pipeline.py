@@ -15,19 +15,20 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, models, quantize, sources
 from .cache.layout import CacheKey
-from .cache.read import attributes, check_contents, inspect, non_finite, skipped_files
+from .cache.read import attributes, cached_views, check_contents, inspect, non_finite, skipped_files
 from .cache.write import CacheWriteError, CacheWriter, locked
 from .errors import UserError, first_line, in_python
 from .extractor import ExtractorSettings, check_engine_options
 from .runners import LocalRunner
-from .settings import DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, views_of
+from .settings import (DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS,
+                       parse_views)
 
 
 @dataclass
@@ -59,28 +60,31 @@ class ExtractResult:
                          + [f"  skipped {file}: {reason}" for file, reason in self.skipped])
 
 
-def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, chunk_size=DEFAULT_CHUNK_SIZE,
-            batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False, progress=True, log=print,
-            runner=None) -> ExtractResult:
-    """Build (or resume, or confirm) the cache for one split; `runner` embeds (default: runners.LocalRunner)."""
+def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, views=DEFAULT_VIEWS,
+            chunk_size=DEFAULT_CHUNK_SIZE, batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False,
+            progress=True, log=print, runner=None) -> ExtractResult:
+    """Build (or resume, or confirm) the cache for one split, holding at least `views` (a complete cache
+    lacking some gets them added, its other views kept); `runner` embeds (default: runners.LocalRunner)."""
     for name, value in (("chunk_size", chunk_size), ("batch_size", 1 if batch_size is None else batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"`{name}` must be at least 1, got {value!r}")
+    views = parse_views(views)
     check_engine_options(engine, key.precision)
     reader, path, expected = _target(key, split, data_dir, cache_dir, strict)
     if reader.rows == 0:
         raise UserError(f"the {split} split at {reader.where} has no images")
 
-    state = inspect(path, expected)
+    state, base = inspect(path, expected), None
     if state.status == "complete" and not force:
-        rows = int(attributes(path)["rows"])
-        return ExtractResult(path, rows, 0, 0.0, up_to_date=True, skipped=skipped_files(path))
+        base = attributes(path)
+        if set(views) <= set(cached_views(base)):
+            return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path))
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
 
     runner = runner or LocalRunner()
-    views = views_of(key.views)
-    settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=views,
+    computing = tuple(v for v in views if v not in cached_views(base)) if base else views
+    settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=computing,
                                  batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
                                  input_shape=reader.image_shape, model_sha256=key.model_sha256)
     quantizer = None
@@ -91,20 +95,27 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     with locked(path), runner.open(settings, quantizer, log) as mapper:  # locked before the slow model load
         models.checked_size(key.model, models.record_input_size(mapper.fixed_input_size, key.model,
                                                                 key.model_sha256, cache_dir), key.image_size)
+        if base and (mapper.engine != base["engine"] or mapper.dim != int(base["dim"])):
+            raise UserError(f"cache {path} was made by the {base['engine']} engine; add views with "
+                            f"`engine={base['engine']!r}` (one file never mixes engines), or rebuild it with `force=True`")
         loaded = time.perf_counter()
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
                      engine=mapper.engine, source=reader.where, tool_version=__version__, chunk_size=chunk_size,
                      batch_size=mapper.batch_size, **reader.attrs(), **mapper.versions,
                      **(quantizer.describe() if quantizer else {}))
         files = reader.files if reader.may_skip else None
-        writer = CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files)
+        writer = CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files, base=base)
         try:
             with writer:
                 start = writer.next_item
+                adding = f" adding {', '.join(computing)}" if base else ""
                 if writer.resumed:
-                    log(f"resuming {writer.partial} at row {writer.rows_done} (item {start} of {reader.rows})")
+                    log(f"resuming {writer.partial}{adding} at row {writer.rows_done} (item {start} of {reader.rows})")
                 elif writer.discarded:
-                    log(f"restarting {writer.partial} from row 0: {writer.discarded}")
+                    log(f"restarting {writer.partial}{adding} from row 0: {writer.discarded}")
+                elif base:
+                    log(f"adding the {', '.join(computing)} views to {path} (its {', '.join(cached_views(base))} "
+                        "views are kept)")
                 listed = _fill(writer, mapper, reader, key, split, chunk_size, start, progress)
         except CacheWriteError as exc:  # disk full, I/O error, at any moment: committed chunks stay
             raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
@@ -123,6 +134,7 @@ def _fill(writer: CacheWriter, mapper, reader, key: CacheKey, split: str, chunk_
     """Embed the source's chunks from item `start` and commit them, then publish the cache; the skipped files."""
     bar = _progress_bar(reader.rows, start, split, enabled=progress)
     skipped: dict[int, str] = {}
+    rows_of = writer.items()  # adding views to a folder cache: only the items it has rows for, in its order
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
             pending = None  # at most one chunk waits to be committed
@@ -130,6 +142,8 @@ def _fill(writer: CacheWriter, mapper, reader, key: CacheKey, split: str, chunk_
             for chunk, vectors in mapper.map(prefetched(reader.chunks(chunk_size, start))):
                 skipped.update(chunk.skipped)
                 read, item = chunk.next_item - item, chunk.next_item
+                if rows_of is not None:
+                    vectors, chunk = _rows_of(vectors, chunk, rows_of, row, reader)
                 if vectors is None:
                     bar.update(read)
                     continue
@@ -141,6 +155,9 @@ def _fill(writer: CacheWriter, mapper, reader, key: CacheKey, split: str, chunk_
             _wait(pending, bar)
     finally:
         bar.close()
+    if writer.base:
+        writer.finish()
+        return skipped_files(writer.path)
     if writer.rows_done == 0:
         file, reason = _skipped_lines(reader, skipped)[0]
         raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
@@ -148,6 +165,22 @@ def _fill(writer: CacheWriter, mapper, reader, key: CacheKey, split: str, chunk_
     listed = _skipped_lines(reader, _all_skipped(reader, writer, skipped)) if reader.may_skip else []
     writer.finish(listed)
     return listed
+
+
+def _rows_of(vectors, chunk, rows_of: np.ndarray, row: int, reader):
+    """The rows of a chunk whose items the cache being extended has rows for: they must be its next ones."""
+    expected = rows_of[row:]
+    wanted = expected[: np.searchsorted(expected, chunk.next_item)]
+    items = np.asarray(chunk.items) if vectors is not None else np.empty(0, np.int64)
+    keep = np.isin(items, wanted)
+    if not np.array_equal(items[keep], wanted):
+        missing = sorted(set(wanted.tolist()) - set(items.tolist()))
+        raise UserError(f"{reader.files[missing[0]]} cannot be read any more, but the cache has a row for it; "
+                        "rebuild the cache with `force=True`")
+    if not keep.any():
+        return None, chunk
+    picked = {view: rows[keep] for view, rows in vectors.items()}
+    return picked, replace(chunk, labels=chunk.labels[keep], items=items[keep], stop=chunk.next_item)
 
 
 def _all_skipped(reader, writer, skipped: dict[int, str]) -> dict[int, str]:

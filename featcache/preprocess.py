@@ -1,6 +1,6 @@
-"""Preprocessing in the TensorFlow graph: uint8 images -> optional center crop -> [0, 1] floats -> resize.
+"""Preprocessing in the TensorFlow graph: uint8 images -> optional center crop -> view -> [0, 1] floats -> resize.
 
-`preprocess` is what extraction and the classifier run; `preprocess_static` gives the same numbers for a
+`preprocess_views` is what extraction and the classifier run; `preprocess_static` gives the same numbers for a
 fixed input size with the resize as two matrix products, the only form OpenVINO's converter takes.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .settings import DEFAULT_CROP
+from .settings import DEFAULT_CROP, view_images
 
 
 def center_square(images):
@@ -35,6 +35,14 @@ def preprocess(images, image_size: int, method: str, crop: str = DEFAULT_CROP):
     x = tf.image.convert_image_dtype(images, tf.float32)
     x = tf.image.resize(x, (image_size, image_size), method=method)
     return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def preprocess_views(images, views, image_size: int, method: str, crop: str = DEFAULT_CROP) -> list:
+    """uint8 [B,H,W,3] -> one float32 [B,S,S,3] batch per view: each view cut from the (center-cropped)
+    images, then resized."""
+    if crop == "center":
+        images = center_square(images)
+    return [preprocess(view_images(images, view), image_size, method) for view in views]
 
 
 def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from . import plots
 from .cache.layout import CacheKey
 from .errors import UserError, first_line
-from .settings import HeadConfig
+from .settings import HeadConfig, parse_views, views_label
 
 
 def check_writable(runs_dir):
@@ -79,14 +79,15 @@ def read_config(run_dir: Path) -> dict:
     try:
         config = json.loads((Path(run_dir) / "config.json").read_text())
         CacheKey.from_attrs(config["cache"])
-        config["head"]["tta"], config["class_names"]  # noqa: B018 - what every reader of a run needs
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parse_views(config["head"]["tta_views"]), config["class_names"]  # noqa: B018 - what every reader needs
+    except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise UserError(f"run {Path(run_dir).name}: its config.json is damaged or half-written "
                         f"({type(exc).__name__}: {str(exc)[:80]})") from None
     return config
 
 
-LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "epochs", "hidden", "l2", "lr", "flip", "tta", "cache")
+LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "solver", "epochs", "hidden", "l2", "lr", "train_views",
+                  "tta_views", "cache")
 
 
 def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
@@ -104,11 +105,12 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
             key = CacheKey.from_attrs(cache)
             row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
                    "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
-                   "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
-                   "flip": head["flip_train"], "tta": head["tta"], "cache": key.settings_name(), "key": key}
+                   "solver": head["solver"], "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"],
+                   "lr": head["lr"], "train_views": views_label(head["train_views"]),
+                   "tta_views": views_label(head["tta_views"]), "cache": key.settings_name(), "key": key}
             if not _finite_metrics(metrics):
                 raise ValueError("its metrics are not finite numbers")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
             warn(f"warning: skipping run {run_dir.name}: its record is damaged or half-written "
                  f"({type(exc).__name__}: {str(exc)[:80]})")
             continue

@@ -6,11 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cache.layout import CacheKey
-from .cache.read import load_features
+from .cache.read import load_features, views_present
 from .errors import UserError
 from .head import sweep_l2, train, training_data
 from .records import check_writable, record_run
-from .settings import HeadConfig, head_views
+from .settings import HeadConfig, parse_views
 
 
 def _load_splits(key: CacheKey, cache_dir, runs_dir, views: tuple[str, ...]):
@@ -28,7 +28,7 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
     refit on all training rows with it.
     """
-    config = config.for_cached_views(key.views)
+    config = config.for_cached_views(views_present(key, cache_dir))
     config.check()
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir,
                                                                             config.views_needed())
@@ -53,14 +53,15 @@ def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[
     validation split), else in the grid's order."""
     if not grid:
         raise UserError("`grid` holds no combination")
-    configs = [replace(config, **overrides).for_cached_views(key.views) for overrides in grid]
+    present = views_present(key, cache_dir)
+    configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
     for one in configs:
         one.check()
-    views = head_views(any(one.flip_train or one.tta for one in configs))
+    views = parse_views(sum((one.views_needed() for one in configs), ()))
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, views)
     rows, data = [], None
     for overrides, one in zip(grid, configs):
-        data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and flips
+        data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views
         trained = train(train_features, test_features, one, data=data)
         run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info)
         rows.append({**overrides, "val_acc": trained.metrics.get("val_accuracy"),

@@ -12,22 +12,21 @@ from .cache.layout import CacheKey
 from .cache.read import list_caches
 from .errors import UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
-                       DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_VIEWS, PRECISIONS,
-                       RESIZE_METHODS, VIEW_SETS, check_image_size)
+                       DEFAULT_PRECISION, DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_image_size)
 from .sources import folder
 
 # The selection parameters, in the order the command line lists them.
 SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop",
-                   "views", "limit", "precision")
+                   "limit", "precision")
 
 
 def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, resize: str = DEFAULT_RESIZE,
-         views: str = DEFAULT_VIEWS, limit: int | None = None, precision: str = DEFAULT_PRECISION,
+         limit: int | None = None, precision: str = DEFAULT_PRECISION,
          dataset: str = DEFAULT_DATASET, data_dir=None, crop: str = DEFAULT_CROP,
          test_fraction: float | None = None) -> CacheKey:
     """The key these settings name; `size_of(key without a size)` gives the image size when none is asked."""
     for name, value, choices in (("dataset", dataset, DATASETS), ("crop", crop, CROPS),
-                                 ("resize", resize, RESIZE_METHODS), ("views", views, VIEW_SETS),
+                                 ("resize", resize, RESIZE_METHODS),
                                  ("precision", precision, PRECISIONS)):
         if value not in choices:
             raise UserError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")
@@ -43,7 +42,7 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     elif test_fraction is not None:
         raise UserError("`test_fraction` applies to `dataset='folder'` only")
     model, sha256 = models.identity(model)
-    key = CacheKey(model, 0, resize, views, limit or 0, dataset, precision, crop, root, fraction, sha256)
+    key = CacheKey(model, 0, resize, limit or 0, dataset, precision, crop, root, fraction, sha256)
     return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
 
 

@@ -43,37 +43,78 @@ PRECISIONS = ("f32", "bf16", "int8")
 DEFAULT_PRECISION = "f32"
 
 # --- views: the versions of each image whose embeddings a cache holds ------------------------------
-# A view is a fixed transformation of a batch of images [B, H, W, C] (numpy array or tf.Tensor), applied
-# after the crop and resize. A cache's `views` setting names one of the sets; each view is its own dataset
-# in the HDF5 file, and the head trains on (flip_train) and averages over (tta) them.
-VIEW_TRANSFORMS = {
-    "plain": lambda images: images,
-    "flip": lambda images: images[:, :, ::-1],  # mirrored left-right
-}
-VIEW_SETS = {"plain": ("plain",), "flip": ("plain", "flip")}
-DEFAULT_VIEWS = "flip"
+# A view is a fixed transformation of a batch of uint8 images [B, H, W, C] (numpy array or tf.Tensor),
+# applied after the center crop and before the resize: the same pixels on every run, so a resumed or
+# extended cache holds exactly what one uninterrupted run would. Each view is its own dataset in the
+# HDF5 file; extract.py adds views to a cache, heads train on (train_views) and average over (tta_views)
+# any of those it holds.
+CROP_EIGHTHS = 7  # a crop view keeps 7/8 of each side (28 of CIFAR's 32 px): the classic 224-of-256 crop
+CROP_PLACES = {"tl": (0, 0), "tr": (0, 2), "bl": (2, 0), "br": (2, 2), "c": (1, 1)}  # (top, left) in halves of the margin
+
+
+def _flip(images):
+    return images[:, :, ::-1]  # mirrored left-right
+
+
+def _crop(images, place: str):
+    """The window of 7/8 of each side at `place` (integer arithmetic, so numpy and TensorFlow cut alike)."""
+    height, width = images.shape[1], images.shape[2]
+    if height is None or width is None:  # a tf.function traced for any size
+        import tensorflow as tf
+
+        shape = tf.shape(images)
+        height, width = shape[1], shape[2]
+    rows, cols = (height * CROP_EIGHTHS + 4) // 8, (width * CROP_EIGHTHS + 4) // 8
+    top, left = ((height - rows) * CROP_PLACES[place][0]) // 2, ((width - cols) * CROP_PLACES[place][1]) // 2
+    return images[:, top : top + rows, left : left + cols]
+
+
+VIEW_TRANSFORMS = {"plain": lambda images: images, "flip": _flip}
+for _place in CROP_PLACES:
+    VIEW_TRANSFORMS[f"crop-{_place}"] = lambda images, place=_place: _crop(images, place)
+    VIEW_TRANSFORMS[f"crop-{_place}-flip"] = lambda images, place=_place: _flip(_crop(images, place))
+VIEWS = tuple(VIEW_TRANSFORMS)
+# Names for groups of views, usable wherever views are listed.
+VIEW_SETS = {"crops": tuple(f"crop-{p}" for p in CROP_PLACES),
+             "crops-flip": tuple(f"crop-{p}-flip" for p in CROP_PLACES)}
+DEFAULT_VIEWS = "plain,flip"  # what extract.py caches and a head trains on and averages over
 
 
 def view_images(images, view: str):
-    """A batch of images [B, H, W, C] as `view` shows them."""
+    """A batch of uint8 images [B, H, W, C] as `view` shows them (before the resize)."""
     return VIEW_TRANSFORMS[view](images)
 
 
-def views_of(view_set: str) -> tuple[str, ...]:
-    """The views a cache of this `views` setting holds."""
-    if view_set not in VIEW_SETS:
-        raise UserError(f"unknown `views` {view_set!r}; choose one of {', '.join(VIEW_SETS)}")
-    return VIEW_SETS[view_set]
+def parse_views(views, name: str = "views") -> tuple[str, ...]:
+    """Views named by a string ("plain,flip", or "plain+flip" where commas separate other things) or a
+    sequence of view and set names; in catalogue order."""
+    names = views.replace("+", ",").split(",") if isinstance(views, str) else list(views) if isinstance(views, (list, tuple)) else None
+    if names is None:
+        raise UserError(f"`{name}` must be view names (a comma-separated string or a list), got {views!r}")
+    names = [part.strip() for part in names if part.strip()]
+    if not names:
+        raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
+    chosen = set()
+    for part in names:
+        if part not in VIEW_TRANSFORMS and part not in VIEW_SETS:
+            raise UserError(f"unknown view {part!r} in `{name}`; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
+        chosen.update(VIEW_SETS.get(part, (part,)))
+    return tuple(view for view in VIEWS if view in chosen)
+
+
+def views_label(views) -> str:
+    """Views named as briefly as the sets allow: `plain+flip+crops`."""
+    left, parts = list(parse_views(views)), []
+    for name, members in VIEW_SETS.items():
+        if all(view in left for view in members):
+            left = [view for view in left if view not in members]
+            parts.append(name)
+    return "+".join(left + parts)
 
 
 def view_dataset(view: str) -> str:
     """The HDF5 dataset holding a view's embeddings."""
     return "embeddings" if view == "plain" else f"embeddings_{view}"
-
-
-def head_views(flip: bool) -> tuple[str, ...]:
-    """The views a head trains on (flip: as extra rows) or averages at test time (flip: TTA)."""
-    return VIEW_SETS["flip" if flip else "plain"]
 
 
 # --- how stage 1 runs -----------------------------------------------------------------------------
@@ -97,6 +138,19 @@ DEFAULT_TOP_K = 3  # classes predict.py shows per image
 COMPUTES = ("auto", "f32", "bf16")
 
 
+SOLVERS = ("adam", "lbfgs")
+# The fewest optimizer steps per epoch a default batch size gives: the default CIFAR-10 fit's (100,000 rows in
+# batches of 2,048), so that five epochs train a head on a few thousand images as well as on 50,000.
+MIN_STEPS_PER_EPOCH = 48
+MAX_BATCH_SIZE = 2048
+MIN_BATCH_SIZE = 16
+
+
+def auto_batch_size(rows: int) -> int:
+    """Rows per training step when none is asked: 2,048, or fewer when that gives under 48 steps an epoch."""
+    return max(MIN_BATCH_SIZE, min(MAX_BATCH_SIZE, -(-rows // MIN_STEPS_PER_EPOCH)))
+
+
 @dataclass
 class HeadConfig:
     """A head's settings; the defaults were chosen on a 10% validation split of the real cached train
@@ -104,14 +158,15 @@ class HeadConfig:
 
     epochs: int = 5
     lr: float = 1e-2
-    batch_size: int = 2048
+    batch_size: int | None = None  # None: auto_batch_size(rows)
     l2: float = 1e-3
     label_smoothing: float = 0.0
     hidden: int = 0
     dropout: float = 0.0
     schedule: str = "cosine"
-    flip_train: bool = True
-    tta: bool = True
+    train_views: str = DEFAULT_VIEWS  # each view's rows are training rows
+    tta_views: str = DEFAULT_VIEWS  # test-time probabilities are the mean over these views
+    solver: str = "adam"  # adam: the epoch loop; lbfgs: a linear head fit to convergence, full batch (head/probe.py)
     val_split: float = 0.0
     seed: int = 0
     compute: str = "auto"  # number format of the first layer's products in training steps; see resolved_compute
@@ -128,21 +183,28 @@ class HeadConfig:
 
         return "bf16" if self.hidden and native_bf16() and not tf.config.list_physical_devices("GPU") else "f32"
 
+    def batch_for(self, rows: int) -> int:
+        return self.batch_size or auto_batch_size(rows)
+
     def check(self):
         """Refuse settings no fit can use, naming the parameter."""
         for name, default in asdict(HeadConfig()).items():
             value, kind = getattr(self, name), type(default)
+            if name == "batch_size":
+                if value is None:
+                    continue
+                kind = int
             if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
                     or kind is float and isinstance(value, int) and not isinstance(value, bool)):
                 raise UserError(f"`{name}` must be {'a whole number' if kind is int else 'a ' + kind.__name__}, "
                                 f"got {value!r}")
-        for name, choices in (("schedule", SCHEDULES), ("compute", COMPUTES)):
+        for name, choices in (("schedule", SCHEDULES), ("compute", COMPUTES), ("solver", SOLVERS)):
             if getattr(self, name) not in choices:
                 raise UserError(f"`{name}` must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.epochs < 1:
             raise UserError(f"`epochs` must be at least 1, got {self.epochs}")
         for name in ("lr", "batch_size"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise UserError(f"`{name}` must be positive, got {getattr(self, name)}")
         if not self.l2 >= 0:
             raise UserError(f"`l2` must be >= 0, got {self.l2}")
@@ -152,13 +214,33 @@ class HeadConfig:
         for name in ("hidden", "seed"):
             if not 0 <= getattr(self, name) < 2**31:
                 raise UserError(f"`{name}` must be in [0, 2^31), got {getattr(self, name)}")
+        for name in ("train_views", "tta_views"):
+            parse_views(getattr(self, name), name)
+        if self.solver == "lbfgs" and (self.hidden or self.dropout or self.label_smoothing):
+            raise UserError("`solver='lbfgs'` fits a linear head: it takes no `hidden`, `dropout` or "
+                            "`label_smoothing`")
 
-    def for_cached_views(self, view_set: str) -> "HeadConfig":
-        """The config a cache of `view_set` can serve: a plain-view cache has no flips to train or average on."""
-        return replace(self, flip_train=False, tta=False) if "flip" not in views_of(view_set) else self
+    @property
+    def train_view_list(self) -> tuple[str, ...]:
+        return parse_views(self.train_views, "train_views")
+
+    @property
+    def tta_view_list(self) -> tuple[str, ...]:
+        return parse_views(self.tta_views, "tta_views")
 
     def views_needed(self) -> tuple[str, ...]:
-        return head_views(self.flip_train or self.tta)
+        return parse_views(self.train_view_list + self.tta_view_list)
+
+    def for_cached_views(self, cached: tuple[str, ...]) -> "HeadConfig":
+        """The config a cache holding the views `cached` serves: the default views it lacks are left out (a
+        plain-view cache trains and scores on plain rows alone). Views asked for are kept, so that reading
+        the cache names the ones to add."""
+        changes = {}
+        for name in ("train_views", "tta_views"):
+            kept = tuple(view for view in parse_views(getattr(self, name), name) if view in cached)
+            if getattr(self, name) == DEFAULT_VIEWS and kept:
+                changes[name] = ",".join(kept)
+        return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -150,11 +150,11 @@ def write_cifar100(folder: Path, train_rows=150, test_rows=60, seed=0) -> tuple[
     return names
 
 
-def make_key(model, image_size, resize, views, limit=None, precision="f32", **selection):
+def make_key(model, image_size, resize, limit=None, precision="f32", **selection):
     """The cache key the CLIs' options select (selection.select), as tests name it."""
     from featcache.selection import select
 
-    return select(None, model=str(model), image_size=image_size, resize=resize, views=views, limit=limit,
+    return select(None, model=str(model), image_size=image_size, resize=resize, limit=limit,
                   precision=precision, **selection)
 
 

@@ -10,13 +10,13 @@ import pytest
 from featcache import pipeline
 from conftest import ROOT, make_key
 
-SELECTION = dict(image_size=32, views="plain")
+SELECTION = dict(image_size=32)
 
 
 @pytest.fixture(scope="module")
 def cache(tiny_model, cifar_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("api_cache")
-    key = make_key(str(tiny_model), 32, "bicubic", "plain", None)
+    key = make_key(str(tiny_model), 32, "bicubic", None)
     for split in ("train", "test"):
         pipeline.extract(key, split, data_dir=cifar_root, cache_dir=folder, engine="tensorflow", progress=False)
     return folder
@@ -27,7 +27,7 @@ def test_load_cache_returns_numpy_and_never_imports_tensorflow(cache, tiny_model
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 from featcache.api import load_cache
-split = load_cache("train", cache_dir={str(cache)!r}, model={str(tiny_model)!r}, image_size=32, views="plain")
+split = load_cache("train", cache_dir={str(cache)!r}, model={str(tiny_model)!r}, image_size=32)
 print(type(split.views["plain"]).__name__, split.views["plain"].shape, len(split.labels), split.class_names[0],
       split.attrs["split"], "tensorflow" in sys.modules)
 """
@@ -39,7 +39,7 @@ print(type(split.views["plain"]).__name__, split.views["plain"].shape, len(split
 def test_run_head_returns_metrics_and_a_model(cache, tiny_model):
     from featcache.api import load_cache, run_head
 
-    result = run_head(cache_dir=cache, model=str(tiny_model), epochs=2, **SELECTION)
+    result = run_head(cache_dir=cache, model=str(tiny_model), epochs=2, tta_views="plain", **SELECTION)
     test = load_cache("test", cache_dir=cache, model=str(tiny_model), **SELECTION)
     assert len(result.history["loss"]) == 2
     probs = np.asarray(result.model(test.views["plain"]))

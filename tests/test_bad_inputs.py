@@ -150,7 +150,7 @@ def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_pat
     in one line and writes nothing; once the lock is free, the same command builds the cache."""
     args = ["--split", "train", "--data-dir", cifar_root, "--model", tiny_model, "--image-size", "32",
             "--engine", "tensorflow", "--quiet", "--cache-dir", tmp_path]
-    path = make_key(str(tiny_model), 32, "bicubic", "flip", None).path(tmp_path, "train")
+    path = make_key(str(tiny_model), 32, "bicubic", None).path(tmp_path, "train")
     holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
                                "from featcache.cache.write import locked\n"
                                f"with locked(__import__('pathlib').Path({str(path)!r})):\n"
@@ -218,8 +218,9 @@ def test_disk_full_at_any_moment_is_one_line_keeps_committed_rows_and_resumes(
     from featcache import pipeline
     from featcache.errors import UserError
 
-    key = make_key(str(tiny_model), 32, "bilinear", "plain", None)
-    options = dict(data_dir=cifar_root, chunk_size=10, engine="tensorflow", progress=False, log=lambda *_: None)
+    key = make_key(str(tiny_model), 32, "bilinear", None)
+    options = dict(data_dir=cifar_root, views="plain", chunk_size=10, engine="tensorflow", progress=False,
+                   log=lambda *_: None)
     reference = pipeline.extract(key, "train", cache_dir=tmp_path / "reference", **options).path
     module, _, cls = target.partition(".")
     owner = getattr(importlib.import_module(module), cls) if cls else importlib.import_module(module)
@@ -318,7 +319,7 @@ def test_a_source_that_fails_while_read_is_one_line_and_keeps_committed_rows(tin
     from featcache.errors import UserError
     from featcache.sources import cifar
 
-    key = make_key(str(tiny_model), 32, "bilinear", "plain", None)
+    key = make_key(str(tiny_model), 32, "bilinear", None)
     real_chunks = cifar.SplitSource.chunks
 
     def failing_chunks(self, chunk_size, start=0):

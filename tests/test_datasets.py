@@ -17,10 +17,10 @@ def test_cifar100_end_to_end_gives_100_way_outputs_with_the_stored_names(tiny_mo
 
     names = write_cifar100(tmp_path / "cifar-100-python")
     common = ["--dataset", "cifar100", "--data-dir", tmp_path, "--model", tiny_model, "--image-size", "32",
-              "--views", "plain", "--cache-dir", tmp_path / "cache"]
-    out = run_cli("extract.py", *common, "--engine", "tensorflow", "--quiet")
+              "--cache-dir", tmp_path / "cache"]
+    out = run_cli("extract.py", *common, "--views", "plain", "--engine", "tensorflow", "--quiet")
     assert out.returncode == 0, out.stderr
-    key = make_key(tiny_model, 32, "bicubic", "plain", dataset="cifar100")
+    key = make_key(tiny_model, 32, "bicubic", dataset="cifar100")
     assert key.path(tmp_path / "cache", "train").parts[-4] == "cifar100"
     attrs = read.attributes(key.path(tmp_path / "cache", "test"))
     assert read.class_names(attrs) == names and attrs["rows"] == 60
@@ -68,9 +68,9 @@ def test_a_model_with_a_fixed_input_size_needs_no_image_size(cifar_root, tmp_pat
     bad = run_cli("extract.py", *common, "--split", "test", "--image-size", "128")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "takes 96x96 images; --image-size 128 contradicts it" in bad.stderr
-    before = make_key(model, None, "bicubic", "plain", 20)
+    before = make_key(model, None, "bicubic", 20)
     save_tiny_model(model, dim=64, size=96, seed=7)  # other weights, same folder: replaced in place
-    after = make_key(model, None, "bicubic", "plain", 20)
+    after = make_key(model, None, "bicubic", 20)
     assert before.model == after.model and before.model_sha256 != after.model_sha256
     assert after.path(cache, "test") != path
     out = run_cli("extract.py", *common, "--split", "test", "--engine", "tensorflow", "--quiet")
@@ -82,4 +82,4 @@ def test_a_model_with_a_fixed_input_size_needs_no_image_size(cifar_root, tmp_pat
 def test_a_model_folder_without_a_saved_model_is_one_line(tmp_path):
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(UserError, match="holds no SavedModel"):
-        make_key(tmp_path / "empty_model", None, "bicubic", "plain")
+        make_key(tmp_path / "empty_model", None, "bicubic")

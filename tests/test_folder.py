@@ -62,7 +62,7 @@ def tree(tmp_path):
 
 
 def _key(model, root, **kw):
-    return make_key(model, 32, "bilinear", "plain", dataset="folder", data_dir=root, **kw)
+    return make_key(model, 32, "bilinear", dataset="folder", data_dir=root, **kw)
 
 
 def _extract(key, root, cache, split="train", **kw):
@@ -235,8 +235,8 @@ def test_cli_folder_end_to_end_and_a_changed_source_is_named(tiny_model, tree, t
     photo = _encode(np.random.default_rng(3).integers(0, 255, (40, 40, 3), dtype=np.uint8), "jpg")
     (tree / "train" / "emu" / "cut.jpg").write_bytes(photo[: len(photo) // 2])
     common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "32",
-              "--views", "plain", "--cache-dir", tmp_path / "cache"]
-    out = run_cli("extract.py", *common, "--engine", "tensorflow", "--quiet")
+              "--cache-dir", tmp_path / "cache"]
+    out = run_cli("extract.py", *common, "--views", "plain", "--engine", "tensorflow", "--quiet")
     assert out.returncode == 0, out.stderr
     assert "4 unreadable files skipped" in out.stdout and "skipped train/emu/cut.jpg: " in out.stdout
     strict = run_cli("extract.py", *common, "--force", "--strict", "--split", "train", "--engine", "tensorflow",

@@ -55,7 +55,10 @@ def test_validation_split_holds_out_whole_images():
     (dict(l2=-1.0), "l2 must be >= 0, got -1.0"), (dict(hidden=-3), "hidden must be in [0, 2^31), got -3"),
     (dict(seed=2**63), f"seed must be in [0, 2^31), got {2**63}"),
     (dict(epochs="5"), "epochs must be a whole number, got '5'"),
-    (dict(epochs=2.5), "epochs must be a whole number, got 2.5"), (dict(tta=1), "tta must be a bool, got 1"),
+    (dict(epochs=2.5), "epochs must be a whole number, got 2.5"), (dict(tta_views=1), "tta_views must be a str, got 1"),
+    (dict(train_views="plain,mirror"), "unknown view 'mirror' in train_views; choose from plain, flip, crop-tl, crop-tl-flip, crop-tr, "
+     "crop-tr-flip, crop-bl, crop-bl-flip, crop-br, crop-br-flip, crop-c, crop-c-flip, crops, crops-flip"),
+    (dict(solver="lbfgs", hidden=8), "solver='lbfgs' fits a linear head: it takes no hidden, dropout or label_smoothing"),
 ])
 def test_bad_head_settings_are_refused_naming_the_parameter(bad, message):
     with pytest.raises(UserError) as caught:
@@ -67,12 +70,12 @@ def test_tta_averages_the_probabilities_of_both_views():
     data = blobs(spread=2.5)
     test = blobs(n_per_class=20, spread=2.5)
     test.views["flip"] = test.views["plain"][::-1].copy()  # a different input per view
-    trained = train(data, test, HeadConfig(epochs=2, batch_size=64, tta=True))
+    trained = train(data, test, HeadConfig(epochs=2, batch_size=64, tta_views="plain,flip"))
     from featcache.head import predict
     plain = trained.model.predict(test.views["plain"], verbose=0)
     flip = trained.model.predict(test.views["flip"], verbose=0)
     np.testing.assert_allclose(trained.test_probs, (plain + flip) / 2, atol=1e-6)
-    np.testing.assert_allclose(predict(trained.model, test, tta=False), plain, atol=1e-6)
+    np.testing.assert_allclose(predict(trained.model, test, ("plain",)), plain, atol=1e-6)
 
 
 def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
@@ -148,7 +151,7 @@ def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden, dropo
 
     data = blobs(n_per_class=20, dim=16)
     config = HeadConfig(epochs=3, batch_size=64, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
-                        hidden=hidden, dropout=dropout, schedule=schedule, flip_train=False, tta=False, compute="f32")
+                        hidden=hidden, dropout=dropout, schedule=schedule, train_views="plain", tta_views="plain", compute="f32")
     rows = head.training_data(data, config)
     x, y, mean, variance = rows.x, rows.y, rows.mean, rows.variance
     steps = -(-len(y) // config.batch_size)
@@ -175,21 +178,21 @@ def test_training_rows_are_every_view_row_once_in_a_seeded_order():
     from featcache.head import column_stats, training_rows
 
     data = blobs(n_per_class=7, dim=8)
-    x, y = training_rows(data, flip=True, seed=1)
+    x, y = training_rows(data, ("plain", "flip"), seed=1)
     rows = np.concatenate([data.views["plain"], data.views["flip"]])
     labels = np.concatenate([data.labels, data.labels])
     assert sorted(map(bytes, x)) == sorted(map(bytes, rows))  # the same rows ...
     assert {bytes(r): l for r, l in zip(x, y)} == {bytes(r): l for r, l in zip(rows, labels)}  # ... and labels
     assert not np.array_equal(x, rows)  # ... shuffled, the same way for the same seed only
-    np.testing.assert_array_equal(x, training_rows(data, flip=True, seed=1)[0])
-    assert not np.array_equal(x, training_rows(data, flip=True, seed=2)[0])
+    np.testing.assert_array_equal(x, training_rows(data, ("plain", "flip"), seed=1)[0])
+    assert not np.array_equal(x, training_rows(data, ("plain", "flip"), seed=2)[0])
     assert x.ctypes.data % 64 == 0  # TensorFlow shares it without a copy
     mean, variance = column_stats(x, chunk=5)
     np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5)
     np.testing.assert_allclose(variance, rows.var(0), rtol=1e-4)
 
 
-@pytest.mark.parametrize("tta", [True, False])
+@pytest.mark.parametrize("tta", [("plain", "flip"), ("plain",)])
 def test_validation_scores_are_those_of_the_saved_head(tta):
     """The loop scores the validation split in its own graph; the saved Keras head, asked the same
     way (with TTA when TTA is on), gives the same numbers."""
@@ -197,17 +200,17 @@ def test_validation_scores_are_those_of_the_saved_head(tta):
 
     data = blobs(spread=4.0)
     data.views["flip"] = data.views["plain"] + np.random.default_rng(5).normal(size=data.views["plain"].shape) * 2
-    trained = train(data, None, HeadConfig(epochs=2, batch_size=64, hidden=8, val_split=0.25, tta=tta))
+    trained = train(data, None, HeadConfig(epochs=2, batch_size=64, hidden=8, val_split=0.25, tta_views=",".join(tta)))
     _, val = split_validation(data, 0.25, seed=0)
-    expected = score(predict(trained.model, val, tta=tta), val.labels)
+    expected = score(predict(trained.model, val, tta), val.labels)
     assert trained.metrics["val_accuracy"] == pytest.approx(expected["accuracy"], abs=1 / len(val.labels))
     assert trained.metrics["val_loss"] == pytest.approx(expected["loss"], rel=1e-4)
-    other = score(predict(trained.model, val, tta=not tta), val.labels)
+    other = score(predict(trained.model, val, ("plain", "flip") if len(tta) == 1 else ("plain",)), val.labels)
     assert trained.metrics["val_loss"] != pytest.approx(other["loss"], rel=1e-4)
 
 
 def test_runs_sharing_training_rows_match_runs_that_make_their_own():
-    """A grid's runs share the split and shuffled rows when their split, seed and flips agree."""
+    """A grid's runs share the split and shuffled rows when their split, seed and training views agree."""
     from dataclasses import replace
 
     from featcache.head import training_data
@@ -217,7 +220,7 @@ def test_runs_sharing_training_rows_match_runs_that_make_their_own():
     shared = training_data(data, first)
     other_lr = replace(first, lr=3e-3)
     assert training_data(data, other_lr, reuse=shared) is shared
-    for differs in (dict(seed=1), dict(val_split=0.1), dict(flip_train=False)):
+    for differs in (dict(seed=1), dict(val_split=0.1), dict(train_views="plain")):
         assert training_data(data, replace(first, **differs), reuse=shared) is not shared
     assert training_data(blobs(), first, reuse=shared) is not shared  # other features
     np.testing.assert_array_equal(train(data, test, other_lr, data=shared).test_probs,
@@ -245,3 +248,52 @@ def test_bf16_products_are_a_training_choice_that_auto_makes_only_for_hidden_lay
     assert runs["bf16"].metrics["test_accuracy"] > 0.95
     assert not np.array_equal(runs["f32"].model.get_weights()[0], runs["bf16"].model.get_weights()[0])
     assert runs["bf16"].model.get_weights()[0].dtype == np.float32  # the saved head stays f32
+
+
+def test_default_batch_size_gives_a_small_dataset_enough_steps_to_converge():
+    """1,500 images x 2 views: batches of 2,048 give five one-step epochs, which leave the head far from
+    trained; the default batch follows the row count (48 steps an epoch) and gets within a point of 50 epochs."""
+    data, test = blobs(n_per_class=150, dim=256, spread=10.0), blobs(n_per_class=100, dim=256, spread=10.0)
+    default = train(data, test, HeadConfig())
+    fifty = train(data, test, HeadConfig(epochs=50))
+    fixed = train(data, test, HeadConfig(batch_size=2048))
+    assert default.metrics["batch_size"] == 63 and default.metrics["rows"] == 3000
+    assert default.metrics["test_accuracy"] >= fifty.metrics["test_accuracy"] - 0.01
+    assert fixed.metrics["test_accuracy"] < fifty.metrics["test_accuracy"] - 0.1
+
+
+def test_auto_batch_size_keeps_the_cifar10_default_and_shrinks_for_small_datasets():
+    from featcache.settings import auto_batch_size
+
+    assert auto_batch_size(100_000) == 2048  # 50,000 images x 2 views: the default CIFAR-10 fit is unchanged
+    assert auto_batch_size(90_000) == 1875
+    assert auto_batch_size(3_000) == 63
+    assert auto_batch_size(100) == 16
+
+
+def test_lbfgs_reaches_the_optimum_of_the_linear_objective():
+    """At the L-BFGS head, the gradient of mean cross-entropy + l2 ||W||^2 (computed here in float64 from the
+    saved model's weights) vanishes, and 200 Adam epochs on the same objective end no lower."""
+    data = blobs(n_per_class=40, dim=16, spread=4.0)
+    config = HeadConfig(solver="lbfgs", l2=1e-3, train_views="plain", tta_views="plain")
+    trained = train(data, None, config)
+    from featcache.head import training_data
+
+    rows = training_data(data, config)
+    x, labels = rows.x.astype(np.float64), rows.y
+    kernel, bias = [w.astype(np.float64) for w in trained.model.get_weights()]
+    z = (x - rows.mean) / np.sqrt(rows.variance)
+
+    def objective(kernel, bias):
+        logits = z @ kernel + bias
+        logits -= logits.max(1, keepdims=True)
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        loss = -np.mean(np.log(probs[np.arange(len(x)), labels])) + 1e-3 * np.sum(kernel**2)
+        probs[np.arange(len(x)), labels] -= 1
+        return loss, z.T @ probs / len(x) + 2e-3 * kernel, probs.mean(0)
+
+    loss, grad_kernel, grad_bias = objective(kernel, bias)
+    assert np.abs(grad_kernel).max() < 1e-4 and np.abs(grad_bias).max() < 1e-4
+    assert trained.history["loss"][-1] == pytest.approx(loss, rel=1e-5)
+    adam = train(data, None, HeadConfig(epochs=200, batch_size=64, l2=1e-3, train_views="plain", tta_views="plain"))
+    assert objective(*[w.astype(np.float64) for w in adam.model.get_weights()])[0] >= loss - 1e-6

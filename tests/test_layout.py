@@ -32,8 +32,11 @@ from featcache.settings import HeadConfig
      "--dataset folder needs --data-dir PATH: a folder of class folders of images"),
     (lambda: select(None, test_fraction=0.3), "test_fraction applies to dataset='folder' only",
      "--test-fraction applies to --dataset folder only"),
-    (lambda: select(None, views="mirror"), "unknown views 'mirror'; choose one of plain, flip",
-     "unknown --views 'mirror'; choose one of plain, flip"),
+    (lambda: pipeline.extract(CacheKey(), "train", views="plain,mirror"),
+     "unknown view 'mirror' in views; choose from plain, flip, crop-tl, crop-tl-flip, crop-tr, crop-tr-flip, crop-bl, "
+     "crop-bl-flip, crop-br, crop-br-flip, crop-c, crop-c-flip, crops, crops-flip",
+     "unknown view 'mirror' in --views; choose from plain, flip, crop-tl, crop-tl-flip, crop-tr, crop-tr-flip, crop-bl, "
+     "crop-bl-flip, crop-br, crop-br-flip, crop-c, crop-c-flip, crops, crops-flip"),
     (lambda: pipeline.extract(CacheKey(), "train", chunk_size=0), "chunk_size must be at least 1, got 0",
      "--chunk-size must be at least 1, got 0"),
 ])
@@ -45,12 +48,12 @@ def test_errors_name_parameters_in_python_and_flags_on_the_command_line(make_err
 
 
 def test_flag_wording_of_each_kind_of_value():
-    assert cli.as_flags("`force=True` `flip_train=False` `lr=0.001` `limit=100` `model=PATH` `image_size`") == \
-        "--force --no-flip-train --lr 0.001 --limit 100 --model PATH --image-size"
+    assert cli.as_flags("`force=True` `strict=False` `lr=0.001` `limit=100` `model=PATH` `image_size`") == \
+        "--force --no-strict --lr 0.001 --limit 100 --model PATH --image-size"
 
 
 def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(tmp_path):
-    present = CacheKey(views="plain", limit=100)
+    present = CacheKey(resize="bilinear", limit=100)
     path = present.path(tmp_path, "train")
     path.parent.mkdir(parents=True)
     from featcache.cache.write import CacheWriter, locked
@@ -63,11 +66,11 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
     with pytest.raises(CacheUnusable) as caught:
         api.load_cache("train", cache_dir=tmp_path, limit=100)
     wanted = CacheKey(limit=100).path(tmp_path, "train")
-    assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: views='plain' limit=100: "
-                                 "train 2 rows complete 0 MB")
+    assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: resize='bilinear' limit=100: "
+                                 "train 2 rows complete 0 MB, views plain")
     assert cli.cache_remedy(caught.value) == (
         f"no train cache at {wanted}; run: python extract.py --split train --limit 100 --cache-dir {tmp_path}. "
-        "Caches present (pass their options): --views plain --limit 100: train 2 rows complete 0 MB")
+        "Caches present (pass their options): --resize bilinear --limit 100: train 2 rows complete 0 MB, views plain")
 
 
 def test_stage_2_finds_a_non_224_cache_with_the_hub_unreachable_and_no_model_record(cifar_root, tmp_path,
@@ -87,9 +90,9 @@ def test_stage_2_finds_a_non_224_cache_with_the_hub_unreachable_and_no_model_rec
         raise AssertionError(f"stage 2 loaded {handle}")
 
     monkeypatch.setattr(models, "load_model", no_network)
-    key = select_cached(cache, model=handle, views="plain", limit=40)
+    key = select_cached(cache, model=handle, limit=40)
     assert key.image_size == 96
-    result = api.run_head(cache_dir=cache, model=handle, views="plain", limit=40, epochs=1, batch_size=16)
+    result = api.run_head(cache_dir=cache, model=handle, limit=40, epochs=1, batch_size=16)
     assert result.metrics["train_images"] == 40 and result.test_probs.shape == (40, 10)
 
 

@@ -19,11 +19,11 @@ from featcache.records import ledger
 from featcache.runs import run_experiment
 from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, write_batches
 
-COMMON = ["--image-size", "32", "--views", "plain"]
+COMMON = ["--image-size", "32", "--train-views", "plain", "--tta-views", "plain"]  # the views of the caches below
 
 
 def _key(model):
-    return make_key(str(model), 32, "bicubic", "plain", None)
+    return make_key(str(model), 32, "bicubic", None)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def caches(tiny_model, cifar_root, tmp_path_factory):
     """A valid plain-view train and test cache of the fixture data, made once (copy before changing)."""
     cache = tmp_path_factory.mktemp("valid_cache")
     for split in ("train", "test"):
-        pipeline.extract(_key(tiny_model), split, data_dir=cifar_root, cache_dir=cache, engine="tensorflow",
-                         progress=False)
+        pipeline.extract(_key(tiny_model), split, data_dir=cifar_root, cache_dir=cache, views="plain",
+                         engine="tensorflow", progress=False)
     return cache
 
 
@@ -139,11 +139,11 @@ def test_a_model_that_emits_nan_stops_extract_at_that_chunk_and_the_fixed_model_
 
 def test_a_diverging_fit_records_no_run(tiny_model, caches, tmp_path):
     runs = tmp_path / "runs"
-    config = HeadConfig(epochs=3, lr=1e30, flip_train=False, tta=False, batch_size=16)
+    config = HeadConfig(epochs=3, lr=1e30, train_views="plain", tta_views="plain", batch_size=16)
     with pytest.raises(UserError, match="training diverged: the loss became NaN/Inf"):
         run_experiment(_key(tiny_model), caches, runs, config)
     assert not runs.exists() or not any(runs.iterdir())
-    run_dir, _ = run_experiment(_key(tiny_model), caches, runs, HeadConfig(epochs=1, flip_train=False, tta=False))
+    run_dir, _ = run_experiment(_key(tiny_model), caches, runs, HeadConfig(epochs=1, train_views="plain", tta_views="plain"))
     assert list(runs.iterdir()) == [run_dir]  # the same call with a sane rate records its run
 
 
@@ -160,7 +160,7 @@ def test_a_finite_fit_far_worse_than_guessing_is_refused():
     labels = rng.integers(0, 10, 2000)
     x = rng.normal(size=(2000, 32)).astype(np.float32) + 3 * np.eye(10, 32, dtype=np.float32)[labels]
     features = Features({"plain": x}, labels, tuple("abcdefghij"))
-    config = HeadConfig(epochs=3, lr=1e6, flip_train=False, tta=False, batch_size=256)
+    config = HeadConfig(epochs=3, lr=1e6, train_views="plain", tta_views="plain", batch_size=256)
     with pytest.raises(UserError, match=r"training cross-entropy ended at .* \(twice that of the untrained head"):
         train(features, None, config)
     sane = train(features, None, replace(config, lr=1e-2))  # accepted: it learns
@@ -173,7 +173,7 @@ def test_ledger_never_offers_a_run_with_non_finite_metrics(tmp_path):
     for name, loss in (("good", 0.5), ("diverged", float("nan"))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({"test_accuracy": 0.1, "test_loss": loss}))
-        head = {"epochs": 5, "hidden": 0, "l2": 1e-4, "lr": 1e-3, "flip_train": True, "tta": True}
+        head = {"epochs": 5, "hidden": 0, "l2": 1e-4, "lr": 1e-3, "solver": "adam", "train_views": "plain,flip", "tta_views": "plain,flip"}
         (tmp_path / name / "config.json").write_text(json.dumps({"head": head, "cache": asdict(CacheKey())}))
     warnings = []
     assert [row["run"] for row in ledger(tmp_path, warn=warnings.append)] == ["good"]
@@ -207,11 +207,3 @@ def test_a_torn_chunk_after_a_kill_does_not_block_the_resume(tmp_path):
     views, labels, _ = read.read(path, attrs, ("plain",))
     np.testing.assert_array_equal(views["plain"], values)
     np.testing.assert_array_equal(labels, np.arange(rows) % 10)
-
-
-def test_views_plain_says_when_it_turns_an_asked_for_flip_option_off(tiny_model, caches, tmp_path):
-    out = _train_head(tiny_model, caches, tmp_path / "runs", "--tta")
-    assert out.returncode == 0, out.stderr
-    assert "note: --views plain has no flipped views, so --tta is off" in out.stderr
-    quiet = _train_head(tiny_model, caches, tmp_path / "runs")
-    assert "note:" not in quiet.stderr  # not said when the user did not ask for it

@@ -17,9 +17,9 @@ from conftest import KILL_POINT, ROOT, TINY_DIM, make_key
 
 
 def _key(model, **kw):
-    settings = dict(image_size=48, resize="bilinear", views="flip", limit=None)
+    settings = dict(image_size=48, resize="bilinear", limit=None)
     settings.update(kw)
-    return make_key(str(model), settings["image_size"], settings["resize"], settings["views"], settings["limit"])
+    return make_key(str(model), settings.pop("image_size"), settings.pop("resize"), settings.pop("limit"), **settings)
 
 
 def _rows(path):
@@ -67,7 +67,7 @@ def test_up_to_date_cache_sends_no_image_through_the_model(tiny_model, cifar_roo
 
 def test_other_settings_make_other_caches(tiny_model, cifar_root, tmp_path):
     paths = set()
-    for kw in ({}, {"image_size": 40}, {"resize": "bicubic"}, {"limit": 9}, {"views": "plain"}):
+    for kw in ({}, {"image_size": 40}, {"resize": "bicubic"}, {"limit": 9}, {"crop": "center"}):
         result = pipeline.extract(_key(tiny_model, **kw), "test", data_dir=cifar_root, cache_dir=tmp_path,
                                   engine="tensorflow", progress=False)
         assert not result.up_to_date

@@ -14,7 +14,7 @@ needs_openvino = pytest.mark.skipif(not (ov_engine.available() and quantize.nncf
 
 
 def _key(model, precision):
-    return make_key(str(model), 32, "bilinear", "plain", None, precision)
+    return make_key(str(model), 32, "bilinear", None, precision)
 
 
 def _extract(model, precision, split, data_dir, cache):
@@ -61,7 +61,7 @@ def test_int8_calibrates_on_train_images_only_once_and_coexists_with_f32(tiny_mo
 
     f32 = _extract(tiny_model, "f32", "test", cifar_root, tmp_path)
     assert f32.path != int8.path and int8.path.exists()
-    assert f32.path.parent.name == "32px-bilinear-plain" and int8.path.parent.name == "32px-bilinear-plain-int8"
+    assert f32.path.parent.name == "32px-bilinear" and int8.path.parent.name == "32px-bilinear-int8"
     with h5py.File(f32.path, "r") as a, h5py.File(int8.path, "r") as b:
         assert a.attrs["precision"] == "f32" and "calibration" not in a.attrs
         f32_rows, int8_rows = a["embeddings"][:], b["embeddings"][:]
@@ -104,4 +104,4 @@ def test_cli_precision_on_the_tensorflow_engine_and_a_missing_cache(tiny_model, 
                       "--runs-dir", tmp_path / "runs")
     assert missing.returncode == 2
     (line,) = missing.stderr.strip().splitlines()
-    assert "224px-bicubic-flip-bf16" in line and "--precision bf16" in line
+    assert "224px-bicubic-bf16" in line and "--precision bf16" in line

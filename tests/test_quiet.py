@@ -20,8 +20,9 @@ def _clean(out):
 def test_every_cli_run_as_a_user_would_prints_no_tensorflow_log_line(tiny_model, cifar_root, tmp_path):
     import tensorflow as tf
 
-    common = ["--model", tiny_model, "--image-size", "32", "--views", "plain", "--cache-dir", tmp_path / "cache"]
-    _clean(run_cli("extract.py", "--data-dir", cifar_root, *common, "--engine", "tensorflow", in_process=False))
+    common = ["--model", tiny_model, "--image-size", "32", "--cache-dir", tmp_path / "cache"]
+    _clean(run_cli("extract.py", "--data-dir", cifar_root, *common, "--views", "plain", "--engine", "tensorflow",
+                   in_process=False))
     _clean(run_cli("train_head.py", *common, "--epochs", "1", "--runs-dir", tmp_path / "runs", in_process=False))
     image = tmp_path / "photo.png"
     pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)

@@ -40,7 +40,7 @@ def cluster():
 
 
 def _key(model):
-    return make_key(str(model), IMAGE_SIZE, "bilinear", "flip")
+    return make_key(str(model), IMAGE_SIZE, "bilinear")
 
 
 def _rows(path):

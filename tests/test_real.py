@@ -9,7 +9,7 @@ from conftest import REAL_DATA, REAL_MODEL, make_key, requires_shared
 
 @requires_shared()
 def test_real_model_on_256_real_images_gives_useful_features(tmp_path):
-    key = make_key(str(REAL_MODEL), 224, "bicubic", "plain", 256)
+    key = make_key(str(REAL_MODEL), 224, "bicubic", 256)
     rows = {}
     for split in ("train", "test"):
         result = pipeline.extract(key, split, data_dir=REAL_DATA, cache_dir=tmp_path, progress=False)

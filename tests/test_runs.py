@@ -13,7 +13,7 @@ def _record(runs, name, val, test):
     if val is not None:
         metrics["val_accuracy"] = val
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    head = {"epochs": 5, "hidden": 0, "l2": 1e-4, "lr": 1e-3, "flip_train": True, "tta": True}
+    head = {"epochs": 5, "hidden": 0, "l2": 1e-4, "lr": 1e-3, "solver": "adam", "train_views": "plain,flip", "tta_views": "plain,flip"}
     cache = asdict(CacheKey(model="m"))
     (folder / "config.json").write_text(json.dumps({"head": head, "cache": cache, "class_names": ["a", "b"]}))
 
@@ -29,7 +29,7 @@ def test_ledger_sorts_by_validation_accuracy_and_prints_a_table(tmp_path):
     lines = format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]).splitlines()
     assert lines[0].split() == list(LEDGER_COLUMNS)
     assert lines[1].split()[:3] == ["c", "0.8600", "0.8500"] and lines[3].split()[1] == "-"
-    assert "224px-bicubic-flip" in lines[1]
+    assert lines[1].split()[-3:] == ["plain+flip", "plain+flip", "224px-bicubic"]
 
 
 def _record_on(runs, name, val, model, limit, head_file=True):
@@ -74,8 +74,9 @@ def test_parse_grid_makes_every_combination_and_refuses_bad_specs():
 
     assert parse_grid(["hidden=0,1024", "lr=1e-3,1e-2"]) == [
         {"hidden": 0, "lr": 1e-3}, {"hidden": 0, "lr": 1e-2}, {"hidden": 1024, "lr": 1e-3}, {"hidden": 1024, "lr": 1e-2}]
-    assert parse_grid(["tta=yes,no", "label-smoothing=0.1"]) == [
-        {"tta": True, "label_smoothing": 0.1}, {"tta": False, "label_smoothing": 0.1}]
+    assert parse_grid(["tta-views=plain,plain+flip", "label-smoothing=0.1", "batch-size=64"]) == [
+        {"tta_views": "plain", "label_smoothing": 0.1, "batch_size": 64},
+        {"tta_views": "plain+flip", "label_smoothing": 0.1, "batch_size": 64}]
     for bad, message in ((["width=1,2"], "NAME one of"), (["hidden=1.5"], "not int values"), (["lr="], "NAME=V1")):
         with pytest.raises(UserError, match=message):
             parse_grid(bad)

@@ -3,9 +3,10 @@
 Layout: `<cache_dir>/<dataset>/<model-slug>-<hash>/<settings>/<split>.h5`, so other settings always
 make another file and vectors never mix (a folder dataset's `<dataset>` names the folder and a hash
 of its path). Each file holds one float32 [N, D] dataset per view (`embeddings` for the plain view,
-`embeddings_<view>` for the others, settings.view_dataset) and `labels` (int64 [N]), plus
-attributes naming its settings (the key's fields), class names, the source fingerprint, the
-versions that made it, `rows_done` and `complete`. A folder dataset's cache also holds
+`embeddings_<view>` for the others, settings.view_dataset; the `views` attribute lists them, as a
+JSON list, and later runs may add views) and `labels` (int64 [N]), plus attributes naming its
+settings (the key's fields), class names, the source fingerprint, the versions that made it,
+`rows_done` and `complete`. A folder dataset's cache also holds
 `source_files` (every file of the split, relative to the data folder), `source_index` (int64 [N]:
 each row's file) and `skipped_files` ([K, 2] strings: each file that could not be decoded, and why).
 
@@ -25,18 +26,17 @@ import h5py
 import numpy as np
 
 from ..settings import (DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION,
-                        DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, DEFAULT_VIEWS)
+                        DEFAULT_RESIZE, DEFAULT_TEST_FRACTION)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: views are added to a file, no longer part of its key
 TOOL = "featcache"
 CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
-IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize",
-            "views", "limit", "precision", "crop", "data_dir", "test_fraction", "model_sha256", "rows",
+IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize", "limit", "precision", "crop", "data_dir", "test_fraction", "model_sha256", "rows",
             "source_fingerprint")
 # A partial file is only resumed by the same engine (and int8 model), so one file never mixes them.
-RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256")
+RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ class CacheKey:
     model: str = DEFAULT_MODEL
     image_size: int = DEFAULT_IMAGE_SIZE
     resize: str = DEFAULT_RESIZE
-    views: str = DEFAULT_VIEWS
     limit: int = 0
     dataset: str = DEFAULT_DATASET
     precision: str = DEFAULT_PRECISION
@@ -62,7 +61,7 @@ class CacheKey:
     @classmethod
     def from_attrs(cls, attrs: dict) -> "CacheKey":
         """The key a cache's attributes (or a run record's "cache" entry) name."""
-        return cls(attrs["model"], int(attrs["image_size"]), attrs["resize"], attrs["views"], int(attrs["limit"]),
+        return cls(attrs["model"], int(attrs["image_size"]), attrs["resize"], int(attrs["limit"]),
                    attrs["dataset"], attrs["precision"], attrs["crop"], attrs["data_dir"],
                    float(attrs["test_fraction"]), attrs["model_sha256"])
 
@@ -81,11 +80,10 @@ class CacheKey:
         return self.model_dir(cache_dir) / self.settings_name() / f"{split}.h5"
 
     def settings_name(self) -> str:
-        """`<size>px-<resize>[-center]-<views>[-<precision>][-limitN]`; default crop and precision add nothing."""
+        """`<size>px-<resize>[-center][-<precision>][-limitN]`; default crop and precision add nothing."""
         name = f"{self.image_size}px-{self.resize}"
         if self.crop != DEFAULT_CROP:
             name += f"-{self.crop}"
-        name += f"-{self.views}"
         if self.precision != DEFAULT_PRECISION:
             name += f"-{self.precision}"
         if self.limit:
@@ -95,8 +93,8 @@ class CacheKey:
     def chosen(self) -> dict:
         """The settings that differ from the defaults: what a user passes to select this key's cache."""
         default, chosen = CacheKey(), {}
-        for name in ("dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop", "views",
-                     "precision", "limit"):
+        for name in ("dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop", "precision",
+                     "limit"):
             if getattr(self, name) != getattr(default, name):
                 chosen[name] = getattr(self, name)
         if self.test_fraction == DEFAULT_TEST_FRACTION:

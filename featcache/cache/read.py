@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import view_dataset
+from ..settings import VIEWS, view_dataset, views_label
 from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
 
 VERIFY_BLOCK_ROWS = 10_000
@@ -46,7 +46,7 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", f"it was made with other {', '.join(wrong)}")
             if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
                 return CacheState("bad", "it is incomplete")
-            for name in ("embeddings", "labels"):
+            for name in [view_dataset(view) for view in cached_views(attrs)] + ["labels"]:
                 if name not in f or f[name].shape[0] != attrs["rows"]:
                     return CacheState("bad", f"its {name} dataset is missing or the wrong length")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
@@ -54,21 +54,41 @@ def inspect(path: Path, expected: dict) -> CacheState:
     return CacheState("complete")
 
 
+def cached_views(attrs: dict) -> tuple[str, ...]:
+    """The views a cache file holds (its `views` attribute, a JSON list)."""
+    try:
+        views = json.loads(attrs.get("views", "[]"))
+    except (TypeError, ValueError):
+        return ()
+    return tuple(views) if isinstance(views, list) and all(isinstance(v, str) for v in views) else ()
+
+
+class MissingViews(UserError):
+    """A cache lacks views a head asked for: extraction adds them."""
+
+    def __init__(self, problem: str, missing: tuple[str, ...]):
+        self.problem, self.missing = problem, missing
+        super().__init__(f"{problem}; add them with `views={','.join(missing)!r}`")
+
+
 class CorruptCache(UserError):
     """Stored bytes no longer match their checksum (bit rot, a failing disk)."""
 
 
-def read(path: Path, expected: dict, views: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
-    """Load a complete cache: ({view: embeddings}, labels, attributes). Refuses anything else."""
+def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Load a complete cache: ({view: embeddings} of `views`, default all it holds; labels; attributes).
+    Refuses anything else."""
     state = inspect(path, expected)
     if state.status == "missing":
         raise UserError(f"no cache at {path}")
     if state.status == "bad":
         raise UserError(f"cache {path} cannot be used: {state.reason}")
     with open_h5(path, "r") as f:
-        missing = [v for v in views if view_dataset(v) not in f]
+        views = cached_views(_attributes(f)) if views is None else views
+        missing = [v for v in views if v not in cached_views(_attributes(f))]
         if missing:
-            raise UserError(f"cache {path} has no {missing[0]} view; extract one with `views='flip'`")
+            raise MissingViews(f"cache {path} holds no {', '.join(missing)} view (it holds "
+                               f"{', '.join(cached_views(_attributes(f)))})", tuple(missing))
         try:
             embeddings = {v: _read_whole(f[view_dataset(v)]) for v in views}
             labels = f["labels"][:]
@@ -148,7 +168,7 @@ def list_caches(cache_dir) -> list[dict]:
             continue  # published or discarded meanwhile
         try:
             a = attributes(path)
-            entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]),
+            entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]), views=cached_views(a),
                          complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
                          key=CacheKey.from_attrs(a))
         except (OSError, RuntimeError, KeyError, ValueError, TypeError):
@@ -219,10 +239,12 @@ class CacheUnusable(UserError):
     make a usable one: the cache's `key`, `split` and `cache_dir`, and `action`: 'extract' (it is
     missing), 'rebuild' (force a new one) or 'verify' (check it against its source, then rebuild)."""
 
-    def __init__(self, problem: str, key: CacheKey, split: str, cache_dir, action: str, present: list | None = None):
+    def __init__(self, problem: str, key: CacheKey, split: str, cache_dir, action: str, present: list | None = None,
+                 views: tuple[str, ...] = ()):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
+        self.views = views  # views to add to the cache (action 'extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        remedy = {"extract": "extract it", "rebuild": "rebuild it with `force=True`",
+        remedy = {"extract": f"add them with `views={','.join(views)!r}`" if views else "extract it", "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
                                                     for kwargs, state in self.present)) if self.present else ""
@@ -242,13 +264,25 @@ def caches_present(cache_dir) -> list[tuple[dict, str]]:
             continue
         state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
         groups.setdefault(entry["key"], []).append(
-            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB")
+            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB, views {views_label(entry['views']) if entry['views'] else 'none'}")
     return sorted(((key.chosen(), "; ".join(splits)) for key, splits in groups.items()),
                   key=lambda item: repr(item[0]))
 
 
-def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...]) -> tuple[Features, dict]:
-    """Read one complete, checked cache: its Features and where they came from (path, fingerprint, engine, rows)."""
+def views_present(key: CacheKey, cache_dir) -> tuple[str, ...]:
+    """The views both splits' caches hold (every view when one is unreadable: reading it then says why)."""
+    present = set(VIEWS)
+    for split in ("train", "test"):
+        try:
+            present &= set(cached_views(attributes(key.path(cache_dir, split))))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+    return tuple(view for view in VIEWS if view in present)
+
+
+def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None) -> tuple[Features, dict]:
+    """Read one complete, checked cache (`views` of it, None: all): its Features and where they came from
+    (path, fingerprint, engine, rows)."""
     path = key.path(cache_dir, split)
     if not path.exists():
         hint = " (an interrupted extraction is waiting to resume)" if partial_path(path).exists() else ""
@@ -259,6 +293,8 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...]) 
         raise CacheUnusable(f"{split} cache {path} cannot be used: {state.reason}", key, split, cache_dir, "rebuild")
     try:
         embeddings, labels, attrs = read(path, key.attrs(split), views)
+    except MissingViews as exc:
+        raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", views=exc.missing) from None
     except CorruptCache as exc:
         raise CacheUnusable(str(exc), key, split, cache_dir, "rebuild") from None
     for view, rows in embeddings.items():

@@ -18,6 +18,10 @@ Why it survives a crash at any moment (SIGKILL, Ctrl-C, power loss):
   padding): HDF5 never has to read a chunk back to merge a partial write, so a chunk torn
   by a kill (its committed rows intact, its checksum not) is simply written whole again
   by the next run, which takes the committed rows from the stored bytes without the check.
+- Adding views to a complete cache works the same way: the partial file starts as a copy of
+  the complete one (HDF5 copies its stored chunks, bytes unchanged) plus the new views'
+  preallocated datasets, and `rows_done` counts the new views' rows (attribute `computing`
+  names them). The complete file stays in use until the extended one replaces it.
 We chose this over SWMR (needs h5clear after a crash) and over per-chunk side files
 (more moving parts, and `h5ls` could no longer show the whole cache).
 A partial file that still cannot be opened, or that belongs to other settings, is
@@ -30,6 +34,7 @@ import contextlib
 import errno
 import fcntl
 import io
+import json
 import os
 import re
 import time
@@ -81,18 +86,27 @@ class CacheWriter:
     With `files` (a folder source, whose unreadable files are skipped), `attrs["rows"]` is the
     number of files, an upper bound: each row records its file in `source_index`, `next_item`
     says which file to read next, and `finish()` shrinks the datasets to the rows written.
+
+    With `base` (the complete cache at `path`), the writer adds the views it lacks: its rows, labels
+    and views are copied, and `write()` takes the new views' rows only (in the base's row order).
     """
 
     def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False,
-                 checksums: bool = True, files: list[str] | None = None):
+                 checksums: bool = True, files: list[str] | None = None, base: dict | None = None):
         self.path = Path(path)
         self.checksums = checksums  # False only to measure what they cost (bench/)
         self.partial = partial_path(self.path)
-        self.attrs = dict(attrs, dim=dim)
+        self.base = base  # the complete cache's attributes, when adding views to it
+        present = tuple(json.loads(base["views"])) if base else ()
+        self.views = present + tuple(v for v in views if v not in present)  # every view the file will hold
+        self.computing = tuple(v for v in views if v not in present)  # the views this writer writes
+        self.attrs = dict(attrs, dim=dim, views=json.dumps(list(self.views)), computing=json.dumps(list(self.computing)))
+        if base:  # the base's own record of how its rows were made (rows, engine, versions...) stays
+            self.attrs = dict(base, **{k: self.attrs[k] for k in ("views", "computing", "dim")},
+                              complete=False, rows_done=np.int64(0))
         self.files = files
-        self.rows = int(attrs["rows"])
+        self.rows = int(self.attrs["rows"])
         self.dim = dim
-        self.views = views
         self.restart = restart
         self.rows_done = 0
         self.resumed = False
@@ -140,11 +154,14 @@ class CacheWriter:
         return reason
 
     def _names(self) -> list[str]:
-        """The datasets that get one entry per row."""
-        return [view_dataset(v) for v in self.views] + ["labels"] + (["source_index"] if self.files is not None else [])
+        """The datasets this writer gives one entry per row."""
+        rows = [] if self.base else ["labels"] + (["source_index"] if self.files is not None else [])
+        return [view_dataset(v) for v in self.computing] + rows
 
     def _has_datasets(self, f) -> bool:
-        names = set(self._names()) | ({"source_files"} if self.files is not None else set())
+        names = {view_dataset(v) for v in self.views} | {"labels"}
+        if self.files is not None:
+            names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base else set())
         return set(f) == names
 
     @property
@@ -152,9 +169,16 @@ class CacheWriter:
         """The source item after the last committed row's (its row number when nothing is skipped)."""
         if self.files is None or self.rows_done == 0:
             return self.rows_done
+        if self.base:
+            return int(self._file["source_index"][self.rows_done - 1]) + 1
         tail = self._tails["source_index"]
         last = tail[-1] if len(tail) else self._file["source_index"][self.rows_done - 1]
         return int(last) + 1
+
+    def items(self) -> np.ndarray | None:
+        """Adding views to a folder cache: the source item of each of its rows (their rows must be made
+        again in this order); None otherwise."""
+        return self._file["source_index"][:] if self.base and self.files is not None else None
 
     def _committed_tail(self, ds) -> np.ndarray:
         """Committed rows between the start of the HDF5 chunk holding `rows_done` and `rows_done`.
@@ -180,17 +204,22 @@ class CacheWriter:
         self.rows_done = 0
 
     def _create_datasets(self, tmp: Path):
-        shrinkable = self.files is not None  # finish() cuts the rows of skipped files off the end
+        shrinkable = self.files is not None and not self.base  # finish() cuts the rows of skipped files off the end
         with open_h5(tmp, "w") as f:
+            if self.base:
+                with open_h5(self.path, "r") as old:
+                    for name in old:  # stored chunks copied as they are: the old views' bytes stay
+                        old.copy(old[name], f, name)
             def rows_dataset(name, width, dtype, chunk_rows):
                 f.create_dataset(name, shape=(self.rows, *width), dtype=dtype,
                                  chunks=(max(1, min(chunk_rows, self.rows)), *width),
                                  maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums,
                                  dcpl=_preallocated())
 
-            for view in self.views:
+            for view in self.computing:
                 rows_dataset(view_dataset(view), (self.dim,), "<f4", CHUNK_ROWS)
-            rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
+            if not self.base:
+                rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
             if shrinkable:
                 rows_dataset("source_index", (), "<i8", CHUNK_ROWS * 64)
                 f.create_dataset("source_files", data=np.array(self.files, dtype=h5py.string_dtype()))
@@ -212,11 +241,12 @@ class CacheWriter:
 
     def _write(self, stop: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items):
         f = self._file
-        for view in self.views:
+        for view in self.computing:
             self._write_whole_chunks(f[view_dataset(view)], stop, embeddings[view])
-        self._write_whole_chunks(f["labels"], stop, labels)
-        if self.files is not None:
-            self._write_whole_chunks(f["source_index"], stop, np.asarray(items, np.int64))
+        if not self.base:
+            self._write_whole_chunks(f["labels"], stop, labels)
+            if self.files is not None:
+                self._write_whole_chunks(f["source_index"], stop, np.asarray(items, np.int64))
         self._sync()
         f.attrs.modify("rows_done", np.int64(stop))
         self._sync()
@@ -259,7 +289,7 @@ class CacheWriter:
                 f[name].resize(self.rows_done, axis=0)
             f.attrs.modify("rows", np.int64(self.rows_done))
             self.rows = self.rows_done
-        if self.files is not None:
+        if self.files is not None and not self.base:
             listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
             f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
             f.attrs["skipped"] = np.int64(len(skipped))

@@ -2,9 +2,10 @@
 
 The head standardises features with statistics of its training rows (a Normalization layer, so they
 are saved inside the .keras file), optionally passes them through one hidden ReLU layer, and ends in a
-softmax over the cache's classes. Flip views add training rows, and at test time the probabilities of
-both views can be averaged (TTA). rows.py makes the rows, model.py the Keras model, fit.py the loop
-that trains it, training.py ties them together and scores.
+softmax over the cache's classes. Each training view gives one row per image, and at test time the
+probabilities of several views can be averaged (TTA). rows.py makes the rows, model.py the Keras model,
+fit.py the Adam loop that trains it, probe.py the converged linear fit (L-BFGS), training.py ties them
+together and scores.
 """
 
 from .model import build_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..memory import shared_tensor
-from ..settings import HeadConfig, head_views
+from ..settings import HeadConfig
 from .rows import TrainingData
 
 SCORE_EPSILON = 1e-7  # probabilities are clipped to [this, 1] for the log loss
@@ -32,12 +32,12 @@ class Fitter:
         import tensorflow as tf
 
         self.model, self.config, self.classes = model, config, classes
-        self.n, self.batch = len(data.y), config.batch_size
+        self.n, self.batch = len(data.y), config.batch_for(len(data.y))
         self.steps = int(np.ceil(self.n / self.batch))
         self.x, self.y = shared_tensor(data.x), tf.constant(data.y.astype(np.int32))
         self.val = None
         if data.val is not None:  # scored in the epoch's graph, each of its views as `predict` would
-            self.val = ([tf.constant(data.val.views[v], tf.float32) for v in head_views(config.tta)],
+            self.val = ([tf.constant(data.val.views[v], tf.float32) for v in config.tta_view_list],
                         tf.constant(data.val.labels.astype(np.int32)))
         self.mean, self.scale = tf.constant(data.mean), tf.constant(1.0 / np.sqrt(data.variance))
         # The model's layers after its standardize layer, which the loop folds into the first one.

@@ -10,7 +10,7 @@ import numpy as np
 from ..cache.read import Features
 from ..errors import UserError
 from ..memory import fresh_array
-from ..settings import HeadConfig, head_views
+from ..settings import HeadConfig
 
 
 def split_validation(train: Features, fraction: float, seed: int) -> tuple[np.ndarray | None, Features | None]:
@@ -30,7 +30,7 @@ def split_validation(train: Features, fraction: float, seed: int) -> tuple[np.nd
 
 @dataclass
 class TrainingData:
-    """What a fit reads, made once per validation split, seed and flip setting (a grid's runs share it)."""
+    """What a fit reads, made once per validation split, seed and training views (a grid's runs share it)."""
 
     source: Features  # held, not its id: an id is reused once its object is freed
     settings: tuple
@@ -43,27 +43,27 @@ class TrainingData:
 
     @staticmethod
     def settings_of(config: HeadConfig) -> tuple:
-        return config.val_split, config.seed, config.flip_train
+        return config.val_split, config.seed, config.train_view_list
 
 
 def training_data(features: Features, config: HeadConfig, reuse: TrainingData | None = None) -> TrainingData:
     """The validation split and the shuffled training rows with their column statistics; `reuse`
-    (an earlier run's, on the same features) when it was made for the same split, seed and flips."""
+    (an earlier run's, on the same features) when it was made for the same split, seed and views."""
     settings = TrainingData.settings_of(config)
     if reuse is not None and reuse.source is features and reuse.settings == settings:
         return reuse
     images, val = split_validation(features, config.val_split, config.seed)
-    x, y = training_rows(features, config.flip_train, config.seed, images)
+    x, y = training_rows(features, config.train_view_list, config.seed, images)
     mean, variance = column_stats(x)
     return TrainingData(features, settings, x, y, mean, variance + 1e-6,
                         len(features.labels) if images is None else len(images), val)
 
 
-def training_rows(features: Features, flip: bool, seed: int,
+def training_rows(features: Features, views: tuple[str, ...], seed: int,
                   images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of `images` (default: all; the flip view's as extra rows) in a seeded random order,
-    in a buffer TensorFlow can share: the fit loop then takes its batches as contiguous slices."""
-    views = [features.views[v] for v in head_views(flip)]
+    """The rows of `images` (default: all), one per image and view, in a seeded random order, in a
+    buffer TensorFlow can share: the fit loop then takes its batches as contiguous slices."""
+    views = [features.views[v] for v in views]
     count = len(features.labels) if images is None else len(images)
     n = count * len(views)
     x, y = fresh_array((n, views[0].shape[1]), np.float32), np.empty(n, np.int32)

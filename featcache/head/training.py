@@ -1,5 +1,5 @@
-"""Training and scoring a head: fit (fit.py) on the rows (rows.py), refuse a diverged fit, predict with
-TTA, score; and the L2 sweep on a validation split."""
+"""Training and scoring a head: fit (fit.py's Adam loop, or probe.py's L-BFGS) on the rows (rows.py), refuse a
+diverged fit, predict with TTA, score; and the L2 sweep on a validation split."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import numpy as np
 from ..cache.read import Features
 from ..errors import UserError
 from ..memory import shared_tensor
-from ..settings import SWEEP_VAL_SPLIT, HeadConfig, head_views
+from ..settings import SWEEP_VAL_SPLIT, HeadConfig
 from .fit import SCORE_EPSILON, Fitter
 from .model import build_model
+from .probe import fit_lbfgs
 from .rows import TrainingData, training_data
 
 
-def predict(model, features: Features, tta: bool, batch_size: int = 8192) -> np.ndarray:
-    """Class probabilities; with TTA, the mean over the plain and flipped views."""
-    views = head_views(tta)
+def predict(model, features: Features, views: tuple[str, ...], batch_size: int = 8192) -> np.ndarray:
+    """Class probabilities: the mean over `views` (test-time augmentation when there are several)."""
 
     def probabilities(x):
         x = shared_tensor(x)  # batches sliced from a tensor: 0.024 s vs 0.045 s for the default test rows here
@@ -60,22 +60,34 @@ def train(train_features: Features, test_features: Features | None, config: Head
     data = training_data(train_features, config, reuse=data)
     classes = len(train_features.class_names)
     started = time.perf_counter()
-    try:
-        model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
-        fitter = Fitter(model, config, data, classes)
-        history, untrained = _epochs(fitter, config, verbose)
-    except tf.errors.ResourceExhaustedError:
-        raise UserError(f"the head does not fit in memory (`hidden` {config.hidden}, `batch_size` "
-                        f"{config.batch_size}); choose smaller ones; nothing was recorded") from None
+    model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
+    bf16 = False
+    if config.solver == "lbfgs":
+        history, iterations = fit_lbfgs(model, config, data, classes)
+        if data.val is not None:
+            val = score(predict(model, data.val, config.tta_view_list), data.val.labels)
+            history.update(val_accuracy=[val["accuracy"]], val_loss=[val["loss"]])
+    else:
+        try:
+            fitter = Fitter(model, config, data, classes)
+            history, untrained = _epochs(fitter, config, verbose)
+        except tf.errors.ResourceExhaustedError:
+            raise UserError(f"the head does not fit in memory (`hidden` {config.hidden}, `batch_size` "
+                            f"{config.batch_for(len(data.y))}); choose smaller ones; nothing was recorded") from None
+        _refuse_divergence(history, config, classes, untrained)
+        bf16 = fitter.bf16
     fit_seconds = time.perf_counter() - started
-    _refuse_divergence(history, config, classes, untrained)
-    metrics = {"fit_seconds": fit_seconds, "epochs": config.epochs, "rows": int(len(data.y)),
-               "train_images": data.images, "compute": "bf16" if fitter.bf16 else "f32"}
+    metrics = {"fit_seconds": fit_seconds, "rows": int(len(data.y)), "train_images": data.images,
+               "compute": "bf16" if bf16 else "f32", "solver": config.solver}
+    if config.solver == "lbfgs":
+        metrics["iterations"] = iterations
+    else:
+        metrics.update(epochs=config.epochs, batch_size=config.batch_for(len(data.y)))
     if data.val is not None:
         metrics.update(val_accuracy=history["val_accuracy"][-1], val_loss=history["val_loss"][-1])
     test_probs = None
     if test_features is not None:
-        test_probs = predict(model, test_features, config.tta)
+        test_probs = predict(model, test_features, config.tta_view_list)
         if not np.isfinite(test_probs).all():
             raise UserError(f"the trained head predicts NaN/Inf (try a lower `lr` than {config.lr:g}); "
                             "nothing was recorded")

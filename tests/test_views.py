@@ -1,0 +1,123 @@
+"""Views: their pixels, their names, and adding them to a complete cache (old bytes kept, resumable)."""
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache import pipeline
+from featcache.errors import UserError
+from featcache.settings import VIEWS, HeadConfig, parse_views, view_images, views_label
+from conftest import KILL_POINT, ROOT, make_key, run_cli
+
+
+def test_crop_views_are_the_classic_windows_of_seven_eighths():
+    images = np.arange(2 * 32 * 32 * 3, dtype=np.int64).reshape(2, 32, 32, 3)
+    expected = {"crop-tl": images[:, 0:28, 0:28], "crop-tr": images[:, 0:28, 4:32], "crop-bl": images[:, 4:32, 0:28],
+                "crop-br": images[:, 4:32, 4:32], "crop-c": images[:, 2:30, 2:30],
+                "crop-c-flip": images[:, 2:30, 2:30][:, :, ::-1], "flip": images[:, :, ::-1], "plain": images}
+    for view, window in expected.items():
+        np.testing.assert_array_equal(view_images(images, view), window)
+
+
+def test_views_cut_the_same_pixels_from_numpy_and_from_a_tensor_of_unknown_shape():
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 33, 47, 3), dtype=np.uint8)  # odd sides round
+    for view in VIEWS:
+        cut = tf.function(lambda x, view=view: view_images(x, view),
+                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        np.testing.assert_array_equal(cut(images).numpy(), view_images(images, view))
+    assert view_images(images, "crop-br").shape == (2, 29, 41, 3)
+
+
+def test_views_are_named_singly_or_by_set_in_catalogue_order():
+    assert parse_views("crop-c,plain") == ("plain", "crop-c")
+    assert parse_views("plain+flip+crops") == parse_views(["crops", "flip", "plain"]) == (
+        "plain", "flip", "crop-tl", "crop-tr", "crop-bl", "crop-br", "crop-c")
+    assert views_label(("plain", "flip", "crop-tl", "crop-tr", "crop-bl", "crop-br", "crop-c")) == "plain+flip+crops"
+    for bad, message in (("plain,mirror", "unknown view 'mirror' in views"), (" , ", "views names no view"),
+                         (3, "views must be view names")):
+        with pytest.raises(UserError, match=message):
+            parse_views(bad)
+
+
+def test_a_head_left_to_its_default_views_takes_those_the_cache_holds():
+    assert HeadConfig().for_cached_views(("plain",)).train_views == "plain"
+    asked = HeadConfig(train_views="plain,crops", tta_views="plain,crop-c")
+    assert asked.for_cached_views(("plain",)) == asked  # asked-for views stay: reading the cache names them
+
+
+def _extract(model, cifar_root, cache, views, limit=None, **kw):
+    return pipeline.extract(make_key(str(model), 32, "bilinear", limit), "train", data_dir=cifar_root,
+                            cache_dir=cache, views=views, engine="tensorflow", progress=False, **kw)
+
+
+def _datasets(path):
+    """Every dataset's values, and each view dataset's stored chunks as bytes."""
+    with h5py.File(path, "r") as f:
+        values = {name: f[name][:] for name in f}
+        stored = {name: [f[name].id.read_direct_chunk((lo, 0))[1] for lo in range(0, f[name].shape[0], f[name].chunks[0])]
+                  for name in f if name.startswith("embeddings")}
+        return values, stored, dict(f.attrs)
+
+
+def test_adding_views_computes_only_the_new_ones_and_keeps_the_old_bytes(tiny_model, cifar_root, tmp_path):
+    first = _extract(tiny_model, cifar_root, tmp_path / "cache", "plain,flip", chunk_size=16)
+    before, stored_before, _ = _datasets(first.path)
+    added = _extract(tiny_model, cifar_root, tmp_path / "cache", "crops", chunk_size=16)
+    assert added.path == first.path and added.processed == 120 and not added.up_to_date
+    after, stored_after, attrs = _datasets(added.path)
+    assert parse_views(attrs["views"].replace('"', "").strip("[]")) == parse_views("plain,flip,crops")
+    for name in ("embeddings", "embeddings_flip"):
+        assert stored_after[name] == stored_before[name]  # the same stored chunks, checksums included
+    np.testing.assert_array_equal(after["labels"], before["labels"])
+    whole = _extract(tiny_model, cifar_root, tmp_path / "fresh", "plain,flip,crops")
+    fresh, _, _ = _datasets(whole.path)
+    assert set(fresh) == set(after)
+    for name, values in fresh.items():
+        np.testing.assert_allclose(after[name], values, atol=1e-5, rtol=0)
+    again = _extract(tiny_model, cifar_root, tmp_path / "cache", "crop-c,flip")
+    assert again.up_to_date
+
+
+def test_a_killed_view_adding_run_resumes_to_the_uninterrupted_result(tiny_model, cifar_root, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--split", "train", "--data-dir", str(cifar_root), "--model", str(tiny_model), "--image-size", "32",
+            "--resize", "bilinear", "--chunk-size", "8", "--engine", "tensorflow", "--quiet", "--cache-dir", str(cache)]
+    first = _extract(tiny_model, cifar_root, cache, "plain")
+    old, stored_old, _ = _datasets(first.path)
+    script = KILL_POINT + f"import runpy; runpy.run_path({str(ROOT / 'extract.py')!r}, run_name='__main__')"
+    for at, committed in ((3, 16), (4, 40)):  # 120 images in chunks of 8: killed at the 3rd commit, then the 4th
+        killed = subprocess.run([sys.executable, "-c", script, "write", str(at), *args, "--views", "flip"],
+                                capture_output=True, text=True)
+        assert killed.returncode == -9, killed.stderr
+        assert first.path.exists()  # the complete cache stays usable meanwhile
+        with h5py.File(first.path.with_name("train.partial.h5"), "r") as f:
+            assert f.attrs["rows_done"] == committed
+    done = run_cli("extract.py", *args, "--views", "flip")
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout and "adding flip" in done.stdout
+    after, stored_after, _ = _datasets(first.path)
+    assert stored_after["embeddings"] == stored_old["embeddings"]
+    reference = _extract(tiny_model, cifar_root, tmp_path / "ref", "plain,flip")
+    np.testing.assert_allclose(after["embeddings_flip"], _datasets(reference.path)[0]["embeddings_flip"],
+                               atol=1e-5, rtol=0)
+
+
+def test_a_head_asking_for_views_the_cache_lacks_gets_the_command_that_adds_them(tiny_model, cifar_root, tmp_path):
+    cache = tmp_path / "cache"
+    for split in ("train", "test"):
+        pipeline.extract(make_key(str(tiny_model), 32, "bilinear"), split, data_dir=cifar_root, cache_dir=cache,
+                         views="plain", engine="tensorflow", progress=False)
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "32", "--resize", "bilinear",
+                  "--cache-dir", cache, "--runs-dir", tmp_path / "runs", "--train-views", "plain,crop-c", "--epochs", "1")
+    assert out.returncode == 2
+    assert "holds no crop-c view (it holds plain); run: python extract.py --split train" in out.stderr
+    assert "--views crop-c" in out.stderr
+    default = run_cli("train_head.py", "--model", tiny_model, "--image-size", "32", "--resize", "bilinear",
+                      "--cache-dir", cache, "--runs-dir", tmp_path / "runs", "--epochs", "1")
+    assert default.returncode == 0, default.stderr
+    assert "note: the caches hold no flip view, so --train-views is plain" in default.stderr
