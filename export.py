@@ -28,7 +28,7 @@ from featcache.settings import DEFAULT_RUNS_DIR
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
 def main(out, format_, input_size, force, run_id, runs_dir, verbose):
-    """Write the run's classifier (preprocessing, frozen network, head, flip averaging) to OUT."""
+    """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
     if format_ == "saved_model":
         if input_size:

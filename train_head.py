@@ -6,14 +6,14 @@ import time
 import click
 
 from featcache.cache.read import views_present
-from featcache.cli import (VIEWS_HELP, flag, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
+from featcache.cli import (VIEWS_HELP, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
                            verbosity_options)
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.records import LEDGER_COLUMNS, ledger
 from featcache.runs import run_experiment, run_grid
-from featcache.settings import (COMPUTES, DEFAULT_RUNS_DIR, MAX_BATCH_SIZE, MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS,
-                               HeadConfig, parse_views)
+from featcache.settings import (COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE,
+                               MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS, HeadConfig)
 
 DEFAULTS = HeadConfig()
 
@@ -25,17 +25,19 @@ DEFAULTS = HeadConfig()
 @click.option("--batch-size", type=int, default=None,
               help="Cached rows per training step of the head (not extract.py's images per forward pass). Default: "
                    f"{MAX_BATCH_SIZE}, or fewer on small datasets so that an epoch has at least {MIN_STEPS_PER_EPOCH} "
-                   "steps (rows / 48).")
+                   f"steps (rows / {MIN_STEPS_PER_EPOCH}).")
 @click.option("--l2", type=float, default=DEFAULTS.l2, show_default=True, help="L2 weight penalty.")
 @click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=0), default=DEFAULTS.hidden, show_default=True,
               help="Units of an optional hidden ReLU layer (0: linear head).")
 @click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule, show_default=True)
-@click.option("--train-views", default=DEFAULTS.train_views, show_default=True,
-              help="Cached views whose rows train the head (one row per image and view). " + VIEWS_HELP)
-@click.option("--tta-views", default=DEFAULTS.tta_views, show_default=True,
-              help="Cached views whose predictions are averaged at test time (and by predict.py and export.py).")
+@click.option("--train-views", default=None,
+              help=f"Cached views whose rows train the head (one row per image and view) [default: {DEFAULT_VIEWS}, "
+                   "those of them the caches hold]. " + VIEWS_HELP)
+@click.option("--tta-views", default=None,
+              help="Cached views whose predictions are averaged at test time (and by predict.py and export.py) "
+                   f"[default: {DEFAULT_VIEWS}, those of them the caches hold].")
 @click.option("--solver", type=click.Choice(SOLVERS), default=DEFAULTS.solver, show_default=True,
               help="adam: --epochs of Adam steps; lbfgs: a linear head fit to convergence on all rows at once "
                    "(full-batch L-BFGS; ignores --epochs, --lr, --batch-size, --schedule).")
@@ -66,10 +68,10 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     key, cache_dir, _ = key_to_read(options)  # takes the selection options out; the head's remain
     config = HeadConfig(**options)
     served = config.for_cached_views(views_present(key, cache_dir))
-    for name in ("train_views", "tta_views"):
-        if getattr(served, name) != getattr(config, name):
-            click.echo(f"note: the caches hold no {', '.join(set(parse_views(getattr(config, name))) - set(parse_views(getattr(served, name))))} "
-                       f"view, so {flag(name)} is {getattr(served, name)}", err=True)
+    if served.train_view_list != config.train_view_list or served.tta_view_list != config.tta_view_list:
+        lacking = [view for view in config.views_needed() if view not in served.views_needed()]
+        click.echo(f"note: the caches hold no {', '.join(lacking)} view, so the head trains on and averages "
+                   f"{served.train_views}", err=True)
     config = served
     log = (lambda _: None) if quiet else click.echo
     if grid:
@@ -91,7 +93,7 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
 
 def fit_length(metrics: dict) -> str:
     if metrics["solver"] == "lbfgs":
-        return f"{metrics['iterations']} L-BFGS iterations"
+        return f"{metrics['iterations']} L-BFGS iterations{'' if metrics['converged'] else ', stopped at its limit'}"
     return f"{metrics['epochs']} epochs of batch {metrics['batch_size']}"
 
 

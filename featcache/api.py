@@ -81,5 +81,5 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     config = HeadConfig(**options).for_cached_views(views_present(key, cache_dir))
     config.check()
     train_split, _ = load_features(key, "train", cache_dir, config.views_needed())
-    test_split, _ = load_features(key, "test", cache_dir, config.views_needed())
+    test_split, _ = load_features(key, "test", cache_dir, config.tta_view_list)
     return train(train_split, test_split, config)

@@ -18,7 +18,8 @@ from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT
                        DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, PRECISIONS,
                        RESIZE_METHODS, VIEW_SETS, VIEWS, HeadConfig)
 
-VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets ({', '.join(f'{k}: {len(v)} views' for k, v in VIEW_SETS.items())}); "
+VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
+              f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "
               "a crop view is the 7/8 window at top-left, top-right, bottom-left, bottom-right or center.")
 
 
@@ -52,7 +53,7 @@ def one_line_errors(func):
 
 
 def flag(name: str, value=None) -> str:
-    """A parameter as its flag: `lr` -> --lr, force=True -> --force, tta=False -> --no-tta,
+    """A parameter as its flag: `lr` -> --lr, force=True -> --force, strict=False -> --no-strict,
     views='plain' -> --views plain."""
     option = "--" + name.replace("_", "-")
     if value is None or value is True:
@@ -85,8 +86,9 @@ def selection_args(chosen: dict) -> str:
 
 def extract_command(error: CacheUnusable) -> str:
     """The extract.py command that builds the cache an error is about (with the views it lacks)."""
-    views = f"--views {','.join(error.views)}" if error.views else ""
-    return " ".join(filter(None, ["python extract.py", f"--split {error.split}", selection_args(error.key.chosen()),
+    views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
+    split = "all" if error.views else error.split
+    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(error.key.chosen()),
                                   views, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
 
@@ -184,7 +186,7 @@ def parse_grid(specs) -> list[dict]:
         if name not in defaults.to_dict() or not values:
             raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; "
                             f"got {spec!r}")
-        kind = int if name == "batch_size" else type(getattr(defaults, name))
+        kind = HeadConfig.OPTIONAL.get(name) or type(getattr(defaults, name))
         try:
             axes[name] = [_parse_value(kind, v.strip()) for v in values.split(",")]
         except ValueError:

@@ -1,9 +1,9 @@
 """The frozen feature extractor: a TF Hub image feature-vector model behind an in-graph resize.
 
 `Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of
-images of different sizes) and returns one float32 [N, D] array per view ("plain", and
-"flip" for the horizontally mirrored image). Preprocessing (optional center crop -> uint8
--> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
+images of different sizes) and returns one float32 [N, D] array per view (settings.VIEW_TRANSFORMS:
+"plain", "flip" for the mirrored image, crops...). Preprocessing (optional center crop -> view ->
+uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
 never exists in memory; with OpenVINO it is compiled together with the network for
 same-size chunks, and images of mixed sizes are resized one by one before the network.
 """
@@ -23,7 +23,7 @@ from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT
                        view_images)
 
 
-MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats x 2 views = 38 MB
+MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats = 19 MB a view
 
 
 def batch_unit(images, batch_size: int, group: int = MIXED_GROUP) -> int:

@@ -95,14 +95,13 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     with locked(path), runner.open(settings, quantizer, log) as mapper:  # locked before the slow model load
         models.checked_size(key.model, models.record_input_size(mapper.fixed_input_size, key.model,
                                                                 key.model_sha256, cache_dir), key.image_size)
-        if base and (mapper.engine != base["engine"] or mapper.dim != int(base["dim"])):
-            raise UserError(f"cache {path} was made by the {base['engine']} engine; add views with "
-                            f"`engine={base['engine']!r}` (one file never mixes engines), or rebuild it with `force=True`")
         loaded = time.perf_counter()
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
                      engine=mapper.engine, source=reader.where, tool_version=__version__, chunk_size=chunk_size,
                      batch_size=mapper.batch_size, **reader.attrs(), **mapper.versions,
                      **(quantizer.describe() if quantizer else {}))
+        if base:
+            _check_addable(path, base, attrs, mapper.dim)
         files = reader.files if reader.may_skip else None
         writer = CacheWriter(path, attrs, mapper.dim, views, restart=force, files=files, base=base)
         try:
@@ -127,6 +126,25 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=mapper.engine + ("" if key.precision == DEFAULT_PRECISION else f" {key.precision}"),
                              skipped=listed, report=mapper.report())
+
+
+def _check_addable(path: Path, base: dict, attrs: dict, dim: int):
+    """Views are added to a cache only by the engine (and int8 calibration) that made it, and only to the cache
+    read before the lock was taken (not one another run has extended meanwhile)."""
+    try:
+        now = cached_views(attributes(path))
+    except OSError:
+        now = ()
+    if now != cached_views(base):
+        raise UserError(f"cache {path} changed while this run waited for it (another run added views); run again")
+    for name in ("engine", "calibration_sha256"):
+        if attrs.get(name) != base.get(name):
+            wanted = f"`engine={base['engine']!r}`" if name == "engine" else "the same int8 calibration"
+            raise UserError(f"cache {path} was made with another {name.split('_')[0]} ({base.get(name)}); add views "
+                            f"with {wanted} (one file never mixes them), or rebuild it with `force=True`")
+    if dim != int(base["dim"]):
+        raise UserError(f"cache {path} holds {base['dim']}-d vectors, the model gives {dim}; "
+                        "rebuild it with `force=True`")
 
 
 def _fill(writer: CacheWriter, mapper, reader, key: CacheKey, split: str, chunk_size: int, start: int,

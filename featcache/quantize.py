@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, first_line
-from .settings import DEFAULT_CROP
+from .settings import DEFAULT_CROP, crop_shape, view_images
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
 CALIBRATION_SEED = 0
@@ -68,8 +68,8 @@ class Int8Quantizer:
 
     def __call__(self, model, batch_size: int, image_size: int, resize: str, crop: str = DEFAULT_CROP):
         """The quantized `model` (an openvino.Model with a static uint8 input [batch, H, W, 3], center crops
-        already cut when `crop` says so). A network for a crop view's smaller input is calibrated on the
-        centered window of that size."""
+        already cut when `crop` says so). The network of the crop views (their smaller input) is calibrated on
+        the images' center crops."""
         import openvino as ov
 
         from .preprocess import center_square
@@ -84,9 +84,8 @@ class Int8Quantizer:
             return ov.Core().read_model(path)
         import nncf
 
-        if images.shape[1] >= height and images.shape[2] >= width:
-            top, left = (images.shape[1] - height) // 2, (images.shape[2] - width) // 2
-            images = np.ascontiguousarray(images[:, top : top + height, left : left + width])
+        if (height, width) == crop_shape(*images.shape[1:3]):  # the network of the crop views
+            images = np.ascontiguousarray(view_images(images, "crop-c"))
         if (images.shape[1], images.shape[2]) != (height, width):
             raise UserError(f"calibration images are {images.shape[1]}x{images.shape[2]}, the network takes "
                             f"{height}x{width}")

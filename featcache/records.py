@@ -79,11 +79,25 @@ def read_config(run_dir: Path) -> dict:
     try:
         config = json.loads((Path(run_dir) / "config.json").read_text())
         CacheKey.from_attrs(config["cache"])
-        parse_views(config["head"]["tta_views"]), config["class_names"]  # noqa: B018 - what every reader needs
+        _check_head(config["head"])
+        config["class_names"]  # noqa: B018 - what every reader needs
+    except OlderRun:
+        raise UserError(f"run {Path(run_dir).name} was made by an older featcache (before views were named); "
+                        "train it again") from None
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise UserError(f"run {Path(run_dir).name}: its config.json is damaged or half-written "
                         f"({type(exc).__name__}: {str(exc)[:80]})") from None
     return config
+
+
+class OlderRun(ValueError):
+    """A run recorded before views were named (its head has flip_train/tta): it cannot be served as it was."""
+
+
+def _check_head(head: dict):
+    if "tta_views" not in head and "tta" in head:
+        raise OlderRun("made by an older featcache (before views were named)")
+    parse_views(head["tta_views"]), parse_views(head["train_views"]), head["solver"]  # noqa: B018 - needed
 
 
 LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "solver", "epochs", "hidden", "l2", "lr", "train_views",
@@ -103,16 +117,19 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
             config = json.loads((run_dir / "config.json").read_text())
             head, cache = config["head"], config["cache"]
             key = CacheKey.from_attrs(cache)
+            _check_head(head)
             row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
                    "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
-                   "solver": head["solver"], "epochs": head["epochs"], "hidden": head["hidden"], "l2": head["l2"],
-                   "lr": head["lr"], "train_views": views_label(head["train_views"]),
+                   "solver": metrics.get("solver", head["solver"]), "epochs": metrics.get("epochs"),
+                   "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
+                   "train_views": views_label(head["train_views"]),
                    "tta_views": views_label(head["tta_views"]), "cache": key.settings_name(), "key": key}
             if not _finite_metrics(metrics):
                 raise ValueError("its metrics are not finite numbers")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
-            warn(f"warning: skipping run {run_dir.name}: its record is damaged or half-written "
-                 f"({type(exc).__name__}: {str(exc)[:80]})")
+            why = (str(exc) if isinstance(exc, OlderRun) else "its record is damaged or half-written "
+                   f"({type(exc).__name__}: {str(exc)[:80]})")
+            warn(f"warning: skipping run {run_dir.name}: {why}")
             continue
         rows.append(row)
     return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))

@@ -13,10 +13,13 @@ from .records import check_writable, record_run
 from .settings import HeadConfig, parse_views
 
 
-def _load_splits(key: CacheKey, cache_dir, runs_dir, views: tuple[str, ...]):
-    """Both splits' features and cache info, after checking that a run can be recorded at all
-    (that fails before training; the run folder itself is made only once there is a result)."""
-    splits = [load_features(key, split, cache_dir, views) for split in ("train", "test")]
+def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):
+    """Both splits' features (train: every view the configs need; test: their test-time views) and cache info,
+    after checking that a run can be recorded at all (that fails before training; the run folder itself is made
+    only once there is a result)."""
+    train_views = parse_views(sum((config.views_needed() for config in configs), ()))
+    test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
+    splits = [load_features(key, "train", cache_dir, train_views), load_features(key, "test", cache_dir, test_views)]
     check_writable(runs_dir)
     return splits
 
@@ -30,8 +33,7 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
     """
     config = config.for_cached_views(views_present(key, cache_dir))
     config.check()
-    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir,
-                                                                            config.views_needed())
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, [config])
     sweep_table = best_row = None
     if sweep:
         best, sweep_table = sweep_l2(train_features, config)
@@ -57,8 +59,7 @@ def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[
     configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
     for one in configs:
         one.check()
-    views = parse_views(sum((one.views_needed() for one in configs), ()))
-    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, views)
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, configs)
     rows, data = [], None
     for overrides, one in zip(grid, configs):
         data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views

@@ -49,11 +49,17 @@ DEFAULT_PRECISION = "f32"
 # HDF5 file; extract.py adds views to a cache, heads train on (train_views) and average over (tta_views)
 # any of those it holds.
 CROP_EIGHTHS = 7  # a crop view keeps 7/8 of each side (28 of CIFAR's 32 px): the classic 224-of-256 crop
-CROP_PLACES = {"tl": (0, 0), "tr": (0, 2), "bl": (2, 0), "br": (2, 2), "c": (1, 1)}  # (top, left) in halves of the margin
+# (top, left) of each crop's window, in halves of the margin the crop leaves
+CROP_PLACES = {"tl": (0, 0), "tr": (0, 2), "bl": (2, 0), "br": (2, 2), "c": (1, 1)}
 
 
 def _flip(images):
     return images[:, :, ::-1]  # mirrored left-right
+
+
+def crop_shape(height, width):
+    """A crop view's (height, width) for images of this shape: 7/8 of each side, rounded (integers or tensors)."""
+    return (height * CROP_EIGHTHS + 4) // 8, (width * CROP_EIGHTHS + 4) // 8
 
 
 def _crop(images, place: str):
@@ -64,7 +70,7 @@ def _crop(images, place: str):
 
         shape = tf.shape(images)
         height, width = shape[1], shape[2]
-    rows, cols = (height * CROP_EIGHTHS + 4) // 8, (width * CROP_EIGHTHS + 4) // 8
+    rows, cols = crop_shape(height, width)
     top, left = ((height - rows) * CROP_PLACES[place][0]) // 2, ((width - cols) * CROP_PLACES[place][1]) // 2
     return images[:, top : top + rows, left : left + cols]
 
@@ -88,9 +94,9 @@ def view_images(images, view: str):
 def parse_views(views, name: str = "views") -> tuple[str, ...]:
     """Views named by a string ("plain,flip", or "plain+flip" where commas separate other things) or a
     sequence of view and set names; in catalogue order."""
-    names = views.replace("+", ",").split(",") if isinstance(views, str) else list(views) if isinstance(views, (list, tuple)) else None
-    if names is None:
+    if not isinstance(views, (str, list, tuple)):
         raise UserError(f"`{name}` must be view names (a comma-separated string or a list), got {views!r}")
+    names = views.replace("+", ",").split(",") if isinstance(views, str) else list(views)
     names = [part.strip() for part in names if part.strip()]
     if not names:
         raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
@@ -139,15 +145,16 @@ COMPUTES = ("auto", "f32", "bf16")
 
 
 SOLVERS = ("adam", "lbfgs")
-# The fewest optimizer steps per epoch a default batch size gives: the default CIFAR-10 fit's (100,000 rows in
-# batches of 2,048), so that five epochs train a head on a few thousand images as well as on 50,000.
-MIN_STEPS_PER_EPOCH = 48
+# The fewest optimizer steps per epoch a default batch size gives: a few thousand rows still get 32 steps an epoch,
+# while the default CIFAR-10 fit keeps batches of 2,048 (they give 32 steps down to 65,536 rows, so also with a
+# validation split or in the L2 sweep).
+MIN_STEPS_PER_EPOCH = 32
 MAX_BATCH_SIZE = 2048
 MIN_BATCH_SIZE = 16
 
 
 def auto_batch_size(rows: int) -> int:
-    """Rows per training step when none is asked: 2,048, or fewer when that gives under 48 steps an epoch."""
+    """Rows per training step when none is asked: 2,048, or fewer when that gives under 32 steps an epoch."""
     return max(MIN_BATCH_SIZE, min(MAX_BATCH_SIZE, -(-rows // MIN_STEPS_PER_EPOCH)))
 
 
@@ -155,6 +162,8 @@ def auto_batch_size(rows: int) -> int:
 class HeadConfig:
     """A head's settings; the defaults were chosen on a 10% validation split of the real cached train
     features (docs/benchmarks.md)."""
+
+    OPTIONAL = {"batch_size": int, "train_views": str, "tta_views": str}  # fields whose default None means "automatic"
 
     epochs: int = 5
     lr: float = 1e-2
@@ -164,9 +173,9 @@ class HeadConfig:
     hidden: int = 0
     dropout: float = 0.0
     schedule: str = "cosine"
-    train_views: str = DEFAULT_VIEWS  # each view's rows are training rows
-    tta_views: str = DEFAULT_VIEWS  # test-time probabilities are the mean over these views
-    solver: str = "adam"  # adam: the epoch loop; lbfgs: a linear head fit to convergence, full batch (head/probe.py)
+    train_views: str | None = None  # each view's rows are training rows; None: DEFAULT_VIEWS, those the cache holds
+    tta_views: str | None = None  # test-time probabilities are the mean over these views; None: as above
+    solver: str = "adam"  # adam: the epoch loop (fit.py); lbfgs: a linear head fit to convergence (probe.py)
     val_split: float = 0.0
     seed: int = 0
     compute: str = "auto"  # number format of the first layer's products in training steps; see resolved_compute
@@ -190,10 +199,10 @@ class HeadConfig:
         """Refuse settings no fit can use, naming the parameter."""
         for name, default in asdict(HeadConfig()).items():
             value, kind = getattr(self, name), type(default)
-            if name == "batch_size":
+            if name in self.OPTIONAL:
                 if value is None:
                     continue
-                kind = int
+                kind = self.OPTIONAL[name]
             if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
                     or kind is float and isinstance(value, int) and not isinstance(value, bool)):
                 raise UserError(f"`{name}` must be {'a whole number' if kind is int else 'a ' + kind.__name__}, "
@@ -214,32 +223,31 @@ class HeadConfig:
         for name in ("hidden", "seed"):
             if not 0 <= getattr(self, name) < 2**31:
                 raise UserError(f"`{name}` must be in [0, 2^31), got {getattr(self, name)}")
-        for name in ("train_views", "tta_views"):
-            parse_views(getattr(self, name), name)
+        self.train_view_list, self.tta_view_list  # noqa: B018 - each names its parameter when it is wrong
         if self.solver == "lbfgs" and (self.hidden or self.dropout or self.label_smoothing):
             raise UserError("`solver='lbfgs'` fits a linear head: it takes no `hidden`, `dropout` or "
                             "`label_smoothing`")
 
     @property
     def train_view_list(self) -> tuple[str, ...]:
-        return parse_views(self.train_views, "train_views")
+        return parse_views(DEFAULT_VIEWS if self.train_views is None else self.train_views, "train_views")
 
     @property
     def tta_view_list(self) -> tuple[str, ...]:
-        return parse_views(self.tta_views, "tta_views")
+        return parse_views(DEFAULT_VIEWS if self.tta_views is None else self.tta_views, "tta_views")
 
     def views_needed(self) -> tuple[str, ...]:
         return parse_views(self.train_view_list + self.tta_view_list)
 
     def for_cached_views(self, cached: tuple[str, ...]) -> "HeadConfig":
-        """The config a cache holding the views `cached` serves: the default views it lacks are left out (a
-        plain-view cache trains and scores on plain rows alone). Views asked for are kept, so that reading
-        the cache names the ones to add."""
+        """The config a cache holding the views `cached` serves: views left to their default (None) become the
+        default views it holds (a plain-view cache trains and scores on plain rows alone). Views asked for are
+        kept as asked, so that reading the cache names the ones to add."""
         changes = {}
         for name in ("train_views", "tta_views"):
-            kept = tuple(view for view in parse_views(getattr(self, name), name) if view in cached)
-            if getattr(self, name) == DEFAULT_VIEWS and kept:
-                changes[name] = ",".join(kept)
+            if getattr(self, name) is None:
+                kept = [view for view in parse_views(DEFAULT_VIEWS) if view in cached]
+                changes[name] = ",".join(kept) or DEFAULT_VIEWS
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

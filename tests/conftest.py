@@ -123,12 +123,15 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_run(tiny_model, cifar_root, tmp_path_factory) -> tuple[Path, Path]:
     """(folder, run folder): the fixture's caches at 40 px and one run on them (3 epochs, an 8-unit hidden layer,
-    TTA), made with the CLIs. Read-only use: copy a run before changing it."""
+    TTA over the plain, flipped and top-left crop views), made with the CLIs. Read-only use: copy a run before
+    changing it."""
     base = tmp_path_factory.mktemp("small_run")
     common = ["--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache"]
-    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", *common)
+    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", "--views",
+                   "plain,flip,crop-tl", *common)
     assert done.returncode == 0, done.stderr
-    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8")
+    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8",
+                   "--tta-views", "plain,flip,crop-tl")
     assert done.returncode == 0, done.stderr
     (run_dir,) = (base / "runs").iterdir()
     return base, run_dir

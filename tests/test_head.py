@@ -250,24 +250,27 @@ def test_bf16_products_are_a_training_choice_that_auto_makes_only_for_hidden_lay
     assert runs["bf16"].model.get_weights()[0].dtype == np.float32  # the saved head stays f32
 
 
-def test_default_batch_size_gives_a_small_dataset_enough_steps_to_converge():
+def test_defaults_train_a_small_dataset_as_far_as_fifty_epochs_do():
     """1,500 images x 2 views: batches of 2,048 give five one-step epochs, which leave the head far from
-    trained; the default batch follows the row count (48 steps an epoch) and gets within a point of 50 epochs."""
+    trained. The default batch follows the row count (32 steps an epoch), and five epochs end within a point
+    of 50; so does the linear head fit to convergence (L-BFGS)."""
     data, test = blobs(n_per_class=150, dim=256, spread=10.0), blobs(n_per_class=100, dim=256, spread=10.0)
     default = train(data, test, HeadConfig())
+    lbfgs = train(data, test, HeadConfig(solver="lbfgs"))
     fifty = train(data, test, HeadConfig(epochs=50))
     fixed = train(data, test, HeadConfig(batch_size=2048))
-    assert default.metrics["batch_size"] == 63 and default.metrics["rows"] == 3000
-    assert default.metrics["test_accuracy"] >= fifty.metrics["test_accuracy"] - 0.01
+    assert default.metrics["batch_size"] == 94 and default.metrics["rows"] == 3000
+    for result in (default, lbfgs):
+        assert result.metrics["test_accuracy"] >= fifty.metrics["test_accuracy"] - 0.01
     assert fixed.metrics["test_accuracy"] < fifty.metrics["test_accuracy"] - 0.1
 
 
 def test_auto_batch_size_keeps_the_cifar10_default_and_shrinks_for_small_datasets():
     from featcache.settings import auto_batch_size
 
-    assert auto_batch_size(100_000) == 2048  # 50,000 images x 2 views: the default CIFAR-10 fit is unchanged
-    assert auto_batch_size(90_000) == 1875
-    assert auto_batch_size(3_000) == 63
+    assert auto_batch_size(100_000) == auto_batch_size(65_536) == 2048  # the default CIFAR-10 fit, val split or not
+    assert auto_batch_size(50_000) == 1563
+    assert auto_batch_size(3_000) == 94
     assert auto_batch_size(100) == 16
 
 
@@ -297,3 +300,20 @@ def test_lbfgs_reaches_the_optimum_of_the_linear_objective():
     assert trained.history["loss"][-1] == pytest.approx(loss, rel=1e-5)
     adam = train(data, None, HeadConfig(epochs=200, batch_size=64, l2=1e-3, train_views="plain", tta_views="plain"))
     assert objective(*[w.astype(np.float64) for w in adam.model.get_weights()])[0] >= loss - 1e-6
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_a_head_too_large_for_memory_is_one_line_with_either_solver(monkeypatch, solver):
+    import tensorflow as tf
+
+    from featcache.head import training
+
+    def out_of_memory(*_args, **_kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(training, "Fitter" if solver == "adam" else "fit_lbfgs", out_of_memory)
+    with pytest.raises(UserError) as caught:
+        train(blobs(n_per_class=5), None, HeadConfig(solver=solver, batch_size=16))
+    batch = ", batch_size 16" if solver == "adam" else ""
+    assert str(caught.value) == (f"the head does not fit in memory (hidden 0{batch}, 100 rows); choose smaller ones; "
+                                 "nothing was recorded")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from featcache import pipeline
+from featcache.cache.read import cached_views
 from featcache.errors import UserError
 from featcache.settings import VIEWS, HeadConfig, parse_views, view_images, views_label
 from conftest import KILL_POINT, ROOT, make_key, run_cli
@@ -70,7 +71,7 @@ def test_adding_views_computes_only_the_new_ones_and_keeps_the_old_bytes(tiny_mo
     added = _extract(tiny_model, cifar_root, tmp_path / "cache", "crops", chunk_size=16)
     assert added.path == first.path and added.processed == 120 and not added.up_to_date
     after, stored_after, attrs = _datasets(added.path)
-    assert parse_views(attrs["views"].replace('"', "").strip("[]")) == parse_views("plain,flip,crops")
+    assert cached_views(attrs) == parse_views("plain,flip,crops")
     for name in ("embeddings", "embeddings_flip"):
         assert stored_after[name] == stored_before[name]  # the same stored chunks, checksums included
     np.testing.assert_array_equal(after["labels"], before["labels"])
@@ -88,7 +89,7 @@ def test_a_killed_view_adding_run_resumes_to_the_uninterrupted_result(tiny_model
     args = ["--split", "train", "--data-dir", str(cifar_root), "--model", str(tiny_model), "--image-size", "32",
             "--resize", "bilinear", "--chunk-size", "8", "--engine", "tensorflow", "--quiet", "--cache-dir", str(cache)]
     first = _extract(tiny_model, cifar_root, cache, "plain")
-    old, stored_old, _ = _datasets(first.path)
+    _, stored_old, _ = _datasets(first.path)
     script = KILL_POINT + f"import runpy; runpy.run_path({str(ROOT / 'extract.py')!r}, run_name='__main__')"
     for at, committed in ((3, 16), (4, 40)):  # 120 images in chunks of 8: killed at the 3rd commit, then the 4th
         killed = subprocess.run([sys.executable, "-c", script, "write", str(at), *args, "--views", "flip"],
@@ -115,9 +116,13 @@ def test_a_head_asking_for_views_the_cache_lacks_gets_the_command_that_adds_them
     out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "32", "--resize", "bilinear",
                   "--cache-dir", cache, "--runs-dir", tmp_path / "runs", "--train-views", "plain,crop-c", "--epochs", "1")
     assert out.returncode == 2
-    assert "holds no crop-c view (it holds plain); run: python extract.py --split train" in out.stderr
+    assert "holds no crop-c view (it holds plain); run: python extract.py --split all" in out.stderr
     assert "--views crop-c" in out.stderr
     default = run_cli("train_head.py", "--model", tiny_model, "--image-size", "32", "--resize", "bilinear",
                       "--cache-dir", cache, "--runs-dir", tmp_path / "runs", "--epochs", "1")
     assert default.returncode == 0, default.stderr
-    assert "note: the caches hold no flip view, so --train-views is plain" in default.stderr
+    assert default.stderr == "note: the caches hold no flip view, so the head trains on and averages plain\n"
+    for asked in ("plain,flip", "flip+plain"):  # asked for, even if it is the default list: never shrunk
+        explicit = run_cli("train_head.py", "--model", tiny_model, "--image-size", "32", "--resize", "bilinear",
+                           "--cache-dir", cache, "--runs-dir", tmp_path / "runs", "--tta-views", asked)
+        assert explicit.returncode == 2 and "holds no flip view (it holds plain)" in explicit.stderr

@@ -244,7 +244,8 @@ class CacheUnusable(UserError):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
         self.views = views  # views to add to the cache (action 'extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        remedy = {"extract": f"add them with `views={','.join(views)!r}`" if views else "extract it", "rebuild": "rebuild it with `force=True`",
+        remedy = {"extract": f"add them with `views={','.join(views)!r}`" if views else "extract it",
+                  "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
                                                     for kwargs, state in self.present)) if self.present else ""
@@ -252,7 +253,7 @@ class CacheUnusable(UserError):
 
 
 def _marked(kwargs: dict) -> str:
-    """Selection keyword arguments as marked parameters (errors.py): `views='plain'` `limit=100`."""
+    """Selection keyword arguments as marked parameters (errors.py): `resize='bilinear'` `limit=100`."""
     return " ".join(f"`{name}={value!r}`" for name, value in kwargs.items())
 
 
@@ -264,7 +265,8 @@ def caches_present(cache_dir) -> list[tuple[dict, str]]:
             continue
         state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
         groups.setdefault(entry["key"], []).append(
-            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB, views {views_label(entry['views']) if entry['views'] else 'none'}")
+            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB, "
+            f"views {views_label(entry['views']) if entry['views'] else 'none'}")
     return sorted(((key.chosen(), "; ".join(splits)) for key, splits in groups.items()),
                   key=lambda item: repr(item[0]))
 

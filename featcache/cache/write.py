@@ -100,8 +100,12 @@ class CacheWriter:
         present = tuple(json.loads(base["views"])) if base else ()
         self.views = present + tuple(v for v in views if v not in present)  # every view the file will hold
         self.computing = tuple(v for v in views if v not in present)  # the views this writer writes
-        self.attrs = dict(attrs, dim=dim, views=json.dumps(list(self.views)), computing=json.dumps(list(self.computing)))
-        if base:  # the base's own record of how its rows were made (rows, engine, versions...) stays
+        self.attrs = dict(attrs, dim=dim, views=json.dumps(list(self.views)),
+                          computing=json.dumps(list(self.computing)))
+        # Adding views: the base's record of how its rows were made stays; what differs for the new views (versions,
+        # batch size, when) is recorded on their datasets.
+        self.made = {k: v for k, v in self.attrs.items() if base and k not in RESUME_IDENTITY and base.get(k) != v}
+        if base:
             self.attrs = dict(base, **{k: self.attrs[k] for k in ("views", "computing", "dim")},
                               complete=False, rows_done=np.int64(0))
         self.files = files
@@ -218,6 +222,8 @@ class CacheWriter:
 
             for view in self.computing:
                 rows_dataset(view_dataset(view), (self.dim,), "<f4", CHUNK_ROWS)
+                if self.base:
+                    f[view_dataset(view)].attrs.update(self.made, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             if not self.base:
                 rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
             if shrinkable:
@@ -225,7 +231,8 @@ class CacheWriter:
                 f.create_dataset("source_files", data=np.array(self.files, dtype=h5py.string_dtype()))
             for name, value in self.attrs.items():
                 f.attrs[name] = value
-            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if not self.base:
+                f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["rows_done"] = np.int64(0)
             f.attrs["complete"] = False
 
@@ -277,7 +284,7 @@ class CacheWriter:
         """Mark complete and publish under the final name; replaces an older cache atomically.
 
         `skipped`: (file, reason) of the source files that gave no row (then fewer rows than files)."""
-        if self.rows_done != self.rows and self.files is None:
+        if self.rows_done != self.rows and (self.files is None or self.base):
             raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
         with _io_errors():
             self._publish(skipped)

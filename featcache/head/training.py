@@ -52,7 +52,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
     same config gives the same head without touching process-wide random state.
 
     Validation accuracy per epoch (curves.png) and at the end (metrics.json) is computed the same
-    way, with TTA when TTA is on. `data` (see `training_data`) lets runs on the same rows share them.
+    way, averaged over the test-time views. `data` (see `training_data`) lets runs on the same rows share them.
     """
     import tensorflow as tf
 
@@ -60,27 +60,30 @@ def train(train_features: Features, test_features: Features | None, config: Head
     data = training_data(train_features, config, reuse=data)
     classes = len(train_features.class_names)
     started = time.perf_counter()
-    model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
-    bf16 = False
-    if config.solver == "lbfgs":
-        history, iterations = fit_lbfgs(model, config, data, classes)
-        if data.val is not None:
-            val = score(predict(model, data.val, config.tta_view_list), data.val.labels)
-            history.update(val_accuracy=[val["accuracy"]], val_loss=[val["loss"]])
-    else:
-        try:
+    bf16, solver = False, config.solver
+    try:
+        model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
+        if solver == "lbfgs":
+            history, iterations, converged = fit_lbfgs(model, config, data, classes)
+            if data.val is not None:
+                val = score(predict(model, data.val, config.tta_view_list), data.val.labels)
+                history.update(val_accuracy=[val["accuracy"]], val_loss=[val["loss"]])
+        else:
             fitter = Fitter(model, config, data, classes)
             history, untrained = _epochs(fitter, config, verbose)
-        except tf.errors.ResourceExhaustedError:
-            raise UserError(f"the head does not fit in memory (`hidden` {config.hidden}, `batch_size` "
-                            f"{config.batch_for(len(data.y))}); choose smaller ones; nothing was recorded") from None
+            bf16 = fitter.bf16
+    except tf.errors.ResourceExhaustedError:
+        batch = f", `batch_size` {config.batch_for(len(data.y))}" if solver == "adam" else ""
+        sizes = f"`hidden` {config.hidden}{batch}"
+        raise UserError(f"the head does not fit in memory ({sizes}, {len(data.y)} rows); choose smaller ones; "
+                        "nothing was recorded") from None
+    if solver == "adam":
         _refuse_divergence(history, config, classes, untrained)
-        bf16 = fitter.bf16
     fit_seconds = time.perf_counter() - started
     metrics = {"fit_seconds": fit_seconds, "rows": int(len(data.y)), "train_images": data.images,
-               "compute": "bf16" if bf16 else "f32", "solver": config.solver}
-    if config.solver == "lbfgs":
-        metrics["iterations"] = iterations
+               "compute": "bf16" if bf16 else "f32", "solver": solver}
+    if solver == "lbfgs":
+        metrics.update(iterations=iterations, converged=converged)
     else:
         metrics.update(epochs=config.epochs, batch_size=config.batch_for(len(data.y)))
     if data.val is not None:
