@@ -134,11 +134,13 @@ def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny
     images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images[:8]
     classifier = build_classifier(custom)  # kept: its tf.function holds the module only weakly
     got = classifier.classify(images)["probabilities"].numpy()
-    key = CacheKey.from_attrs(json.loads((custom / "config.json").read_text())["cache"])
+    config = json.loads((custom / "config.json").read_text())
+    key, tta = CacheKey.from_attrs(config["cache"]), config["head"]["tta_views"].split(",")
+    assert tta == ["plain", "flip", "crop-tl"]  # the run's test-time views, a crop among them
     extractor = Extractor(load_model(str(tiny_model)), image_size=key.image_size, resize=key.resize,
-                          views=("plain", "flip"), engine="tensorflow")
+                          views=tuple(tta), engine="tensorflow")
     views = extractor.embed(images)
-    want = np.mean([model.predict(views[v], verbose=0) for v in ("plain", "flip")], axis=0)  # the run used TTA
+    want = np.mean([model.predict(views[v], verbose=0) for v in tta], axis=0)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
