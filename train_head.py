@@ -4,6 +4,7 @@
 import time
 
 import click
+from click.core import ParameterSource
 
 from featcache.cache.read import views_present
 from featcache.cli import (VIEWS_HELP, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
@@ -73,6 +74,13 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
         click.echo(f"note: the caches hold no {', '.join(lacking)} view, so the head trains on and averages "
                    f"{served.train_views}", err=True)
     config = served
+    if config.solver == "lbfgs":
+        source = click.get_current_context().get_parameter_source
+        ignored = [f"--{n.replace('_', '-')}" for n in ("epochs", "lr", "batch_size", "schedule")
+                   if source(n) == ParameterSource.COMMANDLINE]
+        if ignored:
+            click.echo(f"note: --solver lbfgs fits to convergence on all rows at once; {', '.join(ignored)} "
+                       f"{'is' if len(ignored) == 1 else 'are'} not used", err=True)
     log = (lambda _: None) if quiet else click.echo
     if grid:
         if sweep:

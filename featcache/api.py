@@ -46,6 +46,12 @@ def _split_selection(options: dict) -> dict:
     return {name: options.pop(name) for name in SELECTION_NAMES if name in options and name != "cache_dir"}
 
 
+def _only_selection(function: str, selection: dict):
+    unknown = sorted(set(selection) - set(SELECTION_NAMES))
+    if unknown:
+        raise UserError(f"{function}() takes no parameter {', '.join(unknown)}")
+
+
 def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> ExtractResult:
     """Build (or resume, or confirm) one split's cache, as extract.py does. Keyword arguments: the selection
     settings above, and pipeline.extract's (views, chunk_size, batch_size, engine, force, strict, progress, runner)."""
@@ -59,11 +65,14 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
 
 def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tuple[Path, list[str]]:
     """Check one split's cache against its source, as extract.py's verify option does: (its path, the problems)."""
+    _only_selection("verify", selection)
     return verify_split(select(cache_dir, **selection), split, data_dir=selection.get("data_dir"), cache_dir=cache_dir)
 
 
 def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:
-    """Read one complete, checked cache (settings, checksums, NaN/Inf, labels) without importing TensorFlow."""
+    """Read one complete, checked cache (settings, checksums, NaN/Inf, labels; every view it holds) without
+    importing TensorFlow."""
+    _only_selection("load_cache", selection)
     key = select_cached(cache_dir, **selection)
     features, info = load_features(key, split, cache_dir, views=None)
     path = Path(info["path"])

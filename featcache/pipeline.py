@@ -79,8 +79,12 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         base = attributes(path)
         if set(views) <= set(cached_views(base)):
             return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path))
+        if engine == DEFAULT_ENGINE:
+            engine = base["engine"]  # views are added by the engine that made the others
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
+    if force and state.status != "missing":
+        views = parse_views(views + _readable_views(path))  # a rebuild keeps every view the old cache holds
 
     runner = runner or LocalRunner()
     computing = tuple(v for v in views if v not in cached_views(base)) if base else views
@@ -126,6 +130,13 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=mapper.engine + ("" if key.precision == DEFAULT_PRECISION else f" {key.precision}"),
                              skipped=listed, report=mapper.report())
+
+
+def _readable_views(path: Path) -> tuple[str, ...]:
+    try:
+        return cached_views(attributes(path))
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return ()
 
 
 def _check_addable(path: Path, base: dict, attrs: dict, dim: int):

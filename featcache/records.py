@@ -121,7 +121,8 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
             row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
                    "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
                    "solver": metrics.get("solver", head["solver"]), "epochs": metrics.get("epochs"),
-                   "hidden": head["hidden"], "l2": head["l2"], "lr": head["lr"],
+                   "hidden": head["hidden"], "l2": head["l2"],
+                   "lr": head["lr"] if metrics.get("solver", head["solver"]) == "adam" else None,
                    "train_views": views_label(head["train_views"]),
                    "tta_views": views_label(head["tta_views"]), "cache": key.settings_name(), "key": key}
             if not _finite_metrics(metrics):

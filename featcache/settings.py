@@ -237,7 +237,8 @@ class HeadConfig:
         return parse_views(DEFAULT_VIEWS if self.tta_views is None else self.tta_views, "tta_views")
 
     def views_needed(self) -> tuple[str, ...]:
-        return parse_views(self.train_view_list + self.tta_view_list)
+        """The train split's views a fit reads: its training views, and the test-time ones for a validation split."""
+        return parse_views(self.train_view_list + (self.tta_view_list if self.val_split else ()))
 
     def for_cached_views(self, cached: tuple[str, ...]) -> "HeadConfig":
         """The config a cache holding the views `cached` serves: views left to their default (None) become the
@@ -248,6 +249,8 @@ class HeadConfig:
             if getattr(self, name) is None:
                 kept = [view for view in parse_views(DEFAULT_VIEWS) if view in cached]
                 changes[name] = ",".join(kept) or DEFAULT_VIEWS
+            else:  # as recorded: in catalogue order, sets spelt out
+                changes[name] = ",".join(parse_views(getattr(self, name), name))
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

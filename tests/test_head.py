@@ -87,7 +87,7 @@ def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
         assert test is None, "the sweep must never see test data"
         seen.append(config.l2)
         score = -abs(np.log10(config.l2) + 3.4)  # best near 4e-4
-        return head.TrainedHead(None, {}, 0.0, {"val_accuracy": 0.9 + score / 100}, features.class_names)
+        return head.TrainedHead(None, {}, 0.0, {"val_accuracy": 0.9 + score / 100, "val_loss": 0.5}, features.class_names)
 
     monkeypatch.setattr(head, "train", fake_train)
     best, table = head.sweep_l2(blobs(), HeadConfig())

@@ -45,10 +45,20 @@ def test_views_are_named_singly_or_by_set_in_catalogue_order():
             parse_views(bad)
 
 
+def test_the_api_refuses_parameters_it_does_not_take_in_one_line(tmp_path):
+    from featcache import api
+
+    for call, name in ((lambda: api.load_cache(cache_dir=tmp_path, limt=3), "load_cache"),
+                       (lambda: api.verify(cache_dir=tmp_path, views="crops"), "verify")):
+        with pytest.raises(UserError, match=f"^{name}\\(\\) takes no parameter"):
+            call()
+
+
 def test_a_head_left_to_its_default_views_takes_those_the_cache_holds():
     assert HeadConfig().for_cached_views(("plain",)).train_views == "plain"
-    asked = HeadConfig(train_views="plain,crops", tta_views="plain,crop-c")
-    assert asked.for_cached_views(("plain",)) == asked  # asked-for views stay: reading the cache names them
+    asked = HeadConfig(train_views="crops,plain", tta_views="plain,crop-c")
+    served = asked.for_cached_views(("plain",))  # asked-for views stay: reading the cache names them
+    assert (served.train_views, served.tta_views) == ("plain,crop-tl,crop-tr,crop-bl,crop-br,crop-c", "plain,crop-c")
 
 
 def _extract(model, cifar_root, cache, views, limit=None, **kw):
@@ -82,6 +92,8 @@ def test_adding_views_computes_only_the_new_ones_and_keeps_the_old_bytes(tiny_mo
         np.testing.assert_allclose(after[name], values, atol=1e-5, rtol=0)
     again = _extract(tiny_model, cifar_root, tmp_path / "cache", "crop-c,flip")
     assert again.up_to_date
+    rebuilt = _extract(tiny_model, cifar_root, tmp_path / "cache", "plain", force=True)
+    assert rebuilt.processed == 120 and cached_views(_datasets(rebuilt.path)[2]) == parse_views("plain,flip,crops")
 
 
 def test_a_killed_view_adding_run_resumes_to_the_uninterrupted_result(tiny_model, cifar_root, tmp_path):

@@ -150,6 +150,7 @@ class CacheWriter:
                 self._file, self.rows_done, self.resumed = f, int(f.attrs["rows_done"]), True
                 return ""
             done = int(f.attrs.get("rows_done", 0))
+            wrong = list(dict.fromkeys("views" if name == "computing" else name for name in wrong))
             why = f"it was made with other {', '.join(wrong)}" if wrong else "its datasets are not these settings'"
             reason = f"{done} rows of it are not reused: {why}"
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # its metadata is damaged

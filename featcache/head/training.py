@@ -149,8 +149,8 @@ def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID) -> t
             metrics = train(train_features, None, replace(config, l2=l2), data=data).metrics
             tried[l2] = {"l2": l2, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics.get("val_loss")}
 
-    def best_l2():
-        return max(tried, key=lambda l2: tried[l2]["val_accuracy"])
+    def best_l2():  # ties (common on small validation splits) go to the lower validation loss
+        return max(tried, key=lambda l2: (tried[l2]["val_accuracy"], -tried[l2]["val_loss"]))
 
     for l2 in grid:
         evaluate(l2)
