@@ -40,6 +40,7 @@ METHODS = {
     "openvino-int8": "featcache --precision int8 (OpenVINO, NNCF post-training INT8, 300 train images)",
 }
 PRECISION_OF = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
+CIFAR_SHAPE = (32, 32)  # the images' shape, as extract.py tells the extractor (int8 calibrates for it)
 
 
 def _images(data_dir, n):
@@ -81,7 +82,8 @@ def _our_engine(model, method, batch_size, data_dir, scratch):
     train = cifar.SplitSource(cifar.resolve_source(data_dir), "train")
     quantizer = Int8Quantizer(train, scratch) if precision == "int8" else None
     extractor = Extractor(load_model(model), views=("plain",), batch_size=batch_size, engine=engine,
-                          precision=precision, quantizer=quantizer)  # int8: calibration happens here, untimed
+                          precision=precision, quantizer=quantizer,
+                          input_shape=CIFAR_SHAPE)  # int8: calibration happens here, untimed
     return lambda images: extractor.embed(images)["plain"]
 
 
@@ -117,16 +119,21 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
         return worker(worker_method, model, data_dir, images, reps, batch_size, out)
     from featcache import ov_engine
 
+    unknown = [m for m in methods.split(",") if m not in METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}", param_hint="--methods")
     chosen = [m for m in methods.split(",") if not m.startswith("openvino") or ov_engine.available()]
-    results, vectors = {}, {}
+    results, vectors, failures = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in chosen:
             out_file = Path(tmp) / f"{method}.npy"
             proc = subprocess.run([sys.executable, __file__, "--worker", method, "--out", out_file,
                                    "--images", str(images), "--reps", str(reps), "--model", model,
-                                   "--data-dir", data_dir] + (["--batch-size", str(batch_size)] if batch_size else []), capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{method} failed:\n{proc.stderr[-2000:]}")
+                                   "--data-dir", data_dir] + (["--batch-size", str(batch_size)] if batch_size else []),
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:  # reported in its row; the other methods still get theirs
+                failures[method] = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]
+                continue
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             vectors[method] = np.load(out_file)
     print(f"CPU: {cpu.name()} ({cpu.noted_flags()}), {os.cpu_count()} cores; {images} real CIFAR-10 test images, "
@@ -135,10 +142,14 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
           "| max abs diff vs tensorflow engine | max abs / mean cosine distance vs openvino f32 "
           "| default head test acc (full caches) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rates = {method: statistics.median(results[method]["rates"]) for method in chosen}
-    base, ours, f32 = rates[chosen[0]], rates.get("tensorflow", float("nan")), rates.get("openvino", float("nan"))
+    rates = {method: statistics.median(results[method]["rates"]) for method in results}
+    nan = float("nan")
+    base, ours, f32 = rates.get(chosen[0], nan), rates.get("tensorflow", nan), rates.get("openvino", nan)
     for method in chosen:
-        diff = np.abs(vectors[method] - vectors["tensorflow"]).max() if "tensorflow" in vectors else float("nan")
+        if method in failures:
+            print(f"| {METHODS[method]} | failed: {failures[method]} | | | | | | | |")
+            continue
+        diff = np.abs(vectors[method] - vectors["tensorflow"]).max() if "tensorflow" in vectors else nan
         versus_f32 = "-"
         if "openvino" in vectors:
             a, b = vectors[method], vectors["openvino"]

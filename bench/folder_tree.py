@@ -48,11 +48,10 @@ def write(out, data_dir, fmt, quality, limit, damage):
     out = Path(out)
     suffix = "png" if fmt == "png" else "jpg"
     for split in ("train", "test"):
-        for name in cifar.CIFAR10_CLASS_NAMES:
-            (out / split / name).mkdir(parents=True, exist_ok=True)
         row = 0
         for images, labels in cifar.SplitSource(source, split, limit).batches():
             for image, label in zip(images, labels):
+                (out / split / cifar.CIFAR10_CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)  # no empty class
                 data = tf.io.encode_png(image) if fmt == "png" else tf.io.encode_jpeg(image, quality=quality)
                 (out / split / cifar.CIFAR10_CLASS_NAMES[label] / f"{row:05d}.{suffix}").write_bytes(data.numpy())
                 row += 1

@@ -11,6 +11,7 @@ same-size chunks, and images of mixed sizes are resized one by one before the ne
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,9 @@ from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT
 
 
 MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats = 19 MB a view
+# OpenVINO networks kept compiled (each input shape is its own network: a full image and a crop per image size,
+# plus the float network of mixed chunks); the least recently used beyond this is dropped and recompiled if needed.
+MAX_OV_NETWORKS = 4
 
 
 def batch_unit(images, batch_size: int, group: int = MIXED_GROUP) -> int:
@@ -140,7 +144,7 @@ class Extractor:
                                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
         self.dim = self._probe()
-        self._ov_networks = {}
+        self._ov_networks = OrderedDict()
         if self.engine == "openvino":
             from .ov_engine import conversion_errors
 
@@ -201,6 +205,7 @@ class Extractor:
         from .ov_engine import OpenVinoNetwork
 
         if (height, width) not in self._ov_networks:
+            self._make_room()
             spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
             graph = tf.function(lambda images: self._network(
                 preprocess_static(images, self.image_size, self.resize)), input_signature=[spec])
@@ -209,7 +214,13 @@ class Extractor:
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
                                              resize=self.resize, crop=self.crop)
             self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize, self.threads)
+        self._ov_networks.move_to_end((height, width))
         return self._ov_networks[height, width]
+
+    def _make_room(self):
+        """Drop the least recently used compiled networks so that one more fits within MAX_OV_NETWORKS."""
+        while len(self._ov_networks) >= MAX_OV_NETWORKS:
+            self._ov_networks.popitem(last=False)
 
     def _ov_float_network(self):
         """The network alone, compiled by OpenVINO for preprocessed float batches (chunks of mixed sizes)."""
@@ -221,9 +232,11 @@ class Extractor:
             if self.precision == "int8":
                 raise UserError("`precision='int8'` needs images of one size (it is calibrated per input size); "
                                 "this chunk mixes sizes: use `precision='f32'` or `precision='bf16'`")
+            self._make_room()
             spec = tf.TensorSpec([self.batch_size, self.image_size, self.image_size, 3], tf.float32)
             self._ov_networks["float"] = OpenVinoNetwork(tf.function(self._network, input_signature=[spec]),
                                                          self.precision, threads=self.threads)
+        self._ov_networks.move_to_end("float")
         return self._ov_networks["float"]
 
     def _network_inputs(self, images: np.ndarray):

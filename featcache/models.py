@@ -52,9 +52,10 @@ def call_kwargs(model, image_size: int) -> dict:
     return {}
 
 
-def identity(handle: str) -> tuple[str, str]:
-    """(handle, content sha256): a local folder becomes its absolute path plus the hash of its files; a TF Hub
-    handle (a URL) stays as it is."""
+def identity(handle: str | os.PathLike) -> tuple[str, str]:
+    """(handle, content sha256): a local folder (a str or path object) becomes its absolute path plus the hash of
+    its files; a TF Hub handle (a URL) stays as it is."""
+    handle = os.fspath(handle)
     if "://" in handle:
         return handle, ""
     if not os.path.exists(handle):

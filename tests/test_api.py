@@ -52,3 +52,7 @@ def test_a_cache_reads_with_h5py_alone(cache, tiny_model):
     with h5py.File(path, "r") as f:
         x, y = f["embeddings"][:], f["labels"][:]
         assert f.attrs["complete"] and x.shape == (f.attrs["rows"], f.attrs["dim"]) and len(y) == len(x)
+
+
+def test_a_model_folder_may_be_a_path_object(tiny_model):
+    assert make_key(tiny_model, 32, "bicubic") == make_key(str(tiny_model), 32, "bicubic")

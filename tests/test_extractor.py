@@ -84,6 +84,23 @@ def test_openvino_engine_agrees_with_tensorflow(tiny, batch_size):
             assert np.abs(tf_out[view] - ov_out[view]).max() < 1e-3
 
 
+@pytest.mark.skipif(not ov_engine.available(), reason="openvino is not installed (optional engine)")
+def test_openvino_keeps_a_bounded_number_of_compiled_networks(tiny):
+    from featcache.extractor import MAX_OV_NETWORKS
+
+    views = ("plain", "crop-tl")  # two shapes per image size: the image and its crop
+    tf_engine = Extractor(tiny, image_size=32, views=views, batch_size=8, engine="tensorflow")
+    openvino = Extractor(tiny, image_size=32, views=views, engine="openvino")
+    shapes = [(16, 16), (20, 24), (24, 20), (32, 32), (16, 16)]  # 8 networks needed, the first shape again last
+    for height, width in shapes:
+        images = _images(3)[:, :height, :width]
+        ov_out, tf_out = openvino.embed(images), tf_engine.embed(images)
+        for view in views:
+            assert np.abs(ov_out[view] - tf_out[view]).max() < 1e-3
+        assert len(openvino._ov_networks) <= MAX_OV_NETWORKS
+    assert list(openvino._ov_networks)[-2:] == [(16, 16), (14, 14)]  # the most recent shapes are the ones kept
+
+
 def _odd_images(n=5, height=24, width=37, seed=3):
     """Images whose width and height differ by an odd number: a mirrored image's center square is not the
     mirrored center square of the image."""

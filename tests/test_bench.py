@@ -1,0 +1,132 @@
+"""Every script in bench/ runs on the fixtures' tiny model and a few images, and prints its table: a benchmark
+that nothing runs stops working unnoticed. The figures themselves are not checked (they are timings); the
+tables' shape and the values that do not depend on speed are."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache import api, ov_engine
+from featcache.settings import DEFAULT_MODEL
+from conftest import ROOT, save_tiny_model
+
+
+def bench(name: str, *args, env=None) -> str:
+    """Run bench/<name>.py's click command in this process; its stdout (it must exit 0)."""
+    module = importlib.import_module(f"bench.{name}")
+    with mock.patch.dict(os.environ, env or {}):
+        result = CliRunner().invoke(module.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """The Markdown table's body rows, as cells."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+@pytest.fixture(scope="module")
+def default_caches(cifar_root, tmp_path_factory) -> tuple[Path, dict]:
+    """(cache folder, env): full caches of the fixture's CIFAR-10 under the default settings, the default TF Hub
+    handle resolved (through TFHUB_CACHE_DIR in env) to the tiny model, as the benches that read the default
+    caches expect them."""
+    base = tmp_path_factory.mktemp("default_caches")
+    save_tiny_model(base / "hub" / hashlib.sha1(DEFAULT_MODEL.encode()).hexdigest())
+    env = {"TFHUB_CACHE_DIR": str(base / "hub"), "CIFAR10_DATA_DIR": str(cifar_root)}
+    with mock.patch.dict(os.environ, env):
+        for split in ("train", "test"):
+            api.extract(split, cache_dir=base / "cache", engine="tensorflow", progress=False, log=lambda *_: None)
+    return base / "cache", env
+
+
+def test_cache_checks():
+    out = bench("cache_checks", "--rows", 300, "--repeats", 1)
+    assert "300 rows x 1280 x 2 views (3 MB), median of 1 writes and 3 reads:" in out
+    assert re.search(r"write without checksums +[\d.]+ s +with Fletcher-32", out)
+    assert "NaN/Inf check of both views" in out
+
+
+def test_extract_speed_reports_each_method_and_a_failing_one_in_its_row(tiny_model, cifar_root, tmp_path):
+    methods = ["tensorflow", "bogus"] + (["openvino", "openvino-int8"] if ov_engine.available() else [])
+    with mock.patch.dict("bench.extract_speed.METHODS", bogus="a method whose worker fails"):
+        out = bench("extract_speed", "--images", 6, "--reps", 1, "--model", tiny_model, "--data-dir", cifar_root,
+                    "--methods", ",".join(methods), "--cache-dir", tmp_path)
+    rows = {row[0]: row for row in table_rows(out)}
+    assert len(rows) == len(methods)
+    assert rows["a method whose worker fails"][1].startswith("failed: ")
+    tensorflow = rows["featcache --engine tensorflow (in-graph bicubic resize, batch 16)"]
+    assert float(tensorflow[1]) > 0 and tensorflow[6] == "0"  # its own vectors: no difference
+    if ov_engine.available():
+        f32 = next(row for name, row in rows.items() if name.startswith("featcache --engine openvino"))
+        int8 = next(row for name, row in rows.items() if name.startswith("featcache --precision int8"))
+        assert f32[7] == "0 / 0.0000" and float(int8[1]) > 0  # int8 calibrates for the images' size and runs
+        assert int8[8].startswith("- (no full caches")
+
+
+def test_head_speed(default_caches):
+    cache, _ = default_caches
+    out = bench("head_speed", "--runs", 1, "--cache-dir", cache, "--setting", "epochs=2")
+    test_accuracy = api.run_head(cache_dir=cache, epochs=2).metrics["test_accuracy"]
+    assert f"test {test_accuracy:.4f}" in out  # the child's fit is the one train_head.py makes
+    assert "settings {'epochs': 2}; medians of 1 runs:" in out
+
+
+def test_grid_bound(default_caches):
+    cache, _ = default_caches
+    out = bench("grid_bound", "--rounds", 1, "--cache-dir", cache, "--", "--epochs", "2")
+    assert re.search(r"wall [\d.]+ s, bound [\d.]+ s \((met|MISSED)\); import [\d.]+ s, 4 fits", out)
+    assert "met " in out.splitlines()[-1]
+
+
+@pytest.mark.skipif(not ov_engine.available() or importlib.util.find_spec("ray") is None,
+                    reason="needs the optional Ray runner (requirements-ray.txt)")
+def test_runner_speed(default_caches, cifar_root):
+    _, env = default_caches
+    out = bench("runner_speed", "--data-dir", cifar_root, "--images", 8, "--rounds", 1, "--workers", 1, env=env)
+    rows = {row[0]: row for row in table_rows(out)}
+    assert set(rows) == {"local", "ray"} and float(rows["ray"][1]) > 0 and float(rows["local"][1]) > 0
+    assert re.search(r"ray / local images/s: [\d.]+", out)
+
+
+def test_deploy_check(small_run, cifar_root):
+    base, run_dir = small_run
+    pytest.importorskip("onnxruntime", reason="needs requirements-deploy.txt")
+    out = bench("deploy_check", "--run", run_dir.name, "--runs-dir", base / "runs", "--data-dir", cifar_root,
+                "--images", 8, "--timed", 4, "--passes", 1)
+    rows = {row[0]: row for row in table_rows(out)}
+    assert set(rows) == {"predict.py (TensorFlow)", "litert f32", "onnx f32"}
+    for name in ("litert f32", "onnx f32"):
+        assert rows[name][2] == "100.0000%"  # top-1 agrees with predict.py on every image
+        assert float(rows[name][3]) < 1e-4  # probabilities
+
+
+def test_predict_check(small_run, cifar_root):
+    base, run_dir = small_run
+    out = bench("predict_check", "--run", run_dir.name, "--runs-dir", base / "runs", "--data-dir", cifar_root,
+                "--images", 5)
+    assert "predict.py vs the run's recorded predictions: top-1 agrees on 5/5" in out
+    assert "exported SavedModel (fresh Python, TensorFlow only): top-1 same as predict.py on 5/5" in out
+
+
+def test_folder_tree_writes_cifar_as_folders_and_compares_their_caches(tiny_model, cifar_root, tmp_path):
+    tree = tmp_path / "tree"
+    out = bench("folder_tree", "write", tree, "--data-dir", cifar_root)
+    assert "train: 120 png files" in out and "test: 40 png files" in out
+    common = dict(cache_dir=tmp_path / "cache", model=tiny_model, image_size=40, engine="tensorflow",
+                  progress=False, log=lambda *_: None)
+    folder = api.extract("test", dataset="folder", data_dir=tree, **common).path
+    pickled = api.extract("test", data_dir=cifar_root, **common).path
+    out = bench("folder_tree", "compare", "--folder-cache", folder, "--pickle-cache", pickled)
+    assert "40 folder rows, 40 pickle rows" in out and "labels agree: True" in out
+    diffs = [float(v) for v in re.findall(r"max abs diff (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5  # PNG is lossless: the same pixels, the same vectors
