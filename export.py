@@ -5,7 +5,7 @@ class probabilities out."""
 import click
 
 from featcache.classifier import build_classifier, check_destination, export, resolve_run
-from featcache.cli import one_line_errors
+from featcache.cli import NonEmptyPath, TEXT, one_line_errors
 from featcache.deploy import FORMATS, export_run
 from featcache.errors import UserError
 from featcache.process import setup_process
@@ -13,7 +13,7 @@ from featcache.settings import DEFAULT_RUNS_DIR
 
 
 @click.command()
-@click.argument("out", type=click.Path())
+@click.argument("out", type=NonEmptyPath())
 @click.option("--format", "format_", type=click.Choice(FORMATS), default=FORMATS[0], show_default=True,
               help="saved_model: a folder, for TensorFlow and TF Serving (images of any size); tflite: a LiteRT file "
                    "(class names in OUT.labels.txt beside it); onnx: an ONNX file (class names in its metadata). "
@@ -22,9 +22,9 @@ from featcache.settings import DEFAULT_RUNS_DIR
               help="tflite/onnx: the side of the square uint8 images the file takes. Default: the dataset's own "
                    "(CIFAR: 32), else the network's input size.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--run", "run_id", default=None,
+@click.option("--run", "run_id", type=TEXT, default=None,
               help="Run id under --runs-dir. Default: best by validation, else latest.")
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
 def main(out, format_, input_size, force, run_id, runs_dir, verbose):

@@ -3,8 +3,8 @@
 
 import click
 
-from featcache.cli import (VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
-                           verbosity_options)
+from featcache.cli import (COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors,
+                           selection_options, verbosity_options)
 from featcache.pipeline import extract, verify
 from featcache.process import setup_process
 from featcache.runners import make_runner
@@ -18,9 +18,9 @@ from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNN
 @click.option("--views", default=DEFAULT_VIEWS, show_default=True,
               help="Views to cache, each as its own dataset; those a complete cache lacks are added to it (its "
                    "other views are kept and not recomputed). " + VIEWS_HELP)
-@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
+@click.option("--chunk-size", type=COUNT, default=DEFAULT_CHUNK_SIZE, show_default=True,
               help="Images per committed chunk: a crash costs at most the work on the two chunks in flight.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=COUNT, default=None,
               help="Images per forward pass of the frozen network (not train_head.py's rows per training step). "
                    f"Default: {default_batch_size('openvino', False)} (OpenVINO), "
                    f"{default_batch_size('tensorflow', False)} (TensorFlow on a CPU), "
@@ -29,9 +29,10 @@ from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNN
               help="auto: OpenVINO on a CPU when installed, else TensorFlow.")
 @click.option("--runner", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER, show_default=True,
               help="local: this process; ray: Ray workers on a cluster (one per CPU, or per GPU, by default).")
-@click.option("--ray-address", default=None, help="With --runner ray: the cluster to join (host:port, or auto for "
-              "the one running on this machine; default: RAY_ADDRESS if set, else a Ray started for this run).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
+@click.option("--ray-address", type=TEXT, default=None,
+              help="With --runner ray: the cluster to join (host:port, or auto for the one running on this machine; "
+                   "default: RAY_ADDRESS if set, else a Ray started for this run).")
+@click.option("--workers", type=COUNT, default=None,
               help="With --runner ray: how many workers (each loads the model once).")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
 @click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "

@@ -7,7 +7,7 @@ import sys
 import click
 
 from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
-from featcache.cli import one_line_errors
+from featcache.cli import NonEmptyPath, TEXT, one_line_errors
 from featcache.deploy import open_exported
 from featcache.errors import UserError
 from featcache.process import setup_process
@@ -15,11 +15,11 @@ from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--run", "run_id", default=None,
+@click.argument("images", nargs=-1, required=True, type=NonEmptyPath())
+@click.option("--run", "run_id", type=TEXT, default=None,
               help="Run id under --runs-dir. Default: best by validation, else latest.")
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
-@click.option("--model", "exported", type=click.Path(), default=None,
+@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--model", "exported", type=NonEmptyPath(), default=None,
               help="Classify with an exported file instead of a run: a .tflite (LiteRT) or .onnx (ONNX Runtime) file, "
                    "or a SavedModel folder (export.py), to check what you ship against what you trained.")
 @click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,

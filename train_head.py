@@ -7,8 +7,8 @@ import click
 from click.core import ParameterSource
 
 from featcache.cache.read import views_present
-from featcache.cli import (VIEWS_HELP, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
-                           verbosity_options)
+from featcache.cli import (NonEmptyPath, VIEWS_HELP, format_table, key_to_read, one_line_errors, parse_grid,
+                           selection_options, verbosity_options)
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.records import LEDGER_COLUMNS, ledger
@@ -48,7 +48,7 @@ DEFAULTS = HeadConfig()
 @click.option("--compute", type=click.Choice(COMPUTES), default=DEFAULTS.compute, show_default=True,
               help="Number format of the first layer's products in training steps. auto: bf16 with a hidden layer "
                    "on a CPU with native bf16 (AVX512-BF16, AMX), else f32. The saved head is f32 either way.")
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--sweep", type=click.Choice(["l2"]), default=None,
               help="Choose --l2 on a validation split (--val-split, default 0.2), then refit on all rows.")
 @click.option("--grid", multiple=True, metavar="NAME=V1,V2,...",

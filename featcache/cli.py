@@ -15,8 +15,8 @@ import click
 from .cache.read import CacheUnusable, caches_present
 from .errors import PARAMETER, UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-                       DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, PRECISIONS,
-                       RESIZE_METHODS, VIEW_SETS, VIEWS, HeadConfig)
+                       DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, MAX_COUNT,
+                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, VIEWS, HeadConfig)
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
               f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "
@@ -111,25 +111,49 @@ def list_caches_lines(cache_dir) -> list[str]:
     return existing_caches(caches_present(cache_dir))
 
 
+class NonEmptyPath(click.Path):
+    """click.Path that refuses an empty value (often an unset variable, as in --cache-dir "$DIR")."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (leave the option out for its default)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class NonEmptyText(click.types.StringParamType):
+    """Text that refuses an empty value, as NonEmptyPath does."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (leave the option out for its default)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+TEXT = NonEmptyText()
+COUNT = click.IntRange(min=1, max=MAX_COUNT)  # limits, chunk and batch sizes, workers
+
+
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
     from .quantize import CALIBRATION_SIZE
     from .sources import cifar
 
     options = [
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=str(DEFAULT_CACHE_DIR),
+        click.option("--cache-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_CACHE_DIR),
                      show_default=True, help="Where embedding caches live."),
         click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True,
                      help="cifar10 / cifar100 (python-pickle layout), or folder: --data-dir holds a folder per "
                           "class (or train/ and test/ folders of class folders). Part of the cache key."),
-        click.option("--data-dir", type=click.Path(), default=None,
+        click.option("--data-dir", type=NonEmptyPath(), default=None,
                      help=f"cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
                           f"${cifar.CIFAR10.env} / ${cifar.CIFAR100.env}); default: the official download, cached "
                           "like Keras does. folder: the image folder (needed; part of the cache key)."),
         click.option("--test-fraction", type=float, default=None,
                      help=f"folder with class folders only: share of files (seeded hash of the path) that form "
                           f"the test split [default: {DEFAULT_TEST_FRACTION}]."),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+        click.option("--model", type=TEXT, default=DEFAULT_MODEL, show_default=True,
                      help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
         click.option("--image-size", type=click.IntRange(min=1), default=None,
                      help=f"Side images are resized to before the model. Default: the model's own input size "
@@ -140,7 +164,7 @@ def selection_options(func):
         click.option("--crop", type=click.Choice(CROPS), default=DEFAULT_CROP, show_default=True,
                      help="none: squash each image to a square (Keras' default); center: cut the centered "
                           "square first, keeping the aspect ratio."),
-        click.option("--limit", type=click.IntRange(min=1), default=None,
+        click.option("--limit", type=COUNT, default=None,
                      help="Only N images of each split (quick runs; part of the cache key): CIFAR's first N, "
                           "a seeded sample of a folder's."),
         click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,

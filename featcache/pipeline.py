@@ -28,7 +28,7 @@ from .errors import UserError, first_line, in_python
 from .extractor import ExtractorSettings, check_engine_options
 from .runners import LocalRunner
 from .settings import (DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS,
-                       parse_views)
+                       check_count, parse_views)
 
 
 @dataclass
@@ -65,9 +65,9 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             progress=True, log=print, runner=None) -> ExtractResult:
     """Build (or resume, or confirm) the cache for one split, holding at least `views` (a complete cache
     lacking some gets them added, its other views kept); `runner` embeds (default: runners.LocalRunner)."""
-    for name, value in (("chunk_size", chunk_size), ("batch_size", 1 if batch_size is None else batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"`{name}` must be at least 1, got {value!r}")
+    check_count("chunk_size", chunk_size)
+    if batch_size is not None:
+        check_count("batch_size", batch_size)
     views = parse_views(views)
     check_engine_options(engine, key.precision)
     reader, path, expected = _target(key, split, data_dir, cache_dir, strict)

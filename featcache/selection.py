@@ -12,7 +12,7 @@ from .cache.layout import CacheKey
 from .cache.read import list_caches
 from .errors import UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
-                       DEFAULT_PRECISION, DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_image_size)
+                       DEFAULT_PRECISION, DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_count, check_image_size)
 from .sources import folder
 
 # The selection parameters, in the order the command line lists them.
@@ -31,8 +31,8 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
         if value not in choices:
             raise UserError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")
     for name, value in (("image_size", image_size), ("limit", limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"`{name}` must be a positive whole number, got {value!r}")
+        if value is not None:
+            check_count(name, value)
     if image_size is not None:
         check_image_size(image_size)
     root, fraction = "", 0.0

@@ -7,6 +7,8 @@ the library functions all take their defaults from here.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,6 +28,15 @@ DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size; a model whose signature
 # The largest side accepted: a batch of 16 images of this side is 16 x 1024^2 x 3 floats = 200 MB a view before the
 # network's own activations, which grow the same way (ImageNet models are trained at 224-600 px).
 MAX_IMAGE_SIZE = 1024
+
+
+MAX_COUNT = 2**31 - 1  # the largest count (limit, chunk or batch size) accepted: HDF5 attributes and TF take int32/64
+
+
+def check_count(name: str, value, minimum: int = 1):
+    """Refuse a count that is not a whole number in [minimum, MAX_COUNT]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
+        raise UserError(f"`{name}` must be a whole number in [{minimum}, 2^31), got {value!r}")
 
 
 def check_image_size(size: int, name: str = "image_size"):
@@ -212,11 +223,12 @@ class HeadConfig:
                 raise UserError(f"`{name}` must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.epochs < 1:
             raise UserError(f"`epochs` must be at least 1, got {self.epochs}")
-        for name in ("lr", "batch_size"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise UserError(f"`{name}` must be positive, got {getattr(self, name)}")
-        if not self.l2 >= 0:
-            raise UserError(f"`l2` must be >= 0, got {self.l2}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"`lr` must be positive and finite, got {self.lr}")
+        if self.batch_size is not None and not 0 < self.batch_size < 2**31:
+            raise UserError(f"`batch_size` must be in [1, 2^31), got {self.batch_size}")
+        if not 0 <= self.l2 < math.inf:
+            raise UserError(f"`l2` must be >= 0 and finite, got {self.l2}")
         for name in ("val_split", "dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"`{name}` must be in [0, 1), got {getattr(self, name)}")

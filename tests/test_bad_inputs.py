@@ -145,6 +145,45 @@ def test_ray_options_without_the_ray_runner(cifar_root, tiny_model, tmp_path, op
     assert not list(tmp_path.rglob("*.h5"))
 
 
+# Option values of each kind a sweep tried (zero, negative, huge, NaN/Inf, empty, wrong type) that the options
+# types alone did not refuse: each is one line, exit 2, before anything is written. Others (zero, negative, wrong
+# type, out-of-range fractions) are in test_cli.py and test_head.py.
+HUGE = "99999999999999999999"  # beyond int64: HDF5 attributes and TensorFlow tracebacks before
+OPTION_SWEEP = [
+    ("extract.py", ["--chunk-size", HUGE],
+     f"Invalid value for '--chunk-size': {HUGE} is not in the range 1<=x<=2147483647"),
+    ("extract.py", ["--batch-size", HUGE], f"Invalid value for '--batch-size': {HUGE} is not in the range"),
+    ("extract.py", ["--limit", HUGE], f"Invalid value for '--limit': {HUGE} is not in the range"),
+    ("extract.py", ["--cache-dir", ""],
+     "Invalid value for '--cache-dir': is empty (leave the option out for its default)"),
+    ("extract.py", ["--data-dir", " "], "Invalid value for '--data-dir': is empty"),
+    ("extract.py", ["--model", ""], "Invalid value for '--model': is empty"),
+    ("extract.py", ["--runner", "ray", "--ray-address", ""], "Invalid value for '--ray-address': is empty"),
+    ("train_head.py", ["--batch-size", HUGE], f"Error: --batch-size must be in [1, 2^31), got {HUGE}"),
+    ("train_head.py", ["--l2", "inf"], "Error: --l2 must be >= 0 and finite, got inf"),
+    ("train_head.py", ["--lr", "inf"], "Error: --lr must be positive and finite, got inf"),
+    ("train_head.py", ["--runs-dir", ""], "Invalid value for '--runs-dir': is empty"),
+    ("predict.py", ["photo.png", "--run", ""], "Invalid value for '--run': is empty"),
+    ("predict.py", [""], "Invalid value for 'IMAGES...': is empty"),
+    ("predict.py", ["photo.png", "--model", ""], "Invalid value for '--model': is empty"),
+    ("export.py", [""], "Invalid value for 'OUT': is empty"),
+    ("export.py", ["out", "--runs-dir", " "], "Invalid value for '--runs-dir': is empty"),
+]
+
+
+@pytest.mark.parametrize("script, options, message", OPTION_SWEEP,
+                         ids=[f"{script} {' '.join(options)}" for script, options, _ in OPTION_SWEEP])
+def test_option_values_of_every_kind_are_one_line(good, tmp_path, script, options, message):
+    _, opts = good
+    selection = [] if script in ("predict.py", "export.py") else [o for o in opts if o != "--quiet"]
+    if script == "train_head.py":
+        selection = [o for i, o in enumerate(opts) if o not in ("--engine", "--quiet") and opts[i - 1] != "--engine"]
+        selection += ["--runs-dir", tmp_path / "runs"]
+    out = run_cli(script, *selection, *options)
+    _fails_cleanly(out, message)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_second_writer_is_told_the_cache_is_busy(tiny_model, cifar_root, tmp_path):
     """Another process holds the cache's lock (it says so, then waits for us): extract.py is turned away
     in one line and writes nothing; once the lock is free, the same command builds the cache."""
