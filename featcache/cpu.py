@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 NOTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -36,3 +37,14 @@ def noted_flags() -> str:
 def native_bf16() -> bool:
     """bf16 matrix products in hardware (AVX512-BF16 or AMX): about twice the f32 rate, not an emulation."""
     return bool({"avx512_bf16", "amx_bf16"} & flags())
+
+
+# oneDNN's dispatch caps (ONEDNN_MAX_CPU_ISA) that leave out VNNI on a CPU that has it.
+CAPS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def int8_dot_products() -> bool:
+    """Whether int8 products run as VNNI/AMX dot products (no 16-bit intermediate that can saturate), as oneDNN
+    (inside OpenVINO) will dispatch them here: the CPU has them and ONEDNN_MAX_CPU_ISA does not hold it below."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return cap not in CAPS_WITHOUT_VNNI and bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cpu
 from .errors import UserError, first_line
 from .settings import DEFAULT_CROP, crop_shape, view_images
 
@@ -50,8 +51,11 @@ def calibration_sample(reader, size: int = CALIBRATION_SIZE,
 class Int8Quantizer:
     """Turns the f32 OpenVINO model of one input shape into its INT8 version, building it at most once."""
 
-    def __init__(self, train_reader, folder: Path):
+    def __init__(self, train_reader, folder: Path, overflow_fix: bool | None = None):
+        """`overflow_fix`: weights on 7 bits (NNCF's OverflowFix.ENABLE), so that the u8 x s8 pair sums of CPUs
+        without VNNI cannot saturate their 16-bit intermediate. Default: on such CPUs (cpu.int8_dot_products)."""
         self.reader, self.folder = train_reader, Path(folder)
+        self.overflow_fix = not cpu.int8_dot_products() if overflow_fix is None else overflow_fix
         self.paths: list[Path] = []
 
     @functools.cached_property
@@ -63,7 +67,9 @@ class Int8Quantizer:
     def describe(self) -> dict:
         """What the cache records about its calibration."""
         _, rows, digest = self.sample
-        return {"calibration": f"{len(rows)} train images, seed {CALIBRATION_SEED}, NNCF post-training quantization",
+        fix = ", weights on 7 bits (overflow fix for CPUs without VNNI)" if self.overflow_fix else ""
+        return {"calibration": f"{len(rows)} train images, seed {CALIBRATION_SEED}, NNCF post-training quantization"
+                               f"{fix}",
                 "calibration_sha256": digest, "quantized_model": ", ".join(str(p) for p in self.paths)}
 
     def __call__(self, model, batch_size: int, image_size: int, resize: str, crop: str = DEFAULT_CROP):
@@ -78,7 +84,7 @@ class Int8Quantizer:
         if crop == "center":
             images = center_square(images)
         height, width = model.inputs[0].get_partial_shape().to_shape()[1:3]
-        path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{RECIPE}.xml"
+        path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{RECIPE}{'-ovf' if self.overflow_fix else ''}.xml"
         self.paths.append(path)
         if path.exists():
             return ov.Core().read_model(path)
@@ -97,8 +103,13 @@ class Int8Quantizer:
                         if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
         keep = (nncf.IgnoredScope(names=sorted({convolutions[0], convolutions[-1]}), validate=False)
                 if convolutions else None)
+        options = {"ignored_scope": keep} if keep else {}
+        if self.overflow_fix:
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+            options["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
         quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), fast_bias_correction=False,
-                                  **({"ignored_scope": keep} if keep else {}))
+                                  **options)
         _save_atomically(quantized, path)
         return quantized
 
