@@ -43,8 +43,18 @@ def native_bf16() -> bool:
 CAPS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
 
 
-def int8_dot_products() -> bool:
-    """Whether int8 products run as VNNI/AMX dot products (no 16-bit intermediate that can saturate), as oneDNN
-    (inside OpenVINO) will dispatch them here: the CPU has them and ONEDNN_MAX_CPU_ISA does not hold it below."""
+def int8_class() -> str:
+    """How oneDNN (inside OpenVINO) will multiply int8 here: "amx", "avx512-vnni", "avx-vnni" (dot products),
+    "avx2" (u8 x s8 pair sums in 16 bits, which can saturate) or "other"; ONEDNN_MAX_CPU_ISA can hold it below."""
+    found = flags()
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    return cap not in CAPS_WITHOUT_VNNI and bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags())
+    if cap not in CAPS_WITHOUT_VNNI:
+        for flag, kind in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni")):
+            if flag in found:
+                return kind
+    return "avx2" if "avx2" in found and cap not in ("SSE41", "AVX") else "other"
+
+
+def int8_dot_products() -> bool:
+    """Whether int8 products run as VNNI/AMX dot products, with no 16-bit intermediate that can saturate."""
+    return int8_class() in ("amx", "avx512-vnni", "avx-vnni")

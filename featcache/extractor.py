@@ -151,7 +151,7 @@ class Extractor:
             try:  # compiled now, so that it counts as load time and a conversion failure shows at once
                 self._ov_network(*self._uint8_shape(*(self.input_shape or (self.image_size, self.image_size))))
             except conversion_errors() as exc:
-                if asked != "auto":
+                if asked != "auto" or self.precision != "f32":  # TensorFlow computes f32 only
                     raise UserError(f"OpenVINO cannot convert model {self.model_name}: {first_line(exc)}") from None
                 self.log(f"note: OpenVINO cannot convert this model ({first_line(exc)}); using TensorFlow instead")
                 self.engine = "tensorflow"

@@ -95,6 +95,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     if key.precision == "int8":  # calibrated on the train split's images (read when first needed), whichever split
         train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
         quantizer = quantize.Int8Quantizer(train_reader, key.model_dir(cache_dir) / "int8")
+        if note := quantizer.unmeasured_note():
+            log(note)
     started = time.perf_counter()
     with locked(path), runner.open(settings, quantizer, log) as mapper:  # locked before the slow model load
         models.checked_size(key.model, models.record_input_size(mapper.fixed_input_size, key.model,

@@ -23,6 +23,8 @@ from .settings import DEFAULT_CROP, crop_shape, view_images
 CALIBRATION_SIZE = 300  # NNCF's default subset size
 CALIBRATION_SEED = 0
 RECIPE = "q2"  # names how the model is quantized (below); part of the saved model's file name
+# CPU classes (cpu.int8_class) on which int8's accuracy cost against f32 was measured (README, Results).
+MEASURED_CLASSES = ("avx512-vnni", "avx2")
 NNCF_HINT = "pip install -r requirements-openvino.txt  (OpenVINO and NNCF)"
 
 
@@ -64,6 +66,14 @@ class Int8Quantizer:
         images, rows = calibration_sample(self.reader)
         return images, rows, hashlib.sha256(images.tobytes()).hexdigest()
 
+    def unmeasured_note(self) -> str | None:
+        """A note for a CPU class whose int8 accuracy cost was never measured (None where it was)."""
+        kind = cpu.int8_class()
+        if kind in MEASURED_CLASSES:
+            return None
+        return (f"note: int8's accuracy cost was measured on {' and '.join(MEASURED_CLASSES)} CPUs, not on this one "
+                f"({kind}); before relying on it, compare heads on f32 and int8 caches of a few thousand images")
+
     def describe(self) -> dict:
         """What the cache records about its calibration."""
         _, rows, digest = self.sample
@@ -87,7 +97,10 @@ class Int8Quantizer:
         path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{RECIPE}{'-ovf' if self.overflow_fix else ''}.xml"
         self.paths.append(path)
         if path.exists():
-            return ov.Core().read_model(path)
+            try:
+                return ov.Core().read_model(path)
+            except RuntimeError:
+                pass  # damaged (cut short, overwritten): calibrated again below and replaced atomically
         import nncf
 
         if (height, width) == crop_shape(*images.shape[1:3]):  # the network of the crop views

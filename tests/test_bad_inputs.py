@@ -8,6 +8,7 @@ import sys
 import tarfile
 
 import h5py
+import numpy as np
 import pytest
 
 from featcache.cache import layout
@@ -386,3 +387,61 @@ def test_a_models_record_that_cannot_be_written_leaves_no_temporary_file(tmp_pat
     monkeypatch.setattr(models.os, "replace", full_disk)
     models.record_input_size(96, "https://hub.invalid/m/1", "", tmp_path)  # only a shortcut: no error
     assert [p.name for p in (tmp_path / "models").iterdir()] == []
+
+
+MODEL_DAMAGES = {
+    "saved_model.pb cut short": lambda m: (m / "saved_model.pb").write_bytes((m / "saved_model.pb").read_bytes()[:200]),
+    "saved_model.pb replaced": lambda m: (m / "saved_model.pb").write_bytes(b"not a protobuf"),
+    "variables missing": lambda m: shutil.rmtree(m / "variables"),
+    "variables index emptied": lambda m: (m / "variables" / "variables.index").write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", MODEL_DAMAGES.values(), ids=MODEL_DAMAGES)
+def test_a_damaged_model_folder_is_one_line_naming_it(tiny_model, cifar_root, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    damage(model)
+    out = run_cli("extract.py", "--split", "test", "--data-dir", cifar_root, "--model", model, "--engine", "tensorflow",
+                  "--cache-dir", tmp_path / "cache")
+    _fails_cleanly(out, f"Error: cannot load the SavedModel in {model} (", "the folder is damaged or incomplete")
+    assert not list((tmp_path / "cache").rglob("*.h5"))
+
+
+IR_DAMAGES = {
+    "xml cut short": lambda xml: xml.write_bytes(xml.read_bytes()[:100]),
+    "xml replaced": lambda xml: xml.write_bytes(b"\0not xml"),
+    "weights emptied": lambda xml: xml.with_suffix(".bin").write_bytes(b""),
+}
+
+
+@pytest.fixture(scope="module")
+def int8_cache(tiny_model, cifar_root, tmp_path_factory):
+    """A cache folder with an int8 train split (and its saved quantized network), and the test split's vectors."""
+    pytest.importorskip("nncf", reason="int8 needs requirements-openvino.txt")
+    cache = tmp_path_factory.mktemp("int8")
+    args = ["--data-dir", cifar_root, "--model", tiny_model, "--image-size", "32", "--precision", "int8", "--quiet"]
+    assert run_cli("extract.py", "--split", "train", "--cache-dir", cache, *args).returncode == 0
+    reference = tmp_path_factory.mktemp("int8_reference")
+    shutil.copytree(cache, reference, dirs_exist_ok=True)
+    assert run_cli("extract.py", "--split", "test", "--cache-dir", reference, *args).returncode == 0
+    (test,) = reference.rglob("test.h5")
+    with h5py.File(test, "r") as f:
+        return cache, args, f["embeddings"][:]
+
+
+@pytest.mark.parametrize("damage", IR_DAMAGES.values(), ids=IR_DAMAGES)
+def test_a_damaged_quantized_network_is_built_again_never_replaced_by_f32(int8_cache, tmp_path, damage):
+    """Before, OpenVINO's read error counted as a conversion failure: the int8 cache's rows came from TensorFlow."""
+    cache, args, want = int8_cache
+    shutil.copytree(cache, tmp_path / "cache")
+    (xml,) = (tmp_path / "cache").rglob("*.xml")
+    weights = xml.with_suffix(".bin").read_bytes()
+    damage(xml)
+    out = run_cli("extract.py", "--split", "test", "--cache-dir", tmp_path / "cache", *args)
+    assert out.returncode == 0, out.stderr
+    (test,) = (tmp_path / "cache").rglob("test.h5")
+    with h5py.File(test, "r") as f:
+        assert f.attrs["engine"] == "openvino" and f.attrs["precision"] == "int8"
+        np.testing.assert_array_equal(f["embeddings"][:], want)
+    assert xml.with_suffix(".bin").read_bytes() == weights  # calibrated again to the same network

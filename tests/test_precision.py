@@ -105,3 +105,54 @@ def test_cli_precision_on_the_tensorflow_engine_and_a_missing_cache(tiny_model, 
     assert missing.returncode == 2
     (line,) = missing.stderr.strip().splitlines()
     assert "224px-bicubic-bf16" in line and "--precision bf16" in line
+
+
+@pytest.mark.parametrize("flags, cap, kind", [
+    ({"avx2", "avx512f", "avx512_vnni"}, "", "avx512-vnni"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX2", "avx2"),  # oneDNN held below VNNI: pair sums in 16 bits
+    ({"avx2", "avx512f", "avx512_vnni"}, "avx512_core", "avx2"),
+    ({"avx2", "avx512_vnni", "amx_int8"}, "", "amx"),
+    ({"avx2", "avx_vnni"}, "", "avx-vnni"),
+    ({"avx2"}, "", "avx2"),
+    ({"avx2"}, "SSE41", "other"),
+    (set(), "", "other"),
+])
+def test_int8_class_follows_the_cpu_and_the_onednn_cap(monkeypatch, flags, cap, kind):
+    from featcache import cpu
+
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(flags))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu.int8_class() == kind
+    assert cpu.int8_dot_products() == (kind in ("amx", "avx512-vnni", "avx-vnni"))
+
+
+@needs_openvino
+@pytest.mark.parametrize("flags, overflow_fix, note", [
+    ({"avx2", "avx512f", "avx512_vnni"}, False, None),
+    ({"avx2"}, True, None),
+    ({"avx2", "avx512_vnni", "amx_int8"}, False, "not on this one (amx)"),
+])
+def test_int8_weights_take_7_bits_where_pair_sums_can_saturate_and_unmeasured_cpus_get_a_note(
+        tiny_model, cifar_root, tmp_path, monkeypatch, flags, overflow_fix, note):
+    import nncf
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    from featcache import cpu
+
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset(flags))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    options, real_quantize = [], nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda model, dataset, **kwargs: options.append(kwargs) or
+                        real_quantize(model, dataset, **kwargs))
+    logged = []
+    done = pipeline.extract(_key(tiny_model, "int8"), "test", data_dir=cifar_root, cache_dir=tmp_path,
+                            progress=False, log=logged.append)
+    fix = options[0].get("advanced_parameters")
+    assert (fix is not None and fix.overflow_fix == OverflowFix.ENABLE) == overflow_fix
+    with h5py.File(done.path, "r") as f:
+        assert f.attrs["quantized_model"].endswith("-ovf.xml") == overflow_fix
+        assert ("weights on 7 bits" in f.attrs["calibration"]) == overflow_fix
+    notes = [line for line in logged if line.startswith("note: int8")]
+    assert notes == ([] if note is None else [
+        "note: int8's accuracy cost was measured on avx512-vnni and avx2 CPUs, not on this one (amx); before relying "
+        "on it, compare heads on f32 and int8 caches of a few thousand images"])
