@@ -6,7 +6,7 @@ import click
 
 from featcache.classifier import build_classifier, check_destination, export, resolve_run
 from featcache.cli import NonEmptyPath, TEXT, one_line_errors
-from featcache.deploy import FORMATS, export_run
+from featcache.deploy import FORMATS, QUANTIZE, export_run
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR
@@ -18,6 +18,9 @@ from featcache.settings import DEFAULT_RUNS_DIR
               help="saved_model: a folder, for TensorFlow and TF Serving (images of any size); tflite: a LiteRT file "
                    "(class names in OUT.labels.txt beside it); onnx: an ONNX file (class names in its metadata). "
                    "tflite and onnx take images of one size (--input-size).")
+@click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
+              help="tflite only: int8 weights and activations (depthwise convolutions, resize and head kept float), "
+                   "calibrated on a seeded sample of the run's train images; uint8 images in, probabilities out.")
 @click.option("--input-size", type=click.IntRange(min=1), default=None,
               help="tflite/onnx: the side of the square uint8 images the file takes. Default: the dataset's own "
                    "(CIFAR: 32), else the network's input size.")
@@ -27,9 +30,11 @@ from featcache.settings import DEFAULT_RUNS_DIR
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
-def main(out, format_, input_size, force, run_id, runs_dir, verbose):
+def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
+    if quantize and format_ != "tflite":
+        raise UserError(f"--quantize int8 is for --format tflite only, not {format_}")
     if format_ == "saved_model":
         if input_size:
             raise UserError("--input-size is for --format tflite or onnx (a SavedModel takes images of any size)")
@@ -37,7 +42,7 @@ def main(out, format_, input_size, force, run_id, runs_dir, verbose):
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)
     if format_ != "saved_model":
-        path = export_run(run_dir, out, format_, input_size, force)
+        path = export_run(run_dir, out, format_, input_size, force, quantize)
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
     classifier = build_classifier(run_dir)

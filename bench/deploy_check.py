@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Each deployment format against predict.py's classifier on the CIFAR-10 test images.
 
-Exports the run as LiteRT and ONNX files (in a temporary folder), runs each with its own
+Exports the run as LiteRT (f32 and int8) and ONNX files (in a temporary folder), runs each with its own
 runtime (the LiteRT interpreter, ONNX Runtime) and predict.py's TensorFlow classifier on the first N test
 images, and prints per format: file size, top-1 agreement with predict.py, the largest probability
 difference, test accuracy, and images/s at batch 1 and batch 32 (medians of a few timed passes).
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-FORMATS = (("litert f32", "tflite"), ("onnx f32", "onnx"))
+FORMATS = (("litert f32", "tflite", None), ("litert int8", "tflite", "int8"), ("onnx f32", "onnx", None))
 
 
 def images_per_second(probabilities, images: np.ndarray, batch: int, passes: int) -> float:
@@ -72,9 +72,9 @@ def main(run_id, runs_dir, data_dir, images, timed, passes):
                  images_per_second(reference, pixels[:timed], 1, passes),
                  images_per_second(reference, pixels[:timed], 32, passes)))
     with tempfile.TemporaryDirectory() as folder:
-        for name, fmt in FORMATS:
+        for name, fmt, quantize in FORMATS:
             try:
-                path = export_run(run_dir, Path(folder) / name.replace(" ", "-"), fmt)
+                path = export_run(run_dir, Path(folder) / name.replace(" ", "-"), fmt, quantize=quantize)
                 model = open_exported(path)
                 got = batched(model.probabilities, pixels)
                 rows.append((name, f"{path.stat().st_size / 1e6:.2f}", np.mean(got.argmax(1) == want.argmax(1)),

@@ -121,7 +121,8 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
 
     unknown = [m for m in methods.split(",") if m not in METHODS]
     if unknown:
-        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}", param_hint="--methods")
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}",
+                                 param_hint="--methods")
     chosen = [m for m in methods.split(",") if not m.startswith("openvino") or ov_engine.available()]
     results, vectors, failures = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +133,8 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
                                    "--data-dir", data_dir] + (["--batch-size", str(batch_size)] if batch_size else []),
                                   capture_output=True, text=True)
             if proc.returncode != 0:  # reported in its row; the other methods still get theirs
-                failures[method] = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]
+                last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                failures[method] = last.replace("|", "/")[:120]
                 continue
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             vectors[method] = np.load(out_file)

@@ -27,12 +27,14 @@ sys.path.insert(0, str(ROOT))
 
 from featcache import cpu  # noqa: E402
 
+RUN_TIMEOUT = 900  # seconds: a run that hangs fails the bench instead of stopping it
+
 
 def run(args: list[str]) -> dict:
     """One extract.py run: images/s, wall seconds, driver peak RSS (GB), workers' peak RSS (GB)."""
     started = time.perf_counter()
     out = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", sys.executable, str(ROOT / "extract.py"), *args],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT)
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise SystemExit(f"extract.py failed: {out.stderr[-2000:]}")

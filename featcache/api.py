@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.read import attributes, load_features, views_present
+from .cache.read import attributes, load_features, load_splits, views_present
 from .errors import UserError
 from .head import TrainedHead, train
 from .pipeline import ExtractResult
@@ -89,6 +89,5 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
         raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
     config = HeadConfig(**options).for_cached_views(views_present(key, cache_dir))
     config.check()
-    train_split, _ = load_features(key, "train", cache_dir, config.views_needed())
-    test_split, _ = load_features(key, "test", cache_dir, config.tta_view_list)
+    (train_split, _), (test_split, _) = load_splits(key, cache_dir, config.views_needed(), config.tta_view_list)
     return train(train_split, test_split, config)

@@ -111,24 +111,22 @@ def list_caches_lines(cache_dir) -> list[str]:
     return existing_caches(caches_present(cache_dir))
 
 
-class NonEmptyPath(click.Path):
-    """click.Path that refuses an empty value (often an unset variable, as in --cache-dir "$DIR")."""
+class NonEmpty:
+    """Refuses an empty value (often an unset variable, as in --cache-dir "$DIR"); mixed into a click type."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
-            self.fail("is empty (leave the option out for its default)", param, ctx)
+            hint = " (leave the option out for its default)" if isinstance(param, click.Option) else ""
+            self.fail(f"is empty{hint}", param, ctx)
         return super().convert(value, param, ctx)
 
 
-class NonEmptyText(click.types.StringParamType):
-    """Text that refuses an empty value, as NonEmptyPath does."""
+class NonEmptyPath(NonEmpty, click.Path):
+    pass
 
+
+class NonEmptyText(NonEmpty, click.types.StringParamType):
     name = "text"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("is empty (leave the option out for its default)", param, ctx)
-        return super().convert(value, param, ctx)
 
 
 TEXT = NonEmptyText()

@@ -39,8 +39,12 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags())
 
 
-# oneDNN's dispatch caps (ONEDNN_MAX_CPU_ISA) that leave out VNNI on a CPU that has it.
-CAPS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+# What each oneDNN dispatch cap (ONEDNN_MAX_CPU_ISA) still allows of the int8 dot-product instructions;
+# caps not named here (ALL, DEFAULT, the AMX levels) allow all of them.
+CAP_ALLOWS = {"SSE41": (), "AVX": (), "AVX2": (), "AVX512_CORE": (),
+              "AVX2_VNNI": ("avx_vnni",), "AVX2_VNNI_2": ("avx_vnni",),
+              **{cap: ("avx_vnni", "avx512_vnni") for cap in ("AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+                                                              "AVX512_CORE_FP16", "AVX10_1_512")}}
 
 
 def int8_class() -> str:
@@ -48,10 +52,10 @@ def int8_class() -> str:
     "avx2" (u8 x s8 pair sums in 16 bits, which can saturate) or "other"; ONEDNN_MAX_CPU_ISA can hold it below."""
     found = flags()
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap not in CAPS_WITHOUT_VNNI:
-        for flag, kind in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni")):
-            if flag in found:
-                return kind
+    allowed = CAP_ALLOWS.get(cap, ("amx_int8", "avx512_vnni", "avx_vnni"))
+    for flag, kind in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni")):
+        if flag in found and flag in allowed:
+            return kind
     return "avx2" if "avx2" in found and cap not in ("SSE41", "AVX") else "other"
 
 

@@ -4,9 +4,10 @@ An exported file takes uint8 images [N, S, S, 3] of one input size S and returns
 [N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which every
 runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op), the frozen network, the
 run's head, averaged over the run's test-time views. The class names travel with it: ONNX metadata
-(`class_names`, JSON), or `<file>.labels.txt` beside a .tflite file. Full-integer int8 LiteRT is not offered
-yet: the TFLite converter's post-training quantization of this MobileNetV2 left its embeddings at a mean
-cosine similarity of 0.87 to f32 (network alone), and with the resize in front the classifier fell to chance.
+(`class_names`, JSON), or `<file>.labels.txt` beside a .tflite file. `quantize='int8'` makes a LiteRT file
+with int8 weights and activations, calibrated on a seeded sample of the run's *train* images; the depthwise
+convolutions, the resize products and the head stay float (FLOAT_OPS): quantizing all of them left this
+MobileNetV2's embeddings at a mean cosine similarity of 0.877 to f32 and the head far off (docs/benchmarks.md).
 
 Files are written under a temporary name and renamed when complete. `open_exported` reads any export
 back (a SavedModel folder too) for predict.py, with the runtime each format is meant for.
@@ -27,15 +28,26 @@ FORMATS = ("saved_model", "tflite", "onnx")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 INSTALL_HINT = "pip install -r requirements-deploy.txt"
 ONNX_OPSET = 17
+QUANTIZE = ("int8",)
+# Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (per-channel weight
+# ranges a single int8 scale of their activations cannot serve: the first one had an error of 1.45 steps),
+# the resize as matrix products and the head (its 1280 standardised inputs). Their weights are 0.3 MB.
+FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED")
 
 
-def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False) -> Path:
-    """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written."""
+def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False,
+               quantize: str | None = None) -> Path:
+    """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written.
+    `quantize='int8'` (tflite only): int8 weights and activations, calibrated on the run's train images."""
     from .classifier import check_destination, load_run
     from .settings import check_image_size
 
     if format not in SUFFIXES:
         raise UserError(f"unknown `format` {format!r} for a file; choose one of {', '.join(SUFFIXES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UserError(f"unknown `quantize` {quantize!r}; the one choice is 'int8'")
+    if quantize and format != "tflite":
+        raise UserError(f"`quantize='int8'` is for `format='tflite'` only, not {format}")
     path = Path(path)
     if path.suffix != SUFFIXES[format]:
         path = path.with_name(path.name + SUFFIXES[format])
@@ -47,7 +59,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     check_image_size(size, "input_size")
     frozen = portable_function(parts, size)
     if format == "tflite":
-        content = to_tflite(frozen)
+        content = to_tflite(frozen, calibration_images(run_dir, parts.key, size) if quantize else None)
     else:
         content = to_onnx(frozen, parts.class_names, parts.run)
     write_export(path, content, parts.class_names)
@@ -60,6 +72,26 @@ def default_input_size(key) -> int:
     from .sources import cifar
 
     return cifar.IMAGE_SHAPE[0] if key.dataset in cifar.LAYOUTS else key.image_size
+
+
+def calibration_images(run_dir: Path, key, size: int) -> np.ndarray:
+    """A seeded sample of the run's train images (never test) for int8 calibration, of the input size."""
+    from .cache.read import attributes
+    from .quantize import calibration_sample
+    from .records import read_config
+    from .sources import open_split
+
+    train_cache = read_config(run_dir)["train_cache"]["path"]
+    try:
+        source = attributes(Path(train_cache))["source"]
+    except (OSError, KeyError) as exc:
+        raise UserError(f"int8 calibration reads the run's train images, but its train cache {train_cache} cannot "
+                        f"be read ({first_line(exc)})") from None
+    images, _ = calibration_sample(open_split(key, "train", data_dir=None if key.data_dir else source))
+    if images.shape[1:3] != (size, size):
+        raise UserError(f"int8 calibration needs train images of the input size {size}x{size}; the run's are "
+                        f"{images.shape[2]}x{images.shape[1]} (choose `input_size` {images.shape[1]})")
+    return images
 
 
 def require(module: str, what: str):
@@ -98,20 +130,32 @@ def portable_function(parts, input_size: int):
     @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")])
     def classify(images):
         x = tf.cast(images, tf.float32) / 255.0  # square: a center crop would cut nothing
-        views = [resized(view_images(x, view)) for view in parts.tta_views]
-        probs = tf.add_n([parts.probabilities(view) for view in views]) / len(views)
+        # The views go through the network as one batch: one copy of it in the graph, whatever their number.
+        views = tf.concat([resized(view_images(x, view)) for view in parts.tta_views], axis=0)
+        per_view = tf.reshape(parts.probabilities(views), [len(parts.tta_views), -1, len(parts.class_names)])
+        probs = tf.reduce_mean(per_view, axis=0)
         return {"probabilities": tf.identity(probs, name="probabilities")}
 
     return convert_variables_to_constants_v2(classify.get_concrete_function())
 
 
-def to_tflite(frozen) -> bytes:
-    """A LiteRT model (f32)."""
+def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
+    """A LiteRT model: f32, or with `calibration` (uint8 images) int8 but for FLOAT_OPS."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
     try:
-        return converter.convert()
+        if calibration is None:
+            return converter.convert()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        # The converter's own way to keep op types in float (selective quantization); its debug data is not used
+        # for the model it returns.
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([image[None]] for image in calibration[:1]),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS)))
+        return debugger.get_nondebug_quantized_model()
     except Exception as exc:  # noqa: BLE001 - the converter's errors are many and all mean the same here
         raise UserError(f"the TFLite converter cannot convert this classifier: {first_line(exc)}") from None
 

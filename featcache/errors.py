@@ -1,7 +1,7 @@
 """Errors the user can fix, worded for whoever called: Python names in the library, flags on the command line.
 
 A message names a parameter between backticks, as Python spells it: `lr`, `force=True`,
-`views='flip'`, `data_dir=PATH`. `str(error)` drops the backticks ("lr must be positive, got -1");
+`views='flip'`, `data_dir=PATH`. `str(error)` drops the backticks ("lr must be positive and finite, got -1");
 the command-line layer (cli.py `as_flags`) turns each one into its flag, the only place that knows them.
 """
 

@@ -25,7 +25,7 @@ from .errors import UserError, first_line
 IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.index")
 
 
-def load_model(handle: str):
+def load_model(handle: str | os.PathLike):
     """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line."""
     import tensorflow_hub as hub
 
@@ -33,8 +33,8 @@ def load_model(handle: str):
         return hub.load(handle)
     except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
         if "://" not in str(handle) and os.path.isdir(handle):  # a local folder: no hub or network involved
-            raise UserError(f"cannot load the SavedModel in {handle} ({first_line(exc, 200)}): the folder is damaged "
-                            "or incomplete; copy it again") from None
+            raise UserError(f"cannot load the SavedModel in {handle} ({first_line(exc, 200)}): the folder is damaged, "
+                            "incomplete, or not loadable by this TensorFlow") from None
         raise UserError(
             f"cannot load model {handle!r} ({first_line(exc, 200)}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
             "cache that holds it, or pass `model=PATH` to a local SavedModel folder"

@@ -55,6 +55,15 @@ def check_precision(precision: str):
                         f"{', '.join(capabilities)} here. Use `precision='f32'` or `precision='int8'`")
 
 
+def silence_conversion_telemetry():
+    """Route OpenVINO's model-conversion telemetry to its own no-op stub (what it uses when openvino-telemetry is
+    absent). Its sender forks processes from a thread pool: an extraction hung for 18 minutes with the main thread
+    waiting for the logging lock and four telemetry threads inside fork (tests/test_bench.py, runner_speed)."""
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+
+    convert_impl.tm = telemetry_utils.tm = telemetry_stub
+
+
 class OpenVinoNetwork:
     """Image arrays in (uint8 [N,H,W,3], or preprocessed floats), float32 [N,D] out, from a tf.function with a
     static input signature."""
@@ -62,6 +71,7 @@ class OpenVinoNetwork:
     def __init__(self, tf_function, precision: str = DEFAULT_PRECISION, quantize=None, threads: int | None = None):
         import openvino as ov
 
+        silence_conversion_telemetry()
         concrete = tf_function.get_concrete_function()
         self.batch_size = concrete.inputs[0].shape[0]
         model = ov.convert_model(concrete)

@@ -150,7 +150,7 @@ def _check_addable(path: Path, base: dict, attrs: dict, dim: int):
         now = ()
     if now != cached_views(base):
         raise UserError(f"cache {path} changed while this run waited for it (another run added views); run again")
-    for name in ("engine", "calibration_sha256"):
+    for name in ("engine", "calibration_sha256", "calibration"):  # calibration: its sample; how weights were cut
         if attrs.get(name) != base.get(name):
             wanted = f"`engine={base['engine']!r}`" if name == "engine" else "the same int8 calibration"
             raise UserError(f"cache {path} was made with another {name.split('_')[0]} ({base.get(name)}); add views "

@@ -94,7 +94,8 @@ class Int8Quantizer:
         if crop == "center":
             images = center_square(images)
         height, width = model.inputs[0].get_partial_shape().to_shape()[1:3]
-        path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{RECIPE}{'-ovf' if self.overflow_fix else ''}.xml"
+        recipe = RECIPE + ("-ovf" if self.overflow_fix else "")
+        path = self.folder / f"{image_size}px-{resize}-in{height}x{width}-b{batch_size}-cal{digest[:12]}-{recipe}.xml"
         self.paths.append(path)
         if path.exists():
             try:

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cache.layout import CacheKey
-from .cache.read import load_features, views_present
+from .cache.read import load_splits, views_present
 from .errors import UserError
 from .head import sweep_l2, train, training_data
 from .records import check_writable, record_run
@@ -19,7 +19,7 @@ def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):
     only once there is a result)."""
     train_views = parse_views(sum((config.views_needed() for config in configs), ()))
     test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
-    splits = [load_features(key, "train", cache_dir, train_views), load_features(key, "test", cache_dir, test_views)]
+    splits = load_splits(key, cache_dir, train_views, test_views)
     check_writable(runs_dir)
     return splits
 

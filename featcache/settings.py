@@ -36,7 +36,7 @@ MAX_COUNT = 2**31 - 1  # the largest count (limit, chunk or batch size) accepted
 def check_count(name: str, value, minimum: int = 1):
     """Refuse a count that is not a whole number in [minimum, MAX_COUNT]."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
-        raise UserError(f"`{name}` must be a whole number in [{minimum}, 2^31), got {value!r}")
+        raise UserError(f"`{name}` must be a whole number in [{minimum}, {MAX_COUNT}], got {value!r}")
 
 
 def check_image_size(size: int, name: str = "image_size"):
@@ -221,20 +221,18 @@ class HeadConfig:
         for name, choices in (("schedule", SCHEDULES), ("compute", COMPUTES), ("solver", SOLVERS)):
             if getattr(self, name) not in choices:
                 raise UserError(f"`{name}` must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if self.epochs < 1:
-            raise UserError(f"`epochs` must be at least 1, got {self.epochs}")
+        check_count("epochs", self.epochs)
         if not 0 < self.lr < math.inf:
             raise UserError(f"`lr` must be positive and finite, got {self.lr}")
-        if self.batch_size is not None and not 0 < self.batch_size < 2**31:
-            raise UserError(f"`batch_size` must be in [1, 2^31), got {self.batch_size}")
+        if self.batch_size is not None:
+            check_count("batch_size", self.batch_size)
         if not 0 <= self.l2 < math.inf:
             raise UserError(f"`l2` must be >= 0 and finite, got {self.l2}")
         for name in ("val_split", "dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"`{name}` must be in [0, 1), got {getattr(self, name)}")
         for name in ("hidden", "seed"):
-            if not 0 <= getattr(self, name) < 2**31:
-                raise UserError(f"`{name}` must be in [0, 2^31), got {getattr(self, name)}")
+            check_count(name, getattr(self, name), minimum=0)
         self.train_view_list, self.tta_view_list  # noqa: B018 - each names its parameter when it is wrong
         if self.solver == "lbfgs" and (self.hidden or self.dropout or self.label_smoothing):
             raise UserError("`solver='lbfgs'` fits a linear head: it takes no `hidden`, `dropout` or "

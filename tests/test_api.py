@@ -55,4 +55,6 @@ def test_a_cache_reads_with_h5py_alone(cache, tiny_model):
 
 
 def test_a_model_folder_may_be_a_path_object(tiny_model):
-    assert make_key(tiny_model, 32, "bicubic") == make_key(str(tiny_model), 32, "bicubic")
+    from featcache.selection import select
+
+    assert select(None, model=tiny_model, image_size=32) == select(None, model=str(tiny_model), image_size=32)

@@ -110,7 +110,7 @@ def test_train_head_refuses_incomplete_cache(extracted, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be a whole number in [1, 2147483647], got 0"),
     (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
 ])
 def test_train_head_bad_options(extracted, tiny_model, tmp_path, args, message):

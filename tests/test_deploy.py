@@ -66,6 +66,9 @@ def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
      "Error: --input-size is for --format tflite or onnx (a SavedModel takes images of any size)"),
     (["--format", "pdf"], "Invalid value for '--format'"),
     (["--format", "tflite", "--input-size", "5000"], "Error: --input-size 5000 is above 1024"),
+    (["--format", "onnx", "--quantize", "int8"], "Error: --quantize int8 is for --format tflite only, not onnx"),
+    (["--quantize", "int8"], "Error: --quantize int8 is for --format tflite only, not saved_model"),
+    (["--format", "tflite", "--quantize", "int4"], "Invalid value for '--quantize'"),
 ])
 def test_bad_export_options_are_one_line(run, tmp_path, args, message):
     base, _, _, _ = run
@@ -96,3 +99,26 @@ def test_a_missing_converter_or_runtime_is_one_line_naming_its_requirements_file
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
         "Error: format onnx needs tf2onnx, which is not installed: pip install -r requirements-deploy.txt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifar_root, monkeypatch):
+    from featcache import deploy
+    from featcache.deploy import open_exported
+
+    base, _, images, want = run
+    seen = []
+    real = deploy.calibration_images
+    monkeypatch.setattr(deploy, "calibration_images", lambda *args: seen.append(real(*args)) or seen[-1])
+    out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
+    assert out.returncode == 0, out.stderr
+    train = cifar.load_split(cifar.resolve_source(cifar_root), "train").images
+    assert {image.tobytes() for image in seen[0]} == {image.tobytes() for image in train}  # all 120: fewer than 300
+    assert not {image.tobytes() for image in seen[0]} & {image.tobytes() for image in images}
+    path = base / "int8.tflite"
+    model = open_exported(path)
+    assert model.format == "tflite" and model.input_size == 32
+    got = model.probabilities(images)
+    assert got.shape == want.shape and np.allclose(got.sum(1), 1, atol=0.02)  # softmax in 1/256 steps
+    details = __import__("ai_edge_litert.interpreter", fromlist=["Interpreter"]).Interpreter(
+        model_path=str(path))._get_ops_details()
+    assert "QUANTIZE" in {op["op_name"] for op in details}  # int8 for real (the tiny model is too small to shrink)

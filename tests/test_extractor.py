@@ -67,8 +67,8 @@ def test_model_that_is_not_a_feature_vector_is_rejected(tmp_path):
         Extractor(model, image_size=40, engine="tensorflow")
 
 
-def test_folder_that_is_not_a_savedmodel_names_the_offline_options(tmp_path):
-    with pytest.raises(UserError, match="TFHUB_CACHE_DIR.*model=PATH"):
+def test_a_folder_that_is_not_a_savedmodel_is_named_without_hub_advice(tmp_path):
+    with pytest.raises(UserError, match=f"cannot load the SavedModel in {tmp_path} .*contains neither 'saved_model.pb'"):
         load_model(str(tmp_path))
 
 

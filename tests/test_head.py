@@ -47,17 +47,17 @@ def test_validation_split_holds_out_whole_images():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(epochs=0), "epochs must be at least 1, got 0"),
+    (dict(epochs=0), "epochs must be a whole number in [1, 2147483647], got 0"),
     (dict(val_split=1.5), "val_split must be in [0, 1), got 1.5"),
     (dict(lr=0), "lr must be positive and finite, got 0"),
     (dict(lr=float("nan")), "lr must be positive and finite, got nan"),
     (dict(lr=float("inf")), "lr must be positive and finite, got inf"),
     (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
-    (dict(batch_size=0), "batch_size must be in [1, 2^31), got 0"),
-    (dict(batch_size=10**20), f"batch_size must be in [1, 2^31), got {10**20}"),
+    (dict(batch_size=0), "batch_size must be a whole number in [1, 2147483647], got 0"),
+    (dict(batch_size=10**20), f"batch_size must be a whole number in [1, 2147483647], got {10**20}"),
     (dict(l2=-1.0), "l2 must be >= 0 and finite, got -1.0"), (dict(l2=float("inf")), "l2 must be >= 0 and finite, got inf"),
-    (dict(hidden=-3), "hidden must be in [0, 2^31), got -3"),
-    (dict(seed=2**63), f"seed must be in [0, 2^31), got {2**63}"),
+    (dict(hidden=-3), "hidden must be a whole number in [0, 2147483647], got -3"),
+    (dict(seed=2**63), f"seed must be a whole number in [0, 2147483647], got {2**63}"),
     (dict(epochs="5"), "epochs must be a whole number, got '5'"),
     (dict(epochs=2.5), "epochs must be a whole number, got 2.5"), (dict(tta_views=1), "tta_views must be a str, got 1"),
     (dict(train_views="plain,mirror"), "unknown view 'mirror' in train_views; choose from plain, flip, crop-tl, crop-tl-flip, crop-tr, "

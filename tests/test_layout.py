@@ -38,8 +38,9 @@ from featcache.settings import HeadConfig
      "crop-bl-flip, crop-br, crop-br-flip, crop-c, crop-c-flip, crops, crops-flip",
      "unknown view 'mirror' in --views; choose from plain, flip, crop-tl, crop-tl-flip, crop-tr, crop-tr-flip, crop-bl, "
      "crop-bl-flip, crop-br, crop-br-flip, crop-c, crop-c-flip, crops, crops-flip"),
-    (lambda: pipeline.extract(CacheKey(), "train", chunk_size=0), "chunk_size must be a whole number in [1, 2^31), got 0",
-     "--chunk-size must be a whole number in [1, 2^31), got 0"),
+    (lambda: pipeline.extract(CacheKey(), "train", chunk_size=0),
+     "chunk_size must be a whole number in [1, 2147483647], got 0",
+     "--chunk-size must be a whole number in [1, 2147483647], got 0"),
 ])
 def test_errors_name_parameters_in_python_and_flags_on_the_command_line(make_error, python, flags):
     with pytest.raises(UserError) as caught:

@@ -112,6 +112,9 @@ def test_cli_precision_on_the_tensorflow_engine_and_a_missing_cache(tiny_model, 
     ({"avx2", "avx512f", "avx512_vnni"}, "AVX2", "avx2"),  # oneDNN held below VNNI: pair sums in 16 bits
     ({"avx2", "avx512f", "avx512_vnni"}, "avx512_core", "avx2"),
     ({"avx2", "avx512_vnni", "amx_int8"}, "", "amx"),
+    ({"avx2", "avx512_vnni", "amx_int8"}, "AVX512_CORE_VNNI", "avx512-vnni"),
+    ({"avx2", "avx512f", "avx512_vnni"}, "AVX2_VNNI", "avx2"),  # no AVX-VNNI on the CPU: plain AVX2 products
+    ({"avx2", "avx_vnni", "avx512_vnni"}, "AVX2_VNNI", "avx-vnni"),
     ({"avx2", "avx_vnni"}, "", "avx-vnni"),
     ({"avx2"}, "", "avx2"),
     ({"avx2"}, "SSE41", "other"),
@@ -122,6 +125,7 @@ def test_int8_class_follows_the_cpu_and_the_onednn_cap(monkeypatch, flags, cap, 
 
     monkeypatch.setattr(cpu, "flags", lambda: frozenset(flags))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert cpu.int8_class() == kind
     assert cpu.int8_dot_products() == (kind in ("amx", "avx512-vnni", "avx-vnni"))
 
@@ -141,6 +145,7 @@ def test_int8_weights_take_7_bits_where_pair_sums_can_saturate_and_unmeasured_cp
 
     monkeypatch.setattr(cpu, "flags", lambda: frozenset(flags))
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     options, real_quantize = [], nncf.quantize
     monkeypatch.setattr(nncf, "quantize", lambda model, dataset, **kwargs: options.append(kwargs) or
                         real_quantize(model, dataset, **kwargs))

@@ -164,7 +164,7 @@ def test_a_worker_that_cannot_load_the_model_fails_in_one_line_naming_its_node(c
     with pytest.raises(UserError) as error:
         _extract(broken, cifar_root, tmp_path / "cache", RayRunner(workers=2))
     message = str(error.value)
-    assert re.match(r"ray worker \d on node [0-9a-f]{8} \(.+\): cannot load model ", message), message
+    assert re.match(r"ray worker \d on node [0-9a-f]{8} \(.+\): cannot load the SavedModel in ", message), message
     assert "\n" not in message
     _wait_for_free_cpus()
 

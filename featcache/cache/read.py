@@ -310,4 +310,17 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] |
         raise CacheUnusable(f"{split} cache {path} holds {count} labels outside [0, {len(names)}) (first in row "
                             f"{first}: {labels[first]})", key, split, cache_dir, "verify")
     return Features(embeddings, labels, names), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
-                                                 "engine": attrs["engine"], "rows": int(attrs["rows"])}
+                                                 "engine": attrs["engine"], "rows": int(attrs["rows"]),
+                                                 "network": str(attrs.get("calibration", ""))}
+
+
+def load_splits(key: CacheKey, cache_dir, train_views, test_views) -> list[tuple[Features, dict]]:
+    """Both splits (load_features), checked to come from one network: an int8 cache's splits from the same
+    quantization (a split made on another CPU class, or under another oneDNN cap, may differ)."""
+    splits = [load_features(key, "train", cache_dir, train_views), load_features(key, "test", cache_dir, test_views)]
+    (_, train_info), (_, test_info) = splits
+    if train_info["network"] != test_info["network"]:
+        raise CacheUnusable(f"the train and test caches were made by differently quantized networks "
+                            f"({train_info['network']!r} vs {test_info['network']!r})", key, "test", cache_dir,
+                            "rebuild")
+    return splits
