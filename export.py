@@ -33,9 +33,9 @@ from featcache.settings import DEFAULT_RUNS_DIR
 def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
-    if quantize and format_ != "tflite":
-        raise UserError(f"--quantize int8 is for --format tflite only, not {format_}")
-    if format_ == "saved_model":
+    if format_ == "saved_model":  # tflite/onnx options are checked by export_run, this one never reaches it
+        if quantize:
+            raise UserError("--quantize int8 is for --format tflite only, not saved_model")
         if input_size:
             raise UserError("--input-size is for --format tflite or onnx (a SavedModel takes images of any size)")
         check_destination(out, force, folder=True)  # before the slow model load
