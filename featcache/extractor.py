@@ -124,7 +124,7 @@ class Extractor:
     quantizer: object = None  # int8: turns an f32 OpenVINO model into its INT8 version (quantize.Int8Quantizer)
     crop: str = DEFAULT_CROP  # "center": the centered square of each image, before resizing
     input_shape: tuple | None = None  # (H, W) the source expects most images to have: compiled at load time
-    log: object = print  # where the one-line notice of an OpenVINO fallback goes
+    log: object = print  # where one-line notices go (an OpenVINO fallback, an int8 network built again)
     threads: int | None = None  # OpenVINO's inference threads (None: all cores); a Ray worker uses its CPUs
 
     def __post_init__(self):
@@ -212,7 +212,7 @@ class Extractor:
             quantize = None
             if self.precision == "int8":
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
-                                             resize=self.resize, crop=self.crop)
+                                             resize=self.resize, crop=self.crop, log=self.log)
             self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize, self.threads)
         self._ov_networks.move_to_end((height, width))
         return self._ov_networks[height, width]

@@ -125,11 +125,15 @@ def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) ->
 
 
 def recorded_input_size(handle: str, sha256: str, cache_dir) -> tuple[bool, int | None]:
-    """(whether a record exists, the fixed input size it keeps) without loading anything."""
+    """(whether a usable record exists, the fixed input size it keeps) without loading anything. A damaged
+    record (cut short, not JSON, a size that is not a positive whole number) counts as none: the model is
+    loaded again and the record rewritten."""
     try:
-        return True, json.loads(_record(handle, sha256, cache_dir).read_text())["fixed_input_size"]
+        fixed = json.loads(_record(handle, sha256, cache_dir).read_text())["fixed_input_size"]
     except (OSError, ValueError, KeyError, TypeError):
         return False, None
+    usable = fixed is None or (type(fixed) is int and fixed > 0)
+    return usable, fixed if usable else None
 
 
 def _record(handle: str, sha256: str, cache_dir) -> Path:

@@ -82,7 +82,7 @@ class Int8Quantizer:
                                f"{fix}",
                 "calibration_sha256": digest, "quantized_model": ", ".join(str(p) for p in self.paths)}
 
-    def __call__(self, model, batch_size: int, image_size: int, resize: str, crop: str = DEFAULT_CROP):
+    def __call__(self, model, batch_size: int, image_size: int, resize: str, crop: str = DEFAULT_CROP, log=print):
         """The quantized `model` (an openvino.Model with a static uint8 input [batch, H, W, 3], center crops
         already cut when `crop` says so). The network of the crop views (their smaller input) is calibrated on
         the images' center crops."""
@@ -100,8 +100,8 @@ class Int8Quantizer:
         if path.exists():
             try:
                 return ov.Core().read_model(path)
-            except RuntimeError:
-                pass  # damaged (cut short, overwritten): calibrated again below and replaced atomically
+            except RuntimeError as exc:  # damaged (cut short, overwritten): calibrated again, replaced atomically
+                log(f"note: the saved int8 network {path} cannot be read ({first_line(exc)}); calibrating it again")
         import nncf
 
         if (height, width) == crop_shape(*images.shape[1:3]):  # the network of the crop views

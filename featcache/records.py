@@ -127,6 +127,7 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
                    "tta_views": views_label(head["tta_views"]), "cache": key.settings_name(), "key": key}
             if not _finite_metrics(metrics):
                 raise ValueError("its metrics are not finite numbers")
+            _check_numbers(row)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
             why = (str(exc) if isinstance(exc, OlderRun) else "its record is damaged or half-written "
                    f"({type(exc).__name__}: {str(exc)[:80]})")
@@ -134,6 +135,13 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
             continue
         rows.append(row)
     return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
+
+
+def _check_numbers(row: dict):
+    for column in ("fit_s", "epochs", "hidden", "l2", "lr"):
+        value = row[column]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{column} is {str(value)[:20]!r}, not a number")
 
 
 def _finite_metrics(metrics: dict) -> bool:

@@ -392,6 +392,34 @@ def test_a_models_record_that_cannot_be_written_leaves_no_temporary_file(tmp_pat
     assert [p.name for p in (tmp_path / "models").iterdir()] == []
 
 
+MODEL_RECORD_DAMAGES = {
+    "cut short": lambda record: record.write_text(record.read_text()[:20]),
+    "emptied": lambda record: record.write_text(""),
+    "not an object": lambda record: record.write_text("[48]"),
+    "key missing": lambda record: record.write_text('{"model": "m"}'),
+    "size a string": lambda record: record.write_text('{"fixed_input_size": "48"}'),
+    "size zero": lambda record: record.write_text('{"fixed_input_size": 0}'),
+    "size negative": lambda record: record.write_text('{"fixed_input_size": -48}'),
+    "size a fraction": lambda record: record.write_text('{"fixed_input_size": 47.5}'),
+    "size true": lambda record: record.write_text('{"fixed_input_size": true}'),
+}
+
+
+@pytest.mark.parametrize("damage", MODEL_RECORD_DAMAGES.values(), ids=MODEL_RECORD_DAMAGES)
+def test_a_damaged_model_record_is_read_again_from_the_model(tmp_path, damage):
+    """The record under <cache_dir>/models/ only saves loading the model: damaged, it counts as absent."""
+    from featcache import models
+
+    model = save_tiny_model(tmp_path / "fixed", size=48)
+    handle, sha = models.identity(model)
+    assert models.input_size(handle, sha, None, 224, tmp_path / "cache") == 48
+    (record,) = (tmp_path / "cache" / "models").iterdir()
+    good = record.read_text()
+    damage(record)
+    assert models.input_size(handle, sha, None, 224, tmp_path / "cache") == 48
+    assert record.read_text() == good
+
+
 MODEL_DAMAGES = {
     "saved_model.pb cut short": lambda m: (m / "saved_model.pb").write_bytes((m / "saved_model.pb").read_bytes()[:200]),
     "saved_model.pb replaced": lambda m: (m / "saved_model.pb").write_bytes(b"not a protobuf"),
@@ -443,6 +471,7 @@ def test_a_damaged_quantized_network_is_built_again_never_replaced_by_f32(int8_c
     damage(xml)
     out = run_cli("extract.py", "--split", "test", "--cache-dir", tmp_path / "cache", *args)
     assert out.returncode == 0, out.stderr
+    assert f"note: the saved int8 network {xml} cannot be read (" in out.stdout and "calibrating it again" in out.stdout
     (test,) = (tmp_path / "cache").rglob("test.h5")
     with h5py.File(test, "r") as f:
         assert f.attrs["engine"] == "openvino" and f.attrs["precision"] == "int8"

@@ -1,4 +1,6 @@
 import json
+
+import pytest
 from dataclasses import asdict
 
 from featcache.cache.layout import CacheKey
@@ -64,6 +66,49 @@ def test_a_damaged_run_record_is_skipped_with_one_warning(tmp_path):
     assert [r["run"] for r in rows] == ["good"]
     (warning,) = warnings
     assert warning.startswith("warning: skipping run damaged:") and "\n" not in warning
+
+
+def _edit(name, **changes):
+    """A damage: `changes` merged into one part ("metrics", "head" or "cache") of the run's record."""
+    def damage(run):
+        (part, values), = changes.items()
+        file = run / ("metrics.json" if part == "metrics" else "config.json")
+        record = json.loads(file.read_text())
+        (record if part == "metrics" else record[part]).update(values)
+        file.write_text(json.dumps(record))
+    damage.__name__ = name
+    return damage
+
+
+RUN_RECORD_DAMAGES = {
+    "metrics cut short": lambda run: (run / "metrics.json").write_text('{"test_accuracy": 0.'),
+    "metrics a list": lambda run: (run / "metrics.json").write_text("[0.9]"),
+    "config cut short": lambda run: (run / "config.json").write_text('{"head": {"epochs'),
+    "config emptied": lambda run: (run / "config.json").write_text(""),
+    "config missing": lambda run: (run / "config.json").unlink(),
+    "head a list": lambda run: (run / "config.json").write_text('{"head": [], "cache": {}}'),
+    "accuracy a string": _edit("accuracy", metrics={"test_accuracy": "0.9"}),
+    "accuracy NaN": _edit("nan", metrics={"val_accuracy": float("nan")}),
+    "fit seconds a string": _edit("fit", metrics={"fit_seconds": "slow"}),
+    "epochs a string": _edit("epochs", metrics={"epochs": "five"}),
+    "hidden a list": _edit("hidden", head={"hidden": [1]}),
+    "l2 a string": _edit("l2", head={"l2": "tiny"}),
+    "views unknown": _edit("views", head={"tta_views": "sideways"}),
+    "cache settings unknown": _edit("cache", cache={"image_size": "big"}),
+}
+
+
+@pytest.mark.parametrize("damage", RUN_RECORD_DAMAGES.values(), ids=RUN_RECORD_DAMAGES)
+def test_a_damaged_run_record_leaves_the_ledger_listing_the_others(tmp_path, damage):
+    _record(tmp_path, "good", 0.8, 0.8)
+    _record(tmp_path, "damaged", 0.9, 0.9)
+    damage(tmp_path / "damaged")
+    warnings = []
+    rows = ledger(tmp_path, warn=warnings.append)
+    assert [r["run"] for r in rows] == ["good"]
+    (warning,) = warnings
+    assert warning.startswith("warning: skipping run damaged: ") and "\n" not in warning
+    assert format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]).splitlines()[1].split()[0] == "good"
 
 
 def test_parse_grid_makes_every_combination_and_refuses_bad_specs():
