@@ -103,6 +103,72 @@ def test_train_head_refuses_a_bad_cache(good, tmp_path, case):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def _drop(name):
+    def damage(f):
+        del f[name]
+    return damage
+
+
+def _replace(name, make):
+    """Replace dataset `name` with make(rows)."""
+    def damage(f):
+        rows = int(f.attrs["rows"])
+        del f[name]
+        f[name] = make(rows)
+    return damage
+
+
+def _set_attr(name, value):
+    def damage(f):
+        if value is None:
+            del f.attrs[name]
+        else:
+            f.attrs[name] = value
+    return damage
+
+
+# Damages inside a cache file whose checksums are intact (another tool, a hand edit): (damage, the reason given,
+# or (load's, verify's) where verify, knowing the source, says more).
+CACHE_CONTENT_DAMAGES = {
+    "embeddings removed": (_drop("embeddings"), "its embeddings dataset is missing or not"),
+    "embeddings of ints": (_replace("embeddings", lambda n: np.zeros((n, 8), np.int32)), "not {rows} rows of floats"),
+    "embeddings of strings": (_replace("embeddings", lambda n: np.array([b"x"] * n)), "not {rows} rows of floats"),
+    "embeddings one row short": (_replace("embeddings", lambda n: np.zeros((n - 1, 8), np.float32)),
+                                 "not {rows} rows of floats"),
+    "labels removed": (_drop("labels"), "its labels dataset is missing or not {rows} whole numbers"),
+    "labels of floats": (_replace("labels", lambda n: np.zeros(n, np.float32)), "not {rows} whole numbers"),
+    "labels two columns": (_replace("labels", lambda n: np.zeros((n, 2), np.int64)), "not {rows} whole numbers"),
+    "rows a string": (_set_attr("rows", "many"), ("it is incomplete", "it was made with other rows")),
+    "rows too many": (_set_attr("rows", 10**6), ("it is incomplete", "it was made with other rows")),
+    "complete flag removed": (_set_attr("complete", None), "it is incomplete"),
+    "views not JSON": (_set_attr("views", "sideways"), "its views attribute is damaged"),
+    "views unknown": (_set_attr("views", '["plain", "upside-down"]'), "its views attribute is damaged"),
+    "views removed": (_set_attr("views", None), "its views attribute is damaged"),
+    "class names not JSON": (_set_attr("class_names", "{cat"), "its class_names attribute is damaged"),
+    "class names a string": (_set_attr("class_names", '"cat"'), "its class_names attribute is damaged"),
+    "class names empty": (_set_attr("class_names", "[]"), "its class_names attribute is damaged"),
+    "format version 99": (_set_attr("format_version", 99), "it was made with other format_version"),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_CONTENT_DAMAGES)
+def test_a_damaged_cache_content_is_one_reason_for_load_and_verify(good, cifar_root, tmp_path, case):
+    from featcache import api
+    from featcache.errors import UserError
+
+    damage, reason = CACHE_CONTENT_DAMAGES[case]
+    copy, opts = _damaged_copy(good, tmp_path, lambda path: None)
+    with h5py.File(copy, "r+") as f:
+        rows = int(f.attrs["rows"])
+        damage(f)
+    reason, verify_reason = (r.format(rows=rows) for r in (reason if isinstance(reason, tuple) else (reason, reason)))
+    selection = dict(cache_dir=tmp_path / "cache", model=opts[opts.index("--model") + 1], image_size=40)
+    with pytest.raises(UserError, match=f"test cache .* cannot be used: .*{reason}"):
+        api.load_cache("test", **selection)
+    path, problems = api.verify("test", data_dir=cifar_root, **selection)
+    assert path == copy and problems and verify_reason in problems[0], problems
+
+
 @pytest.mark.parametrize("make, message", [
     ("empty_dir", "no CIFAR-10 batches"),
     ("truncated_archive", "cannot read archive"),

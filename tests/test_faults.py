@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from featcache.cache import layout, read, write
-from conftest import KILL_POINT, ROOT
+from conftest import KILL_POINT, ROOT, SYNTHETIC_CLASSES, synthetic_attrs
 
 ROWS, DIM, CHUNK = 2400, 64, 8
 WRITER = KILL_POINT + f"""
@@ -27,7 +27,7 @@ from featcache.cache import layout
 path = __import__("pathlib").Path(sys.argv[1])
 attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
              model="m", image_size=1, resize="r", views="flip", limit=0, rows={ROWS}, source_fingerprint="f",
-             engine="e")
+             engine="e", class_names={SYNTHETIC_CLASSES!r})
 with write.locked(path), write.CacheWriter(path, attrs, {DIM}, ("plain", "flip")) as w:
     for lo in range(w.rows_done, {ROWS}, {CHUNK}):
         rows = np.arange(lo, min(lo + {CHUNK}, {ROWS}))
@@ -134,9 +134,7 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
     Such a child must not make HDF5 refuse this process's own files, nor keep the next writer out.
     """
     path = tmp_path / "cache" / "train.h5"
-    attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
-                 model="m", image_size=1, resize="r", views="plain", limit=0, rows=4, source_fingerprint="f",
-                 engine="e")
+    attrs = synthetic_attrs(4)
     with write.locked(path), write.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
         child = os.fork()
         if child == 0:  # holds copies of the lock file's and the partial file's descriptors
@@ -163,9 +161,7 @@ def test_a_forked_child_holding_our_files_blocks_neither_this_writer_nor_the_nex
 def test_a_partial_cache_of_another_engine_is_restarted_with_a_reason(tmp_path):
     """Installing OpenVINO between a crash and the rerun changes the engine: say so, never silently."""
     path = tmp_path / "train.h5"
-    attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
-                 model="m", image_size=1, resize="r", views="plain", limit=0, rows=8, source_fingerprint="f",
-                 engine="tensorflow")
+    attrs = synthetic_attrs(8, engine="tensorflow")
     with write.locked(path), write.CacheWriter(path, attrs, DIM, ("plain",)) as writer:
         writer.write(0, {"plain": np.ones((4, DIM), np.float32)}, np.arange(4))
     with write.locked(path), write.CacheWriter(path, dict(attrs, engine="openvino"), DIM, ("plain",)) as writer:

@@ -17,7 +17,7 @@ from featcache.head import train
 from featcache.settings import HeadConfig
 from featcache.records import ledger
 from featcache.runs import run_experiment
-from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, write_batches
+from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, synthetic_attrs, write_batches
 
 COMMON = ["--image-size", "32", "--train-views", "plain", "--tta-views", "plain"]  # the views of the caches below
 
@@ -90,7 +90,8 @@ def test_verify_reports_a_checksum_failure(tiny_model, caches, cifar_root, tmp_p
 def test_cache_without_checksums_stays_readable(tiny_model, cifar_root, tmp_path):
     """Caches written before checksums existed are read as they are."""
     path = tmp_path / "old" / "train.h5"
-    attrs = dict(_key(tiny_model).attrs("train"), rows=5, source_fingerprint="f", engine="tensorflow")
+    attrs = dict(_key(tiny_model).attrs("train"), rows=5, source_fingerprint="f", engine="tensorflow",
+                 class_names=json.dumps([str(i) for i in range(10)]))
     with write.locked(path), write.CacheWriter(path, attrs, 4, ("plain",), checksums=False) as writer:
         writer.write(0, {"plain": np.ones((5, 4), np.float32)}, np.arange(5))
         writer.finish()
@@ -185,9 +186,7 @@ def test_a_torn_chunk_after_a_kill_does_not_block_the_resume(tmp_path):
     """A kill mid-write can leave the chunk holding `rows_done` with a wrong checksum; resuming rewrites it whole."""
     rows, dim = 600, 8
     path = tmp_path / "train.h5"
-    attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train",
-                 model="m", image_size=1, resize="r", views="plain", limit=0, rows=rows, source_fingerprint="f",
-                 engine="e")
+    attrs = synthetic_attrs(rows)
     values = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim)
     with write.locked(path), write.CacheWriter(path, attrs, dim, ("plain",)) as writer:
         writer.write(0, {"plain": values[:300]}, np.arange(300) % 10)

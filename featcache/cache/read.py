@@ -46,9 +46,18 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", f"it was made with other {', '.join(wrong)}")
             if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
                 return CacheState("bad", "it is incomplete")
-            for name in [view_dataset(view) for view in cached_views(attrs)] + ["labels"]:
-                if name not in f or f[name].shape[0] != attrs["rows"]:
-                    return CacheState("bad", f"its {name} dataset is missing or the wrong length")
+            if not cached_views(attrs):
+                return CacheState("bad", "its views attribute is damaged (not a list of known views)")
+            try:
+                class_names(attrs)
+            except (KeyError, TypeError, ValueError):
+                return CacheState("bad", "its class_names attribute is damaged (not a list of names)")
+            rows = attrs["rows"]
+            for name in [view_dataset(view) for view in cached_views(attrs)]:
+                if name not in f or f[name].ndim != 2 or f[name].shape[0] != rows or f[name].dtype.kind != "f":
+                    return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
+            if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
+                return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
         return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
@@ -60,7 +69,7 @@ def cached_views(attrs: dict) -> tuple[str, ...]:
         views = json.loads(attrs.get("views", "[]"))
     except (TypeError, ValueError):
         return ()
-    return tuple(views) if isinstance(views, list) and all(isinstance(v, str) for v in views) else ()
+    return tuple(views) if isinstance(views, list) and all(v in VIEWS for v in views) else ()
 
 
 class MissingViews(UserError):
@@ -124,8 +133,11 @@ def _failed_checksum(exc: OSError) -> bool:
 
 
 def class_names(attrs: dict) -> tuple[str, ...]:
-    """The class names a cache stores."""
-    return tuple(json.loads(attrs["class_names"]))
+    """The class names a cache stores (ValueError when they are not a JSON list of names)."""
+    names = json.loads(attrs["class_names"])
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"class_names is {str(names)[:40]!r}, not a list of names")
+    return tuple(names)
 
 
 def skipped_files(path: Path) -> list[tuple[str, str]]:
@@ -184,13 +196,16 @@ def check_contents(path: Path, reader) -> list[str]:
     """
     problems = []
     with open_h5(path, "r") as f:
-        rows = int(f.attrs.get("rows", -1))
+        rows = f.attrs.get("rows")
+        if not isinstance(rows, (int, np.integer)):
+            return [f"its rows attribute is {str(rows)[:20]!r}, not a whole number"]
         names = [n for n in f if n.startswith("embeddings")]
         if not names:
             return ["no embeddings dataset"]
-        for name in names:
-            if f[name].ndim != 2 or f[name].shape[0] != rows:
-                problems.append(f"{name} has shape {f[name].shape}, expected ({rows}, D)")
+        for name in list(names):
+            if f[name].ndim != 2 or f[name].shape[0] != rows or f[name].dtype.kind != "f":
+                problems.append(f"{name} is {f[name].dtype} of shape {f[name].shape}, expected float ({rows}, D)")
+                names.remove(name)
         if "labels" not in f or f["labels"].shape != (rows,):
             return problems + ["labels dataset missing or the wrong length"]
         if not reader.may_skip and rows != reader.rows:
