@@ -24,6 +24,9 @@ from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT
                        view_images)
 
 
+# Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2 (a 12 MP photo goes alone, where a
+# batch of 16 of them peaked at 9.7 GB).
+PREPROCESS_PIXELS = 16 * 1024**2
 MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats = 19 MB a view
 # OpenVINO networks kept compiled (each input shape is its own network: a full image and a crop per image size,
 # plus the float network of mixed chunks); the least recently used beyond this is dropped and recompiled if needed.
@@ -240,10 +243,14 @@ class Extractor:
         return self._ov_networks["float"]
 
     def _network_inputs(self, images: np.ndarray):
-        """Preprocessed network batches in order: batch 0's views, then batch 1's, ..."""
+        """Preprocessed network batches in order: batch 0's views, then batch 1's, ... Large images are resized
+        a few at a time (PREPROCESS_PIXELS), so that a batch of photos never exists as floats at full size."""
+        import tensorflow as tf
+
+        step = max(1, PREPROCESS_PIXELS // (images.shape[1] * images.shape[2]))
         for i in range(0, len(images), self.batch_size):
-            for view_batch in self._preprocess(images[i : i + self.batch_size]):
-                yield view_batch
+            batch = images[i : i + self.batch_size]
+            yield from tf.concat([self._preprocess(batch[j : j + step]) for j in range(0, len(batch), step)], axis=1)
 
     def embed(self, images: np.ndarray | list) -> dict[str, np.ndarray]:
         """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}.

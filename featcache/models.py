@@ -30,7 +30,7 @@ def load_model(handle: str | os.PathLike):
     import tensorflow_hub as hub
 
     try:
-        return hub.load(handle)
+        return hub.load(os.fspath(handle))
     except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
         if "://" not in str(handle) and os.path.isdir(handle):  # a local folder: no hub or network involved
             raise UserError(f"cannot load the SavedModel in {handle} ({first_line(exc, 200)}): the folder is damaged, "

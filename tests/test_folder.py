@@ -296,3 +296,56 @@ def test_a_split_without_one_readable_image_is_one_error(tiny_model, tree, tmp_p
         path.write_bytes(b"")
     with pytest.raises(UserError, match=r"none of the 9 test images .* read \(the first, test/cat/000.png: empty"):
         _extract(_key(tiny_model, tree), tree, tmp_path / "cache", split="test")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header states width x height, with (almost) no pixel data: what a decompression bomb declares."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "bmp"])
+def test_the_header_size_is_the_decoded_size(fmt):
+    image = np.random.default_rng(0).integers(0, 255, (13, 21, 3), dtype=np.uint8)
+    assert folder.header_size(_encode(image, fmt)) == (21, 13)
+    assert folder.header_size(GIF_1X1) == (1, 1) and folder.header_size(b"\xff\xd8\xff\xe0 cut") is None
+
+
+def test_an_image_beyond_the_pixel_limit_is_skipped_before_decoding(tmp_path):
+    side = int(folder.MAX_IMAGE_PIXELS**0.5) + 1
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(side, side))
+    assert folder.decode_file(bomb) == (None, f"image too large ({side}x{side} pixels; at most "
+                                              f"{folder.MAX_IMAGE_PIXELS:,} are decoded)")
+    bomb.write_bytes(_png_header(side, 1))  # within the limit: the decoder itself says what is wrong
+    assert folder.decode_file(bomb)[1].startswith("not a decodable image (")
+
+
+def test_a_chunk_of_large_images_ends_at_the_byte_budget(tree, monkeypatch):
+    """Chunks end once their decoded images reach MAX_CHUNK_BYTES (checked every DECODE_GROUP files)."""
+    reader = folder.FolderSplit(tree, "train")
+    whole = list(reader.chunks(100))
+    monkeypatch.setattr(folder, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
+    monkeypatch.setattr(folder, "DECODE_GROUP", 2)
+    small = list(reader.chunks(100, start=1))
+    assert [len(c.items) for c in small] == [2] * 7 and [c.stop for c in small] == list(range(3, 16, 2))
+    np.testing.assert_array_equal(np.concatenate([c.images for c in small]), whole[0].images[1:])
+    np.testing.assert_array_equal(np.concatenate([c.items for c in small]), np.arange(1, 15))
+
+
+def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(tiny_model, monkeypatch):
+    from featcache import extractor
+
+    images = np.random.default_rng(1).integers(0, 255, (7, 30, 20, 3), dtype=np.uint8)
+    ex = Extractor(load_model(tiny_model), image_size=32, views=("plain", "flip"), batch_size=4, engine="tensorflow")
+    want = ex.embed(images)
+    monkeypatch.setattr(extractor, "PREPROCESS_PIXELS", 2 * 30 * 20)
+    got = ex.embed(images)
+    for view in ("plain", "flip"):
+        np.testing.assert_array_equal(got[view], want[view])

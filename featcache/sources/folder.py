@@ -7,9 +7,11 @@ GIF's first frame; gray and RGBA become RGB). With one level only, a file goes t
 split when a seeded hash of its path falls below `test_fraction`: adding a file never moves
 the others between splits.
 
-Decoding happens chunk by chunk (never a whole split in memory). A file that cannot be
-decoded (random bytes, truncated, empty, unreadable) is skipped and reported with its
-reason; `strict` makes the first one an error instead. The fingerprint is built from
+Decoding happens chunk by chunk (never a whole split in memory), and a chunk ends early once its
+decoded images reach settings.MAX_CHUNK_BYTES (large photos). A file that cannot be decoded
+(random bytes, truncated, empty, unreadable, more than MAX_IMAGE_PIXELS by its header: a
+decompression bomb) is skipped and reported with its reason; `strict` makes the first one an
+error instead. The fingerprint is built from
 paths, sizes and modification times (one stat per file, no decoding), so confirming that a
 60,000-image cache is up to date takes well under a second of it.
 """
@@ -20,6 +22,7 @@ import functools
 import hashlib
 import os
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -27,12 +30,14 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
-from ..settings import DEFAULT_TEST_FRACTION
+from ..settings import DEFAULT_TEST_FRACTION, MAX_CHUNK_BYTES
 from .base import Chunk, check_split
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_FORMATS
 SPLIT_SEED = 0
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
+DECODE_GROUP = 16  # files decoded between checks of a chunk's size in bytes
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold: 256 MB decoded, 1 GB as floats
 SHAPE_PROBE_FILES = 10  # files tried to find the size to compile for ahead
 
 
@@ -154,22 +159,28 @@ class FolderSplit:
     def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
         """Chunks of `chunk_size` files from item `start`; a chunk's unreadable files are in `skipped`."""
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
-            for lo in range(start, self.rows, chunk_size):
-                items = range(lo, min(lo + chunk_size, self.rows))
-                images, kept, skipped = [], [], []
-                for item, (image, reason) in zip(items, pool.map(self.decode, items)):
-                    if image is None:
-                        if self.strict:
-                            raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
-                                            "(`strict=True` stops at the first unreadable image)")
-                        skipped.append((item, reason))
-                    else:
-                        images.append(image)
-                        kept.append(item)
+            lo = start
+            while lo < self.rows:
+                end, item = min(lo + chunk_size, self.rows), lo
+                images, kept, skipped, size = [], [], [], 0
+                while item < end and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
+                    group = range(item, min(item + DECODE_GROUP, end))
+                    for item, (image, reason) in zip(group, pool.map(self.decode, group)):
+                        if image is None:
+                            if self.strict:
+                                raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
+                                                "(`strict=True` stops at the first unreadable image)")
+                            skipped.append((item, reason))
+                        else:
+                            images.append(image)
+                            kept.append(item)
+                            size += image.nbytes
+                    item = group.stop
                 if len({image.shape for image in images}) == 1:
                     images = np.stack(images)
                 kept = np.asarray(kept, np.int64)
-                yield Chunk(images, self.labels[kept], kept, skipped, stop=items.stop)
+                yield Chunk(images, self.labels[kept], kept, skipped, stop=item)
+                lo = item
 
     def decode(self, item: int) -> tuple[np.ndarray | None, str]:
         """(uint8 [H, W, 3], "") or (None, why it cannot be read)."""
@@ -185,6 +196,8 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
         return None, f"unreadable file ({exc.strerror or exc})"
     if not data:
         return None, "empty file (0 bytes)"
+    if (size := header_size(data)) and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return None, f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
     except (tf.errors.OpError, ValueError) as exc:
@@ -193,6 +206,26 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
     if image.shape[0] == 0 or image.shape[1] == 0:
         return None, "image has no pixels"
     return image, ""
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a PNG, GIF, BMP or JPEG file's header states it, without decoding; None if unknown."""
+    import tensorflow as tf
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(width), abs(height)  # a negative height means rows stored top-down
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            height, width, _ = tf.image.extract_jpeg_shape(data).numpy()
+        except (tf.errors.OpError, ValueError):
+            return None  # the decoder says what is wrong with it
+        return int(width), int(height)
+    return None
 
 
 def _class_folders(base: Path) -> list[str]:
