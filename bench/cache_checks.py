@@ -10,6 +10,7 @@ and medians are printed (reads: 3 per file and repeat).
     python bench/cache_checks.py [--rows 50000] [--repeats 3] [--from-cache cache/.../train.h5]
 """
 
+import json
 import statistics
 import sys
 import tempfile
@@ -29,8 +30,8 @@ DIM, COMMIT = 1280, 1024
 
 def write(path: Path, rows: int, checksums: bool, views: dict) -> float:
     attrs = dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="bench", split="train", model="m",
-                 image_size=224, resize="bicubic", views="flip", limit=0, rows=rows, source_fingerprint="f",
-                 engine="bench")
+                 image_size=224, resize="bicubic", limit=0, rows=rows, source_fingerprint="f", engine="bench",
+                 class_names=json.dumps([str(c) for c in range(10)]))
     started = time.perf_counter()
     with cache_write.locked(path), cache_write.CacheWriter(path, attrs, DIM, ("plain", "flip"), checksums=checksums) as w:
         for lo in range(0, rows, COMMIT):

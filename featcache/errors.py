@@ -33,3 +33,9 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's first line, for one-line errors (its type's name when it has no message)."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def last_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's last non-empty line: OpenVINO's errors start with where they were raised, end with why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else type(exc).__name__

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cpu
-from .errors import UserError, first_line
+from .errors import UserError, first_line, last_line
 from .settings import DEFAULT_CROP, crop_shape, view_images
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
@@ -101,7 +101,7 @@ class Int8Quantizer:
             try:
                 return ov.Core().read_model(path)
             except RuntimeError as exc:  # damaged (cut short, overwritten): calibrated again, replaced atomically
-                log(f"note: the saved int8 network {path} cannot be read ({first_line(exc)}); calibrating it again")
+                log(f"note: the saved int8 network {path} cannot be read ({last_line(exc)}); calibrating it again")
         import nncf
 
         if (height, width) == crop_shape(*images.shape[1:3]):  # the network of the crop views

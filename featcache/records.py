@@ -138,10 +138,11 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
 
 
 def _check_numbers(row: dict):
+    names = {"fit_s": "fit_seconds"}  # the record's own key where the ledger's column is named otherwise
     for column in ("fit_s", "epochs", "hidden", "l2", "lr"):
         value = row[column]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{column} is {str(value)[:20]!r}, not a number")
+            raise TypeError(f"{names.get(column, column)} is {str(value)[:20]!r}, not a number")
 
 
 def _finite_metrics(metrics: dict) -> bool:

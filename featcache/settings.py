@@ -139,10 +139,7 @@ ENGINES = ("auto", "tensorflow", "openvino")
 DEFAULT_ENGINE = "auto"  # OpenVINO on a CPU when it is installed, else TensorFlow
 RUNNERS = ("local", "ray")
 DEFAULT_RUNNER = "local"
-DEFAULT_CHUNK_SIZE = 1024  # images per committed chunk: what a crash can cost at most
-# Decoded pixels per chunk of a folder at most: 1,024 phone photos (12 MP) would be 37 GB, so a chunk of large
-# images ends earlier (measured: 94 such photos in one chunk peaked at 12.7 GB, docs/benchmarks.md).
-MAX_CHUNK_BYTES = 512 * 2**20
+DEFAULT_CHUNK_SIZE = 1024  # images per committed chunk: what a crash can cost at most (folders: sources.folder)
 
 
 def default_batch_size(engine: str, gpu: bool) -> int:

@@ -161,16 +161,16 @@ def make_key(model, image_size, resize, limit=None, precision="f32", **selection
                   precision=precision, **selection)
 
 
+SYNTHETIC_CLASSES = '["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]'
+
+
 def synthetic_attrs(rows: int, **changes) -> dict:
     """The attributes of a cache written directly with CacheWriter (no source, no model behind it): ten classes."""
     from featcache.cache import layout
 
     return dict(tool=layout.TOOL, format_version=layout.FORMAT_VERSION, dataset="synthetic", split="train", model="m",
-                image_size=1, resize="r", views="plain", limit=0, rows=rows, source_fingerprint="f", engine="e",
+                image_size=1, resize="r", limit=0, rows=rows, source_fingerprint="f", engine="e",
                 class_names=SYNTHETIC_CLASSES) | changes
-
-
-SYNTHETIC_CLASSES = '["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]'
 
 
 def run_cli(script: str, *args, env=None, timeout=300, in_process=True) -> subprocess.CompletedProcess:

@@ -141,12 +141,12 @@ CACHE_CONTENT_DAMAGES = {
     "rows a string": (_set_attr("rows", "many"), ("it is incomplete", "it was made with other rows")),
     "rows too many": (_set_attr("rows", 10**6), ("it is incomplete", "it was made with other rows")),
     "complete flag removed": (_set_attr("complete", None), "it is incomplete"),
-    "views not JSON": (_set_attr("views", "sideways"), "its views attribute is damaged"),
-    "views unknown": (_set_attr("views", '["plain", "upside-down"]'), "its views attribute is damaged"),
-    "views removed": (_set_attr("views", None), "its views attribute is damaged"),
-    "class names not JSON": (_set_attr("class_names", "{cat"), "its class_names attribute is damaged"),
-    "class names a string": (_set_attr("class_names", '"cat"'), "its class_names attribute is damaged"),
-    "class names empty": (_set_attr("class_names", "[]"), "its class_names attribute is damaged"),
+    "views not JSON": (_set_attr("views", "sideways"), "its views attribute is missing or not a list"),
+    "views unknown": (_set_attr("views", '["plain", "upside-down"]'), "its views attribute is missing or not a list"),
+    "views removed": (_set_attr("views", None), "its views attribute is missing or not a list"),
+    "class names not JSON": (_set_attr("class_names", "{cat"), "its class_names attribute is missing or not a list"),
+    "class names a string": (_set_attr("class_names", '"cat"'), "its class_names attribute is missing or not a list"),
+    "class names empty": (_set_attr("class_names", "[]"), "its class_names attribute is missing or not a list"),
     "format version 99": (_set_attr("format_version", 99), "it was made with other format_version"),
 }
 

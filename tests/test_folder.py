@@ -332,11 +332,15 @@ def test_a_chunk_of_large_images_ends_at_the_byte_budget(tree, monkeypatch):
     reader = folder.FolderSplit(tree, "train")
     whole = list(reader.chunks(100))
     monkeypatch.setattr(folder, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
-    monkeypatch.setattr(folder, "DECODE_GROUP", 2)
     small = list(reader.chunks(100, start=1))
     assert [len(c.items) for c in small] == [2] * 7 and [c.stop for c in small] == list(range(3, 16, 2))
     np.testing.assert_array_equal(np.concatenate([c.images for c in small]), whole[0].images[1:])
     np.testing.assert_array_equal(np.concatenate([c.items for c in small]), np.arange(1, 15))
+    broken = _break_files(tree)  # train/dog/001-003: items 6-8, skipped without counting towards the budget
+    small = list(folder.FolderSplit(tree, "train").chunks(100, start=5))
+    assert [c.items.tolist() for c in small] == [[5, 9], [10, 11], [12, 13], [14]] and small[0].stop == 10
+    assert [(item, reason[:5]) for item, reason in small[0].skipped] == [(6, "not a"), (7, "not a"), (8, "empty")]
+    assert len(broken) == 3
 
 
 def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(tiny_model, monkeypatch):
@@ -346,6 +350,9 @@ def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(tiny_mode
     ex = Extractor(load_model(tiny_model), image_size=32, views=("plain", "flip"), batch_size=4, engine="tensorflow")
     want = ex.embed(images)
     monkeypatch.setattr(extractor, "PREPROCESS_PIXELS", 2 * 30 * 20)
+    sizes, preprocess = [], ex._preprocess
+    monkeypatch.setattr(ex, "_preprocess", lambda batch: sizes.append(len(batch)) or preprocess(batch))
     got = ex.embed(images)
+    assert sizes == [2, 2, 2, 1]  # batches of 4 and 3, resized two images at a time
     for view in ("plain", "flip"):
         np.testing.assert_array_equal(got[view], want[view])

@@ -1,7 +1,7 @@
 import json
+from dataclasses import asdict
 
 import pytest
-from dataclasses import asdict
 
 from featcache.cache.layout import CacheKey
 from featcache.cli import format_table
@@ -68,7 +68,7 @@ def test_a_damaged_run_record_is_skipped_with_one_warning(tmp_path):
     assert warning.startswith("warning: skipping run damaged:") and "\n" not in warning
 
 
-def _edit(name, **changes):
+def _edit(**changes):
     """A damage: `changes` merged into one part ("metrics", "head" or "cache") of the run's record."""
     def damage(run):
         (part, values), = changes.items()
@@ -76,7 +76,6 @@ def _edit(name, **changes):
         record = json.loads(file.read_text())
         (record if part == "metrics" else record[part]).update(values)
         file.write_text(json.dumps(record))
-    damage.__name__ = name
     return damage
 
 
@@ -87,14 +86,14 @@ RUN_RECORD_DAMAGES = {
     "config emptied": lambda run: (run / "config.json").write_text(""),
     "config missing": lambda run: (run / "config.json").unlink(),
     "head a list": lambda run: (run / "config.json").write_text('{"head": [], "cache": {}}'),
-    "accuracy a string": _edit("accuracy", metrics={"test_accuracy": "0.9"}),
-    "accuracy NaN": _edit("nan", metrics={"val_accuracy": float("nan")}),
-    "fit seconds a string": _edit("fit", metrics={"fit_seconds": "slow"}),
-    "epochs a string": _edit("epochs", metrics={"epochs": "five"}),
-    "hidden a list": _edit("hidden", head={"hidden": [1]}),
-    "l2 a string": _edit("l2", head={"l2": "tiny"}),
-    "views unknown": _edit("views", head={"tta_views": "sideways"}),
-    "cache settings unknown": _edit("cache", cache={"image_size": "big"}),
+    "accuracy a string": _edit(metrics={"test_accuracy": "0.9"}),
+    "accuracy NaN": _edit(metrics={"val_accuracy": float("nan")}),
+    "fit seconds a string": _edit(metrics={"fit_seconds": "slow"}),
+    "epochs a string": _edit(metrics={"epochs": "five"}),
+    "hidden a list": _edit(head={"hidden": [1]}),
+    "l2 a string": _edit(head={"l2": "tiny"}),
+    "views unknown": _edit(head={"tta_views": "sideways"}),
+    "cache settings unknown": _edit(cache={"image_size": "big"}),
 }
 
 

@@ -47,11 +47,11 @@ def inspect(path: Path, expected: dict) -> CacheState:
             if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
                 return CacheState("bad", "it is incomplete")
             if not cached_views(attrs):
-                return CacheState("bad", "its views attribute is damaged (not a list of known views)")
+                return CacheState("bad", "its views attribute is missing or not a list of known views")
             try:
                 class_names(attrs)
             except (KeyError, TypeError, ValueError):
-                return CacheState("bad", "its class_names attribute is damaged (not a list of names)")
+                return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
             for name in [view_dataset(view) for view in cached_views(attrs)]:
                 if name not in f or f[name].ndim != 2 or f[name].shape[0] != rows or f[name].dtype.kind != "f":

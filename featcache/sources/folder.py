@@ -8,7 +8,7 @@ split when a seeded hash of its path falls below `test_fraction`: adding a file 
 the others between splits.
 
 Decoding happens chunk by chunk (never a whole split in memory), and a chunk ends early once its
-decoded images reach settings.MAX_CHUNK_BYTES (large photos). A file that cannot be decoded
+decoded images reach MAX_CHUNK_BYTES (large photos). A file that cannot be decoded
 (random bytes, truncated, empty, unreadable, more than MAX_IMAGE_PIXELS by its header: a
 decompression bomb) is skipped and reported with its reason; `strict` makes the first one an
 error instead. The fingerprint is built from
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import collections
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -30,14 +31,18 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
-from ..settings import DEFAULT_TEST_FRACTION, MAX_CHUNK_BYTES
+from ..settings import DEFAULT_TEST_FRACTION
 from .base import Chunk, check_split
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_FORMATS
 SPLIT_SEED = 0
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
-DECODE_GROUP = 16  # files decoded between checks of a chunk's size in bytes
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold: 256 MB decoded, 1 GB as floats
+# An image whose header claims more pixels is skipped unread: Pillow's decompression-bomb error threshold (twice the
+# size it warns at), 537 MB decoded, 2.1 GB as floats; a 108 MP phone photo is within it.
+MAX_IMAGE_PIXELS = 178_956_970
+# Decoded images per chunk at most: 1,024 phone photos (12 MP) would be 37 GB, so a chunk of large images ends
+# sooner (94 such photos in one chunk peaked at 12.7 GB, docs/benchmarks.md).
+MAX_CHUNK_BYTES = 512 * 2**20
 SHAPE_PROBE_FILES = 10  # files tried to find the size to compile for ahead
 
 
@@ -157,25 +162,30 @@ class FolderSplit:
         return self.labels[items]
 
     def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
-        """Chunks of `chunk_size` files from item `start`; a chunk's unreadable files are in `skipped`."""
+        """Chunks of up to `chunk_size` files from item `start` (fewer once the decoded images reach
+        MAX_CHUNK_BYTES); a chunk's unreadable files are in `skipped`. DECODE_THREADS files are decoded ahead."""
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
             lo = start
             while lo < self.rows:
-                end, item = min(lo + chunk_size, self.rows), lo
-                images, kept, skipped, size = [], [], [], 0
+                end, images, kept, skipped, size = min(lo + chunk_size, self.rows), [], [], [], 0
+                ahead = collections.deque(pool.submit(self.decode, i) for i in range(lo, min(lo + DECODE_THREADS, end)))
+                item = lo
                 while item < end and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
-                    group = range(item, min(item + DECODE_GROUP, end))
-                    for item, (image, reason) in zip(group, pool.map(self.decode, group)):
-                        if image is None:
-                            if self.strict:
-                                raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
-                                                "(`strict=True` stops at the first unreadable image)")
-                            skipped.append((item, reason))
-                        else:
-                            images.append(image)
-                            kept.append(item)
-                            size += image.nbytes
-                    item = group.stop
+                    image, reason = ahead.popleft().result()
+                    if item + len(ahead) + 1 < end:
+                        ahead.append(pool.submit(self.decode, item + len(ahead) + 1))
+                    if image is None:
+                        if self.strict:
+                            raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
+                                            "(`strict=True` stops at the first unreadable image)")
+                        skipped.append((item, reason))
+                    else:
+                        images.append(image)
+                        kept.append(item)
+                        size += image.nbytes
+                    item += 1
+                for future in ahead:  # decoded ahead past the chunk's end: the next chunk decodes them again
+                    future.cancel()
                 if len({image.shape for image in images}) == 1:
                     images = np.stack(images)
                 kept = np.asarray(kept, np.int64)
