@@ -107,13 +107,15 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
 
     base, _, images, want = run
     seen = []
-    real = deploy.calibration_images
-    monkeypatch.setattr(deploy, "calibration_images", lambda *args: seen.append(real(*args)) or seen[-1])
+    real = deploy.train_images
+    monkeypatch.setattr(deploy, "train_images", lambda *args: seen.append(real(*args)) or seen[-1])
     out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
     assert out.returncode == 0, out.stderr
     train = cifar.load_split(cifar.resolve_source(cifar_root), "train").images
-    assert {image.tobytes() for image in seen[0]} == {image.tobytes() for image in train}  # all 120: fewer than 300
-    assert not {image.tobytes() for image in seen[0]} & {image.tobytes() for image in images}
+    assert len(seen) == 2  # calibration, and the head's correction
+    for sample in seen:
+        assert {image.tobytes() for image in sample} == {image.tobytes() for image in train}  # all 120: too few
+        assert not {image.tobytes() for image in sample} & {image.tobytes() for image in images}
     path = base / "int8.tflite"
     model = open_exported(path)
     assert model.format == "tflite" and model.input_size == 32
@@ -122,3 +124,23 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
     details = __import__("ai_edge_litert.interpreter", fromlist=["Interpreter"]).Interpreter(
         model_path=str(path))._get_ops_details()
     assert "QUANTIZE" in {op["op_name"] for op in details}  # int8 for real (the tiny model is too small to shrink)
+
+
+def test_the_int8_heads_correction_is_a_least_squares_fit_folded_into_its_standardisation(run):
+    import keras
+
+    from featcache.deploy import _refolded, affine_fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    y = x * [2.0, 0.5, -1.0, 1.0] + [1.0, -2.0, 0.0, 3.0]
+    x[:, 3] = 7.0  # constant: no slope to fit
+    a, b = affine_fit(x, y)
+    np.testing.assert_allclose(a, [2.0, 0.5, 1.0, 1.0])  # a negative slope is not used either
+    np.testing.assert_allclose(b, [1.0, -2.0, y[:, 2].mean() - x[:, 2].mean(), y[:, 3].mean() - 7.0], atol=1e-12)
+    _, run_dir, _, _ = run
+    head = keras.models.load_model(run_dir / "head.keras", compile=False)
+    dim = head.input_shape[-1]
+    a, b = rng.uniform(0.5, 2.0, dim), rng.normal(size=dim)
+    features = rng.normal(size=(6, dim)).astype(np.float32)
+    np.testing.assert_allclose(_refolded(head, a, b)(features).numpy(), head(features * a + b).numpy(), atol=1e-5)
