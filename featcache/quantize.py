@@ -22,6 +22,7 @@ from .settings import DEFAULT_CROP, crop_shape, view_images
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
 CALIBRATION_SEED = 0
+MAX_CALIBRATION_BYTES = 2 * 2**30  # the sample is held in memory: 300 images of 1,500 x 1,500 at most
 RECIPE = "q2"  # names how the model is quantized (below); part of the saved model's file name
 # CPU classes (cpu.int8_class) on which int8's accuracy cost against f32 was measured (README, Results).
 MEASURED_CLASSES = ("avx512-vnni", "avx2")
@@ -40,6 +41,11 @@ def calibration_sample(reader, size: int = CALIBRATION_SIZE,
                        seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, their train items): a seeded sample of the train split's reader, read in one pass."""
     rows = np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
+    if (shape := reader.image_shape) and len(rows) * shape[0] * shape[1] * 3 > MAX_CALIBRATION_BYTES:
+        raise UserError(f"int8 calibration holds {len(rows)} train images in memory: at {shape[1]}x{shape[0]} that is "
+                        f"{len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} GB, above the "
+                        f"{MAX_CALIBRATION_BYTES / 2**30:.0f} GB allowed; use `precision='f32'` or `precision='bf16'` "
+                        "for images this large")
     picked = []
     for chunk in reader.chunks(4096):
         inside = np.isin(chunk.items, rows)

@@ -161,3 +161,17 @@ def test_int8_weights_take_7_bits_where_pair_sums_can_saturate_and_unmeasured_cp
     assert notes == ([] if note is None else [
         "note: int8's accuracy cost was measured on avx512-vnni and avx2 CPUs, not on this one (amx); before relying "
         "on it, compare heads on f32 and int8 caches of a few thousand images"])
+
+
+def test_a_calibration_sample_too_large_for_memory_is_refused_before_reading():
+    from types import SimpleNamespace
+
+    from featcache.quantize import calibration_sample
+
+    def unread(*args):
+        raise AssertionError("no image may be read")
+
+    photos = SimpleNamespace(rows=5000, image_shape=(3000, 4000), chunks=unread)
+    with pytest.raises(UserError, match=r"^int8 calibration holds 300 train images in memory: at 4000x3000 that is "
+                                        r"10\.1 GB, above the 2 GB allowed; use precision='f32'"):
+        calibration_sample(photos)
