@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,12 +92,13 @@ def load_run(run_dir: Path) -> RunParts:
         raise UserError(f"run {name} was trained on {key.precision} embeddings (OpenVINO), but predict and export "
                         f"run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a head on a "
                         f"{DEFAULT_PRECISION} cache (extract and train without `precision`) to serve")
+    path = Path(run_dir) / "head.keras"
     try:
-        head = keras.models.load_model(Path(run_dir) / "head.keras", compile=False)
+        head = keras.models.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file, a missing one: all the same here
-        raise UserError(f"run {name}: its head.keras cannot be read ({first_line(exc, 120)}); "
-                        "train the run again") from None
-    network = load_model(key.model)
+        why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a .keras archive"
+        raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
+    network = load_model(key.model, run=name)
     return RunParts(name, key, parse_views(config["head"]["tta_views"]), tuple(config["class_names"]), network,
                     call_kwargs(network, key.image_size), head)
 

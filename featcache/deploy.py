@@ -9,7 +9,8 @@ with int8 weights and activations, calibrated on a seeded sample of the run's *t
 convolutions, the resize products and the head stay float (FLOAT_OPS): quantizing all of them left this
 MobileNetV2's embeddings at a mean cosine similarity of 0.877 to f32 and the head far off (docs/benchmarks.md).
 The head of an int8 file is corrected for its network's embeddings (int8_head): per dimension, the f32
-embedding is fitted as a * int8 + b on other train images and folded into the head's standardisation.
+embedding is fitted as a * int8 + b on a seeded sample of up to 2,000 train images (on a small dataset it
+overlaps the calibration sample) and folded into the head's standardisation.
 
 Files are written under a temporary name and renamed when complete. `open_exported` reads any export
 back (a SavedModel folder too) for predict.py, with the runtime each format is meant for.
@@ -37,7 +38,7 @@ QUANTIZE = ("int8",)
 # standardisation's SUB and MUL, whose one int8 scale for all 1280 standardised inputs cost agreement, and its
 # FULLY_CONNECTED). Float depthwise weights add 0.02 MB to the network's 2.71 MB (docs/benchmarks.md).
 FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL")
-CORRECTION_IMAGES, CORRECTION_SEED = 2000, 1  # train images the int8 head correction is fitted on
+CORRECTION_IMAGES, CORRECTION_SEED = 2000, 1  # train images (at most) the int8 head correction is fitted on
 
 
 def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False,
@@ -87,7 +88,7 @@ def train_images(run_dir: Path, key, size: int, count: int | None = None, seed: 
     """A seeded sample of the run's train images (never test), of the input size: by default int8's calibration
     sample (quantize.calibration_sample)."""
     from .cache.read import attributes
-    from .quantize import calibration_sample
+    from .quantize import CalibrationUnusable, calibration_sample
     from .records import read_config
     from .sources import open_split
 
@@ -98,7 +99,10 @@ def train_images(run_dir: Path, key, size: int, count: int | None = None, seed: 
         raise UserError(f"int8 calibration reads the run's train images, but its train cache {train_cache} cannot "
                         f"be read ({first_line(exc)})") from None
     sample = {k: v for k, v in (("size", count), ("seed", seed)) if v is not None}
-    images, _ = calibration_sample(open_split(key, "train", data_dir=None if key.data_dir else source), **sample)
+    try:
+        images, _ = calibration_sample(open_split(key, "train", data_dir=None if key.data_dir else source), **sample)
+    except CalibrationUnusable as exc:
+        raise UserError(f"{exc.problem}; export this run without `quantize`") from None
     if images.shape[1:3] != (size, size):
         raise UserError(f"int8 calibration needs train images of the input size {size}x{size}; the run's are "
                         f"{images.shape[2]}x{images.shape[1]} (choose `input_size` {images.shape[1]})")

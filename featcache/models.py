@@ -25,8 +25,9 @@ from .errors import UserError, first_line
 IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.index")
 
 
-def load_model(handle: str | os.PathLike):
-    """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line."""
+def load_model(handle: str | os.PathLike, run: str | None = None):
+    """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line (for the network of
+    `run`, no other model can stand in for it)."""
     import tensorflow_hub as hub
 
     try:
@@ -35,10 +36,10 @@ def load_model(handle: str | os.PathLike):
         if "://" not in str(handle) and os.path.isdir(handle):  # a local folder: no hub or network involved
             raise UserError(f"cannot load the SavedModel in {handle} ({first_line(exc, 200)}): the folder is damaged, "
                             "incomplete, or not loadable by this TensorFlow") from None
-        raise UserError(
-            f"cannot load model {handle!r} ({first_line(exc, 200)}). Offline, set TFHUB_CACHE_DIR to a TF Hub "
-            "cache that holds it, or pass `model=PATH` to a local SavedModel folder"
-        ) from None
+        other = (f" (run {run} was trained on it)" if run else
+                 ", or pass `model=PATH` to a local SavedModel folder")
+        raise UserError(f"cannot load model {handle!r} ({first_line(exc, 200)}). Offline, set TFHUB_CACHE_DIR to a "
+                        f"TF Hub cache that holds it{other}") from None
 
 
 def call_kwargs(model, image_size: int) -> dict:

@@ -37,22 +37,28 @@ def nncf_available() -> bool:
     return True
 
 
+class CalibrationUnusable(UserError):
+    """The train images cannot calibrate int8 (`problem`); the message advises the extraction's other precisions."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(f"{problem}; use `precision='f32'` or `precision='bf16'` for this dataset")
+
+
 def calibration_sample(reader, size: int = CALIBRATION_SIZE,
                        seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, their train items): a seeded sample of the train split's reader, read in one pass."""
     rows = np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
     if (shape := reader.image_shape) and len(rows) * shape[0] * shape[1] * 3 > MAX_CALIBRATION_BYTES:
-        raise UserError(f"int8 calibration holds {len(rows)} train images in memory: at {shape[1]}x{shape[0]} that is "
-                        f"{len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} GB, above the "
-                        f"{MAX_CALIBRATION_BYTES / 2**30:.0f} GB allowed; use `precision='f32'` or `precision='bf16'` "
-                        "for images this large")
+        raise CalibrationUnusable(f"int8 calibration holds {len(rows)} train images in memory: at {shape[1]}x{shape[0]} "
+                                  f"that is {len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} GB, above the "
+                                  f"{MAX_CALIBRATION_BYTES / 2**30:.0f} GB allowed")
     picked = []
     for chunk in reader.chunks(4096):
         inside = np.isin(chunk.items, rows)
         picked += [image for image, keep in zip(chunk.images, inside) if keep]
     if len({image.shape for image in picked}) > 1:
-        raise UserError("`precision='int8'` needs train images of one size (it is calibrated per input size); "
-                        "use `precision='f32'` or `precision='bf16'` for this dataset")
+        raise CalibrationUnusable("int8 needs train images of one size (it is calibrated per input size)")
     return np.stack(picked), rows
 
 

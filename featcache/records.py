@@ -110,8 +110,9 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
     A run folder whose record is unreadable or incomplete is skipped with one warning line.
     """
     rows = []
-    for metrics_path in sorted(Path(runs_dir).glob("*/metrics.json")):
-        run_dir = metrics_path.parent
+    runs = {path.parent for name in ("metrics.json", "config.json") for path in Path(runs_dir).glob(f"*/{name}")}
+    for run_dir in sorted(runs):
+        metrics_path = run_dir / "metrics.json"
         try:
             metrics = json.loads(metrics_path.read_text())
             config = json.loads((run_dir / "config.json").read_text())

@@ -144,3 +144,18 @@ def test_the_int8_heads_correction_is_a_least_squares_fit_folded_into_its_standa
     a, b = rng.uniform(0.5, 2.0, dim), rng.normal(size=dim)
     features = rng.normal(size=(6, dim)).astype(np.float32)
     np.testing.assert_allclose(_refolded(head, a, b)(features).numpy(), head(features * a + b).numpy(), atol=1e-5)
+
+
+def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_without_quantize(run, monkeypatch, tmp_path):
+    from featcache import quantize
+
+    def mixed_sizes(*args, **kwargs):
+        raise quantize.CalibrationUnusable("int8 needs train images of one size (it is calibrated per input size)")
+
+    monkeypatch.setattr(quantize, "calibration_sample", mixed_sizes)
+    base, _, _, _ = run
+    out = run_cli("export.py", tmp_path / "q", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "Error: int8 needs train images of one size (it is calibrated per input size); export this run without "
+        "--quantize")
+    assert list(tmp_path.iterdir()) == []

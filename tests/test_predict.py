@@ -170,6 +170,7 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
 @pytest.mark.parametrize("damage, message", [
     (lambda run: (run / "head.keras").write_bytes((run / "head.keras").read_bytes()[:200]),
      "its head.keras cannot be read"),
+    (lambda run: (run / "head.keras").write_bytes(b"junk" * 100), "its head.keras cannot be read (not a .keras archive)"),
     (lambda run: (run / "head.keras").unlink(), "no run"),
     (lambda run: (run / "config.json").write_text('{"head": {'), "its config.json is damaged or half-written"),
     (lambda run: (run / "config.json").write_text(
@@ -190,3 +191,21 @@ def test_a_damaged_or_unservable_run_is_one_line_naming_it(trained_run, tmp_path
         assert chosen in ([], ["using run copy (as asked)"]), out.stderr
         assert line.startswith("Error: ") and message in line and "copy" in line, line
         assert not (tmp_path / "out").exists()
+
+
+def test_a_runs_network_that_cannot_be_loaded_offline_names_the_one_remedy(monkeypatch):
+    import tensorflow_hub as hub
+
+    from featcache.errors import UserError
+    from featcache.models import load_model
+
+    def offline(handle):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(hub, "load", offline)
+    with pytest.raises(UserError) as run_error:
+        load_model("https://tfhub.dev/m/1", run="r1")
+    assert str(run_error.value) == ("cannot load model 'https://tfhub.dev/m/1' (no route to host). Offline, set "
+                                    "TFHUB_CACHE_DIR to a TF Hub cache that holds it (run r1 was trained on it)")
+    with pytest.raises(UserError, match=r"that holds it, or pass model=PATH to a local SavedModel folder$"):
+        load_model("https://tfhub.dev/m/1")

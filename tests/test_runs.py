@@ -85,6 +85,7 @@ RUN_RECORD_DAMAGES = {
     "config cut short": lambda run: (run / "config.json").write_text('{"head": {"epochs'),
     "config emptied": lambda run: (run / "config.json").write_text(""),
     "config missing": lambda run: (run / "config.json").unlink(),
+    "metrics missing": lambda run: (run / "metrics.json").unlink(),
     "head a list": lambda run: (run / "config.json").write_text('{"head": [], "cache": {}}'),
     "accuracy a string": _edit(metrics={"test_accuracy": "0.9"}),
     "accuracy NaN": _edit(metrics={"val_accuracy": float("nan")}),

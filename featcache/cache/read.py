@@ -30,6 +30,9 @@ class CacheState:
     reason: str = ""
 
 
+READ_ATTRIBUTES = ("rows", "source_fingerprint", "engine")  # besides views and class_names, what readers use
+
+
 def inspect(path: Path, expected: dict) -> CacheState:
     """Compare a finished cache file with the attributes we expect, without loading rows."""
     if not path.exists():
@@ -39,6 +42,8 @@ def inspect(path: Path, expected: dict) -> CacheState:
             attrs = _attributes(f)
             if attrs.get("tool") != TOOL:
                 return CacheState("bad", "it was not made by featcache")
+            if missing := [name for name in READ_ATTRIBUTES if name not in attrs]:
+                return CacheState("bad", f"its {', '.join(missing)} attribute is missing")
             wrong = mismatches(attrs, expected, IDENTITY)
             if wrong == ["source_fingerprint"]:
                 return CacheState("bad", "its source changed since it was made (images added, removed or modified)")
