@@ -5,6 +5,7 @@ import click
 
 from featcache.cli import (COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors,
                            selection_options, verbosity_options)
+from featcache.cache.layout import partial_path
 from featcache.pipeline import extract, verify
 from featcache.process import setup_process
 from featcache.runners import make_runner
@@ -57,9 +58,16 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
         return verify_caches(key, splits, data_dir, cache_dir)
     with runner:  # Ray's workers serve both splits
         for one_split in splits:
-            result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views, chunk_size=chunk_size,
-                             batch_size=batch_size, engine=engine, force=force, strict=strict, progress=not quiet,
-                             log=click.echo, runner=runner)
+            try:
+                result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views,
+                                 chunk_size=chunk_size, batch_size=batch_size, engine=engine, force=force, strict=strict,
+                                 progress=not quiet, log=click.echo, runner=runner)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (process.py): the committed rows stay
+                partial = partial_path(key.path(cache_dir, one_split))
+                kept = (f"the rows committed so far are kept in {partial}; rerun the same command to resume"
+                        if partial.exists() else "nothing was committed")
+                click.echo(f"Stopped ({exc or 'Ctrl-C'}): {kept}", err=True)
+                raise SystemExit(130) from None
             click.echo(result.summary(words=as_flags))
 
 

@@ -92,7 +92,7 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
                                       verbose=2 if verbose else 0, log=log)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
-               f"({metrics['rows']} rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
+               f"({metrics['rows']} training rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:
         click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}"
                    + ("  (best of the L2 sweep; refit on all training rows)" if "sweep" in metrics else ""))

@@ -49,7 +49,8 @@ class ExtractResult:
 
     def summary(self, words=in_python) -> str:
         """One line, then one line per skipped file; `words` words the parameters it names (errors.py)."""
-        skipped = f"; {len(self.skipped)} unreadable files skipped" if self.skipped else ""
+        count = len(self.skipped)
+        skipped = f"; {count} unreadable file{'s' if count > 1 else ''} skipped" if count else ""
         if self.up_to_date:
             return words(f"up to date: {self.path} ({self.rows} rows{skipped}); 0 images processed, `force=True` "
                          "rebuilds it")
@@ -119,8 +120,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
                 elif writer.discarded:
                     log(f"restarting {writer.partial}{adding} from row 0: {writer.discarded}")
                 elif base:
-                    log(f"adding the {', '.join(computing)} views to {path} (its {', '.join(cached_views(base))} "
-                        "views are kept)")
+                    log(f"adding the view{'s' if len(computing) > 1 else ''} {', '.join(computing)} to {path} "
+                        f"(its {', '.join(cached_views(base))} views are kept)")
                 listed = _fill(writer, mapper, reader, key, split, chunk_size, start, progress)
         except CacheWriteError as exc:  # disk full, I/O error, at any moment: committed chunks stay
             raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "

@@ -7,18 +7,21 @@ from __future__ import annotations
 import atexit
 import gc
 import io
+import logging
 import os
 import re
 import signal
 import sys
 import time
+import warnings
 
 # TensorFlow's C++ log lines (absl/TSL) but its fatal ones (F...), the one absl prints before it is set up,
 # and libjpeg's own messages about a broken JPEG (extract.py lists every file it skips, with the reason).
 NATIVE_LOG_LINE = re.compile(rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
                              rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
                              rb"|Improper call to JPEG library in state \d+$|Corrupt JPEG data: "
-                             rb"|Premature end of JPEG file$|Invalid JPEG file structure: |Not a JPEG file: )")
+                             rb"|Premature end of JPEG file$|Invalid JPEG file structure: |Not a JPEG file: "
+                             rb"|fully_quantize: \d+, inference_type: |INFO: Created TensorFlow Lite XNNPACK delegate)")
 
 
 def setup_process(verbose: bool):
@@ -42,6 +45,10 @@ def setup_process(verbose: bool):
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The converters' Python-side chatter (deprecation notices, absl warnings about arguments we cannot pass).
+    for name in ("absl", "tensorflow", "tf2onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow\.lite\.python\.")
     sys.stderr.flush()
     terminal = os.dup(2)
     read_end, write_end = os.pipe()
@@ -68,7 +75,7 @@ def setup_process(verbose: bool):
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _filter_native_lines(read_end: int, write_end: int, terminal: int):

@@ -160,8 +160,10 @@ def test_sigterm_stops_an_extraction_as_ctrl_c_does_and_the_rerun_resumes(tiny_m
     script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
     stopped = subprocess.run([args[0], "-c", script, "write", "3", *args[2:]], capture_output=True, text=True,
                              env=dict(os.environ, KILL_SIGNAL="SIGTERM"), timeout=300)
-    assert stopped.returncode == 1 and stopped.stderr.strip().endswith("Aborted!"), stopped.stderr
     path = _key(tiny_model, image_size=32, resize="bicubic").path(tmp_path, "train")
+    assert stopped.returncode == 130 and stopped.stderr.strip().splitlines()[-1] == (
+        f"Stopped (SIGTERM): the rows committed so far are kept in {layout.partial_path(path)}; rerun the same command "
+        "to resume"), stopped.stderr
     assert _committed_rows(layout.partial_path(path)) == 12  # the commit in flight finishes: the writer waits for it
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr

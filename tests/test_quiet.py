@@ -1,6 +1,7 @@
 """Normal runs print no TensorFlow log lines; --verbose shows them; nothing else on stderr is lost."""
 
 import re
+import importlib.util
 import subprocess
 import sys
 
@@ -31,6 +32,17 @@ def test_every_cli_run_as_a_user_would_prints_no_tensorflow_log_line(tiny_model,
     _clean(predicted)
     assert predicted.stdout.startswith(f"{image}: ")
     _clean(run_cli("export.py", tmp_path / "exported", "--runs-dir", tmp_path / "runs", in_process=False))
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        return  # the LiteRT part needs requirements-deploy.txt
+    # The converter's and the interpreter's own chatter (deprecations, absl warnings, statistics, delegates) too:
+    # nothing on stderr but the line naming what is used.
+    exported = run_cli("export.py", tmp_path / "m", "--format", "tflite", "--quantize", "int8", "--runs-dir",
+                       tmp_path / "runs", in_process=False)
+    assert exported.returncode == 0 and [line.split(" ")[:2] for line in exported.stderr.splitlines()] == [
+        ["using", "run"]], exported.stderr
+    image.write_bytes(tf.io.encode_png(np.zeros((32, 32, 3), np.uint8)).numpy())  # the size the file takes
+    predicted = run_cli("predict.py", "--model", tmp_path / "m.tflite", image, in_process=False)
+    assert predicted.returncode == 0 and predicted.stderr.splitlines() == [f"using tflite export {tmp_path / 'm.tflite'}"]
 
 
 FILTER_PROBE = f"""

@@ -61,6 +61,9 @@ def inspect(path: Path, expected: dict) -> CacheState:
             for name in [view_dataset(view) for view in cached_views(attrs)]:
                 if name not in f or f[name].ndim != 2 or f[name].shape[0] != rows or f[name].dtype.kind != "f":
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
+                if "dim" in attrs and f[name].shape[1] != attrs["dim"]:
+                    return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim attribute "
+                                             f"says {attrs['dim']}")
             if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
                 return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
