@@ -12,11 +12,11 @@ import shlex
 
 import click
 
-from .cache.read import CacheUnusable, caches_present
+from .cache.read import CacheUnusable, caches_present, list_caches
 from .errors import PARAMETER, UserError
 from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
                        DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, MAX_COUNT,
-                       PRECISIONS, RESIZE_METHODS, VIEW_SETS, VIEWS, HeadConfig)
+                       PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig)
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
               f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "
@@ -87,7 +87,9 @@ def selection_args(chosen: dict) -> str:
 def extract_command(error: CacheUnusable) -> str:
     """The extract.py command that builds the cache an error is about (with the views it lacks)."""
     views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
-    split = "all" if error.views else error.split
+    other = next(split for split in SPLITS if split != error.split)
+    neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
+    split = "all" if error.views or neither else error.split
     return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(error.key.chosen()),
                                   views, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
@@ -108,7 +110,9 @@ def existing_caches(present) -> list[str]:
 
 
 def list_caches_lines(cache_dir) -> list[str]:
-    return existing_caches(caches_present(cache_dir))
+    unreadable = [f"{entry['path']}: not a readable featcache file ({entry['megabytes']:.0f} MB)"
+                  for entry in list_caches(cache_dir) if entry["key"] is None]
+    return existing_caches(caches_present(cache_dir)) + unreadable
 
 
 class NonEmpty:

@@ -77,7 +77,7 @@ def test_extract_unreachable_model_names_offline_options(cifar_root, tmp_path):
 def test_train_head_without_cache_names_the_extract_command(tmp_path):
     out = run_cli("train_head.py", "--cache-dir", tmp_path, "--runs-dir", tmp_path / "runs")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "no train cache" in out.stderr and "python extract.py --split train" in out.stderr
+    assert "no train cache" in out.stderr and "python extract.py --split all" in out.stderr  # neither split exists
     assert len(out.stderr.strip().splitlines()) == 1
 
 
@@ -168,3 +168,24 @@ def test_extract_list_and_a_missing_cache_name_the_caches_present(extracted, tin
     assert "--limit 5" in error and "Caches present" in error and "--image-size 48: " in error
     empty = run_cli("extract.py", "--list", "--cache-dir", tmp_path / "none")
     assert empty.stdout.strip() == f"no caches in {tmp_path / 'none'}"
+
+
+def test_extract_list_names_damaged_and_unreadable_cache_files(extracted, tmp_path):
+    import shutil
+
+    import h5py
+
+    from featcache.cli import list_caches_lines
+
+    cache, _ = extracted
+    shutil.copytree(cache, tmp_path / "cache")
+    (train,) = [p for p in (tmp_path / "cache").rglob("train.h5") if "48px" in str(p)]
+    (test,) = [p for p in (tmp_path / "cache").rglob("test.h5") if "48px" in str(p)]
+    with h5py.File(test, "r+") as f:
+        del f.attrs["views"]
+    train.write_bytes(train.read_bytes()[:4000])
+    lines = list_caches_lines(tmp_path / "cache")
+    (line,) = [line for line in lines if "--image-size 48" in line]
+    assert line.endswith("test 40 rows damaged (its views attribute is missing or not a list of known views) 0 MB, "
+                         "views none"), line
+    assert f"{train}: not a readable featcache file (0 MB)" in lines

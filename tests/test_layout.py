@@ -61,7 +61,7 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
     from featcache.cache.write import CacheWriter, locked
     import numpy as np
 
-    attrs = dict(present.attrs("train"), rows=2, source_fingerprint="f", class_names='["a", "b"]')
+    attrs = dict(present.attrs("train"), rows=2, source_fingerprint="f", class_names='["a", "b"]', engine="tensorflow")
     with locked(path), CacheWriter(path, attrs, 3, ("plain",)) as writer:
         writer.write(0, {"plain": np.zeros((2, 3), np.float32)}, np.arange(2))
         writer.finish()
@@ -71,7 +71,7 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
     assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: resize='bilinear' limit=100: "
                                  "train 2 rows complete 0 MB, views plain")
     assert cli.cache_remedy(caught.value) == (
-        f"no train cache at {wanted}; run: python extract.py --split train --limit 100 --cache-dir {tmp_path}. "
+        f"no train cache at {wanted}; run: python extract.py --split all --limit 100 --cache-dir {tmp_path}. "
         "Caches present (pass their options): --resize bilinear --limit 100: train 2 rows complete 0 MB, views plain")
 
 

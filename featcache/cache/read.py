@@ -191,6 +191,8 @@ def list_caches(cache_dir) -> list[dict]:
             entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]), views=cached_views(a),
                          complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
                          key=CacheKey.from_attrs(a))
+            if entry["complete"] and (state := inspect(path, {})).status == "bad":
+                entry["problem"] = state.reason  # what can be told without the source or reading every row
         except (OSError, RuntimeError, KeyError, ValueError, TypeError):
             pass  # not a readable featcache file: listed by path only
         found.append(entry)
@@ -286,7 +288,8 @@ def caches_present(cache_dir) -> list[tuple[dict, str]]:
     for entry in list_caches(cache_dir):
         if entry.get("key") is None:
             continue
-        state = "complete" if entry["complete"] else f"partial {entry['rows_done']}/{entry['rows']}"
+        state = (f"damaged ({entry['problem']})" if "problem" in entry else "complete" if entry["complete"]
+                 else f"partial {entry['rows_done']}/{entry['rows']}")
         groups.setdefault(entry["key"], []).append(
             f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB, "
             f"views {views_label(entry['views']) if entry['views'] else 'none'}")
