@@ -125,7 +125,8 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
                    "hidden": head["hidden"], "l2": head["l2"],
                    "lr": head["lr"] if metrics.get("solver", head["solver"]) == "adam" else None,
                    "train_views": views_label(head["train_views"]),
-                   "tta_views": views_label(head["tta_views"]), "cache": key.settings_name(), "key": key}
+                   "tta_views": views_label(head["tta_views"]), "cache": f"{key.dataset}/{key.settings_name()}",
+                   "key": key}
             if not _finite_metrics(metrics):
                 raise ValueError("its metrics are not finite numbers")
             _check_numbers(row)
