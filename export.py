@@ -20,7 +20,8 @@ from featcache.settings import DEFAULT_RUNS_DIR
                    "tflite and onnx take images of one size (--input-size).")
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
               help="tflite only: int8 weights and activations (depthwise convolutions, resize and head kept float), "
-                   "calibrated on a seeded sample of the run's train images; uint8 images in, probabilities out.")
+                   "calibrated on a seeded sample of the run's train images, the head corrected for the int8 "
+                   "embeddings on another; uint8 images in, probabilities out.")
 @click.option("--input-size", type=click.IntRange(min=1), default=None,
               help="tflite/onnx: the side of the square uint8 images the file takes. Default: the dataset's own "
                    "(CIFAR: 32), else the network's input size.")

@@ -39,8 +39,8 @@ from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNN
 @click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "
               "it and list it in the summary and the cache).")
 @click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")
-@click.option("--list", "list_caches", is_flag=True, help="List the caches in --cache-dir (settings, rows, complete "
-              "or partial, size) with the options that select each, and exit.")
+@click.option("--list", "list_caches", is_flag=True, help="List the caches in --cache-dir (settings, rows, complete, "
+              "partial or damaged, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
 def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, force, strict, verify, list_caches,
@@ -65,8 +65,8 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (process.py): the committed rows stay
                 partial = partial_path(key.path(cache_dir, one_split))
                 kept = (f"the rows committed so far are kept in {partial}; rerun the same command to resume"
-                        if partial.exists() else "nothing was committed")
-                click.echo(f"Stopped ({exc or 'Ctrl-C'}): {kept}", err=True)
+                        if partial.exists() else f"no {one_split} row was committed")
+                click.echo(f"Stopped ({str(exc) or 'Ctrl-C'}): {kept}", err=True)
                 raise SystemExit(130) from None
             click.echo(result.summary(words=as_flags))
 

@@ -96,7 +96,7 @@ def load_run(run_dir: Path) -> RunParts:
     try:
         head = keras.models.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file, a missing one: all the same here
-        why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a .keras archive"
+        why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a complete .keras archive"
         raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
     network = load_model(key.model, run=name)
     return RunParts(name, key, parse_views(config["head"]["tta_views"]), tuple(config["class_names"]), network,

@@ -9,8 +9,8 @@ with int8 weights and activations, calibrated on a seeded sample of the run's *t
 convolutions, the resize products and the head stay float (FLOAT_OPS): quantizing all of them left this
 MobileNetV2's embeddings at a mean cosine similarity of 0.877 to f32 and the head far off (docs/benchmarks.md).
 The head of an int8 file is corrected for its network's embeddings (int8_head): per dimension, the f32
-embedding is fitted as a * int8 + b on a seeded sample of up to 2,000 train images (on a small dataset it
-overlaps the calibration sample) and folded into the head's standardisation.
+embedding is fitted as a * int8 + b on a seeded sample of up to 2,000 train images (a draw of its own, which
+may share images with the calibration sample), a float layer in front of the head.
 
 Files are written under a temporary name and renamed when complete. `open_exported` reads any export
 back (a SavedModel folder too) for predict.py, with the runtime each format is meant for.
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, first_line
+from .quantize import MAX_CALIBRATION_BYTES
 
 FORMATS = ("saved_model", "tflite", "onnx")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
@@ -67,8 +68,8 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         content = to_onnx(portable_function(parts, size), parts.class_names, parts.run)
     elif quantize:
         calibration = train_images(run_dir, parts.key, size)
-        head = int8_head(parts, size, calibration, train_images(run_dir, parts.key, size, CORRECTION_IMAGES,
-                                                                CORRECTION_SEED))
+        count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))  # held in memory like calibration
+        head = int8_head(parts, size, calibration, train_images(run_dir, parts.key, size, count, CORRECTION_SEED))
         content = to_tflite(portable_function(dataclasses.replace(parts, head=head), size), calibration)
     else:
         content = to_tflite(portable_function(parts, size))
@@ -179,10 +180,10 @@ def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
 
 
 def int8_head(parts, input_size: int, calibration: np.ndarray, images: np.ndarray):
-    """The run's head for the int8 network's embeddings. Per dimension, least squares fit the f32 embedding as
-    a * int8 + b over `images` (train images, all TTA views), folded into the head's standardisation. On the
+    """The run's head for the int8 network's embeddings: per dimension, the f32 embedding fitted as a * int8 + b
+    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer. On the
     10,000 CIFAR-10 test images the int8 file scored 0.8423 without it and 0.8571 with it (f32: 0.8567;
-    docs/benchmarks.md). A dimension the fit cannot use (constant, or a < 0.1) gets its mean shift alone."""
+    docs/benchmarks.md)."""
     import tensorflow as tf
 
     frozen = portable_function(parts, input_size, embeddings=True)
@@ -192,33 +193,33 @@ def int8_head(parts, input_size: int, calibration: np.ndarray, images: np.ndarra
     quantized, f32 = _litert_call(interpreter), lambda batch: frozen(tf.constant(batch))[0].numpy()
     batches = [images[i : i + 100] for i in range(0, len(images), 100)]
     q, y = (np.concatenate([call(batch) for batch in batches]) for call in (quantized, f32))
-    return _refolded(parts.head, *affine_fit(q, y))
+    return corrected(parts.head, *affine_fit(q, y))
+
+
+def corrected(head, a: np.ndarray, b: np.ndarray):
+    """`head` behind a float layer computing a * x + b (a > 0), whatever the head's own layers."""
+    import keras
+
+    # (x - mean) / sqrt(variance) with mean = -b / a and variance = 1 / a^2 is a * x + b.
+    correction = keras.layers.Normalization(axis=-1, mean=-b / a, variance=1 / a**2, name="int8_correction")
+    inputs = keras.Input(shape=(len(a),))
+    return keras.Model(inputs, head(correction(inputs)))
+
+
+MIN_SLOPE_ROWS = 200  # fewer rows: the mean shift alone (a slope fitted on a few rows is noise)
+SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
 
 
 def affine_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column, (a, b) of the least-squares y ~ a * x + b; where x is constant or a < 0.1, a = 1."""
+    """Per column, (a, b) of the least-squares y ~ a * x + b, a held to SLOPES; a = 1 where x is constant, the slope
+    is below 0.1 (no relation worth scaling by), or there are fewer than MIN_SLOPE_ROWS rows."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     x_mean, y_mean = x.mean(0), y.mean(0)
     spread = ((x - x_mean) ** 2).mean(0)
     a = ((x - x_mean) * (y - y_mean)).mean(0) / np.maximum(spread, 1e-12)
-    a = np.where((spread > 1e-12) & (a >= 0.1), a, 1.0)
+    usable = (spread > 1e-12) & (a >= 0.1) & (len(x) >= MIN_SLOPE_ROWS)
+    a = np.where(usable, np.clip(a, *SLOPES), 1.0)
     return a, y_mean - a * x_mean
-
-
-def _refolded(head, a: np.ndarray, b: np.ndarray):
-    """A copy of `head` that takes x where it took a * x + b (a > 0): its Normalization layer's mean and
-    variance changed to (mean - b) / a and variance / a^2, every other layer as it was."""
-    import keras
-
-    config = head.get_layer("standardize").get_config()
-    mean, variance = (np.asarray(config[k], np.float64).reshape(-1) for k in ("mean", "variance"))
-    config.update(mean=((mean - b) / a).tolist(), variance=(variance / a**2).tolist())
-    copy = keras.models.clone_model(head, clone_function=lambda layer: (
-        keras.layers.Normalization.from_config(config) if layer.name == "standardize"
-        else layer.__class__.from_config(layer.get_config())))
-    for layer in head.layers:
-        if layer.weights:
-            copy.get_layer(layer.name).set_weights(layer.get_weights())
-    return copy
 
 
 def to_onnx(frozen, class_names: tuple[str, ...], run: str) -> bytes:

@@ -51,8 +51,8 @@ def calibration_sample(reader, size: int = CALIBRATION_SIZE,
     rows = np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
     if (shape := reader.image_shape) and len(rows) * shape[0] * shape[1] * 3 > MAX_CALIBRATION_BYTES:
         raise CalibrationUnusable(f"int8 calibration holds {len(rows)} train images in memory: at {shape[1]}x{shape[0]} "
-                                  f"that is {len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} GB, above the "
-                                  f"{MAX_CALIBRATION_BYTES / 2**30:.0f} GB allowed")
+                                  f"that is {len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} GiB, above the "
+                                  f"{MAX_CALIBRATION_BYTES / 2**30:.0f} GiB allowed")
     picked = []
     for chunk in reader.chunks(4096):
         inside = np.isin(chunk.items, rows)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -339,8 +340,11 @@ class RayRunner:
             options["include_dashboard"] = False
         elif address != "auto":
             check_reachable(address)
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot join the Ray cluster at {address}: {first_line(exc)}") from None
+        finally:  # ray.init makes SIGTERM a bare sys.exit: it is met as Ctrl-C again (process.py), workers stopped
+            signal.signal(signal.SIGTERM, sigterm)
         return True

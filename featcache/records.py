@@ -2,7 +2,7 @@
 
 A run folder holds config.json (head settings, the cache's key and files, class names),
 history.json, head.keras, test_probs.npy, curves.png, confusion.png, and metrics.json, written
-last: a folder without it is a run that did not finish and is never listed.
+last: a folder without it is a run that did not finish (or is being recorded), listed with a warning.
 """
 
 from __future__ import annotations
@@ -113,6 +113,10 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
     runs = {path.parent for name in ("metrics.json", "config.json") for path in Path(runs_dir).glob(f"*/{name}")}
     for run_dir in sorted(runs):
         metrics_path = run_dir / "metrics.json"
+        if not metrics_path.exists():
+            warn(f"warning: skipping run {run_dir.name}: it has no metrics.json (unfinished, interrupted, or being "
+                 "recorded now)")
+            continue
         try:
             metrics = json.loads(metrics_path.read_text())
             config = json.loads((run_dir / "config.json").read_text())
@@ -125,7 +129,7 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
                    "hidden": head["hidden"], "l2": head["l2"],
                    "lr": head["lr"] if metrics.get("solver", head["solver"]) == "adam" else None,
                    "train_views": views_label(head["train_views"]),
-                   "tta_views": views_label(head["tta_views"]), "cache": f"{key.dataset}/{key.settings_name()}",
+                   "tta_views": views_label(head["tta_views"]), "cache": f"{key.dataset_name()}/{key.settings_name()}",
                    "key": key}
             if not _finite_metrics(metrics):
                 raise ValueError("its metrics are not finite numbers")

@@ -126,24 +126,28 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
     assert "QUANTIZE" in {op["op_name"] for op in details}  # int8 for real (the tiny model is too small to shrink)
 
 
-def test_the_int8_heads_correction_is_a_least_squares_fit_folded_into_its_standardisation(run):
+@pytest.mark.parametrize("rows", [400, 20])
+def test_the_int8_heads_correction_is_a_least_squares_fit_put_in_front_of_any_head(run, rows):
     import keras
 
-    from featcache.deploy import _refolded, affine_fit
+    from featcache.deploy import MIN_SLOPE_ROWS, affine_fit, corrected
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 4))
-    y = x * [2.0, 0.5, -1.0, 1.0] + [1.0, -2.0, 0.0, 3.0]
+    x = rng.normal(size=(rows, 5))
+    y = x * [2.0, 0.5, -1.0, 1.0, 9.0] + [1.0, -2.0, 0.0, 3.0, 0.0]
     x[:, 3] = 7.0  # constant: no slope to fit
     a, b = affine_fit(x, y)
-    np.testing.assert_allclose(a, [2.0, 0.5, 1.0, 1.0])  # a negative slope is not used either
-    np.testing.assert_allclose(b, [1.0, -2.0, y[:, 2].mean() - x[:, 2].mean(), y[:, 3].mean() - 7.0], atol=1e-12)
+    slopes = [2.0, 0.5, 1.0, 1.0, 2.0] if rows >= MIN_SLOPE_ROWS else [1.0] * 5  # 9 held to 2; too few rows: none
+    np.testing.assert_allclose(a, slopes)
+    np.testing.assert_allclose(b, y.mean(0) - a * x.mean(0), atol=1e-12)
     _, run_dir, _, _ = run
     head = keras.models.load_model(run_dir / "head.keras", compile=False)
     dim = head.input_shape[-1]
+    custom = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(3, activation="softmax")])  # no standardize
     a, b = rng.uniform(0.5, 2.0, dim), rng.normal(size=dim)
     features = rng.normal(size=(6, dim)).astype(np.float32)
-    np.testing.assert_allclose(_refolded(head, a, b)(features).numpy(), head(features * a + b).numpy(), atol=1e-5)
+    for one in (head, custom):
+        np.testing.assert_allclose(corrected(one, a, b)(features).numpy(), one(features * a + b).numpy(), atol=1e-5)
 
 
 def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_without_quantize(run, monkeypatch, tmp_path):

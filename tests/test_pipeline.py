@@ -149,9 +149,11 @@ def test_prefetched_reader_thread_ends_when_the_consumer_stops_early():
     assert not any(t.name == "chunk-reader" for t in threading.enumerate())
 
 
-def test_sigterm_stops_an_extraction_as_ctrl_c_does_and_the_rerun_resumes(tiny_model, cifar_root, tmp_path):
-    """SIGTERM as the third chunk is committed: that commit finishes (the writer waits for it), the process ends
-    with a line as on Ctrl-C, and the rerun resumes from the 12 committed rows."""
+@pytest.mark.parametrize("signal_name, said", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
+def test_sigterm_stops_an_extraction_as_ctrl_c_does_and_the_rerun_resumes(tiny_model, cifar_root, tmp_path,
+                                                                          signal_name, said):
+    """SIGTERM (or Ctrl-C) as the third chunk is committed: that commit finishes (the writer waits for it), the
+    process ends with one line, and the rerun resumes from the 12 committed rows."""
     import os
 
     args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
@@ -159,10 +161,10 @@ def test_sigterm_stops_an_extraction_as_ctrl_c_does_and_the_rerun_resumes(tiny_m
             "--quiet", "--cache-dir", str(tmp_path)]
     script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
     stopped = subprocess.run([args[0], "-c", script, "write", "3", *args[2:]], capture_output=True, text=True,
-                             env=dict(os.environ, KILL_SIGNAL="SIGTERM"), timeout=300)
+                             env=dict(os.environ, KILL_SIGNAL=signal_name), timeout=300)
     path = _key(tiny_model, image_size=32, resize="bicubic").path(tmp_path, "train")
     assert stopped.returncode == 130 and stopped.stderr.strip().splitlines()[-1] == (
-        f"Stopped (SIGTERM): the rows committed so far are kept in {layout.partial_path(path)}; rerun the same command "
+        f"Stopped ({said}): the rows committed so far are kept in {layout.partial_path(path)}; rerun the same command "
         "to resume"), stopped.stderr
     assert _committed_rows(layout.partial_path(path)) == 12  # the commit in flight finishes: the writer waits for it
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)

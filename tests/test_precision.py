@@ -173,5 +173,5 @@ def test_a_calibration_sample_too_large_for_memory_is_refused_before_reading():
 
     photos = SimpleNamespace(rows=5000, image_shape=(3000, 4000), chunks=unread)
     with pytest.raises(UserError, match=r"^int8 calibration holds 300 train images in memory: at 4000x3000 that is "
-                                        r"10\.1 GB, above the 2 GB allowed; use precision='f32'"):
+                                        r"10\.1 GiB, above the 2 GiB allowed; use precision='f32'"):
         calibration_sample(photos)

@@ -170,7 +170,7 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
 @pytest.mark.parametrize("damage, message", [
     (lambda run: (run / "head.keras").write_bytes((run / "head.keras").read_bytes()[:200]),
      "its head.keras cannot be read"),
-    (lambda run: (run / "head.keras").write_bytes(b"junk" * 100), "its head.keras cannot be read (not a .keras archive)"),
+    (lambda run: (run / "head.keras").write_bytes(b"junk" * 100), "its head.keras cannot be read (not a complete .keras archive)"),
     (lambda run: (run / "head.keras").unlink(), "no run"),
     (lambda run: (run / "config.json").write_text('{"head": {'), "its config.json is damaged or half-written"),
     (lambda run: (run / "config.json").write_text(

@@ -85,7 +85,6 @@ RUN_RECORD_DAMAGES = {
     "config cut short": lambda run: (run / "config.json").write_text('{"head": {"epochs'),
     "config emptied": lambda run: (run / "config.json").write_text(""),
     "config missing": lambda run: (run / "config.json").unlink(),
-    "metrics missing": lambda run: (run / "metrics.json").unlink(),
     "head a list": lambda run: (run / "config.json").write_text('{"head": [], "cache": {}}'),
     "accuracy a string": _edit(metrics={"test_accuracy": "0.9"}),
     "accuracy NaN": _edit(metrics={"val_accuracy": float("nan")}),
@@ -109,6 +108,16 @@ def test_a_damaged_run_record_leaves_the_ledger_listing_the_others(tmp_path, dam
     (warning,) = warnings
     assert warning.startswith("warning: skipping run damaged: ") and "\n" not in warning
     assert format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]).splitlines()[1].split()[0] == "good"
+
+
+def test_a_run_without_metrics_is_named_as_unfinished(tmp_path):
+    _record(tmp_path, "good", 0.8, 0.8)
+    _record(tmp_path, "cut", 0.9, 0.9)
+    (tmp_path / "cut" / "metrics.json").unlink()
+    warnings = []
+    assert [r["run"] for r in ledger(tmp_path, warn=warnings.append)] == ["good"]
+    assert warnings == ["warning: skipping run cut: it has no metrics.json (unfinished, interrupted, or being "
+                        "recorded now)"]
 
 
 def test_parse_grid_makes_every_combination_and_refuses_bad_specs():

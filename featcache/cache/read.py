@@ -42,6 +42,8 @@ def inspect(path: Path, expected: dict) -> CacheState:
             attrs = _attributes(f)
             if attrs.get("tool") != TOOL:
                 return CacheState("bad", "it was not made by featcache")
+            if "format_version" in expected and attrs.get("format_version") != expected["format_version"]:
+                return CacheState("bad", "it was made with other format_version")  # other attributes, other checks
             if missing := [name for name in READ_ATTRIBUTES if name not in attrs]:
                 return CacheState("bad", f"its {', '.join(missing)} attribute is missing")
             wrong = mismatches(attrs, expected, IDENTITY)
