@@ -40,6 +40,8 @@ QUANTIZE = ("int8",)
 # FULLY_CONNECTED). Float depthwise weights add 0.02 MB to the network's 2.71 MB (docs/benchmarks.md).
 FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL")
 CORRECTION_IMAGES, CORRECTION_SEED = 2000, 1  # train images (at most) the int8 head correction is fitted on
+MIN_SLOPE_ROWS = 200  # fewer rows: the mean shift alone (a slope fitted on a few rows is noise)
+SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
 
 
 def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False,
@@ -204,10 +206,6 @@ def corrected(head, a: np.ndarray, b: np.ndarray):
     correction = keras.layers.Normalization(axis=-1, mean=-b / a, variance=1 / a**2, name="int8_correction")
     inputs = keras.Input(shape=(len(a),))
     return keras.Model(inputs, head(correction(inputs)))
-
-
-MIN_SLOPE_ROWS = 200  # fewer rows: the mean shift alone (a slope fitted on a few rows is noise)
-SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
 
 
 def affine_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
