@@ -110,9 +110,10 @@ def existing_caches(present) -> list[str]:
 
 
 def list_caches_lines(cache_dir) -> list[str]:
+    entries = list_caches(cache_dir)
     unreadable = [f"{entry['path']}: not a readable featcache file ({entry['megabytes']:.0f} MB)"
-                  for entry in list_caches(cache_dir) if entry["key"] is None]
-    return existing_caches(caches_present(cache_dir)) + unreadable
+                  for entry in entries if entry["key"] is None]
+    return existing_caches(caches_present(cache_dir, entries)) + unreadable
 
 
 class NonEmpty:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, first_line
-from .quantize import MAX_CALIBRATION_BYTES
+from .quantize import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
 
 FORMATS = ("saved_model", "tflite", "onnx")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
@@ -69,9 +69,10 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     if format == "onnx":
         content = to_onnx(portable_function(parts, size), parts.class_names, parts.run)
     elif quantize:
-        calibration = train_images(run_dir, parts.key, size)
         count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))  # held in memory like calibration
-        head = int8_head(parts, size, calibration, train_images(run_dir, parts.key, size, count, CORRECTION_SEED))
+        calibration, fit = train_samples(run_dir, parts.key, size,
+                                         [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)])
+        head = int8_head(parts, size, calibration, fit)
         content = to_tflite(portable_function(dataclasses.replace(parts, head=head), size), calibration)
     else:
         content = to_tflite(portable_function(parts, size))
@@ -87,11 +88,11 @@ def default_input_size(key) -> int:
     return cifar.IMAGE_SHAPE[0] if key.dataset in cifar.LAYOUTS else key.image_size
 
 
-def train_images(run_dir: Path, key, size: int, count: int | None = None, seed: int | None = None) -> np.ndarray:
-    """A seeded sample of the run's train images (never test), of the input size: by default int8's calibration
-    sample (quantize.calibration_sample)."""
+def train_samples(run_dir: Path, key, size: int, draws) -> list[np.ndarray]:
+    """Seeded samples of the run's train images (never test), of the input size, one per (size, seed) draw, read
+    in one pass (quantize.calibration_samples)."""
     from .cache.read import attributes
-    from .quantize import CalibrationUnusable, calibration_sample
+    from .quantize import CalibrationUnusable, calibration_samples
     from .records import read_config
     from .sources import open_split
 
@@ -101,15 +102,15 @@ def train_images(run_dir: Path, key, size: int, count: int | None = None, seed: 
     except (OSError, KeyError) as exc:
         raise UserError(f"int8 calibration reads the run's train images, but its train cache {train_cache} cannot "
                         f"be read ({first_line(exc)})") from None
-    sample = {k: v for k, v in (("size", count), ("seed", seed)) if v is not None}
     try:
-        images, _ = calibration_sample(open_split(key, "train", data_dir=None if key.data_dir else source), **sample)
+        samples = calibration_samples(open_split(key, "train", data_dir=None if key.data_dir else source), draws)
     except CalibrationUnusable as exc:
         raise UserError(f"{exc.problem}; export this run without `quantize`") from None
+    images = samples[0][0]  # all of one size: calibration_samples checks
     if images.shape[1:3] != (size, size):
         raise UserError(f"int8 calibration needs train images of the input size {size}x{size}; the run's are "
                         f"{images.shape[2]}x{images.shape[1]} (choose `input_size` {images.shape[1]})")
-    return images
+    return [images for images, _ in samples]
 
 
 def require(module: str, what: str):

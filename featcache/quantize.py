@@ -48,18 +48,28 @@ class CalibrationUnusable(UserError):
 def calibration_sample(reader, size: int = CALIBRATION_SIZE,
                        seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, their train items): a seeded sample of the train split's reader, read in one pass."""
-    rows = np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
-    if (shape := reader.image_shape) and len(rows) * shape[0] * shape[1] * 3 > MAX_CALIBRATION_BYTES:
-        raise CalibrationUnusable(f"int8 calibration holds {len(rows)} train images in memory: at {shape[1]}x{shape[0]} "
-                                  f"that is {len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} GiB, above the "
-                                  f"{MAX_CALIBRATION_BYTES / 2**30:.0f} GiB allowed")
-    picked = []
+    (sample,) = calibration_samples(reader, [(size, seed)])
+    return sample
+
+
+def calibration_samples(reader, draws) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images, their train items) for each (size, seed) draw from the train split's reader, all of them
+    read in one pass over the split."""
+    row_sets = [np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
+                for size, seed in draws]
+    for rows in row_sets:
+        if (shape := reader.image_shape) and len(rows) * shape[0] * shape[1] * 3 > MAX_CALIBRATION_BYTES:
+            raise CalibrationUnusable(f"int8 calibration holds {len(rows)} train images in memory: at "
+                                      f"{shape[1]}x{shape[0]} that is {len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} "
+                                      f"GiB, above the {MAX_CALIBRATION_BYTES / 2**30:.0f} GiB allowed")
+    picked = [[] for _ in row_sets]
     for chunk in reader.chunks(4096):
-        inside = np.isin(chunk.items, rows)
-        picked += [image for image, keep in zip(chunk.images, inside) if keep]
-    if len({image.shape for image in picked}) > 1:
+        for images, rows in zip(picked, row_sets):
+            inside = np.isin(chunk.items, rows)
+            images += [image for image, keep in zip(chunk.images, inside) if keep]
+    if len({image.shape for images in picked for image in images}) > 1:
         raise CalibrationUnusable("int8 needs train images of one size (it is calibrated per input size)")
-    return np.stack(picked), rows
+    return [(np.stack(images), rows) for images, rows in zip(picked, row_sets)]
 
 
 class Int8Quantizer:

@@ -107,8 +107,8 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
 
     base, _, images, want = run
     seen = []
-    real = deploy.train_images
-    monkeypatch.setattr(deploy, "train_images", lambda *args: seen.append(real(*args)) or seen[-1])
+    real = deploy.train_samples
+    monkeypatch.setattr(deploy, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
     out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
     assert out.returncode == 0, out.stderr
     train = cifar.load_split(cifar.resolve_source(cifar_root), "train").images
@@ -156,7 +156,7 @@ def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_wit
     def mixed_sizes(*args, **kwargs):
         raise quantize.CalibrationUnusable("int8 needs train images of one size (it is calibrated per input size)")
 
-    monkeypatch.setattr(quantize, "calibration_sample", mixed_sizes)
+    monkeypatch.setattr(quantize, "calibration_samples", mixed_sizes)
     base, _, _, _ = run
     out = run_cli("export.py", tmp_path / "q", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (

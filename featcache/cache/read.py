@@ -61,7 +61,7 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
             for name in [view_dataset(view) for view in cached_views(attrs)]:
-                if name not in f or f[name].ndim != 2 or f[name].shape[0] != rows or f[name].dtype.kind != "f":
+                if name not in f or not _float_rows(f[name], rows):
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
                 if "dim" in attrs and f[name].shape[1] != attrs["dim"]:
                     return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim attribute "
@@ -71,6 +71,11 @@ def inspect(path: Path, expected: dict) -> CacheState:
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
         return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
+
+
+def _float_rows(dataset, rows: int) -> bool:
+    """Whether an embeddings dataset holds `rows` vectors of floats."""
+    return dataset.ndim == 2 and dataset.shape[0] == rows and dataset.dtype.kind == "f"
 
 
 def cached_views(attrs: dict) -> tuple[str, ...]:
@@ -215,7 +220,7 @@ def check_contents(path: Path, reader) -> list[str]:
         if not names:
             return ["no embeddings dataset"]
         for name in list(names):
-            if f[name].ndim != 2 or f[name].shape[0] != rows or f[name].dtype.kind != "f":
+            if not _float_rows(f[name], rows):
                 problems.append(f"{name} is {f[name].dtype} of shape {f[name].shape}, expected float ({rows}, D)")
                 names.remove(name)
         if "labels" not in f or f["labels"].shape != (rows,):
@@ -284,10 +289,11 @@ def _marked(kwargs: dict) -> str:
     return " ".join(f"`{name}={value!r}`" for name, value in kwargs.items())
 
 
-def caches_present(cache_dir) -> list[tuple[dict, str]]:
-    """(the selection kwargs that differ from the defaults, its splits and their states) per cached settings."""
+def caches_present(cache_dir, entries: list[dict] | None = None) -> list[tuple[dict, str]]:
+    """(the selection kwargs that differ from the defaults, its splits and their states) per cached settings;
+    `entries`: list_caches(cache_dir) when the caller has it already."""
     groups: dict[CacheKey, list[str]] = {}
-    for entry in list_caches(cache_dir):
+    for entry in list_caches(cache_dir) if entries is None else entries:
         if entry.get("key") is None:
             continue
         state = (f"damaged ({entry['problem']})" if "problem" in entry else "complete" if entry["complete"]

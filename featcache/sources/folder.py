@@ -18,10 +18,10 @@ paths, sizes and modification times (one stat per file, no decoding), so confirm
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
-import collections
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
