@@ -4,9 +4,9 @@ class probabilities out."""
 
 import click
 
-from featcache.classifier import build_classifier, check_destination, export, resolve_run
+from featcache.serve.classifier import build_classifier, check_destination, export, resolve_run
 from featcache.cli import NonEmptyPath, TEXT, one_line_errors
-from featcache.deploy import FORMATS, QUANTIZE, export_run
+from featcache.serve.deploy import FORMATS, QUANTIZE, export_run
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR

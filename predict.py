@@ -6,9 +6,9 @@ import sys
 
 import click
 
-from featcache.classifier import build_classifier, decode_image, expand_paths, resolve_run
+from featcache.serve.classifier import build_classifier, decode_image, expand_paths, resolve_run
 from featcache.cli import NonEmptyPath, TEXT, one_line_errors
-from featcache.deploy import open_exported
+from featcache.serve.deploy import open_exported
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K

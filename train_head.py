@@ -11,8 +11,8 @@ from featcache.cli import (NonEmptyPath, VIEWS_HELP, format_table, key_to_read, 
                            selection_options, verbosity_options)
 from featcache.errors import UserError
 from featcache.process import setup_process
-from featcache.records import LEDGER_COLUMNS, ledger
-from featcache.runs import run_experiment, run_grid
+from featcache.head.records import LEDGER_COLUMNS, ledger
+from featcache.head.runs import run_experiment, run_grid
 from featcache.settings import (COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE,
                                MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS, HeadConfig)
 

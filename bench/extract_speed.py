@@ -44,7 +44,7 @@ CIFAR_SHAPE = (32, 32)  # the images' shape, as extract.py tells the extractor (
 
 
 def _images(data_dir, n):
-    from featcache.sources import cifar
+    from featcache.extract.sources import cifar
 
     return cifar.load_split(cifar.resolve_source(data_dir), "test", n).images
 
@@ -73,10 +73,10 @@ def _seed_method(model, batch_size):
 
 
 def _our_engine(model, method, batch_size, data_dir, scratch):
-    from featcache.extractor import Extractor
-    from featcache.models import load_model
-    from featcache.sources import cifar
-    from featcache.quantize import Int8Quantizer
+    from featcache.extract.extractor import Extractor
+    from featcache.extract.models import load_model
+    from featcache.extract.sources import cifar
+    from featcache.extract.quantize import Int8Quantizer
 
     engine, precision = method.split("-")[0], PRECISION_OF.get(method, "f32")
     train = cifar.SplitSource(cifar.resolve_source(data_dir), "train")
@@ -117,7 +117,7 @@ def worker(method, model, data_dir, n, reps, batch_size, out):
 def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_method, out):
     if worker_method:
         return worker(worker_method, model, data_dir, images, reps, batch_size, out)
-    from featcache import ov_engine
+    from featcache.extract import ov_engine
 
     unknown = [m for m in methods.split(",") if m not in METHODS]
     if unknown:

@@ -42,7 +42,7 @@ def main():
 def write(out, data_dir, fmt, quality, limit, damage):
     import tensorflow as tf
 
-    from featcache.sources import cifar
+    from featcache.extract.sources import cifar
 
     source = cifar.resolve_source(data_dir)
     out = Path(out)

@@ -52,8 +52,8 @@ print(json.dumps({"top": top, "batch64_images_per_s": 64 / statistics.median(tim
 def main(run_id, runs_dir, data_dir, images):
     import tensorflow as tf
 
-    from featcache.sources import cifar
-    from featcache.classifier import build_classifier, decode_image
+    from featcache.extract.sources import cifar
+    from featcache.serve.classifier import build_classifier, decode_image
 
     run_dir = Path(runs_dir) / run_id
     test = cifar.load_split(cifar.resolve_source(data_dir), "test", images)

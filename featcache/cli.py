@@ -140,8 +140,8 @@ COUNT = click.IntRange(min=1, max=MAX_COUNT)  # limits, chunk and batch sizes, w
 
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
-    from .quantize import CALIBRATION_SIZE
-    from .sources import cifar
+    from .extract.quantize import CALIBRATION_SIZE
+    from .extract.sources import cifar
 
     options = [
         click.option("--cache-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_CACHE_DIR),

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline
+from featcache.extract import pipeline
 from conftest import ROOT, make_key
 
 SELECTION = dict(image_size=32)

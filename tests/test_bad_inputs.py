@@ -327,7 +327,7 @@ def test_disk_full_at_any_moment_is_one_line_keeps_committed_rows_and_resumes(
         tiny_model, cifar_root, tmp_path, monkeypatch, where, target, name, call, error, kept):
     import importlib
 
-    from featcache import pipeline
+    from featcache.extract import pipeline
     from featcache.errors import UserError
 
     key = make_key(str(tiny_model), 32, "bilinear", None)
@@ -409,7 +409,7 @@ def test_an_unreachable_ray_address_fails_at_once_in_one_line(cifar_root, tiny_m
     pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
     import socket
 
-    from featcache.ray_runner import check_reachable
+    from featcache.extract.ray_runner import check_reachable
 
     with socket.socket() as listening:  # an address where something answers
         listening.bind(("127.0.0.1", 0))
@@ -427,9 +427,9 @@ def test_a_source_that_fails_while_read_is_one_line_and_keeps_committed_rows(tin
                                                                             monkeypatch):
     import errno
 
-    from featcache import pipeline
+    from featcache.extract import pipeline
     from featcache.errors import UserError
-    from featcache.sources import cifar
+    from featcache.extract.sources import cifar
 
     key = make_key(str(tiny_model), 32, "bilinear", None)
     real_chunks = cifar.SplitSource.chunks
@@ -451,7 +451,7 @@ def test_a_source_that_fails_while_read_is_one_line_and_keeps_committed_rows(tin
 def test_a_models_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
     import errno
 
-    from featcache import models
+    from featcache.extract import models
 
     def full_disk(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -477,7 +477,7 @@ MODEL_RECORD_DAMAGES = {
 @pytest.mark.parametrize("damage", MODEL_RECORD_DAMAGES.values(), ids=MODEL_RECORD_DAMAGES)
 def test_a_damaged_model_record_is_read_again_from_the_model(tmp_path, damage):
     """The record under <cache_dir>/models/ only saves loading the model: damaged, it counts as absent."""
-    from featcache import models
+    from featcache.extract import models
 
     model = save_tiny_model(tmp_path / "fixed", size=48)
     handle, sha = models.identity(model)

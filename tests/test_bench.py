@@ -14,7 +14,8 @@ from unittest import mock
 import pytest
 from click.testing import CliRunner
 
-from featcache import api, ov_engine
+from featcache import api
+from featcache.extract import ov_engine
 from featcache.settings import DEFAULT_MODEL
 from conftest import save_tiny_model
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import UserError
-from featcache.sources import cifar
+from featcache.extract.sources import cifar
 from conftest import TEST_ROWS, TRAIN_PER_BATCH, write_batches
 
 

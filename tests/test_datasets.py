@@ -8,7 +8,7 @@ import pytest
 
 from featcache.cache import read
 from featcache.errors import UserError
-from featcache.sources import cifar
+from featcache.extract.sources import cifar
 from conftest import make_key, run_cli, save_tiny_model, write_cifar100
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from featcache.sources import cifar
+from featcache.extract.sources import cifar
 from conftest import run_cli
 
 pytest.importorskip("ai_edge_litert", reason="LiteRT is not installed (pip install -r requirements-deploy.txt)")
@@ -16,7 +16,7 @@ pytest.importorskip("tf2onnx", reason="tf2onnx is not installed (pip install -r 
 @pytest.fixture(scope="module")
 def run(small_run, cifar_root, tmp_path_factory):
     """A small run with a hidden layer and TTA, its test images, and predict.py's probabilities for them."""
-    from featcache.classifier import build_classifier
+    from featcache.serve.classifier import build_classifier
 
     _, run_dir = small_run
     base = tmp_path_factory.mktemp("deploy")
@@ -29,7 +29,7 @@ def run(small_run, cifar_root, tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_an_export_run_by_its_own_runtime_gives_predicts_probabilities(run, fmt):
-    from featcache.deploy import open_exported
+    from featcache.serve.deploy import open_exported
 
     base, run_dir, images, want = run
     out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs")
@@ -102,8 +102,8 @@ def test_a_missing_converter_or_runtime_is_one_line_naming_its_requirements_file
 
 
 def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifar_root, monkeypatch):
-    from featcache import deploy
-    from featcache.deploy import open_exported
+    from featcache.serve import deploy
+    from featcache.serve.deploy import open_exported
 
     base, _, images, want = run
     seen = []
@@ -130,7 +130,7 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
 def test_the_int8_heads_correction_is_a_least_squares_fit_put_in_front_of_any_head(run, rows):
     import keras
 
-    from featcache.deploy import MIN_SLOPE_ROWS, affine_fit, corrected
+    from featcache.serve.deploy import MIN_SLOPE_ROWS, affine_fit, corrected
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 5))
@@ -151,7 +151,7 @@ def test_the_int8_heads_correction_is_a_least_squares_fit_put_in_front_of_any_he
 
 
 def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_without_quantize(run, monkeypatch, tmp_path):
-    from featcache import quantize
+    from featcache.extract import quantize
 
     def mixed_sizes(*args, **kwargs):
         raise quantize.CalibrationUnusable("int8 needs train images of one size (it is calibrated per input size)")

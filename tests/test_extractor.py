@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from featcache import ov_engine
+from featcache.extract import ov_engine
 from featcache.errors import UserError
-from featcache.extractor import Extractor
-from featcache.preprocess import preprocess, preprocess_static
-from featcache.models import load_model
+from featcache.extract.extractor import Extractor
+from featcache.extract.preprocess import preprocess, preprocess_static
+from featcache.extract.models import load_model
 from featcache.settings import RESIZE_METHODS
 from conftest import TINY_DIM, save_tiny_model
 
@@ -86,7 +86,7 @@ def test_openvino_engine_agrees_with_tensorflow(tiny, batch_size):
 
 @pytest.mark.skipif(not ov_engine.available(), reason="openvino is not installed (optional engine)")
 def test_openvino_keeps_a_bounded_number_of_compiled_networks(tiny):
-    from featcache.extractor import MAX_OV_NETWORKS
+    from featcache.extract.extractor import MAX_OV_NETWORKS
 
     views = ("plain", "crop-tl")  # two shapes per image size: the image and its crop
     tf_engine = Extractor(tiny, image_size=32, views=views, batch_size=8, engine="tensorflow")

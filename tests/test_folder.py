@@ -7,12 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import ov_engine, pipeline
+from featcache.extract import ov_engine, pipeline
 from featcache.cache import read, write
 from featcache.errors import UserError
-from featcache.extractor import Extractor
-from featcache.models import load_model
-from featcache.sources import folder
+from featcache.extract.extractor import Extractor
+from featcache.extract.models import load_model
+from featcache.extract.sources import folder
 from conftest import TINY_DIM, make_key, run_cli
 
 CLASSES = ("cat", "dog", "emu")
@@ -344,7 +344,7 @@ def test_a_chunk_of_large_images_ends_at_the_byte_budget(tree, monkeypatch):
 
 
 def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(tiny_model, monkeypatch):
-    from featcache import extractor
+    from featcache.extract import extractor
 
     images = np.random.default_rng(1).integers(0, 255, (7, 30, 20, 3), dtype=np.uint8)
     ex = Extractor(load_model(tiny_model), image_size=32, views=("plain", "flip"), batch_size=4, engine="tensorflow")

@@ -119,7 +119,7 @@ def test_training_and_plotting_leave_process_wide_state_alone(tmp_path):
     import matplotlib
     import tensorflow as tf
 
-    from featcache import plots
+    from featcache.head import plots
 
     backend = matplotlib.get_backend()
 

@@ -8,15 +8,15 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline
+from featcache.extract import pipeline
 from featcache.cache import layout, read, write
 from featcache.cache.layout import CacheKey
 from featcache.errors import UserError
 from featcache.cache.read import Features
 from featcache.head import train
 from featcache.settings import HeadConfig
-from featcache.records import ledger
-from featcache.runs import run_experiment
+from featcache.head.records import ledger
+from featcache.head.runs import run_experiment
 from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, synthetic_attrs, write_batches
 
 COMMON = ["--image-size", "32", "--train-views", "plain", "--tta-views", "plain"]  # the views of the caches below

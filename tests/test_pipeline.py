@@ -7,12 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import ov_engine, pipeline
+from featcache.extract import ov_engine, pipeline
 from featcache.cache import layout
 from featcache.errors import UserError
-from featcache.extractor import Extractor
-from featcache.models import load_model
-from featcache.sources import cifar
+from featcache.extract.extractor import Extractor
+from featcache.extract.models import load_model
+from featcache.extract.sources import cifar
 from conftest import KILL_POINT, ROOT, TINY_DIM, make_key
 
 
@@ -59,7 +59,7 @@ def test_up_to_date_cache_sends_no_image_through_the_model(tiny_model, cifar_roo
     def no_model(*_):
         raise AssertionError("the model was loaded for an up-to-date cache")
 
-    monkeypatch.setattr("featcache.extractor.load_model", no_model)
+    monkeypatch.setattr("featcache.extract.extractor.load_model", no_model)
     again = pipeline.extract(key, "test", data_dir=cifar_root, cache_dir=tmp_path, engine="tensorflow", progress=False)
     assert again.up_to_date and again.processed == 0 and "up to date" in again.summary()
     assert first.path.stat().st_mtime_ns == before

@@ -4,9 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import extractor, ov_engine, pipeline, quantize
+from featcache.extract import extractor, ov_engine, pipeline, quantize
 from featcache.errors import UserError
-from featcache.sources import cifar
+from featcache.extract.sources import cifar
 from conftest import make_key, run_cli
 
 needs_openvino = pytest.mark.skipif(not (ov_engine.available() and quantize.nncf_available()),
@@ -166,7 +166,7 @@ def test_int8_weights_take_7_bits_where_pair_sums_can_saturate_and_unmeasured_cp
 def test_a_calibration_sample_too_large_for_memory_is_refused_before_reading():
     from types import SimpleNamespace
 
-    from featcache.quantize import calibration_sample
+    from featcache.extract.quantize import calibration_sample
 
     def unread(*args):
         raise AssertionError("no image may be read")

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from featcache.sources import cifar
+from featcache.extract.sources import cifar
 from conftest import run_cli
 
 
@@ -117,9 +117,9 @@ def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny
 
     import keras
 
-    from featcache.classifier import build_classifier
-    from featcache.extractor import Extractor
-    from featcache.models import load_model
+    from featcache.serve.classifier import build_classifier
+    from featcache.extract.extractor import Extractor
+    from featcache.extract.models import load_model
     from featcache.cache.layout import CacheKey
     from conftest import TINY_DIM
 
@@ -149,7 +149,7 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
     import tensorflow as tf
 
     from conftest import save_tiny_model
-    from featcache.classifier import build_classifier, export
+    from featcache.serve.classifier import build_classifier, export
 
     model = save_tiny_model(tmp_path / "no_training_arg", with_training_arg=False)
     common = ["--model", model, "--image-size", "40", "--cache-dir", tmp_path / "cache", "--limit", "30"]
@@ -197,7 +197,7 @@ def test_a_runs_network_that_cannot_be_loaded_offline_names_the_one_remedy(monke
     import tensorflow_hub as hub
 
     from featcache.errors import UserError
-    from featcache.models import load_model
+    from featcache.extract.models import load_model
 
     def offline(handle):
         raise OSError("no route to host")

@@ -16,14 +16,14 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline, sources
+from featcache.extract import pipeline, sources
 from featcache.errors import UserError
-from featcache.extractor import ExtractorSettings
-from featcache.runners import LocalRunner
+from featcache.extract.extractor import ExtractorSettings
+from featcache.extract.runners import LocalRunner
 from conftest import KILL_POINT, ROOT, make_key
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
-from featcache.ray_runner import RayRunner  # noqa: E402 - needs Ray
+from featcache.extract.ray_runner import RayRunner  # noqa: E402 - needs Ray
 
 CPUS = 2
 IMAGE_SIZE = 48

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from featcache import pipeline
+from featcache.extract import pipeline
 from featcache.cache import read
 from conftest import REAL_DATA, REAL_MODEL, make_key, requires_shared
 

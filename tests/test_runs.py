@@ -5,7 +5,7 @@ import pytest
 
 from featcache.cache.layout import CacheKey
 from featcache.cli import format_table
-from featcache.records import LEDGER_COLUMNS, ledger
+from featcache.head.records import LEDGER_COLUMNS, ledger
 
 
 def _record(runs, name, val, test):
@@ -44,7 +44,7 @@ def _record_on(runs, name, val, model, limit, head_file=True):
 
 
 def test_default_run_is_the_best_on_the_default_cache_settings(tmp_path):
-    from featcache.classifier import resolve_run
+    from featcache.serve.classifier import resolve_run
     from featcache.settings import DEFAULT_MODEL
 
     _record_on(tmp_path, "full", 0.85, DEFAULT_MODEL, 0)

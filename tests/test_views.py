@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import pipeline
+from featcache.extract import pipeline
 from featcache.cache.read import cached_views
 from featcache.errors import UserError
 from featcache.settings import VIEWS, HeadConfig, parse_views, view_images, views_label

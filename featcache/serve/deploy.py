@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, first_line
-from .quantize import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
+from ..errors import UserError, first_line
+from ..extract.quantize import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
 
 FORMATS = ("saved_model", "tflite", "onnx")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
@@ -49,7 +49,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written.
     `quantize='int8'` (tflite only): int8 weights and activations, calibrated on the run's train images."""
     from .classifier import check_destination, load_run
-    from .settings import check_image_size
+    from ..settings import check_image_size
 
     if format not in SUFFIXES:
         raise UserError(f"unknown `format` {format!r} for a file; choose one of {', '.join(SUFFIXES)}")
@@ -83,7 +83,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
 def default_input_size(key) -> int:
     """The image side an exported file takes by default: the dataset's own when it has one (CIFAR: 32), else
     the network's input size."""
-    from .sources import cifar
+    from ..extract.sources import cifar
 
     return cifar.IMAGE_SHAPE[0] if key.dataset in cifar.LAYOUTS else key.image_size
 
@@ -91,10 +91,10 @@ def default_input_size(key) -> int:
 def train_samples(run_dir: Path, key, size: int, draws) -> list[np.ndarray]:
     """Seeded samples of the run's train images (never test), of the input size, one per (size, seed) draw, read
     in one pass (quantize.calibration_samples)."""
-    from .cache.read import attributes
-    from .quantize import CalibrationUnusable, calibration_samples
-    from .records import read_config
-    from .sources import open_split
+    from ..cache.read import attributes
+    from ..extract.quantize import CalibrationUnusable, calibration_samples
+    from ..head.records import read_config
+    from ..extract.sources import open_split
 
     train_cache = read_config(run_dir)["train_cache"]["path"]
     try:
@@ -134,8 +134,8 @@ def portable_function(parts, input_size: int, embeddings: bool = False):
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from .preprocess import resize_matrix
-    from .settings import view_images
+    from ..extract.preprocess import resize_matrix
+    from ..settings import view_images
 
     key = parts.key
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.layout import CacheKey
-from .errors import UserError, first_line
-from .models import call_kwargs, identity, load_model
-from .preprocess import preprocess_views
-from .records import ledger, read_config
-from .settings import DEFAULT_PRECISION, parse_views
-from .sources.folder import decode_file, is_image_name
+from ..cache.layout import CacheKey
+from ..errors import UserError, first_line
+from ..extract.models import call_kwargs, identity, load_model
+from ..extract.preprocess import preprocess_views
+from ..head.records import ledger, read_config
+from ..settings import DEFAULT_PRECISION, parse_views
+from ..extract.sources.folder import decode_file, is_image_name
 
 
 def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:

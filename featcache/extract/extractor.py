@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 from .models import fixed_input_size, identity, load_model
 from .preprocess import center_square, preprocess_static, preprocess_views
-from .settings import (DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES,
-                       PRECISIONS, RESIZE_METHODS, check_image_size, default_batch_size,
-                       view_images)
+from ..settings import (
+    DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, PRECISIONS,
+    RESIZE_METHODS, check_image_size, default_batch_size, view_images,
+)
 
 
 # Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2 (a 12 MP photo goes alone, where a

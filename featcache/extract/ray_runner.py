@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 from .extractor import batch_unit, library_versions
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"

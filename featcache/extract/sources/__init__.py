@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..settings import DATASETS
+from ...errors import UserError
+from ...settings import DATASETS
 from . import cifar, folder
 from .base import Chunk  # noqa: F401 - the interface, re-exported
 

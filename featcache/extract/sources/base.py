@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UserError
-from ..settings import SPLITS
+from ...errors import UserError
+from ...settings import SPLITS
 
 
 def check_split(split: str):

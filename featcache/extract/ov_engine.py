@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
-from .settings import DEFAULT_PRECISION
+from ..errors import UserError
+from ..settings import DEFAULT_PRECISION
 
 INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; about 2.5x faster extraction on CPUs)"
 

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
 from .base import Chunk, check_split
 
 

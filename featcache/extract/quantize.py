@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cpu
-from .errors import UserError, first_line, last_line
-from .settings import DEFAULT_CROP, crop_shape, view_images
+from .. import cpu
+from ..errors import UserError, first_line, last_line
+from ..settings import DEFAULT_CROP, crop_shape, view_images
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
 CALIBRATION_SEED = 0

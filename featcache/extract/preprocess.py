@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .settings import DEFAULT_CROP, view_images
+from ..settings import DEFAULT_CROP, view_images
 
 
 def center_square(images):

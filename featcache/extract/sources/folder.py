@@ -30,8 +30,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import UserError
-from ..settings import DEFAULT_TEST_FRACTION
+from ...errors import UserError
+from ...settings import DEFAULT_TEST_FRACTION
 from .base import Chunk, check_split
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_FORMATS

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 from .extractor import library_versions
-from .settings import RUNNERS
+from ..settings import RUNNERS
 
 
 @dataclass

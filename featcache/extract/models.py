@@ -19,8 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from .cache.layout import model_slug
-from .errors import UserError, first_line
+from ..cache.layout import model_slug
+from ..errors import UserError, first_line
 
 IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.index")
 
