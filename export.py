@@ -4,11 +4,13 @@ class probabilities out."""
 
 import click
 
-from featcache.serve.classifier import build_classifier, check_destination, export, resolve_run
-from featcache.cli import NonEmptyPath, TEXT, one_line_errors
-from featcache.serve.deploy import FORMATS, QUANTIZE, export_run
+from featcache.cli import TEXT, NonEmptyPath, one_line_errors
 from featcache.errors import UserError
 from featcache.process import setup_process
+from featcache.serve.classifier import build_classifier
+from featcache.serve.export import FORMATS, QUANTIZE, export_run
+from featcache.serve.files import check_destination, save_model
+from featcache.serve.run import resolve_run
 from featcache.settings import DEFAULT_RUNS_DIR
 
 
@@ -47,7 +49,7 @@ def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
     classifier = build_classifier(run_dir)
-    export(classifier, out, force)
+    save_model(classifier, out, force)
     n = int(classifier.class_names.shape[0])
     click.echo(f"exported run {run_dir.name} to {out} (serving_default: images uint8 [N,H,W,3] -> "
                f"probabilities [N,{n}], top_class [N], class_names [{n}])")

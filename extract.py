@@ -3,14 +3,17 @@
 
 import click
 
-from featcache.cli import (COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors,
-                           selection_options, verbosity_options)
 from featcache.cache.layout import partial_path
+from featcache.cli import (
+    COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
+    verbosity_options,
+)
 from featcache.extract.pipeline import extract, verify
-from featcache.process import setup_process
 from featcache.extract.runners import make_runner
-from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_VIEWS, ENGINES, RUNNERS,
-                                SPLITS, default_batch_size)
+from featcache.process import setup_process
+from featcache.settings import (
+    DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_VIEWS, ENGINES, RUNNERS, SPLITS, default_batch_size,
+)
 
 
 @click.command()

@@ -6,11 +6,13 @@ import sys
 
 import click
 
-from featcache.serve.classifier import build_classifier, decode_image, expand_paths, resolve_run
-from featcache.cli import NonEmptyPath, TEXT, one_line_errors
-from featcache.serve.deploy import open_exported
+from featcache.cli import TEXT, NonEmptyPath, one_line_errors
 from featcache.errors import UserError
 from featcache.process import setup_process
+from featcache.serve.classifier import build_classifier
+from featcache.serve.images import decode_image, expand_paths
+from featcache.serve.run import resolve_run
+from featcache.serve.runtimes import open_exported
 from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 
 

@@ -7,14 +7,17 @@ import click
 from click.core import ParameterSource
 
 from featcache.cache.read import views_present
-from featcache.cli import (NonEmptyPath, VIEWS_HELP, format_table, key_to_read, one_line_errors, parse_grid,
-                           selection_options, verbosity_options)
+from featcache.cli import (
+    VIEWS_HELP, NonEmptyPath, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
+    verbosity_options,
+)
 from featcache.errors import UserError
-from featcache.process import setup_process
 from featcache.head.records import LEDGER_COLUMNS, ledger
 from featcache.head.runs import run_experiment, run_grid
-from featcache.settings import (COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE,
-                               MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS, HeadConfig)
+from featcache.process import setup_process
+from featcache.settings import (
+    COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE, MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS, HeadConfig,
+)
 
 DEFAULTS = HeadConfig()
 

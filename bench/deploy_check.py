@@ -54,8 +54,10 @@ def batched(probabilities, images: np.ndarray, batch: int = 256) -> np.ndarray:
 @click.option("--passes", type=click.IntRange(min=1), default=3, show_default=True)
 def main(run_id, runs_dir, data_dir, images, timed, passes):
     from featcache import cpu
-    from featcache.serve.classifier import build_classifier, resolve_run
-    from featcache.serve.deploy import export_run, open_exported
+    from featcache.serve.classifier import build_classifier
+    from featcache.serve.export import export_run
+    from featcache.serve.run import resolve_run
+    from featcache.serve.runtimes import open_exported
     from featcache.extract.sources import cifar
 
     run_dir, _ = resolve_run(runs_dir, run_id)

@@ -53,7 +53,8 @@ def main(run_id, runs_dir, data_dir, images):
     import tensorflow as tf
 
     from featcache.extract.sources import cifar
-    from featcache.serve.classifier import build_classifier, decode_image
+    from featcache.serve.classifier import build_classifier
+    from featcache.serve.images import decode_image
 
     run_dir = Path(runs_dir) / run_id
     test = cifar.load_split(cifar.resolve_source(data_dir), "test", images)

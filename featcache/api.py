@@ -23,10 +23,10 @@ import numpy as np
 
 from .cache.read import attributes, load_features, load_splits, views_present
 from .errors import UserError
-from .head import TrainedHead, train
 from .extract.pipeline import ExtractResult
 from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
+from .head import TrainedHead, train
 from .selection import SELECTION_NAMES, select, select_cached
 from .settings import DEFAULT_CACHE_DIR, HeadConfig
 

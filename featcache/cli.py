@@ -14,9 +14,11 @@ import click
 
 from .cache.read import CacheUnusable, caches_present, list_caches
 from .errors import PARAMETER, UserError
-from .settings import (CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-                       DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, MAX_COUNT,
-                       PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig)
+from .settings import (
+    CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
+    DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, MAX_COUNT, PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS,
+    VIEWS, HeadConfig,
+)
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
               f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "

@@ -7,13 +7,15 @@ caches present for the other settings. CacheKey.chosen gives the way back: the n
 
 from __future__ import annotations
 
-from .extract import models
 from .cache.layout import CacheKey
 from .cache.read import list_caches
 from .errors import UserError
-from .settings import (CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
-                       DEFAULT_PRECISION, DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_count, check_image_size)
+from .extract import models
 from .extract.sources import folder
+from .settings import (
+    CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION,
+    DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_count, check_image_size,
+)
 
 # The selection parameters, in the order the command line lists them.
 SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop",

@@ -8,7 +8,6 @@ the library functions all take their defaults from here.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -59,47 +58,12 @@ DEFAULT_PRECISION = "f32"
 # extended cache holds exactly what one uninterrupted run would. Each view is its own dataset in the
 # HDF5 file; extract.py adds views to a cache, heads train on (train_views) and average over (tta_views)
 # any of those it holds.
-CROP_EIGHTHS = 7  # a crop view keeps 7/8 of each side (28 of CIFAR's 32 px): the classic 224-of-256 crop
-# (top, left) of each crop's window, in halves of the margin the crop leaves
-CROP_PLACES = {"tl": (0, 0), "tr": (0, 2), "bl": (2, 0), "br": (2, 2), "c": (1, 1)}
-
-
-def _flip(images):
-    return images[:, :, ::-1]  # mirrored left-right
-
-
-def crop_shape(height, width):
-    """A crop view's (height, width) for images of this shape: 7/8 of each side, rounded (integers or tensors)."""
-    return (height * CROP_EIGHTHS + 4) // 8, (width * CROP_EIGHTHS + 4) // 8
-
-
-def _crop(images, place: str):
-    """The window of 7/8 of each side at `place` (integer arithmetic, so numpy and TensorFlow cut alike)."""
-    height, width = images.shape[1], images.shape[2]
-    if height is None or width is None:  # a tf.function traced for any size
-        import tensorflow as tf
-
-        shape = tf.shape(images)
-        height, width = shape[1], shape[2]
-    rows, cols = crop_shape(height, width)
-    top, left = ((height - rows) * CROP_PLACES[place][0]) // 2, ((width - cols) * CROP_PLACES[place][1]) // 2
-    return images[:, top : top + rows, left : left + cols]
-
-
-VIEW_TRANSFORMS = {"plain": lambda images: images, "flip": _flip}
-for _place in CROP_PLACES:
-    VIEW_TRANSFORMS[f"crop-{_place}"] = lambda images, place=_place: _crop(images, place)
-    VIEW_TRANSFORMS[f"crop-{_place}-flip"] = lambda images, place=_place: _flip(_crop(images, place))
-VIEWS = tuple(VIEW_TRANSFORMS)
+CROP_PLACES = ("tl", "tr", "bl", "br", "c")  # crop views: 7/8 of each side at four corners and the centre
+VIEWS = ("plain", "flip") + tuple(f"crop-{place}{flip}" for place in CROP_PLACES for flip in ("", "-flip"))
 # Names for groups of views, usable wherever views are listed.
 VIEW_SETS = {"crops": tuple(f"crop-{p}" for p in CROP_PLACES),
              "crops-flip": tuple(f"crop-{p}-flip" for p in CROP_PLACES)}
 DEFAULT_VIEWS = "plain,flip"  # what extract.py caches and a head trains on and averages over
-
-
-def view_images(images, view: str):
-    """A batch of uint8 images [B, H, W, C] as `view` shows them (before the resize)."""
-    return VIEW_TRANSFORMS[view](images)
 
 
 def parse_views(views, name: str = "views") -> tuple[str, ...]:
@@ -113,7 +77,7 @@ def parse_views(views, name: str = "views") -> tuple[str, ...]:
         raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
     chosen = set()
     for part in names:
-        if part not in VIEW_TRANSFORMS and part not in VIEW_SETS:
+        if part not in VIEWS and part not in VIEW_SETS:
             raise UserError(f"unknown view {part!r} in `{name}`; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
         chosen.update(VIEW_SETS.get(part, (part,)))
     return tuple(view for view in VIEWS if view in chosen)

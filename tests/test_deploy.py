@@ -29,7 +29,7 @@ def run(small_run, cifar_root, tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_an_export_run_by_its_own_runtime_gives_predicts_probabilities(run, fmt):
-    from featcache.serve.deploy import open_exported
+    from featcache.serve.runtimes import open_exported
 
     base, run_dir, images, want = run
     out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs")
@@ -102,13 +102,13 @@ def test_a_missing_converter_or_runtime_is_one_line_naming_its_requirements_file
 
 
 def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifar_root, monkeypatch):
-    from featcache.serve import deploy
-    from featcache.serve.deploy import open_exported
+    from featcache.serve import export
+    from featcache.serve.runtimes import open_exported
 
     base, _, images, want = run
     seen = []
-    real = deploy.train_samples
-    monkeypatch.setattr(deploy, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
+    real = export.train_samples
+    monkeypatch.setattr(export, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
     out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
     assert out.returncode == 0, out.stderr
     train = cifar.load_split(cifar.resolve_source(cifar_root), "train").images
@@ -130,7 +130,7 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
 def test_the_int8_heads_correction_is_a_least_squares_fit_put_in_front_of_any_head(run, rows):
     import keras
 
-    from featcache.serve.deploy import MIN_SLOPE_ROWS, affine_fit, corrected
+    from featcache.serve.int8 import MIN_SLOPE_ROWS, affine_fit, corrected
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 5))

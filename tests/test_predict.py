@@ -149,7 +149,8 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
     import tensorflow as tf
 
     from conftest import save_tiny_model
-    from featcache.serve.classifier import build_classifier, export
+    from featcache.serve.classifier import build_classifier
+    from featcache.serve.files import save_model
 
     model = save_tiny_model(tmp_path / "no_training_arg", with_training_arg=False)
     common = ["--model", model, "--image-size", "40", "--cache-dir", tmp_path / "cache", "--limit", "30"]
@@ -162,7 +163,7 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
     classifier = build_classifier(run_dir)
     probs = classifier.classify(images)["probabilities"].numpy()
     np.testing.assert_allclose(probs, np.load(run_dir / "test_probs.npy"), atol=1e-5)
-    export(classifier, tmp_path / "exported")
+    save_model(classifier, tmp_path / "exported")
     served = tf.saved_model.load(str(tmp_path / "exported")).signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-6)
 

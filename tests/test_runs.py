@@ -44,7 +44,7 @@ def _record_on(runs, name, val, model, limit, head_file=True):
 
 
 def test_default_run_is_the_best_on_the_default_cache_settings(tmp_path):
-    from featcache.serve.classifier import resolve_run
+    from featcache.serve.run import resolve_run
     from featcache.settings import DEFAULT_MODEL
 
     _record_on(tmp_path, "full", 0.85, DEFAULT_MODEL, 0)

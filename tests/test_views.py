@@ -10,7 +10,8 @@ import pytest
 from featcache.extract import pipeline
 from featcache.cache.read import cached_views
 from featcache.errors import UserError
-from featcache.settings import VIEWS, HeadConfig, parse_views, view_images, views_label
+from featcache.extract.preprocess import view_images
+from featcache.settings import VIEWS, HeadConfig, parse_views, views_label
 from conftest import KILL_POINT, ROOT, make_key, run_cli
 
 

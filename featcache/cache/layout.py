@@ -25,8 +25,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..settings import (DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION,
-                        DEFAULT_RESIZE, DEFAULT_TEST_FRACTION)
+from ..settings import (
+    DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE,
+    DEFAULT_TEST_FRACTION,
+)
 
 FORMAT_VERSION = 2  # 2: views are added to a file, no longer part of its key
 TOOL = "featcache"

@@ -1,7 +1,7 @@
 """The frozen feature extractor: a TF Hub image feature-vector model behind an in-graph resize.
 
 `Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of
-images of different sizes) and returns one float32 [N, D] array per view (settings.VIEW_TRANSFORMS:
+images of different sizes) and returns one float32 [N, D] array per view (preprocess.view_images:
 "plain", "flip" for the mirrored image, crops...). Preprocessing (optional center crop -> view ->
 uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
 never exists in memory; with OpenVINO it is compiled together with the network for
@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError, first_line
-from .models import fixed_input_size, identity, load_model
-from .preprocess import center_square, preprocess_static, preprocess_views
 from ..settings import (
     DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, PRECISIONS,
-    RESIZE_METHODS, check_image_size, default_batch_size, view_images,
+    RESIZE_METHODS, check_image_size, default_batch_size,
 )
-
+from .models import fixed_input_size, identity, load_model
+from .preprocess import center_square, preprocess_static, preprocess_views, view_images
 
 # Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2 (a 12 MP photo goes alone, where a
 # batch of 16 of them peaked at 9.7 GB).

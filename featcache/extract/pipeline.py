@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from . import models, quantize, sources
 from ..cache.layout import CacheKey
 from ..cache.read import attributes, cached_views, check_contents, inspect, non_finite, skipped_files
 from ..cache.write import CacheWriteError, CacheWriter, locked
 from ..errors import UserError, first_line, in_python
-from .extractor import ExtractorSettings, check_engine_options
-from .runners import LocalRunner
 from ..settings import (
     DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count, parse_views,
 )
+from . import models, quantize, sources
+from .extractor import ExtractorSettings, check_engine_options
+from .runners import LocalRunner
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """Preprocessing in the TensorFlow graph: uint8 images -> optional center crop -> view -> [0, 1] floats -> resize.
 
+A view (settings.VIEWS names them) is a fixed transformation of a batch of uint8 images [B, H, W, C], numpy or
+tf.Tensor, applied after the center crop and before the resize, so the same pixels on every run.
+
 `preprocess_views` is what extraction and the classifier run; `preprocess_static` gives the same numbers for a
 fixed input size with the resize as two matrix products, the only form OpenVINO's converter takes.
 """
@@ -8,20 +11,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..settings import DEFAULT_CROP, view_images
+from ..settings import CROP_PLACES, DEFAULT_CROP
+
+CROP_EIGHTHS = 7  # a crop view keeps 7/8 of each side (28 of CIFAR's 32 px): the classic 224-of-256 crop
+# (top, left) of each crop's window, in halves of the margin the crop leaves
+CROP_WINDOWS = dict(zip(CROP_PLACES, ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))))
 
 
-def center_square(images):
-    """The centered square of a batch [B,H,W,3] (numpy or tf), as Keras' crop_to_aspect_ratio cuts it."""
+def _flip(images):
+    return images[:, :, ::-1]  # mirrored left-right
+
+
+def crop_shape(height, width):
+    """A crop view's (height, width) for images of this shape: 7/8 of each side, rounded (integers or tensors)."""
+    return (height * CROP_EIGHTHS + 4) // 8, (width * CROP_EIGHTHS + 4) // 8
+
+
+def _crop(images, place: str):
+    """The window of 7/8 of each side at `place` (integer arithmetic, so numpy and TensorFlow cut alike)."""
+    height, width = _height_width(images)
+    rows, cols = crop_shape(height, width)
+    top, left = ((height - rows) * CROP_WINDOWS[place][0]) // 2, ((width - cols) * CROP_WINDOWS[place][1]) // 2
+    return images[:, top : top + rows, left : left + cols]
+
+
+def view_images(images, view: str):
+    """A batch of uint8 images [B, H, W, C] as `view` shows them (before the resize)."""
+    if view.startswith("crop-"):
+        images = _crop(images, view.split("-")[1])
+    return _flip(images) if view.endswith("flip") else images
+
+
+def _height_width(images):
+    """(height, width) of a batch: Python integers, or tensors in a tf.function traced for any size."""
     height, width = images.shape[1], images.shape[2]
-    if height is None or width is None:  # a tf.function traced for any size
+    if height is None or width is None:
         import tensorflow as tf
 
         shape = tf.shape(images)
         height, width = shape[1], shape[2]
-        side = tf.minimum(height, width)
-    else:
+    return height, width
+
+
+def center_square(images):
+    """The centered square of a batch [B,H,W,3] (numpy or tf), as Keras' crop_to_aspect_ratio cuts it."""
+    height, width = _height_width(images)
+    if isinstance(height, int):
         side = min(height, width)
+    else:
+        import tensorflow as tf
+
+        side = tf.minimum(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return images[:, top : top + side, left : left + side]
 

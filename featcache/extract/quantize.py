@@ -18,7 +18,8 @@ import numpy as np
 
 from .. import cpu
 from ..errors import UserError, first_line, last_line
-from ..settings import DEFAULT_CROP, crop_shape, view_images
+from ..settings import DEFAULT_CROP
+from .preprocess import center_square, crop_shape, view_images
 
 CALIBRATION_SIZE = 300  # NNCF's default subset size
 CALIBRATION_SEED = 0
@@ -109,8 +110,6 @@ class Int8Quantizer:
         already cut when `crop` says so). The network of the crop views (their smaller input) is calibrated on
         the images' center crops."""
         import openvino as ov
-
-        from .preprocess import center_square
 
         images, _, digest = self.sample
         if crop == "center":

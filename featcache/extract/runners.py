@@ -12,8 +12,8 @@ import contextlib
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .extractor import library_versions
 from ..settings import RUNNERS
+from .extractor import library_versions
 
 
 @dataclass

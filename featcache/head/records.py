@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
 from ..cache.layout import CacheKey
 from ..errors import UserError, first_line
 from ..settings import HeadConfig, parse_views, views_label
+from . import plots
 
 
 def check_writable(runs_dir):

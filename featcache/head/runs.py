@@ -8,9 +8,9 @@ from pathlib import Path
 from ..cache.layout import CacheKey
 from ..cache.read import load_splits, views_present
 from ..errors import UserError
+from ..settings import HeadConfig, parse_views
 from . import sweep_l2, train, training_data
 from .records import check_writable, record_run
-from ..settings import HeadConfig, parse_views
 
 
 def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):

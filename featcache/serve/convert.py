@@ -1,0 +1,104 @@
+"""The trained classifier converted for the runtimes MobileNetV2 is meant for: LiteRT (TFLite) and ONNX.
+
+A converted file takes uint8 images [N, S, S, 3] of one input size S and returns class probabilities
+[N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which every
+runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op), the frozen network, the
+run's head, averaged over the run's test-time views. With calibration images, `to_tflite` makes a LiteRT
+model with int8 weights and activations, except the op types in FLOAT_OPS (docs/benchmarks.md says why).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..errors import UserError, first_line
+from .runtimes import require
+
+ONNX_OPSET = 17
+# Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (the first one's int8
+# output was off by 1.45 quantization steps on average), the resize as matrix products and the head (its
+# standardisation's SUB and MUL, whose one int8 scale for all 1280 standardised inputs cost agreement, and its
+# FULLY_CONNECTED). Float depthwise weights add 0.02 MB to the network's 2.71 MB (docs/benchmarks.md).
+FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL")
+
+
+def portable_function(parts, input_size: int, embeddings: bool = False):
+    """The run's classifier as a frozen concrete function of uint8 [None, S, S, 3] -> probabilities [None, K]
+    (`embeddings`: the network's output instead, [views x N, D], each view's images in turn)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    from ..extract.preprocess import resize_matrix, view_images
+
+    key = parts.key
+
+    def resized(x):
+        """[0, 1] floats [N, H, W, 3] -> [N, S, S, 3], channels first in between so that both resize products
+        are plain (batched) matrix products."""
+        rows = tf.constant(resize_matrix(x.shape[1], key.image_size, key.resize))
+        cols = tf.constant(resize_matrix(x.shape[2], key.image_size, key.resize).T)
+        x = tf.matmul(tf.matmul(rows, tf.transpose(x, [0, 3, 1, 2])), cols)
+        return tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0.0, 1.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")])
+    def classify(images):
+        x = tf.cast(images, tf.float32) / 255.0  # square: a center crop would cut nothing
+        # The views go through the network as one batch: one copy of it in the graph, whatever their number.
+        views = tf.concat([resized(view_images(x, view)) for view in parts.tta_views], axis=0)
+        if embeddings:
+            return {"embeddings": tf.cast(parts.network(views, **parts.call_kwargs), tf.float32)}
+        per_view = tf.reshape(parts.probabilities(views), [len(parts.tta_views), -1, len(parts.class_names)])
+        probs = tf.reduce_mean(per_view, axis=0)
+        return {"probabilities": tf.identity(probs, name="probabilities")}
+
+    return convert_variables_to_constants_v2(classify.get_concrete_function())
+
+
+def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
+    """A LiteRT model: f32, or with `calibration` (uint8 images) int8 but for FLOAT_OPS."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    try:
+        if calibration is None:
+            return converter.convert()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        # The converter's own way to keep op types in float (selective quantization); its debug data is not used
+        # for the model it returns.
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([image[None]] for image in calibration[:1]),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS)))
+        return debugger.get_nondebug_quantized_model()
+    except Exception as exc:  # noqa: BLE001 - the converter's errors are many and all mean the same here
+        raise UserError(f"the TFLite converter cannot convert this classifier: {first_line(exc)}") from None
+
+
+def to_onnx(frozen, class_names: tuple[str, ...], run: str) -> bytes:
+    """An ONNX model (opset ONNX_OPSET) with the class names in its metadata."""
+    tf2onnx = require("tf2onnx", "format onnx")
+    try:
+        model, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+            output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
+    model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
+    for name, value in (("class_names", json.dumps(list(class_names))), ("featcache_run", run)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = name, value
+    return model.SerializeToString()
+
+
+def _rename(model, input_name: str, output_name: str) -> tuple[str, str]:
+    """Give the graph's one input and one output plain names (tf2onnx keeps TensorFlow's `images:0`)."""
+    old_in, old_out = model.graph.input[0].name, model.graph.output[0].name
+    for node in model.graph.node:
+        node.input[:] = [input_name if name == old_in else name for name in node.input]
+        node.output[:] = [output_name if name == old_out else name for name in node.output]
+    return input_name, output_name

@@ -1,0 +1,90 @@
+"""A recorded run, chosen and loaded for serving: which run (`resolve_run`) and its parts (`load_run`)."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache.layout import CacheKey
+from ..errors import UserError, first_line
+from ..extract.models import call_kwargs, identity, load_model
+from ..head.records import ledger, read_config
+from ..settings import DEFAULT_PRECISION, parse_views
+
+
+def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
+    """(run folder, why it was chosen): the named run, or else among the runs on the default cache
+    settings (all runs if none is) the best by validation accuracy, or else the latest.
+
+    A quick run on a 1,000-image limit with a validation split thus never outranks the full default run.
+    `why` also names the dataset and cache the run was trained on.
+    """
+    runs_dir = Path(runs_dir)
+    if run_id:
+        run_dir = runs_dir / run_id if not Path(run_id).is_dir() else Path(run_id)
+        if not (run_dir / "head.keras").exists():
+            raise UserError(f"no run {run_id!r} with a head.keras in {runs_dir}")
+        return run_dir, "as asked"
+    rows = [r for r in ledger(runs_dir) if (runs_dir / r["run"] / "head.keras").exists()]
+    if not rows:
+        raise UserError(f"no runs in {runs_dir}; train one with: python train_head.py")
+    on_default = [r for r in rows if r["key"] == CacheKey()]
+    pool, where = ((on_default, "on the default cache settings") if on_default
+                   else (rows, "(none is on the default cache settings)"))
+    with_val = [r for r in pool if r["val_acc"] is not None]
+    if with_val:
+        chosen, why = with_val[0], f"best validation accuracy among runs {where}"
+    else:
+        chosen, why = max(pool, key=lambda r: _started(r["run"])), f"latest run {where}"
+    key = chosen["key"]
+    return runs_dir / chosen["run"], f"{why}; trained on {key.dataset_name()} {key.settings_name()}"
+
+
+def _started(run: str) -> tuple:
+    """A run folder's name as the time it started: `<date>-<time>`, then `-1`, `-2`, ... in that order."""
+    parts = run.split("-")
+    return parts[:2], int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+
+
+@dataclass
+class RunParts:
+    """What classifying with a run takes: its cache key (preprocessing, model), TTA, class names, the loaded
+    network and head. `probabilities` maps preprocessed float images to the head's class probabilities."""
+
+    run: str
+    key: CacheKey
+    tta_views: tuple[str, ...]  # the views whose probabilities are averaged
+    class_names: tuple[str, ...]
+    network: object
+    call_kwargs: dict
+    head: object
+
+    def probabilities(self, x):
+        import tensorflow as tf
+
+        return self.head(tf.cast(self.network(x, **self.call_kwargs), tf.float32), training=False)
+
+
+def load_run(run_dir: Path) -> RunParts:
+    """A run's parts, checked: its record, the model folder unchanged, an f32 cache, a readable head."""
+    import keras
+
+    config = read_config(run_dir)
+    name, key = Path(run_dir).name, CacheKey.from_attrs(config["cache"])
+    if key.model_sha256 and identity(key.model)[1] != key.model_sha256:
+        raise UserError(f"run {name}: model folder {key.model} holds other files than the model the run was trained "
+                        "on (its content hash differs)")
+    if key.precision != DEFAULT_PRECISION:
+        raise UserError(f"run {name} was trained on {key.precision} embeddings (OpenVINO), but predict and export "
+                        f"run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a head on a "
+                        f"{DEFAULT_PRECISION} cache (extract and train without `precision`) to serve")
+    path = Path(run_dir) / "head.keras"
+    try:
+        head = keras.models.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file, a missing one: all the same here
+        why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a complete .keras archive"
+        raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
+    network = load_model(key.model, run=name)
+    return RunParts(name, key, parse_views(config["head"]["tta_views"]), tuple(config["class_names"]), network,
+                    call_kwargs(network, key.image_size), head)

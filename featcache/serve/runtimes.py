@@ -1,0 +1,106 @@
+"""Any export read back with the runtime its format is meant for: a SavedModel folder (TensorFlow alone), a .tflite
+file (the LiteRT interpreter), an .onnx file (ONNX Runtime); and the one-line refusal of a runtime not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError, first_line
+from .files import SUFFIXES, labels_path
+
+INSTALL_HINT = "pip install -r requirements-deploy.txt"
+
+
+def require(module: str, what: str):
+    """Import an optional package, or say in one line which requirements file brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs {module.split('.')[0]}, which is not installed: {INSTALL_HINT}") from None
+
+
+@dataclass
+class Exported:
+    """An exported classifier read back with its own runtime: `probabilities(uint8 [N, H, W, 3])`."""
+
+    format: str
+    class_names: tuple[str, ...]
+    input_size: int | None  # None: any size
+    run: object
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        if self.input_size is not None and images.shape[1:3] != (self.input_size, self.input_size):
+            raise UserError(f"the image is {images.shape[2]}x{images.shape[1]}, the exported model takes "
+                            f"{self.input_size}x{self.input_size}")
+        return self.run(images)
+
+
+def open_exported(path) -> Exported:
+    """A .tflite (LiteRT interpreter), .onnx (ONNX Runtime) file or a SavedModel folder (TensorFlow alone)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no exported model at {path}")
+    try:
+        if path.is_dir():
+            return _open_saved_model(path)
+        if path.suffix == SUFFIXES["tflite"]:
+            return _open_tflite(path)
+        if path.suffix == SUFFIXES["onnx"]:
+            return _open_onnx(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: each runtime fails its own way
+        raise UserError(f"cannot load {path} ({first_line(exc)})") from None
+    raise UserError(f"{path} is not an export: a .tflite or .onnx file, or a SavedModel folder")
+
+
+def _open_saved_model(path: Path) -> Exported:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    names = tuple(n.decode() for n in serve(images=tf.zeros([1, 8, 8, 3], tf.uint8))["class_names"].numpy())
+    return Exported("saved_model", names, None,
+                    lambda images: serve(images=tf.constant(images))["probabilities"].numpy())
+
+
+def _open_tflite(path: Path) -> Exported:
+    interpreter_module = require("ai_edge_litert.interpreter", "a .tflite model")
+    interpreter = interpreter_module.Interpreter(model_path=str(path), num_threads=os.cpu_count())
+    (entry,) = interpreter.get_input_details()
+    if not labels_path(path).exists():
+        raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
+    names = tuple(labels_path(path).read_text().splitlines())
+    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter))
+
+
+def litert_call(interpreter):
+    """A LiteRT interpreter of one input and one output as a function of a batch."""
+    (entry,), (exit_,) = interpreter.get_input_details(), interpreter.get_output_details()
+    shape = [None]
+
+    def run(images):
+        if shape[0] != images.shape:  # allocating again for every call of one shape cost more than the model
+            interpreter.resize_tensor_input(entry["index"], images.shape)
+            interpreter.allocate_tensors()
+            shape[0] = images.shape
+        interpreter.set_tensor(entry["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(exit_["index"]).copy()
+
+    return run
+
+
+def _open_onnx(path: Path) -> Exported:
+    ort = require("onnxruntime", "an .onnx model")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = tuple(json.loads(session.get_modelmeta().custom_metadata_map["class_names"]))
+    size = session.get_inputs()[0].shape[1]
+    return Exported("onnx", names, size if isinstance(size, int) else None,
+                    lambda images: session.run(["probabilities"], {"images": images})[0])
