@@ -11,7 +11,7 @@ from featcache.serve.classifier import build_classifier
 from featcache.serve.export import FORMATS, QUANTIZE, export_run
 from featcache.serve.files import check_destination, save_model
 from featcache.serve.run import resolve_run
-from featcache.settings import DEFAULT_RUNS_DIR
+from featcache.settings import DEFAULT_RUNS_DIR, check_image_size
 
 
 @click.command()
@@ -36,11 +36,13 @@ from featcache.settings import DEFAULT_RUNS_DIR
 def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
-    if format_ == "saved_model":  # tflite/onnx options are checked by export_run, this one never reaches it
-        if quantize:
-            raise UserError("--quantize int8 is for --format tflite only, not saved_model")
-        if input_size:
+    if quantize and format_ != "tflite":
+        raise UserError(f"--quantize int8 is for --format tflite only, not {format_}")
+    if input_size:
+        if format_ == "saved_model":
             raise UserError("--input-size is for --format tflite or onnx (a SavedModel takes images of any size)")
+        check_image_size(input_size, "input_size")
+    if format_ == "saved_model":
         check_destination(out, force, folder=True)  # before the slow model load
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({why})", err=True)

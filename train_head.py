@@ -2,6 +2,7 @@
 """Stage 2: train a softmax head on cached embeddings, report test accuracy, record the run."""
 
 import time
+from dataclasses import replace
 
 import click
 from click.core import ParameterSource
@@ -71,6 +72,7 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     started = time.perf_counter()
     key, cache_dir, _ = key_to_read(options)  # takes the selection options out; the head's remain
     config = HeadConfig(**options)
+    config.check()
     served = config.for_cached_views(views_present(key, cache_dir))
     if served.train_view_list != config.train_view_list or served.tta_view_list != config.tta_view_list:
         lacking = [view for view in config.views_needed() if view not in served.views_needed()]
@@ -88,7 +90,10 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
     if grid:
         if sweep:
             raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
-        rows = run_grid(key, cache_dir, runs_dir, config, parse_grid(grid), log=log)
+        combinations = parse_grid(grid)
+        for overrides in combinations:
+            replace(config, **overrides).check()
+        rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log)
         click.echo(format_table(rows))
         click.echo(f"{len(rows)} runs recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
         return

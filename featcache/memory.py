@@ -1,10 +1,9 @@
 """Fresh arrays for the big buffers (cache rows, training rows): prefilled by the kernel in one
 call, and page-aligned, so TensorFlow can use them in place.
 
-Measured here (2-core AMD EPYC VM) for 256 MB in fresh processes: numpy's own allocation took
-0.05-0.85 s to first touch (it asks for transparent huge pages, and the kernel compacts memory
-for them on the spot), touching a plain anonymous mapping 0.22 s, one populated by the kernel
-in the mmap call 0.10-0.15 s. Reading the default train cache into one: 0.28 s vs numpy's 0.18-0.67 s.
+Numpy's own allocation asks for transparent huge pages, and the kernel may compact memory for them on the
+spot at first touch, so its time varies widely; a mapping the kernel populates in the mmap call is steadily
+fast (docs/benchmarks.md, the fit loop).
 """
 
 from __future__ import annotations
@@ -29,7 +28,8 @@ def fresh_array(shape, dtype) -> np.ndarray:
 
 
 def shared_tensor(x: np.ndarray):
-    """The array as a tf.Tensor without copying it (0.45 s for the default 512 MB) when TensorFlow allows."""
+    """The array as a tf.Tensor without copying it (a copy of the default train rows is slow) when TensorFlow
+    allows."""
     import tensorflow as tf
 
     if x.flags.c_contiguous and x.ctypes.data % TF_ALIGNMENT == 0:

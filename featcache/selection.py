@@ -34,9 +34,10 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
             raise UserError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")
     if isinstance(image_size, int) and not isinstance(image_size, bool):
         check_image_size(image_size)  # its own, lower limit first
-    for name, value in (("image_size", image_size), ("limit", limit)):
-        if value is not None:
-            check_count(name, value)
+    if image_size is not None:
+        check_count("image_size", image_size)
+    if limit is not None:
+        check_count("limit", limit, minimum=0)  # 0: the whole split, as CacheKey records it
     root, fraction = "", 0.0
     if dataset == "folder":
         path = folder.check_root(data_dir)

@@ -157,7 +157,7 @@ class HeadConfig:
 
     def resolved_compute(self) -> str:
         """bf16 when asked, or by default for a hidden layer on a CPU with native bf16 products (the fit
-        of the README's hidden-layer recipe is compute-bound: measured about 1.4x faster, same accuracy).
+        of the README's hidden-layer recipe is compute-bound: faster, same accuracy; docs/benchmarks.md).
         A linear head is memory-bound (bf16 would only add casts), and GPUs get f32 unless asked."""
         if self.compute != "auto":
             return self.compute

@@ -18,6 +18,22 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Whole modules of integration tests: processes killed and resumed, Ray clusters, bench smoke runs, LiteRT/ONNX
+# conversions, OpenVINO int8 calibration, the real model. Single ones elsewhere carry @pytest.mark.integration.
+INTEGRATION_MODULES = ("test_bench.py", "test_deploy.py", "test_faults.py", "test_precision.py", "test_quiet.py",
+                       "test_ray.py", "test_real.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: slow tests of whole processes and conversions (the second "
+                                       "tier: `-m integration`; `-m 'not integration'` is the fast one)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 REAL_MODEL = SHARED / "models" / "mobilenet_v2_100_224_feature_vector"

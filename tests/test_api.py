@@ -22,6 +22,7 @@ def cache(tiny_model, cifar_root, tmp_path_factory):
     return folder
 
 
+@pytest.mark.integration  # a whole process
 def test_load_cache_returns_numpy_and_never_imports_tensorflow(cache, tiny_model):
     script = f"""
 import sys
@@ -58,3 +59,13 @@ def test_a_model_folder_may_be_a_path_object(tiny_model):
     from featcache.selection import select
 
     assert select(None, model=tiny_model, image_size=32) == select(None, model=str(tiny_model), image_size=32)
+
+
+def test_limit_zero_is_the_whole_split_as_the_cache_layout_says(cache, tiny_model, cifar_root):
+    from featcache.api import load_cache, verify
+
+    whole = load_cache("train", cache_dir=cache, model=str(tiny_model), **SELECTION)
+    zero = load_cache("train", cache_dir=cache, model=str(tiny_model), limit=0, **SELECTION)
+    assert zero.path == whole.path and len(zero.labels) == 120
+    assert verify("train", cache_dir=cache, model=str(tiny_model), limit=0, data_dir=cifar_root, **SELECTION) == (
+        whole.path, [])

@@ -315,10 +315,41 @@ H5_DISK_FULL = ("Unable to synchronously {} (file write failed: time = Mon Nov 3
                 "size = 4096, bytes this sub-write = 4096, bytes actually written = 18446744073709551615, offset = 0)")
 
 
+@pytest.mark.integration  # a whole process
+def test_a_real_failed_write_of_the_cache_file_is_one_line(tiny_model, cifar_root, tmp_path):
+    """HDF5's own error for a file that cannot grow (a file-size limit: EFBIG, as a full disk gives ENOSPC), in
+    whatever words h5py puts it, becomes the one-line error; the next run, without the limit, makes the cache."""
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import make_key
+from featcache.errors import UserError
+from featcache.extract import pipeline
+key = make_key({str(tiny_model)!r}, 32, "bilinear", None)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    pipeline.extract(key, "train", data_dir={str(cifar_root)!r}, cache_dir={str(tmp_path)!r}, views="plain",
+                     engine="tensorflow", progress=False)
+except UserError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("writing ") and out.stdout.endswith(
+        " failed (File too large); 0 committed rows are kept and the next run resumes from there\n"), out.stdout
+    from featcache.extract import pipeline
+
+    key = make_key(str(tiny_model), 32, "bilinear", None)
+    done = pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=tmp_path, views="plain",
+                            engine="tensorflow", progress=False)
+    assert done.rows == 120 and done.processed == 120
+
+
 @pytest.mark.parametrize("where, target, name, call, error, kept", [
-    # h5py's own words for a full disk, at each moment of a cache's life: creating its datasets, writing
-    # rows, the fsync of a commit, the rename that publishes it.
-    ("creating the file", "h5py.Group", "create_dataset", 1, ValueError(H5_DISK_FULL.format("create dataset")), 0),
+    # A full disk at each moment of a cache's life after its creation (provoked for real above): writing rows,
+    # the fsync of a commit, the rename that publishes it.
     ("writing rows", "h5py.Dataset", "__setitem__", 5, OSError(H5_DISK_FULL.format("write data")), 20),
     ("a commit's fsync", "os", "fsync", 9, OSError(28, "No space left on device"), 30),
     ("publishing", "os", "replace", 3, OSError(28, "No space left on device"), 120),

@@ -163,3 +163,46 @@ def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_wit
         "Error: int8 needs train images of one size (it is calibrated per input size); export this run without "
         "--quantize")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_export_of_a_folder_run_with_photos_of_other_shapes_calibrates_on_them_resized(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    from featcache.serve import export
+    from featcache.serve.runtimes import open_exported
+    from test_folder import write_tree
+
+    tree = write_tree(tmp_path / "photos", per_class=(6, 2), sizes=((30, 44), (44, 30), (36, 36)))
+    common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "24",
+              "--cache-dir", tmp_path / "cache"]
+    assert run_cli("extract.py", *common, "--engine", "tensorflow", "--quiet").returncode == 0
+    assert run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "1").returncode == 0
+    seen = []
+    real = export.train_samples
+    monkeypatch.setattr(export, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
+    out = run_cli("export.py", tmp_path / "q", "--format", "tflite", "--quantize", "int8", "--runs-dir",
+                  tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    assert [sample.shape for sample in seen] == [(18, 24, 24, 3)] * 2  # every train photo, resized to the file's input
+    assert open_exported(tmp_path / "q.tflite").input_size == 24
+
+
+def test_the_int8_correction_brings_the_int8_networks_embeddings_towards_the_f32_ones(run, cifar_root, monkeypatch):
+    import tensorflow as tf
+
+    from featcache.serve import int8
+    from featcache.serve.convert import portable_function
+    from featcache.serve.run import load_run
+
+    _, run_dir, _, _ = run
+    parts = load_run(run_dir)
+    train = cifar.load_split(cifar.resolve_source(cifar_root), "train").images  # 120 images, 3 views: slopes fitted
+    quantized, real_call = [], int8.litert_call
+    monkeypatch.setattr(int8, "litert_call", lambda interpreter: (
+        lambda batch, call=real_call(interpreter): quantized.append(call(batch)) or quantized[-1]))
+    head = int8.int8_head(parts, 32, train, train)
+    q = np.concatenate(quantized)
+    frozen = portable_function(parts, 32, embeddings=True)
+    y = np.concatenate([frozen(tf.constant(train[i : i + 100]))[0].numpy() for i in range(0, len(train), 100)])
+    fixed = head.get_layer("int8_correction")(q).numpy()
+    raw_error, fixed_error = np.mean((q - y) ** 2), np.mean((fixed - y) ** 2)
+    assert fixed_error < 0.9 * raw_error, (fixed_error, raw_error)  # a * int8 + b fits f32, not the other way round

@@ -356,3 +356,46 @@ def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(tiny_mode
     assert sizes == [2, 2, 2, 1]  # batches of 4 and 3, resized two images at a time
     for view in ("plain", "flip"):
         np.testing.assert_array_equal(got[view], want[view])
+
+
+def test_an_interrupt_while_a_folder_cache_is_published_resumes_without_reading_again(tiny_model, tree, tmp_path,
+                                                                                      monkeypatch):
+    broken = _break_files(tree)
+    key = _key(tiny_model, tree)
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith(".partial.h5"):  # the publishing rename
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(write.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(key, tree, tmp_path / "cache", chunk_size=4)
+    monkeypatch.setattr(write.os, "replace", real_replace)
+    lines = []
+    resumed = pipeline.extract(key, "train", data_dir=tree, cache_dir=tmp_path / "cache", chunk_size=4,
+                               engine="tensorflow", progress=False, log=lines.append)
+    assert not any("restarting" in line for line in lines), lines
+    assert resumed.rows == 12 and resumed.processed <= 3  # at most the broken files after the last row
+    assert {file for file, _ in resumed.skipped} == broken
+    clean = _extract(key, tree, tmp_path / "clean", chunk_size=4)
+    with h5py.File(resumed.path, "r") as a, h5py.File(clean.path, "r") as b:
+        for name in ("embeddings", "labels", "source_index", "skipped_files"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+        assert a.attrs["rows"] == 12 and a.attrs["complete"]
+
+
+def test_int8_calibration_decodes_only_the_sampled_files(tree, monkeypatch):
+    from featcache.extract import quantize
+
+    reader = folder.FolderSplit(tree, "train")
+    assert reader.image_shape == (24, 24)  # found (by decoding the first file) before the memory check needs it
+    decoded = []
+    real_decode = folder.decode_file
+    monkeypatch.setattr(folder, "decode_file", lambda path: decoded.append(path) or real_decode(path))
+    (small, rows), (other, other_rows) = quantize.calibration_samples(reader, [(4, 0), (2, 1)])
+    assert small.shape == (4, 24, 24, 3) and other.shape == (2, 24, 24, 3) and reader.rows == 15
+    wanted = {tree / reader.files[i] for i in set(rows) | set(other_rows)}
+    assert set(decoded) == wanted and len(decoded) == len(wanted)
+    assert [real_decode(tree / reader.files[i])[0].tobytes() for i in rows] == [image.tobytes() for image in small]

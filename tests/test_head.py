@@ -66,7 +66,7 @@ def test_validation_split_holds_out_whole_images():
 ])
 def test_bad_head_settings_are_refused_naming_the_parameter(bad, message):
     with pytest.raises(UserError) as caught:
-        train(blobs(n_per_class=5), None, HeadConfig(**bad))
+        HeadConfig(**bad).check()  # where the settings enter: the API and train_head.py
     assert str(caught.value) == message
 
 

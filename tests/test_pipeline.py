@@ -98,6 +98,7 @@ def _committed_rows(partial):
         return -1
 
 
+@pytest.mark.integration  # a whole process
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_cache(tiny_model, cifar_root, tmp_path):
     args = [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(cifar_root),
             "--model", str(tiny_model), "--image-size", "96", "--resize", "bilinear", "--chunk-size", "4",
@@ -149,6 +150,7 @@ def test_prefetched_reader_thread_ends_when_the_consumer_stops_early():
     assert not any(t.name == "chunk-reader" for t in threading.enumerate())
 
 
+@pytest.mark.integration  # a whole process
 @pytest.mark.parametrize("signal_name, said", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
 def test_sigterm_stops_an_extraction_as_ctrl_c_does_and_the_rerun_resumes(tiny_model, cifar_root, tmp_path,
                                                                           signal_name, said):

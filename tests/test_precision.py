@@ -175,3 +175,16 @@ def test_a_calibration_sample_too_large_for_memory_is_refused_before_reading():
     with pytest.raises(UserError, match=r"^int8 calibration holds 300 train images in memory: at 4000x3000 that is "
                                         r"10\.1 GiB, above the 2 GiB allowed; use precision='f32'"):
         calibration_sample(photos)
+
+
+@needs_openvino
+def test_the_quantized_model_attribute_names_every_int8_network_the_cache_was_made_with(tiny_model, cifar_root,
+                                                                                       tmp_path):
+    done = pipeline.extract(_key(tiny_model, "int8"), "test", data_dir=cifar_root, cache_dir=tmp_path,
+                            views="plain,crop-tl", progress=False)
+    with h5py.File(done.path, "r") as f:
+        names = f.attrs["quantized_model"].split(", ")
+    assert len(names) == 2 and len({name.split("-in")[1] for name in names}) == 2  # 32x32 images and 28x28 crops
+    assert all((tmp_path / name).exists() for name in names)
+    assert sorted(path.name for path in done.path.parent.parent.glob("int8/*.xml")) == sorted(
+        (tmp_path / name).name for name in names)

@@ -67,6 +67,7 @@ def test_any_size_and_mode_is_accepted(trained_run, tmp_path):
     assert len(lines) == 3 and all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in lines)
 
 
+@pytest.mark.integration  # a whole process
 def test_exported_model_loads_with_tensorflow_alone_and_matches_predict(trained_run, tmp_path):
     base, _, pngs = trained_run
     exported = tmp_path / "exported"
@@ -210,3 +211,38 @@ def test_a_runs_network_that_cannot_be_loaded_offline_names_the_one_remedy(monke
                                     "TFHUB_CACHE_DIR to a TF Hub cache that holds it (run r1 was trained on it)")
     with pytest.raises(UserError, match=r"that holds it, or pass model=PATH to a local SavedModel folder$"):
         load_model("https://tfhub.dev/m/1")
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt("SIGTERM")])
+def test_a_failed_replacement_of_a_saved_model_keeps_the_old_one_under_its_name(tmp_path, monkeypatch, failure):
+    import os
+
+    import tensorflow as tf
+
+    from featcache.errors import UserError
+    from featcache.serve import files
+
+    class Tiny(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def classify(self, x):
+            return {"y": x + 1}
+
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "old.txt").write_text("the old export")
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new export's rename into place
+            raise failure
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", second_fails)
+    with pytest.raises(UserError if isinstance(failure, OSError) else KeyboardInterrupt):
+        files.save_model(Tiny(), out, force=True)
+    assert (out / "old.txt").read_text() == "the old export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # nothing else left beside it
+    monkeypatch.setattr(files.os, "replace", real)
+    files.save_model(Tiny(), out, force=True)
+    assert not (out / "old.txt").exists() and (out / "saved_model.pb").exists()

@@ -97,6 +97,7 @@ def test_adding_views_computes_only_the_new_ones_and_keeps_the_old_bytes(tiny_mo
     assert rebuilt.processed == 120 and cached_views(_datasets(rebuilt.path)[2]) == parse_views("plain,flip,crops")
 
 
+@pytest.mark.integration  # a whole process
 def test_a_killed_view_adding_run_resumes_to_the_uninterrupted_result(tiny_model, cifar_root, tmp_path):
     cache = tmp_path / "cache"
     args = ["--split", "train", "--data-dir", str(cifar_root), "--model", str(tiny_model), "--image-size", "32",
@@ -139,3 +140,30 @@ def test_a_head_asking_for_views_the_cache_lacks_gets_the_command_that_adds_them
         explicit = run_cli("train_head.py", "--model", tiny_model, "--image-size", "32", "--resize", "bilinear",
                            "--cache-dir", cache, "--runs-dir", tmp_path / "runs", "--tta-views", asked)
         assert explicit.returncode == 2 and "holds no flip view (it holds plain)" in explicit.stderr
+
+
+def test_an_interrupted_view_adding_partial_is_removed_by_a_run_that_finds_the_cache_up_to_date(
+        tiny_model, cifar_root, tmp_path, monkeypatch):
+    from featcache.cache import write
+
+    cache = tmp_path / "cache"
+    first = _extract(tiny_model, cifar_root, cache, "plain")
+    real_write, calls = write.CacheWriter.write, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(self, *args)
+
+    monkeypatch.setattr(write.CacheWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, cache, "crops", chunk_size=16)
+    monkeypatch.setattr(write.CacheWriter, "write", real_write)
+    partial = first.path.with_name("train.partial.h5")
+    assert partial.exists()  # a full copy of the cache, plus some crop rows
+    lines = []
+    again = _extract(tiny_model, cifar_root, cache, "plain", log=lines.append)
+    assert again.up_to_date and not partial.exists()
+    assert lines == [f"removed {partial}: the unfinished copy of an interrupted run computing crop-tl, crop-tr, "
+                     "crop-bl, crop-br, crop-c, not needed here"]

@@ -77,6 +77,25 @@ def locked(path: Path):
         os.close(fd)
 
 
+def remove_unneeded_partial(path: Path) -> str | None:
+    """A complete cache at `path` holds all a run asks for: a partial file beside it, left by an interrupted run
+    (adding views, or rebuilding), is removed unless a writer is at work on it. The line saying so, if removed."""
+    partial = partial_path(path)
+    if not partial.exists():
+        return None
+    try:
+        with locked(path):
+            try:
+                with open_h5(partial, "r") as f:
+                    computing = ", ".join(json.loads(f.attrs["computing"]))
+            except (OSError, KeyError, TypeError, ValueError):  # damaged, or made before views were added
+                computing = "its views"
+            partial.unlink()
+    except UserError:  # busy (a writer holds it), or a folder this run cannot write
+        return None
+    return f"removed {partial}: the unfinished copy of an interrupted run computing {computing}, not needed here"
+
+
 class CacheWriter:
     """Builds one cache file chunk by chunk, resuming a matching partial file.
 
@@ -145,9 +164,14 @@ class CacheWriter:
         except (OSError, RuntimeError, ValueError):
             return "it could not be opened"
         try:
-            wrong = mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
-            if not wrong and self._has_datasets(f):
+            # A folder's partial whose publishing was interrupted: already cut to its rows, its skipped files listed.
+            published = self.files is not None and not self.base and "skipped_files" in f
+            wrong = [name for name in mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
+                     if not (published and name == "rows")]
+            if not wrong and self._has_datasets(f, published):
                 self._file, self.rows_done, self.resumed = f, int(f.attrs["rows_done"]), True
+                if published:
+                    self.rows = self.rows_done
                 return ""
             done = int(f.attrs.get("rows_done", 0))
             wrong = list(dict.fromkeys("views" if name == "computing" else name for name in wrong))
@@ -163,10 +187,10 @@ class CacheWriter:
         rows = [] if self.base else ["labels"] + (["source_index"] if self.files is not None else [])
         return [view_dataset(v) for v in self.computing] + rows
 
-    def _has_datasets(self, f) -> bool:
+    def _has_datasets(self, f, published: bool = False) -> bool:
         names = {view_dataset(v) for v in self.views} | {"labels"}
         if self.files is not None:
-            names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base else set())
+            names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base or published else set())
         return set(f) == names
 
     @property
@@ -174,6 +198,8 @@ class CacheWriter:
         """The source item after the last committed row's (its row number when nothing is skipped)."""
         if self.files is None or self.rows_done == 0:
             return self.rows_done
+        if self.rows == self.rows_done and not self.base:  # every file read: publishing was interrupted
+            return len(self.files)
         if self.base:
             return int(self._file["source_index"][self.rows_done - 1]) + 1
         tail = self._tails["source_index"]
@@ -299,6 +325,8 @@ class CacheWriter:
             self.rows = self.rows_done
         if self.files is not None and not self.base:
             listed = np.array([list(pair) for pair in skipped], dtype=h5py.string_dtype())
+            if "skipped_files" in f:  # listed by the interrupted run that resumed here
+                del f["skipped_files"]
             f.create_dataset("skipped_files", data=listed, shape=(len(skipped), 2))
             f.attrs["skipped"] = np.int64(len(skipped))
         f.attrs.modify("complete", True)

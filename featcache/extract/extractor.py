@@ -19,13 +19,13 @@ import numpy as np
 from ..errors import UserError, first_line
 from ..settings import (
     DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, PRECISIONS,
-    RESIZE_METHODS, check_image_size, default_batch_size,
+    default_batch_size,
 )
 from .models import fixed_input_size, identity, load_model
 from .preprocess import center_square, preprocess_static, preprocess_views, view_images
 
-# Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2 (a 12 MP photo goes alone, where a
-# batch of 16 of them peaked at 9.7 GB).
+# Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2, so a large photo goes alone instead
+# of a batch of them as floats at full size (docs/benchmarks.md, Folders of large photos).
 PREPROCESS_PIXELS = 16 * 1024**2
 MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats = 19 MB a view
 # OpenVINO networks kept compiled (each input shape is its own network: a full image and a crop per image size,
@@ -133,9 +133,6 @@ class Extractor:
     def __post_init__(self):
         import tensorflow as tf
 
-        check_image_size(self.image_size)
-        if self.resize not in RESIZE_METHODS:
-            raise UserError(f"unknown `resize` {self.resize!r}; choose one of {', '.join(RESIZE_METHODS)}")
         asked = self.engine
         self.engine = resolve_engine(self.engine, self.precision)
         if self.precision == "int8" and self.quantizer is None:
@@ -151,8 +148,12 @@ class Extractor:
         if self.engine == "openvino":
             from .ov_engine import conversion_errors
 
-            try:  # compiled now, so that it counts as load time and a conversion failure shows at once
-                self._ov_network(*self._uint8_shape(*(self.input_shape or (self.image_size, self.image_size))))
+            shape = self._uint8_shape(*(self.input_shape or (self.image_size, self.image_size)))
+            try:  # each view's network compiled now: it counts as load time, a conversion failure shows at once,
+                # and an int8 cache records every quantized network it is made with (quantize.Int8Quantizer.describe)
+                for one in dict.fromkeys(view_images(np.empty((0, *shape, 3), np.uint8), view).shape[1:3]
+                                         for view in self.views):
+                    self._ov_network(*one)
             except conversion_errors() as exc:
                 if asked != "auto" or self.precision != "f32":  # TensorFlow computes f32 only
                     raise UserError(f"OpenVINO cannot convert model {self.model_name}: {first_line(exc)}") from None

@@ -28,11 +28,13 @@ IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.in
 def load_model(handle: str | os.PathLike, run: str | None = None):
     """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line (for the network of
     `run`, no other model can stand in for it)."""
+    import tensorflow as tf
     import tensorflow_hub as hub
 
     try:
         return hub.load(os.fspath(handle))
-    except Exception as exc:  # noqa: BLE001 - network, missing file and bad SavedModel all land here
+    # No network or no such file (OSError), not a SavedModel (ValueError), damaged variables (IndexError, OpError).
+    except (OSError, ValueError, IndexError, tf.errors.OpError) as exc:
         if "://" not in str(handle) and os.path.isdir(handle):  # a local folder: no hub or network involved
             raise UserError(f"cannot load the SavedModel in {handle} ({first_line(exc, 200)}): the folder is damaged, "
                             "incomplete, or not loadable by this TensorFlow") from None

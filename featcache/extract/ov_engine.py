@@ -1,13 +1,13 @@
 """OpenVINO runtime for stage 1: the same loaded TF Hub model, converted in memory.
 
 What OpenVINO compiles is the whole uint8 -> embedding graph (preprocess_static, then the
-network), with a fixed batch size, so TensorFlow does no work while it runs. Measured on
-2 AVX-512 cores (docs/benchmarks.md), each of these choices mattered:
+network), with a fixed batch size, so TensorFlow does no work while it runs. Each of these
+choices was measured to matter (docs/benchmarks.md, Engines):
 - INFERENCE_PRECISION_HINT is pinned (f32 unless precision bf16 asks otherwise). On CPUs
-  with AMX/bf16, OpenVINO otherwise defaults to bf16, which moved embeddings by up to 1.7
-  (values up to ~5.5); f32 agrees with TensorFlow to ~7e-5. An int8 model keeps f32 for the
-  operations NNCF left unquantized.
-- A static input shape: the same network ran ~25% faster than with a dynamic batch.
+  with AMX/bf16, OpenVINO otherwise defaults to bf16, whose embeddings are far from
+  TensorFlow's; in f32 the two agree. An int8 model keeps f32 for the operations NNCF left
+  unquantized.
+- A static input shape: faster than a dynamic batch.
 - Batch 1 requests through an AsyncInferQueue under the THROUGHPUT hint: one stream per
   core, each request's activations small enough to stay in the core's cache.
 """
@@ -57,8 +57,8 @@ def check_precision(precision: str):
 
 def silence_conversion_telemetry():
     """Route OpenVINO's model-conversion telemetry to its own no-op stub (what it uses when openvino-telemetry is
-    absent). Its sender forks processes from a thread pool: an extraction hung for 18 minutes with the main thread
-    waiting for the logging lock and four telemetry threads inside fork (tests/test_bench.py, runner_speed)."""
+    absent). Its sender forks processes from a thread pool, and a fork while another thread holds the logging lock
+    hangs the extraction (docs/benchmarks.md, The Ray runner)."""
     from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
 
     convert_impl.tm = telemetry_utils.tm = telemetry_stub
@@ -79,7 +79,7 @@ class OpenVinoNetwork:
             model = quantize(model)
         hint = "bf16" if precision == "bf16" else "f32"
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
-        if threads:  # a Ray worker's share of the machine; pinned, two one-thread workers both ran on core 0
+        if threads:  # a Ray worker's share of the machine; not pinned, or one-thread workers share core 0
             config.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)
         compiled = ov.Core().compile_model(model, "CPU", config)
         self.dim = compiled.output(0).get_partial_shape()[1].get_length()

@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..cache.layout import CacheKey
 from ..cache.read import attributes, cached_views, check_contents, inspect, non_finite, skipped_files
-from ..cache.write import CacheWriteError, CacheWriter, locked
+from ..cache.write import CacheWriteError, CacheWriter, locked, remove_unneeded_partial
 from ..errors import UserError, first_line, in_python
 from ..settings import (
     DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count, parse_views,
@@ -81,6 +81,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     if state.status == "complete" and not force:
         base = attributes(path)
         if set(views) <= set(cached_views(base)):
+            if removed := remove_unneeded_partial(path):
+                log(removed)
             return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path))
         if engine == DEFAULT_ENGINE:
             engine = base["engine"]  # views are added by the engine that made the others

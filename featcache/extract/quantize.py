@@ -48,29 +48,38 @@ class CalibrationUnusable(UserError):
 
 def calibration_sample(reader, size: int = CALIBRATION_SIZE,
                        seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, their train items): a seeded sample of the train split's reader, read in one pass."""
+    """(uint8 images, their train items): a seeded sample of the train split's reader."""
     (sample,) = calibration_samples(reader, [(size, seed)])
     return sample
 
 
-def calibration_samples(reader, draws) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 images, their train items) for each (size, seed) draw from the train split's reader, all of them
-    read in one pass over the split."""
+def calibration_samples(reader, draws, fit=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images, their train items) for each (size, seed) draw from the train split's reader. The items are
+    drawn first and only they are read (a folder's files decoded one by one, an unreadable one left out). `fit`
+    maps each image to the array kept (all of one shape); without it, the images must be of one size."""
     row_sets = [np.sort(np.random.default_rng(seed).choice(reader.rows, min(size, reader.rows), replace=False))
                 for size, seed in draws]
-    for rows in row_sets:
-        if (shape := reader.image_shape) and len(rows) * shape[0] * shape[1] * 3 > MAX_CALIBRATION_BYTES:
-            raise CalibrationUnusable(f"int8 calibration holds {len(rows)} train images in memory: at "
-                                      f"{shape[1]}x{shape[0]} that is {len(rows) * shape[0] * shape[1] * 3 / 2**30:.1f} "
-                                      f"GiB, above the {MAX_CALIBRATION_BYTES / 2**30:.0f} GiB allowed")
-    picked = [[] for _ in row_sets]
-    for chunk in reader.chunks(4096):
-        for images, rows in zip(picked, row_sets):
-            inside = np.isin(chunk.items, rows)
-            images += [image for image, keep in zip(chunk.images, inside) if keep]
-    if len({image.shape for images in picked for image in images}) > 1:
+    wanted = np.unique(np.concatenate(row_sets))
+    held = len(wanted) * 3 * np.prod(reader.image_shape or 0)
+    if fit is None and held > MAX_CALIBRATION_BYTES:
+        height, width = reader.image_shape
+        raise CalibrationUnusable(f"int8 calibration holds {len(wanted)} train images in memory: at {width}x{height} "
+                                  f"that is {held / 2**30:.1f} GiB, above the {MAX_CALIBRATION_BYTES / 2**30:.0f} "
+                                  "GiB allowed")
+    fit = fit or np.copy  # a copy: a chunk's array is not kept whole for the few images taken from it
+    if hasattr(reader, "decode"):  # files: decoding is the cost, so only the drawn ones are
+        found = {int(item): fit(image) for item in wanted if (image := reader.decode(int(item))[0]) is not None}
+    else:
+        found = {}
+        for chunk in reader.chunks(4096):
+            inside = np.isin(chunk.items, wanted)
+            found.update((int(item), fit(image)) for item, image, keep in zip(chunk.items, chunk.images, inside)
+                         if keep)
+    if not found:
+        raise CalibrationUnusable(f"none of the {len(wanted)} train images drawn for int8 calibration can be read")
+    if len({image.shape for image in found.values()}) > 1:
         raise CalibrationUnusable("int8 needs train images of one size (it is calibrated per input size)")
-    return [(np.stack(images), rows) for images, rows in zip(picked, row_sets)]
+    return [(np.stack([found[int(item)] for item in rows if int(item) in found]), rows) for rows in row_sets]
 
 
 class Int8Quantizer:
@@ -103,7 +112,7 @@ class Int8Quantizer:
         fix = ", weights on 7 bits (overflow fix for CPUs without VNNI)" if self.overflow_fix else ""
         return {"calibration": f"{len(rows)} train images, seed {CALIBRATION_SEED}, NNCF post-training quantization"
                                f"{fix}",
-                "calibration_sha256": digest, "quantized_model": ", ".join(str(p) for p in self.paths)}
+                "calibration_sha256": digest, "quantized_model": ", ".join(dict.fromkeys(map(str, self.paths)))}
 
     def __call__(self, model, batch_size: int, image_size: int, resize: str, crop: str = DEFAULT_CROP, log=print):
         """The quantized `model` (an openvino.Model with a static uint8 input [batch, H, W, 3], center crops
@@ -131,9 +140,9 @@ class Int8Quantizer:
             raise UserError(f"calibration images are {images.shape[1]}x{images.shape[2]}, the network takes "
                             f"{height}x{width}")
         batches = [_padded(images[i : i + batch_size], batch_size) for i in range(0, len(images), batch_size)]
-        # Measured on MobileNetV2 and CIFAR-10 test images (mean cosine distance of the embeddings from f32):
-        # NNCF's defaults 0.116; full bias correction 0.039; that plus the first and last convolution kept
-        # in f32 (input quantization and the layer that makes the embedding hurt most) 0.030, same speed.
+        # Full bias correction, and the first and last convolution kept in f32 (input quantization and the layer
+        # that makes the embedding hurt most): of the recipes tried, the embeddings closest to f32's, at the same
+        # speed (docs/benchmarks.md, Lower precision).
         convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                         if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
         keep = (nncf.IgnoredScope(names=sorted({convolutions[0], convolutions[-1]}), validate=False)

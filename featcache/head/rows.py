@@ -79,7 +79,7 @@ def training_rows(features: Features, views: tuple[str, ...], seed: int,
 
 def column_stats(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of each column: float32 sums over chunks of rows, added up in float64.
-    No temporary the size of `x` (numpy's var of the default 512 MB rows: 1.3 s here; this: 0.03 s)."""
+    No temporary the size of `x`, as numpy's var would make (docs/benchmarks.md, the fit loop)."""
     total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
     for start in range(0, len(x), chunk):
         rows = x[start : start + chunk]

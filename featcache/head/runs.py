@@ -32,7 +32,6 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
     refit on all training rows with it.
     """
     config = config.for_cached_views(views_present(key, cache_dir))
-    config.check()
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, [config])
     sweep_table = best_row = None
     if sweep:
@@ -57,8 +56,6 @@ def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[
         raise UserError("`grid` holds no combination")
     present = views_present(key, cache_dir)
     configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
-    for one in configs:
-        one.check()
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, configs)
     rows, data = [], None
     for overrides, one in zip(grid, configs):

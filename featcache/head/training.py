@@ -22,7 +22,7 @@ def predict(model, features: Features, views: tuple[str, ...], batch_size: int =
     """Class probabilities: the mean over `views` (test-time augmentation when there are several)."""
 
     def probabilities(x):
-        x = shared_tensor(x)  # batches sliced from a tensor: 0.024 s vs 0.045 s for the default test rows here
+        x = shared_tensor(x)  # batches sliced from one shared tensor, not each converted from numpy
         return np.concatenate([np.asarray(model(x[i : i + batch_size], training=False))
                                for i in range(0, len(x), batch_size)])
 
@@ -56,7 +56,6 @@ def train(train_features: Features, test_features: Features | None, config: Head
     """
     import tensorflow as tf
 
-    config.check()
     data = training_data(train_features, config, reuse=data)
     classes = len(train_features.class_names)
     started = time.perf_counter()
@@ -122,7 +121,7 @@ def _refuse_divergence(history: dict, config: HeadConfig, classes: int, untraine
     """A fit that left the finite numbers (the epoch loop has stopped it), or that ended with a training
     cross-entropy more than twice that of the untrained head and of guessing uniformly (ln K), is no
     result. A fit that learnt ends below both, even under a heavy penalty (a zero head scores ln K); a
-    short fit on few rows stays near the untrained value; lr 1e6 on the default cache ends near 3e4."""
+    short fit on few rows stays near the untrained value; a far too high `lr` ends orders of magnitude above."""
     losses, entropy = history["loss"], history["cross_entropy"]
     hint = f"(try a lower `lr` than {config.lr:g}); nothing was recorded"
     if len(losses) < config.epochs or not np.isfinite(losses).all():

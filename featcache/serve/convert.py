@@ -17,10 +17,10 @@ from ..errors import UserError, first_line
 from .runtimes import require
 
 ONNX_OPSET = 17
-# Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (the first one's int8
-# output was off by 1.45 quantization steps on average), the resize as matrix products and the head (its
-# standardisation's SUB and MUL, whose one int8 scale for all 1280 standardised inputs cost agreement, and its
-# FULLY_CONNECTED). Float depthwise weights add 0.02 MB to the network's 2.71 MB (docs/benchmarks.md).
+# Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (their int8 outputs were the
+# furthest off), the resize as matrix products and the head (its standardisation's SUB and MUL, whose one int8 scale
+# for all 1280 standardised inputs cost agreement, and its FULLY_CONNECTED). Float depthwise weights barely add to
+# the file's size (docs/benchmarks.md, int8 LiteRT).
 FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL")
 
 
@@ -61,6 +61,7 @@ def portable_function(parts, input_size: int, embeddings: bool = False):
 def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
     """A LiteRT model: f32, or with `calibration` (uint8 images) int8 but for FLOAT_OPS."""
     import tensorflow as tf
+    from tensorflow.lite.python.convert_phase import ConverterError
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
     try:
@@ -75,7 +76,7 @@ def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
             converter=converter, debug_dataset=lambda: ([image[None]] for image in calibration[:1]),
             debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS)))
         return debugger.get_nondebug_quantized_model()
-    except Exception as exc:  # noqa: BLE001 - the converter's errors are many and all mean the same here
+    except (ConverterError, ValueError, RuntimeError) as exc:  # an op it cannot convert, a calibration failure
         raise UserError(f"the TFLite converter cannot convert this classifier: {first_line(exc)}") from None
 
 
@@ -86,7 +87,7 @@ def to_onnx(frozen, class_names: tuple[str, ...], run: str) -> bytes:
         model, _ = tf2onnx.convert.from_graph_def(
             frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
             output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET)
-    except Exception as exc:  # noqa: BLE001 - as above
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, KeyError) as exc:  # what tf2onnx raises
         raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
     model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
     for name, value in (("class_names", json.dumps(list(class_names))), ("featcache_run", run)):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..errors import UserError
 from ..extract.quantize import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
-from ..settings import check_image_size
 from .convert import portable_function, to_onnx, to_tflite
 from .files import SUFFIXES, check_destination, write_export
 from .int8 import CORRECTION_IMAGES, CORRECTION_SEED, int8_head, train_samples
@@ -21,13 +19,8 @@ QUANTIZE = ("int8",)
 def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False,
                quantize: str | None = None) -> Path:
     """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written.
-    `quantize='int8'` (tflite only): int8 weights and activations, calibrated on the run's train images."""
-    if format not in SUFFIXES:
-        raise UserError(f"unknown `format` {format!r} for a file; choose one of {', '.join(SUFFIXES)}")
-    if quantize is not None and quantize not in QUANTIZE:
-        raise UserError(f"unknown `quantize` {quantize!r}; the one choice is 'int8'")
-    if quantize and format != "tflite":
-        raise UserError(f"`quantize='int8'` is for `format='tflite'` only, not {format}")
+    `quantize='int8'` (tflite only): int8 weights and activations, calibrated on the run's train images.
+    The options are checked where they enter (export.py)."""
     path = Path(path)
     if path.suffix != SUFFIXES[format]:
         path = path.with_name(path.name + SUFFIXES[format])
@@ -36,7 +29,6 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         require("tf2onnx", "format onnx")
     parts = load_run(run_dir)
     size = input_size or default_input_size(parts.key)
-    check_image_size(size, "input_size")
     if format == "onnx":
         content = to_onnx(portable_function(parts, size), parts.class_names, parts.run)
     elif quantize:

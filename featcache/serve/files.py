@@ -26,7 +26,9 @@ def check_destination(path, force: bool, folder: bool) -> Path:
 
 def save_model(classifier, out_dir: Path, force: bool = False):
     """Save the classifier as a SavedModel folder `out_dir`: written under a temporary name beside it and renamed
-    when complete, so nothing half-written is ever left there; an existing folder is replaced only with `force`."""
+    when complete, so nothing half-written is ever left there. An existing folder (replaced only with `force`) is
+    moved aside first and deleted only once the new one is in place: if that rename fails (or is interrupted),
+    it is moved back."""
     import tensorflow as tf
 
     out_dir = check_destination(out_dir, force, folder=True)
@@ -35,12 +37,17 @@ def save_model(classifier, out_dir: Path, force: bool = False):
         tf.saved_model.save(classifier, str(tmp), signatures={"serving_default": classifier.classify})
         if out_dir.exists():
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old.exists():
+                os.replace(old, out_dir)
+            raise
     except (OSError, tf.errors.OpError) as exc:
         raise UserError(f"writing {out_dir} failed ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def labels_path(path: Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
+from ..extract.preprocess import preprocess
 from .convert import portable_function, to_tflite
 from .runtimes import litert_call, require
 
@@ -22,8 +23,8 @@ SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
 
 
 def train_samples(run_dir: Path, key, size: int, draws) -> list[np.ndarray]:
-    """Seeded samples of the run's train images (never test), of the input size, one per (size, seed) draw, read
-    in one pass (quantize.calibration_samples)."""
+    """Seeded samples of the run's train images (never test), one per (size, seed) draw, each image brought to
+    the file's input as a user would bring a photo: the run's crop, then its resize to `size` x `size`."""
     from ..cache.read import attributes
     from ..extract.quantize import CalibrationUnusable, calibration_samples
     from ..extract.sources import open_split
@@ -35,22 +36,25 @@ def train_samples(run_dir: Path, key, size: int, draws) -> list[np.ndarray]:
     except (OSError, KeyError) as exc:
         raise UserError(f"int8 calibration reads the run's train images, but its train cache {train_cache} cannot "
                         f"be read ({first_line(exc)})") from None
+
+    def input_image(image: np.ndarray) -> np.ndarray:
+        if image.shape[:2] == (size, size):
+            return image
+        resized = preprocess(image[None], size, key.resize, key.crop)[0]
+        return np.round(resized.numpy() * 255).astype(np.uint8)
+
     try:
-        samples = calibration_samples(open_split(key, "train", data_dir=None if key.data_dir else source), draws)
+        samples = calibration_samples(open_split(key, "train", data_dir=None if key.data_dir else source), draws,
+                                      fit=input_image)
     except CalibrationUnusable as exc:
         raise UserError(f"{exc.problem}; export this run without `quantize`") from None
-    images = samples[0][0]  # all of one size: calibration_samples checks
-    if images.shape[1:3] != (size, size):
-        raise UserError(f"int8 calibration needs train images of the input size {size}x{size}; the run's are "
-                        f"{images.shape[2]}x{images.shape[1]} (choose `input_size` {images.shape[1]})")
     return [images for images, _ in samples]
 
 
 def int8_head(parts, input_size: int, calibration: np.ndarray, images: np.ndarray):
     """The run's head for the int8 network's embeddings: per dimension, the f32 embedding fitted as a * int8 + b
-    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer. On the
-    10,000 CIFAR-10 test images the int8 file scored 0.8423 without it and 0.8570 with it (f32: 0.8567;
-    docs/benchmarks.md)."""
+    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer. Without
+    it, the int8 file loses accuracy that it keeps with it (docs/benchmarks.md, int8 LiteRT)."""
     import tensorflow as tf
 
     frozen = portable_function(parts, input_size, embeddings=True)

@@ -82,7 +82,9 @@ def load_run(run_dir: Path) -> RunParts:
     path = Path(run_dir) / "head.keras"
     try:
         head = keras.models.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file, a missing one: all the same here
+    # Not a zip, or none at all (ValueError), a zip without a model's entries (KeyError, ValueError), an unknown layer
+    # (TypeError), damaged weights (OSError).
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as exc:
         why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a complete .keras archive"
         raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
     network = load_model(key.model, run=name)

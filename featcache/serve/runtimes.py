@@ -47,18 +47,29 @@ def open_exported(path) -> Exported:
     path = Path(path)
     if not path.exists():
         raise UserError(f"no exported model at {path}")
+    kind = "saved_model" if path.is_dir() else {suffix: kind for kind, suffix in SUFFIXES.items()}.get(path.suffix)
+    if kind is None:
+        raise UserError(f"{path} is not an export: a .tflite or .onnx file, or a SavedModel folder")
     try:
-        if path.is_dir():
-            return _open_saved_model(path)
-        if path.suffix == SUFFIXES["tflite"]:
-            return _open_tflite(path)
-        if path.suffix == SUFFIXES["onnx"]:
-            return _open_onnx(path)
+        return {"saved_model": _open_saved_model, "tflite": _open_tflite, "onnx": _open_onnx}[kind](path)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: each runtime fails its own way
+    except _load_errors(kind) as exc:  # a damaged or foreign file
         raise UserError(f"cannot load {path} ({first_line(exc)})") from None
-    raise UserError(f"{path} is not an export: a .tflite or .onnx file, or a SavedModel folder")
+
+
+def _load_errors(kind: str) -> tuple[type[BaseException], ...]:
+    """What each runtime raises for a damaged or foreign file (found by giving it some)."""
+    if kind == "saved_model":  # no SavedModel, damaged variables, no serving signature, another one
+        import tensorflow as tf
+
+        return OSError, ValueError, IndexError, KeyError, TypeError, tf.errors.OpError
+    if kind == "onnx":  # not an ONNX model, or no class names in its metadata
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort
+
+        return (KeyError, ValueError, ort.Fail, ort.InvalidArgument, ort.InvalidGraph, ort.InvalidProtobuf,
+                ort.NotImplemented)
+    return ValueError, RuntimeError, OSError  # LiteRT: not a flatbuffer model; its labels unreadable
 
 
 def _open_saved_model(path: Path) -> Exported:

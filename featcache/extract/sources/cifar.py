@@ -103,7 +103,11 @@ def _keras_cached_copy(layout: Layout) -> Path:
 
     try:
         path = keras.utils.get_file(fname=target, origin=layout.url, extract=True)
-    except Exception as exc:  # noqa: BLE001 - any download failure means the same to the user
+    except Exception as exc:
+        # Keras words a failed fetch as a bare Exception ("URL fetch failure on ..."); a full disk or a damaged
+        # download surfaces as an OSError, tarfile or zlib error. Anything else is a bug: raised as it is.
+        if type(exc) is not Exception and not isinstance(exc, (OSError, tarfile.TarError, EOFError, zlib.error)):
+            raise
         raise UserError(
             f"could not download {layout.title} from {layout.url} ({type(exc).__name__}); "
             f"pass `data_dir=PATH` (or set {layout.env}) to read a local copy"
@@ -251,7 +255,9 @@ def _archive_members(archive: Path, names: tuple[str, ...], decode, what: str):
 def _unpickle(fh, where: str, what: str):
     try:
         return pickle.load(fh, encoding="bytes")
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign pickles fail in many ways
+    # What the pickle module documents for data it cannot unpickle, and what damaged bytes were seen to raise.
+    except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, IndexError, ValueError, TypeError,
+            OverflowError, MemoryError) as exc:
         raise UserError(f"{where} is not a readable {what} ({type(exc).__name__})") from None
 
 
