@@ -35,9 +35,9 @@ def setup_process(verbose: bool):
     stderr (our errors, progress bars, tracebacks) is written past the filter, unchanged.
     """
     os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")  # same seed, same head, on a GPU too
-    # Exit without a last cyclic collection over the ~1M objects TensorFlow's import leaves: 1.4 of the
-    # 1.5 s `python -c "import tensorflow"` spent exiting here. (Spack does the same; only finalizers of
-    # cyclic garbage alive at exit are skipped, which Python never promises to run.)
+    # Exit without a last cyclic collection over the ~1M objects TensorFlow's import leaves: most of the time
+    # a TensorFlow process spends exiting (docs/benchmarks.md, the fit loop). Only finalizers of cyclic garbage
+    # alive at exit are skipped, which Python never promises to run.
     atexit.register(gc.freeze)
     # SIGTERM (a scheduler's or `kill`'s stop) is met as Ctrl-C is: committed rows stay, Ray workers and OpenVINO
     # requests are stopped by the same cleanup, and the process ends with a line instead of vanishing.

@@ -310,11 +310,6 @@ def test_unwritable_runs_folder(good, tmp_path):
     _fails_cleanly(out, "cannot write runs folder")
 
 
-H5_DISK_FULL = ("Unable to synchronously {} (file write failed: time = Mon Nov 30 22:00:00 2026, filename = 'x', "
-                "file descriptor = 7, errno = 28, error message = 'No space left on device', buf = 0x1, total write "
-                "size = 4096, bytes this sub-write = 4096, bytes actually written = 18446744073709551615, offset = 0)")
-
-
 @pytest.mark.integration  # a whole process
 def test_a_real_failed_write_of_the_cache_file_is_one_line(tiny_model, cifar_root, tmp_path):
     """HDF5's own error for a file that cannot grow (a file-size limit: EFBIG, as a full disk gives ENOSPC), in
@@ -350,7 +345,7 @@ except UserError as exc:
 @pytest.mark.parametrize("where, target, name, call, error, kept", [
     # A full disk at each moment of a cache's life after its creation (provoked for real above): writing rows,
     # the fsync of a commit, the rename that publishes it.
-    ("writing rows", "h5py.Dataset", "__setitem__", 5, OSError(H5_DISK_FULL.format("write data")), 20),
+    ("writing rows", "h5py.Dataset", "__setitem__", 5, OSError(28, "No space left on device"), 20),
     ("a commit's fsync", "os", "fsync", 9, OSError(28, "No space left on device"), 30),
     ("publishing", "os", "replace", 3, OSError(28, "No space left on device"), 120),
 ])

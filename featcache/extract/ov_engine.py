@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import UserError
 from ..settings import DEFAULT_PRECISION
 
-INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; about 2.5x faster extraction on CPUs)"
+INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; the faster extraction engine on CPUs)"
 
 
 def available() -> bool:
