@@ -2,7 +2,8 @@
 
 Per embedding dimension, the f32 embedding is fitted as a * int8 + b on a seeded sample of the run's *train*
 images (a draw of its own, which may share images with the calibration sample), and the fit becomes a float
-layer in front of the run's head. `train_samples` draws the calibration and correction samples in one pass.
+layer in front of the run's head. `train_samples` draws the calibration and correction samples, each image
+read once and brought to the file's input size.
 """
 
 from __future__ import annotations
