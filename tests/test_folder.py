@@ -358,21 +358,25 @@ def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(tiny_mode
         np.testing.assert_array_equal(got[view], want[view])
 
 
+@pytest.mark.parametrize("owner, name, when", [
+    (os, "replace", lambda src, *_: str(src).endswith(".partial.h5")),  # the publishing rename
+    (h5py.Group, "create_dataset", lambda self, name, *_, **__: name == "skipped_files"),  # after the cut to size
+])
 def test_an_interrupt_while_a_folder_cache_is_published_resumes_without_reading_again(tiny_model, tree, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, owner, name, when):
     broken = _break_files(tree)
     key = _key(tiny_model, tree)
-    real_replace = os.replace
+    real = getattr(owner, name)
 
-    def interrupted(src, dst):
-        if str(src).endswith(".partial.h5"):  # the publishing rename
+    def interrupted(*args, **kwargs):
+        if when(*args, **kwargs):
             raise KeyboardInterrupt
-        return real_replace(src, dst)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(write.os, "replace", interrupted)
+    monkeypatch.setattr(owner, name, interrupted)
     with pytest.raises(KeyboardInterrupt):
         _extract(key, tree, tmp_path / "cache", chunk_size=4)
-    monkeypatch.setattr(write.os, "replace", real_replace)
+    monkeypatch.setattr(owner, name, real)
     lines = []
     resumed = pipeline.extract(key, "train", data_dir=tree, cache_dir=tmp_path / "cache", chunk_size=4,
                                engine="tensorflow", progress=False, log=lines.append)

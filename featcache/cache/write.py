@@ -164,8 +164,9 @@ class CacheWriter:
         except (OSError, RuntimeError, ValueError):
             return "it could not be opened"
         try:
-            # A folder's partial whose publishing was interrupted: already cut to its rows, its skipped files listed.
-            published = self.files is not None and not self.base and "skipped_files" in f
+            # A folder's partial whose publishing was interrupted: already cut to the rows written (every file was
+            # read), perhaps its skipped files listed.
+            published = self.files is not None and not self.base and f.attrs.get("rows") == f.attrs.get("rows_done")
             wrong = [name for name in mismatches(f.attrs, self.attrs, RESUME_IDENTITY)
                      if not (published and name == "rows")]
             if not wrong and self._has_datasets(f, published):
@@ -190,8 +191,8 @@ class CacheWriter:
     def _has_datasets(self, f, published: bool = False) -> bool:
         names = {view_dataset(v) for v in self.views} | {"labels"}
         if self.files is not None:
-            names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base or published else set())
-        return set(f) == names
+            names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base else set())
+        return set(f) - ({"skipped_files"} if published else set()) == names
 
     @property
     def next_item(self) -> int:
