@@ -13,7 +13,7 @@ from featcache.errors import UserError
 from featcache.extract.extractor import Extractor
 from featcache.extract.models import load_model
 from featcache.extract.sources import folder
-from conftest import TINY_DIM, make_key, run_cli
+from conftest import TINY_DIM, make_key, run_cli, run_dirs
 
 CLASSES = ("cat", "dog", "emu")
 GIF_1X1 = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
@@ -245,7 +245,7 @@ def test_cli_folder_end_to_end_and_a_changed_source_is_named(tiny_model, tree, t
     assert "[Op:" not in strict.stderr
     out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "3")
     assert out.returncode == 0, out.stderr
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = run_dirs(tmp_path / "runs")
     assert '"emu"' in (run / "config.json").read_text()
     target = tree / "test" / "cat" / "000.png"
     target.write_bytes(target.read_bytes() + b"\0")
