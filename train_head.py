@@ -7,8 +7,8 @@ import click
 from click.core import ParameterSource
 
 from featcache.cache.read import views_present
-from featcache.cli import (NonEmptyPath, VIEWS_HELP, format_table, key_to_read, one_line_errors, parse_grid,
-                           selection_options, verbosity_options)
+from featcache.cli import (NonEmptyPath, VIEWS_HELP, as_flags, format_table, key_to_read, one_line_errors,
+                           parse_grid, selection_options, verbosity_options)
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.head.records import LEDGER_COLUMNS, ledger
@@ -96,7 +96,7 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
             click.echo(f"note: --solver lbfgs fits to convergence on all rows at once; {', '.join(ignored)} "
                        f"{'is' if len(ignored) == 1 else 'are'} not used", err=True)
     log = (lambda _: None) if quiet else click.echo
-    note = lambda message: click.echo(message, err=True)  # noqa: E731
+    note = lambda message: click.echo(as_flags(message), err=True)  # noqa: E731
     tensorboard = dict(projector=projector or 0, data_dir=data_dir, note=note)
     if grid:
         if sweep:

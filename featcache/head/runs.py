@@ -9,7 +9,7 @@ from ..cache.layout import CacheKey
 import numpy as np
 
 from ..cache.read import Features, load_splits, views_present
-from ..errors import UserError
+from ..errors import UserError, in_python
 from ..settings import HeadConfig, parse_views
 from . import sweep_l2, train, training_data
 from .records import check_writable, record_run
@@ -28,10 +28,15 @@ def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):
     return splits
 
 
+def _print_note(message: str):
+    print(in_python(message))
+
+
 def projector_sample(key: CacheKey, cache_dir, test: Features, config: HeadConfig, points: int, data_dir=None,
-                     note=print) -> ProjectorSample:
+                     note=None) -> ProjectorSample:
     """A seeded sample of `points` test rows (all when there are fewer) for TensorBoard's Projector: their embeddings
     in the first test-time view, and thumbnails where the source has images (else `note` says why not)."""
+    note = note or _print_note
     rows = np.sort(np.random.default_rng(config.seed).permutation(len(test.labels))[:points])
     thumbnails, why = test_thumbnails(key, cache_dir, rows, test.labels[rows], data_dir)
     if thumbnails is None:
@@ -40,7 +45,7 @@ def projector_sample(key: CacheKey, cache_dir, test: Features, config: HeadConfi
 
 
 def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
-                   verbose: int = 0, log=print, projector: int = 0, data_dir=None, note=print) -> tuple[Path, dict]:
+                   verbose: int = 0, log=print, projector: int = 0, data_dir=None, note=None) -> tuple[Path, dict]:
     """Train one head on the cached train split, score it on test, and record the run.
 
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
@@ -69,7 +74,7 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
 
 
 def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print, projector: int = 0,
-             data_dir=None, note=print) -> list[dict]:
+             data_dir=None, note=None) -> list[dict]:
     """Every combination of `grid` (HeadConfig overrides) over `config`, with the features loaded (and
     TensorFlow imported) once; each is recorded as its own run (with the same Projector sample when `projector`).
     Returns rows by validation accuracy (with a validation split), else in the grid's order."""

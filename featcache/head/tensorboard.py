@@ -1,4 +1,4 @@
-"""A run's TensorBoard events: what `tensorboard --logdir <runs folder>` shows of each recorded head.
+"""A run's TensorBoard events: what TensorBoard, pointed at the runs folder, shows of each recorded head.
 
 Written from a run's record (config.json's head and cache, history.json, metrics.json, the two PNGs) after its fit:
 
@@ -50,7 +50,7 @@ HPARAMS = (
     ("val_split", float, "fraction of train images held out for validation"),
     ("seed", float, "seed of initialisers, dropout, the validation split and row order"),
     ("compute", str, "number format of the first layer's products in training steps, as used"),
-    ("cache", str, "the cache: dataset/settings, as train_head.py --list names it"),
+    ("cache", str, "the cache: dataset/settings, as the ledger of runs names it"),
     ("dataset", str, "the dataset (a folder dataset by its name)"),
     ("model", str, "the network that made the embeddings"),
     ("image_size", float, "side the images were resized to"),

@@ -101,7 +101,7 @@ def local_copy(data_dir: str | os.PathLike | None, layout: Layout = CIFAR10) -> 
 def _keras_download_present(layout: Layout) -> Path | None:
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     marker = layout.split_files["test"][0]
-    for folder in (layout.folder, f"{layout.folder}-target/{layout.folder}"):  # the second: where keras.datasets puts it
+    for folder in (layout.folder, f"{layout.folder}-target/{layout.folder}"):  # the second: keras.datasets' place
         if (keras_home / "datasets" / folder / marker).exists():
             return keras_home / "datasets" / folder
     return None
