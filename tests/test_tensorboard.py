@@ -106,6 +106,12 @@ def test_the_event_reader_finds_metrics_json_curves_hparams_and_images(tmp_path)
         assert all(type(value) is kinds[types[name]] and value != ""
                    for name, value in _session(events, run.name)[1].items())
     assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} >= {("", "test_accuracy"), ("train", "loss")}
+    # made again by the second run: one file, marking the columns whose values differ (TensorBoard shows those first)
+    from featcache.head.tensorboard import experiment_files
+
+    assert len(experiment_files(runs)) == 1
+    differs = {info.name for info in experiment.hparam_infos if info.differs}
+    assert {"solver", "l2", "lr", "hidden", "val_split"} <= differs and not {"dataset", "cache", "seed"} & differs
     # the figures, as the PNGs the run folder holds
     from tensorboard.util import tensor_util
 

@@ -68,7 +68,7 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
         plots.plot_confusion(test_labels, trained.test_probs.argmax(1), trained.class_names,
                              run_dir / "confusion.png",
                              title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
-        tensorboard.write_experiment(runs_dir)
+        tensorboard.write_experiment(runs_dir, also=(tensorboard.hparams_of(record, trained.metrics),))
         tensorboard.write_run(run_dir, record, trained.history, trained.metrics)
         if projector is not None:
             tensorboard.write_projector(run_dir, projector, test_labels[projector.rows],

@@ -8,8 +8,9 @@ Written from a run's record (config.json's head and cache, history.json, metrics
   to metrics.json's, the run's settings and cache selection through the HParams plugin (one session per run, named
   by the run), and the confusion matrix and learning curves as images;
 - the runs folder itself: one HParams experiment config declaring every column with its type, so that all runs
-  line up and a number column stays a number column. A run never writes an empty or None value: a setting that
-  does not apply (the learning rate of an L-BFGS fit) is left out of that run;
+  line up and a number column stays a number column (made again as runs are recorded, to mark the columns that
+  differ). A run never writes an empty or None value: a setting that does not apply (the learning rate of an L-BFGS
+  fit) is left out of that run;
 - on request, `<run>/projector/`: a Projector sample of test embeddings (a checkpoint, labels, an optional sprite).
 
 TensorBoard reads every run folder on its own: one damaged or half-written folder costs only that run.
@@ -119,13 +120,15 @@ def _hparams_summary(tag: str, data):
     return _summary(tag, metadata.create_summary_metadata(data), metadata.NULL_TENSOR)
 
 
-def experiment_summary():
-    """The HParams experiment config: every column of HPARAMS with its type, and the METRICS."""
+def experiment_summary(differs: set[str] = frozenset()):
+    """The HParams experiment config: every column of HPARAMS with its type, and the METRICS. The columns in
+    `differs` (their values differ between runs) come first in TensorBoard's HParams tab, and are the ones shown."""
     from tensorboard.plugins.hparams import api as hp
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
     types = {float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING, bool: api_pb2.DATA_TYPE_BOOL}
-    infos = [api_pb2.HParamInfo(name=name, type=types[kind], description=text) for name, kind, text in HPARAMS]
+    infos = [api_pb2.HParamInfo(name=name, type=types[kind], description=text, differs=name in differs)
+             for name, kind, text in HPARAMS]
     metrics = [hp.Metric(tag, group=group, description=text,
                          dataset_type=hp.Metric.TRAINING if group == TRAIN else None).as_proto()
                for group, tag, text in METRICS]
@@ -185,14 +188,39 @@ def experiment_files(runs_dir) -> list[Path]:
     return sorted(Path(runs_dir).glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"))
 
 
+def recorded_hparams(runs_dir) -> list[dict]:
+    """hparams_of each finished run in the runs folder whose record gives them (the ledger warns about the others)."""
+    found = []
+    for metrics in sorted(Path(runs_dir).glob("*/metrics.json")):
+        try:
+            found.append(hparams_of(json.loads((metrics.parent / "config.json").read_text()),
+                                    json.loads(metrics.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return found
+
+
 @_writing
-def write_experiment(runs_dir):
-    """The runs folder's HParams experiment config, unless it holds one already."""
-    if experiment_files(runs_dir):
-        return
+def write_experiment(runs_dir, also: tuple[dict, ...] = ()):
+    """The runs folder's HParams experiment config, made again for the runs recorded (and `also`, a run being
+    recorded): the columns whose values differ between them are marked. The new file is written before older ones
+    are removed (only older ones: of two processes writing at once, the later file stays)."""
+    values = recorded_hparams(runs_dir) + list(also)
+    differs = {name for name in KINDS if len({repr(v.get(name)) for v in values}) > 1}
     writer = _Writer(Path(runs_dir), EXPERIMENT_SUFFIX)
-    writer.raw(experiment_summary(), step=0)
+    writer.raw(experiment_summary(differs), step=0)
     writer.close()
+    files = experiment_files(runs_dir)
+    mine = max(files, key=_written_order)
+    for path in files:
+        if _written_order(path) < _written_order(mine):
+            path.unlink(missing_ok=True)
+
+
+def _written_order(path: Path) -> tuple:
+    """An event file's name as (time, host, pid, number): the order files were begun in."""
+    parts = path.name.split(".")  # events.out.tfevents.<time>.<host>.<pid>.<number><suffix>
+    return int(parts[3]), parts[4:-3], int(parts[-3]), int(parts[-2])
 
 
 def has_events(run_dir) -> bool:
@@ -290,8 +318,6 @@ def backfill(runs_dir, rows: list[dict], warn) -> list[str]:
     """Event files for each listed run (the ledger's rows: readable, finished runs) that has none; returns the runs
     written. A run whose record cannot give them is skipped with one warning."""
     runs_dir, written = Path(runs_dir), []
-    if rows:
-        write_experiment(runs_dir)
     for row in rows:
         run_dir = runs_dir / row["run"]
         if has_events(run_dir):
@@ -313,6 +339,8 @@ def backfill(runs_dir, rows: list[dict], warn) -> list[str]:
             _remove_events(run_dir)  # none half-written
             raise
         written.append(run_dir.name)
+    if rows:
+        write_experiment(runs_dir)
     return written
 
 
