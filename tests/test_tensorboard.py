@@ -44,7 +44,8 @@ def _record(runs, **settings):
 def _events(runs):
     from tensorboard.backend.event_processing import event_multiplexer
 
-    return event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(runs)).Reload()
+    keep_all = {"tensors": 0}  # the reader's default keeps a sample of 10 points per series
+    return event_multiplexer.EventMultiplexer(size_guidance=keep_all).AddRunsFromDirectory(str(runs)).Reload()
 
 
 def _series(events, run, tag):
@@ -84,7 +85,7 @@ def test_the_event_reader_finds_metrics_json_curves_hparams_and_images(tmp_path)
     # the per-epoch curves are history.json's, epochs 1..4, each split in its own subfolder
     for folder, prefix in (("train", ""), ("validation", "val_")):
         for tag in ("loss", "accuracy"):
-            assert _series(events, f"{adam.name}/{folder}", tag) == [
+            assert _series(events, f"{adam.name}/{folder}", f"epoch_{tag}") == [
                 (step, np.float32(v).item()) for step, v in enumerate(history[prefix + tag], start=1)]
     assert len(history["loss"]) == 4 and history["val_accuracy"][-1] == metrics["val_accuracy"]
     # the hparams: one session per run, named by it; numbers as numbers, the batch size as used
@@ -105,13 +106,18 @@ def test_the_event_reader_finds_metrics_json_curves_hparams_and_images(tmp_path)
     for run in (adam, lbfgs):
         assert all(type(value) is kinds[types[name]] and value != ""
                    for name, value in _session(events, run.name)[1].items())
-    assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} >= {("", "test_accuracy"), ("train", "loss")}
+    assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} >= {("", "test_accuracy"),
+                                                                             ("train", "epoch_loss")}
     # made again by the second run: one file, marking the columns whose values differ (TensorBoard shows those first)
     from featcache.head.tensorboard import experiment_files
 
     assert len(experiment_files(runs)) == 1
     differs = {info.name for info in experiment.hparam_infos if info.differs}
-    assert {"solver", "l2", "lr", "hidden", "val_split"} <= differs and not {"dataset", "cache", "seed"} & differs
+    assert {"solver", "l2", "hidden", "val_split"} <= differs and not {"lr", "dataset", "cache", "seed"} & differs
+    # L-BFGS curves are per iteration: on charts of their own, not on the epochs' axis
+    curve = [v for _, v in _series(events, f"{lbfgs.name}/train", "iteration_loss")]
+    assert curve == [np.float32(v).item() for v in json.loads((lbfgs / "history.json").read_text())["loss"]]
+    assert len(curve) > 4 and not events.GetAccumulator(f"{lbfgs.name}/train").Tags()["tensors"].count("epoch_loss")
     # the figures, as the PNGs the run folder holds
     from tensorboard.util import tensor_util
 
@@ -141,9 +147,9 @@ def test_runs_recorded_before_are_made_viewable_with_one_command(tmp_path):
     for run in (first, second):
         metrics = json.loads((run / "metrics.json").read_text())
         assert _series(events, run.name, "test_accuracy")[0][1] == np.float32(metrics["test_accuracy"]).item()
-        assert len(_series(events, f"{run.name}/train", "loss")) == metrics["epochs"]
+        assert len(_series(events, f"{run.name}/train", "epoch_loss")) == metrics["epochs"]
         assert _session(events, run.name)[1]["epochs"] == metrics["epochs"]
-    assert len(_series(events, f"{first.name}/validation", "accuracy")) == 2
+    assert len(_series(events, f"{first.name}/validation", "epoch_accuracy")) == 2
     assert _experiment(events)[0]["l2"] == "DATA_TYPE_FLOAT64"
     again = run_cli("train_head.py", "--runs-dir", runs, "--backfill-events")
     assert again.returncode == 0 and again.stdout.startswith("TensorBoard events written for 0 of 2 runs")

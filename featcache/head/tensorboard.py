@@ -2,8 +2,8 @@
 
 Written from a run's record (config.json's head and cache, history.json, metrics.json, the two PNGs) after its fit:
 
-- `<run>/train/` and `<run>/validation/`: loss and accuracy per epoch (L-BFGS: per iteration), the Keras layout,
-  so that both splits of every run share one chart per tag;
+- `<run>/train/` and `<run>/validation/`: `epoch_loss` and `epoch_accuracy` (L-BFGS: `iteration_...`, on charts of
+  their own), the Keras layout, so that both splits of every run share one chart per tag;
 - `<run>/`: the final `test_accuracy`, `test_loss` (and `val_accuracy`, `val_loss`, `fit_seconds`) as scalars equal
   to metrics.json's, the run's settings and cache selection through the HParams plugin (one session per run, named
   by the run), and the confusion matrix and learning curves as images;
@@ -67,8 +67,8 @@ METRICS = (
     ("", "test_loss", "test cross-entropy (metrics.json)"),
     ("", "val_accuracy", "validation accuracy at the end (metrics.json; the L2 sweep's best with sweep)"),
     ("", "val_loss", "validation cross-entropy at the end (metrics.json)"),
-    (TRAIN, "accuracy", "training accuracy of the last epoch"),
-    (TRAIN, "loss", "training loss of the last epoch"),
+    (TRAIN, "epoch_accuracy", "training accuracy of the last epoch (adam)"),
+    (TRAIN, "epoch_loss", "training loss of the last epoch (adam)"),
     ("", "fit_seconds", "seconds the fit took (metrics.json)"),
 )
 FINAL_SCALARS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "fit_seconds")
@@ -247,7 +247,7 @@ def write_experiment(runs_dir, also: tuple[dict, ...] = ()):
     recorded): the columns whose values differ between them are marked. The new file is written before older ones
     are removed (only older ones: of two processes writing at once, the later file stays)."""
     values = recorded_hparams(runs_dir) + list(also)
-    differs = {name for name in KINDS if len({repr(v.get(name)) for v in values}) > 1}
+    differs = {name for name in KINDS if len({repr(v[name]) for v in values if name in v}) > 1}
     writer = _Writer(Path(runs_dir), EXPERIMENT_SUFFIX)
     writer.raw(experiment_summary(differs), step=0)
     writer.close()
@@ -274,6 +274,7 @@ def write_run(run_dir, record: dict, history: dict, metrics: dict):
     run_dir = Path(run_dir)
     hparams = hparams_of(record, metrics)  # before any file: a record without them writes nothing
     last = len(history.get("loss", ()))
+    unit = "iteration" if metrics.get("solver", record["head"]["solver"]) == "lbfgs" else "epoch"  # an axis of its own
     for folder, prefix in ((TRAIN, ""), (VALIDATION, "val_")):
         series = {name[len(prefix):]: values for name, values in history.items()
                   if name.startswith(prefix) and (prefix or not name.startswith("val_")) and values}
@@ -283,7 +284,7 @@ def write_run(run_dir, record: dict, history: dict, metrics: dict):
         for tag, values in series.items():
             first = max(last, len(values)) - len(values) + 1  # a shorter series (L-BFGS' validation) ends with it
             for step, value in enumerate(values, start=first):
-                writer.scalar(tag, value, step)
+                writer.scalar(f"{unit}_{tag}", value, step)
         writer.close()
     writer = _Writer(run_dir)
     start, end = session_summaries(hparams, run_dir.name, (run_dir / "config.json").stat().st_mtime)
