@@ -76,8 +76,9 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
             click.echo(format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]))
         else:
             written = backfill(runs_dir, rows, warn=lambda message: click.echo(message, err=True))
-            click.echo(f"TensorBoard events written for {len(written)} of {len(rows)} runs (the others had them); "
-                       f"view them with: tensorboard --logdir {runs_dir}")
+            had = f" ({len(rows) - len(written)} had them)" if len(written) < len(rows) else ""
+            click.echo(f"TensorBoard events written for {len(written)} of {len(rows)} runs{had}; view them with: "
+                       f"tensorboard --logdir {runs_dir}")
         return
     started = time.perf_counter()
     key, cache_dir, data_dir = key_to_read(options)  # takes the selection options out; the head's remain
