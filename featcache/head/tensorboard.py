@@ -34,7 +34,8 @@ EXPERIMENT_SUFFIX = ".featcache-hparams"  # names the runs folder's experiment c
 TRAIN, VALIDATION = "train", "validation"  # the per-epoch curves' subfolders, as Keras' TensorBoard callback names them
 PROJECTOR = "projector"  # the subfolder of a run's Projector sample
 
-# The HParams columns: name, kind (float for numbers, str, bool), description. Order is the table's.
+# The HParams columns: name, kind (float for numbers, str, bool), description. TensorBoard orders them itself (the
+# columns whose values differ first, then by name) and shows the first five.
 HPARAMS = (
     ("solver", str, "adam (epochs of Adam steps) or lbfgs (a linear head fit to convergence)"),
     ("epochs", float, "training epochs (adam only)"),
