@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..cache.layout import CacheKey
 import numpy as np
 
+from ..cache.layout import CacheKey
 from ..cache.read import Features, load_splits, views_present
 from ..errors import UserError, in_python
 from ..settings import HeadConfig, parse_views
