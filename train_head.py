@@ -9,15 +9,17 @@ from click.core import ParameterSource
 
 from featcache.cache.read import views_present
 from featcache.cli import (
-    VIEWS_HELP, NonEmptyPath, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
+    VIEWS_HELP, NonEmptyPath, as_flags, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
     verbosity_options,
 )
 from featcache.errors import UserError
 from featcache.head.records import LEDGER_COLUMNS, ledger
 from featcache.head.runs import run_experiment, run_grid
+from featcache.head.tensorboard import backfill
 from featcache.process import setup_process
 from featcache.settings import (
-    COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE, MIN_STEPS_PER_EPOCH, SCHEDULES, SOLVERS, HeadConfig,
+    COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE, MAX_PROJECTOR_POINTS, MIN_STEPS_PER_EPOCH, SCHEDULES,
+    SOLVERS, HeadConfig,
 )
 
 DEFAULTS = HeadConfig()
@@ -58,19 +60,33 @@ DEFAULTS = HeadConfig()
 @click.option("--grid", multiple=True, metavar="NAME=V1,V2,...",
               help="Run every combination (repeat for more settings, e.g. --grid hidden=0,1024 --grid lr=1e-3,1e-2), "
                    "features loaded once, each recorded; prints a table by validation accuracy.")
+@click.option("--projector", type=click.IntRange(min=1, max=MAX_PROJECTOR_POINTS), default=None, metavar="N",
+              help="Also record a TensorBoard Projector sample of N test embeddings (seeded) with their true and "
+                   "predicted classes, and thumbnails where the images can be read (CIFAR: --data-dir or "
+                   "$CIFAR10_DATA_DIR; folders: the files).")
 @click.option("--list", "list_runs", is_flag=True, help="Print the table of recorded runs and exit.")
+@click.option("--backfill-events", is_flag=True,
+              help="Write TensorBoard event files for the recorded runs that have none (runs recorded before "
+                   "featcache wrote them) and exit.")
 @verbosity_options
 @one_line_errors
-def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
+def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, verbose, **options):
     """Train a softmax head on the cached train split and evaluate it on the cached test split."""
     setup_process(verbose)
-    if list_runs:
+    if list_runs or backfill_events:
         rows = ledger(runs_dir)
-        click.echo(format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]) if rows
-                   else f"no runs recorded in {runs_dir}")
+        if not rows:
+            click.echo(f"no runs recorded in {runs_dir}")
+        elif list_runs:
+            click.echo(format_table([{c: r[c] for c in LEDGER_COLUMNS} for r in rows]))
+        else:
+            written = backfill(runs_dir, rows, warn=lambda message: click.echo(message, err=True))
+            had = f" ({len(rows) - len(written)} had them)" if len(written) < len(rows) else ""
+            click.echo(f"TensorBoard events written for {len(written)} of {len(rows)} runs{had}; view them with: "
+                       f"tensorboard --logdir {runs_dir}")
         return
     started = time.perf_counter()
-    key, cache_dir, _ = key_to_read(options)  # takes the selection options out; the head's remain
+    key, cache_dir, data_dir = key_to_read(options)  # takes the selection options out; the head's remain
     config = HeadConfig(**options)
     config.check()
     served = config.for_cached_views(views_present(key, cache_dir))
@@ -87,18 +103,20 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
             click.echo(f"note: --solver lbfgs fits to convergence on all rows at once; {', '.join(ignored)} "
                        f"{'is' if len(ignored) == 1 else 'are'} not used", err=True)
     log = (lambda _: None) if quiet else click.echo
+    note = lambda message: click.echo(as_flags(message), err=True)  # noqa: E731
+    tensorboard = dict(projector=projector or 0, data_dir=data_dir, note=note)
     if grid:
         if sweep:
             raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
         combinations = parse_grid(grid)
         for overrides in combinations:
             replace(config, **overrides).check()
-        rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log)
+        rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log, **tensorboard)
         click.echo(format_table(rows))
         click.echo(f"{len(rows)} runs recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
         return
     run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
-                                      verbose=2 if verbose else 0, log=log)
+                                      verbose=2 if verbose else 0, log=log, **tensorboard)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
                f"({metrics['rows']} training rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:

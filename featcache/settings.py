@@ -116,6 +116,9 @@ def default_batch_size(engine: str, gpu: bool) -> int:
 SCHEDULES = ("cosine", "constant")
 SWEEP_VAL_SPLIT = 0.2  # the L2 sweep's validation split when none is asked
 DEFAULT_TOP_K = 3  # classes predict.py shows per image
+# The most test rows a TensorBoard Projector sample takes: the Projector's t-SNE runs on at most 10,000 points, and a
+# sprite of 10,000 thumbnails of 32 px is 3,200 px square (the Projector takes up to 8,192).
+MAX_PROJECTOR_POINTS = 10_000
 COMPUTES = ("auto", "f32", "bf16")
 
 

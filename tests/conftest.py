@@ -149,7 +149,7 @@ def small_run(tiny_model, cifar_root, tmp_path_factory) -> tuple[Path, Path]:
     done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8",
                    "--tta-views", "plain,flip,crop-tl")
     assert done.returncode == 0, done.stderr
-    (run_dir,) = (base / "runs").iterdir()
+    (run_dir,) = run_dirs(base / "runs")
     return base, run_dir
 
 
@@ -225,6 +225,11 @@ def _script_module(script: str):
         spec.loader.exec_module(module)
         sys.modules[name] = module
     return sys.modules[name]
+
+
+def run_dirs(runs) -> list[Path]:
+    """The run folders in a runs folder (beside them: TensorBoard's experiment config file)."""
+    return sorted(path for path in Path(runs).iterdir() if path.is_dir())
 
 
 def requires_shared():

@@ -131,3 +131,11 @@ def test_folder_tree_writes_cifar_as_folders_and_compares_their_caches(tiny_mode
     assert "40 folder rows, 40 pickle rows" in out and "labels agree: True" in out
     diffs = [float(v) for v in re.findall(r"max abs diff (\S+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-5  # PNG is lossless: the same pixels, the same vectors
+
+
+def test_events_cost_times_both_records(default_caches):
+    cache, env = default_caches
+    out = bench("events_cost", "--repeats", 1, "--cache-dir", cache, "--setting", "epochs=2", env=env)
+    rows = table_rows(out)
+    assert [row[0] for row in rows] == ["first in its process (train_head.py)", "second (a --grid's later runs)"]
+    assert all(0 < float(row[1]) < float(row[2]) for row in rows)

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_dirs
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_train_head_records_a_run(extracted, tiny_model, tmp_path):
                   "--runs-dir", runs, "--epochs", "2", "--val-split", "0.2", "--seed", "5")
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout and "val accuracy" in out.stdout
-    (run_dir,) = list(runs.iterdir())
+    (run_dir,) = run_dirs(runs)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for name in ("test_accuracy", "test_loss", "fit_seconds", "epochs", "rows", "val_accuracy"):
         assert name in metrics
@@ -127,7 +127,7 @@ def test_train_head_sweep_and_list(extracted, tiny_model, tmp_path):
     out = run_cli("train_head.py", *common, "--epochs", "1", "--sweep", "l2", "--val-split", "0.25")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("val accuracy") >= 8 and "best l2" in out.stdout and "test accuracy" in out.stdout
-    (run_dir,) = runs.iterdir()
+    (run_dir,) = run_dirs(runs)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["sweep"]) == 7 and "val_loss" in metrics
     config = json.loads((run_dir / "config.json").read_text())
@@ -150,7 +150,7 @@ def test_a_grid_records_every_combination_and_prints_them_by_validation_accuracy
     assert sorted((row[0], row[1]) for row in table) == [("0", "0.001"), ("0", "0.01"), ("8", "0.001"), ("8", "0.01")]
     val = [float(row[2]) for row in table]
     assert val == sorted(val, reverse=True)
-    assert len(list(runs.iterdir())) == 4 and "4 runs recorded" in lines[-1]
+    assert len(run_dirs(runs)) == 4 and "4 runs recorded" in lines[-1]
     conflict = run_cli("train_head.py", "--sweep", "l2", "--grid", "lr=1e-3")
     assert conflict.returncode == 2 and "use one of --sweep and --grid" in conflict.stderr
 

@@ -9,7 +9,7 @@ import pytest
 from featcache.cache import read
 from featcache.errors import UserError
 from featcache.extract.sources import cifar
-from conftest import make_key, run_cli, save_tiny_model, write_cifar100
+from conftest import make_key, run_cli, run_dirs, save_tiny_model, write_cifar100
 
 
 def test_cifar100_end_to_end_gives_100_way_outputs_with_the_stored_names(tiny_model, tmp_path):
@@ -26,7 +26,7 @@ def test_cifar100_end_to_end_gives_100_way_outputs_with_the_stored_names(tiny_mo
     assert read.class_names(attrs) == names and attrs["rows"] == 60
     out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "2")
     assert out.returncode == 0, out.stderr
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = run_dirs(tmp_path / "runs")
     assert np.load(run / "test_probs.npy").shape == (60, 100)
     test = cifar.load_split(cifar.resolve_source(tmp_path, cifar.CIFAR100), "test", layout=cifar.CIFAR100)
     png = tmp_path / "one.png"

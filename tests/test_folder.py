@@ -1,7 +1,9 @@
 """Class-folder datasets: any image size and format, broken files skipped and listed, a cheap fingerprint."""
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +15,7 @@ from featcache.errors import UserError
 from featcache.extract.extractor import Extractor
 from featcache.extract.models import load_model
 from featcache.extract.sources import folder
-from conftest import TINY_DIM, make_key, run_cli
+from conftest import TINY_DIM, make_key, run_cli, run_dirs
 
 CLASSES = ("cat", "dog", "emu")
 GIF_1X1 = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
@@ -243,10 +245,25 @@ def test_cli_folder_end_to_end_and_a_changed_source_is_named(tiny_model, tree, t
                      "--quiet")
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1 and "--strict" in strict.stderr
     assert "[Op:" not in strict.stderr
-    out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "3")
+    out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "3", "--projector", "4")
     assert out.returncode == 0, out.stderr
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = run_dirs(tmp_path / "runs")
     assert '"emu"' in (run / "config.json").read_text()
+    # the Projector's sprite: thumbnails of the sampled rows' own files (a test row's file, by its cached index)
+    from PIL import Image
+
+    from featcache.cache.read import row_files
+    from featcache.head.thumbnails import SIDE
+
+    rows = [int(line.split("\t")[3]) for line in (run / "projector" / "labels.tsv").read_text().splitlines()[1:]]
+    config = json.loads((run / "config.json").read_text())
+    files = row_files(Path(config["test_cache"]["path"]), np.array(rows))
+    sprite = np.asarray(Image.open(run / "projector" / "sprite.png"))
+    assert len(rows) == 4 and sprite.shape == (2 * SIDE, 2 * SIDE, 3)
+    for i, file in enumerate(files):
+        expected = np.asarray(Image.open(tree / file).convert("RGB").resize((SIDE, SIDE), Image.BILINEAR))
+        r, c = divmod(i, 2)
+        np.testing.assert_array_equal(sprite[r * SIDE : (r + 1) * SIDE, c * SIDE : (c + 1) * SIDE], expected)
     target = tree / "test" / "cat" / "000.png"
     target.write_bytes(target.read_bytes() + b"\0")
     again = run_cli("extract.py", *common, "--split", "test", "--engine", "tensorflow")

@@ -17,7 +17,7 @@ from featcache.head import train
 from featcache.settings import HeadConfig
 from featcache.head.records import ledger
 from featcache.head.runs import run_experiment
-from conftest import TINY_DIM, make_key, run_cli, save_tiny_model, synthetic_attrs, write_batches
+from conftest import TINY_DIM, make_key, run_cli, run_dirs, save_tiny_model, synthetic_attrs, write_batches
 
 COMMON = ["--image-size", "32", "--train-views", "plain", "--tta-views", "plain"]  # the views of the caches below
 
@@ -145,7 +145,7 @@ def test_a_diverging_fit_records_no_run(tiny_model, caches, tmp_path):
         run_experiment(_key(tiny_model), caches, runs, config)
     assert not runs.exists() or not any(runs.iterdir())
     run_dir, _ = run_experiment(_key(tiny_model), caches, runs, HeadConfig(epochs=1, train_views="plain", tta_views="plain"))
-    assert list(runs.iterdir()) == [run_dir]  # the same call with a sane rate records its run
+    assert run_dirs(runs) == [run_dir]  # the same call with a sane rate records its run
 
 
 def test_lr_1e6_is_refused_by_the_cli_and_records_no_run(tiny_model, caches, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featcache.extract.sources import cifar
-from conftest import run_cli
+from conftest import run_cli, run_dirs
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_a_model_without_a_training_argument_goes_through_predict_and_export(cif
     assert done.returncode == 0, done.stderr
     done = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "2")
     assert done.returncode == 0, done.stderr
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = run_dirs(tmp_path / "runs")
     images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images[:30]
     classifier = build_classifier(run_dir)
     probs = classifier.classify(images)["probabilities"].numpy()

@@ -25,6 +25,3 @@ def test_every_flag_is_documented_and_every_documented_flag_exists(script):
     flags.discard("--help")
     assert documented_flags(script) == flags
 
-
-def test_the_readme_stays_short():
-    assert len((ROOT / "README.md").read_text().splitlines()) <= 320

@@ -163,6 +163,16 @@ def skipped_files(path: Path) -> list[tuple[str, str]]:
         return [(file.decode(), reason.decode()) for file, reason in f["skipped_files"][:]]
 
 
+def row_files(path: Path, rows: np.ndarray) -> list[str] | None:
+    """The source file (relative to the data folder) of each of `rows` of a folder cache; None for a cache whose
+    rows name no files (CIFAR: row i is the split's image i)."""
+    with open_h5(path, "r") as f:
+        if "source_files" not in f:
+            return None
+        files, index = f["source_files"], f["source_index"][:]
+        return [files[int(i)].decode() for i in index[rows]]
+
+
 def non_finite(array: np.ndarray) -> tuple[int, int]:
     """(count of NaN/Inf values, first row holding one, or -1): a cheap check before any use.
 

@@ -1,8 +1,9 @@
 """Run records: one folder per trained head under runs/, and the ledger that lists them.
 
 A run folder holds config.json (head settings, the cache's key and files, class names),
-history.json, head.keras, test_probs.npy, curves.png, confusion.png, and metrics.json, written
-last: a folder without it is a run that did not finish (or is being recorded), listed with a warning.
+history.json, head.keras, test_probs.npy, curves.png, confusion.png, TensorBoard's event files (tensorboard.py; with
+a projector/ sample when asked), and metrics.json, written last: a folder without it is a run that did not finish
+(or is being recorded), listed with a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from ..cache.layout import CacheKey
 from ..errors import UserError, first_line
 from ..settings import HeadConfig, parse_views, views_label
-from . import plots
+from . import plots, tensorboard
 
 
 def check_writable(runs_dir):
@@ -51,8 +52,9 @@ def new_run_dir(runs_dir) -> Path:
 
 
 def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels: np.ndarray,
-               train_info: dict, test_info: dict) -> Path:
-    """Write one run folder: config, history, head.keras, test probabilities, plots, then metrics."""
+               train_info: dict, test_info: dict, projector: tensorboard.ProjectorSample | None = None) -> Path:
+    """Write one run folder: config, history, head.keras, test probabilities, plots, TensorBoard events (and the
+    Projector's sample of test rows), then metrics."""
     run_dir = new_run_dir(runs_dir)
     record = {"head": config.to_dict(), "cache": {**key.attrs("")}, "train_cache": train_info,
               "test_cache": test_info, "class_names": list(trained.class_names)}
@@ -66,11 +68,19 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
         plots.plot_confusion(test_labels, trained.test_probs.argmax(1), trained.class_names,
                              run_dir / "confusion.png",
                              title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
+        tensorboard.write_experiment(runs_dir, also=(tensorboard.hparams_of(record, trained.metrics),))
+        tensorboard.write_run(run_dir, record, trained.history, trained.metrics)
+        if projector is not None:
+            tensorboard.write_projector(run_dir, projector, test_labels[projector.rows],
+                                        trained.test_probs[projector.rows].argmax(1), trained.class_names)
         write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
     except OSError as exc:  # disk full, a folder made read-only meanwhile: no half-written run stays behind
         shutil.rmtree(run_dir, ignore_errors=True)
         raise UserError(f"recording the run in {run_dir} failed ({exc.strerror or first_line(exc)}); nothing was "
                         "recorded") from None
+    except BaseException:  # Ctrl-C, or a bug: no half-written run either
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir
 
 

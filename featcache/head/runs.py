@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from ..cache.layout import CacheKey
-from ..cache.read import load_splits, views_present
-from ..errors import UserError
+from ..cache.read import Features, load_splits, views_present
+from ..errors import UserError, in_python
 from ..settings import HeadConfig, parse_views
 from . import sweep_l2, train, training_data
 from .records import check_writable, record_run
+from .tensorboard import ProjectorSample
+from .thumbnails import test_thumbnails
 
 
 def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):
@@ -24,15 +28,34 @@ def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):
     return splits
 
 
+def _print_note(message: str):
+    print(in_python(message))
+
+
+def projector_sample(key: CacheKey, cache_dir, test: Features, config: HeadConfig, points: int, data_dir=None,
+                     note=None) -> ProjectorSample:
+    """A seeded sample of `points` test rows (all when there are fewer) for TensorBoard's Projector: their embeddings
+    in the first test-time view, and thumbnails where the source has images (else `note` says why not)."""
+    note = note or _print_note
+    rows = np.sort(np.random.default_rng(config.seed).permutation(len(test.labels))[:points])
+    thumbnails, why = test_thumbnails(key, cache_dir, rows, test.labels[rows], data_dir)
+    if thumbnails is None:
+        note(f"note: the Projector sample has no sprite: {why}")
+    return ProjectorSample(rows, test.views[config.tta_view_list[0]][rows], thumbnails)
+
+
 def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
-                   verbose: int = 0, log=print) -> tuple[Path, dict]:
+                   verbose: int = 0, log=print, projector: int = 0, data_dir=None, note=None) -> tuple[Path, dict]:
     """Train one head on the cached train split, score it on test, and record the run.
 
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
-    refit on all training rows with it.
+    refit on all training rows with it. `projector` > 0 adds a Projector sample of that many test rows
+    (projector_sample; `data_dir` is where a CIFAR copy for its thumbnails is).
     """
     config = config.for_cached_views(views_present(key, cache_dir))
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, [config])
+    sample = (projector_sample(key, cache_dir, test_features, config, projector, data_dir, note) if projector
+              else None)
     sweep_table = best_row = None
     if sweep:
         best, sweep_table = sweep_l2(train_features, config)
@@ -45,23 +68,27 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
     if best_row:
         trained.metrics.update(sweep=sweep_table, val_accuracy=best_row["val_accuracy"],
                                val_loss=best_row["val_loss"])
-    return record_run(runs_dir, key, config, trained, test_features.labels, train_info, test_info), trained.metrics
+    return (record_run(runs_dir, key, config, trained, test_features.labels, train_info, test_info, sample),
+            trained.metrics)
 
 
-def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print) -> list[dict]:
+def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print, projector: int = 0,
+             data_dir=None, note=None) -> list[dict]:
     """Every combination of `grid` (HeadConfig overrides) over `config`, with the features loaded (and
-    TensorFlow imported) once; each is recorded as its own run. Returns rows by validation accuracy (with a
-    validation split), else in the grid's order."""
+    TensorFlow imported) once; each is recorded as its own run (with the same Projector sample when `projector`).
+    Returns rows by validation accuracy (with a validation split), else in the grid's order."""
     if not grid:
         raise UserError("`grid` holds no combination")
     present = views_present(key, cache_dir)
     configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, configs)
+    sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir, note) if projector
+              else None)
     rows, data = [], None
     for overrides, one in zip(grid, configs):
         data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views
         trained = train(train_features, test_features, one, data=data)
-        run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info)
+        run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info, sample)
         rows.append({**overrides, "val_acc": trained.metrics.get("val_accuracy"),
                      "test_acc": trained.metrics["test_accuracy"], "fit_s": trained.metrics["fit_seconds"],
                      "run": run_dir.name})

@@ -91,14 +91,28 @@ def resolve_source(data_dir: str | os.PathLike | None, layout: Layout = CIFAR10)
     raise UserError(f"no {layout.title} batches in {path}: expected {layout.folder}/ ({files}) or {layout.archive}")
 
 
-def _keras_cached_copy(layout: Layout) -> Path:
-    """The official archive, cached under ~/.keras/datasets the way Keras caches it."""
+def local_copy(data_dir: str | os.PathLike | None, layout: Layout = CIFAR10) -> Path | None:
+    """What resolve_source reads, or None where it would download the official archive."""
+    if data_dir or os.environ.get(layout.env):
+        return resolve_source(data_dir, layout)
+    return _keras_download_present(layout)
+
+
+def _keras_download_present(layout: Layout) -> Path | None:
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
-    target = f"{layout.folder}-target"  # the folder name keras.datasets uses
     marker = layout.split_files["test"][0]
-    for folder in (layout.folder, f"{target}/{layout.folder}"):
+    for folder in (layout.folder, f"{layout.folder}-target/{layout.folder}"):  # the second: keras.datasets' place
         if (keras_home / "datasets" / folder / marker).exists():
             return keras_home / "datasets" / folder
+    return None
+
+
+def _keras_cached_copy(layout: Layout) -> Path:
+    """The official archive, cached under ~/.keras/datasets the way Keras caches it."""
+    present = _keras_download_present(layout)
+    if present is not None:
+        return present
+    target = f"{layout.folder}-target"  # the folder name keras.datasets uses
     import keras  # only on the download path: keeps TensorFlow out of up-to-date checks
 
     try:
