@@ -116,6 +116,8 @@ def default_batch_size(engine: str, gpu: bool) -> int:
 SCHEDULES = ("cosine", "constant")
 SWEEP_VAL_SPLIT = 0.2  # the L2 sweep's validation split when none is asked
 DEFAULT_TOP_K = 3  # classes predict.py shows per image
+RUN_CHOICES = ("latest", "best")  # which run predict and export serve when none is named
+DEFAULT_RUN = "latest"
 COMPUTES = ("auto", "f32", "bf16")
 
 
