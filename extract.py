@@ -6,7 +6,7 @@ import click
 from featcache.cache.layout import partial_path
 from featcache.cli import (
     COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
-    verbosity_options,
+    stopped, verbosity_options,
 )
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.runners import make_runner
@@ -69,8 +69,7 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
                 partial = partial_path(key.path(cache_dir, one_split))
                 kept = (f"the rows committed so far are kept in {partial}; rerun the same command to resume"
                         if partial.exists() else f"no {one_split} row was committed")
-                click.echo(f"Stopped ({str(exc) or 'Ctrl-C'}): {kept}", err=True)
-                raise SystemExit(130) from None
+                raise stopped(exc, kept) from None
             click.echo(result.summary(words=as_flags))
 
 

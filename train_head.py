@@ -9,7 +9,7 @@ from click.core import ParameterSource
 from featcache.cache.read import views_present
 from featcache.cli import (
     VIEWS_HELP, NonEmptyPath, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
-    verbosity_options,
+    stopped, verbosity_options,
 )
 from featcache.errors import UserError
 from featcache.head.records import LEDGER_COLUMNS, ledger
@@ -85,15 +85,20 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
             click.echo(f"note: --solver lbfgs fits to convergence on all rows at once; {', '.join(ignored)} "
                        f"{'is' if len(ignored) == 1 else 'are'} not used", err=True)
     log = (lambda _: None) if quiet else click.echo
+    if grid and sweep:
+        raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
+    try:
+        if grid:
+            rows = run_grid(key, cache_dir, runs_dir, config, parse_grid(grid), log=log)
+        else:
+            run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2", log=log)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "the run in progress was not recorded" + (" (those finished before it were)" if grid
+                                                                       else "")) from None
     if grid:
-        if sweep:
-            raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
-        rows = run_grid(key, cache_dir, runs_dir, config, parse_grid(grid), log=log)
         click.echo(format_table(rows))
         click.echo(f"{len(rows)} runs recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
         return
-    run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
-                                      verbose=2 if verbose else 0, log=log)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
                f"({metrics['rows']} training rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:

@@ -189,3 +189,69 @@ def test_extract_list_names_damaged_and_unreadable_cache_files(extracted, tmp_pa
     assert line.endswith("test 40 rows damaged (its views attribute is missing or not a list of known views) 0 MB, "
                          "views none"), line
     assert f"{train}: not a readable featcache file (0 MB)" in lines
+
+
+def test_train_head_prints_its_progress_per_epoch_and_quiet_silences_it(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--runs-dir", tmp_path / "runs",
+              "--epochs", "2"]
+    out = run_cli("train_head.py", *common)
+    assert out.returncode == 0, out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines()[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert "loss " in out.stdout.splitlines()[0]
+    quiet = run_cli("train_head.py", *common, "--quiet")
+    assert quiet.returncode == 0 and "epoch" not in quiet.stdout and quiet.stdout.startswith("test accuracy")
+    grid = run_cli("train_head.py", *common, "--grid", "hidden=0,8")
+    assert grid.returncode == 0 and "run 2/2: epoch 2/2: loss " in grid.stdout
+
+
+@pytest.mark.parametrize("args, kept", [
+    ([], "the run in progress was not recorded"),
+    (["--grid", "lr=1e-3,1e-2"], "the run in progress was not recorded (those finished before it were)"),
+])
+def test_ctrl_c_during_a_fit_stops_between_steps_with_one_line_and_exit_130(extracted, tiny_model, tmp_path,
+                                                                          monkeypatch, args, kept):
+    """Ctrl-C (here raised where Python gets control between two steps of the fit) ends train_head.py as it ends
+    extract.py: one line, exit code 130, no run folder left behind."""
+    from featcache.head import fit
+
+    cache, _ = extracted
+    calls, original = [], fit.Fitter.run_steps
+
+    def interrupted(self, *args):
+        calls.append(args[:3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(fit, "WORK_PER_CALL", 1.0)  # a step per call, as a wide hidden layer gets
+    monkeypatch.setattr(fit.Fitter, "run_steps", interrupted)
+    runs = tmp_path / "runs"
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                  "--runs-dir", runs, "--hidden", "8", "--epochs", "3", *args)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr == f"Stopped (Ctrl-C): {kept}\n"
+    assert calls == [(0, 0, 1), (0, 1, 2), (0, 2, 3)]
+    assert not list(runs.glob("*/*"))
+
+
+@pytest.mark.parametrize("script, patched", [
+    ("extract.py", "featcache.selection.select"),  # Ctrl-C while the cache key is resolved (the model loaded)
+    ("train_head.py", "featcache.selection.select_cached"),
+    ("predict.py", "resolve_run"),
+    ("export.py", "resolve_run"),
+])
+def test_ctrl_c_at_any_moment_of_any_cli_is_one_line_and_exit_130(monkeypatch, tmp_path, script, patched):
+    import conftest
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    if patched.startswith("featcache."):
+        monkeypatch.setattr(patched, interrupt)
+    else:
+        monkeypatch.setattr(conftest._script_module(script), patched, interrupt)
+    tmp_path.joinpath("a.png").write_bytes(b"")
+    args = {"predict.py": [tmp_path / "a.png"], "export.py": [tmp_path / "out"]}.get(script, [])
+    out = run_cli(script, *args, "--runs-dir" if script in ("predict.py", "export.py") else "--cache-dir", tmp_path)
+    assert (out.returncode, out.stderr, out.stdout) == (130, "Stopped (Ctrl-C)\n", "")

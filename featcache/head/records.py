@@ -67,8 +67,10 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
                              run_dir / "confusion.png",
                              title=f"run {run_dir.name}: test accuracy {trained.metrics['test_accuracy']:.4f}")
         write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
-    except OSError as exc:  # disk full, a folder made read-only meanwhile: no half-written run stays behind
+    except BaseException as exc:  # disk full, a folder made read-only meanwhile, Ctrl-C: no half-written run stays
         shutil.rmtree(run_dir, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
         raise UserError(f"recording the run in {run_dir} failed ({exc.strerror or first_line(exc)}); nothing was "
                         "recorded") from None
     return run_dir
