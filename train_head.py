@@ -8,10 +8,11 @@ from click.core import ParameterSource
 
 from featcache.cache.read import views_present
 from featcache.cli import (
-    VIEWS_HELP, NonEmptyPath, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
-    stopped, verbosity_options,
+    VIEWS_HELP, NonEmptyPath, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
+    selection_options, stopped, verbosity_options,
 )
 from featcache.errors import UserError
+from featcache.extract.sources import changed_since_cached
 from featcache.head.records import LEDGER_COLUMNS, ledger
 from featcache.head.runs import run_experiment, run_grid
 from featcache.process import setup_process
@@ -70,6 +71,8 @@ def main(runs_dir, sweep, grid, list_runs, quiet, verbose, **options):
         return
     started = time.perf_counter()
     key, cache_dir, _ = key_to_read(options)  # takes the selection options out; the head's remain
+    for changed in changed_since_cached(key, cache_dir):
+        click.echo(f"warning: {cache_remedy(changed)}", err=True)
     config = HeadConfig(**options)
     served = config.for_cached_views(views_present(key, cache_dir))
     if served.train_view_list != config.train_view_list or served.tta_view_list != config.tta_view_list:

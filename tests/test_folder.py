@@ -420,3 +420,23 @@ def test_the_header_size_of_an_os2_bmp_is_read_right_and_the_image_is_not_refuse
     path = tmp_path / "os2.bmp"
     path.write_bytes(_os2_bmp(100, 50))
     assert not folder.decode_file(path)[1].startswith("image too large")
+
+
+def test_train_head_warns_when_the_folder_changed_since_its_cache_was_made(tiny_model, tree, tmp_path):
+    """As extract.py and --verify see a changed folder, train_head.py says so (a warning: it still trains on the
+    images cached then) and names the command that rebuilds the cache."""
+    common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "32",
+              "--cache-dir", tmp_path / "cache"]
+    assert run_cli("extract.py", *common, "--views", "plain", "--engine", "tensorflow", "--quiet").returncode == 0
+    train = [*common, "--runs-dir", tmp_path / "runs", "--epochs", "1", "--quiet", "--train-views", "plain",
+             "--tta-views", "plain"]
+    out = run_cli("train_head.py", *train)
+    assert out.returncode == 0 and out.stderr == ""
+    (tree / "test" / "dog" / "new.png").write_bytes((tree / "test" / "dog" / "000.png").read_bytes())
+    out = run_cli("train_head.py", *train)
+    assert out.returncode == 0 and "test accuracy" in out.stdout
+    root = tree.resolve()
+    assert out.stderr.splitlines() == [
+        f"warning: {root} has changed since its test cache was made (files added, removed or modified); the head "
+        f"trains on the images cached then; rebuild it with python extract.py --split test --dataset folder "
+        f"--data-dir {root} --model {tiny_model} --image-size 32 --cache-dir {tmp_path / 'cache'} --force"]
