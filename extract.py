@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Stage 1: embed a dataset's images with a frozen TF Hub model once, into an HDF5 cache under cache/."""
 
+import functools
+
 import click
 
 from featcache.cache.layout import partial_path
@@ -54,12 +56,14 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
         cache_dir = selection["cache_dir"]
         click.echo("\n".join(f"  {line}" for line in list_caches_lines(cache_dir)) or f"no caches in {cache_dir}")
         return
-    runner = make_runner(runner, ray_address, workers, verbose)  # before anything slow: Ray missing is one line
-    key, cache_dir, data_dir = key_to_extract(selection)
+    announce = None if quiet else functools.partial(click.echo, err=True)  # says what the slow first seconds do
+    # the runner before anything slow: Ray missing is one line
+    runner = make_runner(runner, ray_address, workers, verbose, announce)
+    key, cache_dir, data_dir = key_to_extract(selection, announce)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
-    with runner:  # Ray's workers serve both splits
+    with runner:  # its loaded model (or Ray's workers) serves both splits
         for one_split in splits:
             try:
                 result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views,

@@ -195,12 +195,12 @@ def selection_options(func):
     return func
 
 
-def key_to_extract(options: dict):
+def key_to_extract(options: dict, announce=None):
     """The CacheKey the selection options (popped from `options`) name for stage 1, which may load the model to
-    learn its input size; and the cache and data folders."""
+    learn its input size (`announce` gets a line before it does); and the cache and data folders."""
     from .selection import select
 
-    return _selected(options, select)
+    return _selected(options, functools.partial(select, announce=announce))
 
 
 def key_to_read(options: dict):

@@ -255,3 +255,25 @@ def test_ctrl_c_at_any_moment_of_any_cli_is_one_line_and_exit_130(monkeypatch, t
     args = {"predict.py": [tmp_path / "a.png"], "export.py": [tmp_path / "out"]}.get(script, [])
     out = run_cli(script, *args, "--runs-dir" if script in ("predict.py", "export.py") else "--cache-dir", tmp_path)
     assert (out.returncode, out.stderr, out.stdout) == (130, "Stopped (Ctrl-C)\n", "")
+
+
+def test_extract_all_loads_the_model_once_and_says_what_its_first_seconds_do(tiny_model, cifar_root, tmp_path,
+                                                                             monkeypatch):
+    from featcache.extract import extractor
+
+    builds, original = [], extractor.ExtractorSettings.build
+
+    def counted(self, *args, **kwargs):
+        builds.append(self.views)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(extractor.ExtractorSettings, "build", counted)
+    common = ["--data-dir", cifar_root, "--model", tiny_model, "--cache-dir", tmp_path / "cache", "--engine",
+              "tensorflow", "--limit", "30"]
+    out = run_cli("extract.py", *common)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("done: ") == 2 and builds == [("plain", "flip")]  # one load serves both splits
+    said = [line for line in out.stderr.splitlines() if line.startswith("loading model")]
+    assert said == [f"loading model {tiny_model} once to learn its input size ...", f"loading model {tiny_model} ..."]
+    quiet = run_cli("extract.py", *common, "--cache-dir", tmp_path / "other", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and len(builds) == 2
