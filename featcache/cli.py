@@ -12,7 +12,7 @@ import shlex
 
 import click
 
-from .cache.read import CacheUnusable, caches_present, list_caches
+from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError
 from .settings import (
     CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
@@ -125,7 +125,7 @@ def existing_caches(present) -> list[str]:
 
 def list_caches_lines(cache_dir) -> list[str]:
     entries = list_caches(cache_dir)
-    unreadable = [f"{entry['path']}: not a readable featcache file ({entry['megabytes']:.0f} MB)"
+    unreadable = [f"{entry['path']}: not a readable featcache file ({size_label(entry['megabytes'])})"
                   for entry in entries if entry["key"] is None]
     return existing_caches(caches_present(cache_dir, entries)) + unreadable
 

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -186,9 +187,16 @@ def test_extract_list_names_damaged_and_unreadable_cache_files(extracted, tmp_pa
     train.write_bytes(train.read_bytes()[:4000])
     lines = list_caches_lines(tmp_path / "cache")
     (line,) = [line for line in lines if "--image-size 48" in line]
-    assert line.endswith("test 40 rows damaged (its views attribute is missing or not a list of known views) 0 MB, "
-                         "views none"), line
-    assert f"{train}: not a readable featcache file (0 MB)" in lines
+    assert re.search(r"test 40 rows damaged \(its views attribute is missing or not a list of known views\) "
+                     r"[1-9]\d* kB, views none$", line), line  # a small cache's size is not "0 MB"
+    assert f"{train}: not a readable featcache file (4 kB)" in lines
+
+
+def test_a_size_reads_in_the_unit_that_suits_it():
+    from featcache.cache.read import size_label
+
+    assert [size_label(mb) for mb in (0.0004, 0.0451, 0.9996, 3.21, 412.4, 1600)] == [
+        "400 bytes", "45 kB", "1000 kB", "3.2 MB", "412 MB", "1.6 GB"]
 
 
 def test_train_head_prints_its_progress_per_epoch_and_quiet_silences_it(extracted, tiny_model, tmp_path):
