@@ -29,8 +29,9 @@ from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR
                    "(CIFAR: 32), else the network's input size.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--run", "run_id", type=TEXT, default=None,
-              help=f"Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
-                   f"validation accuracy, among runs on the default cache settings if any is) [default: {DEFAULT_RUN}].")
+              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
+                   "validation accuracy, among runs on the default cache settings if any is) "
+                   f"[default: {DEFAULT_RUN}].")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors

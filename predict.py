@@ -20,8 +20,9 @@ from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=NonEmptyPath())
 @click.option("--run", "run_id", type=TEXT, default=None,
-              help=f"Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
-                   f"validation accuracy, among runs on the default cache settings if any is) [default: {DEFAULT_RUN}].")
+              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
+                   "validation accuracy, among runs on the default cache settings if any is) "
+                   f"[default: {DEFAULT_RUN}].")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--model", "exported", type=NonEmptyPath(), default=None,
               help="Classify with an exported file instead of a run: a .tflite (LiteRT) or .onnx (ONNX Runtime) file, "

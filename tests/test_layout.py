@@ -71,11 +71,12 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
         api.load_cache("train", cache_dir=tmp_path, limit=100)
     wanted = CacheKey(limit=100).path(tmp_path, "train")
     size = size_label(path.stat().st_size / 1e6)  # a few kB
-    assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: resize='bilinear' limit=100: "
-                                 f"train 2 rows complete {size}, views plain")
+    assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: resize='bilinear' "
+                                 f"limit=100: train 2 rows complete {size}, views plain")
     assert cli.cache_remedy(caught.value) == (
         f"no train cache at {wanted}; run: python extract.py --split all --limit 100 --cache-dir {tmp_path}. "
-        f"Caches present (pass their options): --resize bilinear --limit 100: train 2 rows complete {size}, views plain")
+        "Caches present (pass their options): --resize bilinear --limit 100: "
+        f"train 2 rows complete {size}, views plain")
 
 
 def test_stage_2_finds_a_non_224_cache_with_the_hub_unreachable_and_no_model_record(cifar_root, tmp_path,

@@ -40,7 +40,8 @@ def resolve_run(runs_dir, run_id: str | None = DEFAULT_RUN) -> tuple[Path, str]:
         pool, where = ((on_default, "on the default cache settings") if on_default
                        else (rows, "(none is on the default cache settings)"))
         with_val = [r for r in pool if r["val_acc"] is not None]
-        chosen, hint = (with_val[0] if with_val else max(pool, key=lambda r: _started(r["run"]))), ""
+        chosen = with_val[0] if with_val else max(pool, key=lambda r: _started(r["run"]))
+        hint = ""
         why = (f"best validation accuracy among runs {where}" if with_val
                else f"no run has a validation accuracy: the latest run {where}")
     key = chosen["key"]
