@@ -10,6 +10,7 @@ from featcache.cli import (
     COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
     stopped, verbosity_options,
 )
+from featcache.extract.extractor import check_engine_options
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.runners import make_runner
 from featcache.process import setup_process
@@ -59,6 +60,8 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
     announce = None if quiet else functools.partial(click.echo, err=True)  # says what the slow first seconds do
     # the runner before anything slow: Ray missing is one line
     runner = make_runner(runner, ray_address, workers, verbose, announce)
+    if not verify:  # before the model may be loaded to learn its input size
+        check_engine_options(engine, selection["precision"])
     key, cache_dir, data_dir = key_to_extract(selection, announce)
     splits = SPLITS if split == "all" else (split,)
     if verify:
