@@ -4,14 +4,14 @@ class probabilities out."""
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, one_line_errors
+from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.serve.classifier import build_classifier
 from featcache.serve.export import FORMATS, QUANTIZE, export_run
 from featcache.serve.files import check_destination, save_model
 from featcache.serve.run import resolve_run
-from featcache.settings import DEFAULT_RUNS_DIR, check_image_size
+from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, check_image_size
 
 
 @click.command()
@@ -29,7 +29,9 @@ from featcache.settings import DEFAULT_RUNS_DIR, check_image_size
                    "(CIFAR: 32), else the network's input size.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--run", "run_id", type=TEXT, default=None,
-              help="Run id under --runs-dir. Default: best by validation, else latest.")
+              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
+                   "validation accuracy, among runs on the default cache settings if any is) "
+                   f"[default: {DEFAULT_RUN}].")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
@@ -45,7 +47,7 @@ def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
     if format_ == "saved_model":
         check_destination(out, force, folder=True)  # before the slow model load
     run_dir, why = resolve_run(runs_dir, run_id)
-    click.echo(f"using run {run_dir.name} ({why})", err=True)
+    click.echo(f"using run {run_dir.name} ({as_flags(why)})", err=True)
     if format_ != "saved_model":
         path = export_run(run_dir, out, format_, input_size, force, quantize)
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")

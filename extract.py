@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Stage 1: embed a dataset's images with a frozen TF Hub model once, into an HDF5 cache under cache/."""
 
+import functools
+
 import click
 
 from featcache.cache.layout import partial_path
 from featcache.cli import (
     COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
-    verbosity_options,
+    stopped, verbosity_options,
 )
+from featcache.extract.extractor import check_engine_options
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.runners import make_runner
 from featcache.process import setup_process
@@ -54,12 +57,16 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
         cache_dir = selection["cache_dir"]
         click.echo("\n".join(f"  {line}" for line in list_caches_lines(cache_dir)) or f"no caches in {cache_dir}")
         return
-    runner = make_runner(runner, ray_address, workers, verbose)  # before anything slow: Ray missing is one line
-    key, cache_dir, data_dir = key_to_extract(selection)
+    announce = None if quiet else functools.partial(click.echo, err=True)  # says what the slow first seconds do
+    # the runner before anything slow: Ray missing is one line
+    runner = make_runner(runner, ray_address, workers, verbose, announce)
+    if not verify:  # before the model may be loaded to learn its input size
+        check_engine_options(engine, selection["precision"])
+    key, cache_dir, data_dir = key_to_extract(selection, announce)
     splits = SPLITS if split == "all" else (split,)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
-    with runner:  # Ray's workers serve both splits
+    with runner:  # its loaded model (or Ray's workers) serves both splits
         for one_split in splits:
             try:
                 result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views,
@@ -69,8 +76,7 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
                 partial = partial_path(key.path(cache_dir, one_split))
                 kept = (f"the rows committed so far are kept in {partial}; rerun the same command to resume"
                         if partial.exists() else f"no {one_split} row was committed")
-                click.echo(f"Stopped ({str(exc) or 'Ctrl-C'}): {kept}", err=True)
-                raise SystemExit(130) from None
+                raise stopped(exc, kept) from None
             click.echo(result.summary(words=as_flags))
 
 

@@ -6,20 +6,23 @@ import sys
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, one_line_errors
+from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors
 from featcache.errors import UserError
+from featcache.extract.sources.folder import IMAGE_FORMATS
 from featcache.process import setup_process
 from featcache.serve.classifier import build_classifier
 from featcache.serve.images import decode_image, expand_paths
 from featcache.serve.run import resolve_run
 from featcache.serve.runtimes import open_exported
-from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
+from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=NonEmptyPath())
 @click.option("--run", "run_id", type=TEXT, default=None,
-              help="Run id under --runs-dir. Default: best by validation, else latest.")
+              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
+                   "validation accuracy, among runs on the default cache settings if any is) "
+                   f"[default: {DEFAULT_RUN}].")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
 @click.option("--model", "exported", type=NonEmptyPath(), default=None,
               help="Classify with an exported file instead of a run: a .tflite (LiteRT) or .onnx (ONNX Runtime) file, "
@@ -30,11 +33,11 @@ from featcache.settings import DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 @click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
 @one_line_errors
 def main(images, run_id, runs_dir, exported, top_k, as_json, verbose):
-    """Print the top classes of each image (PNG/JPEG/BMP/GIF, any size); folders are expanded."""
+    """Print the top classes of each image (PNG, JPEG, BMP, GIF, WebP, JPEG XL; any size); folders are expanded."""
     setup_process(verbose)
     paths = expand_paths(images)
     if not paths:
-        raise UserError(f"no PNG/JPEG/BMP/GIF files in {', '.join(images)}")
+        raise UserError(f"no {IMAGE_FORMATS} files in {', '.join(images)}")
     if exported:
         if run_id:
             raise UserError("--run and --model each choose the classifier; pass one")
@@ -44,7 +47,7 @@ def main(images, run_id, runs_dir, exported, top_k, as_json, verbose):
         probabilities = model.probabilities
     else:
         run_dir, why = resolve_run(runs_dir, run_id)
-        click.echo(f"using run {run_dir.name} ({why})", err=True)
+        click.echo(f"using run {run_dir.name} ({as_flags(why)})", err=True)
         classifier = build_classifier(run_dir)
         names, source = [n.decode() for n in classifier.class_names.numpy()], run_dir.name
 

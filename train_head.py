@@ -9,10 +9,11 @@ from click.core import ParameterSource
 
 from featcache.cache.read import views_present
 from featcache.cli import (
-    VIEWS_HELP, NonEmptyPath, as_flags, format_table, key_to_read, one_line_errors, parse_grid, selection_options,
-    verbosity_options,
+    VIEWS_HELP, NonEmptyPath, as_flags, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
+    selection_options, stopped, verbosity_options,
 )
 from featcache.errors import UserError
+from featcache.extract.sources import changed_since_cached
 from featcache.head.records import LEDGER_COLUMNS, ledger
 from featcache.head.runs import run_experiment, run_grid
 from featcache.head.tensorboard import backfill
@@ -87,6 +88,8 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
         return
     started = time.perf_counter()
     key, cache_dir, data_dir = key_to_read(options)  # takes the selection options out; the head's remain
+    for changed in changed_since_cached(key, cache_dir):
+        click.echo(f"warning: {cache_remedy(changed)}", err=True)
     config = HeadConfig(**options)
     config.check()
     served = config.for_cached_views(views_present(key, cache_dir))
@@ -105,18 +108,24 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
     log = (lambda _: None) if quiet else click.echo
     note = lambda message: click.echo(as_flags(message), err=True)  # noqa: E731
     tensorboard = dict(projector=projector or 0, data_dir=data_dir, note=note)
+    if grid and sweep:
+        raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
+    try:
+        if grid:
+            combinations = parse_grid(grid)
+            for overrides in combinations:
+                replace(config, **overrides).check()
+            rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log, **tensorboard)
+        else:
+            run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2", log=log,
+                                              **tensorboard)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "the run in progress was not recorded" + (" (those finished before it were)" if grid
+                                                                       else "")) from None
     if grid:
-        if sweep:
-            raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
-        combinations = parse_grid(grid)
-        for overrides in combinations:
-            replace(config, **overrides).check()
-        rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log, **tensorboard)
         click.echo(format_table(rows))
         click.echo(f"{len(rows)} runs recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
         return
-    run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2",
-                                      verbose=2 if verbose else 0, log=log, **tensorboard)
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
                f"({metrics['rows']} training rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:

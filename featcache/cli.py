@@ -12,7 +12,7 @@ import shlex
 
 import click
 
-from .cache.read import CacheUnusable, caches_present, list_caches
+from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError
 from .settings import (
     CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
@@ -27,10 +27,10 @@ VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
 
 def verbosity_options(func):
     """The same --quiet/--verbose pair on extract.py and train_head.py."""
-    func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines (and, in "
-                        "train_head.py, one line per epoch).")(func)
-    return click.option("--quiet", is_flag=True, help="No progress bar (extract.py) or per-run and L2-sweep lines "
-                        "(train_head.py); results, notes and errors still print.")(func)
+    func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")(func)
+    return click.option("--quiet", is_flag=True, help="No progress (extract.py: the loading lines and the bar; "
+                        "train_head.py: the epoch, L-BFGS, per-run and L2-sweep lines); results, notes and errors "
+                        "still print.")(func)
 
 
 class CliError(click.ClickException):
@@ -39,8 +39,18 @@ class CliError(click.ClickException):
     exit_code = click.UsageError.exit_code
 
 
+STOPPED_EXIT_CODE = 130  # the shell's code for a process ended by SIGINT
+
+
+def stopped(exc: KeyboardInterrupt, what: str = "") -> SystemExit:
+    """Ctrl-C, or SIGTERM (process.py), as every CLI meets it: one line on stderr, then exit code 130."""
+    click.echo(f"Stopped ({str(exc) or 'Ctrl-C'})" + (f": {what}" if what else ""), err=True)
+    return SystemExit(STOPPED_EXIT_CODE)
+
+
 def one_line_errors(func):
-    """Turn UserError into CliError, worded in flags, so bad input never shows a traceback."""
+    """Turn UserError into CliError, worded in flags, so bad input never shows a traceback; and Ctrl-C at any
+    moment into one line and exit code 130 (not click's "Aborted!" and 1)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -50,6 +60,8 @@ def one_line_errors(func):
             raise CliError(cache_remedy(exc)) from None
         except UserError as exc:
             raise CliError(as_flags(exc.template)) from None
+        except KeyboardInterrupt as exc:
+            raise stopped(exc) from None
 
     return wrapper
 
@@ -113,7 +125,7 @@ def existing_caches(present) -> list[str]:
 
 def list_caches_lines(cache_dir) -> list[str]:
     entries = list_caches(cache_dir)
-    unreadable = [f"{entry['path']}: not a readable featcache file ({entry['megabytes']:.0f} MB)"
+    unreadable = [f"{entry['path']}: not a readable featcache file ({size_label(entry['megabytes'])})"
                   for entry in entries if entry["key"] is None]
     return existing_caches(caches_present(cache_dir, entries)) + unreadable
 
@@ -183,12 +195,12 @@ def selection_options(func):
     return func
 
 
-def key_to_extract(options: dict):
+def key_to_extract(options: dict, announce=None):
     """The CacheKey the selection options (popped from `options`) name for stage 1, which may load the model to
-    learn its input size; and the cache and data folders."""
+    learn its input size (`announce` gets a line before it does); and the cache and data folders."""
     from .selection import select
 
-    return _selected(options, select)
+    return _selected(options, functools.partial(select, announce=announce))
 
 
 def key_to_read(options: dict):
@@ -207,7 +219,8 @@ def _selected(options: dict, select):
 
 
 def parse_grid(specs) -> list[dict]:
-    """`["hidden=0,1024", "lr=1e-3,1e-2"]` -> every combination as HeadConfig overrides, in order."""
+    """`["hidden=0,1024", "lr=1e-3,1e-2"]` -> every combination as HeadConfig overrides, in order. A NAME given
+    again adds its values to the same axis."""
     defaults, axes = HeadConfig(), {}
     for spec in specs:
         name, _, values = spec.partition("=")
@@ -217,9 +230,16 @@ def parse_grid(specs) -> list[dict]:
                             f"got {spec!r}")
         kind = HeadConfig.OPTIONAL.get(name) or type(getattr(defaults, name))
         try:
-            axes[name] = [_parse_value(kind, v.strip()) for v in values.split(",")]
+            parsed = [_parse_value(kind, v.strip()) for v in values.split(",")]
         except ValueError:
             raise UserError(f"--grid {name}: {values!r} are not {kind.__name__} values") from None
+        if name.endswith("_views") and len(parsed) > 1 and not any("+" in value for value in parsed):
+            option = name.replace("_", "-")
+            raise UserError(f"--grid {name}={values} is ambiguous: --{option} {values} is one run on these views, "
+                            f"but in --grid a comma separates runs and + joins views. One run on them all: --grid "
+                            f"{name}={values.replace(',', '+')}; a run per view: "
+                            + " ".join(f"--grid {name}={value}" for value in parsed))
+        axes[name] = axes.get(name, []) + [value for value in parsed if value not in axes.get(name, [])]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 

@@ -49,11 +49,11 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
 
 
-def select(cache_dir, **settings) -> CacheKey:
+def select(cache_dir, announce=None, **settings) -> CacheKey:
     """Stage 1's key: the model's own input size when its signature fixes one (loaded once, then recorded
-    under `<cache_dir>/models/`), else `image_size`, else the default."""
+    under `<cache_dir>/models/`; `announce` gets a line before that load), else `image_size`, else the default."""
     def size_of(key, asked):
-        return models.input_size(key.model, key.model_sha256, asked, DEFAULT_IMAGE_SIZE, cache_dir)
+        return models.input_size(key.model, key.model_sha256, asked, DEFAULT_IMAGE_SIZE, cache_dir, announce)
 
     return _key(size_of, **settings)
 

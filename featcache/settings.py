@@ -119,6 +119,8 @@ DEFAULT_TOP_K = 3  # classes predict.py shows per image
 # The most test rows a TensorBoard Projector sample takes: the Projector's t-SNE runs on at most 10,000 points, and a
 # sprite of 10,000 thumbnails of 32 px is 3,200 px square (the Projector takes up to 8,192).
 MAX_PROJECTOR_POINTS = 10_000
+RUN_CHOICES = ("latest", "best")  # which run predict and export serve when none is named
+DEFAULT_RUN = "latest"
 COMPUTES = ("auto", "f32", "bf16")
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -186,6 +187,101 @@ def test_extract_list_names_damaged_and_unreadable_cache_files(extracted, tmp_pa
     train.write_bytes(train.read_bytes()[:4000])
     lines = list_caches_lines(tmp_path / "cache")
     (line,) = [line for line in lines if "--image-size 48" in line]
-    assert line.endswith("test 40 rows damaged (its views attribute is missing or not a list of known views) 0 MB, "
-                         "views none"), line
-    assert f"{train}: not a readable featcache file (0 MB)" in lines
+    assert re.search(r"test 40 rows damaged \(its views attribute is missing or not a list of known views\) "
+                     r"[1-9]\d* kB, views none$", line), line  # a small cache's size is not "0 MB"
+    assert f"{train}: not a readable featcache file (4 kB)" in lines
+
+
+def test_a_size_reads_in_the_unit_that_suits_it():
+    from featcache.cache.read import size_label
+
+    assert [size_label(mb) for mb in (0.0004, 0.0451, 0.9996, 3.21, 412.4, 1600)] == [
+        "400 bytes", "45 kB", "1000 kB", "3.2 MB", "412 MB", "1.6 GB"]
+
+
+def test_train_head_prints_its_progress_per_epoch_and_quiet_silences_it(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--runs-dir", tmp_path / "runs",
+              "--epochs", "2"]
+    out = run_cli("train_head.py", *common)
+    assert out.returncode == 0, out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines()[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert "loss " in out.stdout.splitlines()[0]
+    quiet = run_cli("train_head.py", *common, "--quiet")
+    assert quiet.returncode == 0 and "epoch 1/2" not in quiet.stdout and quiet.stdout.startswith("test accuracy")
+    grid = run_cli("train_head.py", *common, "--grid", "hidden=0,8")
+    assert grid.returncode == 0 and "run 2/2: epoch 2/2: loss " in grid.stdout
+
+
+@pytest.mark.parametrize("args, kept", [
+    ([], "the run in progress was not recorded"),
+    (["--grid", "lr=1e-3,1e-2"], "the run in progress was not recorded (those finished before it were)"),
+])
+def test_ctrl_c_during_a_fit_stops_between_steps_with_one_line_and_exit_130(extracted, tiny_model, tmp_path,
+                                                                          monkeypatch, args, kept):
+    """Ctrl-C (here raised where Python gets control between two steps of the fit) ends train_head.py as it ends
+    extract.py: one line, exit code 130, no run folder left behind."""
+    from featcache.head import fit
+
+    cache, _ = extracted
+    calls, original = [], fit.Fitter.run_steps
+
+    def interrupted(self, *args):
+        calls.append(args[:3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(fit, "WORK_PER_CALL", 1.0)  # a step per call, as a wide hidden layer gets
+    monkeypatch.setattr(fit.Fitter, "run_steps", interrupted)
+    runs = tmp_path / "runs"
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                  "--runs-dir", runs, "--hidden", "8", "--epochs", "3", *args)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr == f"Stopped (Ctrl-C): {kept}\n"
+    assert calls == [(0, 0, 1), (0, 1, 2), (0, 2, 3)]
+    assert not list(runs.glob("*/*"))
+
+
+@pytest.mark.parametrize("script, patched", [
+    ("extract.py", "featcache.selection.select"),  # Ctrl-C while the cache key is resolved (the model loaded)
+    ("train_head.py", "featcache.selection.select_cached"),
+    ("predict.py", "resolve_run"),
+    ("export.py", "resolve_run"),
+])
+def test_ctrl_c_at_any_moment_of_any_cli_is_one_line_and_exit_130(monkeypatch, tmp_path, script, patched):
+    import conftest
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    if patched.startswith("featcache."):
+        monkeypatch.setattr(patched, interrupt)
+    else:
+        monkeypatch.setattr(conftest._script_module(script), patched, interrupt)
+    tmp_path.joinpath("a.png").write_bytes(b"")
+    args = {"predict.py": [tmp_path / "a.png"], "export.py": [tmp_path / "out"]}.get(script, [])
+    out = run_cli(script, *args, "--runs-dir" if script in ("predict.py", "export.py") else "--cache-dir", tmp_path)
+    assert (out.returncode, out.stderr, out.stdout) == (130, "Stopped (Ctrl-C)\n", "")
+
+
+def test_extract_all_loads_the_model_once_and_says_what_its_first_seconds_do(tiny_model, cifar_root, tmp_path,
+                                                                             monkeypatch):
+    from featcache.extract import extractor
+
+    builds, original = [], extractor.ExtractorSettings.build
+
+    def counted(self, *args, **kwargs):
+        builds.append(self.views)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(extractor.ExtractorSettings, "build", counted)
+    common = ["--data-dir", cifar_root, "--model", tiny_model, "--cache-dir", tmp_path / "cache", "--engine",
+              "tensorflow", "--limit", "30"]
+    out = run_cli("extract.py", *common)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("done: ") == 2 and builds == [("plain", "flip")]  # one load serves both splits
+    said = [line for line in out.stderr.splitlines() if line.startswith("loading model")]
+    assert said == [f"loading model {tiny_model} once to learn its input size ...", f"loading model {tiny_model} ..."]
+    quiet = run_cli("extract.py", *common, "--cache-dir", tmp_path / "other", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and len(builds) == 2

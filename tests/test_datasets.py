@@ -83,3 +83,21 @@ def test_a_model_folder_without_a_saved_model_is_one_line(tmp_path):
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(UserError, match="holds no SavedModel"):
         make_key(tmp_path / "empty_model", None, "bicubic")
+
+
+def test_a_failed_download_says_why(tmp_path, monkeypatch):
+    """Keras wraps a network error in a bare Exception; its cause reaches the message, not just "(Exception)"."""
+    import keras
+
+    def offline(*_args, **_kwargs):
+        raise Exception(f"URL fetch failure on {cifar.CIFAR10.url}: None -- [Errno -3] Temporary failure in name "
+                        "resolution")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv(cifar.CIFAR10.env, raising=False)
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(UserError) as caught:
+        cifar.resolve_source(None)
+    assert str(caught.value) == (f"could not download CIFAR-10 from {cifar.CIFAR10.url} ([Errno -3] Temporary "
+                                 "failure in name resolution); pass data_dir=PATH (or set CIFAR10_DATA_DIR) to read "
+                                 "a local copy")

@@ -51,14 +51,13 @@ def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
     assert run_cli("export.py", path, "--format", "onnx", "--runs-dir", base / "runs").returncode == 0
     for i in range(3):
         tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(images[i]))
-    tf.io.write_file(str(tmp_path / "big.png"), tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
     out = run_cli("predict.py", "--model", path, "--json", *[tmp_path / f"{i}.png" for i in range(3)],
-                  tmp_path / "big.png")
+                  tmp_path / "broken.png")
     assert out.returncode == 1  # one image failed
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     np.testing.assert_allclose([line["probabilities"] for line in lines[:3]], want[:3], atol=1e-4)
-    assert lines[3] == {"file": str(tmp_path / "big.png"),
-                        "error": "the image is 40x40, the exported model takes 32x32"}
+    assert lines[3]["file"] == str(tmp_path / "broken.png") and lines[3]["error"].startswith("cannot read image")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -206,3 +205,43 @@ def test_the_int8_correction_brings_the_int8_networks_embeddings_towards_the_f32
     fixed = head.get_layer("int8_correction")(q).numpy()
     raw_error, fixed_error = np.mean((q - y) ** 2), np.mean((fixed - y) ** 2)
     assert fixed_error < 0.9 * raw_error, (fixed_error, raw_error)  # a * int8 + b fits f32, not the other way round
+
+
+@pytest.mark.parametrize("fmt, input_size", [("onnx", None), ("tflite", None), ("onnx", 40)])
+def test_predict_with_an_exported_file_brings_photos_of_any_size_to_it_as_the_run_does(run, tmp_path, fmt,
+                                                                                       input_size):
+    """Photos of other sizes than the file's input (the CIFAR run's 32 px by default, or the network's 40) are
+    brought to it with the run's own resize, and get the top class predict.py gives on the run."""
+    import tensorflow as tf
+
+    base, run_dir, images, _ = run
+    path = tmp_path / f"model.{fmt}"
+    size = ["--input-size", input_size] if input_size else []
+    assert run_cli("export.py", path, "--format", fmt, *size, "--runs-dir", base / "runs").returncode == 0
+    photos, rng = [], np.random.default_rng(7)
+    for i, (height, width) in enumerate([(32, 32), (40, 40), (64, 64), (75, 50), (24, 36), (128, 96)] * 2):
+        coarse = rng.integers(0, 256, (1, 6, 6, 3)).astype(np.float32)  # smooth as photos are, unlike pixel noise
+        photo = tf.image.resize(coarse, (height, width), method="bicubic", antialias=True)
+        photos.append(tmp_path / f"photo{i}-{width}x{height}.png")
+        tf.io.write_file(str(photos[-1]), tf.io.encode_png(tf.cast(tf.clip_by_value(photo[0], 0, 255), tf.uint8)))
+    by_run = run_cli("predict.py", "--run", run_dir, "--json", *photos)
+    by_file = run_cli("predict.py", "--model", path, "--json", *photos)
+    assert by_run.returncode == 0 and by_file.returncode == 0, by_file.stderr
+    want, got = ([json.loads(line)["probabilities"] for line in out.stdout.splitlines()] for out in (by_run, by_file))
+    assert len(got) == 12 and np.argmax(got, 1).tolist() == np.argmax(want, 1).tolist()
+    side = input_size or 32
+    exact = [i for i, photo in enumerate(photos) if photo.name.endswith(f"-{side}x{side}.png")]
+    np.testing.assert_allclose(np.take(got, exact, 0), np.take(want, exact, 0), atol=1e-4)  # no resize before the file
+    np.testing.assert_allclose(got, want, atol=0.02)  # the others: resized twice, and the crop view cut after it
+
+
+def test_an_export_without_the_runs_preprocessing_refuses_other_sizes_saying_what_to_do():
+    from featcache.errors import UserError
+    from featcache.serve.runtimes import Exported
+
+    older = Exported("onnx", ("a", "b"), 32, lambda images: np.ones((len(images), 2)) / 2)
+    assert older.probabilities(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 2)
+    with pytest.raises(UserError) as caught:
+        older.probabilities(np.zeros((1, 40, 30, 3), np.uint8))
+    assert str(caught.value) == ("the image is 30x40, the exported model takes 32x32 (and records no resize to bring "
+                                 "images to it: export the run again)")

@@ -338,8 +338,8 @@ def test_an_image_beyond_the_pixel_limit_is_skipped_before_decoding(tmp_path):
     side = int(folder.MAX_IMAGE_PIXELS**0.5) + 1
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(side, side))
-    assert folder.decode_file(bomb) == (None, f"image too large ({side}x{side} pixels; at most "
-                                              f"{folder.MAX_IMAGE_PIXELS:,} are decoded)")
+    assert folder.decode_file(bomb) == (None, f"image too large (its header states more than "
+                                              f"{folder.MAX_IMAGE_PIXELS:,} pixels, the most decoded)")
     bomb.write_bytes(_png_header(side, 1))  # within the limit: the decoder itself says what is wrong
     assert folder.decode_file(bomb)[1].startswith("not a decodable image (")
 
@@ -420,3 +420,87 @@ def test_int8_calibration_decodes_only_the_sampled_files(tree, monkeypatch):
     wanted = {tree / reader.files[i] for i in set(rows) | set(other_rows)}
     assert set(decoded) == wanted and len(decoded) == len(wanted)
     assert [real_decode(tree / reader.files[i])[0].tobytes() for i in rows] == [image.tobytes() for image in small]
+
+
+def _webp(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="WEBP", lossless=True)
+    return out.getvalue()
+
+
+def test_webp_files_are_read_and_other_files_are_passed_over_by_name(tiny_model, tree, tmp_path):
+    """Every format the decoder reads is an image (WebP included, as predict.py reads it); the other files in the
+    class folders are counted and named in the summary instead of vanishing without a word."""
+    from featcache.serve.images import expand_paths
+
+    image = np.random.default_rng(4).integers(0, 255, (20, 28, 3), dtype=np.uint8)
+    (tree / "train" / "cat" / "photo.webp").write_bytes(_webp(image))
+    (tree / "train" / "cat" / "notes.txt").write_text("not an image")
+    (tree / "train" / "dog" / "clip.mp4").write_bytes(b"\0" * 8)
+    (tree / "train" / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden: ignored, as Keras ignores it
+    (tree / "test" / "emu" / "readme.md").write_text("# emus")
+    split = folder.FolderSplit(tree, "train")
+    assert "train/cat/photo.webp" in split.files and split.rows == 16
+    assert split.passed_over == ["train/cat/notes.txt", "train/dog/clip.mp4"]
+    np.testing.assert_array_equal(folder.decode_file(tree / "train" / "cat" / "photo.webp")[0], image)
+    assert tree / "train" / "cat" / "photo.webp" in expand_paths([tree / "train" / "cat"])
+    common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "32", "--views",
+              "plain", "--cache-dir", tmp_path / "cache", "--engine", "tensorflow", "--quiet"]
+    for attempt in ("done", "up to date"):
+        out = run_cli("extract.py", *common)
+        assert out.returncode == 0, out.stderr
+        train, test = out.stdout.split(f"{attempt}: ")[1:]
+        assert "16 rows" in train and "; 2 files passed over as not images" in train
+        assert train.splitlines()[1:] == ["  passed over train/cat/notes.txt: not an image file",
+                                          "  passed over train/dog/clip.mp4: not an image file"]
+        assert "1 file passed over as not images" in test and test.splitlines()[1:] == [
+            "  passed over test/emu/readme.md: not an image file"]
+
+
+def test_a_one_level_folders_other_files_are_each_named_in_one_split(tmp_path):
+    root = write_tree(tmp_path / "images", nested=False)
+    others = {f"{name}/notes{n}.txt" for name in CLASSES for n in range(6)}
+    for relative in others:
+        (root / relative).write_text("notes")
+    train, test = (folder.FolderSplit(root, split).passed_over for split in ("train", "test"))
+    assert set(train) | set(test) == others and not set(train) & set(test) and train and test
+
+
+def _os2_bmp(width: int, height: int) -> bytes:
+    """A 24-bit BMP with the OS/2 (BITMAPCOREHEADER) header: 12 bytes, width and height as 16-bit numbers."""
+    row = (width * 3 + 3) // 4 * 4
+    pixels = b"\x40" * row * height
+    header = b"BM" + (26 + len(pixels)).to_bytes(4, "little") + b"\0" * 4 + (26).to_bytes(4, "little")
+    core = (12).to_bytes(4, "little") + width.to_bytes(2, "little") + height.to_bytes(2, "little")
+    return header + core + (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + pixels
+
+
+def test_the_header_size_of_an_os2_bmp_is_read_right_and_the_image_is_not_refused_as_too_large(tmp_path):
+    assert folder.header_size(_os2_bmp(100, 50)) == (100, 50)
+    path = tmp_path / "os2.bmp"
+    path.write_bytes(_os2_bmp(100, 50))
+    assert not folder.decode_file(path)[1].startswith("image too large")
+
+
+def test_train_head_warns_when_the_folder_changed_since_its_cache_was_made(tiny_model, tree, tmp_path):
+    """As extract.py and --verify see a changed folder, train_head.py says so (a warning: it still trains on the
+    images cached then) and names the command that rebuilds the cache."""
+    common = ["--dataset", "folder", "--data-dir", tree, "--model", tiny_model, "--image-size", "32",
+              "--cache-dir", tmp_path / "cache"]
+    assert run_cli("extract.py", *common, "--views", "plain", "--engine", "tensorflow", "--quiet").returncode == 0
+    train = [*common, "--runs-dir", tmp_path / "runs", "--epochs", "1", "--quiet", "--train-views", "plain",
+             "--tta-views", "plain"]
+    out = run_cli("train_head.py", *train)
+    assert out.returncode == 0 and out.stderr == ""
+    (tree / "test" / "dog" / "new.png").write_bytes((tree / "test" / "dog" / "000.png").read_bytes())
+    out = run_cli("train_head.py", *train)
+    assert out.returncode == 0 and "test accuracy" in out.stdout
+    root = tree.resolve()
+    assert out.stderr.splitlines() == [
+        f"warning: {root} has changed since its test cache was made (files added, removed or modified); the head "
+        f"trains on the images cached then; rebuild it with python extract.py --split test --dataset folder "
+        f"--data-dir {root} --model {tiny_model} --image-size 32 --cache-dir {tmp_path / 'cache'} --force"]

@@ -87,7 +87,7 @@ def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
 
     seen = []
 
-    def fake_train(features, test, config, verbose=0, data=None):
+    def fake_train(features, test, config, log=None, data=None):
         assert test is None, "the sweep must never see test data"
         seen.append(config.l2)
         score = -abs(np.log10(config.l2) + 3.4)  # best near 4e-4
@@ -321,3 +321,49 @@ def test_a_head_too_large_for_memory_is_one_line_with_either_solver(monkeypatch,
     batch = ", batch_size 16" if solver == "adam" else ""
     assert str(caught.value) == (f"the head does not fit in memory (hidden 0{batch}, 100 rows); choose smaller ones; "
                                  "nothing was recorded")
+
+
+def test_a_wide_heads_epoch_runs_in_calls_of_few_steps_and_a_linear_heads_in_one():
+    """Python sees Ctrl-C only between graph calls: the README's hidden-layer recipe (batch 512, 1280 features, 2048
+    units) gets it every few steps, the default linear head (batch 2048, 10 classes, 49 steps) once an epoch."""
+    from featcache.head.fit import steps_per_call
+
+    assert steps_per_call(512, 1280, 2048) <= 3
+    assert steps_per_call(2048, 1280, 1024) == 1
+    assert steps_per_call(2048, 1280, 10) >= 49
+
+
+@pytest.mark.parametrize("hidden, dropout", [(0, 0.0), (64, 0.3)])
+def test_an_epoch_in_calls_of_one_step_gives_the_same_head_bit_for_bit(monkeypatch, hidden, dropout):
+    from featcache.head import fit
+
+    config = HeadConfig(epochs=3, batch_size=64, hidden=hidden, dropout=dropout, val_split=0.2, compute="f32")
+    whole = train(blobs(), None, config)
+    calls = []
+    original = fit.Fitter.run_steps
+
+    def counted(self, *args):
+        calls.append(args[:3])
+        return original(self, *args)
+
+    monkeypatch.setattr(fit, "WORK_PER_CALL", 1.0)
+    monkeypatch.setattr(fit.Fitter, "run_steps", counted)
+    stepped = train(blobs(), None, config)
+    assert calls[:3] == [(0, 0, 1), (0, 1, 2), (0, 2, 3)] and len(calls) == 3 * 15  # 960 rows / 64, three epochs
+    assert stepped.history == whole.history
+    for a, b in zip(stepped.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_a_fit_reports_its_progress_with_the_current_loss(solver):
+    lines = []
+    trained = train(blobs(n_per_class=40, dim=16, spread=4.0), None,
+                    HeadConfig(solver=solver, epochs=3, batch_size=64), log=lines.append)
+    if solver == "adam":
+        assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+        assert lines[-1].startswith(f"epoch 3/3: loss {trained.history['loss'][-1]:.4f}  accuracy ")
+    else:
+        every = [f"L-BFGS iteration {i}" for i in range(10, len(trained.history["loss"]) + 1, 10)]
+        assert [line.split(":")[0] for line in lines] == every and len(every) >= 2
+        assert lines[-1].startswith(f"{every[-1]}: loss {trained.history['loss'][len(every) * 10 - 1]:.4f}  ")

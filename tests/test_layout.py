@@ -59,6 +59,7 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
     present = CacheKey(resize="bilinear", limit=100)
     path = present.path(tmp_path, "train")
     path.parent.mkdir(parents=True)
+    from featcache.cache.read import size_label
     from featcache.cache.write import CacheWriter, locked
     import numpy as np
 
@@ -69,11 +70,13 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
     with pytest.raises(CacheUnusable) as caught:
         api.load_cache("train", cache_dir=tmp_path, limit=100)
     wanted = CacheKey(limit=100).path(tmp_path, "train")
-    assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: resize='bilinear' limit=100: "
-                                 "train 2 rows complete 0 MB, views plain")
+    size = size_label(path.stat().st_size / 1e6)  # a few kB
+    assert str(caught.value) == (f"no train cache at {wanted}; extract it. Caches present: resize='bilinear' "
+                                 f"limit=100: train 2 rows complete {size}, views plain")
     assert cli.cache_remedy(caught.value) == (
         f"no train cache at {wanted}; run: python extract.py --split all --limit 100 --cache-dir {tmp_path}. "
-        "Caches present (pass their options): --resize bilinear --limit 100: train 2 rows complete 0 MB, views plain")
+        "Caches present (pass their options): --resize bilinear --limit 100: "
+        f"train 2 rows complete {size}, views plain")
 
 
 def test_stage_2_finds_a_non_224_cache_with_the_hub_unreachable_and_no_model_record(cifar_root, tmp_path,

@@ -109,7 +109,8 @@ def test_a_folder_without_images_is_one_error_before_anything_loads(tmp_path):
     out = run_cli("predict.py", "--runs-dir", tmp_path / "no-runs-either", tmp_path / "empty")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
-    assert line == f"Error: no PNG/JPEG/BMP/GIF files in {tmp_path / 'empty'}"  # said before looking for a run
+    # said before looking for a run
+    assert line == f"Error: no PNG/JPEG/BMP/GIF/WebP/JPEG XL files in {tmp_path / 'empty'}"
 
 
 def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny_model, cifar_root, tmp_path):

@@ -43,18 +43,46 @@ def _record_on(runs, name, val, model, limit, head_file=True):
         (runs / name / "head.keras").write_bytes(b"")
 
 
-def test_default_run_is_the_best_on_the_default_cache_settings(tmp_path):
+def test_the_best_run_is_the_best_on_the_default_cache_settings(tmp_path):
     from featcache.serve.run import resolve_run
     from featcache.settings import DEFAULT_MODEL
 
     _record_on(tmp_path, "full", 0.85, DEFAULT_MODEL, 0)
     _record_on(tmp_path, "quick", 0.95, DEFAULT_MODEL, 1000)  # better validation, but a --limit run
     _record_on(tmp_path, "half-written", 0.99, DEFAULT_MODEL, 0, head_file=False)
-    run_dir, why = resolve_run(tmp_path, None)
+    run_dir, why = resolve_run(tmp_path, "best")
     assert run_dir.name == "full" and "default cache settings" in why
     (tmp_path / "full" / "head.keras").unlink()
-    run_dir, why = resolve_run(tmp_path, None)
+    run_dir, why = resolve_run(tmp_path, "best")
     assert run_dir.name == "quick" and "none is on the default" in why
+
+
+def test_the_default_run_is_the_latest_even_after_a_better_validated_one(tmp_path):
+    """A grid with a validation split, then the default head: predict and export serve the head trained last."""
+    from featcache.cli import as_flags
+    from featcache.serve.run import resolve_run
+    from featcache.settings import DEFAULT_MODEL
+
+    _record_on(tmp_path, "20260101-120000", 0.90, DEFAULT_MODEL, 0)
+    _record_on(tmp_path, "20260101-120000-1", 0.95, DEFAULT_MODEL, 0)
+    _record_on(tmp_path, "20260101-120000-2", None, DEFAULT_MODEL, 0)  # the default head, no validation split
+    _record_on(tmp_path, "20251231-235959", 0.99, DEFAULT_MODEL, 0)
+    for asked in (None, "latest"):
+        run_dir, why = resolve_run(tmp_path, asked)
+        assert run_dir.name == "20260101-120000-2"
+        assert as_flags(why) == ("the latest run; trained on cifar10 224px-bicubic; --run best takes the best "
+                                 "validated")
+    assert resolve_run(tmp_path, "best")[0].name == "20251231-235959"
+
+
+def test_an_unknown_run_points_to_the_list_of_runs(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "a.png").write_bytes(b"not read")
+    out = run_cli("predict.py", "--run", "nope", "--runs-dir", tmp_path / "runs", tmp_path / "a.png")
+    assert out.returncode == 2
+    assert out.stderr == (f"Error: no run 'nope' with a head.keras in {tmp_path / 'runs'}; the recorded runs are "
+                          f"listed by python train_head.py --list --runs-dir {tmp_path / 'runs'}\n")
 
 
 def test_a_damaged_run_record_is_skipped_with_one_warning(tmp_path):
@@ -134,3 +162,23 @@ def test_parse_grid_makes_every_combination_and_refuses_bad_specs():
     for bad, message in ((["width=1,2"], "NAME one of"), (["hidden=1.5"], "not int values"), (["lr="], "NAME=V1")):
         with pytest.raises(UserError, match=message):
             parse_grid(bad)
+
+
+def test_a_grid_of_views_spelt_as_a_view_list_is_refused_with_both_spellings():
+    """`--train-views plain,flip` is one run on two views; the same text in --grid would be two runs of one view."""
+    import pytest
+
+    from featcache.cli import parse_grid
+    from featcache.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        parse_grid(["train_views=plain,flip"])
+    assert str(caught.value) == (
+        "--grid train_views=plain,flip is ambiguous: --train-views plain,flip is one run on these views, but in "
+        "--grid a comma separates runs and + joins views. One run on them all: --grid train_views=plain+flip; "
+        "a run per view: --grid train_views=plain --grid train_views=flip")
+    assert parse_grid(["train_views=plain+flip"]) == [{"train_views": "plain+flip"}]
+    assert parse_grid(["train-views=plain", "train-views=flip", "hidden=0"]) == [
+        {"train_views": "plain", "hidden": 0}, {"train_views": "flip", "hidden": 0}]
+    assert parse_grid(["tta_views=plain,plain+flip"]) == [{"tta_views": "plain"}, {"tta_views": "plain+flip"}]
+    assert parse_grid(["lr=1e-3", "lr=1e-2,1e-3"]) == [{"lr": 1e-3}, {"lr": 1e-2}]

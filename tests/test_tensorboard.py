@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import run_cli, run_dirs
+from conftest import run_cli
 from featcache.cache.layout import CacheKey
 from featcache.cache.read import Features
 from featcache.settings import HeadConfig
@@ -171,7 +171,7 @@ def test_projector_sample_holds_test_embeddings_labels_and_cifar_thumbnails(smal
     notes = []
     config = HeadConfig(epochs=1, train_views="plain", tta_views="plain")
     run_dir, _ = run_experiment(key, base / "cache", tmp_path / "runs", config, projector=12, data_dir=cifar_root,
-                                note=notes.append, log=notes.append)
+                                note=notes.append, log=lambda _: None)
     folder = run_dir / "projector"
     lines = (folder / "labels.tsv").read_text().splitlines()
     assert lines[0] == "label\tpredicted\tcorrect\trow" and len(lines) == 13

@@ -299,6 +299,16 @@ def _marked(kwargs: dict) -> str:
     return " ".join(f"`{name}={value!r}`" for name, value in kwargs.items())
 
 
+def size_label(megabytes: float) -> str:
+    """A file's size as people read it: 512 bytes, 45 kB, 3.2 MB, 412 MB, 1.6 GB (a small cache is never '0 MB')."""
+    if megabytes < 1e-3:
+        return f"{megabytes * 1e6:.0f} bytes"
+    if megabytes < 1:
+        return f"{megabytes * 1e3:.0f} kB"
+    value, unit = (megabytes, "MB") if megabytes < 1e3 else (megabytes / 1e3, "GB")
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+
 def caches_present(cache_dir, entries: list[dict] | None = None) -> list[tuple[dict, str]]:
     """(the selection kwargs that differ from the defaults, its splits and their states) per cached settings;
     `entries`: list_caches(cache_dir) when the caller has it already."""
@@ -309,7 +319,7 @@ def caches_present(cache_dir, entries: list[dict] | None = None) -> list[tuple[d
         state = (f"damaged ({entry['problem']})" if "problem" in entry else "complete" if entry["complete"]
                  else f"partial {entry['rows_done']}/{entry['rows']}")
         groups.setdefault(entry["key"], []).append(
-            f"{entry['split']} {entry['rows']} rows {state} {entry['megabytes']:.0f} MB, "
+            f"{entry['split']} {entry['rows']} rows {state} {size_label(entry['megabytes'])}, "
             f"views {views_label(entry['views']) if entry['views'] else 'none'}")
     return sorted(((key.chosen(), "; ".join(splits)) for key, splits in groups.items()),
                   key=lambda item: repr(item[0]))

@@ -32,6 +32,8 @@ from . import models, quantize, sources
 from .extractor import ExtractorSettings, check_engine_options
 from .runners import LocalRunner
 
+PASSED_OVER_NAMED = 10  # files passed over as not images that a summary names; the others are counted
+
 
 @dataclass
 class ExtractResult:
@@ -44,6 +46,7 @@ class ExtractResult:
     engine: str = ""
     skipped: list = field(default_factory=list)  # (file, reason) of source files that gave no row
     report: list = field(default_factory=list)  # the runner's lines: per-worker throughput, rows per node
+    passed_over: list = field(default_factory=list)  # files of the source's folders that are not images
 
     @property
     def images_per_second(self) -> float:
@@ -51,16 +54,19 @@ class ExtractResult:
 
     def summary(self, words=in_python) -> str:
         """One line, then one line per skipped file; `words` words the parameters it names (errors.py)."""
-        count = len(self.skipped)
+        count, others = len(self.skipped), len(self.passed_over)
         skipped = f"; {count} unreadable file{'s' if count > 1 else ''} skipped" if count else ""
+        skipped += f"; {others} file{'s' if others > 1 else ''} passed over as not images" if others else ""
+        named = [f"  passed over {file}: not an image file" for file in self.passed_over[:PASSED_OVER_NAMED]]
+        named += [f"  ... and {others - PASSED_OVER_NAMED} more"] if others > PASSED_OVER_NAMED else []
         if self.up_to_date:
-            return words(f"up to date: {self.path} ({self.rows} rows{skipped}); 0 images processed, `force=True` "
-                         "rebuilds it")
+            return "\n".join([words(f"up to date: {self.path} ({self.rows} rows{skipped}); 0 images processed, "
+                                    "`force=True` rebuilds it")] + named)
         line = (f"done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s, {self.engine}; model load {self.load_seconds:.1f} s)"
                 f"{skipped} -> {self.path}")
         return "\n".join([line] + [f"  {text}" for text in self.report]
-                         + [f"  skipped {file}: {reason}" for file, reason in self.skipped])
+                         + [f"  skipped {file}: {reason}" for file, reason in self.skipped] + named)
 
 
 def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, views=DEFAULT_VIEWS,
@@ -83,7 +89,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if set(views) <= set(cached_views(base)):
             if removed := remove_unneeded_partial(path):
                 log(removed)
-            return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path))
+            return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path),
+                                 passed_over=getattr(reader, "passed_over", []))
         if engine == DEFAULT_ENGINE:
             engine = base["engine"]  # views are added by the engine that made the others
     if state.status == "bad" and not force:
@@ -136,7 +143,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         done = time.perf_counter()
         return ExtractResult(path, writer.rows, reader.rows - start, done - loaded, load_seconds=loaded - started,
                              engine=mapper.engine + ("" if key.precision == DEFAULT_PRECISION else f" {key.precision}"),
-                             skipped=listed, report=mapper.report())
+                             skipped=listed, report=mapper.report(), passed_over=getattr(reader, "passed_over", []))
 
 
 def _readable_views(path: Path) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The head's fit loop: one TensorFlow graph per epoch, Adam steps on contiguous slices of shuffled rows.
+"""The head's fit loop: TensorFlow graphs of Adam steps on contiguous slices of shuffled rows.
 
 It trains the Keras model's own weights (the saved head stays Keras) but not with Keras' fit:
 tests check it against Keras' fit step for step.
@@ -13,12 +13,21 @@ from ..settings import HeadConfig
 from .rows import TrainingData
 
 SCORE_EPSILON = 1e-7  # probabilities are clipped to [this, 1] for the log loss
+# Multiply-adds of the first layer's forward products in one call of the steps graph. An epoch runs in calls of as
+# many steps as fit in this, so that Python (Ctrl-C, SIGTERM) gets control a few times a second even with a wide
+# hidden layer, while a linear head's epoch stays one call.
+WORK_PER_CALL = 4e9
+
+
+def steps_per_call(batch: int, dim: int, units: int) -> int:
+    """Training steps per graph call for batches of `batch` rows of `dim` features into a first layer of `units`."""
+    return max(1, int(WORK_PER_CALL // (batch * dim * units)))
 
 
 class Fitter:
-    """The whole training loop in one TensorFlow graph per epoch: data resident as one tensor in a
-    seeded random row order, each step a contiguous slice of it (batches visited in a new order each
-    epoch), Adam steps, running loss and accuracy.
+    """The training loop in TensorFlow graphs: data resident as one tensor in a seeded random row order, each
+    step a contiguous slice of it (batches visited in a new order each epoch), Adam steps, running loss and
+    accuracy; an epoch is one graph call, or several of `per_call` steps each for a large head.
 
     Both were measured faster on the real default cache than Keras' fit loop and than gathering each
     batch from a per-epoch row permutation (docs/benchmarks.md, the fit loop). The model and the .keras
@@ -54,8 +63,14 @@ class Fitter:
         self.variables = model.trainable_variables
         self.moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in self.variables]
         self.iterations = tf.Variable(0, dtype=tf.int64)
+        self.per_call = steps_per_call(self.batch, int(data.x.shape[1]), self.first.units)
         # autograph=False: the loop is an explicit tf.while_loop; converting the Python took most of the tracing time
-        self.epoch = tf.function(self._epoch, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
+        scalar = {dtype: tf.TensorSpec([], dtype) for dtype in (tf.int32, tf.float32)}
+        self._steps = tf.function(self._steps_graph, input_signature=[scalar[tf.int32]] * 3 + [
+            scalar[tf.float32], scalar[tf.float32], scalar[tf.int32]], autograph=False)
+        self._untrained = tf.function(self._untrained_graph, autograph=False)
+        self._results = tf.function(self._results_graph, input_signature=[
+            scalar[tf.float32], scalar[tf.float32], scalar[tf.int32]], autograph=False)
 
     def _logits(self, x, training: bool):
         """The model up to its softmax on raw rows.
@@ -109,17 +124,33 @@ class Fitter:
                 beta2_power=self.BETA_2 ** t, lr=lr, beta1=self.BETA_1, beta2=self.BETA_2,
                 epsilon=self.EPSILON, grad=gradient)
 
-    def _epoch(self, number):
-        """One pass over the rows. The first epoch also returns ("before") the data cross-entropy of the
-        head as initialised, on an evenly spaced sample of the rows; later ones return NaN there."""
+    def epoch(self, number) -> dict:
+        """One pass over the rows: loss, accuracy, cross-entropy (and the validation scores). The first epoch
+        also returns ("before") the data cross-entropy of the head as initialised, on an evenly spaced sample of
+        the rows; later ones return NaN there."""
         import tensorflow as tf
 
-        def untrained():
-            sample = tf.range(0, self.n, max(1, self.n // 4096))
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                tf.gather(self.y, sample), self._logits(tf.gather(self.x, sample), training=False)))
+        number = int(number)
+        before = self._untrained() if number == 0 else tf.constant(np.nan, tf.float32)
+        sums = (tf.constant(0.0), tf.constant(0.0), tf.constant(0))
+        for first in range(0, self.steps, self.per_call):
+            sums = self.run_steps(number, first, min(first + self.per_call, self.steps), sums)
+        return {**self._results(*sums), "before": before}
 
-        before = tf.cond(number == 0, untrained, lambda: tf.constant(np.nan, tf.float32))
+    def run_steps(self, number: int, first: int, stop: int, sums: tuple) -> tuple:
+        """Steps `first` to `stop` (exclusive) of epoch `number`, in one graph call: the running sums updated."""
+        return self._steps(number, first, stop, *sums)
+
+    def _untrained_graph(self):
+        import tensorflow as tf
+
+        sample = tf.range(0, self.n, max(1, self.n // 4096))
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.gather(self.y, sample), self._logits(tf.gather(self.x, sample), training=False)))
+
+    def _steps_graph(self, number, first, stop, loss_sum, entropy_sum, correct):
+        import tensorflow as tf
+
         order = tf.argsort(tf.random.stateless_uniform([self.steps], seed=tf.stack([self.config.seed, number])))
         smoothing = self.config.label_smoothing
 
@@ -142,10 +173,14 @@ class Fitter:
                     entropy_sum + tf.reduce_sum(entropy), correct + tf.reduce_sum(tf.cast(hits, tf.int32)))
 
         _, loss_sum, entropy_sum, correct = tf.while_loop(
-            lambda index, *_: index < self.steps, step,
-            (tf.constant(0), tf.constant(0.0), tf.constant(0.0), tf.constant(0)))
+            lambda index, *_: index < stop, step, (first, loss_sum, entropy_sum, correct))
+        return loss_sum, entropy_sum, correct
+
+    def _results_graph(self, loss_sum, entropy_sum, correct):
+        import tensorflow as tf
+
         results = {"loss": loss_sum / self.n, "accuracy": tf.cast(correct, tf.float32) / self.n,
-                   "cross_entropy": entropy_sum / self.n, "before": before}
+                   "cross_entropy": entropy_sum / self.n}
         if self.val is not None:
             views, labels = self.val
             probs = tf.add_n([tf.nn.softmax(self._logits(view, training=False)) for view in views]) / len(views)

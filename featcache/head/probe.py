@@ -17,11 +17,13 @@ from .rows import TrainingData
 
 MAX_ITERATIONS = 1000  # L-BFGS iterations at most; the default CIFAR-10 cache's fits end after 150-210
 GRADIENT_TOLERANCE = 1e-5  # stop when every gradient component is below this (scipy's pgtol)
+PROGRESS_EVERY = 10  # iterations between progress lines
 
 
-def fit_lbfgs(model, config: HeadConfig, data: TrainingData, classes: int) -> tuple[dict, int, bool]:
+def fit_lbfgs(model, config: HeadConfig, data: TrainingData, classes: int, log=None) -> tuple[dict, int, bool]:
     """Fit `model`'s softmax layer (after its standardisation) to convergence: (history per iteration, iterations,
-    whether L-BFGS met its convergence test rather than its iteration limit)."""
+    whether L-BFGS met its convergence test rather than its iteration limit). `log`, when given, gets a line every
+    PROGRESS_EVERY iterations with the current loss."""
     import tensorflow as tf
     from scipy.optimize import minimize
 
@@ -53,6 +55,10 @@ def fit_lbfgs(model, config: HeadConfig, data: TrainingData, classes: int) -> tu
     def record(*_):
         for name in history:
             history[name].append(last[name])
+        done = len(history["loss"])
+        if log and done % PROGRESS_EVERY == 0:
+            log(f"L-BFGS iteration {done}: loss {last['loss']:.4f}  cross_entropy {last['cross_entropy']:.4f}  "
+                f"accuracy {last['accuracy']:.4f}")
 
     result = minimize(objective, np.zeros(size + classes), jac=True, method="L-BFGS-B", callback=record,
                       options={"maxiter": MAX_ITERATIONS, "gtol": GRADIENT_TOLERANCE})

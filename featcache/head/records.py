@@ -74,8 +74,10 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
             tensorboard.write_projector(run_dir, projector, test_labels[projector.rows],
                                         trained.test_probs[projector.rows].argmax(1), trained.class_names)
         write_json(run_dir / "metrics.json", trained.metrics)  # last: a run is listed only once it is whole
-    except OSError as exc:  # disk full, a folder made read-only meanwhile: no half-written run stays behind
+    except BaseException as exc:  # disk full, a folder made read-only meanwhile, Ctrl-C: no half-written run stays
         shutil.rmtree(run_dir, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
         raise UserError(f"recording the run in {run_dir} failed ({exc.strerror or first_line(exc)}); nothing was "
                         "recorded") from None
     except BaseException:  # Ctrl-C, or a bug: no half-written run either

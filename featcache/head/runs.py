@@ -45,8 +45,8 @@ def projector_sample(key: CacheKey, cache_dir, test: Features, config: HeadConfi
 
 
 def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
-                   verbose: int = 0, log=print, projector: int = 0, data_dir=None, note=None) -> tuple[Path, dict]:
-    """Train one head on the cached train split, score it on test, and record the run.
+                   log=print, projector: int = 0, data_dir=None, note=None) -> tuple[Path, dict]:
+    """Train one head on the cached train split, score it on test, and record the run; `log` gets the progress.
 
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
     refit on all training rows with it. `projector` > 0 adds a Projector sample of that many test rows
@@ -58,13 +58,11 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
               else None)
     sweep_table = best_row = None
     if sweep:
-        best, sweep_table = sweep_l2(train_features, config)
+        best, sweep_table = sweep_l2(train_features, config, log=log)
         best_row = next(row for row in sweep_table if row["l2"] == best)
-        for row in sweep_table:
-            log(f"l2 {row['l2']:<8g} val accuracy {row['val_accuracy']:.4f}")
         log(f"best l2 {best:g}; refitting on all training rows")
         config = replace(config, l2=best, val_split=0.0)
-    trained = train(train_features, test_features, config, verbose=verbose)
+    trained = train(train_features, test_features, config, log=log)
     if best_row:
         trained.metrics.update(sweep=sweep_table, val_accuracy=best_row["val_accuracy"],
                                val_loss=best_row["val_loss"])
@@ -87,7 +85,8 @@ def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[
     rows, data = [], None
     for overrides, one in zip(grid, configs):
         data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views
-        trained = train(train_features, test_features, one, data=data)
+        prefix = f"run {len(rows) + 1}/{len(grid)}: "
+        trained = train(train_features, test_features, one, log=lambda line: log(prefix + line), data=data)
         run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info, sample)
         rows.append({**overrides, "val_acc": trained.metrics.get("val_accuracy"),
                      "test_acc": trained.metrics["test_accuracy"], "fit_s": trained.metrics["fit_seconds"],

@@ -44,7 +44,7 @@ class TrainedHead:
     test_probs: np.ndarray | None = None
 
 
-def train(train_features: Features, test_features: Features | None, config: HeadConfig, verbose: int = 0,
+def train(train_features: Features, test_features: Features | None, config: HeadConfig, log=None,
           data: TrainingData | None = None) -> TrainedHead:
     """Fit the head (optionally holding out a validation split) and score it.
 
@@ -53,6 +53,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
 
     Validation accuracy per epoch (curves.png) and at the end (metrics.json) is computed the same
     way, averaged over the test-time views. `data` (see `training_data`) lets runs on the same rows share them.
+    `log`, when given, gets a progress line per epoch (or every few L-BFGS iterations) with the current loss.
     """
     import tensorflow as tf
 
@@ -63,13 +64,13 @@ def train(train_features: Features, test_features: Features | None, config: Head
     try:
         model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
         if solver == "lbfgs":
-            history, iterations, converged = fit_lbfgs(model, config, data, classes)
+            history, iterations, converged = fit_lbfgs(model, config, data, classes, log)
             if data.val is not None:
                 val = score(predict(model, data.val, config.tta_view_list), data.val.labels)
                 history.update(val_accuracy=[val["accuracy"]], val_loss=[val["loss"]])
         else:
             fitter = Fitter(model, config, data, classes)
-            history, untrained = _epochs(fitter, config, verbose)
+            history, untrained = _epochs(fitter, config, log)
             bf16 = fitter.bf16
     except tf.errors.ResourceExhaustedError:
         batch = f", `batch_size` {config.batch_for(len(data.y))}" if solver == "adam" else ""
@@ -98,7 +99,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
     return TrainedHead(model, history, fit_seconds, metrics, train_features.class_names, test_probs)
 
 
-def _epochs(fitter: Fitter, config: HeadConfig, verbose: int) -> tuple[dict, float]:
+def _epochs(fitter: Fitter, config: HeadConfig, log=None) -> tuple[dict, float]:
     """Run the epochs (stopping at a non-finite loss): the history, and the untrained head's cross-entropy."""
     import tensorflow as tf
 
@@ -110,8 +111,8 @@ def _epochs(fitter: Fitter, config: HeadConfig, verbose: int) -> tuple[dict, flo
             untrained = before
         for name, value in results.items():
             history.setdefault(name, []).append(value)
-        if verbose:
-            print(f"epoch {epoch + 1}/{config.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        if log:
+            log(f"epoch {epoch + 1}/{config.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
         if not np.isfinite(results["loss"]):
             break
     return history, untrained
@@ -136,17 +137,21 @@ def _refuse_divergence(history: dict, config: HeadConfig, classes: int, untraine
 SWEEP_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID) -> tuple[float, list[dict]]:
+def sweep_l2(train_features: Features, config: HeadConfig, grid=SWEEP_GRID, log=None) -> tuple[float, list[dict]]:
     """Pick the L2 strength on a validation split carved from train: a coarse log grid, then
-    half-decade steps around the best (Kornblith et al. / CLIP style). Test data is never seen."""
+    half-decade steps around the best (Kornblith et al. / CLIP style). Test data is never seen.
+    `log`: each fit's progress lines, then its result, as each strength is tried."""
     config = replace(config, val_split=config.val_split or SWEEP_VAL_SPLIT)
     data = training_data(train_features, config)
     tried: dict[float, dict] = {}
 
     def evaluate(l2):
         if l2 not in tried:
-            metrics = train(train_features, None, replace(config, l2=l2), data=data).metrics
+            fit_log = log and (lambda line: log(f"l2 {l2:g}: {line}"))
+            metrics = train(train_features, None, replace(config, l2=l2), log=fit_log, data=data).metrics
             tried[l2] = {"l2": l2, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics.get("val_loss")}
+            if log:
+                log(f"l2 {l2:<8g} val accuracy {metrics['val_accuracy']:.4f}")
 
     def best_l2():  # ties (common on small validation splits) go to the lower validation loss
         return max(tried, key=lambda l2: (tried[l2]["val_accuracy"], -tried[l2]["val_loss"]))

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from ..errors import UserError, first_line
+from .files import PREPROCESSING
 from .runtimes import require
 
 ONNX_OPSET = 17
@@ -80,8 +81,28 @@ def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
         raise UserError(f"the TFLite converter cannot convert this classifier: {first_line(exc)}") from None
 
 
-def to_onnx(frozen, class_names: tuple[str, ...], run: str) -> bytes:
-    """An ONNX model (opset ONNX_OPSET) with the class names in its metadata."""
+def preprocessing(key) -> str:
+    """The run's preprocessing (the cache key's crop, resize and size) as the PREPROCESSING metadata's JSON."""
+    return json.dumps({"resize": key.resize, "crop": key.crop, "image_size": key.image_size})
+
+
+def with_tflite_metadata(content: bytes, name: str, value: str) -> bytes:
+    """A LiteRT model with one more metadata entry (a named buffer, as the TFLite schema keeps metadata)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(value.encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = name, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def to_onnx(frozen, class_names: tuple[str, ...], run: str, preprocessed: str = "") -> bytes:
+    """An ONNX model (opset ONNX_OPSET) with the class names (and the run's `preprocessing`) in its metadata."""
     tf2onnx = require("tf2onnx", "format onnx")
     try:
         model, _ = tf2onnx.convert.from_graph_def(
@@ -90,7 +111,10 @@ def to_onnx(frozen, class_names: tuple[str, ...], run: str) -> bytes:
     except (ValueError, RuntimeError, NotImplementedError, TypeError, KeyError) as exc:  # what tf2onnx raises
         raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
     model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
-    for name, value in (("class_names", json.dumps(list(class_names))), ("featcache_run", run)):
+    for name, value in (("class_names", json.dumps(list(class_names))), ("featcache_run", run),
+                        (PREPROCESSING, preprocessed)):
+        if not value:
+            continue
         entry = model.metadata_props.add()
         entry.key, entry.value = name, value
     return model.SerializeToString()

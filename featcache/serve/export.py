@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from ..extract.quantize import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
-from .convert import portable_function, to_onnx, to_tflite
-from .files import SUFFIXES, check_destination, write_export
+from .convert import portable_function, preprocessing, to_onnx, to_tflite, with_tflite_metadata
+from .files import PREPROCESSING, SUFFIXES, check_destination, write_export
 from .int8 import CORRECTION_IMAGES, CORRECTION_SEED, int8_head, train_samples
 from .run import load_run
 from .runtimes import require
@@ -30,7 +30,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     parts = load_run(run_dir)
     size = input_size or default_input_size(parts.key)
     if format == "onnx":
-        content = to_onnx(portable_function(parts, size), parts.class_names, parts.run)
+        content = to_onnx(portable_function(parts, size), parts.class_names, parts.run, preprocessing(parts.key))
     elif quantize:
         count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))  # held in memory like calibration
         calibration, fit = train_samples(run_dir, parts.key, size,
@@ -39,6 +39,8 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         content = to_tflite(portable_function(dataclasses.replace(parts, head=head), size), calibration)
     else:
         content = to_tflite(portable_function(parts, size))
+    if format == "tflite":
+        content = with_tflite_metadata(content, PREPROCESSING, preprocessing(parts.key))
     write_export(path, content, parts.class_names)
     return path
 

@@ -11,6 +11,9 @@ from pathlib import Path
 from ..errors import UserError, first_line
 
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
+# The metadata entry (an ONNX metadata property, a LiteRT metadata buffer) that records the run's preprocessing as
+# JSON ({"resize", "crop", "image_size"}), so that a reader can bring images of any size to the file's input size.
+PREPROCESSING = "featcache_preprocessing"
 
 
 def check_destination(path, force: bool, folder: bool) -> Path:

@@ -11,7 +11,8 @@ from ..extract.sources.folder import decode_file, is_image_name
 
 
 def decode_image(path: Path) -> np.ndarray:
-    """PNG/JPEG/BMP/GIF of any size and mode (gray, RGB, RGBA) -> uint8 [H, W, 3], decoded as extraction does."""
+    """An image file of any format extraction reads (folder.IMAGE_FORMATS), size and mode (gray, RGB, RGBA) ->
+    uint8 [H, W, 3], decoded as extraction does."""
     image, reason = decode_file(Path(path))
     if image is None:
         raise UserError(f"cannot read image ({reason})")

@@ -10,35 +10,42 @@ from ..cache.layout import CacheKey
 from ..errors import UserError, first_line
 from ..extract.models import call_kwargs, identity, load_model
 from ..head.records import ledger, read_config
-from ..settings import DEFAULT_PRECISION, parse_views
+from ..settings import DEFAULT_PRECISION, DEFAULT_RUN, RUN_CHOICES, parse_views
 
 
-def resolve_run(runs_dir, run_id: str | None) -> tuple[Path, str]:
-    """(run folder, why it was chosen): the named run, or else among the runs on the default cache
-    settings (all runs if none is) the best by validation accuracy, or else the latest.
+def resolve_run(runs_dir, run_id: str | None = DEFAULT_RUN) -> tuple[Path, str]:
+    """(run folder, why it was chosen): the run named (an id under `runs_dir`, or a folder); 'latest' (the
+    default): the run recorded last; 'best': among the runs on the default cache settings (all runs if none
+    is) the best by validation accuracy, or else the latest.
 
-    A quick run on a 1,000-image limit with a validation split thus never outranks the full default run.
+    'best' thus never takes a quick run on a 1,000-image limit over the full default run.
     `why` also names the dataset and cache the run was trained on.
     """
     runs_dir = Path(runs_dir)
-    if run_id:
+    run_id = run_id or DEFAULT_RUN
+    if run_id not in RUN_CHOICES:
         run_dir = runs_dir / run_id if not Path(run_id).is_dir() else Path(run_id)
         if not (run_dir / "head.keras").exists():
-            raise UserError(f"no run {run_id!r} with a head.keras in {runs_dir}")
+            raise UserError(f"no run {run_id!r} with a head.keras in {runs_dir}; the recorded runs are listed by "
+                            f"python train_head.py `list=True` `runs_dir={runs_dir}`")
         return run_dir, "as asked"
     rows = [r for r in ledger(runs_dir) if (runs_dir / r["run"] / "head.keras").exists()]
     if not rows:
         raise UserError(f"no runs in {runs_dir}; train one with: python train_head.py")
-    on_default = [r for r in rows if r["key"] == CacheKey()]
-    pool, where = ((on_default, "on the default cache settings") if on_default
-                   else (rows, "(none is on the default cache settings)"))
-    with_val = [r for r in pool if r["val_acc"] is not None]
-    if with_val:
-        chosen, why = with_val[0], f"best validation accuracy among runs {where}"
+    if run_id == "latest":
+        chosen = max(rows, key=lambda r: _started(r["run"]))
+        why, hint = "the latest run", "; `run='best'` takes the best validated" if len(rows) > 1 else ""
     else:
-        chosen, why = max(pool, key=lambda r: _started(r["run"])), f"latest run {where}"
+        on_default = [r for r in rows if r["key"] == CacheKey()]
+        pool, where = ((on_default, "on the default cache settings") if on_default
+                       else (rows, "(none is on the default cache settings)"))
+        with_val = [r for r in pool if r["val_acc"] is not None]
+        chosen = with_val[0] if with_val else max(pool, key=lambda r: _started(r["run"]))
+        hint = ""
+        why = (f"best validation accuracy among runs {where}" if with_val
+               else f"no run has a validation accuracy: the latest run {where}")
     key = chosen["key"]
-    return runs_dir / chosen["run"], f"{why}; trained on {key.dataset_name()} {key.settings_name()}"
+    return runs_dir / chosen["run"], f"{why}; trained on {key.dataset_name()} {key.settings_name()}{hint}"
 
 
 def _started(run: str) -> tuple:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from .files import SUFFIXES, labels_path
+from .files import PREPROCESSING, SUFFIXES, labels_path
 
 INSTALL_HINT = "pip install -r requirements-deploy.txt"
 
@@ -28,18 +28,33 @@ def require(module: str, what: str):
 
 @dataclass
 class Exported:
-    """An exported classifier read back with its own runtime: `probabilities(uint8 [N, H, W, 3])`."""
+    """An exported classifier read back with its own runtime: `probabilities(uint8 [N, H, W, 3])`.
+
+    A file of one input size gets images of any other size brought to it by the run's own preprocessing, which
+    the file records (files.PREPROCESSING): its center crop, if any, then its resize."""
 
     format: str
     class_names: tuple[str, ...]
     input_size: int | None  # None: any size
     run: object
+    preprocessing: dict | None = None  # the run's {"resize", "crop", "image_size"}; None: a file that has none
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         if self.input_size is not None and images.shape[1:3] != (self.input_size, self.input_size):
-            raise UserError(f"the image is {images.shape[2]}x{images.shape[1]}, the exported model takes "
-                            f"{self.input_size}x{self.input_size}")
+            if not self.preprocessing:
+                raise UserError(f"the image is {images.shape[2]}x{images.shape[1]}, the exported model takes "
+                                f"{self.input_size}x{self.input_size} (and records no resize to bring images to it: "
+                                "export the run again)")
+            images = fitted(images, self.input_size, self.preprocessing["resize"], self.preprocessing["crop"])
         return self.run(images)
+
+
+def fitted(images: np.ndarray, size: int, resize: str, crop: str) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> uint8 [N, size, size, 3] as the run preprocesses them (its center crop, if
+    any, then its resize method), rounded back to whole pixel values."""
+    from ..extract.preprocess import preprocess
+
+    return np.round(preprocess(images, size, resize, crop).numpy() * 255).astype(np.uint8)
 
 
 def open_exported(path) -> Exported:
@@ -88,7 +103,19 @@ def _open_tflite(path: Path) -> Exported:
     if not labels_path(path).exists():
         raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
     names = tuple(labels_path(path).read_text().splitlines())
-    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter))
+    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), _tflite_preprocessing(path))
+
+
+def _tflite_preprocessing(path: Path) -> dict | None:
+    """The PREPROCESSING metadata a .tflite file holds, or None."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(path.read_bytes(), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == PREPROCESSING.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
 
 
 def litert_call(interpreter):
@@ -111,7 +138,9 @@ def litert_call(interpreter):
 def _open_onnx(path: Path) -> Exported:
     ort = require("onnxruntime", "an .onnx model")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = tuple(json.loads(session.get_modelmeta().custom_metadata_map["class_names"]))
+    metadata = session.get_modelmeta().custom_metadata_map
+    names = tuple(json.loads(metadata["class_names"]))
     size = session.get_inputs()[0].shape[1]
+    preprocessing = json.loads(metadata[PREPROCESSING]) if PREPROCESSING in metadata else None
     return Exported("onnx", names, size if isinstance(size, int) else None,
-                    lambda images: session.run(["probabilities"], {"images": images})[0])
+                    lambda images: session.run(["probabilities"], {"images": images})[0], preprocessing)

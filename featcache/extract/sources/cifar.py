@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ...errors import UserError
+from ...errors import UserError, first_line
 from .base import Chunk, check_split
 
 
@@ -123,10 +123,18 @@ def _keras_cached_copy(layout: Layout) -> Path:
         if type(exc) is not Exception and not isinstance(exc, (OSError, tarfile.TarError, EOFError, zlib.error)):
             raise
         raise UserError(
-            f"could not download {layout.title} from {layout.url} ({type(exc).__name__}); "
+            f"could not download {layout.title} from {layout.url} ({_cause(exc)}); "
             f"pass `data_dir=PATH` (or set {layout.env}) to read a local copy"
         ) from None
     return resolve_source(path, layout)
+
+
+def _cause(exc: BaseException) -> str:
+    """Why a download failed, in one line: Keras wraps the network's error in a bare Exception ("URL fetch failure
+    on ...: None -- [Errno -3] Temporary failure in name resolution"), whose last part says it."""
+    text = first_line(exc).rsplit(" -- ", 1)[-1] if str(exc).strip() else ""
+    kind = "" if type(exc) is Exception else type(exc).__name__
+    return ": ".join(filter(None, [kind, text])) or type(exc).__name__
 
 
 def class_names(source: Path, layout: Layout = CIFAR10) -> tuple[str, ...]:

@@ -1,17 +1,17 @@
 """Class-folder source: `ROOT/<class>/<images>` (or `ROOT/train/<class>/...` and `ROOT/test/<class>/...`).
 
-Read the way `keras.utils.image_dataset_from_directory` reads such a tree: class names are
-the sorted subfolder names, files are found recursively, hidden files and names without an
-image suffix are ignored, and images are decoded with `tf.io.decode_image` (JPEG, PNG, BMP,
-GIF's first frame; gray and RGBA become RGB). With one level only, a file goes to the test
-split when a seeded hash of its path falls below `test_fraction`: adding a file never moves
-the others between splits.
+Read much as `keras.utils.image_dataset_from_directory` reads such a tree: class names are the sorted
+subfolder names, files are found recursively, hidden files are ignored, and images are decoded with
+`tf.io.decode_image` (JPEG, PNG, BMP, GIF's first frame, WebP, JPEG XL: every format it reads, where Keras
+takes the first four; gray and RGBA become RGB). Other files in the class folders are passed over and named
+(`passed_over`). With one level only, a file goes to the test split when a seeded hash of its path falls
+below `test_fraction`: adding a file never moves the others between splits.
 
 Decoding happens chunk by chunk (never a whole split in memory), and a chunk ends early once its
 decoded images reach MAX_CHUNK_BYTES (large photos). A file that cannot be decoded
-(random bytes, truncated, empty, unreadable, more than MAX_IMAGE_PIXELS by its header: a
-decompression bomb) is skipped and reported with its reason; `strict` makes the first one an
-error instead. The fingerprint is built from
+(random bytes, truncated, empty, unreadable, more than MAX_IMAGE_PIXELS by its header, which Pillow reads
+without the pixels: a decompression bomb) is skipped and reported with its reason; `strict` makes the first one
+an error instead. The fingerprint is built from
 paths, sizes and modification times (one stat per file, no decoding), so confirming that a
 60,000-image cache is up to date takes well under a second of it.
 """
@@ -21,9 +21,10 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import io
 import os
 import re
-import struct
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +35,8 @@ from ...errors import UserError
 from ...settings import DEFAULT_TEST_FRACTION
 from .base import Chunk, check_split
 
-IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # Keras' ALLOWLIST_FORMATS
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".jxl", ".png", ".webp")  # what tf.io.decode_image reads
+IMAGE_FORMATS = "PNG/JPEG/BMP/GIF/WebP/JPEG XL"
 SPLIT_SEED = 0
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
 # An image whose header claims more pixels is skipped unread: Pillow's decompression-bomb error threshold (twice the
@@ -89,7 +91,7 @@ class FolderSplit:
         self.root, self.split, self.strict = check_root(root), split, strict
         self.nested = is_nested(self.root)
         self.test_fraction = split_fraction(self.root, test_fraction)
-        self.class_names, files, labels = self._scan()
+        self.class_names, files, labels, self.passed_over = self._scan()
         if limit:  # a seeded subset in the same order, so it spans the classes
             keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(files))[:limit])
             files, labels = [files[i] for i in keep], labels[keep]
@@ -103,8 +105,9 @@ class FolderSplit:
     def rows(self) -> int:
         return len(self.files)
 
-    def _scan(self) -> tuple[tuple[str, ...], list[str], np.ndarray]:
-        """Class names, then each image file (relative to the root) and its label, in sorted order."""
+    def _scan(self) -> tuple[tuple[str, ...], list[str], np.ndarray, list[str]]:
+        """Class names, then each image file (relative to the root) and its label, in sorted order, and the other
+        files of the split's class folders (passed over as not images)."""
         base = self.root / self.split if self.nested else self.root
         names = _class_folders(base)
         if len(names) < 2:
@@ -116,9 +119,9 @@ class FolderSplit:
                 differ = sorted(set(names) ^ set(other))
                 raise UserError(f"{self.root}/train and {self.root}/test must hold the same class folders; "
                                 f"they differ in {', '.join(differ[:5])}")
-        files, labels = [], []
+        files, labels, passed_over = [], [], []
         for label, name in enumerate(names):
-            found = _image_files(base / name)
+            found, others = _files(base / name)
             if not found:
                 raise UserError(f"class folder {base / name} has no images ({' '.join(IMAGE_SUFFIXES)})")
             for path in found:
@@ -126,7 +129,9 @@ class FolderSplit:
                 if self.nested or self._in_split(relative):
                     files.append(relative)
                     labels.append(label)
-        return tuple(names), files, np.asarray(labels, np.int64)
+            passed_over += [relative for relative in (path.relative_to(self.root).as_posix() for path in others)
+                            if self.nested or self._in_split(relative)]
+        return tuple(names), files, np.asarray(labels, np.int64), passed_over
 
     def _in_split(self, relative: str) -> bool:
         digest = hashlib.sha1(f"{SPLIT_SEED}:{relative}".encode()).digest()
@@ -206,8 +211,8 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
         return None, f"unreadable file ({exc.strerror or exc})"
     if not data:
         return None, "empty file (0 bytes)"
-    if (size := header_size(data)) and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        return None, f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
+    if too_large := _too_large(data):
+        return None, too_large
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
     except (tf.errors.OpError, ValueError) as exc:
@@ -218,24 +223,32 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
     return image, ""
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as a PNG, GIF, BMP or JPEG file's header states it, without decoding; None if unknown."""
-    import tensorflow as tf
+def _too_large(data: bytes) -> str:
+    """Why an image is not decoded for its size (more than MAX_IMAGE_PIXELS by its header), or ''."""
+    from PIL import Image
 
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        return struct.unpack("<HH", data[6:10])
-    if data[:2] == b"BM" and len(data) >= 26:
-        width, height = struct.unpack("<ii", data[18:26])
-        return abs(width), abs(height)  # a negative height means rows stored top-down
-    if data[:3] == b"\xff\xd8\xff":
-        try:
-            height, width, _ = tf.image.extract_jpeg_shape(data).numpy()
-        except (tf.errors.OpError, ValueError):
-            return None  # the decoder says what is wrong with it
-        return int(width), int(height)
-    return None
+    try:
+        size = header_size(data)
+    except Image.DecompressionBombError:  # Pillow's own limit, which MAX_IMAGE_PIXELS is
+        return f"image too large (its header states more than {MAX_IMAGE_PIXELS:,} pixels, the most decoded)"
+    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
+    return ""
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the file's header states it, read by Pillow without decoding the pixels; None when Pillow
+    cannot read the header (the decoder then says what is wrong). Beyond Pillow's decompression-bomb limit it
+    raises PIL.Image.DecompressionBombError."""
+    from PIL import Image
+
+    # Pillow warns of images between half its limit and its limit; they are decoded here as any other.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, EOFError):  # UnidentifiedImageError is an OSError
+        return None
 
 
 def _class_folders(base: Path) -> list[str]:
@@ -247,10 +260,11 @@ def _class_folders(base: Path) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively and sorted, without hidden files or folders."""
-    found = []
+def _files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under `folder`, recursively and sorted, and the other files; hidden files and folders neither."""
+    images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if is_image_name(f)]
-    return found
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            (images if is_image_name(name) else others).append(Path(dirpath) / name)
+    return images, others
