@@ -161,13 +161,18 @@ class FolderSplit:
     def labels_of(self, items: np.ndarray) -> np.ndarray:
         return self.labels[items]
 
-    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
-        """Chunks of up to `chunk_size` files from item `start` (fewer once the decoded images reach
+    def units(self) -> list[int]:
+        """Files per class folder, in item order: a folder has no shards of its own, its classes are contiguous."""
+        return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Chunks of up to `chunk_size` files of items [start, stop) (fewer once the decoded images reach
         MAX_CHUNK_BYTES); a chunk's unreadable files are in `skipped`. DECODE_THREADS files are decoded ahead."""
+        stop = self.rows if stop is None else min(stop, self.rows)
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
             lo = start
-            while lo < self.rows:
-                end, images, kept, skipped, size = min(lo + chunk_size, self.rows), [], [], [], 0
+            while lo < stop:
+                end, images, kept, skipped, size = min(lo + chunk_size, stop), [], [], [], 0
                 ahead = collections.deque(pool.submit(self.decode, i) for i in range(lo, min(lo + DECODE_THREADS, end)))
                 item = lo
                 while item < end and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
@@ -198,12 +203,18 @@ class FolderSplit:
 
 
 def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
-    import tensorflow as tf
-
     try:
         data = path.read_bytes()
     except OSError as exc:
         return None, f"unreadable file ({exc.strerror or exc})"
+    return decode_bytes(data)
+
+
+def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
+    """An image file's bytes as (uint8 [H, W, 3], "") or (None, why they cannot be read): every source of encoded
+    images (folders, tar shards, Parquet) decodes through here, under the same limits."""
+    import tensorflow as tf
+
     if not data:
         return None, "empty file (0 bytes)"
     if (size := header_size(data)) and size[0] * size[1] > MAX_IMAGE_PIXELS:
@@ -219,7 +230,7 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as a PNG, GIF, BMP or JPEG file's header states it, without decoding; None if unknown."""
+    """(width, height) as a PNG, GIF, BMP, WebP or JPEG file's header states it, without decoding; None if unknown."""
     import tensorflow as tf
 
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
@@ -229,12 +240,28 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] == b"BM" and len(data) >= 26:
         width, height = struct.unpack("<ii", data[18:26])
         return abs(width), abs(height)  # a negative height means rows stored top-down
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        return _webp_size(data)
     if data[:3] == b"\xff\xd8\xff":
         try:
             height, width, _ = tf.image.extract_jpeg_shape(data).numpy()
         except (tf.errors.OpError, ValueError):
             return None  # the decoder says what is wrong with it
         return int(width), int(height)
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """A WebP file's canvas (VP8X), lossless (VP8L) or lossy (VP8) frame size."""
+    kind = data[12:16]
+    if kind == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if kind == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
     return None
 
 
