@@ -131,3 +131,14 @@ def test_folder_tree_writes_cifar_as_folders_and_compares_their_caches(tiny_mode
     assert "40 folder rows, 40 pickle rows" in out and "labels agree: True" in out
     diffs = [float(v) for v in re.findall(r"max abs diff (\S+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-5  # PNG is lossless: the same pixels, the same vectors
+
+
+def test_formats_check_writes_three_trees_whose_caches_agree(tiny_model, cifar_root, tmp_path):
+    out = bench("formats_check", "--data-dir", cifar_root, "--out", tmp_path, "--train", 120, "--test", 40,
+                "--model", tiny_model, "--image-size", 40, "--epochs", 2)
+    assert "test: 40 images as PNG class folders, 4 tars, 2 Parquet files" in out
+    rows = table_rows(out)
+    assert [row[:2] for row in rows] == [["train", "folder vs webdataset"], ["train", "folder vs parquet"],
+                                         ["test", "folder vs webdataset"], ["test", "folder vs parquet"]]
+    assert all(row[2] in ("120 / 120", "40 / 40") and row[3] == "True" and row[4].startswith("2 of 2") for row in rows)
+    assert "same: True" in out

@@ -143,3 +143,278 @@ def test_the_same_pictures_give_bit_identical_rows_as_folders_tars_and_parquet(t
     assert sorted(by_picture) == list(range(9))
     for got, want in zip(rows["folder"], rows["webdataset"]):
         np.testing.assert_array_equal(got, want[by_picture])
+
+
+# --- WebDataset tar shards ----------------------------------------------------------------------------------------
+
+
+def test_tar_samples_are_grouped_by_key_and_read_in_order_as_the_folder_decoder_reads_them(tmp_path):
+    files, labels = _pictures(7)
+    write_tars(tmp_path, "train", files, labels, shards=3, label_kind="json")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nemu\n")
+    split = webdataset.TarSplit(tmp_path, "train")
+    assert split.class_names == CLASSES and split.rows == 7 and split.labels.tolist() == labels
+    assert split.units() == [2, 2, 3] and split.files[2] == "train-000001.tar:000002.png"
+    chunks = list(split.chunks(3, start=1, stop=6))
+    assert [c.items.tolist() for c in chunks] == [[1, 2, 3], [4, 5]] and [c.stop for c in chunks] == [4, 6]
+    for chunk in chunks:
+        for image, item in zip(chunk.images, chunk.items):
+            np.testing.assert_array_equal(image, folder.decode_bytes(files[item])[0])
+        assert chunk.labels.tolist() == [labels[i] for i in chunk.items]
+    assert split.image_shape == (24, 24)
+    limited = webdataset.TarSplit(tmp_path, "train", limit=4)
+    assert limited.rows == 4 and sum(limited.units()) == 4 and set(limited.files) < set(split.files)
+    assert limited.files == sorted(limited.files)  # a sample of the samples, in their order
+
+
+def test_without_classes_txt_the_classes_are_the_label_numbers_of_both_splits(tmp_path):
+    files, _ = _pictures(4)
+    write_tars(tmp_path / "train", "train", files, [0, 1, 1, 0], shards=1)  # in D/train/: any name
+    write_tars(tmp_path / "test", "shard", files[:2], [3, 0], shards=1)
+    train, test = webdataset.TarSplit(tmp_path, "train"), webdataset.TarSplit(tmp_path, "test")
+    assert train.class_names == test.class_names == ("0", "1", "2", "3")
+    assert train.files[0] == "train/train-000000.tar:000000.png"
+
+
+def _one_tar(root, members, split="train"):
+    """ROOT/<split>-000000.tar holding (name, bytes) members, and a good test split beside it."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / f"{split}-000000.tar", "w") as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return root / f"{split}-000000.tar"
+
+
+def _cut(path, at):
+    path.write_bytes(path.read_bytes()[:at])
+
+
+def _good_members(n=3):
+    files, labels = _pictures(n)
+    return [m for i in range(n) for m in ((f"{i:06d}.png", files[i]), (f"{i:06d}.cls", str(labels[i]).encode()))]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: _cut(_one_tar(root, _good_members()), 1000), r"train-000000.tar is truncated: member 000000.png"),
+    (lambda root: _cut(_one_tar(root, _good_members()), 2560), r"train-000000.tar is truncated: no end-of-archive"),
+    (lambda root: _one_tar(root, _good_members()[:-1]), r"train-000000.tar: 000002.png has no label \(000002.cls"),
+    (lambda root: _one_tar(root, _good_members() + [("000009.cls", b"1")]),
+     r"train-000000.tar: sample 000009 has no image .*only its label: 000009.cls"),
+    (lambda root: _one_tar(root, _good_members() + [("000009.png", b"x"), ("000009.cls", b"3")]),
+     r"train-000000.tar: 000009.png's label 3 is outside the 3 classes of .*classes.txt"),
+    (lambda root: _one_tar(root, _good_members() + [("000009.png", b"x"), ("000009.cls", b"cat")]),
+     r"train-000000.tar: 000009.cls: label 'cat' is not a class number"),
+    (lambda root: _one_tar(root, _good_members() + [("000009.png", b"x"), ("000009.json", b"{\"label\": -1}")]),
+     r"train-000000.tar: 000009.json: label '-1' is not a class number"),
+    (lambda root: _one_tar(root, _good_members() + [("000000.jpg", b"x")]), r"sample 000000 has two images"),
+    (lambda root: _one_tar(root, [("README", b"no samples here")]), r"the train shards in .* hold no samples"),
+    (lambda root: _one_tar(root, _good_members(), split="other"), r"no train shards in .*: expected train-\*.tar"),
+    (lambda root: (root / "train-000000.tar").write_bytes(__import__("gzip").compress(b"\0" * 2048)),
+     r"train-000000.tar is not a readable uncompressed tar file"),
+])
+def test_unusable_tars_are_one_line_errors_naming_the_file(tmp_path, make, message):
+    root = tmp_path / "shards"
+    root.mkdir()
+    (root / "classes.txt").write_text("cat\ndog\nemu\n")
+    make(root)
+    with pytest.raises(UserError, match=message) as error:
+        webdataset.TarSplit(root, "train")
+    assert "\n" not in str(error.value)
+
+
+def test_non_image_bytes_are_skipped_and_named_or_stop_a_strict_run(tmp_path):
+    members = _good_members(4)
+    members[2] = ("000001.png", b"this is not a picture")
+    _one_tar(tmp_path, members)
+    chunks = list(webdataset.TarSplit(tmp_path, "train").chunks(10))
+    assert chunks[0].items.tolist() == [0, 2, 3] and chunks[0].skipped[0][0] == 1
+    assert chunks[0].skipped[0][1].startswith("not a decodable image")
+    with pytest.raises(UserError, match=r"cannot read .*train-000000.tar:000001.png: not a decodable image .*strict"):
+        list(webdataset.TarSplit(tmp_path, "train", strict=True).chunks(10))
+
+
+def test_a_tar_fingerprint_needs_no_image_and_follows_any_change(tmp_path):
+    files, labels = _pictures(4)
+    write_tars(tmp_path, "train", files, labels, shards=1)
+    before = webdataset.TarSplit(tmp_path, "train").fingerprint
+    assert webdataset.TarSplit(tmp_path, "train").fingerprint == before
+    seen = {before}
+    for change in (lambda: write_tars(tmp_path, "train", files, [1, 1, 2, 0], shards=1),  # labels only
+                   lambda: os.utime(tmp_path / "train-000000.tar", ns=(0, 10**18)),
+                   lambda: write_tars(tmp_path, "train", files[::-1], [1, 1, 2, 0], shards=1)):
+        change()
+        now = webdataset.TarSplit(tmp_path, "train").fingerprint
+        assert now not in seen
+        seen.add(now)
+
+
+# --- Parquet ----------------------------------------------------------------------------------------------------
+
+
+def test_parquet_rows_class_names_and_row_groups_as_the_hub_lays_them_out(tmp_path):
+    files, labels = _pictures(11)
+    write_parquets(tmp_path, "train", files, labels, parts=2, image="img", row_group_size=4)
+    split = parquet.ParquetSplit(tmp_path, "train")
+    assert split.image_column == "img" and split.label_column == "label"  # the only Image feature
+    assert split.class_names == CLASSES and split.rows == 11 and split.labels.tolist() == labels
+    assert split.units() == [4, 1, 4, 2] and split.files[5] == "data/train-00001-of-00002.parquet:0"
+    chunks = list(split.chunks(4, start=3, stop=10))
+    assert [c.items.tolist() for c in chunks] == [[3, 4, 5, 6], [7, 8, 9]]
+    for chunk in chunks:
+        for image, item in zip(chunk.images, chunk.items):
+            np.testing.assert_array_equal(image, folder.decode_bytes(files[item])[0])
+    limited = parquet.ParquetSplit(tmp_path, "train", limit=5)
+    assert limited.rows == 5 and sum(limited.units()) == 5 and len(limited.units()) == 4
+    assert [split.decode(i)[0].shape for i in (0, 9)] == [(24, 24, 3), (17, 30, 3)]
+
+
+def test_plain_binary_columns_without_metadata_name_classes_by_number_over_both_splits(tmp_path):
+    files, _ = _pictures(4)
+    write_parquets(tmp_path / "train", "x", files, [0, 1, 0, 1], parts=1, struct=False, names=None,
+                   image="png", label="y")
+    (tmp_path / "train" / "data" / "x-00000-of-00001.parquet").rename(tmp_path / "train" / "a.parquet")
+    write_parquets(tmp_path, "test", files[:2], [4, 1], parts=1, struct=False, names=None, image="png", label="y")
+    split = parquet.ParquetSplit(tmp_path, "train", image_column="png", label_column="y")
+    assert split.class_names == ("0", "1", "2", "3", "4") and split.files[0] == "train/a.parquet:0"
+    assert list(split.chunks(10))[0].items.tolist() == [0, 1, 2, 3]
+
+
+def _table(root, columns: dict, metadata=None, split="train"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+
+
+def _image_cells(n=3):
+    import pyarrow as pa
+
+    files, _ = _pictures(n)
+    return pa.array([{"bytes": f, "path": None} for f in files], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: _table(root, {"picture": _image_cells(), "label": [0, 1, 2]}),
+     r"train-00000-of-00001.parquet has no column 'image' for the images \(its columns: picture, label\); name it "
+     r"with image_column=NAME"),
+    (lambda root: _table(root, {"image": _image_cells(), "target": [0, 1, 2]}),
+     r"train-00000-of-00001.parquet has no column 'label' for the labels"),
+    (lambda root: _table(root, {"image": _image_cells(), "label": ["cat", "dog", "emu"]}),
+     r"train-00000-of-00001.parquet: column 'label' is string, not integer class numbers"),
+    (lambda root: _table(root, {"image": [1, 2, 3], "label": [0, 1, 2]}),
+     r"train-00000-of-00001.parquet: column 'image' is int64, not encoded images"),
+    (lambda root: _table(root, {"image": _image_cells(), "label": [0, None, 2]}),
+     r"train-00000-of-00001.parquet: row 1 has no label"),
+    (lambda root: _table(root, {"image": _image_cells(), "label": [0, -1, 2]}),
+     r"train-00000-of-00001.parquet: row 1 has label -1 \(a negative label: an unlabelled row\?\)"),
+    (lambda root: _table(root, {"image": _image_cells(), "label": [0, 1, 3]}, hf_metadata()),
+     r"train-00000-of-00001.parquet: row 2 has label 3, outside the 3 ClassLabel names of column 'label'"),
+    (lambda root: _table(root, {"image": _image_cells(0), "label": np.zeros(0, np.int64)}),
+     r"the train Parquet files in .* hold no rows \(data/train-00000-of-00001.parquet\)"),
+    (lambda root: _table(root, {"image": _image_cells(), "label": [0, 1, 2]}, split="validation"),
+     r"no train Parquet files in .*: expected data/train-\*.parquet"),
+    (lambda root: (root / "train.parquet").write_bytes(b"PAR1 but not really"),
+     r"train.parquet is not a readable Parquet file"),
+    (lambda root: _table(root, {"a": _image_cells(), "b": [0, 1, 2], "c": [1, 1, 1]},
+                         {b"huggingface": json.dumps({"info": {"features": {
+                             "a": {"_type": "Image"}, "b": {"_type": "ClassLabel", "names": ["x", "y", "z"]},
+                             "c": {"_type": "ClassLabel", "names": ["x", "y"]}}}}).encode()}),
+     r"train-00000-of-00001.parquet has several ClassLabel columns \(b, c\) and none named 'label'"),
+])
+def test_unusable_parquet_files_are_one_line_errors_naming_the_file(tmp_path, make, message):
+    root = tmp_path / "hub"
+    root.mkdir()
+    make(root)
+    with pytest.raises(UserError, match=message) as error:
+        parquet.ParquetSplit(root, "train")
+    assert "\n" not in str(error.value)
+
+
+def test_parquet_cells_without_image_bytes_are_skipped_with_the_reason(tmp_path):
+    import pyarrow as pa
+
+    files, _ = _pictures(3)
+    cells = pa.array([{"bytes": files[0], "path": None}, {"bytes": None, "path": "elsewhere/1.jpg"},
+                      {"bytes": b"not a picture", "path": None}],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    _table(tmp_path, {"image": cells, "label": [0, 1, 2]})
+    (chunk,) = parquet.ParquetSplit(tmp_path, "train").chunks(10)
+    assert chunk.items.tolist() == [0] and chunk.skipped[0] == (1, "no image bytes (only a path: elsewhere/1.jpg)")
+    assert chunk.skipped[1][1].startswith("not a decodable image")
+    with pytest.raises(UserError, match=r"cannot read .*train-00000-of-00001.parquet: row 1: no image bytes"):
+        list(parquet.ParquetSplit(tmp_path, "train", strict=True).chunks(10))
+
+
+def test_without_pyarrow_parquet_is_refused_in_one_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(UserError, match=r"^reading Parquet needs pyarrow, which is not installed: pip install -r "
+                                        r"requirements-parquet.txt$"):
+        parquet.ParquetSplit(tmp_path, "train")
+
+
+def test_a_parquet_fingerprint_needs_no_image_and_follows_any_change(tmp_path):
+    files, labels = _pictures(4)
+    write_parquets(tmp_path, "train", files, labels, parts=1)
+    before = parquet.ParquetSplit(tmp_path, "train").fingerprint
+    assert parquet.ParquetSplit(tmp_path, "train").fingerprint == before
+    seen = {before}
+    path = tmp_path / "data" / "train-00000-of-00001.parquet"
+    for change in (lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1),
+                   lambda: os.utime(path, ns=(0, 10**18)),
+                   lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1, row_group_size=2)):
+        change()
+        now = parquet.ParquetSplit(tmp_path, "train").fingerprint
+        assert now not in seen
+        seen.add(now)
+    assert parquet.ParquetSplit(tmp_path, "train", label_column="label").fingerprint == now
+
+
+def test_a_parquet_file_written_by_the_datasets_library_is_read_with_its_class_names(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the datasets library is not installed (only this check uses it)")
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    pixels = [rng.integers(0, 255, (9 + n, 12, 3), dtype=np.uint8) for n in range(6)]
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["ant", "bee"])})
+    table = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "fine_label": [0, 1, 1, 0, 1, 0]},
+                                       features=features)
+    (tmp_path / "data").mkdir()
+    table.to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    split = parquet.ParquetSplit(tmp_path, "train")
+    assert (split.image_column, split.label_column, split.class_names) == ("img", "fine_label", ("ant", "bee"))
+    (chunk,) = split.chunks(10)
+    assert chunk.labels.tolist() == [0, 1, 1, 0, 1, 0] and chunk.skipped == []
+    for image, want in zip(chunk.images, pixels):  # PNG, as datasets encodes arrays: the same pixels
+        np.testing.assert_array_equal(image, want)
+
+
+# --- every source: item ranges and natural shards -----------------------------------------------------------------
+
+
+def test_cifar_and_folder_sources_read_item_ranges_and_list_their_natural_shards(cifar_root, tmp_path):
+    reader = cifar.SplitSource(cifar.resolve_source(cifar_root), "train")
+    assert reader.units() == [24] * 5
+    chunks = list(reader.chunks(10, start=20, stop=50))
+    assert [c.items.tolist() for c in chunks] == [list(range(20, 30)), list(range(30, 40)), list(range(40, 50))]
+    assert list(cifar.SplitSource(cifar.resolve_source(cifar_root), "train", limit=30).units()) == [24, 6]
+    roots = write_three_ways(tmp_path, train=15, test=9)
+    tree = folder.FolderSplit(roots["folder"], "train")
+    assert tree.units() == [5, 5, 5]
+    assert [c.items.tolist() for c in tree.chunks(4, start=3, stop=9)] == [[3, 4, 5, 6], [7, 8]]
+
+
+def test_the_webp_header_size_is_the_decoded_size():
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (13, 21, 3), dtype=np.uint8))
+    for options in ({"lossless": False}, {"lossless": True}, {"lossless": False, "exif": b"Exif\0\0x"}):
+        data = io.BytesIO()
+        image.save(data, "WEBP", **options)
+        assert folder.header_size(data.getvalue()) == (21, 13)
+        assert folder.decode_bytes(data.getvalue())[0].shape == (13, 21, 3)

@@ -214,6 +214,8 @@ def index_tar(path: Path, root: Path) -> Shard:
                         sample["label"] = label
             end = tar.offset
     except (tarfile.TarError, EOFError, zlib.error) as exc:
+        if "unexpected end" in str(exc):
+            raise UserError(f"{path} is truncated: it ends inside a member ({exc})") from None
         raise UserError(f"{path} is not a readable uncompressed tar file ({exc})") from None
     with open(path, "rb") as handle:  # a tar ends with a block of zeros: without it, it was cut between members
         handle.seek(end)
