@@ -294,7 +294,8 @@ def _image_cells(n=3):
     import pyarrow as pa
 
     files, _ = _pictures(n)
-    return pa.array([{"bytes": f, "path": None} for f in files], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.array([{"bytes": f, "path": None} for f in files], kind)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -418,3 +419,78 @@ def test_the_webp_header_size_is_the_decoded_size():
         image.save(data, "WEBP", **options)
         assert folder.header_size(data.getvalue()) == (21, 13)
         assert folder.decode_bytes(data.getvalue())[0].shape == (13, 21, 3)
+
+
+# --- through the pipeline and the command line ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", ["webdataset", "parquet"])
+def test_a_resume_after_a_crash_gives_the_rows_of_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch, dataset):
+    files, labels = _pictures(14)
+    files[3], files[8] = b"", b"broken"
+    root = tmp_path / dataset
+    if dataset == "webdataset":
+        write_tars(root, "train", files, labels, shards=3)
+    else:
+        write_parquets(root, "train", files, labels, parts=2, row_group_size=3)
+    key = _key(tiny_model, dataset, root)
+    real_write, calls = write.CacheWriter.write, {"n": 0}
+
+    def failing_write(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args)
+
+    monkeypatch.setattr(write.CacheWriter, "write", failing_write)
+    with pytest.raises(UserError, match="committed rows are kept"):
+        _extract(key, root, tmp_path / "cache", chunk_size=3)
+    monkeypatch.setattr(write.CacheWriter, "write", real_write)
+    resumed = _extract(key, root, tmp_path / "cache", chunk_size=3)
+    assert resumed.processed == 14 - 6  # the first two chunks were not read again
+    clean = _extract(key, root, tmp_path / "clean", chunk_size=3)
+    assert resumed.rows == clean.rows == 12 and resumed.skipped == clean.skipped
+    assert [reason.split(" (")[0] for _, reason in clean.skipped] == ["empty file", "not a decodable image"]
+    with h5py.File(resumed.path, "r") as a, h5py.File(clean.path, "r") as b:
+        for name in ("embeddings", "embeddings_flip", "labels", "source_index"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert pipeline.verify(key, "train", root, tmp_path / "cache")[1] == []
+
+
+def test_cli_parquet_end_to_end_with_named_columns_and_one_line_errors(tiny_model, tmp_path):
+    for split, (count, seed) in {"train": (12, 0), "test": (6, 1)}.items():
+        files, labels = _pictures(count, seed)
+        write_parquets(tmp_path / "hub", split, files, labels, image="picture", label="kind")
+    common = ["--dataset", "parquet", "--data-dir", tmp_path / "hub", "--model", tiny_model, "--image-size", "32",
+              "--cache-dir", tmp_path / "cache"]
+    bad = run_cli("extract.py", *common, "--image-column", "photo", "--engine", "tensorflow", "--quiet")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "has no column 'photo' for the images (its columns: picture, kind); name it with --image-column NAME" \
+        in bad.stderr
+    named = ["--image-column", "picture", "--label-column", "kind"]
+    out = run_cli("extract.py", *common, *named, "--views", "plain", "--engine", "tensorflow", "--quiet")
+    assert out.returncode == 0, out.stderr
+    missing = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs")  # the defaults: another cache
+    assert missing.returncode == 2 and "--image-column picture --label-column kind" in missing.stderr
+    out = run_cli("train_head.py", *common, *named, "--runs-dir", tmp_path / "runs", "--epochs", "2")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "config.json").read_text())["class_names"] == list(CLASSES)
+    wrong = run_cli("extract.py", "--dataset", "webdataset", "--data-dir", tmp_path / "hub", "--image-column", "x")
+    assert wrong.returncode == 2 and "--image-column applies to --dataset parquet only" in wrong.stderr
+
+
+def test_cli_webdataset_lists_skipped_members(tiny_model, tmp_path):
+    for split, (count, seed) in {"train": (9, 0), "test": (6, 1)}.items():
+        files, labels = _pictures(count, seed)
+        files[1] = b"not an image"
+        write_tars(tmp_path / "tars", split, files, labels, shards=2)
+    common = ["--dataset", "webdataset", "--data-dir", tmp_path / "tars", "--model", tiny_model, "--image-size", "32",
+              "--cache-dir", tmp_path / "cache", "--views", "plain", "--engine", "tensorflow", "--quiet"]
+    out = run_cli("extract.py", *common, "--split", "test")
+    assert out.returncode == 0, out.stderr
+    assert "1 unreadable file skipped" in out.stdout
+    assert "skipped test-000000.tar:000001.png: not a decodable" in out.stdout
+    strict = run_cli("extract.py", *common, "--split", "train", "--strict")
+    assert strict.returncode == 2 and strict.stderr.count("\n") == 1 and "train-000000.tar:000001.png" in strict.stderr
+    assert "--strict" in strict.stderr

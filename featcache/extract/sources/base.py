@@ -41,8 +41,8 @@ def check_data_dir(data_dir, dataset: str, holds: str) -> Path:
 
 def split_files(root: Path, split: str, suffix: str) -> list[Path]:
     """A split's shard files, sorted: those in ROOT (or ROOT/data, the Hugging Face Hub's layout) whose names start
-    with the split (`train-00000-of-00004.parquet`, `test_0.tar`), and every one in ROOT/<split>/ (or ROOT/data/<split>/).
-    Hidden files are left out."""
+    with the split (`train-00000-of-00004.parquet`, `test_0.tar`), and every one in ROOT/<split>/ (or
+    ROOT/data/<split>/). Hidden files are left out."""
     named = re.compile(rf"{re.escape(split)}(?![A-Za-z0-9]).*{re.escape(suffix)}$", re.I)
     found = set()
     for folder in (root, root / "data"):

@@ -29,8 +29,9 @@ import numpy as np
 
 from ...errors import UserError, first_line
 from ...settings import IMAGE_COLUMN, LABEL_COLUMN
-from . import folder, streamed
 from .base import Chunk, check_data_dir, check_split, split_files
+from .folder import SHAPE_PROBE_FILES, SPLIT_SEED, decode_bytes
+from .streamed import decoded_chunks
 
 SUFFIX = ".parquet"
 READ_ROWS = 64  # rows of image bytes read at a time from a row group
@@ -96,7 +97,7 @@ class ParquetSplit:
             group_of.append(np.repeat(np.arange(len(shard.group_rows)), shard.group_rows))
         keep = np.arange(sum(len(s.labels) for s in shards))
         if limit:  # a seeded subset in the same order, so it spans the classes (as a folder's)
-            keep = np.sort(np.random.default_rng(folder.SPLIT_SEED).permutation(len(keep))[:limit])
+            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(keep))[:limit])
         self.file_of = np.concatenate(file_of)[keep]
         self.row_in_file = np.concatenate(row_in_file)[keep]
         self.group_of = np.concatenate(group_of)[keep].astype(np.int64)
@@ -124,8 +125,8 @@ class ParquetSplit:
     @functools.cached_property
     def image_shape(self) -> tuple[int, int] | None:
         """The first readable image's (H, W)."""
-        for item, data, _ in self._blobs(0, min(self.rows, folder.SHAPE_PROBE_FILES)):
-            if data is not None and (image := folder.decode_bytes(data)[0]) is not None:
+        for _, data, _ in self._blobs(0, min(self.rows, SHAPE_PROBE_FILES)):
+            if data is not None and (image := decode_bytes(data)[0]) is not None:
                 return image.shape[:2]
         return None
 
@@ -145,13 +146,12 @@ class ParquetSplit:
 
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
         stop = self.rows if stop is None else min(stop, self.rows)
-        return streamed.decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict,
-                                       lambda item: f"{self.shards[self.file_of[item]].path}: row "
-                                                    f"{self.row_in_file[item]}")
+        return decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict,
+                              lambda item: f"{self.shards[self.file_of[item]].path}: row {self.row_in_file[item]}")
 
     def decode(self, item: int) -> tuple[np.ndarray | None, str]:
         (_, data, reason), = self._blobs(item, item + 1)
-        return folder.decode_bytes(data) if data is not None else (None, reason)
+        return decode_bytes(data) if data is not None else (None, reason)
 
     # --- indexing -----------------------------------------------------------------------------------------------
 
@@ -170,22 +170,22 @@ class ParquetSplit:
 
     def _columns(self, path: Path, image: str | None, label: str | None):
         """The image and label columns (named, else the defaults, else the only Image / ClassLabel feature) and
-        the label's ClassLabel names (None without them), from the first file's schema."""
-        schema = self._open(path).schema_arrow
+        the label's ClassLabel names (None without them), from the first file's schema (_index checks each file)."""
+        with self._open(path) as parquet:
+            schema = parquet.schema_arrow
         features = hf_features(schema)
-        names = schema.names
-        image = image or _default(path, names, features, IMAGE_COLUMN, "Image")
-        label = label or _default(path, names, features, LABEL_COLUMN, "ClassLabel")
-        for column, what, parameter in ((image, "images", "image_column"), (label, "labels", "label_column")):
-            if column not in names:
-                raise UserError(f"{path} has no column {column!r} for the {what} (its columns: "
-                                f"{', '.join(names)}); name it with `{parameter}=NAME`")
-        class_names = features.get(label, {}).get("names") if features.get(label, {}).get("_type") == "ClassLabel" \
-            else None
-        return image, label, tuple(map(str, class_names)) if class_names else None
+        image = image or _default(path, schema.names, features, IMAGE_COLUMN, "Image")
+        label = label or _default(path, schema.names, features, LABEL_COLUMN, "ClassLabel")
+        feature = features.get(label, {})
+        names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
+        return image, label, tuple(map(str, names)) if names else None
 
     def _index(self, path: Path) -> ParquetShard:
-        parquet = self._open(path)
+        """One file's row groups and labels, its columns checked."""
+        with self._open(path) as parquet:
+            return self._index_open(path, parquet)
+
+    def _index_open(self, path: Path, parquet) -> ParquetShard:
         schema = parquet.schema_arrow
         for column, what, parameter in ((self.image_column, "images", "image_column"),
                                         (self.label_column, "labels", "label_column")):
@@ -270,10 +270,11 @@ class ParquetSplit:
             for offset in range(len(cells)):
                 if (item := wanted.get(position + offset)) is not None:
                     data = cells[offset].as_py() if valid[offset] else None
-                    if data:
+                    if data is not None:
                         yield item, data, ""
                     else:
-                        yield item, None, "no image bytes" + (f" (only a path: {paths[offset]})" if paths[offset] else "")
+                        named = f" (only a path: {paths[offset]})" if paths[offset] else ""
+                        yield item, None, f"no image bytes{named}"
             position += len(cells)
 
 
@@ -295,6 +296,6 @@ def _default(path: Path, names: list, features: dict, default: str, feature: str
     typed = [name for name, value in features.items() if value.get("_type") == feature and name in names]
     if len(typed) > 1:
         parameter = "image_column" if feature == "Image" else "label_column"
-        raise UserError(f"{path} has several {feature} columns ({', '.join(typed)}) and none named {default!r}; choose one "
-                        f"with `{parameter}=NAME`")
+        raise UserError(f"{path} has several {feature} columns ({', '.join(typed)}) and none named {default!r}; "
+                        f"choose one with `{parameter}=NAME`")
     return typed[0] if typed else default

@@ -1,7 +1,7 @@
 """Chunks of images decoded from encoded bytes read in item order (tar members, Parquet cells).
 
 The shard readers (webdataset.py, parquet.py) read each item's bytes sequentially and hand them here; this
-module decodes them exactly as a class folder's files are decoded (folder.decode_bytes: same decoder, same
+module decodes them exactly as a class folder's files are decoded (decode_bytes: same decoder, same
 limit on pixels, same reasons), DECODE_THREADS at a time, and cuts chunks the way folder.FolderSplit does
 (at `chunk_size` items, or sooner once the decoded images reach MAX_CHUNK_BYTES). Unreadable items are
 skipped and reported in the chunk, or, with `strict`, stop the run.
@@ -16,29 +16,29 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ...errors import UserError
-from . import folder
 from .base import Chunk
+from .folder import DECODE_THREADS, MAX_CHUNK_BYTES, decode_bytes
 
 
 def decoded_chunks(blobs: Iterator[tuple[int, bytes | None, str]], labels: np.ndarray, chunk_size: int,
                    strict: bool, name_of: Callable[[int], str]) -> Iterator[Chunk]:
     """Chunks of the items `blobs` yields as (item, bytes, "") or (item, None, why they could not be read), in
     consecutive item order; `labels[item]` is each item's label, `name_of(item)` names it in a strict error."""
-    with ThreadPoolExecutor(folder.DECODE_THREADS, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
         ahead: collections.deque = collections.deque()
 
         def top_up():
-            while len(ahead) < folder.DECODE_THREADS:
+            while len(ahead) < DECODE_THREADS:
                 blob = next(blobs, None)
                 if blob is None:
                     return
                 item, data, reason = blob
-                ahead.append((item, pool.submit(folder.decode_bytes, data) if data is not None else None, reason))
+                ahead.append((item, pool.submit(decode_bytes, data) if data is not None else None, reason))
 
         top_up()
         while ahead:
             images, kept, skipped, size, read = [], [], [], 0, 0
-            while ahead and read < chunk_size and size < folder.MAX_CHUNK_BYTES:
+            while ahead and read < chunk_size and size < MAX_CHUNK_BYTES:
                 item, future, reason = ahead.popleft()
                 image, reason = future.result() if future is not None else (None, reason)
                 top_up()

@@ -29,8 +29,9 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import UserError
-from . import folder, streamed
 from .base import Chunk, check_data_dir, check_split, split_files
+from .folder import SHAPE_PROBE_FILES, SPLIT_SEED, decode_bytes
+from .streamed import decoded_chunks
 
 SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
@@ -80,7 +81,7 @@ class TarSplit:
         shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
         keep = np.arange(len(shard_of))
         if limit:  # a seeded subset in the same order, so it spans the classes (as a folder's)
-            keep = np.sort(np.random.default_rng(folder.SPLIT_SEED).permutation(len(keep))[:limit])
+            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(keep))[:limit])
         self.shard_of = shard_of[keep]
         self.offsets = np.concatenate([s.offsets for s in shards])[keep]
         self.sizes = np.concatenate([s.sizes for s in shards])[keep]
@@ -110,7 +111,7 @@ class TarSplit:
     @functools.cached_property
     def image_shape(self) -> tuple[int, int] | None:
         """The first readable image's (H, W)."""
-        for item in range(min(self.rows, folder.SHAPE_PROBE_FILES)):
+        for item in range(min(self.rows, SHAPE_PROBE_FILES)):
             image, _ = self.decode(item)
             if image is not None:
                 return image.shape[:2]
@@ -128,11 +129,11 @@ class TarSplit:
 
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
         stop = self.rows if stop is None else min(stop, self.rows)
-        return streamed.decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict, self._name)
+        return decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict, self._name)
 
     def decode(self, item: int) -> tuple[np.ndarray | None, str]:
         (_, data, reason), = self._blobs(item, item + 1)
-        return folder.decode_bytes(data) if data is not None else (None, reason)
+        return decode_bytes(data) if data is not None else (None, reason)
 
     def _name(self, item: int) -> str:
         tar, member = self.files[item].rsplit(":", 1)
