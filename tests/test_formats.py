@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from featcache.cache import read, write
+from featcache.cache.layout import CacheKey
 from featcache.errors import UserError
 from featcache.extract import pipeline
 from featcache.extract.sources import cifar, folder, parquet, webdataset
@@ -97,7 +98,7 @@ def write_parquets(root, split, files, labels, parts=2, image="image", label="la
 
 
 def write_three_ways(base, train=15, test=9):
-    """The same pictures as class folders, tars (classes.txt) and Parquet files (ClassLabel names)."""
+    """The same pictures as class folders, tars (classes.txt) and Parquet files (ClassLabel names, column img)."""
     roots = {"folder": base / "folder", "webdataset": base / "tars", "parquet": base / "parquet"}
     for split, count, seed in (("train", train, 0), ("test", test, 1)):
         files, labels = _pictures(count, seed)
@@ -106,7 +107,7 @@ def write_three_ways(base, train=15, test=9):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         write_tars(roots["webdataset"], split, files, labels)
-        write_parquets(roots["parquet"], split, files, labels)
+        write_parquets(roots["parquet"], split, files, labels, image="img")  # found by its Image feature
     (roots["webdataset"] / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     return roots
 
@@ -127,9 +128,11 @@ def test_the_same_pictures_give_bit_identical_rows_as_folders_tars_and_parquet(t
     roots = write_three_ways(tmp_path)
     rows, files = {}, {}
     for dataset, root in roots.items():
-        result = _extract(_key(tiny_model, dataset, root), root, tmp_path / "cache", split="test", chunk_size=4)
+        key = _key(tiny_model, dataset, root)
+        result = _extract(key, root, tmp_path / "cache", split="test", chunk_size=4)
         assert result.rows == 9 and result.skipped == []
         assert read.class_names(read.attributes(result.path)) == CLASSES
+        assert CacheKey.from_attrs(read.attributes(result.path)) == key  # what --list and stage 2 find it by
         with h5py.File(result.path, "r") as f:
             assert f["source_index"][:].tolist() == list(range(9))
             rows[dataset] = f["embeddings"][:], f["labels"][:]
@@ -209,6 +212,7 @@ def _good_members(n=3):
     (lambda root: _one_tar(root, _good_members() + [("000000.jpg", b"x")]), r"sample 000000 has two images"),
     (lambda root: _one_tar(root, [("README", b"no samples here")]), r"the train shards in .* hold no samples"),
     (lambda root: _one_tar(root, _good_members(), split="other"), r"no train shards in .*: expected train-\*.tar"),
+    (lambda root: (root / "train-0.tar.gz").write_bytes(b"x"), r"no train shards .*train-0.tar.gz is compressed: gunzip"),
     (lambda root: (root / "train-000000.tar").write_bytes(__import__("gzip").compress(b"\0" * 2048)),
      r"train-000000.tar is not a readable uncompressed tar file"),
 ])

@@ -131,8 +131,9 @@ class ParquetSplit:
         return None
 
     def attrs(self) -> dict:
-        return {"split_rule": f"{len(self.shards)} Parquet files", "image_column": self.image_column,
-                "label_column": self.label_column}
+        """The columns read (the key's `image_column` and `label_column` attributes record those named)."""
+        return {"split_rule": f"{len(self.shards)} Parquet files",
+                "columns_read": json.dumps([self.image_column, self.label_column])}
 
     def labels_of(self, items: np.ndarray) -> np.ndarray:
         return self.labels[items]

@@ -178,7 +178,10 @@ def index_split(root: Path, split: str, missing_ok: bool = False) -> list[Shard]
     if not paths:
         if missing_ok:
             return []
-        raise UserError(f"no {split} shards in {root}: expected {split}-*.tar files there (or in {root / split}/)")
+        compressed = split_files(root, split, ".tar.gz") + split_files(root, split, ".tgz")
+        hint = f"; {compressed[0].name} is compressed: gunzip the shards first" if compressed else ""
+        raise UserError(f"no {split} shards in {root}: expected {split}-*.tar files there (or in {root / split}/)"
+                        f"{hint}")
     shards = [index_tar(path, root) for path in paths]
     if not any(len(shard.labels) for shard in shards):
         raise UserError(f"the {split} shards in {root} hold no samples ({', '.join(s.relative for s in shards[:3])}"
