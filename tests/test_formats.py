@@ -16,7 +16,7 @@ from featcache.cache import read, write
 from featcache.cache.layout import CacheKey
 from featcache.errors import UserError
 from featcache.extract import pipeline
-from featcache.extract.sources import cifar, folder, parquet, webdataset
+from featcache.extract.sources import cifar, folder, parquet, streamed, webdataset
 from conftest import make_key, run_cli
 
 CLASSES = ("cat", "dog", "emu")
@@ -168,6 +168,14 @@ def test_tar_samples_are_grouped_by_key_and_read_in_order_as_the_folder_decoder_
     limited = webdataset.TarSplit(tmp_path, "train", limit=4)
     assert limited.rows == 4 and sum(limited.units()) == 4 and set(limited.files) < set(split.files)
     assert limited.files == sorted(limited.files)  # a sample of the samples, in their order
+
+
+def test_a_chunk_ends_at_the_byte_budget_of_decoded_images(tmp_path, monkeypatch):
+    files, labels = _pictures(6, sizes=((24, 24),))
+    write_tars(tmp_path, "train", files, labels, shards=2)
+    monkeypatch.setattr(streamed, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
+    chunks = list(webdataset.TarSplit(tmp_path, "train").chunks(100, start=1))
+    assert [c.items.tolist() for c in chunks] == [[1, 2], [3, 4], [5]] and [c.stop for c in chunks] == [3, 5, 6]
 
 
 def test_without_classes_txt_the_classes_are_the_label_numbers_of_both_splits(tmp_path):
