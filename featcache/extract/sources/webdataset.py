@@ -70,7 +70,7 @@ class TarSplit:
         if names is None:  # the label numbers, over both splits, so that both caches name the same classes
             other = "test" if split == "train" else "train"
             labels = [shard.labels for shard in shards + index_split(self.root, other, missing_ok=True)]
-            names = tuple(str(n) for n in range(int(max(int(x.max(initial=0)) for x in labels)) + 1))
+            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
         else:
             for shard in shards:
                 if len(shard.labels) and shard.labels.max() >= len(names):
