@@ -9,7 +9,7 @@
     path, problems = verify("test", limit=1000)  # the cache against its source
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
-test_fraction, model, image_size, resize, crop, limit, precision), with the defaults of
+test_fraction, image_column, label_column, model, image_size, resize, crop, limit, precision), with the defaults of
 featcache.settings. Errors are featcache.errors.UserError, naming these parameters.
 """
 

@@ -16,8 +16,8 @@ from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError
 from .settings import (
     CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
-    DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, MAX_COUNT, PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS,
-    VIEWS, HeadConfig,
+    DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT, PRECISIONS,
+    RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig,
 )
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
@@ -161,15 +161,24 @@ def selection_options(func):
         click.option("--cache-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_CACHE_DIR),
                      show_default=True, help="Where embedding caches live."),
         click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True,
-                     help="cifar10 / cifar100 (python-pickle layout), or folder: --data-dir holds a folder per "
-                          "class (or train/ and test/ folders of class folders). Part of the cache key."),
+                     help="cifar10 / cifar100 (python-pickle layout); folder: --data-dir holds a folder per "
+                          "class (or train/ and test/ folders of class folders); webdataset: tar shards "
+                          "(train-*.tar, test-*.tar); parquet: Parquet files of image bytes and labels (the Hugging "
+                          "Face Hub's data/train-*.parquet). Part of the cache key."),
         click.option("--data-dir", type=NonEmptyPath(), default=None,
                      help=f"cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
                           f"${cifar.CIFAR10.env} / ${cifar.CIFAR100.env}); default: the official download, cached "
-                          "like Keras does. folder: the image folder (needed; part of the cache key)."),
+                          "like Keras does. folder, webdataset, parquet: the data folder (needed; part of the "
+                          "cache key)."),
         click.option("--test-fraction", type=float, default=None,
                      help=f"folder with class folders only: share of files (seeded hash of the path) that form "
                           f"the test split [default: {DEFAULT_TEST_FRACTION}]."),
+        click.option("--image-column", type=TEXT, default=None,
+                     help=f"parquet only: the column of encoded images [default: {IMAGE_COLUMN}, else the only "
+                          "Hugging Face Image column]. Part of the cache key."),
+        click.option("--label-column", type=TEXT, default=None,
+                     help=f"parquet only: the column of integer labels [default: {LABEL_COLUMN}, else the only "
+                          "Hugging Face ClassLabel column]. Part of the cache key."),
         click.option("--model", type=TEXT, default=DEFAULT_MODEL, show_default=True,
                      help="TF Hub handle (URL, resolved via TFHUB_CACHE_DIR offline) or local SavedModel folder."),
         click.option("--image-size", type=click.IntRange(min=1), default=None,
@@ -183,7 +192,7 @@ def selection_options(func):
                           "square first, keeping the aspect ratio."),
         click.option("--limit", type=COUNT, default=None,
                      help="Only N images of each split (quick runs; part of the cache key): CIFAR's first N, "
-                          "a seeded sample of a folder's."),
+                          "a seeded sample of the others'."),
         click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULT_PRECISION, show_default=True,
                      help="Network precision (OpenVINO engine for bf16/int8): f32 exact; bf16 on CPUs with "
                           f"native bf16 (AMX, AVX512-BF16); int8 NNCF-quantized, calibrated on {CALIBRATION_SIZE} "

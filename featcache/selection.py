@@ -10,7 +10,7 @@ from __future__ import annotations
 from .cache.layout import CacheKey
 from .cache.read import list_caches
 from .errors import UserError
-from .extract import models
+from .extract import models, sources
 from .extract.sources import folder
 from .settings import (
     CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION,
@@ -18,14 +18,15 @@ from .settings import (
 )
 
 # The selection parameters, in the order the command line lists them.
-SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop",
-                   "limit", "precision")
+SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "image_column", "label_column", "model",
+                   "image_size", "resize", "crop", "limit", "precision")
 
 
 def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, resize: str = DEFAULT_RESIZE,
          limit: int | None = None, precision: str = DEFAULT_PRECISION,
          dataset: str = DEFAULT_DATASET, data_dir=None, crop: str = DEFAULT_CROP,
-         test_fraction: float | None = None) -> CacheKey:
+         test_fraction: float | None = None, image_column: str | None = None,
+         label_column: str | None = None) -> CacheKey:
     """The key these settings name; `size_of(key without a size)` gives the image size when none is asked."""
     for name, value, choices in (("dataset", dataset, DATASETS), ("crop", crop, CROPS),
                                  ("resize", resize, RESIZE_METHODS),
@@ -39,13 +40,21 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     if limit is not None:
         check_count("limit", limit, minimum=0)  # 0: the whole split, as CacheKey records it
     root, fraction = "", 0.0
-    if dataset == "folder":
-        path = folder.check_root(data_dir)
-        root, fraction = str(path), folder.split_fraction(path, test_fraction)
-    elif test_fraction is not None:
+    if dataset in sources.ROOT_CHECKS:
+        path = sources.check_root(dataset, data_dir)
+        root = str(path)
+        if dataset == "folder":
+            fraction = folder.split_fraction(path, test_fraction)
+    if test_fraction is not None and dataset != "folder":
         raise UserError("`test_fraction` applies to `dataset='folder'` only")
+    for name, value in (("image_column", image_column), ("label_column", label_column)):
+        if value is not None and dataset != "parquet":
+            raise UserError(f"`{name}` applies to `dataset='parquet'` only")
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise UserError(f"`{name}` must name a column, got {value!r}")
     model, sha256 = models.identity(model)
-    key = CacheKey(model, 0, resize, limit or 0, dataset, precision, crop, root, fraction, sha256)
+    key = CacheKey(model, 0, resize, limit or 0, dataset, precision, crop, root, fraction, sha256, image_column or "",
+                   label_column or "")
     return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
 
 

@@ -18,10 +18,14 @@ DEFAULT_CACHE_DIR = PROJECT_DIR / "cache"
 DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
 
 # --- which cache: the settings in a CacheKey -------------------------------------------------------
-DATASETS = ("cifar10", "cifar100", "folder")
+DATASETS = ("cifar10", "cifar100", "folder", "webdataset", "parquet")
 DEFAULT_DATASET = "cifar10"
 SPLITS = ("train", "test")
 DEFAULT_TEST_FRACTION = 0.2  # a one-level class folder's share of files in the test split
+# A Parquet dataset's columns when none are named: these, else the only column whose Hugging Face feature is an
+# Image / a ClassLabel.
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
 DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size; a model whose signature fixes another size gets its own
 # The largest side accepted: a batch of 16 images of this side is 16 x 1024^2 x 3 floats = 200 MB a view before the

@@ -139,3 +139,14 @@ def test_events_cost_times_both_records(default_caches):
     rows = table_rows(out)
     assert [row[0] for row in rows] == ["first in its process (train_head.py)", "second (a --grid's later runs)"]
     assert all(0 < float(row[1]) < float(row[2]) for row in rows)
+
+
+def test_formats_check_writes_three_trees_whose_caches_agree(tiny_model, cifar_root, tmp_path):
+    out = bench("formats_check", "--data-dir", cifar_root, "--out", tmp_path, "--train", 120, "--test", 40,
+                "--model", tiny_model, "--image-size", 40, "--epochs", 2)
+    assert "test: 40 images as PNG class folders, 4 tars, 2 Parquet files" in out
+    rows = table_rows(out)
+    assert [row[:2] for row in rows] == [["train", "folder vs webdataset"], ["train", "folder vs parquet"],
+                                         ["test", "folder vs webdataset"], ["test", "folder vs parquet"]]
+    assert all(row[2] in ("120 / 120", "40 / 40") and row[3] == "True" and row[4].startswith("2 of 2") for row in rows)
+    assert "same: True" in out

@@ -60,23 +60,27 @@ class CacheKey:
     data_dir: str = ""  # a folder dataset's root; CIFAR copies are told apart by their fingerprint alone
     test_fraction: float = 0.0  # a one-level folder's split rule
     model_sha256: str = ""  # a local model folder's contents; a TF Hub handle names fixed contents
+    image_column: str = ""  # a Parquet dataset's columns, when named ("": the defaults)
+    label_column: str = ""
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "CacheKey":
         """The key a cache's attributes (or a run record's "cache" entry) name."""
         return cls(attrs["model"], int(attrs["image_size"]), attrs["resize"], int(attrs["limit"]),
                    attrs["dataset"], attrs["precision"], attrs["crop"], attrs["data_dir"],
-                   float(attrs["test_fraction"]), attrs["model_sha256"])
+                   float(attrs["test_fraction"]), attrs["model_sha256"], str(attrs.get("image_column", "")),
+                   str(attrs.get("label_column", "")))
 
     def model_dir(self, cache_dir: str | os.PathLike) -> Path:
         """`<cache_dir>/<dataset>/<model-slug>-<hash>`: every cache of this model, and its quantized versions."""
         return Path(cache_dir) / self.dataset_name() / model_slug(self.model, self.model_sha256)
 
     def dataset_name(self) -> str:
-        """`cifar10`, `cifar100`, or `folder-<name>-<hash of its path and split rule>`."""
+        """`cifar10`, `cifar100`, or `<dataset>-<name>-<hash of its path and split rule (and named columns)>`."""
         if not self.data_dir:
             return self.dataset
-        digest = hashlib.sha1(f"{self.data_dir}|{self.test_fraction}".encode()).hexdigest()[:8]
+        columns = f"|{self.image_column}|{self.label_column}" if self.image_column or self.label_column else ""
+        digest = hashlib.sha1(f"{self.data_dir}|{self.test_fraction}{columns}".encode()).hexdigest()[:8]
         return f"{self.dataset}-{_slug(Path(self.data_dir).name)}-{digest}"
 
     def path(self, cache_dir: str | os.PathLike, split: str) -> Path:
@@ -96,8 +100,8 @@ class CacheKey:
     def chosen(self) -> dict:
         """The settings that differ from the defaults: what a user passes to select this key's cache."""
         default, chosen = CacheKey(), {}
-        for name in ("dataset", "data_dir", "test_fraction", "model", "image_size", "resize", "crop", "precision",
-                     "limit"):
+        for name in ("dataset", "data_dir", "test_fraction", "image_column", "label_column", "model", "image_size",
+                     "resize", "crop", "precision", "limit"):
             if getattr(self, name) != getattr(default, name):
                 chosen[name] = getattr(self, name)
         if self.test_fraction == DEFAULT_TEST_FRACTION:

@@ -1,17 +1,22 @@
 """What every kind of source gives stage 1: one split's images in chunks, with labels and row ids.
 
-A split reader (cifar.SplitSource, folder.FolderSplit) has:
-- `rows`: items in the split; the cache gets exactly these rows unless `may_skip` (a folder's
-  unreadable files are skipped while reading, so they are known only then);
+A split reader (cifar.SplitSource, folder.FolderSplit, webdataset.TarSplit, parquet.ParquetSplit) has:
+- `rows`: items in the split; the cache gets exactly these rows unless `may_skip` (unreadable
+  images are skipped while reading, so they are known only then; such a reader also names each
+  item in `files` and decodes one with `decode(item)`);
 - `fingerprint`: changes whenever the split's content may have (cheap: no image is decoded);
 - `class_names`, and `image_shape`: (H, W) of (most of) its images, for compiling ahead;
-- `chunks(chunk_size, start)`: Chunk objects from item `start` on, in order;
+- `chunks(chunk_size, start=0, stop=None)`: Chunk objects of items [start, stop), in order;
+- `units()`: the item counts of its natural shards (a batch file, a class folder, a tar file, a Parquet
+  row group), in item order, summing to `rows`;
 - `labels_of(items)` for verifying a cache, and `attrs()`: what else the cache should record.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +27,31 @@ from ...settings import SPLITS
 def check_split(split: str):
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def check_data_dir(data_dir, dataset: str, holds: str) -> Path:
+    """The resolved data folder of a dataset read from a folder (refused when not given or not a folder)."""
+    if data_dir is None:
+        raise UserError(f"`dataset={dataset!r}` needs `data_dir=PATH`: {holds}")
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist or is not a folder")
+    return root
+
+
+def split_files(root: Path, split: str, suffix: str) -> list[Path]:
+    """A split's shard files, sorted: those in ROOT (or ROOT/data, the Hugging Face Hub's layout) whose names start
+    with the split (`train-00000-of-00004.parquet`, `test_0.tar`), and every one in ROOT/<split>/ (or
+    ROOT/data/<split>/). Hidden files are left out."""
+    named = re.compile(rf"{re.escape(split)}(?![A-Za-z0-9]).*{re.escape(suffix)}$", re.I)
+    found = set()
+    for folder in (root, root / "data"):
+        if folder.is_dir():
+            found |= {path for path in folder.iterdir() if path.is_file() and named.match(path.name)}
+        if (folder / split).is_dir():
+            found |= {path for path in (folder / split).iterdir()
+                      if path.is_file() and path.name.lower().endswith(suffix) and not path.name.startswith(".")}
+    return sorted(found)
 
 
 @dataclass

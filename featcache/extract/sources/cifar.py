@@ -208,10 +208,18 @@ class SplitSource:
             if left <= 0:
                 return
 
-    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
-        """Consecutive chunks, beginning at row `start`."""
+    def units(self) -> list[int]:
+        """Rows per batch file, in order (cut at `limit`): one pass, no pixel kept."""
+        return [len(labels) for _, labels in self.batches()]
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Consecutive chunks of rows [start, stop)."""
         pending_images, pending_labels, position = [], [], 0
         for images, labels in self.batches():
+            if stop is not None and position >= stop:
+                break
+            if stop is not None and position + len(labels) > stop:
+                images, labels = images[: max(stop - position, 0)], labels[: max(stop - position, 0)]
             skip = min(max(start - position, 0), len(labels))
             position += len(labels)
             if skip < len(labels):

@@ -166,13 +166,18 @@ class FolderSplit:
     def labels_of(self, items: np.ndarray) -> np.ndarray:
         return self.labels[items]
 
-    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
-        """Chunks of up to `chunk_size` files from item `start` (fewer once the decoded images reach
+    def units(self) -> list[int]:
+        """Files per class folder, in item order: a folder has no shards of its own, its classes are contiguous."""
+        return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Chunks of up to `chunk_size` files of items [start, stop) (fewer once the decoded images reach
         MAX_CHUNK_BYTES); a chunk's unreadable files are in `skipped`. DECODE_THREADS files are decoded ahead."""
+        stop = self.rows if stop is None else min(stop, self.rows)
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
             lo = start
-            while lo < self.rows:
-                end, images, kept, skipped, size = min(lo + chunk_size, self.rows), [], [], [], 0
+            while lo < stop:
+                end, images, kept, skipped, size = min(lo + chunk_size, stop), [], [], [], 0
                 ahead = collections.deque(pool.submit(self.decode, i) for i in range(lo, min(lo + DECODE_THREADS, end)))
                 item = lo
                 while item < end and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
@@ -203,12 +208,18 @@ class FolderSplit:
 
 
 def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
-    import tensorflow as tf
-
     try:
         data = path.read_bytes()
     except OSError as exc:
         return None, f"unreadable file ({exc.strerror or exc})"
+    return decode_bytes(data)
+
+
+def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
+    """An image file's bytes as (uint8 [H, W, 3], "") or (None, why they cannot be read): every source of encoded
+    images (folders, tar shards, Parquet) decodes through here, under the same limits."""
+    import tensorflow as tf
+
     if not data:
         return None, "empty file (0 bytes)"
     if too_large := _too_large(data):

@@ -1,0 +1,302 @@
+"""Parquet files of image bytes and labels (the Hugging Face datasets layout): index one split, read its images.
+
+Layout: `ROOT/data/train-00000-of-00004.parquet, ...` (the Hub's), or names starting with the split in ROOT,
+or the Parquet files in `ROOT/train/` and `ROOT/test/` (base.split_files). Each row is an item: its image
+column holds the encoded image as `datasets` writes it (a struct of `bytes` and `path`) or as plain binary,
+its label column an integer. The columns are `image` and `label`, else the only column that the schema's
+Hugging Face metadata marks as an `Image` / `ClassLabel` feature, unless named by the caller. Class names are
+the label column's `ClassLabel` names when the metadata has them, else the label numbers (0 to the largest
+label of either split).
+
+Indexing reads each file's footer and its label column only; images are read row group by row group, a few
+rows at a time, and decoded like a class folder's files (streamed.py). Unusable files (not Parquet, without
+the image or label column, of the wrong types, labels missing or outside the class list, an empty or
+missing split) are refused while indexing, before anything is written. The fingerprint is each file's size,
+modification time and footer (row groups, column chunk offsets and sizes) and the labels. A row group is a
+natural shard (`units`). pyarrow is optional (requirements-parquet.txt).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ...errors import UserError, first_line
+from ...settings import IMAGE_COLUMN, LABEL_COLUMN
+from .base import Chunk, check_data_dir, check_split, split_files
+from .folder import SHAPE_PROBE_FILES, SPLIT_SEED, decode_bytes
+from .streamed import decoded_chunks
+
+SUFFIX = ".parquet"
+READ_ROWS = 64  # rows of image bytes read at a time from a row group
+HF_METADATA = b"huggingface"
+
+
+def check_root(data_dir) -> Path:
+    return check_data_dir(data_dir, "parquet", "a folder of Parquet files (data/train-00000-of-00001.parquet, ...)")
+
+
+def pyarrow_modules():
+    """(pyarrow, pyarrow.parquet), or a one-line refusal when pyarrow is not installed."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError("reading Parquet needs pyarrow, which is not installed: "
+                        "pip install -r requirements-parquet.txt") from None
+    return pyarrow, pyarrow.parquet
+
+
+@dataclass
+class ParquetShard:
+    """One indexed Parquet file: rows per row group, its labels, and what its fingerprint covers."""
+
+    path: Path
+    relative: str
+    group_rows: list
+    labels: np.ndarray
+    summary: str
+
+
+class ParquetSplit:
+    """One split of a Parquet dataset: its files indexed, its rows (a seeded `limit` of them) in file order."""
+
+    may_skip = True
+
+    def __init__(self, root, split: str, limit: int | None = None, strict: bool = False,
+                 image_column: str | None = None, label_column: str | None = None):
+        check_split(split)
+        self.pa, self.pq = pyarrow_modules()
+        self.root, self.split, self.strict = check_root(root), split, strict
+        paths = self._paths(split)
+        self.image_column, self.label_column, names = self._columns(paths[0], image_column, label_column)
+        shards = [self._index(path) for path in paths]
+        if not sum(len(shard.labels) for shard in shards):
+            raise UserError(f"the {split} Parquet files in {self.root} hold no rows "
+                            f"({', '.join(s.relative for s in shards[:3])}{', ...' if len(shards) > 3 else ''})")
+        if names is None:  # the label numbers, over both splits, so that both caches name the same classes
+            other = "test" if split == "train" else "train"
+            labels = [s.labels for s in shards] + [self._index(p).labels for p in self._paths(other, missing_ok=True)]
+            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+        for shard in shards:
+            if len(shard.labels) and shard.labels.max() >= len(names):
+                row = int(np.argmax(shard.labels >= len(names)))
+                raise UserError(f"{shard.path}: row {row} has label {shard.labels[row]}, outside the "
+                                f"{len(names)} ClassLabel names of column {self.label_column!r}")
+        self.class_names, self.shards = names, shards
+        group_of, row_in_file, file_of = [], [], []
+        for n, shard in enumerate(shards):
+            file_of.append(np.full(len(shard.labels), n, np.int64))
+            row_in_file.append(np.arange(len(shard.labels), dtype=np.int64))
+            group_of.append(np.repeat(np.arange(len(shard.group_rows)), shard.group_rows))
+        keep = np.arange(sum(len(s.labels) for s in shards))
+        if limit:  # a seeded subset in the same order, so it spans the classes (as a folder's)
+            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(keep))[:limit])
+        self.file_of = np.concatenate(file_of)[keep]
+        self.row_in_file = np.concatenate(row_in_file)[keep]
+        self.group_of = np.concatenate(group_of)[keep].astype(np.int64)
+        self.labels = np.concatenate([s.labels for s in shards])[keep]
+        self.files = [f"{shards[f].relative}:{r}" for f, r in zip(self.file_of.tolist(), self.row_in_file.tolist())]
+
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the class names, the columns, every file's size, mtime and footer, and the rows' labels."""
+        h = hashlib.sha256(json.dumps([list(self.class_names), self.image_column, self.label_column]).encode())
+        for shard in self.shards:
+            h.update(shard.summary.encode())
+        h.update("\n".join(self.files).encode())
+        h.update(self.labels.astype("<i8").tobytes())
+        return h.hexdigest()
+
+    @functools.cached_property
+    def image_shape(self) -> tuple[int, int] | None:
+        """The first readable image's (H, W)."""
+        for _, data, _ in self._blobs(0, min(self.rows, SHAPE_PROBE_FILES)):
+            if data is not None and (image := decode_bytes(data)[0]) is not None:
+                return image.shape[:2]
+        return None
+
+    def attrs(self) -> dict:
+        """The columns read (the key's `image_column` and `label_column` attributes record those named)."""
+        return {"split_rule": f"{len(self.shards)} Parquet files",
+                "columns_read": json.dumps([self.image_column, self.label_column])}
+
+    def labels_of(self, items: np.ndarray) -> np.ndarray:
+        return self.labels[items]
+
+    def units(self) -> list[int]:
+        """Rows per row group, file after file (0 for a group the `limit` takes none from)."""
+        counts = []
+        for n, shard in enumerate(self.shards):
+            counts += np.bincount(self.group_of[self.file_of == n], minlength=len(shard.group_rows)).tolist()
+        return counts
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        stop = self.rows if stop is None else min(stop, self.rows)
+        return decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict,
+                              lambda item: f"{self.shards[self.file_of[item]].path}: row {self.row_in_file[item]}")
+
+    def decode(self, item: int) -> tuple[np.ndarray | None, str]:
+        (_, data, reason), = self._blobs(item, item + 1)
+        return decode_bytes(data) if data is not None else (None, reason)
+
+    # --- indexing -----------------------------------------------------------------------------------------------
+
+    def _paths(self, split: str, missing_ok: bool = False) -> list[Path]:
+        paths = split_files(self.root, split, SUFFIX)
+        if not paths and not missing_ok:
+            raise UserError(f"no {split} Parquet files in {self.root}: expected data/{split}-*.parquet or "
+                            f"{split}-*.parquet there (or the files in {self.root / split}/)")
+        return paths
+
+    def _open(self, path: Path):
+        try:
+            return self.pq.ParquetFile(path)
+        except (self.pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path} is not a readable Parquet file ({first_line(exc)})") from None
+
+    def _columns(self, path: Path, image: str | None, label: str | None):
+        """The image and label columns (named, else the defaults, else the only Image / ClassLabel feature) and
+        the label's ClassLabel names (None without them), from the first file's schema (_index checks each file)."""
+        with self._open(path) as parquet:
+            schema = parquet.schema_arrow
+        features = hf_features(schema)
+        image = image or _default(path, schema.names, features, IMAGE_COLUMN, "Image")
+        label = label or _default(path, schema.names, features, LABEL_COLUMN, "ClassLabel")
+        feature = features.get(label, {})
+        names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
+        return image, label, tuple(map(str, names)) if names else None
+
+    def _index(self, path: Path) -> ParquetShard:
+        """One file's row groups and labels, its columns checked."""
+        with self._open(path) as parquet:
+            return self._index_open(path, parquet)
+
+    def _index_open(self, path: Path, parquet) -> ParquetShard:
+        schema = parquet.schema_arrow
+        for column, what, parameter in ((self.image_column, "images", "image_column"),
+                                        (self.label_column, "labels", "label_column")):
+            if column not in schema.names:
+                raise UserError(f"{path} has no column {column!r} for the {what} (its columns: "
+                                f"{', '.join(schema.names)}); name it with `{parameter}=NAME`")
+        image_type, label_type = schema.field(self.image_column).type, schema.field(self.label_column).type
+        if not (self._binary(image_type) or self.pa.types.is_struct(image_type)
+                and image_type.get_field_index("bytes") >= 0 and self._binary(image_type.field("bytes").type)):
+            raise UserError(f"{path}: column {self.image_column!r} is {image_type}, not encoded images (binary, or a "
+                            "struct of bytes and path as the datasets library writes it)")
+        if not self.pa.types.is_integer(label_type):
+            raise UserError(f"{path}: column {self.label_column!r} is {label_type}, not integer class numbers; name "
+                            "the label column with `label_column=NAME`")
+        try:
+            column = parquet.read(columns=[self.label_column]).column(0)
+        except (self.pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: its {self.label_column!r} column cannot be read ({first_line(exc)})") from None
+        if column.null_count:
+            row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
+            raise UserError(f"{path}: row {row} has no label (column {self.label_column!r} is empty there)")
+        labels = column.to_numpy().astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            row = int(np.argmax(labels < 0))
+            raise UserError(f"{path}: row {row} has label {labels[row]} (a negative label: an unlabelled row?)")
+        meta = parquet.metadata
+        groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+        stat = path.stat()
+        summary = json.dumps([path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns,
+                              [[g.num_rows, g.total_byte_size] + [[g.column(c).file_offset,
+                                                                   g.column(c).total_compressed_size]
+                                                                  for c in range(g.num_columns)] for g in groups]])
+        return ParquetShard(path, path.relative_to(self.root).as_posix(), [g.num_rows for g in groups], labels,
+                            summary)
+
+    def _binary(self, kind) -> bool:
+        types = self.pa.types
+        return types.is_binary(kind) or types.is_large_binary(kind) or getattr(types, "is_binary_view",
+                                                                               lambda _: False)(kind)
+
+    # --- reading ------------------------------------------------------------------------------------------------
+
+    def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
+        """(item, its image bytes, "") or (item, None, why there are none) for items [start, stop), read one row
+        group at a time, READ_ROWS rows at a time, one open file at a time."""
+        item, parquet, opened = start, None, -1
+        try:
+            while item < stop:
+                n, group = int(self.file_of[item]), int(self.group_of[item])
+                end = item
+                while end < stop and self.file_of[end] == n and self.group_of[end] == group:
+                    end += 1
+                shard = self.shards[n]
+                if n != opened:
+                    if parquet is not None:
+                        parquet.close()
+                    parquet, opened = self._open(shard.path), n
+                first = sum(shard.group_rows[:group])  # the group's first row in its file
+                wanted = {int(self.row_in_file[i]) - first: i for i in range(item, end)}
+                try:
+                    yield from self._group_blobs(parquet, group, wanted)
+                except (self.pa.ArrowException, OSError) as exc:
+                    raise UserError(f"reading {shard.path} failed ({first_line(exc)})") from None
+                item = end
+        finally:
+            if parquet is not None:
+                parquet.close()
+
+    def _group_blobs(self, parquet, group: int, wanted: dict) -> Iterator[tuple[int, bytes | None, str]]:
+        """The wanted rows of one row group ({row in the group: item}), in order."""
+        position, last = 0, max(wanted)
+        for batch in parquet.iter_batches(READ_ROWS, row_groups=[group], columns=[self.image_column],
+                                          use_threads=False):
+            if position > last:
+                return
+            cells, paths = batch.column(0), [None] * batch.num_rows
+            valid = cells.is_valid().to_pylist()
+            if self.pa.types.is_struct(cells.type):
+                if cells.type.get_field_index("path") >= 0:
+                    paths = cells.field("path").to_pylist()
+                cells = cells.field("bytes")
+            for offset in range(len(cells)):
+                if (item := wanted.get(position + offset)) is not None:
+                    data = cells[offset].as_py() if valid[offset] else None
+                    if data is not None:
+                        yield item, data, ""
+                    else:
+                        named = f" (only a path: {paths[offset]})" if paths[offset] else ""
+                        yield item, None, f"no image bytes{named}"
+            position += len(cells)
+
+
+def hf_features(schema) -> dict:
+    """The Hugging Face `datasets` features the schema's metadata records ({column: {"_type": ...}}), or {}."""
+    raw = (schema.metadata or {}).get(HF_METADATA)
+    try:
+        features = json.loads(raw)["info"]["features"] if raw else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {name: value for name, value in features.items() if isinstance(value, dict)} \
+        if isinstance(features, dict) else {}
+
+
+def _default(path: Path, names: list, features: dict, default: str, feature: str) -> str:
+    """`default` when the file has it, else the only column of this Hugging Face feature type, else `default`."""
+    if default in names:
+        return default
+    typed = [name for name, value in features.items() if value.get("_type") == feature and name in names]
+    if len(typed) > 1:
+        parameter = "image_column" if feature == "Image" else "label_column"
+        raise UserError(f"{path} has several {feature} columns ({', '.join(typed)}) and none named {default!r}; "
+                        f"choose one with `{parameter}=NAME`")
+    return typed[0] if typed else default

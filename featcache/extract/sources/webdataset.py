@@ -1,0 +1,259 @@
+"""WebDataset tar shards: index one split's uncompressed tar files, then read its samples' images from them.
+
+Layout: `ROOT/train-000000.tar, ...` and `ROOT/test-000000.tar` (names starting with the split), or the tar
+files in `ROOT/train/` and `ROOT/test/` (base.split_files). A sample is the members sharing a key (the member's
+path up to the first dot of its file name, as the webdataset library splits it): one image (`.jpg`, `.jpeg`,
+`.png`, `.webp`, `.bmp`, `.gif`) and its label (`.cls`: an integer; or `.json` with an integer `label` field).
+Other members (captions, metadata) are ignored. Class names are the lines of `ROOT/classes.txt` when present,
+else the label numbers (0 to the largest label of either split).
+
+Indexing reads the tar headers and the small label members with the standard library's `tarfile`; images
+are then read by offset, one member at a time, never unpacked to disk, and decoded like a class folder's
+files (streamed.py). Every way the shards cannot be used (a truncated tar, a sample without a label or
+without an image, a label outside the class list, an empty or missing split) is refused while indexing,
+before anything is written. The fingerprint is each tar's size and modification time, each sample's member
+name, offset, size and label. A tar file is a natural shard (`units`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ...errors import UserError
+from .base import Chunk, check_data_dir, check_split, split_files
+from .folder import SHAPE_PROBE_FILES, SPLIT_SEED, decode_bytes
+from .streamed import decoded_chunks
+
+SUFFIX = ".tar"
+IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
+CLASSES_FILE = "classes.txt"
+BLOCK = 512  # tar's block: the archive ends with (at least) one block of zeros
+
+
+def check_root(data_dir) -> Path:
+    return check_data_dir(data_dir, "webdataset", "a folder of tar shards (train-000000.tar, test-000000.tar)")
+
+
+@dataclass
+class Shard:
+    """One indexed tar file: its samples' image members (name, data offset, size) and labels, in tar order."""
+
+    path: Path
+    relative: str
+    size: int
+    mtime_ns: int
+    members: list
+    offsets: np.ndarray
+    sizes: np.ndarray
+    labels: np.ndarray
+
+
+class TarSplit:
+    """One split of a WebDataset: its tar shards indexed, its samples (a seeded `limit` of them) in tar order."""
+
+    may_skip = True
+
+    def __init__(self, root, split: str, limit: int | None = None, strict: bool = False):
+        check_split(split)
+        self.root, self.split, self.strict = check_root(root), split, strict
+        names = read_class_names(self.root)
+        shards = index_split(self.root, split)
+        if names is None:  # the label numbers, over both splits, so that both caches name the same classes
+            other = "test" if split == "train" else "train"
+            labels = [shard.labels for shard in shards + index_split(self.root, other, missing_ok=True)]
+            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+        else:
+            for shard in shards:
+                if len(shard.labels) and shard.labels.max() >= len(names):
+                    where = int(np.argmax(shard.labels >= len(names)))
+                    raise UserError(f"{shard.path}: {shard.members[where]}'s label {shard.labels[where]} is outside "
+                                    f"the {len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)")
+        self.class_names, self.shards = names, shards
+        shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
+        keep = np.arange(len(shard_of))
+        if limit:  # a seeded subset in the same order, so it spans the classes (as a folder's)
+            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(keep))[:limit])
+        self.shard_of = shard_of[keep]
+        self.offsets = np.concatenate([s.offsets for s in shards])[keep]
+        self.sizes = np.concatenate([s.sizes for s in shards])[keep]
+        self.labels = np.concatenate([s.labels for s in shards])[keep]
+        members = [(n, member) for n, s in enumerate(shards) for member in s.members]
+        self.files = [f"{shards[members[i][0]].relative}:{members[i][1]}" for i in keep]
+
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the class names, every tar's size and mtime, and every sample's member, offset, size and label."""
+        h = hashlib.sha256(json.dumps(list(self.class_names)).encode())
+        for shard in self.shards:
+            h.update(f"{shard.relative}\0{shard.size}\0{shard.mtime_ns}\n".encode())
+        h.update("\n".join(self.files).encode())
+        for array in (self.offsets, self.sizes, self.labels):
+            h.update(array.astype("<i8").tobytes())
+        return h.hexdigest()
+
+    @functools.cached_property
+    def image_shape(self) -> tuple[int, int] | None:
+        """The first readable image's (H, W)."""
+        for item in range(min(self.rows, SHAPE_PROBE_FILES)):
+            image, _ = self.decode(item)
+            if image is not None:
+                return image.shape[:2]
+        return None
+
+    def attrs(self) -> dict:
+        return {"split_rule": f"{len(self.shards)} tar shards"}
+
+    def labels_of(self, items: np.ndarray) -> np.ndarray:
+        return self.labels[items]
+
+    def units(self) -> list[int]:
+        """Samples per tar file, in order (0 for a file the `limit` takes none from)."""
+        return np.bincount(self.shard_of, minlength=len(self.shards)).tolist()
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        stop = self.rows if stop is None else min(stop, self.rows)
+        return decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict, self._name)
+
+    def decode(self, item: int) -> tuple[np.ndarray | None, str]:
+        (_, data, reason), = self._blobs(item, item + 1)
+        return decode_bytes(data) if data is not None else (None, reason)
+
+    def _name(self, item: int) -> str:
+        tar, member = self.files[item].rsplit(":", 1)
+        return f"{self.root / tar}:{member}"
+
+    def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
+        """(item, its image member's bytes, "") for items [start, stop), one open tar file at a time."""
+        handle, opened = None, -1
+        try:
+            for item in range(start, stop):
+                if self.shard_of[item] != opened:
+                    if handle is not None:
+                        handle.close()
+                    opened = int(self.shard_of[item])
+                    handle = open(self.shards[opened].path, "rb")
+                handle.seek(int(self.offsets[item]))
+                data = handle.read(int(self.sizes[item]))
+                if len(data) < self.sizes[item]:
+                    yield item, None, f"member cut short ({len(data)} of {self.sizes[item]} bytes: the tar changed)"
+                else:
+                    yield item, data, ""
+        finally:
+            if handle is not None:
+                handle.close()
+
+
+def read_class_names(root: Path) -> tuple[str, ...] | None:
+    """The lines of ROOT/classes.txt (blank ones at the end dropped), or None when there is none."""
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        return None
+    names = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    names = [name.strip() for name in names]
+    if not any(names) or not all(names):
+        raise UserError(f"{path} must name one class per line (it has {'an empty line' if any(names) else 'none'})")
+    return tuple(names)
+
+
+def index_split(root: Path, split: str, missing_ok: bool = False) -> list[Shard]:
+    """The split's indexed shards; a missing or empty split is refused (unless `missing_ok`: then [])."""
+    paths = split_files(root, split, SUFFIX)
+    if not paths:
+        if missing_ok:
+            return []
+        compressed = split_files(root, split, ".tar.gz") + split_files(root, split, ".tgz")
+        hint = f"; {compressed[0].name} is compressed: gunzip the shards first" if compressed else ""
+        raise UserError(f"no {split} shards in {root}: expected {split}-*.tar files there (or in {root / split}/)"
+                        f"{hint}")
+    shards = [index_tar(path, root) for path in paths]
+    if not any(len(shard.labels) for shard in shards):
+        raise UserError(f"the {split} shards in {root} hold no samples ({', '.join(s.relative for s in shards[:3])}"
+                        f"{', ...' if len(shards) > 3 else ''} are empty)")
+    return shards
+
+
+def index_tar(path: Path, root: Path) -> Shard:
+    """One tar's samples, in the order their first members appear; every unusable sample is refused here."""
+    stat = path.stat()
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                if member.offset_data + member.size > stat.st_size:
+                    raise UserError(f"{path} is truncated: member {member.name} ends at byte "
+                                    f"{member.offset_data + member.size:,}, the file at {stat.st_size:,}")
+                directory, _, name = member.name.rpartition("/")
+                stem, dot, extension = name.partition(".")
+                if not dot or not stem:
+                    continue  # no extension, or a hidden file: not part of a sample
+                sample = samples.setdefault(f"{directory}/{stem}" if directory else stem, {"members": []})
+                sample["members"].append(member.name)
+                extension = extension.lower()
+                if extension in IMAGE_EXTENSIONS:
+                    if "image" in sample:
+                        raise UserError(f"{path}: sample {stem} has two images ({sample['image'][0]}, {member.name})")
+                    sample["image"] = (member.name, member.offset_data, member.size)
+                elif extension == "cls" or (extension == "json" and "label" not in sample):
+                    label = _label(tar.extractfile(member).read(), extension, f"{path}: {member.name}")
+                    if label is not None:
+                        sample["label"] = label
+            end = tar.offset
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        if "unexpected end" in str(exc):
+            raise UserError(f"{path} is truncated: it ends inside a member ({exc})") from None
+        raise UserError(f"{path} is not a readable uncompressed tar file ({exc})") from None
+    with open(path, "rb") as handle:  # a tar ends with a block of zeros: without it, it was cut between members
+        handle.seek(end)
+        if handle.read(BLOCK) != bytes(BLOCK):
+            raise UserError(f"{path} is truncated: no end-of-archive block after its last member (byte {end:,})")
+    members, offsets, sizes, labels = [], [], [], []
+    for key, sample in samples.items():
+        if "image" not in sample:
+            what = "its label" if "label" in sample else "its members"
+            raise UserError(f"{path}: sample {key} has no image ({', '.join(IMAGE_EXTENSIONS)}), only {what}: "
+                            f"{', '.join(sample['members'][:3])}")
+        if "label" not in sample:
+            raise UserError(f"{path}: {sample['image'][0]} has no label ({key}.cls, or {key}.json with a label field)")
+        members.append(sample["image"][0])
+        offsets.append(sample["image"][1])
+        sizes.append(sample["image"][2])
+        labels.append(sample["label"])
+    return Shard(path, path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns, members,
+                 np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), np.asarray(labels, np.int64))
+
+
+def _label(data: bytes, extension: str, where: str) -> int | None:
+    """A `.cls` member's integer, or a `.json` member's `label` field (None when it has none)."""
+    try:
+        text = data.decode("utf-8").strip()
+        value = json.loads(text) if extension == "json" else text
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{where} is not {'JSON' if extension == 'json' else 'text'}") from None
+    if extension == "json":
+        if not isinstance(value, dict) or "label" not in value:
+            return None
+        value = value["label"]
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 0
+                                       or isinstance(value, str) and value.isascii() and value.isdigit()):
+        raise UserError(f"{where}: label {str(value)[:40]!r} is not a class number (a whole number from 0)")
+    return int(value)
+
