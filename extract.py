@@ -7,10 +7,11 @@ from featcache.cli import (COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, li
                            selection_options, verbosity_options)
 from featcache.cache.layout import partial_path
 from featcache.extract.pipeline import extract, verify
+from featcache.extract.plan import shards_dir
 from featcache.process import setup_process
 from featcache.extract.runners import make_runner
-from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_VIEWS, ENGINES, RUNNERS,
-                                SPLITS, default_batch_size)
+from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_SHARD_ITEMS, DEFAULT_VIEWS,
+                                ENGINES, RUNNERS, SHARDS_PER_WORKER, SPLITS, default_batch_size)
 
 
 @click.command()
@@ -35,6 +36,13 @@ from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNN
                    "default: RAY_ADDRESS if set, else a Ray started for this run).")
 @click.option("--workers", type=COUNT, default=None,
               help="With --runner ray: how many workers (each loads the model once).")
+@click.option("--num-shards", type=COUNT, default=None,
+              help="Cut each split into this many shards (item ranges), each built into its own file and joined "
+                   "into the cache at the end. Default: the plan under way, else 1 (local) or shards of about "
+                   f"{DEFAULT_SHARD_ITEMS:,} images, at least {SHARDS_PER_WORKER} per worker (ray).")
+@click.option("--shard-index", type=click.IntRange(min=0), default=None,
+              help="With --num-shards: build only this shard (0-based), in this process, no cluster engine (a job "
+                   "array's task); then run without both options to join the shards.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
 @click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "
               "it and list it in the summary and the cache).")
@@ -43,8 +51,8 @@ from featcache.settings import (DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNN
               "partial or damaged, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
-def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, force, strict, verify, list_caches,
-         quiet, verbose, **selection):
+def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, num_shards, shard_index, force,
+         strict, verify, list_caches, quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
     if list_caches:
@@ -61,11 +69,14 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
             try:
                 result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views,
                                  chunk_size=chunk_size, batch_size=batch_size, engine=engine, force=force, strict=strict,
-                                 progress=not quiet, log=click.echo, runner=runner)
+                                 progress=not quiet, log=click.echo, runner=runner, num_shards=num_shards,
+                                 shard_index=shard_index)
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (process.py): the committed rows stay
-                partial = partial_path(key.path(cache_dir, one_split))
-                kept = (f"the rows committed so far are kept in {partial}; rerun the same command to resume"
-                        if partial.exists() else f"no {one_split} row was committed")
+                path = key.path(cache_dir, one_split)
+                partial, shards = partial_path(path), shards_dir(path)
+                kept = (f"the rows committed so far are kept in {shards if shards.exists() else partial}; rerun the "
+                        "same command to resume" if partial.exists() or shards.exists()
+                        else f"no {one_split} row was committed")
                 click.echo(f"Stopped ({str(exc) or 'Ctrl-C'}): {kept}", err=True)
                 raise SystemExit(130) from None
             click.echo(result.summary(words=as_flags))

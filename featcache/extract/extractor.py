@@ -78,11 +78,20 @@ def resolve_engine(engine: str, precision: str = DEFAULT_PRECISION) -> str:
 
 
 def library_versions() -> dict:
-    """What the cache records about the software that computed its vectors."""
+    """What the cache records about the software that computed its vectors (a library not installed: "")."""
+    from importlib import metadata
+
     import tensorflow as tf
     import tensorflow_hub as hub
 
-    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__}
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__,
+            **{f"{name}_version": version(name) for name in ("openvino", "nncf", "ray")}}
 
 
 @dataclass(frozen=True)

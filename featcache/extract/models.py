@@ -100,9 +100,11 @@ def fixed_input_size(model) -> int | None:
 def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_dir) -> int:
     """The image size to feed the model: its own when it fixes one (a different `asked` is an error),
     else `asked`, else `default`. A model that cannot be loaded here (offline, say) is taken to accept
-    any size: whatever then needs the model says why it cannot load, and extraction checks again."""
+    any size: whatever then needs the model says why it cannot load, and extraction checks again. With `asked`,
+    an unrecorded model is not loaded here (extraction checks it where it loads it: a cluster's driver never
+    imports TensorFlow)."""
     known, fixed = recorded_input_size(handle, sha256, cache_dir)
-    if not known:
+    if not known and not asked:
         try:
             fixed = record_input_size(fixed_input_size(load_model(handle)), handle, sha256, cache_dir)
         except UserError:

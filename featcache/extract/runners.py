@@ -1,53 +1,32 @@
-"""Runners of stage 1's mapper: what turns chunks of images into embeddings, here or on a cluster.
+"""Runners of stage 1's shards: who runs pipeline.run_shard for each shard of a plan, here or on a cluster.
 
-pipeline.extract reads chunks and writes the cache itself; a runner only opens a mapper, whose
-`map(chunks)` gives back each chunk with its embeddings, in order. The local runner embeds in
-this process; `ray_runner.RayRunner` spreads the chunks over Ray actors. Both build the same
-Extractor from the same ExtractorSettings, so their caches hold the same numbers.
+pipeline.extract plans the split and, once every shard is done, assembles the cache; a runner only runs the shards it
+is given, and joins them where it runs them. The local runner runs them in order in this process (one model, all of this machine's cores);
+`ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the same Extractor from the same
+ExtractorSettings and cut shards into the same chunks, so their caches hold the same numbers.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
 from ..errors import UserError
-from .extractor import library_versions
 from ..settings import RUNNERS
 
 
 @dataclass
-class LocalMapper:
-    extractor: object
-    fixed_input_size: int | None
+class RunReport:
+    """What a runner did: images read and embedded, the engine, the model's load time, lines for the summary."""
 
-    @property
-    def engine(self) -> str:
-        return self.extractor.engine
-
-    @property
-    def batch_size(self) -> int:
-        return self.extractor.batch_size
-
-    @property
-    def dim(self) -> int:
-        return self.extractor.dim
-
-    @property
-    def versions(self) -> dict:
-        return library_versions()
-
-    def map(self, chunks):
-        """(chunk, {view: float32 [N, D]}) per chunk, in order; a chunk without rows gets None."""
-        for chunk in chunks:
-            yield chunk, self.extractor.embed(chunk.images) if len(chunk.labels) else None
-
-    def report(self) -> list[str]:
-        return []
+    processed: int = 0
+    engine: str = ""
+    load_seconds: float = 0.0
+    report: list = field(default_factory=list)
 
 
 class LocalRunner:
-    """The extractor in this process (one model, all of this machine's cores)."""
+    """The shards in order, in this process."""
 
     def __enter__(self):
         return self
@@ -55,9 +34,32 @@ class LocalRunner:
     def __exit__(self, *exc):
         pass
 
-    @contextlib.contextmanager
-    def open(self, settings, quantizer=None, log=print):
-        yield LocalMapper(*settings.build(quantizer, log))
+    def shards(self, items: int, chunk_size: int) -> int:
+        """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""
+        return 1
+
+    def run(self, job, indices, log=print, progress=True, reader=None) -> RunReport:
+        from . import sources
+        from .pipeline import progress_bar, run_shard
+
+        reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+        started = time.perf_counter()
+        extractor, fixed = replace(job.settings, input_shape=reader.image_shape).build(job.quantizer, log)
+        job.loaded(fixed)
+        run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
+        bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split, progress)
+        try:
+            for index in indices:
+                run.processed += run_shard(job, index, extractor, reader, bar, log).processed
+        finally:
+            bar.close()
+        return run
+
+
+    def assemble(self, job, reader=None) -> list:
+        from .pipeline import assemble_shards
+
+        return assemble_shards(job, reader)
 
 
 def make_runner(name: str, ray_address: str | None = None, workers: int | None = None, verbose: bool = False):

@@ -5,7 +5,7 @@ A split reader (cifar.SplitSource, folder.FolderSplit) has:
   unreadable files are skipped while reading, so they are known only then);
 - `fingerprint`: changes whenever the split's content may have (cheap: no image is decoded);
 - `class_names`, and `image_shape`: (H, W) of (most of) its images, for compiling ahead;
-- `chunks(chunk_size, start)`: Chunk objects from item `start` on, in order;
+- `chunks(chunk_size, start, stop=None)`: Chunk objects of items [start, stop), in order;
 - `labels_of(items)` for verifying a cache, and `attrs()`: what else the cache should record.
 """
 

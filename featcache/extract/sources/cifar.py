@@ -182,15 +182,18 @@ class SplitSource:
             if left <= 0:
                 return
 
-    def chunks(self, chunk_size: int, start: int = 0) -> Iterator[Chunk]:
-        """Consecutive chunks, beginning at row `start`."""
-        pending_images, pending_labels, position = [], [], 0
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Consecutive chunks of rows [start, stop) (stop None: the split's end)."""
+        pending_images, pending_labels, position = [], [], 0  # position: the item after the last one pending
         for images, labels in self.batches():
+            if stop is not None and position >= stop:
+                break
             skip = min(max(start - position, 0), len(labels))
-            position += len(labels)
-            if skip < len(labels):
-                pending_images.append(images[skip:])
-                pending_labels.append(labels[skip:])
+            end = len(labels) if stop is None else min(len(labels), stop - position)
+            position += end
+            if skip < end:
+                pending_images.append(images[skip:end])
+                pending_labels.append(labels[skip:end])
             while sum(len(x) for x in pending_labels) >= chunk_size:
                 yield from self._emit(pending_images, pending_labels, chunk_size, position)
         if pending_labels:
