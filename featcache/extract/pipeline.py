@@ -112,15 +112,6 @@ class Job:
         return dict(self.attrs, rows=stop - start, shard=f"{index} of {len(self.plan.shards)}: items {start}:{stop}")
 
 
-@dataclass
-class ShardResult:
-    index: int
-    processed: int  # images read and embedded by this run
-    rows: int
-    engine: str
-    skipped: list
-
-
 def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, views=DEFAULT_VIEWS,
             chunk_size=DEFAULT_CHUNK_SIZE, batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False,
             progress=True, log=print, runner=None, num_shards=None, shard_index=None) -> ExtractResult:
@@ -250,10 +241,10 @@ def assemble_shards(job: Job, reader=None) -> list:
     it (`reader`, the job's source, opened here when None); the caller holds the cache's lock."""
     reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
     count = len(job.plan.shards)
-    missing = [i for i in range(count) if not job.done(i)]
+    missing = [str(i) for i in range(count) if not job.done(i)]
     if missing:
-        raise UserError(f"shards {_ranges(missing)} of {count} of {job.path} are not done; run them (or this "
-                        "command again) first")
+        raise UserError(f"shards {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} of {count} of "
+                        f"{job.path} are not done; run them (or this command again) first")
     shards = [job.target(i) for i in range(count)]
     refuse_mixed(shards, job.path)
     if reader.may_skip and not sum(int(attributes(shard)["rows"]) for shard in shards):
@@ -269,12 +260,9 @@ def assemble_shards(job: Job, reader=None) -> list:
     return listed
 
 
-def _ranges(numbers: list[int]) -> str:
-    return ", ".join(str(n) for n in numbers[:8]) + (f" (and {len(numbers) - 8} more)" if len(numbers) > 8 else "")
-
-
-def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print) -> ShardResult:
-    """Shard `index` of the job's plan, read -> embed -> write, resuming its partial file; published when done.
+def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print) -> int:
+    """Shard `index` of the job's plan, read -> embed -> write, resuming its partial file; published when done. The
+    images it read and embedded.
 
     Runs wherever the runner puts it: `reader` (the job's source, opened here when None) and `extractor` are
     this process's. A one-shard plan writes the cache itself (its caller holds the cache's lock); a shard of
@@ -304,7 +292,7 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
                         f"to {job.path} (its {', '.join(cached_views(job.base))} views are kept)")
                 if bar is not None:
                     bar.update(first - start)
-                listed = _fill(writer, extractor, reader, job, first, stop, start, bar)
+                _fill(writer, extractor, reader, job, first, stop, start, bar)
         except CacheWriteError as exc:  # disk full, I/O error, at any moment: committed chunks stay
             raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
                             "committed rows are kept and the next run resumes from there") from None
@@ -312,7 +300,7 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
             raise UserError(f"reading the {job.split} split at {reader.where} failed "
                             f"({exc.strerror or first_line(exc)}); {writer.rows_done} committed rows are kept and "
                             "the next run resumes from there") from None
-    return ShardResult(index, stop - first, writer.rows, extractor.engine, listed)
+    return stop - first
 
 
 def _readable_views(path: Path) -> tuple[str, ...]:
@@ -345,10 +333,9 @@ def _check_engine(path: Path, base: dict, attrs: dict, dim: int):
                         "rebuild it with `force=True`")
 
 
-def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: int, start: int,
-          bar) -> list[tuple[str, str]]:
-    """Embed the source's chunks of items [first, stop) and commit them, then publish the file; the skipped files.
-    The writer's items count from the shard's `start`."""
+def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: int, start: int, bar):
+    """Embed the source's chunks of items [first, stop) and commit them, then publish the file (with its skipped
+    files). The writer's items count from the shard's `start`."""
     skipped: dict[int, str] = {}
     rows_of = writer.items()  # adding views to a folder cache: only the items it has rows for, in its order
     key, split = job.key, job.split
@@ -371,15 +358,12 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
             row += len(chunk.labels)
         _wait(pending, bar)
     if writer.base:
-        writer.finish()
-        return skipped_files(writer.path)
+        return writer.finish()
     if writer.rows_done == 0 and len(job.plan.shards) == 1:
         file, reason = _skipped_lines(reader, skipped)[0]
         raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
                         f"(the first, {file}: {reason})")
-    listed = _skipped_lines(reader, _all_skipped(reader, writer, skipped, start, stop)) if reader.may_skip else []
-    writer.finish(listed)
-    return listed
+    writer.finish(_skipped_lines(reader, _all_skipped(reader, writer, skipped, start, stop)) if reader.may_skip else [])
 
 
 def _rows_of(vectors, chunk, rows_of: np.ndarray, row: int, reader):

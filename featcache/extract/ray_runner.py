@@ -98,7 +98,7 @@ class ShardWorker:
         if where not in self.readers:
             self.readers[where] = sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
         done = run_shard(job, index, self.extractor, self.readers[where], log=self.notes.append)
-        return {"processed": done.processed, "seconds": time.perf_counter() - started, "pid": os.getpid()}
+        return {"processed": done, "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
 
 @dataclass

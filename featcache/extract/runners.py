@@ -50,7 +50,7 @@ class LocalRunner:
         bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split, progress)
         try:
             for index in indices:
-                run.processed += run_shard(job, index, extractor, reader, bar, log).processed
+                run.processed += run_shard(job, index, extractor, reader, bar, log)
         finally:
             bar.close()
         return run
