@@ -14,6 +14,7 @@ cache/assemble.py. Each extract.py run uses --image-size (so no driver loads the
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from featcache import cpu  # noqa: E402
 from featcache.cache import assemble, write  # noqa: E402
 
 RUN_TIMEOUT = 1800  # seconds: a run that hangs fails the bench instead of stopping it
+ENV = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))  # Ray 2.60's cluster token, sent by all
 CLASSES = ("alpha", "beta", "gamma", "delta")
 LAUNCH = """
 import atexit, resource, runpy, sys
@@ -80,13 +82,14 @@ class TwoNodes:
                     str(port + 199 + 100 * index), "--disable-usage-stats"]
             node += (["--head", "--port", str(port), "--include-dashboard", "false", "--ray-client-server-port",
                       str(port + 1)] if index == 0 else ["--address", self.address])
-            self.nodes.append(subprocess.Popen(node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.nodes.append(subprocess.Popen(node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV))
             self._wait_for_nodes(index + 1)
 
     def _wait_for_nodes(self, count: int, timeout: float = 120):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = subprocess.run(["ray", "status", "--address", self.address], capture_output=True, text=True)
+            status = subprocess.run(["ray", "status", "--address", self.address], capture_output=True, text=True,
+                                    env=ENV)
             if status.returncode == 0 and len(re.findall(r"^ \d+ node_", status.stdout, re.M)) >= count:
                 return
             time.sleep(1)
@@ -107,7 +110,7 @@ def extract(args: list[str], record: Path) -> dict:
     """One extract.py run under the launcher: images/s, wall s, the driver's rchar bytes and CPU seconds."""
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", LAUNCH, str(record), str(ROOT / "extract.py"), *args],
-                         capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT)
+                         capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT, env=ENV)
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise SystemExit(f"extract.py failed: {out.stderr[-2000:]}")
