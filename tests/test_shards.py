@@ -151,7 +151,7 @@ def test_a_damaged_shard_is_refused_at_assembly(tiny_model, cifar_root, tmp_path
         _shard(tiny_model, cifar_root, tmp_path, index)
     (shard,) = tmp_path.rglob("00002-of-00004.h5")
     with h5py.File(shard, "r") as f:
-        offset = f["embeddings"].id.get_offset()
+        offset = f["embeddings"].id.get_chunk_info(0).byte_offset
     with open(shard, "r+b") as fh:  # bit rot inside the first stored chunk of its embeddings
         fh.seek(offset + 100)
         byte = fh.read(1)
