@@ -12,10 +12,12 @@ from featcache.cli import (
 )
 from featcache.extract.extractor import check_engine_options
 from featcache.extract.pipeline import extract, verify
+from featcache.extract.plan import shards_dir
 from featcache.extract.runners import make_runner
 from featcache.process import setup_process
 from featcache.settings import (
-    DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_VIEWS, ENGINES, RUNNERS, SPLITS, default_batch_size,
+    DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_SHARD_ITEMS, DEFAULT_VIEWS, ENGINES, RUNNERS,
+    SHARDS_PER_WORKER, SPLITS, default_batch_size,
 )
 
 
@@ -41,6 +43,13 @@ from featcache.settings import (
                    "default: RAY_ADDRESS if set, else a Ray started for this run).")
 @click.option("--workers", type=COUNT, default=None,
               help="With --runner ray: how many workers (each loads the model once).")
+@click.option("--num-shards", type=COUNT, default=None,
+              help="Cut each split into this many shards (item ranges), each built into its own file and joined "
+                   "into the cache at the end. Default: the plan under way, else 1 (local) or shards of about "
+                   f"{DEFAULT_SHARD_ITEMS:,} images, at least {SHARDS_PER_WORKER} per worker (ray).")
+@click.option("--shard-index", type=click.IntRange(min=0), default=None,
+              help="With --num-shards: build only this shard (0-based), in this process, no cluster engine (a job "
+                   "array's task); then run without both options to join the shards.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists.")
 @click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "
               "it and list it in the summary and the cache).")
@@ -49,8 +58,8 @@ from featcache.settings import (
               "partial or damaged, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
-def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, force, strict, verify, list_caches,
-         quiet, verbose, **selection):
+def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, num_shards, shard_index, force,
+         strict, verify, list_caches, quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
     if list_caches:
@@ -71,11 +80,14 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
             try:
                 result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views,
                                  chunk_size=chunk_size, batch_size=batch_size, engine=engine, force=force, strict=strict,
-                                 progress=not quiet, log=click.echo, runner=runner)
+                                 progress=not quiet, log=click.echo, runner=runner, num_shards=num_shards,
+                                 shard_index=shard_index)
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (process.py): the committed rows stay
-                partial = partial_path(key.path(cache_dir, one_split))
-                kept = (f"the rows committed so far are kept in {partial}; rerun the same command to resume"
-                        if partial.exists() else f"no {one_split} row was committed")
+                path = key.path(cache_dir, one_split)
+                partial, shards = partial_path(path), shards_dir(path)
+                kept = (f"the rows committed so far are kept in {shards if shards.exists() else partial}; rerun the "
+                        "same command to resume" if partial.exists() or shards.exists()
+                        else f"no {one_split} row was committed")
                 raise stopped(exc, kept) from None
             click.echo(result.summary(words=as_flags))
 

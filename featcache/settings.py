@@ -108,6 +108,8 @@ DEFAULT_ENGINE = "auto"  # OpenVINO on a CPU when it is installed, else TensorFl
 RUNNERS = ("local", "ray")
 DEFAULT_RUNNER = "local"
 DEFAULT_CHUNK_SIZE = 1024  # images per committed chunk: what a crash can cost at most (folders: sources.folder)
+DEFAULT_SHARD_ITEMS = 10_000  # items per shard of a new plan on a cluster (extract/plan.py, ray_runner.py)
+SHARDS_PER_WORKER = 2  # a new plan on a cluster has at least this many shards per worker: the last ones spread
 
 
 def default_batch_size(engine: str, gpu: bool) -> int:

@@ -347,7 +347,7 @@ except UserError as exc:
     # the fsync of a commit, the rename that publishes it.
     ("writing rows", "h5py.Dataset", "__setitem__", 5, OSError(28, "No space left on device"), 20),
     ("a commit's fsync", "os", "fsync", 9, OSError(28, "No space left on device"), 30),
-    ("publishing", "os", "replace", 3, OSError(28, "No space left on device"), 120),
+    ("publishing", "os", "replace", 4, OSError(28, "No space left on device"), 120),
 ])
 def test_disk_full_at_any_moment_is_one_line_keeps_committed_rows_and_resumes(
         tiny_model, cifar_root, tmp_path, monkeypatch, where, target, name, call, error, kept):
@@ -460,8 +460,8 @@ def test_a_source_that_fails_while_read_is_one_line_and_keeps_committed_rows(tin
     key = make_key(str(tiny_model), 32, "bilinear", None)
     real_chunks = cifar.SplitSource.chunks
 
-    def failing_chunks(self, chunk_size, start=0):
-        for number, chunk in enumerate(real_chunks(self, chunk_size, start)):
+    def failing_chunks(self, chunk_size, start=0, stop=None):
+        for number, chunk in enumerate(real_chunks(self, chunk_size, start, stop)):
             if number == 3:
                 raise OSError(errno.EIO, "Input/output error")
             yield chunk

@@ -88,14 +88,16 @@ def test_grid_bound(default_caches):
     assert re.search(r"met [01]/1; rest \(wall - import - fits\) -?[\d.]+ s", out.splitlines()[-1])
 
 
-@pytest.mark.skipif(not ov_engine.available() or importlib.util.find_spec("ray") is None,
-                    reason="needs the optional Ray runner (requirements-ray.txt)")
-def test_runner_speed(default_caches, cifar_root):
-    _, env = default_caches
-    out = bench("runner_speed", "--data-dir", cifar_root, "--images", 8, "--rounds", 1, "--workers", 1, env=env)
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None or importlib.util.find_spec("PIL") is None,
+                    reason="needs the optional Ray runner (requirements-ray.txt) and Pillow")
+def test_shard_speed(tiny_model, tmp_path):
+    out = bench("shard_speed", "--tree", tmp_path / "photos", "--images", 16, "--width", 64, "--height", 48,
+                "--port", 6491, "--chunk-size", 4, "--model", tiny_model, "--image-size", 32, "--assembly-gb", 0.01)
     rows = {row[0]: row for row in table_rows(out)}
-    assert set(rows) == {"local", "ray"} and float(rows["ray"][1]) > 0 and float(rows["local"][1]) > 0
-    assert re.search(r"ray / local images/s: [\d.]+", out)
+    assert set(rows) == {"local", "ray, 1 worker", "ray, 2 workers"}, out
+    assert rows["ray, 1 worker"][6] == rows["ray, 2 workers"][6] == "True"  # the same cache as the local runner's
+    assert all(float(row[1]) > 0 for row in rows.values())
+    assert re.search(r"assembly: [\d.]+ GB in 4 shards joined at [\d.]+ GB/s", out)
 
 
 def test_deploy_check(small_run, cifar_root):

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.extract import ov_engine, pipeline
+from featcache.extract import ov_engine, pipeline, shard
 from featcache.cache import layout
 from featcache.errors import UserError
 from featcache.extract.extractor import Extractor
@@ -128,7 +128,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_cache(tiny_model, ci
 
 
 def test_prefetched_keeps_order_and_raises_the_readers_error_in_the_caller():
-    assert list(pipeline.prefetched(iter(range(50)), depth=2)) == list(range(50))
+    assert list(shard.prefetched(iter(range(50)), depth=2)) == list(range(50))
 
     def failing():
         yield 1
@@ -136,13 +136,13 @@ def test_prefetched_keeps_order_and_raises_the_readers_error_in_the_caller():
 
     got = []
     with pytest.raises(UserError, match="damaged"):
-        for item in pipeline.prefetched(failing()):
+        for item in shard.prefetched(failing()):
             got.append(item)
     assert got == [1]
 
 
 def test_prefetched_reader_thread_ends_when_the_consumer_stops_early():
-    items = pipeline.prefetched(iter(range(1000)))
+    items = shard.prefetched(iter(range(1000)))
     for item in items:
         if item == 3:
             break  # as an extractor error would

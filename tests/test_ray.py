@@ -1,7 +1,9 @@
-"""extract.py --runner ray on a local Ray cluster: same cache as the local runner, through faults.
+"""extract.py --runner ray on a local Ray cluster: one shard per worker call, the same cache as the local runner,
+through faults (a worker killed mid-shard, the driver killed, two drivers, an unreachable or a fully held cluster).
 
-The cluster is started once by this module's fixture (ray.init in the test process) and ended by
-its own handle (ray.shutdown); runs connect to it by address, as `--ray-address` does on a real one.
+The cluster is started once by this module's fixture (ray.init in the test process) and ended by its own handle
+(ray.shutdown); runs connect to it by address, as `--ray-address` does on a real one. Its workers load
+tests/ray_hooks.py, which kills a worker mid-shard when a test arms it: no test waits on time.
 """
 
 import os
@@ -10,31 +12,56 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from featcache.extract import pipeline, sources
+from featcache.cache import write
 from featcache.errors import UserError
-from featcache.extract.extractor import ExtractorSettings
+from featcache.extract import pipeline
 from featcache.extract.runners import LocalRunner
-from conftest import KILL_POINT, ROOT, make_key
+from conftest import ROOT, make_key, run_cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
 from featcache.extract.ray_runner import RayRunner  # noqa: E402 - needs Ray
 
 CPUS = 2
 IMAGE_SIZE = 48
+# Runs extract.py with RayRunner._finished (the driver counting a finished shard) patched to send this process
+# SIGKILL (or $KILL_SIGNAL) at its <argv[1]>-th call.
+DRIVER_KILL = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from featcache.extract import ray_runner
+at, calls, original = int(sys.argv.pop(1)), [0], ray_runner.RayRunner._finished
+def counted(*args):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+    return original(*args)
+ray_runner.RayRunner._finished = staticmethod(counted)
+import runpy; runpy.run_path({str(ROOT / 'extract.py')!r}, run_name='__main__')
+"""
+
+
+@dataclass
+class Cluster:
+    address: str
+    kill_file: Path  # armed (created) by a test: a worker then kills itself mid-shard, once
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A two-CPU local Ray cluster for this module; yields its address."""
-    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False, logging_level="error")
+def cluster(tmp_path_factory):
+    """A two-CPU local Ray cluster for this module whose workers load tests/ray_hooks.py."""
+    kill_file = tmp_path_factory.mktemp("kill") / "armed"
+    env = {"FEATCACHE_TEST_KILL_FILE": str(kill_file), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False, logging_level="error",
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "ray_hooks.install"})
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield Cluster(ray.get_runtime_context().gcs_address, kill_file)
     finally:
         ray.shutdown()
 
@@ -48,13 +75,21 @@ def _rows(path):
         return {name: f[name][:] for name in f}, dict(f.attrs)
 
 
+def _same(path, reference):
+    rows, _ = _rows(path)
+    assert set(rows) == set(reference[0])
+    for name, values in reference[0].items():
+        np.testing.assert_array_equal(rows[name], values, err_msg=name)
+
+
 def _extract(model, root, cache, runner, **kw):
-    options = dict(data_dir=root, cache_dir=cache, chunk_size=8, batch_size=4, engine="tensorflow", progress=False)
+    options = dict(data_dir=root, cache_dir=cache, chunk_size=8, batch_size=4, engine="tensorflow", progress=False,
+                   log=lambda _: None)
     return pipeline.extract(_key(model), "train", runner=runner, **dict(options, **kw))
 
 
 def _wait_for_free_cpus(timeout=60):
-    """A job's workers are gone once their CPUs are free again."""
+    """A job's workers are gone once their CPUs are free again (Ray frees them asynchronously)."""
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0) < CPUS:
         assert time.monotonic() < deadline, f"workers still hold CPUs: {ray.available_resources()}"
@@ -69,95 +104,104 @@ def reference(tiny_model, cifar_root, tmp_path_factory):
 
 
 def test_ray_runner_writes_the_local_runners_cache(cluster, tiny_model, cifar_root, reference, tmp_path):
-    result = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2))
-    rows, attrs = _rows(result.path)
-    want, want_attrs = reference
-    for name, values in want.items():
-        np.testing.assert_array_equal(rows[name], values)
-    for name in ("engine", "batch_size", "dim", "rows", "source_fingerprint", "tensorflow_version"):
-        assert attrs[name] == want_attrs[name], name
+    lines = []
+    result = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2), log=lines.append)
+    _same(result.path, reference)
+    _, attrs = _rows(result.path)
+    for name in ("engine", "batch_size", "dim", "rows", "source_fingerprint", "tensorflow_version", "ray_version"):
+        assert attrs[name] == reference[1][name], name
+    assert "plan: 4 shards of about 30 items each" in lines[0] and "assembling 4 shards" in lines[-2], lines
     workers = [line for line in result.report if line.startswith("worker ")]
-    assert len(workers) == 2 and all(" 0 rows" not in line for line in workers)  # both did work
+    assert len(workers) == 2 and all(" 0 shards" not in line for line in workers), result.report
     per_node = re.findall(r"\): (\d+)", result.report[-1])
-    assert result.report[-1].startswith("rows per node") and sum(map(int, per_node)) == len(want["labels"])
+    assert result.report[-1].startswith("images per node") and sum(map(int, per_node)) == 120
+    assert not list(tmp_path.rglob("train.shards"))
     _wait_for_free_cpus()
 
 
-def test_a_killed_worker_is_restarted_and_the_cache_is_still_exact(cluster, tiny_model, cifar_root, reference,
-                                                                   tmp_path, monkeypatch):
-    runner = RayRunner(workers=2)
-    real_open_split = sources.open_split
-
-    def open_split(*args, **kwargs):
-        reader = real_open_split(*args, **kwargs)
-        chunks = reader.chunks
-
-        def killing_chunks(size, start=0):
-            for number, chunk in enumerate(chunks(size, start)):
-                if number == 4:  # the workers hold chunks 0-3 now: kill one mid-chunk
-                    os.kill(runner._mapper.workers[0].pids[-1], signal.SIGKILL)
-                yield chunk
-
-        reader.chunks = killing_chunks
-        return reader
-
-    monkeypatch.setattr(sources, "open_split", open_split)
-    result = _extract(tiny_model, cifar_root, tmp_path, runner)
-    rows, _ = _rows(result.path)
-    for name, values in reference[0].items():
-        np.testing.assert_array_equal(rows[name], values)
-    assert "restarted 1x" in result.report[0], result.report
+def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(cluster, tiny_model, cifar_root, reference,
+                                                                      tmp_path):
+    cluster.kill_file.touch()
+    result = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2))
+    assert not cluster.kill_file.exists() and cluster.kill_file.with_name("armed.fired").exists()  # it fired
+    _same(result.path, reference)
+    assert sum("restarted 1x" in line for line in result.report) == 1, result.report
+    assert result.processed <= 120 - 8  # the killed shard resumed from its committed rows
     _wait_for_free_cpus()
 
 
 def _cli(model, root, cache, address, *extra):
-    return [sys.executable, str(ROOT / "extract.py"), "--split", "train", "--data-dir", str(root), "--model",
-            str(model), "--image-size", "160", "--resize", "bilinear", "--chunk-size", "4", "--batch-size", "1",
-            "--engine", "tensorflow", "--cache-dir", str(cache), "--runner", "ray", "--ray-address", address,
-            "--workers", "2", *extra]
+    return ["--split", "train", "--data-dir", str(root), "--model", str(model), "--image-size", str(IMAGE_SIZE),
+            "--resize", "bilinear", "--chunk-size", "8", "--batch-size", "4", "--engine", "tensorflow",
+            "--cache-dir", str(cache), "--runner", "ray", "--ray-address", address, "--workers", "2", "--quiet",
+            *extra]
 
 
-def test_a_killed_driver_resumes_from_its_committed_rows(cluster, tiny_model, cifar_root, tmp_path):
-    reference = subprocess.run(_cli(tiny_model, cifar_root, tmp_path / "ref", cluster, "--quiet"),
-                               capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert reference.returncode == 0, reference.stderr
-    (ref_path,) = (tmp_path / "ref").rglob("train.h5")
-    want, _ = _rows(ref_path)
-
-    cache = tmp_path / "killed"
-    args = _cli(tiny_model, cifar_root, cache, cluster, "--quiet")
-    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
-    killed = subprocess.run([args[0], "-c", script, "write", "5", *args[2:]], capture_output=True, cwd=ROOT,
-                            timeout=300)  # the driver dies as it commits its 5th chunk of 4 images
+def test_a_killed_driver_is_rerun_and_skips_the_finished_shards(cluster, tiny_model, cifar_root, reference,
+                                                                 tmp_path):
+    args = _cli(tiny_model, cifar_root, tmp_path, cluster.address)
+    killed = subprocess.run([sys.executable, "-c", DRIVER_KILL, "2", *args], capture_output=True, cwd=ROOT,
+                            timeout=300)  # the driver dies as it counts its 2nd finished shard
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (partial,) = cache.rglob("train.partial.h5")
-    with h5py.File(partial, "r") as f:
-        committed = int(f.attrs["rows_done"])
-    assert committed == 16
+    done = [int(path.name[:5]) for path in tmp_path.rglob("train.shards/*.h5") if "partial" not in path.name]
+    assert len(done) >= 2 and not list(tmp_path.rglob("train.h5"))
     _wait_for_free_cpus()  # the dead driver's workers went with it
-
-    rerun = subprocess.run(_cli(tiny_model, cifar_root, cache, cluster, "--quiet"), capture_output=True, text=True,
+    rerun = subprocess.run([sys.executable, str(ROOT / "extract.py"), *args], capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"at row {committed} " in rerun.stdout, rerun.stdout
-    assert f"done: {len(want['labels'])} rows, {len(want['labels']) - committed} images" in rerun.stdout
-    rows, _ = _rows(partial.with_name("train.h5"))
-    for name, values in want.items():
-        np.testing.assert_array_equal(rows[name], values)
+    assert f"{len(done)} of 4 shards" in rerun.stdout and "assembling 4 shards" in rerun.stdout, rerun.stdout
+    processed = int(re.search(r"done: 120 rows, (\d+) images", rerun.stdout).group(1))
+    sizes = [24, 32, 32, 32]  # the plan's shards: (0, 24), (24, 56), (56, 88), (88, 120)
+    assert processed <= 120 - sum(sizes[index] for index in done), rerun.stdout  # finished shards are not redone
+    (path,) = tmp_path.rglob("train.h5")
+    _same(path, reference)
     _wait_for_free_cpus()
 
 
 @pytest.mark.parametrize("signal_name, said", [("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM")])
 def test_ctrl_c_stops_the_workers_it_started(cluster, tiny_model, cifar_root, tmp_path, signal_name, said):
-    """Ctrl-C or SIGTERM at commit 3 (ray.init makes SIGTERM a bare exit: the job puts its own handler back)."""
-    args = _cli(tiny_model, cifar_root, tmp_path, cluster, "--quiet")
-    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
-    interrupted = subprocess.run([args[0], "-c", script, "write", "3", *args[2:]], capture_output=True, cwd=ROOT,
+    """Ctrl-C or SIGTERM as the first shard finishes (ray.init makes SIGTERM a bare exit: the job puts its own
+    handler back)."""
+    args = _cli(tiny_model, cifar_root, tmp_path, cluster.address)
+    interrupted = subprocess.run([sys.executable, "-c", DRIVER_KILL, "1", *args], capture_output=True, cwd=ROOT,
                                  timeout=300, env=dict(os.environ, KILL_SIGNAL=signal_name), text=True)
     assert interrupted.returncode == 130, interrupted.stderr
-    assert interrupted.stderr.strip().splitlines()[-1].startswith(f"Stopped ({said}): the rows committed so far")
+    last = interrupted.stderr.strip().splitlines()[-1]
+    assert re.match(rf"Stopped \({said}\): the rows committed so far are kept in .*train\.shards; rerun", last), last
     _wait_for_free_cpus(timeout=20)
-    assert not list(tmp_path.rglob("train.h5")) and list(tmp_path.rglob("train.partial.h5"))
+    assert not list(tmp_path.rglob("train.h5"))
+
+
+def test_two_drivers_on_one_plan_is_one_line(cluster, tiny_model, cifar_root, tmp_path):
+    path = _key(tiny_model).path(tmp_path, "train")
+    with write.locked(path):  # the first driver holds the cache for its whole run
+        with pytest.raises(UserError, match=f"^cache {path} is busy: another writer"):
+            _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2))
+    _wait_for_free_cpus()
+
+
+def test_a_cluster_whose_cpus_are_all_held_is_one_line_not_a_hang(cluster, tiny_model, cifar_root, tmp_path):
+    @ray.remote(num_cpus=CPUS)
+    class OtherJob:
+        def ready(self):
+            return True
+
+    other = OtherJob.remote()
+    try:
+        assert ray.get(other.ready.remote(), timeout=60)
+        with pytest.raises(UserError, match=f"^the Ray cluster has no free CPU: all {CPUS} are held by other jobs"):
+            _extract(tiny_model, cifar_root, tmp_path, RayRunner())
+    finally:
+        ray.kill(other)
+    assert not list(tmp_path.rglob("*.h5"))
+    _wait_for_free_cpus()
+
+
+def test_an_unreachable_cluster_is_one_line(tiny_model, cifar_root, tmp_path):
+    out = run_cli("extract.py", *_cli(tiny_model, cifar_root, tmp_path, "127.0.0.1:9"), in_process=False)
+    assert out.returncode == 2
+    assert re.fullmatch(r"Error: cannot join the Ray cluster at 127\.0\.0\.1:9: nothing answers there \(.+\)",
+                        out.stderr.strip()), out.stderr
 
 
 def test_a_worker_that_cannot_load_the_model_fails_in_one_line_naming_its_node(cluster, cifar_root, tmp_path):
@@ -172,21 +216,21 @@ def test_a_worker_that_cannot_load_the_model_fails_in_one_line_naming_its_node(c
     _wait_for_free_cpus()
 
 
-def test_one_job_keeps_its_workers_for_both_splits(cluster, tiny_model):
+def test_one_job_keeps_its_workers_for_both_splits(cluster, tiny_model, cifar_root, tmp_path):
     """extract.py's two splits: the model is loaded once per worker unless the settings change."""
-    settings = ExtractorSettings(str(tiny_model), image_size=IMAGE_SIZE, engine="tensorflow", input_shape=(32, 32))
     with RayRunner(workers=2) as runner:
-        with runner.open(settings) as first:
-            pids = [worker.pids[-1] for worker in first.workers]
-        with runner.open(replace(settings, input_shape=(40, 50))) as second:  # a folder's other split
-            assert second is first and [worker.pids[-1] for worker in second.workers] == pids
-        with runner.open(replace(settings, image_size=IMAGE_SIZE + 8)) as third:
-            assert third is not first
+        _extract(tiny_model, cifar_root, tmp_path, runner)
+        pids = [worker.pids[-1] for worker in runner._pool]
+        pipeline.extract(_key(tiny_model), "test", data_dir=cifar_root, cache_dir=tmp_path, chunk_size=8,
+                         batch_size=4, engine="tensorflow", progress=False, log=lambda _: None, runner=runner)
+        assert [worker.pids[-1] for worker in runner._pool] == pids
+        _extract(tiny_model, cifar_root, tmp_path / "other", runner, batch_size=2)
+        assert [worker.pids[-1] for worker in runner._pool] != pids
     _wait_for_free_cpus()
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_an_error_not_a_hang(cluster, tiny_model, cifar_root, tmp_path):
-    with pytest.raises(UserError, match=f"^workers {CPUS + 1} needs one CPU each; the Ray cluster has {CPUS}"):
+    with pytest.raises(UserError, match=f"^workers {CPUS + 1} needs one CPU each; the Ray cluster has {CPUS} free"):
         _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=CPUS + 1))
     assert not list(tmp_path.rglob("*.h5"))
 
@@ -196,7 +240,7 @@ def test_without_ray_the_runner_is_a_one_line_error(tiny_model, cifar_root, tmp_
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     env = dict(os.environ, PYTHONPATH=f"{hidden.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    args = _cli(tiny_model, cifar_root, tmp_path / "cache", "auto")
+    args = [sys.executable, str(ROOT / "extract.py"), *_cli(tiny_model, cifar_root, tmp_path / "cache", "auto")]
     result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("Error: --runner ray needs Ray, which is not installed: "

@@ -37,9 +37,12 @@ CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize", "limit", "precision", "crop",
             "data_dir", "test_fraction", "model_sha256", "rows",
-            "source_fingerprint")
-# A partial file is only resumed by the same engine (and int8 model), so one file never mixes them.
-RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing")
+            "source_fingerprint", "shard")
+# A partial file is only resumed by the same engine, batch size, library versions (and int8 model), so one file
+# never mixes them.
+RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
+                              "batch_size", "tensorflow_version", "tensorflow_hub_version", "openvino_version",
+                              "nncf_version", "ray_version")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,10 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..settings import view_dataset
-from .layout import CHUNK_ROWS, RESUME_IDENTITY, mismatches, open_h5, partial_path, stored_rows
+from .layout import CHUNK_ROWS, IDENTITY, RESUME_IDENTITY, mismatches, open_h5, partial_path, stored_rows
+
+
+_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing")  # not per dataset
 
 
 @contextlib.contextmanager
@@ -123,7 +126,8 @@ class CacheWriter:
                           computing=json.dumps(list(self.computing)))
         # Adding views: the base's record of how its rows were made stays; what differs for the new views (versions,
         # batch size, when) is recorded on their datasets.
-        self.made = {k: v for k, v in self.attrs.items() if base and k not in RESUME_IDENTITY and base.get(k) != v}
+        self.made = {k: v for k, v in self.attrs.items()
+                     if base and k not in IDENTITY + _LAYOUT and base.get(k) != v}
         if base:
             self.attrs = dict(base, **{k: self.attrs[k] for k in ("views", "computing", "dim")},
                               complete=False, rows_done=np.int64(0))

@@ -21,7 +21,7 @@ from ..settings import (
     DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, PRECISIONS,
     default_batch_size,
 )
-from .models import fixed_input_size, identity, load_model
+from .models import checked_size, fixed_input_size, identity, load_model
 from .preprocess import center_square, preprocess_static, preprocess_views, view_images
 
 # Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2, so a large photo goes alone instead
@@ -77,11 +77,20 @@ def resolve_engine(engine: str, precision: str = DEFAULT_PRECISION) -> str:
 
 
 def library_versions() -> dict:
-    """What the cache records about the software that computed its vectors."""
+    """What the cache records about the software that computed its vectors (a library not installed: "")."""
+    from importlib import metadata
+
     import tensorflow as tf
     import tensorflow_hub as hub
 
-    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__}
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__,
+            **{f"{name}_version": version(name) for name in ("openvino", "nncf", "ray")}}
 
 
 @dataclass(frozen=True)
@@ -108,9 +117,11 @@ class ExtractorSettings:
             raise UserError(f"model folder {self.model} holds other files here than where the job started "
                             "(its content hash differs)")
         model = load_model(self.model)
+        fixed = fixed_input_size(model)
+        checked_size(self.model, fixed, self.image_size)  # a size the model's signature contradicts, in one line
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__
                   if name not in ("model", "model_sha256")}
-        return Extractor(model, **fields, quantizer=quantizer, log=log, threads=threads), fixed_input_size(model)
+        return Extractor(model, **fields, quantizer=quantizer, log=log, threads=threads), fixed
 
 
 @dataclass

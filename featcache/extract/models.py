@@ -102,10 +102,11 @@ def fixed_input_size(model) -> int | None:
 def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_dir, announce=None) -> int:
     """The image size to feed the model: its own when it fixes one (a different `asked` is an error),
     else `asked`, else `default`. A model that cannot be loaded here (offline, say) is taken to accept
-    any size: whatever then needs the model says why it cannot load, and extraction checks again.
-    `announce` gets a line before the model is loaded for it."""
+    any size: whatever then needs the model says why it cannot load, and extraction checks again. With `asked`,
+    an unrecorded model is not loaded here (extraction checks it where it loads it: a cluster's driver never
+    imports TensorFlow). `announce` gets a line before the model is loaded for it."""
     known, fixed = recorded_input_size(handle, sha256, cache_dir)
-    if not known:
+    if not known and not asked:
         if announce:
             announce(f"loading model {handle} once to learn its input size ...")
         try:

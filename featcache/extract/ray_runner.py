@@ -1,18 +1,19 @@
-"""Stage 1's mapper on a Ray cluster: each worker is a Ray actor that loads the model once.
+"""Stage 1's shards on a Ray cluster: one actor call per shard, and the worker does the shard's whole loop.
 
-The driver (pipeline.extract) still reads the source and writes the one cache file with the
-crash-safe writer, so resume, verification and every reader work unchanged; this module only sends
-each chunk of images to the workers, cut into one piece per worker, and takes the embeddings back
-in source order, with at most IN_FLIGHT_PER_WORKER pieces per worker in flight. Ray Core actors
-rather than Ray Data's map_batches: the results must come back in order into one file with a bound
-on what waits, which is a small queue here, and Ray Data would add pandas/pyarrow and a second
-scheduler for it.
+Each worker is a Ray actor that loads the model once, then runs pipeline.run_shard for shard after shard: it opens
+the source itself (the cluster shares storage: the same path on every node), reads and embeds its shard's images and
+writes its own shard file with the crash-safe writer. The driver (pipeline.extract) only plans, schedules one shard
+per idle worker and tracks them; at the end a Ray task joins the shards into the cache: the driver reads no image
+and no row. Ray Core
+actors rather than Ray Data: a shard's loop is the local runner's, resumable inside the shard, and the output must be
+one checksummed file per shard, which Ray Data's writers do not make.
 
-The engine is chosen once: the first worker resolves `engine` (auto: OpenVINO when installed,
-no GPU, and the model converts) and its batch size, and every other worker is started with both
-pinned, so one cache never mixes engines. A worker process that dies is restarted by Ray (the
-model loaded again) and its chunks retried; a worker that cannot load the model stops the job
-with one line naming its node. Each worker reserves one CPU (or one GPU) and runs that many threads.
+Workers are sized to the cluster's free resources (one per free CPU, or GPU, unless `workers` says fewer). Every one
+must report the same engine, batch size and library versions, or the job stops in one line naming the node (one
+cache never mixes them). A worker process that dies is restarted by Ray (the model loaded again) and its shard call
+retried: the shard resumes from its committed rows. No wait is unbounded: workers must be up within START_SECONDS
+(a cluster whose CPUs are taken meanwhile ends in one line), and a job where no shard file changes for
+STALL_SECONDS (a cluster gone, a worker hung) stops in one line; finished shards stay, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -22,25 +23,25 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import signal
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from ..cache.layout import partial_path
 from ..errors import UserError, first_line
-from .extractor import batch_unit, library_versions
+from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
+from .shard import RunReport
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
-IN_FLIGHT_PER_WORKER = 2  # one piece being embedded, the next already there: a worker never waits for the driver
 CONNECT_SECONDS = 10  # how long a cluster address may take to answer
-MAX_RESTARTS = 3  # times Ray starts a dead worker again (reloading the model) and retries its pieces
-# What a worker started by `ray start` on another node does not inherit from this shell but needs.
+START_SECONDS = 300  # how long the workers may take to start and load the model
+STALL_SECONDS = 900  # how long the job waits with no shard file changing (a chunk committed) before it stops
+POLL_SECONDS = 2.0  # how often the driver looks at the shards in flight
+MAX_RESTARTS = 3  # times Ray starts a dead worker again (reloading the model) and retries its shard
 FORWARDED_ENV = ("TFHUB_CACHE_DIR", "TFHUB_MODEL_LOAD_FORMAT", "TF_CPP_MIN_LOG_LEVEL", "TF_DETERMINISTIC_OPS")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def import_ray():
@@ -51,51 +52,53 @@ def import_ray():
     return ray
 
 
-class Embedder:
-    """One worker's state: an Extractor built when the actor starts (and again when Ray restarts it).
-
-    A failed load is kept and reported by `info()`, not raised from the constructor, so the driver
-    gets the reason and the node in one line instead of a dead actor's traceback.
-    """
+class ShardWorker:
+    """One worker: an Extractor built when the actor starts (and again when Ray restarts it), and the sources it
+    has opened. A failed load is kept and reported by `info()`, so the driver gets the reason and the node in one
+    line instead of a dead actor's traceback."""
 
     def __init__(self, settings, threads: int | None):
         import ray
 
+        from .extractor import library_versions
+
         self.place = {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                       "pid": os.getpid()}
         self.notes: list[str] = []
+        self.readers: dict = {}
         self.extractor, self.fixed_input_size, self.error = None, None, None
         started = time.perf_counter()
         try:
             if threads:
-                _limit_tensorflow_threads(threads)
+                import tensorflow as tf
+
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
             self.extractor, self.fixed_input_size = settings.build(log=self.notes.append, threads=threads)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, with its node, by info()
             self.error = first_line(exc) if not isinstance(exc, UserError) else exc.template
         self.load_seconds = time.perf_counter() - started
+        self.versions = library_versions()
 
     def info(self) -> dict:
         extractor = self.extractor
         return dict(self.place, error=self.error, notes=self.notes, load_seconds=self.load_seconds,
-                    fixed_input_size=self.fixed_input_size, versions=library_versions(),
-                    engine=extractor and extractor.engine,
-                    batch_size=extractor and extractor.batch_size, dim=extractor and extractor.dim)
+                    fixed_input_size=self.fixed_input_size, versions=self.versions,
+                    engine=extractor and extractor.engine, batch_size=extractor and extractor.batch_size)
 
-    def embed(self, images):
-        """({view: float32 [N, D]}, this process's pid, seconds spent, its peak RSS in bytes)."""
+    def run(self, job, index: int) -> dict:
+        """Run shard `index` of `job`: (images embedded, seconds, this process's pid)."""
+        from . import sources
+        from .shard import run_shard
+
         if self.error:  # a restarted worker that could not load the model again
             raise RuntimeError(f"cannot load the model: {self.error}")
         started = time.perf_counter()
-        vectors = self.extractor.embed(images)
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
-        return vectors, self.place["pid"], time.perf_counter() - started, peak_rss
-
-
-def _limit_tensorflow_threads(threads: int):
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+        where = (job.key, job.split, job.data_dir, job.strict)
+        if where not in self.readers:
+            self.readers[where] = sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+        done = run_shard(job, index, self.extractor, self.readers[where], log=self.notes.append)
+        return {"processed": done, "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
 
 @dataclass
@@ -108,143 +111,16 @@ class Worker:
     ip: str = ""
     pids: list = field(default_factory=list)
     load_seconds: float = 0.0
-    in_flight: int = 0
-    rows: int = 0
+    shards: int = 0
+    images: int = 0
     busy_seconds: float = 0.0
-    peak_rss: int = 0
 
     def line(self) -> str:
         restarts = f", restarted {len(self.pids) - 1}x" if len(self.pids) > 1 else ""
-        speed = self.rows / self.busy_seconds if self.busy_seconds else 0.0
-        return (f"worker {self.index} on node {self.node[:8]} ({self.ip}, pid {self.pids[-1]}): {self.rows} rows, "
-                f"{speed:.1f} images/s while busy, model load {self.load_seconds:.1f} s, "
-                f"peak RSS {self.peak_rss / 1e9:.2f} GB{restarts}")
-
-
-class RayMapper:
-    """Chunks in, (chunk, embeddings) out in the same order, embedded by Ray actors."""
-
-    def __init__(self, ray, settings, workers: int | None, log=print):
-        self.ray = ray
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        slots = gpus or int(resources.get("CPU", 0))
-        count = workers or slots
-        if count > slots:  # Ray would keep the extra workers pending forever
-            raise UserError(f"`workers` {count} needs one {'GPU' if gpus else 'CPU'} each; the Ray cluster has {slots}")
-        self._options = dict(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=MAX_RESTARTS,
-                             max_task_retries=MAX_RESTARTS)
-        self._threads = None if gpus else 1
-        self._remote = ray.remote(Embedder)
-        # All workers load at once; the first one's engine and batch size are the job's, and a worker
-        # that resolved others (no OpenVINO on its node, a GPU) is started again with them pinned.
-        log(f"ray: starting {count} workers (each loads the model)")
-        self.workers = [Worker(self._actor(settings), index) for index in range(count)]
-        try:
-            self._pin(settings, log)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _pin(self, settings, log):
-        first = self._ready(self.workers[0])
-        self.engine, self.batch_size = first["engine"], first["batch_size"]
-        self.dim, self.fixed_input_size, self.versions = first["dim"], first["fixed_input_size"], first["versions"]
-        for note in first["notes"]:
-            log(note)
-        pinned = replace(settings, engine=self.engine, batch_size=self.batch_size)
-        for worker in self.workers[1:]:
-            info = self._ready(worker)
-            if (info["engine"], info["batch_size"], info["versions"]) != (self.engine, self.batch_size, self.versions):
-                if info["versions"] != self.versions:
-                    raise UserError(f"ray worker {worker.index} on node {worker.node[:8]} ({worker.ip}) has other "
-                                    f"library versions than worker 0: {info['versions']} vs {self.versions}")
-                self.ray.kill(worker.actor, no_restart=True)
-                worker.actor = self._actor(pinned)
-                self._ready(worker)
-        nodes = len({worker.node for worker in self.workers})
-        log(f"ray: {len(self.workers)} workers on {nodes} node(s), {self.engine}, batch {self.batch_size}")
-
-    def _actor(self, settings):
-        return self._remote.options(**self._options).remote(settings, self._threads)
-
-    def _ready(self, worker: Worker) -> dict:
-        """Wait for a worker's model load; a failure is one line naming the node."""
-        try:
-            info = self.ray.get(worker.actor.info.remote())
-        except self.ray.exceptions.RayError as exc:
-            raise UserError(f"ray worker {worker.index} did not start: {first_line(exc)}") from None
-        worker.node, worker.ip, worker.pids, worker.load_seconds = info["node"], info["ip"], [info["pid"]], \
-            info["load_seconds"]
-        if info["error"]:
-            raise UserError(f"ray worker {worker.index} on node {info['node'][:8]} ({info['ip']}): {info['error']}")
-        return info
-
-    def map(self, chunks):
-        """(chunk, {view: float32 [N, D]}) per chunk, in order; a chunk without rows gets None.
-
-        Each chunk is cut into one piece per worker (whole network batches, so every batch is the
-        local runner's), each piece goes to the worker with the fewest pieces in flight, and the
-        oldest chunk is taken back as soon as the workers hold IN_FLIGHT_PER_WORKER pieces each.
-        Pieces rather than whole chunks keep every worker busy up to the last chunk: with whole
-        chunks, 5,000 images in chunks of 1,024 kept one of two workers idle for a fifth of the run.
-        """
-        waiting = collections.deque()  # (chunk, [(worker, result ref, rows)])
-        limit = IN_FLIGHT_PER_WORKER * len(self.workers)
-        for chunk in chunks:
-            waiting.append((chunk, [self._send(chunk.images[lo:hi]) for lo, hi in self._pieces(chunk.images)]))
-            while waiting and (not waiting[0][1] or sum(w.in_flight for w in self.workers) >= limit):
-                yield self._result(*waiting.popleft())
-        while waiting:
-            yield self._result(*waiting.popleft())
-
-    def _pieces(self, images) -> list[tuple[int, int]]:
-        """[lo, hi) ranges: one per worker, each a whole number of the extractor's batches (or groups)."""
-        unit = batch_unit(images, self.batch_size)
-        size = unit * max(1, math.ceil(len(images) / len(self.workers) / unit))
-        return [(lo, min(lo + size, len(images))) for lo in range(0, len(images), size)]
-
-    def _send(self, images):
-        worker = min(self.workers, key=lambda w: w.in_flight)
-        worker.in_flight += 1
-        return worker, worker.actor.embed.remote(images), len(images)
-
-    def _result(self, chunk, pieces):
-        if not pieces:
-            return chunk, None
-        parts = []
-        for worker, ref, rows in pieces:
-            try:
-                vectors, pid, seconds, peak_rss = self.ray.get(ref)
-            except self.ray.exceptions.RayError as exc:
-                raise UserError(f"ray worker {worker.index} on node {worker.node[:8]} ({worker.ip}) failed: "
-                                f"{_cause(exc)}; committed rows are kept and a rerun resumes from them") from None
-            worker.in_flight -= 1
-            worker.rows += rows
-            worker.busy_seconds += seconds
-            worker.peak_rss = max(worker.peak_rss, peak_rss)
-            if pid != worker.pids[-1]:
-                worker.pids.append(pid)  # Ray restarted it: the pieces it held were embedded again
-            parts.append(vectors)
-        return chunk, {view: np.concatenate([part[view] for part in parts]) for view in parts[0]}
-
-    def reset_counts(self):
-        for worker in self.workers:
-            worker.rows, worker.busy_seconds = 0, 0.0
-
-    def report(self) -> list[str]:
-        """Per worker rows and throughput, then rows per node."""
-        per_node = collections.Counter()
-        for worker in self.workers:
-            per_node[f"{worker.node[:8]} ({worker.ip})"] += worker.rows
-        nodes = ", ".join(f"{node}: {rows}" for node, rows in per_node.items())
-        return [worker.line() for worker in self.workers] + [f"rows per node: {nodes}"]
-
-    def stop(self):
-        """Kill this job's actors (their in-flight work with them); the cluster itself stays up."""
-        for worker in self.workers:
-            with contextlib.suppress(Exception):
-                self.ray.kill(worker.actor, no_restart=True)
+        speed = self.images / self.busy_seconds if self.busy_seconds else 0.0
+        return (f"worker {self.index} on node {self.node[:8]} ({self.ip}, pid {self.pids[-1]}): {self.shards} shards, "
+                f"{self.images} images, {speed:.1f} images/s while busy, model load {self.load_seconds:.1f} s"
+                f"{restarts}")
 
 
 def check_reachable(address: str, timeout: float = CONNECT_SECONDS):
@@ -262,23 +138,26 @@ def check_reachable(address: str, timeout: float = CONNECT_SECONDS):
 def _cause(exc) -> str:
     """The worker's own error line when it raised one, else Ray's first line."""
     cause = getattr(exc, "cause", None)
+    if isinstance(cause, UserError):
+        return cause.template
     return first_line(cause) if cause is not None else first_line(exc)
 
 
 @dataclass
 class RayRunner:
-    """Embed on a Ray cluster: `address` None starts a local Ray (RAY_ADDRESS, if set, is used instead),
+    """Run shards on a Ray cluster: `address` None starts a local Ray (RAY_ADDRESS, if set, is used instead),
     'auto' joins the cluster running on this machine, host:port or ray://host:port a given one.
 
-    Used as a context manager (as extract.py does for both splits), the connection and the workers
-    stay up between `open()`s with the same settings, so the model is loaded once per job.
+    Used as a context manager (as extract.py does for both splits), the connection and the workers stay up
+    between runs with the same settings, so the model is loaded once per job.
     """
 
     address: str | None = None
     workers: int | None = None
     verbose: bool = False
-    _mapper: RayMapper | None = field(default=None, init=False, repr=False)
+    _pool: list = field(default_factory=list, init=False, repr=False)
     _settings: object = field(default=None, init=False, repr=False)
+    _released: int = field(default=0, init=False, repr=False)  # workers just stopped, their CPUs soon free
     _started_here: bool = field(default=False, init=False, repr=False)
     _entered: bool = field(default=False, init=False, repr=False)
 
@@ -293,29 +172,163 @@ class RayRunner:
         self._entered = False
         self.close()
 
-    @contextlib.contextmanager
-    def open(self, settings, quantizer=None, log=print):
+    def shards(self, items: int, chunk_size: int) -> int:
+        """A new plan's shard count: shards of about DEFAULT_SHARD_ITEMS items, at least SHARDS_PER_WORKER per
+        worker, at most one per chunk."""
+        slots, _ = self._free_slots(import_ray())
+        wanted = max(math.ceil(items / DEFAULT_SHARD_ITEMS), SHARDS_PER_WORKER * (self.workers or max(slots, 1)))
+        return min(wanted, math.ceil(items / chunk_size))
+
+    def run(self, job, indices, log=print, progress=True, reader=None) -> RunReport:
+        from .shard import progress_bar
+
         ray = import_ray()
-        if quantizer is not None:
+        if job.quantizer is not None:
             raise UserError("`precision='int8'` runs with `runner='local'` only (its calibrated network is built on "
                             "the driver); use `precision='f32'` or `precision='bf16'` with `runner='ray'`")
         failed = True
         try:
-            same = replace(settings, input_shape=None)  # only a hint of what to compile first: any size works
-            if self._mapper is None or same != self._settings:
+            started = time.perf_counter()
+            if not self._pool or job.settings != self._settings:
                 self._stop_workers()
-                self._started_here = self._connect(ray) or self._started_here
-                self._mapper, self._settings = RayMapper(ray, settings, self.workers, log), same
-            self._mapper.reset_counts()
-            yield self._mapper
+                self._start(ray, job, log)
+            run = RunReport(engine=self._engine, load_seconds=time.perf_counter() - started)
+            for worker in self._pool:
+                worker.shards, worker.images, worker.busy_seconds = 0, 0, 0.0
+            bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split,
+                               progress)
+            try:
+                run.processed = self._schedule(ray, job, collections.deque(indices), bar)
+            finally:
+                bar.close()
+            run.report = self._report()
             failed = False
+            return run
         finally:  # an error or Ctrl-C stops the work this job started at once
             if failed or not self._entered:
                 self.close()
 
+    def _schedule(self, ray, job, pending: collections.deque, bar) -> int:
+        """Give each idle worker the next shard until all are done; the images embedded."""
+        running, processed = {}, 0  # result ref -> (worker, shard index)
+        changed, last = time.monotonic(), {}
+        while pending or running:
+            for worker in self._pool:
+                if pending and worker not in [w for w, _ in running.values()]:
+                    index = pending.popleft()
+                    running[worker.actor.run.remote(job, index)] = worker, index
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            for ref in ready:
+                worker, index = running.pop(ref)
+                try:
+                    out = ray.get(ref, timeout=POLL_SECONDS)
+                except ray.exceptions.RayError as exc:
+                    raise UserError(f"shard {index} failed on ray worker {worker.index} on node {worker.node[:8]} "
+                                    f"({worker.ip}): {_cause(exc)}; finished shards and committed rows are kept, "
+                                    "a rerun resumes from them") from None
+                processed += self._finished(worker, out)
+                bar.update(job.plan.shards[index][1] - job.plan.shards[index][0])
+            now = {index: _mtime(partial_path(job.target(index))) for _, index in running.values()}
+            if ready or now != last:
+                changed, last = time.monotonic(), now
+            elif time.monotonic() - changed > STALL_SECONDS:
+                raise UserError(f"no shard committed a chunk in {STALL_SECONDS} s (shards "
+                                f"{', '.join(str(index) for _, index in running.values())} in flight): the Ray "
+                                "cluster may be down or its workers hung; finished shards and committed rows are "
+                                "kept, a rerun resumes from them")
+        return processed
+
+    def assemble(self, job, reader=None) -> list:
+        """Join the shards in a Ray task (no CPU reserved: it copies), so the driver reads none of their rows."""
+        ray = import_ray()
+        self._connect(ray)
+        ref = ray.remote(num_cpus=0, max_retries=MAX_RESTARTS)(_assemble).remote(job)
+        changed, last = time.monotonic(), 0
+        while not ray.wait([ref], timeout=POLL_SECONDS)[0]:
+            now = _mtime(partial_path(job.path))
+            if now != last:
+                changed, last = time.monotonic(), now
+            elif time.monotonic() - changed > STALL_SECONDS:
+                raise UserError(f"assembling {job.path} committed nothing in {STALL_SECONDS} s: the Ray cluster may "
+                                "be down; the shards are kept, a rerun assembles them")
+        try:
+            return ray.get(ref, timeout=POLL_SECONDS)
+        except ray.exceptions.RayError as exc:
+            raise UserError(f"assembling {job.path} on the Ray cluster failed: {_cause(exc)}") from None
+
+    @staticmethod
+    def _finished(worker: Worker, out: dict) -> int:
+        """Count a finished shard's work; the images it embedded."""
+        worker.shards, worker.images = worker.shards + 1, worker.images + out["processed"]
+        worker.busy_seconds += out["seconds"]
+        if out["pid"] != worker.pids[-1]:
+            worker.pids.append(out["pid"])  # Ray restarted it: the shard resumed from its committed rows
+        return out["processed"]
+
+    def _free_slots(self, ray) -> tuple[int, str]:
+        self._connect(ray)
+        free = ray.available_resources()
+        gpus = int(free.get("GPU", 0))
+        return (gpus, "GPU") if gpus else (int(free.get("CPU", 0)), "CPU")
+
+    def _start(self, ray, job, log):
+        """Start the workers (sized to the free resources) and wait, at most START_SECONDS, for their model loads."""
+        slots, kind = self._free_slots(ray)
+        deadline = time.monotonic() + START_SECONDS
+        while slots < self._released and time.monotonic() < deadline:  # the pool just stopped frees its CPUs
+            time.sleep(POLL_SECONDS / 10)
+            slots, kind = self._free_slots(ray)
+        self._released = 0
+        total = int(ray.cluster_resources().get(kind, 0))
+        if slots == 0:
+            raise UserError(f"the Ray cluster has no free {kind}: all {total} are held by other jobs; run again "
+                            "once they are done, or add nodes")
+        count = self.workers or slots
+        if count > slots:  # Ray would keep the extra workers pending forever
+            raise UserError(f"`workers` {count} needs one {kind} each; the Ray cluster has {slots} free (of {total})")
+        options = dict(num_cpus=1, num_gpus=1 if kind == "GPU" else 0, max_restarts=MAX_RESTARTS,
+                       max_task_retries=MAX_RESTARTS)
+        remote = ray.remote(ShardWorker).options(**options)
+        log(f"ray: starting {count} workers (each loads the model)")
+        self._pool = [Worker(remote.remote(job.settings, None if kind == "GPU" else 1), index)
+                      for index in range(count)]
+        try:
+            infos = ray.get([worker.actor.info.remote() for worker in self._pool], timeout=START_SECONDS)
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"the {count} ray workers did not all start within {START_SECONDS} s (the cluster's "
+                            f"{kind}s may have been taken by another job meanwhile); run again") from None
+        except ray.exceptions.RayError as exc:
+            raise UserError(f"a ray worker did not start: {first_line(exc)}") from None
+        for worker, info in zip(self._pool, infos):
+            worker.node, worker.ip, worker.pids, worker.load_seconds = info["node"], info["ip"], [info["pid"]], \
+                info["load_seconds"]
+            if info["error"]:
+                raise UserError(f"ray worker {worker.index} on node {info['node'][:8]} ({info['ip']}): {info['error']}")
+            made = (info["engine"], info["batch_size"], info["versions"])
+            first = (infos[0]["engine"], infos[0]["batch_size"], infos[0]["versions"])
+            if made != first:
+                raise UserError(f"ray worker {worker.index} on node {worker.node[:8]} ({worker.ip}) would make other "
+                                f"rows than worker 0 (engine, batch size, versions: {made} vs {first}); one cache "
+                                "never mixes them: install the same libraries on every node, or pass `engine`")
+        for note in infos[0]["notes"]:
+            log(note)
+        job.loaded(infos[0]["fixed_input_size"])
+        self._settings, self._engine = job.settings, infos[0]["engine"]
+        nodes = len({worker.node for worker in self._pool})
+        log(f"ray: {count} workers on {nodes} node(s), {self._engine}, batch {infos[0]['batch_size']}")
+
+    def _report(self) -> list[str]:
+        """Per worker shards and throughput, then images per node."""
+        per_node = collections.Counter()
+        for worker in self._pool:
+            per_node[f"{worker.node[:8]} ({worker.ip})"] += worker.images
+        nodes = ", ".join(f"{node}: {images}" for node, images in per_node.items())
+        return [worker.line() for worker in self._pool] + [f"images per node: {nodes}"]
+
     def close(self):
         """Kill this job's workers, and end the Ray this job started (a cluster it joined stays up)."""
         self._stop_workers()
+        self._released = 0
         if self._started_here:
             import ray
 
@@ -323,14 +336,17 @@ class RayRunner:
             self._started_here = False
 
     def _stop_workers(self):
-        if self._mapper is not None:
-            self._mapper.stop()
-        self._mapper = self._settings = None
+        ray = import_ray()
+        for worker in self._pool:
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor, no_restart=True)
+        self._released += len(self._pool)
+        self._pool, self._settings = [], None
 
-    def _connect(self, ray) -> bool:
-        """Join or start Ray; True when this call started (or joined) it, so the job ends it too."""
+    def _connect(self, ray):
+        """Join or start Ray, once; when this runner started (or joined) it, closing ends it too."""
         if ray.is_initialized():
-            return False  # the caller's own Ray session (a notebook, a test): used and left running
+            return  # the caller's own Ray session (a notebook, a test), or this runner's: used and left running
         address = self.address or os.environ.get("RAY_ADDRESS") or "local"
         runtime_env = {"py_modules": [str(PACKAGE_DIR)],  # the nodes need not have this code installed
                        "env_vars": {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}}
@@ -347,4 +363,17 @@ class RayRunner:
             raise UserError(f"cannot join the Ray cluster at {address}: {first_line(exc)}") from None
         finally:  # ray.init makes SIGTERM a bare sys.exit: it is met as Ctrl-C again (process.py), workers stopped
             signal.signal(signal.SIGTERM, sigterm)
-        return True
+        self._started_here = True
+
+
+def _assemble(job) -> list:
+    from .shard import assemble_shards
+
+    return assemble_shards(job)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0

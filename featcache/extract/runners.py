@@ -1,61 +1,30 @@
-"""Runners of stage 1's mapper: what turns chunks of images into embeddings, here or on a cluster.
+"""Runners of stage 1's shards: who runs pipeline.run_shard for each shard of a plan, here or on a cluster.
 
-pipeline.extract reads chunks and writes the cache itself; a runner only opens a mapper, whose
-`map(chunks)` gives back each chunk with its embeddings, in order. The local runner embeds in
-this process; `ray_runner.RayRunner` spreads the chunks over Ray actors. Both build the same
-Extractor from the same ExtractorSettings, so their caches hold the same numbers.
+pipeline.extract plans the split and, once every shard is done, assembles the cache; a runner only runs the shards it
+is given, and joins them where it runs them. The local runner runs them in order in this process (one model, all of this machine's cores);
+`ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the same Extractor from the same
+ExtractorSettings and cut shards into the same chunks, so their caches hold the same numbers.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, replace
+import time
+from dataclasses import replace
 
 from ..errors import UserError
 from ..settings import RUNNERS
-from .extractor import library_versions
-
-
-@dataclass
-class LocalMapper:
-    extractor: object
-    fixed_input_size: int | None
-
-    @property
-    def engine(self) -> str:
-        return self.extractor.engine
-
-    @property
-    def batch_size(self) -> int:
-        return self.extractor.batch_size
-
-    @property
-    def dim(self) -> int:
-        return self.extractor.dim
-
-    @property
-    def versions(self) -> dict:
-        return library_versions()
-
-    def map(self, chunks):
-        """(chunk, {view: float32 [N, D]}) per chunk, in order; a chunk without rows gets None."""
-        for chunk in chunks:
-            yield chunk, self.extractor.embed(chunk.images) if len(chunk.labels) else None
-
-    def report(self) -> list[str]:
-        return []
+from .shard import RunReport, assemble_shards, progress_bar, run_shard
 
 
 class LocalRunner:
-    """The extractor in this process (one model, all of this machine's cores).
+    """The shards in order, in this process (one model, all of this machine's cores).
 
-    Used as a context manager (as extract.py does for both splits), it keeps the loaded model between `open()`s
-    with the same settings, so the model is loaded (and compiled) once per job; `announce` gets a line before
-    each load."""
+    Used as a context manager (as extract.py does for both splits), it keeps the loaded model between runs with the
+    same settings, so the model is loaded (and compiled) once per job; `announce` gets a line before each load."""
 
     def __init__(self, announce=None):
         self.announce = announce
-        self._mapper = self._settings = None
+        self._kept = None  # (settings but the shape hint, quantizer absent, extractor, fixed size) while entered
         self._entered = False
 
     def __enter__(self):
@@ -66,21 +35,41 @@ class LocalRunner:
         self._entered = False
         self._mapper = self._settings = None
 
-    @contextlib.contextmanager
-    def open(self, settings, quantizer=None, log=print):
+    def shards(self, items: int, chunk_size: int) -> int:
+        """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""
+        return 1
+
+    def run(self, job, indices, log=print, progress=True, reader=None) -> RunReport:
+        from . import sources
+
+        reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+        started = time.perf_counter()
+        extractor, fixed = self._extractor(replace(job.settings, input_shape=reader.image_shape), job.quantizer, log)
+        job.loaded(fixed)
+        run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
+        bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split, progress)
+        try:
+            for index in indices:
+                run.processed += run_shard(job, index, extractor, reader, bar, log)
+        finally:
+            bar.close()
+        return run
+
+    def _extractor(self, settings, quantizer, log):
         # the input shape is only a hint of what to compile first (any size works); int8's quantizer calibrates
         # on the train split whichever split asks, so one built for either serves both
         same = (replace(settings, input_shape=None), quantizer is None)
-        if self._mapper is None or same != self._settings:
-            self._mapper = self._settings = None
-            if self.announce:
-                self.announce(f"loading model {settings.model} ...")
-            mapper = LocalMapper(*settings.build(quantizer, log))
-            if self._entered:
-                self._mapper, self._settings = mapper, same
-        else:
-            mapper = self._mapper
-        yield mapper
+        if self._kept and self._kept[0] == same:
+            return self._kept[1:]
+        if self.announce:
+            self.announce(f"loading model {settings.model} ...")
+        extractor, fixed = settings.build(quantizer, log)
+        if self._entered:
+            self._kept = (same, extractor, fixed)
+        return extractor, fixed
+
+    def assemble(self, job, reader=None) -> list:
+        return assemble_shards(job, reader)
 
 
 def make_runner(name: str, ray_address: str | None = None, workers: int | None = None, verbose: bool = False,

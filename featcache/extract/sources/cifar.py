@@ -213,18 +213,17 @@ class SplitSource:
         return [len(labels) for _, labels in self.batches()]
 
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        """Consecutive chunks of rows [start, stop)."""
-        pending_images, pending_labels, position = [], [], 0
+        """Consecutive chunks of rows [start, stop) (stop None: the split's end)."""
+        pending_images, pending_labels, position = [], [], 0  # position: the item after the last one pending
         for images, labels in self.batches():
             if stop is not None and position >= stop:
                 break
-            if stop is not None and position + len(labels) > stop:
-                images, labels = images[: max(stop - position, 0)], labels[: max(stop - position, 0)]
             skip = min(max(start - position, 0), len(labels))
-            position += len(labels)
-            if skip < len(labels):
-                pending_images.append(images[skip:])
-                pending_labels.append(labels[skip:])
+            end = len(labels) if stop is None else min(len(labels), stop - position)
+            position += end
+            if skip < end:
+                pending_images.append(images[skip:end])
+                pending_labels.append(labels[skip:end])
             while sum(len(x) for x in pending_labels) >= chunk_size:
                 yield from self._emit(pending_images, pending_labels, chunk_size, position)
         if pending_labels:

@@ -171,13 +171,15 @@ class FolderSplit:
         return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
 
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        """Chunks of up to `chunk_size` files of items [start, stop) (fewer once the decoded images reach
-        MAX_CHUNK_BYTES); a chunk's unreadable files are in `skipped`. DECODE_THREADS files are decoded ahead."""
+        """Chunks of files [start, stop) (stop None: the split's end), each within one multiple of `chunk_size`
+        and the next (so any range starting at such a multiple is cut as the whole split is), ending early once
+        the decoded images reach MAX_CHUNK_BYTES; a chunk's unreadable files are in `skipped`. DECODE_THREADS
+        files are decoded ahead."""
         stop = self.rows if stop is None else min(stop, self.rows)
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
             lo = start
             while lo < stop:
-                end, images, kept, skipped, size = min(lo + chunk_size, stop), [], [], [], 0
+                end, images, kept, skipped, size = min((lo // chunk_size + 1) * chunk_size, stop), [], [], [], 0
                 ahead = collections.deque(pool.submit(self.decode, i) for i in range(lo, min(lo + DECODE_THREADS, end)))
                 item = lo
                 while item < end and size < MAX_CHUNK_BYTES:  # large photos end a chunk early

@@ -1,0 +1,291 @@
+"""One shard of a split's plan, as every runner runs it: read -> embed -> write, and the shards joined at the end.
+
+`run_shard` reads the shard's items (sources.open_split(...).chunks), embeds them with the Extractor and writes them
+with cache.write.CacheWriter; a thread reads and decodes the next chunk, and another commits the previous one, while
+the current one is embedded. Each finished chunk is committed, so a rerun continues inside a shard where a crashed
+run stopped. `assemble_shards` joins a plan's finished shards into the split's cache (cache/assemble.py). `Job` is
+what a process needs to run shards: small and picklable (Ray sends it to workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..cache.assemble import assemble, refuse_mixed
+from ..cache.layout import CacheKey, partial_path
+from ..cache.read import attributes, cached_views, inspect, non_finite, skipped_files
+from ..cache.write import CacheWriteError, CacheWriter, locked
+from ..errors import UserError, first_line
+from . import models, sources
+from . import plan as plans
+from .extractor import ExtractorSettings, library_versions
+
+PASSED_OVER_NAMED = 10  # files passed over as not images that a summary names; the others are counted
+
+
+@dataclass
+class RunReport:
+    """What a runner did: images read and embedded, the engine, the model's load time, lines for the summary."""
+
+    processed: int = 0
+    engine: str = ""
+    load_seconds: float = 0.0
+    report: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One split's extraction as any process runs its shards: small and picklable (Ray sends it to workers)."""
+
+    key: CacheKey
+    split: str
+    data_dir: str | None
+    strict: bool
+    settings: ExtractorSettings  # its views: those computed
+    views: tuple  # every view the cache holds once done
+    chunk_size: int
+    attrs: dict  # what every file records besides the extractor's engine, batch size and versions
+    plan: plans.Plan
+    path: Path  # the cache
+    cache_dir: str = ""
+    restart: bool = False
+    base: dict | None = None  # the complete cache's attributes, when views are added to it
+    may_skip: bool = False  # the source's unreadable items give no row (a folder's)
+    quantizer: object = field(default=None, compare=False)  # int8 (local runner only)
+
+    def loaded(self, fixed_input_size: int | None):
+        """Check (and record) the input size the loaded model fixes against the job's."""
+        models.checked_size(self.key.model, models.record_input_size(fixed_input_size, self.key.model,
+                                                                     self.key.model_sha256, self.cache_dir),
+                            self.key.image_size)
+
+    def target(self, index: int) -> Path:
+        return plans.shard_path(self.path, index, len(self.plan.shards))
+
+    def done(self, index: int) -> bool:
+        """Whether shard `index` of several is complete and made for this job (a folder's shard may have fewer rows
+        than items: its unreadable files are skipped)."""
+        expected = {k: v for k, v in self.shard_attrs(index).items() if k != "rows" or not self.may_skip}
+        return len(self.plan.shards) > 1 and inspect(self.target(index), expected).status == "complete"
+
+    def shard_attrs(self, index: int) -> dict:
+        if len(self.plan.shards) == 1:
+            return self.attrs
+        start, stop = self.plan.shards[index]
+        return dict(self.attrs, rows=stop - start, shard=f"{index} of {len(self.plan.shards)}: items {start}:{stop}")
+
+
+def assemble_shards(job: Job, reader=None) -> list:
+    """Join the complete shards into the cache, then remove them; the skipped files. Runs wherever the runner puts
+    it (`reader`, the job's source, opened here when None); the caller holds the cache's lock."""
+    reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+    count = len(job.plan.shards)
+    missing = [str(i) for i in range(count) if not job.done(i)]
+    if missing:
+        raise UserError(f"shards {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} of {count} of "
+                        f"{job.path} are not done; run them (or this command again) first")
+    shards = [job.target(i) for i in range(count)]
+    refuse_mixed(shards, job.path)
+    if reader.may_skip and not sum(int(attributes(shard)["rows"]) for shard in shards):
+        raise UserError(f"none of the {reader.rows} {job.split} images in {reader.where} could be read (the first, "
+                        f"{skipped_files(shards[0])[0][0]}: {skipped_files(shards[0])[0][1]})")
+    files = reader.files if reader.may_skip else None
+    try:
+        listed = assemble(job.path, shards, [start for start, _ in job.plan.shards], files)
+    except CacheWriteError as exc:
+        raise UserError(f"writing {partial_path(job.path)} failed ({exc.strerror}); the shards are kept and the "
+                        "next run assembles them again") from None
+    shutil.rmtree(plans.shards_dir(job.path))
+    return listed
+
+
+def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print) -> int:
+    """Shard `index` of the job's plan, read -> embed -> write, resuming its partial file; published when done. The
+    images it read and embedded.
+
+    Runs wherever the runner puts it: `reader` (the job's source, opened here when None) and `extractor` are
+    this process's. A one-shard plan writes the cache itself (its caller holds the cache's lock); a shard of
+    several writes its own file, under its own lock."""
+    reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+    if reader.fingerprint != job.plan.fingerprint:
+        raise UserError(f"the {job.split} split at {reader.where} changed since its plan was made; run again")
+    start, stop = job.plan.shards[index]
+    target = job.target(index)
+    attrs = dict(job.shard_attrs(index), engine=extractor.engine, batch_size=extractor.batch_size,
+                 **library_versions(), **(job.quantizer.describe() if job.quantizer else {}))
+    if job.base:
+        _check_engine(job.path, job.base, attrs, extractor.dim)
+    files = reader.files[start:stop] if reader.may_skip else None
+    with locked(target) if target != job.path else contextlib.nullcontext():
+        writer = CacheWriter(target, attrs, extractor.dim, job.views, restart=job.restart, files=files, base=job.base)
+        try:
+            with writer:
+                first = start + writer.next_item
+                adding = f" adding {', '.join(writer.computing)}" if job.base else ""
+                if writer.resumed:
+                    log(f"resuming {writer.partial}{adding} at row {writer.rows_done} (item {first} of {stop})")
+                elif writer.discarded:
+                    log(f"restarting {writer.partial}{adding} from row 0: {writer.discarded}")
+                elif job.base:
+                    log(f"adding the view{'s' if len(writer.computing) > 1 else ''} {', '.join(writer.computing)} "
+                        f"to {job.path} (its {', '.join(cached_views(job.base))} views are kept)")
+                if bar is not None:
+                    bar.update(first - start)
+                _fill(writer, extractor, reader, job, first, stop, start, bar)
+        except CacheWriteError as exc:  # disk full, I/O error, at any moment: committed chunks stay
+            raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
+                            "committed rows are kept and the next run resumes from there") from None
+        except OSError as exc:  # the source: a file made unreadable meanwhile, a disk gone
+            raise UserError(f"reading the {job.split} split at {reader.where} failed "
+                            f"({exc.strerror or first_line(exc)}); {writer.rows_done} committed rows are kept and "
+                            "the next run resumes from there") from None
+    return stop - first
+
+
+def _check_engine(path: Path, base: dict, attrs: dict, dim: int):
+    """Views are added to a cache only by the engine (and int8 calibration) that made it."""
+    for name in ("engine", "calibration_sha256", "calibration"):  # calibration: its sample; how weights were cut
+        if attrs.get(name) != base.get(name):
+            wanted = f"`engine={base['engine']!r}`" if name == "engine" else "the same int8 calibration"
+            raise UserError(f"cache {path} was made with another {name.split('_')[0]} ({base.get(name)}); add views "
+                            f"with {wanted} (one file never mixes them), or rebuild it with `force=True`")
+    if dim != int(base["dim"]):
+        raise UserError(f"cache {path} holds {base['dim']}-d vectors, the model gives {dim}; "
+                        "rebuild it with `force=True`")
+
+
+def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: int, start: int, bar):
+    """Embed the source's chunks of items [first, stop) and commit them, then publish the file (with its skipped
+    files). The writer's items count from the shard's `start`."""
+    skipped: dict[int, str] = {}
+    rows_of = writer.items()  # adding views to a folder cache: only the items it has rows for, in its order
+    key, split = job.key, job.split
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
+        pending = None  # at most one chunk waits to be committed
+        row, item = writer.rows_done, first
+        for chunk in prefetched(reader.chunks(job.chunk_size, first, stop)):
+            vectors = extractor.embed(chunk.images) if len(chunk.labels) else None
+            skipped.update(chunk.skipped)
+            read, item = chunk.next_item - item, chunk.next_item
+            if rows_of is not None:
+                vectors, chunk = _rows_of(vectors, chunk, rows_of, row, reader)
+            if vectors is None:
+                _count(bar, read)
+                continue
+            _wait(pending, bar)
+            pending = None
+            _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
+            pending = commits.submit(writer.write, row, vectors, chunk.labels, np.asarray(chunk.items) - start), read
+            row += len(chunk.labels)
+        _wait(pending, bar)
+    if writer.base:
+        return writer.finish()
+    if writer.rows_done == 0 and len(job.plan.shards) == 1:
+        file, reason = _skipped_lines(reader, skipped)[0]
+        raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
+                        f"(the first, {file}: {reason})")
+    writer.finish(_skipped_lines(reader, _all_skipped(reader, writer, skipped, start, stop)) if reader.may_skip else [])
+
+
+def _rows_of(vectors, chunk, rows_of: np.ndarray, row: int, reader):
+    """The rows of a chunk whose items the cache being extended has rows for: they must be its next ones."""
+    expected = rows_of[row:]
+    wanted = expected[: np.searchsorted(expected, chunk.next_item)]
+    items = np.asarray(chunk.items) if vectors is not None else np.empty(0, np.int64)
+    keep = np.isin(items, wanted)
+    if not np.array_equal(items[keep], wanted):
+        missing = sorted(set(wanted.tolist()) - set(items.tolist()))
+        raise UserError(f"{reader.files[missing[0]]} cannot be read any more, but the cache has a row for it; "
+                        "rebuild the cache with `force=True`")
+    if not keep.any():
+        return None, chunk
+    picked = {view: rows[keep] for view, rows in vectors.items()}
+    return picked, replace(chunk, labels=chunk.labels[keep], items=items[keep], stop=chunk.next_item)
+
+
+def _all_skipped(reader, writer, skipped: dict[int, str], start: int, stop: int) -> dict[int, str]:
+    """Every item of [start, stop) without a row, with its reason: those skipped before a resume are decoded again
+    to say why."""
+    missing = np.setdiff1d(np.arange(start, stop), writer.written_items() + start)
+    return {int(item): skipped.get(int(item)) or reader.decode(int(item))[1] or "unreadable" for item in missing}
+
+
+def _skipped_lines(reader, skipped: dict[int, str]) -> list[tuple[str, str]]:
+    return [(reader.files[item], reason) for item, reason in sorted(skipped.items())]
+
+
+def _refuse_non_finite(vectors: dict, key: CacheKey, split: str, lo: int, committed: int, reader, items):
+    """A NaN/Inf embedding never reaches the cache: stop before committing its chunk."""
+    for view, rows in vectors.items():
+        count, first = non_finite(rows)
+        if count:
+            image = f" ({reader.files[items[first]]})" if reader.may_skip else ""
+            raise UserError(
+                f"model {key.model} gave {count} NaN/Inf values for {split} rows {lo}:{lo + len(rows)} "
+                f"(first in row {lo + first}{image}, {view} view); nothing of them was written, {committed} "
+                "committed rows are kept and the next run resumes from there")
+
+
+def _wait(pending, bar):
+    """Wait for the commit in flight (its error is raised here), then count its rows as done."""
+    if pending is not None:
+        future, rows = pending
+        future.result()
+        _count(bar, rows)
+
+
+def _count(bar, items: int):
+    if bar is not None:
+        bar.update(items)
+
+
+def prefetched(items, depth: int = 1):
+    """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here.
+
+    When the consumer stops early (an error downstream), the thread stops too, and is gone when this
+    generator is closed, instead of waiting forever on a full queue with the source file open.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                ready.put((item, None))
+                if stop.is_set():
+                    return
+            ready.put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put((end, exc))
+
+    thread = threading.Thread(target=produce, name="chunk-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            ready.get_nowait()  # frees a producer blocked on the full queue
+        thread.join()  # it stops after the item it is reading: a put, then it sees `stop`
+
+
+def progress_bar(total: int, split: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=f"extract {split}", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1)

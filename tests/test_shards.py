@@ -1,0 +1,176 @@
+"""Stage 1 as shards: the plan, one shard per process (a job array), assembly, provenance, kills."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache.errors import UserError
+from featcache.extract import extractor, pipeline, plan, shard
+from conftest import KILL_POINT, ROOT, make_key, run_cli
+from test_folder import write_tree
+
+SHARDS = 4
+
+
+def _rows(path):
+    with h5py.File(path, "r") as f:
+        return {name: f[name][:] for name in f}, dict(f.attrs)
+
+
+def _same(path, reference):
+    rows, _ = _rows(path)
+    want, _ = reference
+    assert set(rows) == set(want)
+    for name, values in want.items():
+        np.testing.assert_array_equal(rows[name], values, err_msg=name)
+
+
+def _options(model, root, cache, *extra):
+    return ["--split", "train", "--data-dir", root, "--model", model, "--image-size", "48", "--resize", "bilinear",
+            "--chunk-size", "8", "--batch-size", "4", "--engine", "tensorflow", "--quiet", "--cache-dir", cache, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, cifar_root, tmp_path_factory):
+    """The local runner's cache of the fixture's train split (one shard: the cache itself)."""
+    cache = tmp_path_factory.mktemp("local")
+    done = run_cli("extract.py", *_options(tiny_model, cifar_root, cache))
+    assert done.returncode == 0, done.stderr
+    (path,) = cache.rglob("train.h5")
+    return _rows(path)
+
+
+def test_plan_edges_are_chunk_multiples_or_source_units():
+    made = plan.make(120, 4, 8, "f", {})
+    assert made.shards == ((0, 24), (24, 56), (56, 88), (88, 120))
+    assert plan.make(121, 2, 8, "f", {}).shards == ((0, 64), (64, 121))
+    assert plan.make(100, 3, 8, "f", {}, units=[10, 40, 20, 30]).shards == ((0, 10), (10, 50), (50, 100))
+    with pytest.raises(UserError, match=r"^num_shards 5 is more than the split.s 4 chunks of chunk_size=8"):
+        plan.make(30, 5, 8, "f", {})
+
+
+def test_four_shard_processes_then_assembly_equal_the_local_cache(tiny_model, cifar_root, reference, tmp_path):
+    for index in range(SHARDS):
+        done = run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path, "--num-shards", SHARDS,
+                                              "--shard-index", index))
+        assert done.returncode == 0, done.stderr
+        assert f"shard {index} of {SHARDS} done:" in done.stdout, done.stdout
+    (recorded,) = tmp_path.rglob("train.plan.json")
+    assert json.loads(recorded.read_text())["shards"] == [[0, 24], [24, 56], [56, 88], [88, 120]]
+    assert len(list(tmp_path.rglob("train.shards/*-of-00004.h5"))) == SHARDS and not list(tmp_path.rglob("train.h5"))
+    joined = run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path))
+    assert joined.returncode == 0, joined.stderr
+    assert "4 of 4 shards" in joined.stdout and "assembling 4 shards" in joined.stdout, joined.stdout
+    (path,) = tmp_path.rglob("train.h5")
+    _same(path, reference)
+    _, attrs = _rows(path)
+    for name in ("openvino_version", "nncf_version", "ray_version", "tensorflow_version", "engine", "batch_size"):
+        assert name in attrs, name
+    assert attrs["rows"] == attrs["rows_done"] == 120 and "shard" not in attrs
+    assert not list(tmp_path.rglob("train.shards"))  # removed once joined
+
+
+def test_a_folder_in_shards_keeps_its_items_and_skipped_files(tiny_model, tmp_path):
+    tree = write_tree(tmp_path / "images", per_class=(9, 2))
+    (tree / "train" / "dog" / "004.png").write_bytes(b"not a png")  # item 13 of 27: skipped in shard 1
+    key = make_key(str(tiny_model), 32, "bilinear", dataset="folder", data_dir=tree)
+    options = dict(data_dir=tree, chunk_size=4, batch_size=2, engine="tensorflow", progress=False, log=lambda _: None)
+    local = pipeline.extract(key, "train", cache_dir=tmp_path / "local", **options)
+    for index in range(3):
+        pipeline.extract(key, "train", cache_dir=tmp_path / "sharded", num_shards=3, shard_index=index, **options)
+    joined = pipeline.extract(key, "train", cache_dir=tmp_path / "sharded", **options)
+    _same(joined.path, _rows(local.path))
+    assert joined.rows == local.rows == 26 and joined.skipped == local.skipped and len(joined.skipped) == 1
+
+
+def test_a_shard_killed_mid_chunk_resumes_inside_the_shard(tiny_model, cifar_root, reference, tmp_path):
+    args = [sys.executable, str(ROOT / "extract.py"), *map(str, _options(tiny_model, cifar_root, tmp_path,
+                                                                       "--num-shards", SHARDS, "--shard-index", 1))]
+    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
+    killed = subprocess.run([args[0], "-c", script, "_write_whole_chunks", "5", *args[2:]], capture_output=True,
+                            cwd=ROOT, timeout=300)  # the 2nd commit of shard 1 (3 datasets a commit): mid-chunk
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (partial,) = tmp_path.rglob("00001-of-00004.partial.h5")
+    with h5py.File(partial, "r") as f:
+        assert int(f.attrs["rows_done"]) == 8
+    rerun = subprocess.run(args[:1] + args[1:], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "at row 8 (item 32 of 56)" in rerun.stdout and "24 images" in rerun.stdout, rerun.stdout
+    for index in (0, 2, 3):
+        assert run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path, "--num-shards", SHARDS,
+                                               "--shard-index", index)).returncode == 0
+    assert run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path)).returncode == 0
+    (path,) = tmp_path.rglob("train.h5")
+    _same(path, reference)
+
+
+def _shard(tiny_model, cifar_root, cache, index, **kw):
+    key = make_key(str(tiny_model), 48, "bilinear")
+    kw.setdefault("log", lambda _: None)
+    return pipeline.extract(key, "train", data_dir=cifar_root, cache_dir=cache, chunk_size=8, batch_size=4,
+                            engine="tensorflow", progress=False, num_shards=SHARDS, shard_index=index, **kw)
+
+
+def test_assembly_refuses_shards_of_other_versions_in_one_line(tiny_model, cifar_root, tmp_path, monkeypatch):
+    for index in range(SHARDS - 1):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    real = extractor.library_versions
+    monkeypatch.setattr(shard, "library_versions", lambda: dict(real(), openvino_version="2023.0.0"))
+    _shard(tiny_model, cifar_root, tmp_path, SHARDS - 1)
+    monkeypatch.setattr(shard, "library_versions", real)
+    with pytest.raises(UserError) as error:
+        pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", data_dir=cifar_root, cache_dir=tmp_path,
+                         chunk_size=8, batch_size=4, engine="tensorflow", progress=False, log=lambda _: None)
+    message = str(error.value)
+    assert "\n" not in message and "were made with different openvino_version" in message, message
+    assert "2023.0.0 in shards 3" in message and not list(tmp_path.rglob("train.h5"))
+
+
+def test_a_partial_shard_of_other_versions_is_restarted_saying_so(tiny_model, cifar_root, tmp_path, monkeypatch):
+    args = [sys.executable, str(ROOT / "extract.py"), *map(str, _options(tiny_model, cifar_root, tmp_path,
+                                                                       "--num-shards", SHARDS, "--shard-index", 0))]
+    script = KILL_POINT + f"import runpy; runpy.run_path({args[1]!r}, run_name='__main__')"
+    killed = subprocess.run([args[0], "-c", script, "write", "2", *args[2:]], capture_output=True, cwd=ROOT,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    real = extractor.library_versions
+    monkeypatch.setattr(shard, "library_versions", lambda: dict(real(), tensorflow_version="2.0.0"))
+    lines = []
+    _shard(tiny_model, cifar_root, tmp_path, 0, log=lines.append)
+    assert any(line.startswith("restarting") and line.endswith("8 rows of it are not reused: it was made with "
+                                                                "other tensorflow_version") for line in lines), lines
+
+
+def test_a_damaged_shard_is_refused_at_assembly(tiny_model, cifar_root, tmp_path):
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    (shard,) = tmp_path.rglob("00002-of-00004.h5")
+    with h5py.File(shard, "r") as f:
+        offset = f["embeddings"].id.get_chunk_info(0).byte_offset
+    with open(shard, "r+b") as fh:  # bit rot inside the first stored chunk of its embeddings
+        fh.seek(offset + 100)
+        byte = fh.read(1)
+        fh.seek(offset + 100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match=f"^shard {shard} is damaged .*; remove it and run again"):
+        pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", data_dir=cifar_root, cache_dir=tmp_path,
+                         chunk_size=8, batch_size=4, engine="tensorflow", progress=False, log=lambda _: None)
+    assert not list(tmp_path.rglob("train.h5"))
+
+
+def test_another_shard_count_than_the_plan_under_way_is_one_line(tiny_model, cifar_root, tmp_path):
+    _shard(tiny_model, cifar_root, tmp_path, 0)
+    with pytest.raises(UserError, match=r"is being built in 4 shards \(plan .*\); pass num_shards=4, or "
+                                        r"force=True to start again in 2$"):
+        pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", data_dir=cifar_root, cache_dir=tmp_path,
+                         num_shards=2, shard_index=1, chunk_size=8, engine="tensorflow", progress=False)
+
+
+def test_shard_options_are_checked_in_one_line(tiny_model, cifar_root, tmp_path):
+    out = run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path, "--shard-index", 1))
+    assert out.returncode == 2 and out.stderr.strip() == "Error: --shard-index needs --num-shards, and must be below it"
