@@ -174,7 +174,7 @@ def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base,
         return plans.make(reader.rows, 1, chunk_size, reader.fingerprint, selection)
     where = plans.plan_path(path)
     stored = None if force else plans.load(where)
-    if stored and not stored.matches(reader.fingerprint, selection):
+    if stored and not stored.matches(reader.fingerprint, selection, chunk_size):
         stored = None
     under_way = stored and (partial_path(path).exists() if len(stored.shards) == 1
                             else plans.shards_dir(path).exists())

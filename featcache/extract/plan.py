@@ -2,9 +2,10 @@
 listing alone (no image decoded) and recorded beside the cache as `<split>.plan.json`.
 
 A shard is the unit of work of every runner: one read -> embed -> write loop into one crash-safe file. Its edges are
-multiples of the chunk size (`make` can also cut at a source's natural units, `units()`: tar files, row groups; the
-pipeline does not ask it to yet, since such edges would cut chunks differently from one pass), so that every shard is cut into the very chunks (and network batches) one uninterrupted pass over
-the split would make, and the assembled cache holds the same numbers. A plan of one shard writes the cache itself;
+multiples of the chunk size, so that a shard of equal-size images (CIFAR) is cut into the very chunks and network
+batches one uninterrupted pass makes (a folder's, tar's or Parquet chunk may end early at its byte budget; each image
+is still embedded alone on OpenVINO's batch of 1). `make` can also cut at a source's natural units (`units()`: tar
+files, row groups); the pipeline does not ask it to yet, since such edges cut chunks differently from one pass. A plan of one shard writes the cache itself;
 a plan of several writes `<split>.shards/<index>-of-<count>.h5`, each a cache of its items, joined at the end.
 """
 
@@ -28,12 +29,13 @@ class Plan:
     selection: dict  # the cache key's attributes for this split
     chunk_size: int
 
-    def matches(self, fingerprint: str, selection: dict) -> bool:
-        return self.fingerprint == fingerprint and self.selection == _plain(selection)
+    def matches(self, fingerprint: str, selection: dict, chunk_size: int) -> bool:
+        return (self.fingerprint == fingerprint and self.selection == _plain(selection)
+                and self.chunk_size == chunk_size)
 
     def save(self, path: Path):
         """Write atomically (a temporary file renamed): a plan file is always whole."""
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # job-array tasks may save it at once
         tmp.write_text(json.dumps(dict(asdict(self), version=PLAN_VERSION), indent=1))
         os.replace(tmp, path)
 

@@ -1,6 +1,6 @@
 """Stage 1's shards on a Ray cluster: one actor call per shard, and the worker does the shard's whole loop.
 
-Each worker is a Ray actor that loads the model once, then runs pipeline.run_shard for shard after shard: it opens
+Each worker is a Ray actor that loads the model once, then runs shard.run_shard for shard after shard: it opens
 the source itself (the cluster shares storage: the same path on every node), reads and embeds its shard's images and
 writes its own shard file with the crash-safe writer. The driver (pipeline.extract) only plans, schedules one shard
 per idle worker and tracks them; at the end a Ray task joins the shards into the cache: the driver reads no image

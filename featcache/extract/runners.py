@@ -1,7 +1,7 @@
-"""Runners of stage 1's shards: who runs pipeline.run_shard for each shard of a plan, here or on a cluster.
+"""Runners of stage 1's shards: who runs shard.run_shard for each shard of a plan, here or on a cluster.
 
 pipeline.extract plans the split and, once every shard is done, assembles the cache; a runner only runs the shards it
-is given, and joins them where it runs them. The local runner runs them in order in this process (one model, all of this machine's cores);
+is given, and joins them (`assemble`) where it runs them, when pipeline.extract asks. The local runner runs them in order in this process (one model, all of this machine's cores);
 `ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the same Extractor from the same
 ExtractorSettings and cut shards into the same chunks, so their caches hold the same numbers.
 """
@@ -32,8 +32,7 @@ class LocalRunner:
         return self
 
     def __exit__(self, *exc):
-        self._entered = False
-        self._mapper = self._settings = None
+        self._entered, self._kept = False, None
 
     def shards(self, items: int, chunk_size: int) -> int:
         """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""

@@ -28,7 +28,6 @@ from . import models, sources
 from . import plan as plans
 from .extractor import ExtractorSettings, library_versions
 
-PASSED_OVER_NAMED = 10  # files passed over as not images that a summary names; the others are counted
 
 
 @dataclass

@@ -80,9 +80,6 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
             raise
         raise UserError(f"recording the run in {run_dir} failed ({exc.strerror or first_line(exc)}); nothing was "
                         "recorded") from None
-    except BaseException:  # Ctrl-C, or a bug: no half-written run either
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
     return run_dir
 
 

@@ -34,6 +34,8 @@ def test_thumbnails(key: CacheKey, cache_dir, rows: np.ndarray, labels: np.ndarr
         if start <= rows.max() or not np.array_equal(np.concatenate(found), labels):
             return None, f"{source} is not the source of this cache (other images or labels); no thumbnails"
         return np.concatenate(images), ""
+    if key.dataset != "folder":
+        return None, f"thumbnails are drawn from CIFAR copies and class folders only, not from {key.dataset} files"
     files = row_files(key.path(cache_dir, "test"), rows)
     if files is None:
         return None, "the cache names no source files; no thumbnails"
