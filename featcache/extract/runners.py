@@ -1,7 +1,8 @@
 """Runners of stage 1's shards: who runs shard.run_shard for each shard of a plan, here or on a cluster.
 
-pipeline.extract plans the split and, once every shard is done, assembles the cache; a runner only runs the shards it
-is given, and joins them (`assemble`) where it runs them, when pipeline.extract asks. The local runner runs them in order in this process (one model, all of this machine's cores);
+pipeline.extract plans the split and, once every shard is done, has the runner join them (`assemble`) where it runs
+them; a runner only runs the shards it is given. The local runner runs them in order in this process (one model, all
+of this machine's cores);
 `ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the same Extractor from the same
 ExtractorSettings and cut shards into the same chunks, so their caches hold the same numbers.
 """
