@@ -247,3 +247,12 @@ def test_a_failed_replacement_of_a_saved_model_keeps_the_old_one_under_its_name(
     monkeypatch.setattr(files.os, "replace", real)
     files.save_model(Tiny(), out, force=True)
     assert not (out / "old.txt").exists() and (out / "saved_model.pb").exists()
+
+
+def test_an_exported_file_goes_into_folders_not_made_yet(tmp_path):
+    from featcache.serve.files import labels_path, write_export
+
+    path = tmp_path / "new" / "deeper" / "model.tflite"
+    write_export(path, b"model bytes", ("cat", "dog"))
+    assert path.read_bytes() == b"model bytes" and labels_path(path).read_text() == "cat\ndog\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.labels.txt", "model.tflite"]

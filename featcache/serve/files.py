@@ -60,13 +60,14 @@ def labels_path(path: Path) -> Path:
 
 def write_export(path: Path, content: bytes, class_names: tuple[str, ...]):
     """Write a .tflite or .onnx file (and a .tflite's labels) under temporary names, then rename: nothing
-    half-written is ever left under the final names."""
+    half-written is ever left under the final names. Missing parent folders are made, as for a SavedModel."""
     path = Path(path)
     files = {path: content}
     if path.suffix == SUFFIXES["tflite"]:
         files[labels_path(path)] = "".join(f"{name}\n" for name in class_names).encode()
     temporary = {final: final.with_name(f".{final.name}.{os.getpid()}.tmp") for final in files}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         for final, data in files.items():
             temporary[final].write_bytes(data)
         for final in sorted(files, key=lambda p: p == path):  # the model file last: a model always has its labels
