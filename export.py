@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Export a trained run for deployment: a SavedModel, a LiteRT (.tflite) or an ONNX file; uint8 images in,
-class probabilities out."""
+"""Export a trained run for deployment: a SavedModel (uint8 images of any size in), a LiteRT (.tflite) or an ONNX
+file (float32 pixel values of one size in); class probabilities out."""
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors
+from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors, verbosity_options
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.serve.classifier import build_classifier
@@ -23,21 +23,22 @@ from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, check_image_size
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
               help="tflite only: int8 weights and activations (depthwise convolutions, resize and head kept float), "
                    "calibrated on a seeded sample of the run's train images, the head corrected for the int8 "
-                   "embeddings on another; uint8 images in, probabilities out.")
+                   "embeddings on another.")
 @click.option("--input-size", type=click.IntRange(min=1), default=None,
-              help="tflite/onnx: the side of the square uint8 images the file takes. Default: the dataset's own "
-                   "(CIFAR: 32), else the network's input size.")
+              help="tflite/onnx: the side of the square images the file takes (float32 pixel values, 0 to 255). "
+                   "Default: the network's input size, at which any photo brought to it gets the run's result.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--run", "run_id", type=TEXT, default=None,
               help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
                    "validation accuracy, among runs on the default cache settings if any is) "
                    f"[default: {DEFAULT_RUN}].")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
-@click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
+@verbosity_options
 @one_line_errors
-def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
+def main(out, format_, quantize, input_size, force, run_id, runs_dir, quiet, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
+    log = None if quiet else (lambda line: click.echo(line, err=True))
     if quantize and format_ != "tflite":
         raise UserError(f"--quantize int8 is for --format tflite only, not {format_}")
     if input_size:
@@ -49,10 +50,14 @@ def main(out, format_, quantize, input_size, force, run_id, runs_dir, verbose):
     run_dir, why = resolve_run(runs_dir, run_id)
     click.echo(f"using run {run_dir.name} ({as_flags(why)})", err=True)
     if format_ != "saved_model":
-        path = export_run(run_dir, out, format_, input_size, force, quantize)
+        path = export_run(run_dir, out, format_, input_size, force, quantize, log)
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
+    if log:
+        log(f"loading run {run_dir.name} and its model")
     classifier = build_classifier(run_dir)
+    if log:
+        log(f"writing the SavedModel {out}")
     save_model(classifier, out, force)
     n = int(classifier.class_names.shape[0])
     click.echo(f"exported run {run_dir.name} to {out} (serving_default: images uint8 [N,H,W,3] -> "

@@ -32,7 +32,7 @@ def test_an_export_run_by_its_own_runtime_gives_predicts_probabilities(run, fmt)
     from featcache.serve.runtimes import open_exported
 
     base, run_dir, images, want = run
-    out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs")
+    out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--input-size", 32, "--runs-dir", base / "runs")
     assert out.returncode == 0, out.stderr
     path = base / f"model-{fmt}.{fmt}"
     assert f"exported run {run_dir.name} to {path}" in out.stdout
@@ -48,7 +48,7 @@ def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
 
     base, run_dir, images, want = run
     path = tmp_path / "model.onnx"
-    assert run_cli("export.py", path, "--format", "onnx", "--runs-dir", base / "runs").returncode == 0
+    assert run_cli("export.py", path, "--format", "onnx", "--input-size", 32, "--runs-dir", base / "runs").returncode == 0
     for i in range(3):
         tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(images[i]))
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -108,7 +108,8 @@ def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifa
     seen = []
     real = export.train_samples
     monkeypatch.setattr(export, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
-    out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
+    out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--input-size", 32,
+                  "--runs-dir", base / "runs")
     assert out.returncode == 0, out.stderr
     train = cifar.load_split(cifar.resolve_source(cifar_root), "train").images
     assert len(seen) == 2  # calibration, and the head's correction
@@ -201,17 +202,19 @@ def test_the_int8_correction_brings_the_int8_networks_embeddings_towards_the_f32
     head = int8.int8_head(parts, 32, train, train)
     q = np.concatenate(quantized)
     frozen = portable_function(parts, 32, embeddings=True)
-    y = np.concatenate([frozen(tf.constant(train[i : i + 100]))[0].numpy() for i in range(0, len(train), 100)])
+    y = np.concatenate([frozen(tf.constant(train[i : i + 100], tf.float32))[0].numpy()
+                        for i in range(0, len(train), 100)])
     fixed = head.get_layer("int8_correction")(q).numpy()
     raw_error, fixed_error = np.mean((q - y) ** 2), np.mean((fixed - y) ** 2)
     assert fixed_error < 0.9 * raw_error, (fixed_error, raw_error)  # a * int8 + b fits f32, not the other way round
 
 
-@pytest.mark.parametrize("fmt, input_size", [("onnx", None), ("tflite", None), ("onnx", 40)])
+@pytest.mark.parametrize("fmt, input_size", [("onnx", None), ("tflite", None), ("onnx", 32)])
 def test_predict_with_an_exported_file_brings_photos_of_any_size_to_it_as_the_run_does(run, tmp_path, fmt,
                                                                                        input_size):
-    """Photos of other sizes than the file's input (the CIFAR run's 32 px by default, or the network's 40) are
-    brought to it with the run's own resize, and get the top class predict.py gives on the run."""
+    """Photos of other sizes than the file's input (the network's 40 px by default, or CIFAR's 32) are brought to
+    it with the run's own resize, and get the top class predict.py gives on the run, whose crop view makes the
+    probabilities differ a little (the file cuts it from the resized photo)."""
     import tensorflow as tf
 
     base, run_dir, images, _ = run
@@ -229,7 +232,7 @@ def test_predict_with_an_exported_file_brings_photos_of_any_size_to_it_as_the_ru
     assert by_run.returncode == 0 and by_file.returncode == 0, by_file.stderr
     want, got = ([json.loads(line)["probabilities"] for line in out.stdout.splitlines()] for out in (by_run, by_file))
     assert len(got) == 12 and np.argmax(got, 1).tolist() == np.argmax(want, 1).tolist()
-    side = input_size or 32
+    side = input_size or 40
     exact = [i for i, photo in enumerate(photos) if photo.name.endswith(f"-{side}x{side}.png")]
     np.testing.assert_allclose(np.take(got, exact, 0), np.take(want, exact, 0), atol=1e-4)  # no resize before the file
     np.testing.assert_allclose(got, want, atol=0.02)  # the others: resized twice, and the crop view cut after it
@@ -245,3 +248,53 @@ def test_an_export_without_the_runs_preprocessing_refuses_other_sizes_saying_wha
         older.probabilities(np.zeros((1, 40, 30, 3), np.uint8))
     assert str(caught.value) == ("the image is 30x40, the exported model takes 32x32 (and records no resize to bring "
                                  "images to it: export the run again)")
+
+
+@pytest.fixture(scope="module")
+def default_views_run(small_run, tiny_model, tmp_path_factory):
+    """A run on the small run's caches with the default test-time views (plain, flip)."""
+    from conftest import run_dirs
+
+    base, _ = small_run
+    runs = tmp_path_factory.mktemp("default_views") / "runs"
+    done = run_cli("train_head.py", "--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache",
+                   "--runs-dir", runs, "--epochs", "3", "--hidden", "8", "--quiet")
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = run_dirs(runs)
+    return run_dir
+
+
+def write_photos(folder, sizes, seed=7) -> list:
+    """Smooth random PNG photos of these (height, width)s (smooth as photos are, unlike pixel noise)."""
+    import tensorflow as tf
+
+    photos, rng = [], np.random.default_rng(seed)
+    for i, (height, width) in enumerate(sizes):
+        coarse = rng.integers(0, 256, (1, 6, 6, 3)).astype(np.float32)
+        photo = tf.image.resize(coarse, (height, width), method="bicubic", antialias=True)
+        photos.append(folder / f"photo{i}-{width}x{height}.png")
+        tf.io.write_file(str(photos[-1]), tf.io.encode_png(tf.cast(tf.clip_by_value(photo[0], 0, 255), tf.uint8)))
+    return photos
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_a_default_export_gives_the_runs_probabilities_on_photos_of_any_size(default_views_run, tmp_path, fmt):
+    """At its default input size (the network's), an f32 file classifies photos of any size as predict.py does
+    on the run: the photo brought to it by the run's own crop and resize, in float, and not resized again."""
+    path = tmp_path / f"model.{fmt}"
+    out = run_cli("export.py", path, "--format", fmt, "--run", default_views_run)
+    assert out.returncode == 0, out.stderr
+    assert [line.split(" ")[0] for line in out.stderr.splitlines()] == ["using", "loading", "converting"]
+    sizes = [(40, 50), (480, 640), (300, 1000), (32, 32), (40, 40), (97, 61)]
+    photos = write_photos(tmp_path, sizes)
+    by_run = run_cli("predict.py", "--run", default_views_run, "--json", *photos)
+    by_file = run_cli("predict.py", "--model", path, "--json", *photos)
+    assert by_run.returncode == 0 and by_file.returncode == 0, by_file.stderr
+    want, got = ([json.loads(line)["probabilities"] for line in out.stdout.splitlines()] for out in (by_run, by_file))
+    assert len(got) == len(sizes) and np.argmax(got, 1).tolist() == np.argmax(want, 1).tolist()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_export_quiet_prints_no_step_lines(default_views_run, tmp_path):
+    out = run_cli("export.py", tmp_path / "m", "--format", "onnx", "--quiet", "--run", default_views_run)
+    assert out.returncode == 0 and out.stderr.splitlines() == [f"using run {default_views_run.name} (as asked)"]

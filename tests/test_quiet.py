@@ -38,8 +38,12 @@ def test_every_cli_run_as_a_user_would_prints_no_tensorflow_log_line(tiny_model,
     # nothing on stderr but the line naming what is used.
     exported = run_cli("export.py", tmp_path / "m", "--format", "tflite", "--quantize", "int8", "--runs-dir",
                        tmp_path / "runs", in_process=False)
-    assert exported.returncode == 0 and [line.split(" ")[:2] for line in exported.stderr.splitlines()] == [
-        ["using", "run"]], exported.stderr
+    assert exported.returncode == 0 and [line.split(" ")[0] for line in exported.stderr.splitlines()] == [
+        "using", "loading", "reading", "correcting", "converting"], exported.stderr
+    quiet = run_cli("export.py", tmp_path / "q", "--format", "onnx", "--quiet", "--runs-dir", tmp_path / "runs",
+                    in_process=False)
+    assert quiet.returncode == 0 and [line.split(" ")[:2] for line in quiet.stderr.splitlines()] == [
+        ["using", "run"]], quiet.stderr
     image.write_bytes(tf.io.encode_png(np.zeros((32, 32, 3), np.uint8)).numpy())  # the size the file takes
     predicted = run_cli("predict.py", "--model", tmp_path / "m.tflite", image, in_process=False)
     assert predicted.returncode == 0 and predicted.stderr.splitlines() == [f"using tflite export {tmp_path / 'm.tflite'}"]

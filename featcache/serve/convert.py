@@ -1,10 +1,12 @@
 """The trained classifier converted for the runtimes MobileNetV2 is meant for: LiteRT (TFLite) and ONNX.
 
-A converted file takes uint8 images [N, S, S, 3] of one input size S and returns class probabilities
-[N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which every
-runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op), the frozen network, the
-run's head, averaged over the run's test-time views. With calibration images, `to_tflite` makes a LiteRT
-model with int8 weights and activations, except the op types in FLOAT_OPS (docs/benchmarks.md says why).
+A converted file takes float32 pixel values (0 to 255) [N, S, S, 3] of one input size S and returns class
+probabilities [N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which
+every runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op; none at the network's own
+size), the frozen network, the run's head, averaged over the run's test-time views. Float input, so that a
+reader bringing a photo of another size to S with the run's resize passes on what that resize computed. With
+calibration images, `to_tflite` makes a LiteRT model with int8 weights and activations, except the op types in
+FLOAT_OPS (docs/benchmarks.md says why).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL
 
 
 def portable_function(parts, input_size: int, embeddings: bool = False):
-    """The run's classifier as a frozen concrete function of uint8 [None, S, S, 3] -> probabilities [None, K]
-    (`embeddings`: the network's output instead, [views x N, D], each view's images in turn)."""
+    """The run's classifier as a frozen concrete function of float32 pixel values (0 to 255) [None, S, S, 3] ->
+    probabilities [None, K] (`embeddings`: the network's output instead, [views x N, D], each view's images in turn)."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
@@ -39,15 +41,17 @@ def portable_function(parts, input_size: int, embeddings: bool = False):
 
     def resized(x):
         """[0, 1] floats [N, H, W, 3] -> [N, S, S, 3], channels first in between so that both resize products
-        are plain (batched) matrix products."""
+        are plain (batched) matrix products. Images of the network's size are passed as they are."""
+        if x.shape[1] == x.shape[2] == key.image_size:
+            return x
         rows = tf.constant(resize_matrix(x.shape[1], key.image_size, key.resize))
         cols = tf.constant(resize_matrix(x.shape[2], key.image_size, key.resize).T)
         x = tf.matmul(tf.matmul(rows, tf.transpose(x, [0, 3, 1, 2])), cols)
         return tf.clip_by_value(tf.transpose(x, [0, 2, 3, 1]), 0.0, 1.0)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="images")])
     def classify(images):
-        x = tf.cast(images, tf.float32) / 255.0  # square: a center crop would cut nothing
+        x = images / 255.0  # square: a center crop would cut nothing
         # The views go through the network as one batch: one copy of it in the graph, whatever their number.
         views = tf.concat([resized(view_images(x, view)) for view in parts.tta_views], axis=0)
         if embeddings:
@@ -60,7 +64,7 @@ def portable_function(parts, input_size: int, embeddings: bool = False):
 
 
 def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
-    """A LiteRT model: f32, or with `calibration` (uint8 images) int8 but for FLOAT_OPS."""
+    """A LiteRT model: f32, or with `calibration` (images) int8 but for FLOAT_OPS."""
     import tensorflow as tf
     from tensorflow.lite.python.convert_phase import ConverterError
 
@@ -69,12 +73,12 @@ def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
         if calibration is None:
             return converter.convert()
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         # The converter's own way to keep op types in float (selective quantization); its debug data is not used
         # for the model it returns.
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: ([image[None]] for image in calibration[:1]),
+            converter=converter, debug_dataset=lambda: ([image[None].astype(np.float32)] for image in calibration[:1]),
             debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS)))
         return debugger.get_nondebug_quantized_model()
     except (ConverterError, ValueError, RuntimeError) as exc:  # an op it cannot convert, a calibration failure

@@ -17,37 +17,38 @@ QUANTIZE = ("int8",)
 
 
 def export_run(run_dir: Path, path, format: str, input_size: int | None = None, force: bool = False,
-               quantize: str | None = None) -> Path:
+               quantize: str | None = None, log=None) -> Path:
     """Export a run as a .tflite or .onnx file at `path` (its suffix added when missing); the path written.
+    `input_size`: the side of the images the file takes (default: the network's input size).
     `quantize='int8'` (tflite only): int8 weights and activations, calibrated on the run's train images.
-    The options are checked where they enter (export.py)."""
+    `log`, when given, gets a line before each long step. The options are checked where they enter (export.py)."""
+    log = log or (lambda line: None)
     path = Path(path)
     if path.suffix != SUFFIXES[format]:
         path = path.with_name(path.name + SUFFIXES[format])
     check_destination(path, force, folder=False)  # before the slow part
     if format == "onnx":
         require("tf2onnx", "format onnx")
+    log(f"loading run {Path(run_dir).name} and its model")
     parts = load_run(run_dir)
-    size = input_size or default_input_size(parts.key)
+    size = input_size or parts.key.image_size  # the network's: any photo classified as by the run
     if format == "onnx":
+        log(f"converting to ONNX ({size}x{size} input)")
         content = to_onnx(portable_function(parts, size), parts.class_names, parts.run, preprocessing(parts.key))
     elif quantize:
         count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))  # held in memory like calibration
+        log(f"reading {CALIBRATION_SIZE} + {count} of the run's train images for int8 calibration and correction")
         calibration, fit = train_samples(run_dir, parts.key, size,
                                          [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)])
+        log("correcting the head for the int8 network (one int8 conversion, then its embeddings)")
         head = int8_head(parts, size, calibration, fit)
+        log(f"converting to LiteRT int8 ({size}x{size} input)")
         content = to_tflite(portable_function(dataclasses.replace(parts, head=head), size), calibration)
     else:
+        log(f"converting to LiteRT ({size}x{size} input)")
         content = to_tflite(portable_function(parts, size))
     if format == "tflite":
         content = with_tflite_metadata(content, PREPROCESSING, preprocessing(parts.key))
     write_export(path, content, parts.class_names)
     return path
 
-
-def default_input_size(key) -> int:
-    """The image side an exported file takes by default: the dataset's own when it has one (CIFAR: 32), else
-    the network's input size."""
-    from ..extract.sources import cifar
-
-    return cifar.IMAGE_SHAPE[0] if key.dataset in cifar.LAYOUTS else key.image_size

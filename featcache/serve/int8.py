@@ -63,7 +63,7 @@ def int8_head(parts, input_size: int, calibration: np.ndarray, images: np.ndarra
         model_content=to_tflite(frozen, calibration), num_threads=os.cpu_count())
     # A frozen function returns its outputs as a list.
     quantized, f32 = litert_call(interpreter), lambda batch: frozen(tf.constant(batch))[0].numpy()
-    batches = [images[i : i + 100] for i in range(0, len(images), 100)]
+    batches = [images[i : i + 100].astype(np.float32) for i in range(0, len(images), 100)]
     q, y = (np.concatenate([call(batch) for batch in batches]) for call in (quantized, f32))
     return corrected(parts.head, *affine_fit(q, y))
 

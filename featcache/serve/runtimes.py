@@ -28,33 +28,40 @@ def require(module: str, what: str):
 
 @dataclass
 class Exported:
-    """An exported classifier read back with its own runtime: `probabilities(uint8 [N, H, W, 3])`.
+    """An exported classifier read back with its own runtime: `probabilities(images [N, H, W, 3])`.
 
     A file of one input size gets images of any other size brought to it by the run's own preprocessing, which
-    the file records (files.PREPROCESSING): its center crop, if any, then its resize."""
+    the file records (files.PREPROCESSING): its center crop, if any, then its resize, in float; at the network's
+    size (the default) the file then classifies them as the run does. A file of uint8 input (an older export)
+    gets them rounded to whole pixel values."""
 
     format: str
     class_names: tuple[str, ...]
     input_size: int | None  # None: any size
     run: object
     preprocessing: dict | None = None  # the run's {"resize", "crop", "image_size"}; None: a file that has none
+    input_dtype: type = np.float32  # what the file takes: float32 pixel values (0 to 255), or uint8
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        if self.input_size is not None and images.shape[1:3] != (self.input_size, self.input_size):
+        if self.input_size is None:
+            return self.run(images)
+        if images.shape[1:3] != (self.input_size, self.input_size):
             if not self.preprocessing:
                 raise UserError(f"the image is {images.shape[2]}x{images.shape[1]}, the exported model takes "
                                 f"{self.input_size}x{self.input_size} (and records no resize to bring images to it: "
                                 "export the run again)")
             images = fitted(images, self.input_size, self.preprocessing["resize"], self.preprocessing["crop"])
-        return self.run(images)
+            if self.input_dtype == np.uint8:
+                images = np.round(images)
+        return self.run(images.astype(self.input_dtype))
 
 
 def fitted(images: np.ndarray, size: int, resize: str, crop: str) -> np.ndarray:
-    """uint8 images [N, H, W, 3] -> uint8 [N, size, size, 3] as the run preprocesses them (its center crop, if
-    any, then its resize method), rounded back to whole pixel values."""
+    """uint8 images [N, H, W, 3] -> float32 pixel values [N, size, size, 3] (0 to 255) as the run preprocesses
+    them: its center crop, if any, then its resize method."""
     from ..extract.preprocess import preprocess
 
-    return np.round(preprocess(images, size, resize, crop).numpy() * 255).astype(np.uint8)
+    return preprocess(images, size, resize, crop).numpy() * 255
 
 
 def open_exported(path) -> Exported:
@@ -103,7 +110,8 @@ def _open_tflite(path: Path) -> Exported:
     if not labels_path(path).exists():
         raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
     names = tuple(labels_path(path).read_text().splitlines())
-    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), _tflite_preprocessing(path))
+    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), _tflite_preprocessing(path),
+                    np.dtype(entry["dtype"]).type)
 
 
 def _tflite_preprocessing(path: Path) -> dict | None:
@@ -140,7 +148,8 @@ def _open_onnx(path: Path) -> Exported:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map
     names = tuple(json.loads(metadata["class_names"]))
-    size = session.get_inputs()[0].shape[1]
+    entry = session.get_inputs()[0]
     preprocessing = json.loads(metadata[PREPROCESSING]) if PREPROCESSING in metadata else None
-    return Exported("onnx", names, size if isinstance(size, int) else None,
-                    lambda images: session.run(["probabilities"], {"images": images})[0], preprocessing)
+    return Exported("onnx", names, entry.shape[1] if isinstance(entry.shape[1], int) else None,
+                    lambda images: session.run(["probabilities"], {"images": images})[0], preprocessing,
+                    np.uint8 if entry.type == "tensor(uint8)" else np.float32)
