@@ -71,8 +71,8 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
     runner = make_runner(runner, ray_address, workers, verbose, announce)
     if not verify:  # before the model may be loaded to learn its input size
         check_engine_options(engine, selection["precision"])
-    key, cache_dir, data_dir = key_to_extract(selection, announce)
     splits = SPLITS if split == "all" else (split,)
+    key, cache_dir, data_dir = key_to_extract(selection, announce, () if verify else splits)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
     with runner:  # its loaded model (or Ray's workers) serves both splits

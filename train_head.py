@@ -12,7 +12,7 @@ from featcache.cli import (
     VIEWS_HELP, NonEmptyPath, as_flags, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
     selection_options, stopped, verbosity_options,
 )
-from featcache.errors import UserError
+from featcache.errors import UserError, plural
 from featcache.extract.sources import changed_since_cached
 from featcache.head.records import LEDGER_COLUMNS, ledger
 from featcache.head.runs import run_experiment, run_grid
@@ -83,10 +83,13 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
         else:
             written = backfill(runs_dir, rows, warn=lambda message: click.echo(message, err=True))
             had = f" ({len(rows) - len(written)} had them)" if len(written) < len(rows) else ""
-            click.echo(f"TensorBoard events written for {len(written)} of {len(rows)} runs{had}; view them with: "
-                       f"tensorboard --logdir {runs_dir}")
+            click.echo(f"TensorBoard events written for {len(written)} of {plural(len(rows), 'run')}{had}; "
+                       f"view them with: tensorboard --logdir {runs_dir}")
         return
     started = time.perf_counter()
+    if grid and sweep:
+        raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
+    combinations = parse_grid(grid) if grid else []  # a bad value refused before the cache is looked for
     key, cache_dir, data_dir = key_to_read(options)  # takes the selection options out; the head's remain
     for changed in changed_since_cached(key, cache_dir):
         click.echo(f"warning: {cache_remedy(changed)}", err=True)
@@ -108,13 +111,13 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
     log = (lambda _: None) if quiet else click.echo
     note = lambda message: click.echo(as_flags(message), err=True)  # noqa: E731
     tensorboard = dict(projector=projector or 0, data_dir=data_dir, note=note)
-    if grid and sweep:
-        raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
     try:
         if grid:
-            combinations = parse_grid(grid)
             for overrides in combinations:
-                replace(config, **overrides).check()
+                try:
+                    replace(config, **overrides).check()
+                except UserError as exc:  # a value out of range: said as the grid's
+                    raise UserError(f"--grid: {exc}") from None
             rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log, **tensorboard)
         else:
             run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2", log=log,
@@ -124,10 +127,11 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
                                                                        else "")) from None
     if grid:
         click.echo(format_table(rows))
-        click.echo(f"{len(rows)} runs recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
+        click.echo(f"{plural(len(rows), 'run')} recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
         return
     click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
-               f"({metrics['rows']} training rows, {fit_length(metrics)}, fit in {metrics['fit_seconds']:.1f} s)")
+               f"({plural(metrics['rows'], 'training row')}, {fit_length(metrics)}, "
+               f"fit in {metrics['fit_seconds']:.1f} s)")
     if "val_accuracy" in metrics:
         click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}"
                    + ("  (best of the L2 sweep; refit on all training rows)" if "sweep" in metrics else ""))
@@ -136,8 +140,9 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
 
 def fit_length(metrics: dict) -> str:
     if metrics["solver"] == "lbfgs":
-        return f"{metrics['iterations']} L-BFGS iterations{'' if metrics['converged'] else ', stopped at its limit'}"
-    return f"{metrics['epochs']} epochs of batch {metrics['batch_size']}"
+        limit = "" if metrics["converged"] else ", stopped at its limit"
+        return f"{plural(metrics['iterations'], 'L-BFGS iteration')}{limit}"
+    return f"{plural(metrics['epochs'], 'epoch')} of batch {metrics['batch_size']}"
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     unknown = sorted(set(options) - set(inspect.signature(extract_split).parameters) - {"data_dir", "cache_dir"})
     if unknown:
         raise UserError(f"extract() takes no parameter {', '.join(unknown)}")
-    key = select(cache_dir, **selection)
+    key = select(cache_dir, splits=(split,), **selection)
     return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
 
 

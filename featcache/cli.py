@@ -26,11 +26,11 @@ VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
 
 
 def verbosity_options(func):
-    """The same --quiet/--verbose pair on extract.py and train_head.py."""
+    """The same --quiet/--verbose pair on extract.py, train_head.py and export.py."""
     func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")(func)
     return click.option("--quiet", is_flag=True, help="No progress (extract.py: the loading lines and the bar; "
-                        "train_head.py: the epoch, L-BFGS, per-run and L2-sweep lines); results, notes and errors "
-                        "still print.")(func)
+                        "train_head.py: the epoch, L-BFGS, per-run and L2-sweep lines; export.py: the step lines); "
+                        "results, notes and errors still print.")(func)
 
 
 class CliError(click.ClickException):
@@ -204,12 +204,13 @@ def selection_options(func):
     return func
 
 
-def key_to_extract(options: dict, announce=None):
+def key_to_extract(options: dict, announce=None, splits=()):
     """The CacheKey the selection options (popped from `options`) name for stage 1, which may load the model to
-    learn its input size (`announce` gets a line before it does); and the cache and data folders."""
+    learn its input size (`announce` gets a line before it does; tars and Parquet files of `splits` are opened
+    first); and the cache and data folders."""
     from .selection import select
 
-    return _selected(options, functools.partial(select, announce=announce))
+    return _selected(options, functools.partial(select, announce=announce, splits=splits))
 
 
 def key_to_read(options: dict):
@@ -238,10 +239,7 @@ def parse_grid(specs) -> list[dict]:
             raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; "
                             f"got {spec!r}")
         kind = HeadConfig.OPTIONAL.get(name) or type(getattr(defaults, name))
-        try:
-            parsed = [_parse_value(kind, v.strip()) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"--grid {name}: {values!r} are not {kind.__name__} values") from None
+        parsed = [_parse_value(kind, v.strip(), name) for v in values.split(",")]
         if name.endswith("_views") and len(parsed) > 1 and not any("+" in value for value in parsed):
             option = name.replace("_", "-")
             raise UserError(f"--grid {name}={values} is ambiguous: --{option} {values} is one run on these views, "
@@ -252,17 +250,24 @@ def parse_grid(specs) -> list[dict]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def _parse_value(kind, text: str):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
-            raise ValueError(text)
-        return text.lower() in ("true", "yes", "1")
-    if kind is int:
-        number = float(text)
-        if not number.is_integer():
-            raise ValueError(text)
-        return int(number)
-    return kind(text)
+GRID_KINDS = {bool: "true or false", int: "a whole number", float: "a number"}  # what a grid value must be
+
+
+def _parse_value(kind, text: str, name: str):
+    """One value of `--grid NAME=...` as the field's type, or a one-line error naming it."""
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "yes", "1")
+        if kind is int:
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError(text)
+            return int(number)
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--grid: {name} must be {GRID_KINDS[kind]}, got {text!r}") from None
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,4 +1,5 @@
-"""Errors the user can fix, worded for whoever called: Python names in the library, flags on the command line.
+"""Errors the user can fix, worded for whoever called: Python names in the library, flags on the command line;
+and the small wording helpers every message uses (first and last lines of an exception, plurals).
 
 A message names a parameter between backticks, as Python spells it: `lr`, `force=True`,
 `views='flip'`, `data_dir=PATH`. `str(error)` drops the backticks ("lr must be positive and finite, got -1");
@@ -39,3 +40,8 @@ def last_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's last non-empty line: OpenVINO's errors start with where they were raised, end with why."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1][:limit] if lines else type(exc).__name__
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """`3 runs`, `1 run`: a count and its noun (`many` for an irregular plural: plural(n, "class", "classes"))."""
+    return f"{count} {word if count == 1 else many or word + 's'}"

@@ -17,6 +17,7 @@ from .settings import (
     DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_count, check_image_size,
 )
 
+LAYOUT_CHECKED = ("webdataset", "parquet")  # datasets whose splits `select` opens before the model may load
 # The selection parameters, in the order the command line lists them.
 SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "image_column", "label_column", "model",
                    "image_size", "resize", "crop", "limit", "precision")
@@ -58,10 +59,15 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
 
 
-def select(cache_dir, announce=None, **settings) -> CacheKey:
+def select(cache_dir, announce=None, splits=(), **settings) -> CacheKey:
     """Stage 1's key: the model's own input size when its signature fixes one (loaded once, then recorded
-    under `<cache_dir>/models/`; `announce` gets a line before that load), else `image_size`, else the default."""
+    under `<cache_dir>/models/`; `announce` gets a line before that load), else `image_size`, else the default.
+    Tars and Parquet files are first opened for each of `splits`, so that a layout error (no files for a split,
+    a missing column) comes before any model load or extraction."""
     def size_of(key, asked):
+        if key.dataset in LAYOUT_CHECKED:
+            for split in splits:
+                sources.open_split(key, split)
         return models.input_size(key.model, key.model_sha256, asked, DEFAULT_IMAGE_SIZE, cache_dir, announce)
 
     return _key(size_of, **settings)

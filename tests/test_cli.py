@@ -156,6 +156,35 @@ def test_a_grid_records_every_combination_and_prints_them_by_validation_accuracy
     assert conflict.returncode == 2 and "use one of --sweep and --grid" in conflict.stderr
 
 
+@pytest.mark.parametrize("grid, message", [
+    ("hidden=abc", "Error: --grid: hidden must be a whole number, got 'abc'"),
+    ("lr=1e-3,x", "Error: --grid: lr must be a number, got 'x'"),
+    ("hidden=-1", "Error: --grid: hidden must be a whole number in [0, 2147483647], got -1"),
+])
+def test_a_bad_grid_value_is_one_line_naming_the_option_and_the_value(extracted, tiny_model, tmp_path, grid,
+                                                                       message):
+    cache, _ = extracted
+    out = run_cli("train_head.py", "--model", tiny_model, "--image-size", "48", "--cache-dir", cache,
+                  "--runs-dir", tmp_path, "--grid", grid)
+    assert out.returncode == 2 and out.stderr.splitlines() == [message], out.stderr
+    if "abc" in grid:  # refused before any cache is looked for
+        out = run_cli("train_head.py", "--cache-dir", tmp_path / "none", "--grid", grid)
+        assert out.returncode == 2 and out.stderr.splitlines() == [message], out.stderr
+
+
+def test_one_of_anything_is_said_in_the_singular(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache]
+    out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "grid", "--epochs", "1", "--grid", "lr=1e-3")
+    assert out.returncode == 0 and out.stdout.splitlines()[-1].startswith("1 run recorded in "), out.stdout
+    out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "one", "--epochs", "1")
+    assert out.returncode == 0 and ", 1 epoch of batch " in out.stdout, out.stdout
+    for events in (tmp_path / "one").rglob("events.out.tfevents.*"):
+        events.unlink()
+    out = run_cli("train_head.py", "--runs-dir", tmp_path / "one", "--backfill-events")
+    assert out.returncode == 0 and "written for 1 of 1 run;" in out.stdout, out.stdout
+
+
 def test_extract_list_and_a_missing_cache_name_the_caches_present(extracted, tiny_model, tmp_path):
     cache, _ = extracted
     listed = run_cli("extract.py", "--list", "--cache-dir", cache)
@@ -267,9 +296,13 @@ def test_ctrl_c_at_any_moment_of_any_cli_is_one_line_and_exit_130(monkeypatch, t
 
 def test_extract_all_loads_the_model_once_and_says_what_its_first_seconds_do(tiny_model, cifar_root, tmp_path,
                                                                              monkeypatch):
+    import tensorflow_hub as hub
+
     from featcache.extract import extractor
 
     builds, original = [], extractor.ExtractorSettings.build
+    loads, load = [], hub.load
+    monkeypatch.setattr(hub, "load", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
 
     def counted(self, *args, **kwargs):
         builds.append(self.views)
@@ -282,6 +315,7 @@ def test_extract_all_loads_the_model_once_and_says_what_its_first_seconds_do(tin
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("done: ") == 2 and builds == [("plain", "flip")]  # one load serves both splits
     said = [line for line in out.stderr.splitlines() if line.startswith("loading model")]
-    assert said == [f"loading model {tiny_model} once to learn its input size ...", f"loading model {tiny_model} ..."]
+    assert said == [f"loading model {tiny_model} to learn its input size ...", f"loading model {tiny_model} ..."]
+    assert len(loads) == 1  # the model loaded to learn its size is the one that extracts
     quiet = run_cli("extract.py", *common, "--cache-dir", tmp_path / "other", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == "" and len(builds) == 2

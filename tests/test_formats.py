@@ -506,3 +506,29 @@ def test_cli_webdataset_lists_skipped_members(tiny_model, tmp_path):
     strict = run_cli("extract.py", *common, "--split", "train", "--strict")
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1 and "train-000000.tar:000001.png" in strict.stderr
     assert "--strict" in strict.stderr
+
+
+@pytest.mark.parametrize("dataset, only_train, option, message", [
+    ("webdataset", True, [], "Error: no test shards in "),
+    ("parquet", True, [], "Error: no test Parquet files in "),
+    ("parquet", False, ["--label-column", "nope"], "Error: "),
+])
+def test_a_layout_error_comes_before_the_model_loads_and_before_any_split_is_built(tiny_model, tmp_path, monkeypatch,
+                                                                                   dataset, only_train, option,
+                                                                                   message):
+    """No tars or Parquet files for a split, or a missing column: one line, with no model loaded (nor the train
+    split extracted before the test split's layout is found wanting)."""
+    import tensorflow_hub as hub
+
+    root = tmp_path / "data"
+    for split in ("train",) if only_train else ("train", "test"):
+        files, labels = _pictures(6)
+        (write_tars if dataset == "webdataset" else write_parquets)(root, split, files, labels)
+    loads, load = [], hub.load
+    monkeypatch.setattr(hub, "load", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
+    out = run_cli("extract.py", "--dataset", dataset, "--data-dir", root, "--model", tiny_model, "--cache-dir",
+                  tmp_path / "cache", "--engine", "tensorflow", *option)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(message) and loads == [] and not list(tmp_path.glob("cache/**/*.h5"))
+    if option:
+        assert "nope" in out.stderr

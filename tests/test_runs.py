@@ -159,7 +159,7 @@ def test_parse_grid_makes_every_combination_and_refuses_bad_specs():
     assert parse_grid(["tta-views=plain,plain+flip", "label-smoothing=0.1", "batch-size=64"]) == [
         {"tta_views": "plain", "label_smoothing": 0.1, "batch_size": 64},
         {"tta_views": "plain+flip", "label_smoothing": 0.1, "batch_size": 64}]
-    for bad, message in ((["width=1,2"], "NAME one of"), (["hidden=1.5"], "not int values"), (["lr="], "NAME=V1")):
+    for bad, message in ((["width=1,2"], "NAME one of"), (["hidden=1.5"], "--grid: hidden must be a whole number, got '1.5'"), (["lr="], "NAME=V1")):
         with pytest.raises(UserError, match=message):
             parse_grid(bad)
 

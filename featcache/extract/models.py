@@ -23,11 +23,16 @@ from ..cache.layout import model_slug
 from ..errors import UserError, first_line
 
 IDENTITY_FILES = ("saved_model.pb", "saved_model.pbtxt", "variables/variables.index")
+# The model `input_size` loaded to learn its size, handed over to the next `load_model` of the same handle in this
+# process (the extraction that follows), so that a first extraction into a new cache folder loads it once.
+_loaded_for_size: dict = {}
 
 
 def load_model(handle: str | os.PathLike, run: str | None = None):
     """hub.load a URL or a local SavedModel folder; a failure becomes one actionable line (for the network of
     `run`, no other model can stand in for it)."""
+    if (kept := _loaded_for_size.pop(os.fspath(handle), None)) is not None:
+        return kept
     import tensorflow as tf
     import tensorflow_hub as hub
 
@@ -108,11 +113,15 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
     known, fixed = recorded_input_size(handle, sha256, cache_dir)
     if not known and not asked:
         if announce:
-            announce(f"loading model {handle} once to learn its input size ...")
+            announce(f"loading model {handle} to learn its input size ...")
         try:
-            fixed = record_input_size(fixed_input_size(load_model(handle)), handle, sha256, cache_dir)
+            model = load_model(handle)
+            fixed = record_input_size(fixed_input_size(model), handle, sha256, cache_dir)
         except UserError:
             fixed = None
+        else:
+            _loaded_for_size.clear()
+            _loaded_for_size[handle] = model  # for the extraction that follows
     return checked_size(handle, fixed, asked or (fixed or default))
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cache.read import Features
-from ..errors import UserError
+from ..errors import UserError, plural
 from ..memory import fresh_array
 from ..settings import HeadConfig
 
@@ -22,7 +22,7 @@ def split_validation(train: Features, fraction: float, seed: int) -> tuple[np.nd
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
     if n_val < 1 or n_val >= n:
-        raise UserError(f"`val_split` {fraction} leaves no rows to train or validate on ({n} images)")
+        raise UserError(f"`val_split` {fraction} leaves no rows to train or validate on ({plural(n, 'image')})")
     val_idx = np.sort(order[:n_val])
     val = Features({v: x[val_idx] for v, x in train.views.items()}, train.labels[val_idx], train.class_names)
     return np.sort(order[n_val:]), val
