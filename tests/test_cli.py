@@ -185,6 +185,22 @@ def test_one_of_anything_is_said_in_the_singular(extracted, tiny_model, tmp_path
     assert out.returncode == 0 and "written for 1 of 1 run;" in out.stdout, out.stdout
 
 
+def test_train_head_says_it_reads_a_large_cache_before_it_does(extracted, tiny_model, tmp_path, monkeypatch):
+    from featcache.head import runs
+
+    cache, _ = extracted
+    monkeypatch.setattr(runs, "ANNOUNCED_BYTES", 1000)  # the tiny caches count as large
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--runs-dir", tmp_path, "--epochs", "1"]
+    out = run_cli("train_head.py", *common)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("reading the train and test caches in ") and first.endswith(" GB) ..."), out.stdout
+    quiet = run_cli("train_head.py", *common, "--quiet")
+    assert quiet.returncode == 0 and "reading" not in quiet.stdout
+    monkeypatch.setattr(runs, "ANNOUNCED_BYTES", 10**12)
+    assert "reading" not in run_cli("train_head.py", *common).stdout  # small: read in a moment, no line
+
+
 def test_extract_list_and_a_missing_cache_name_the_caches_present(extracted, tiny_model, tmp_path):
     cache, _ = extracted
     listed = run_cli("extract.py", "--list", "--cache-dir", cache)

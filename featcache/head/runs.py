@@ -17,12 +17,19 @@ from .tensorboard import ProjectorSample
 from .thumbnails import test_thumbnails
 
 
-def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig]):
+ANNOUNCED_BYTES = 100_000_000  # caches of more than this (both splits) get a line before they are read
+
+
+def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig], log=print):
     """Both splits' features (train: every view the configs need; test: their test-time views) and cache info,
     after checking that a run can be recorded at all (that fails before training; the run folder itself is made
-    only once there is a result)."""
+    only once there is a result). Large caches: `log` gets a line before they are read."""
     train_views = parse_views(sum((config.views_needed() for config in configs), ()))
     test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
+    paths = [key.path(cache_dir, split) for split in ("train", "test")]
+    size = sum(path.stat().st_size for path in paths if path.is_file())
+    if size > ANNOUNCED_BYTES:
+        log(f"reading the train and test caches in {paths[0].parent} ({size / 1e9:.2f} GB) ...")
     splits = load_splits(key, cache_dir, train_views, test_views)
     check_writable(runs_dir)
     return splits
@@ -53,7 +60,7 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
     (projector_sample; `data_dir` is where a CIFAR copy for its thumbnails is).
     """
     config = config.for_cached_views(views_present(key, cache_dir))
-    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, [config])
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, [config], log)
     sample = (projector_sample(key, cache_dir, test_features, config, projector, data_dir, note) if projector
               else None)
     sweep_table = best_row = None
@@ -79,7 +86,7 @@ def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[
         raise UserError("`grid` holds no combination")
     present = views_present(key, cache_dir)
     configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
-    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, configs)
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, configs, log)
     sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir, note) if projector
               else None)
     rows, data = [], None
