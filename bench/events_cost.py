@@ -26,7 +26,8 @@ CHILD = """
 import json, os, sys, time
 sys.path.insert(0, os.environ["EVENTS_COST_ROOT"])
 import tensorflow  # imported before any clock starts, as train_head.py has by then
-from featcache.head import records, tensorboard, train
+from featcache.head import records, tensorboard
+from featcache.head.training import train
 from featcache.cache.read import load_splits, views_present
 from featcache.selection import select_cached
 from featcache.settings import HeadConfig

@@ -166,7 +166,7 @@ def main(images, reps, batch_size, model, data_dir, methods, cache_dir, worker_m
 def head_accuracy(cache_dir, precision) -> str:
     """The default head's test accuracy on the default full caches of one precision, if they exist."""
     from featcache.errors import UserError
-    from featcache.head import train
+    from featcache.head.training import train
     from featcache.settings import HeadConfig
     from featcache.cache.read import load_features
     from featcache.cache.layout import CacheKey

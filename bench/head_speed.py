@@ -26,7 +26,7 @@ import json, os, sys, time
 sys.path.insert(0, os.environ["HEAD_SPEED_ROOT"])
 from dataclasses import replace
 import tensorflow  # imported before the clock starts, as train_head.py has by then
-from featcache.head import train
+from featcache.head.training import train
 from featcache.settings import HeadConfig
 from featcache.cache.read import load_features
 from featcache.cache.layout import CacheKey

@@ -26,7 +26,7 @@ from .errors import UserError
 from .extract.pipeline import ExtractResult
 from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
-from .head import TrainedHead, train
+from .head.training import TrainedHead, train
 from .selection import SELECTION_NAMES, select, select_cached
 from .settings import DEFAULT_CACHE_DIR, HeadConfig
 

@@ -15,8 +15,8 @@ import click
 from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError
 from .settings import (
-    CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL,
-    DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT, PRECISIONS,
+    CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
+    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT, PRECISIONS,
     RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig,
 )
 
@@ -154,7 +154,6 @@ COUNT = click.IntRange(min=1, max=MAX_COUNT)  # limits, chunk and batch sizes, w
 
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
-    from .extract.quantize import CALIBRATION_SIZE
     from .extract.sources import cifar
 
     options = [

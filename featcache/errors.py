@@ -1,5 +1,6 @@
 """Errors the user can fix, worded for whoever called: Python names in the library, flags on the command line;
-and the small wording helpers every message uses (first and last lines of an exception, plurals).
+and the small wording helpers every message uses (first and last lines of an exception, plurals); `require`, the
+one-line refusal of an optional package that is not installed.
 
 A message names a parameter between backticks, as Python spells it: `lr`, `force=True`,
 `views='flip'`, `data_dir=PATH`. `str(error)` drops the backticks ("lr must be positive and finite, got -1");
@@ -11,6 +12,9 @@ from __future__ import annotations
 import re
 
 PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+# The optional requirements file that brings each optional package `require` is asked for.
+REQUIREMENTS = {"ai_edge_litert": "requirements-deploy.txt", "tf2onnx": "requirements-deploy.txt",
+                "onnxruntime": "requirements-deploy.txt"}
 
 
 class UserError(Exception):
@@ -45,3 +49,16 @@ def last_line(exc: BaseException, limit: int = 160) -> str:
 def plural(count: int, word: str, many: str | None = None) -> str:
     """`3 runs`, `1 run`: a count and its noun (`many` for an irregular plural: plural(n, "class", "classes"))."""
     return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def require(module: str, what: str):
+    """Import an optional package (a module of one of REQUIREMENTS), or say in one line which requirements file
+    brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise UserError(f"{what} needs {package}, which is not installed: pip install -r "
+                        f"{REQUIREMENTS[package]}") from None

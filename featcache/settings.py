@@ -110,6 +110,10 @@ DEFAULT_RUNNER = "local"
 DEFAULT_CHUNK_SIZE = 1024  # images per committed chunk: what a crash can cost at most (folders: sources.folder)
 DEFAULT_SHARD_ITEMS = 10_000  # items per shard of a new plan on a cluster (extract/plan.py, ray_runner.py)
 SHARDS_PER_WORKER = 2  # a new plan on a cluster has at least this many shards per worker: the last ones spread
+# int8 (extract/quantize.py, and export.py's int8 file): a seeded draw of train images calibrates the network
+CALIBRATION_SIZE = 300  # NNCF's default subset size
+CALIBRATION_SEED = 0
+MAX_CALIBRATION_BYTES = 2 * 2**30  # the sample is held in memory: 300 images of 1,500 x 1,500 at most
 
 
 def default_batch_size(engine: str, gpu: bool) -> int:

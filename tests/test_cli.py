@@ -190,7 +190,8 @@ def test_train_head_says_it_reads_a_large_cache_before_it_does(extracted, tiny_m
 
     cache, _ = extracted
     monkeypatch.setattr(runs, "ANNOUNCED_BYTES", 1000)  # the tiny caches count as large
-    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--runs-dir", tmp_path, "--epochs", "1"]
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--runs-dir", tmp_path,
+              "--epochs", "1"]
     out = run_cli("train_head.py", *common)
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]

@@ -48,7 +48,8 @@ def test_predict_classifies_image_files_with_an_exported_file(run, tmp_path):
 
     base, run_dir, images, want = run
     path = tmp_path / "model.onnx"
-    assert run_cli("export.py", path, "--format", "onnx", "--input-size", 32, "--runs-dir", base / "runs").returncode == 0
+    out = run_cli("export.py", path, "--format", "onnx", "--input-size", 32, "--runs-dir", base / "runs")
+    assert out.returncode == 0, out.stderr
     for i in range(3):
         tf.io.write_file(str(tmp_path / f"{i}.png"), tf.io.encode_png(images[i]))
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -101,13 +102,13 @@ def test_a_missing_converter_or_runtime_is_one_line_naming_its_requirements_file
 
 
 def test_an_int8_litert_file_is_calibrated_on_train_images_and_smaller(run, cifar_root, monkeypatch):
-    from featcache.serve import export
+    from featcache.serve import int8
     from featcache.serve.runtimes import open_exported
 
     base, _, images, want = run
     seen = []
-    real = export.train_samples
-    monkeypatch.setattr(export, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
+    real = int8.train_samples
+    monkeypatch.setattr(int8, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
     out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--input-size", 32,
                   "--runs-dir", base / "runs")
     assert out.returncode == 0, out.stderr
@@ -167,7 +168,7 @@ def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_wit
 
 def test_int8_export_of_a_folder_run_with_photos_of_other_shapes_calibrates_on_them_resized(tiny_model, tmp_path,
                                                                                            monkeypatch):
-    from featcache.serve import export
+    from featcache.serve import int8
     from featcache.serve.runtimes import open_exported
     from test_folder import write_tree
 
@@ -177,8 +178,8 @@ def test_int8_export_of_a_folder_run_with_photos_of_other_shapes_calibrates_on_t
     assert run_cli("extract.py", *common, "--engine", "tensorflow", "--quiet").returncode == 0
     assert run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--epochs", "1").returncode == 0
     seen = []
-    real = export.train_samples
-    monkeypatch.setattr(export, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
+    real = int8.train_samples
+    monkeypatch.setattr(int8, "train_samples", lambda *args: seen.extend(real(*args)) or seen)
     out = run_cli("export.py", tmp_path / "q", "--format", "tflite", "--quantize", "int8", "--runs-dir",
                   tmp_path / "runs")
     assert out.returncode == 0, out.stderr

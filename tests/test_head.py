@@ -3,7 +3,8 @@ import pytest
 
 from featcache.errors import UserError
 from featcache.cache.read import Features
-from featcache.head import split_validation, train
+from featcache.head.rows import split_validation
+from featcache.head.training import train
 from featcache.settings import HeadConfig
 
 
@@ -75,7 +76,7 @@ def test_tta_averages_the_probabilities_of_both_views():
     test = blobs(n_per_class=20, spread=2.5)
     test.views["flip"] = test.views["plain"][::-1].copy()  # a different input per view
     trained = train(data, test, HeadConfig(epochs=2, batch_size=64, tta_views="plain,flip"))
-    from featcache.head import predict
+    from featcache.head.training import predict
     plain = trained.model.predict(test.views["plain"], verbose=0)
     flip = trained.model.predict(test.views["flip"], verbose=0)
     np.testing.assert_allclose(trained.test_probs, (plain + flip) / 2, atol=1e-6)
@@ -101,7 +102,7 @@ def test_sweep_tries_a_coarse_grid_then_refines_around_the_best(monkeypatch):
 
 
 def test_sweep_on_real_training_prefers_weaker_penalty_on_easy_data():
-    best, table = __import__("featcache.head", fromlist=["sweep_l2"]).sweep_l2(
+    best, table = __import__("featcache.head.training", fromlist=["sweep_l2"]).sweep_l2(
         blobs(spread=1.5), HeadConfig(epochs=3, batch_size=64, lr=1e-2), grid=(1e-4, 10.0))
     accuracy = {row["l2"]: row["val_accuracy"] for row in table}
     assert accuracy[1e-4] > accuracy[10.0] and best < 1.0
@@ -150,18 +151,19 @@ def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden, dropo
     import keras
     import tensorflow as tf
 
-    from featcache import head
     from featcache.head.fit import Fitter
+    from featcache.head.model import build_model
+    from featcache.head.rows import training_data
 
     data = blobs(n_per_class=20, dim=16)
     config = HeadConfig(epochs=3, batch_size=64, lr=1e-2, l2=1e-3, label_smoothing=smoothing,
                         hidden=hidden, dropout=dropout, schedule=schedule, train_views="plain", tta_views="plain", compute="f32")
-    rows = head.training_data(data, config)
+    rows = training_data(data, config)
     x, y, mean, variance = rows.x, rows.y, rows.mean, rows.variance
     steps = -(-len(y) // config.batch_size)
     assert steps == 4 and len(y) % config.batch_size
-    ours = head.build_model(16, config, mean, variance, 10)
-    theirs = head.build_model(16, config, mean, variance, 10)
+    ours = build_model(16, config, mean, variance, 10)
+    theirs = build_model(16, config, mean, variance, 10)
     fitter = Fitter(ours, config, rows, 10)
     assert fitter.fold == (hidden < config.batch_size and not dropout)
     lr = (config.lr if schedule == "constant"
@@ -175,11 +177,11 @@ def test_fit_loop_takes_the_steps_keras_takes(schedule, smoothing, hidden, dropo
             theirs.train_on_batch(x[rows_of], keras.ops.one_hot(y[rows_of], 10))
     for a, b in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
-    assert not np.allclose(ours.get_weights()[-1], head.build_model(16, config, mean, variance, 10).get_weights()[-1])
+    assert not np.allclose(ours.get_weights()[-1], build_model(16, config, mean, variance, 10).get_weights()[-1])
 
 
 def test_training_rows_are_every_view_row_once_in_a_seeded_order():
-    from featcache.head import column_stats, training_rows
+    from featcache.head.rows import column_stats, training_rows
 
     data = blobs(n_per_class=7, dim=8)
     x, y = training_rows(data, ("plain", "flip"), seed=1)
@@ -200,7 +202,7 @@ def test_training_rows_are_every_view_row_once_in_a_seeded_order():
 def test_validation_scores_are_those_of_the_saved_head(tta):
     """The loop scores the validation split in its own graph; the saved Keras head, asked the same
     way (with TTA when TTA is on), gives the same numbers."""
-    from featcache.head import predict, score
+    from featcache.head.training import predict, score
 
     data = blobs(spread=4.0)
     data.views["flip"] = data.views["plain"] + np.random.default_rng(5).normal(size=data.views["plain"].shape) * 2
@@ -217,7 +219,7 @@ def test_runs_sharing_training_rows_match_runs_that_make_their_own():
     """A grid's runs share the split and shuffled rows when their split, seed and training views agree."""
     from dataclasses import replace
 
-    from featcache.head import training_data
+    from featcache.head.rows import training_data
 
     data, test = blobs(), blobs(n_per_class=10, seed=2)
     first = HeadConfig(epochs=2, batch_size=64, val_split=0.2)
@@ -284,7 +286,7 @@ def test_lbfgs_reaches_the_optimum_of_the_linear_objective():
     data = blobs(n_per_class=40, dim=16, spread=4.0)
     config = HeadConfig(solver="lbfgs", l2=1e-3, train_views="plain", tta_views="plain")
     trained = train(data, None, config)
-    from featcache.head import training_data
+    from featcache.head.rows import training_data
 
     rows = training_data(data, config)
     x, labels = rows.x.astype(np.float64), rows.y

@@ -13,7 +13,7 @@ from featcache.cache import layout, read, write
 from featcache.cache.layout import CacheKey
 from featcache.errors import UserError
 from featcache.cache.read import Features
-from featcache.head import train
+from featcache.head.training import train
 from featcache.settings import HeadConfig
 from featcache.head.records import ledger
 from featcache.head.runs import run_experiment

@@ -32,7 +32,7 @@ def _features(per_class: int, seed: int) -> Features:
 
 def _record(runs, **settings):
     """One run recorded as train_head.py records it, on small synthetic features."""
-    from featcache.head import train
+    from featcache.head.training import train
     from featcache.head.records import record_run
 
     config = HeadConfig(train_views="plain", tta_views="plain", **settings)

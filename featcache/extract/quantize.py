@@ -18,12 +18,9 @@ import numpy as np
 
 from .. import cpu
 from ..errors import UserError, first_line, last_line
-from ..settings import DEFAULT_CROP
+from ..settings import CALIBRATION_SEED, CALIBRATION_SIZE, DEFAULT_CROP, MAX_CALIBRATION_BYTES
 from .preprocess import center_square, crop_shape, view_images
 
-CALIBRATION_SIZE = 300  # NNCF's default subset size
-CALIBRATION_SEED = 0
-MAX_CALIBRATION_BYTES = 2 * 2**30  # the sample is held in memory: 300 images of 1,500 x 1,500 at most
 RECIPE = "q2"  # names how the model is quantized (below); part of the saved model's file name
 # CPU classes (cpu.int8_class) on which int8's accuracy cost against f32 was measured (README, Results).
 MEASURED_CLASSES = ("avx512-vnni", "avx2")

@@ -5,12 +5,5 @@ are saved inside the .keras file), optionally passes them through one hidden ReL
 softmax over the cache's classes. Each training view gives one row per image, and at test time the
 probabilities of several views can be averaged (TTA). rows.py makes the rows, model.py the Keras model,
 fit.py the Adam loop that trains it, probe.py the converged linear fit (L-BFGS), training.py ties them
-together and scores.
+together and scores; runs.py records runs (records.py), with their plots, TensorBoard events and thumbnails.
 """
-
-from .model import build_model
-from .rows import TrainingData, column_stats, split_validation, training_data, training_rows
-from .training import TrainedHead, predict, score, sweep_l2, train
-
-__all__ = ["TrainedHead", "TrainingData", "build_model", "column_stats", "predict", "score", "split_validation",
-           "sweep_l2", "train", "training_data", "training_rows"]

@@ -11,10 +11,11 @@ from ..cache.layout import CacheKey
 from ..cache.read import Features, load_splits, views_present
 from ..errors import UserError, in_python
 from ..settings import HeadConfig, parse_views
-from . import sweep_l2, train, training_data
 from .records import check_writable, record_run
+from .rows import training_data
 from .tensorboard import ProjectorSample
 from .thumbnails import test_thumbnails
+from .training import sweep_l2, train
 
 
 ANNOUNCED_BYTES = 100_000_000  # caches of more than this (both splits) get a line before they are read

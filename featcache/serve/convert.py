@@ -15,9 +15,8 @@ import json
 
 import numpy as np
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, require
 from .files import PREPROCESSING
-from .runtimes import require
 
 ONNX_OPSET = 17
 # Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (their int8 outputs were the
@@ -105,9 +104,14 @@ def with_tflite_metadata(content: bytes, name: str, value: str) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def onnx_converter():
+    """tf2onnx, or the one-line refusal naming its requirements file (checked before the slow part, too)."""
+    return require("tf2onnx", "format onnx")
+
+
 def to_onnx(frozen, class_names: tuple[str, ...], run: str, preprocessed: str = "") -> bytes:
     """An ONNX model (opset ONNX_OPSET) with the class names (and the run's `preprocessing`) in its metadata."""
-    tf2onnx = require("tf2onnx", "format onnx")
+    tf2onnx = onnx_converter()
     try:
         model, _ = tf2onnx.convert.from_graph_def(
             frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],

@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..extract.quantize import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
-from .convert import portable_function, preprocessing, to_onnx, to_tflite, with_tflite_metadata
+from .convert import onnx_converter, portable_function, preprocessing, to_onnx, to_tflite, with_tflite_metadata
 from .files import PREPROCESSING, SUFFIXES, check_destination, write_export
-from .int8 import CORRECTION_IMAGES, CORRECTION_SEED, int8_head, train_samples
+from .int8 import int8_head, int8_samples
 from .run import load_run
-from .runtimes import require
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZE = ("int8",)
@@ -28,7 +26,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         path = path.with_name(path.name + SUFFIXES[format])
     check_destination(path, force, folder=False)  # before the slow part
     if format == "onnx":
-        require("tf2onnx", "format onnx")
+        onnx_converter()
     log(f"loading run {Path(run_dir).name} and its model")
     parts = load_run(run_dir)
     size = input_size or parts.key.image_size  # the network's: any photo classified as by the run
@@ -36,10 +34,8 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         log(f"converting to ONNX ({size}x{size} input)")
         content = to_onnx(portable_function(parts, size), parts.class_names, parts.run, preprocessing(parts.key))
     elif quantize:
-        count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))  # held in memory like calibration
-        log(f"reading {CALIBRATION_SIZE} + {count} of the run's train images for int8 calibration and correction")
-        calibration, fit = train_samples(run_dir, parts.key, size,
-                                         [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)])
+        log("reading the run's train images for int8 calibration and correction")
+        calibration, fit = int8_samples(run_dir, parts.key, size)
         log("correcting the head for the int8 network (one int8 conversion, then its embeddings)")
         head = int8_head(parts, size, calibration, fit)
         log(f"converting to LiteRT int8 ({size}x{size} input)")

@@ -13,14 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, require
 from ..extract.preprocess import preprocess
+from ..settings import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
 from .convert import portable_function, to_tflite
-from .runtimes import litert_call, require
+from .runtimes import litert_call
 
 CORRECTION_IMAGES, CORRECTION_SEED = 2000, 1  # train images (at most) the int8 head correction is fitted on
 MIN_SLOPE_ROWS = 200  # fewer rows: the mean shift alone (a slope fitted on a few rows is noise)
 SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
+
+
+def int8_samples(run_dir: Path, key, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration images, correction images) of the run's train split at the file's input `size`: the
+    calibration draw, and up to CORRECTION_IMAGES for the head's correction (held in memory like calibration)."""
+    count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))
+    calibration, fit = train_samples(run_dir, key, size,
+                                     [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)])
+    return calibration, fit
 
 
 def train_samples(run_dir: Path, key, size: int, draws) -> list[np.ndarray]:

@@ -1,5 +1,5 @@
 """Any export read back with the runtime its format is meant for: a SavedModel folder (TensorFlow alone), a .tflite
-file (the LiteRT interpreter), an .onnx file (ONNX Runtime); and the one-line refusal of a runtime not installed."""
+file (the LiteRT interpreter), an .onnx file (ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, require
 from .files import PREPROCESSING, SUFFIXES, labels_path
-
-INSTALL_HINT = "pip install -r requirements-deploy.txt"
-
-
-def require(module: str, what: str):
-    """Import an optional package, or say in one line which requirements file brings it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"{what} needs {module.split('.')[0]}, which is not installed: {INSTALL_HINT}") from None
 
 
 @dataclass
