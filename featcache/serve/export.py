@@ -35,7 +35,7 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
         content = to_onnx(portable_function(parts, size), parts.class_names, parts.run, preprocessing(parts.key))
     elif quantize:
         log("reading the run's train images for int8 calibration and correction")
-        calibration, fit = int8_samples(run_dir, parts.key, size)
+        calibration, fit = int8_samples(parts, size)
         log("correcting the head for the int8 network (one int8 conversion, then its embeddings)")
         head = int8_head(parts, size, calibration, fit)
         log(f"converting to LiteRT int8 ({size}x{size} input)")

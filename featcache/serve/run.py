@@ -57,7 +57,8 @@ def _started(run: str) -> tuple:
 @dataclass
 class RunParts:
     """What classifying with a run takes: its cache key (preprocessing, model), TTA, class names, the loaded
-    network and head. `probabilities` maps preprocessed float images to the head's class probabilities."""
+    network and head (and where its train cache is, for an int8 export's calibration). `probabilities` maps
+    preprocessed float images to the head's class probabilities."""
 
     run: str
     key: CacheKey
@@ -66,6 +67,7 @@ class RunParts:
     network: object
     call_kwargs: dict
     head: object
+    train_cache: str = ""
 
     def probabilities(self, x):
         import tensorflow as tf
@@ -96,4 +98,4 @@ def load_run(run_dir: Path) -> RunParts:
         raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
     network = load_model(key.model, run=name)
     return RunParts(name, key, parse_views(config["head"]["tta_views"]), tuple(config["class_names"]), network,
-                    call_kwargs(network, key.image_size), head)
+                    call_kwargs(network, key.image_size), head, config["train_cache"]["path"])
