@@ -11,12 +11,9 @@ FLOAT_OPS (docs/benchmarks.md says why).
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ..errors import UserError, first_line, require
-from .files import PREPROCESSING
 
 ONNX_OPSET = 17
 # Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (their int8 outputs were the
@@ -84,11 +81,6 @@ def to_tflite(frozen, calibration: np.ndarray | None = None) -> bytes:
         raise UserError(f"the TFLite converter cannot convert this classifier: {first_line(exc)}") from None
 
 
-def preprocessing(key) -> str:
-    """The run's preprocessing (the cache key's crop, resize and size) as the PREPROCESSING metadata's JSON."""
-    return json.dumps({"resize": key.resize, "crop": key.crop, "image_size": key.image_size})
-
-
 def with_tflite_metadata(content: bytes, name: str, value: str) -> bytes:
     """A LiteRT model with one more metadata entry (a named buffer, as the TFLite schema keeps metadata)."""
     from tensorflow.lite.python import schema_py_generated as schema
@@ -109,8 +101,8 @@ def onnx_converter():
     return require("tf2onnx", "format onnx")
 
 
-def to_onnx(frozen, class_names: tuple[str, ...], run: str, preprocessed: str = "") -> bytes:
-    """An ONNX model (opset ONNX_OPSET) with the class names (and the run's `preprocessing`) in its metadata."""
+def to_onnx(frozen, metadata: dict[str, str]) -> bytes:
+    """An ONNX model (opset ONNX_OPSET) with these metadata properties."""
     tf2onnx = onnx_converter()
     try:
         model, _ = tf2onnx.convert.from_graph_def(
@@ -119,10 +111,7 @@ def to_onnx(frozen, class_names: tuple[str, ...], run: str, preprocessed: str = 
     except (ValueError, RuntimeError, NotImplementedError, TypeError, KeyError) as exc:  # what tf2onnx raises
         raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
     model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
-    for name, value in (("class_names", json.dumps(list(class_names))), ("featcache_run", run),
-                        (PREPROCESSING, preprocessed)):
-        if not value:
-            continue
+    for name, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = name, value
     return model.SerializeToString()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
-from .convert import onnx_converter, portable_function, preprocessing, to_onnx, to_tflite, with_tflite_metadata
-from .files import PREPROCESSING, SUFFIXES, check_destination, write_export
+from .convert import onnx_converter, portable_function, to_onnx, to_tflite, with_tflite_metadata
+from .files import PREPROCESSING, SUFFIXES, check_destination, preprocessing, write_export
 from .int8 import int8_head, int8_samples
 from .run import load_run
 
@@ -32,7 +33,9 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     size = input_size or parts.key.image_size  # the network's: any photo classified as by the run
     if format == "onnx":
         log(f"converting to ONNX ({size}x{size} input)")
-        content = to_onnx(portable_function(parts, size), parts.class_names, parts.run, preprocessing(parts.key))
+        content = to_onnx(portable_function(parts, size), {"class_names": json.dumps(list(parts.class_names)),
+                                                           "featcache_run": parts.run,
+                                                           PREPROCESSING: preprocessing(parts.key)})
     elif quantize:
         log("reading the run's train images for int8 calibration and correction")
         calibration, fit = int8_samples(parts, size)

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line, require
-from ..extract.preprocess import preprocess
 from ..settings import CALIBRATION_SEED, CALIBRATION_SIZE, MAX_CALIBRATION_BYTES
 from .convert import portable_function, to_tflite
-from .runtimes import litert_call
+from .runtimes import fitted, litert_call
 
 CORRECTION_IMAGES, CORRECTION_SEED = 2000, 1  # train images (at most) the int8 head correction is fitted on
 MIN_SLOPE_ROWS = 200  # fewer rows: the mean shift alone (a slope fitted on a few rows is noise)
@@ -51,8 +50,7 @@ def train_samples(train_cache: str, key, size: int, draws) -> list[np.ndarray]:
     def input_image(image: np.ndarray) -> np.ndarray:
         if image.shape[:2] == (size, size):
             return image
-        resized = preprocess(image[None], size, key.resize, key.crop)[0]
-        return np.round(resized.numpy() * 255).astype(np.uint8)
+        return np.round(fitted(image[None], size, key.resize, key.crop)[0]).astype(np.uint8)  # held as uint8
 
     try:
         samples = calibration_samples(open_split(key, "train", data_dir=None if key.data_dir else source), draws,
