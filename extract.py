@@ -10,6 +10,7 @@ from featcache.cli import (
     COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
     stopped, verbosity_options,
 )
+from featcache.errors import plural
 from featcache.extract.extractor import check_engine_options
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.plan import shards_dir
@@ -96,7 +97,7 @@ def verify_caches(key, splits, data_dir, cache_dir):
     failed = False
     for one_split in splits:
         path, problems = verify(key, one_split, data_dir=data_dir, cache_dir=cache_dir)
-        click.echo(f"{one_split}: {path}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        click.echo(f"{one_split}: {path}: " + ("ok" if not problems else plural(len(problems), "problem")))
         for problem in problems:
             click.echo(f"  - {problem}")
         failed |= bool(problems)

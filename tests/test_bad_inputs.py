@@ -420,6 +420,7 @@ def test_labels_outside_the_classes_are_refused_on_reading_and_listed_by_verify(
     assert "--verify, rebuild it with" in out.stderr and not runs.exists()
     verify = run_cli("extract.py", "--split", "test", *opts, "--verify")
     assert verify.returncode == 1 and "1 labels outside [0, 10) in rows 0:40 (first in row 7)" in verify.stdout
+    assert verify.stdout.splitlines()[0].endswith(": 1 problem"), verify.stdout
 
 
 def test_an_image_size_beyond_the_limit_is_refused_before_anything_is_allocated(tiny_model, cifar_root, tmp_path):
