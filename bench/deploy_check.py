@@ -7,6 +7,10 @@ images, and prints per format: file size, top-1 agreement with predict.py, the l
 difference, test accuracy, and images/s at batch 1 and batch 32 (medians of a few timed passes).
 
     python bench/deploy_check.py --run RUN_ID --runs-dir runs --data-dir ../shared/data/cifar-10-python.tar.gz
+
+With `--photo-sizes 50x40,640x480,...`, each test image is first brought to one of these sizes in turn (bicubic, as
+photos of other sizes), the files are exported at their default input size (the network's) and given each photo as
+`predict.py --model` gives it; no speed is measured then.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ def images_per_second(probabilities, images: np.ndarray, batch: int, passes: int
     return statistics.median(rates)
 
 
+def as_photos(images: np.ndarray, sizes: str) -> list[np.ndarray]:
+    """Each image resized (bicubic, rounded to uint8) to the next of `sizes` ("WxH,WxH,..."), in turn."""
+    import tensorflow as tf
+
+    shapes = [tuple(int(side) for side in size.split("x"))[::-1] for size in sizes.split(",")]
+    return [tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, shapes[i % len(shapes)], "bicubic")), 0, 255),
+                    tf.uint8).numpy() for i, image in enumerate(images)]
+
+
 def batched(probabilities, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([probabilities(images[lo : lo + batch]) for lo in range(0, len(images), batch)])
 
@@ -52,7 +65,8 @@ def batched(probabilities, images: np.ndarray, batch: int = 256) -> np.ndarray:
 @click.option("--timed", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per timed pass.")
 @click.option("--passes", type=click.IntRange(min=1), default=3, show_default=True)
-def main(run_id, runs_dir, data_dir, images, timed, passes):
+@click.option("--photo-sizes", default=None, help="WxH,WxH,...: the test images as photos of these sizes.")
+def main(run_id, runs_dir, data_dir, images, timed, passes, photo_sizes):
     from featcache import cpu
     from featcache.serve.classifier import build_classifier
     from featcache.serve.export import export_run
@@ -68,26 +82,30 @@ def main(run_id, runs_dir, data_dir, images, timed, passes):
     def reference(batch):
         return classifier.classify(batch)["probabilities"].numpy()
 
+    photos = as_photos(pixels, photo_sizes) if photo_sizes else None
+    speeds = (lambda call: (None, None)) if photos else (lambda call: (
+        images_per_second(call, pixels[:timed], 1, passes), images_per_second(call, pixels[:timed], 32, passes)))
+    run_all = (lambda call: np.concatenate([call(photo[None]) for photo in photos])) if photos else (
+        lambda call: batched(call, pixels))
     rows = []
-    want = batched(reference, pixels)
-    rows.append(("predict.py (TensorFlow)", "-", 1.0, 0.0, np.mean(want.argmax(1) == labels),
-                 images_per_second(reference, pixels[:timed], 1, passes),
-                 images_per_second(reference, pixels[:timed], 32, passes)))
+    want = run_all(reference)
+    rows.append(("predict.py (TensorFlow)", "-", 1.0, 0.0, np.mean(want.argmax(1) == labels), *speeds(reference)))
     with tempfile.TemporaryDirectory() as folder:
         for name, fmt, quantize in FORMATS:
             try:
-                # files of CIFAR's own 32 px, as the figures in the README were measured (the default: 224)
-                path = export_run(run_dir, Path(folder) / name.replace(" ", "-"), fmt, input_size=cifar.IMAGE_SHAPE[0],
-                                  quantize=quantize)
+                # CIFAR images: files of their own 32 px, as the figures in the README were measured; photos: the
+                # default input size (the network's)
+                path = export_run(run_dir, Path(folder) / name.replace(" ", "-"), fmt,
+                                  input_size=None if photos else cifar.IMAGE_SHAPE[0], quantize=quantize)
                 model = open_exported(path)
-                got = batched(model.probabilities, pixels)
+                got = run_all(model.probabilities)
                 rows.append((name, f"{path.stat().st_size / 1e6:.2f}", np.mean(got.argmax(1) == want.argmax(1)),
                              float(np.abs(got - want).max()), np.mean(got.argmax(1) == labels),
-                             images_per_second(model.probabilities, pixels[:timed], 1, passes),
-                             images_per_second(model.probabilities, pixels[:timed], 32, passes)))
+                             *speeds(model.probabilities)))
             except Exception as exc:  # noqa: BLE001 - one failing format is reported in its row, not hiding the rest
                 rows.append((name, f"failed: {str(exc).splitlines()[0][:80]}", None, None, None, None, None))
-    print(f"run {run_dir.name}, {len(pixels)} CIFAR-10 test images; {cpu.name()} ({cpu.noted_flags()}), "
+    what = f"as photos of {photo_sizes}" if photos else "32 px, files of 32 px"
+    print(f"run {run_dir.name}, {len(pixels)} CIFAR-10 test images ({what}); {cpu.name()} ({cpu.noted_flags()}), "
           f"{os.cpu_count()} cores")
     print("| format | MB | top-1 agrees with predict.py | max prob diff | test accuracy | images/s batch 1 | batch 32 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -95,7 +113,8 @@ def main(run_id, runs_dir, data_dir, images, timed, passes):
         if agree is None:
             print(f"| {name} | {size} | | | | | |")
         else:
-            print(f"| {name} | {size} | {agree:.4%} | {diff:.1e} | {accuracy:.4f} | {one:.1f} | {many:.1f} |")
+            speed = f"{one:.1f} | {many:.1f}" if one is not None else "- | -"
+            print(f"| {name} | {size} | {agree:.4%} | {diff:.1e} | {accuracy:.4f} | {speed} |")
 
 
 if __name__ == "__main__":

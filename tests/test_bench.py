@@ -113,6 +113,27 @@ def test_deploy_check(small_run, cifar_root):
         assert float(rows[name][3]) < 1e-4  # probabilities
 
 
+
+def test_deploy_check_on_photos_of_other_sizes(tiny_model, small_run, cifar_root, tmp_path):
+    """Photos of several sizes: the f32 files at their default size agree with predict.py on a run with the
+    default test-time views."""
+    base, _ = small_run
+    pytest.importorskip("onnxruntime", reason="needs requirements-deploy.txt")
+    from conftest import run_cli, run_dirs
+
+    runs = tmp_path / "runs"
+    done = run_cli("train_head.py", "--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache",
+                   "--runs-dir", runs, "--epochs", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = run_dirs(runs)
+    out = bench("deploy_check", "--run", run_dir.name, "--runs-dir", runs, "--data-dir", cifar_root, "--images", 6,
+                "--photo-sizes", "50x40,640x480,1000x300")
+    assert "as photos of 50x40,640x480,1000x300" in out
+    rows = {row[0]: row for row in table_rows(out)}
+    for name in ("litert f32", "onnx f32"):
+        assert rows[name][2] == "100.0000%" and float(rows[name][3]) < 1e-4 and rows[name][5] == "-"
+
+
 def test_predict_check(small_run, cifar_root):
     base, run_dir = small_run
     out = bench("predict_check", "--run", run_dir.name, "--runs-dir", base / "runs", "--data-dir", cifar_root,
