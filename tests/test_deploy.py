@@ -299,3 +299,16 @@ def test_a_default_export_gives_the_runs_probabilities_on_photos_of_any_size(def
 def test_export_quiet_prints_no_step_lines(default_views_run, tmp_path):
     out = run_cli("export.py", tmp_path / "m", "--format", "onnx", "--quiet", "--run", default_views_run)
     assert out.returncode == 0 and out.stderr.splitlines() == [f"using run {default_views_run.name} (as asked)"]
+
+
+def test_a_photo_reaches_a_file_unrounded_and_an_older_uint8_file_rounded():
+    from featcache.serve.runtimes import Exported, fitted
+
+    seen = []
+    photo = np.random.default_rng(3).integers(0, 256, (1, 30, 50, 3), dtype=np.uint8)
+    for dtype in (np.float32, np.uint8):
+        Exported("onnx", ("a", "b"), 16, lambda images: seen.append(images) or np.ones((1, 2)),
+                 {"resize": "bicubic", "crop": "none", "image_size": 16}, dtype).probabilities(photo)
+    want = fitted(photo, 16, "bicubic", "none")
+    assert seen[0].dtype == np.float32 and np.array_equal(seen[0], want) and not np.array_equal(want, np.round(want))
+    assert seen[1].dtype == np.uint8 and np.array_equal(seen[1], np.round(want).astype(np.uint8))

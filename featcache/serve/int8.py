@@ -25,8 +25,8 @@ SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
 
 def int8_samples(parts, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(calibration images, correction images) of the run's (serve.run.RunParts) train split at the file's input
-    `size`: the
-    calibration draw, and up to CORRECTION_IMAGES for the head's correction (held in memory like calibration)."""
+    `size`: the calibration draw, and up to CORRECTION_IMAGES for the head's correction (held in memory like
+    calibration)."""
     count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))
     calibration, fit = train_samples(parts.train_cache, parts.key, size,
                                      [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)])
