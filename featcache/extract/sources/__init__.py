@@ -11,7 +11,6 @@ from ...cache.read import CacheUnusable, attributes
 from ...errors import UserError
 from ...settings import DATASETS, SPLITS
 from . import cifar, folder, parquet, webdataset
-from .base import Chunk  # noqa: F401 - the interface, re-exported
 
 ROOT_CHECKS = {"folder": folder.check_root, "webdataset": webdataset.check_root, "parquet": parquet.check_root}
 
