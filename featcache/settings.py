@@ -102,6 +102,32 @@ def view_dataset(view: str) -> str:
     return "embeddings" if view == "plain" else f"embeddings_{view}"
 
 
+def feature_dataset(view: str, feature: str) -> str:
+    """The HDF5 dataset holding a view's vectors of one feature ("final": the view's own embeddings dataset)."""
+    return view_dataset(view) if feature == "final" else f"{view_dataset(view)}@{feature}"
+
+
+# --- features: which of a cache's vectors feed a head ------------------------------------------------
+# "final" is the network's own output vector; the others are inner layers' pooled activations that extract.py adds
+# (extract/layers.py names them). A head reads them concatenated, in the order asked.
+DEFAULT_FEATURES = "final"
+
+
+def parse_features(features, name: str = "features") -> tuple[str, ...]:
+    """Feature names from a string ("final,block_13", or "final+block_13" where commas separate other things) or a
+    sequence; in the order given (the order of the head's input columns)."""
+    if not isinstance(features, (str, list, tuple)):
+        raise UserError(f"`{name}` must be feature names (a comma-separated string or a list), got {features!r}")
+    names = features.replace("+", ",").split(",") if isinstance(features, str) else list(features)
+    names = [part.strip() if isinstance(part, str) else part for part in names]
+    if not names or not all(isinstance(part, str) and part for part in names):
+        raise UserError(f"`{name}` must name features (such as {DEFAULT_FEATURES}) without empty names, "
+                        f"got {features!r}")
+    if len(set(names)) < len(names):
+        raise UserError(f"`{name}` names a feature twice: {features!r}")
+    return tuple(names)
+
+
 # --- how stage 1 runs -----------------------------------------------------------------------------
 ENGINES = ("auto", "tensorflow", "openvino")
 DEFAULT_ENGINE = "auto"  # OpenVINO on a CPU when it is installed, else TensorFlow
@@ -161,6 +187,7 @@ class HeadConfig:
     schedule: str = "cosine"
     train_views: str | None = None  # each view's rows are training rows; None: DEFAULT_VIEWS, those the cache holds
     tta_views: str | None = None  # test-time probabilities are the mean over these views; None: as above
+    features: str = DEFAULT_FEATURES  # cached features feeding the head, concatenated in this order
     solver: str = "adam"  # adam: the epoch loop (fit.py); lbfgs: a linear head fit to convergence (probe.py)
     val_split: float = 0.0
     seed: int = 0
@@ -208,7 +235,7 @@ class HeadConfig:
                 raise UserError(f"`{name}` must be in [0, 1), got {getattr(self, name)}")
         for name in ("hidden", "seed"):
             check_count(name, getattr(self, name), minimum=0)
-        self.train_view_list, self.tta_view_list  # noqa: B018 - each names its parameter when it is wrong
+        self.train_view_list, self.tta_view_list, self.feature_list  # noqa: B018 - each names its parameter
         if self.solver == "lbfgs" and (self.hidden or self.dropout or self.label_smoothing):
             raise UserError("`solver='lbfgs'` fits a linear head: it takes no `hidden`, `dropout` or "
                             "`label_smoothing`")
@@ -220,6 +247,10 @@ class HeadConfig:
     @property
     def tta_view_list(self) -> tuple[str, ...]:
         return parse_views(DEFAULT_VIEWS if self.tta_views is None else self.tta_views, "tta_views")
+
+    @property
+    def feature_list(self) -> tuple[str, ...]:
+        return parse_features(self.features)
 
     def views_needed(self) -> tuple[str, ...]:
         """The train split's views a fit reads: its training views, and the test-time ones for a validation split."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import VIEWS, view_dataset, views_label
+from ..settings import DEFAULT_FEATURES, VIEWS, feature_dataset, view_dataset, views_label
 from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
 
 VERIFY_BLOCK_ROWS = 10_000
@@ -87,6 +87,15 @@ def cached_views(attrs: dict) -> tuple[str, ...]:
     return tuple(views) if isinstance(views, list) and all(v in VIEWS for v in views) else ()
 
 
+def cached_features(attrs: dict) -> dict[str, int]:
+    """The inner-layer features a cache file holds for every view, {name: dim} (its `features` attribute)."""
+    try:
+        features = json.loads(attrs.get("features", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return features if isinstance(features, dict) else {}
+
+
 class MissingViews(UserError):
     """A cache lacks views a head asked for: extraction adds them."""
 
@@ -95,13 +104,22 @@ class MissingViews(UserError):
         super().__init__(f"{problem}; add them with `views={','.join(missing)!r}`")
 
 
+class MissingFeatures(UserError):
+    """A cache lacks features (inner layers) a head asked for: extraction adds them."""
+
+    def __init__(self, problem: str, missing: tuple[str, ...]):
+        self.problem, self.missing = problem, missing
+        super().__init__(f"{problem}; add them with `layers={','.join(missing)!r}`")
+
+
 class CorruptCache(UserError):
     """Stored bytes no longer match their checksum (bit rot, a failing disk)."""
 
 
-def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
-    """Load a complete cache: ({view: embeddings} of `views`, default all it holds; labels; attributes).
-    Refuses anything else."""
+def read(path: Path, expected: dict, views: tuple[str, ...] | None,
+         features: tuple[str, ...] = (DEFAULT_FEATURES,)) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Load a complete cache: ({view: its `features` side by side} of `views`, default all it holds; labels;
+    attributes). Refuses anything else."""
     state = inspect(path, expected)
     if state.status == "missing":
         raise UserError(f"no cache at {path}")
@@ -113,8 +131,12 @@ def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dic
         if missing:
             raise MissingViews(f"cache {path} holds no {', '.join(missing)} view (it holds "
                                f"{', '.join(cached_views(_attributes(f)))})", tuple(missing))
+        held = {DEFAULT_FEATURES, *cached_features(_attributes(f))}
+        if missing := [name for name in features if name not in held]:
+            raise MissingFeatures(f"cache {path} holds no {', '.join(missing)} feature (it holds "
+                                  f"{', '.join(sorted(held))})", tuple(missing))
         try:
-            embeddings = {v: _read_whole(f[view_dataset(v)]) for v in views}
+            embeddings = {v: _read_columns([f[feature_dataset(v, name)] for name in features]) for v in views}
             labels = f["labels"][:]
         except OSError as exc:
             if _failed_checksum(exc):
@@ -129,6 +151,19 @@ def _read_whole(dataset) -> np.ndarray:
     rows = fresh_array(dataset.shape, dataset.dtype)
     if rows.size:
         dataset.read_direct(rows)
+    return rows
+
+
+def _read_columns(datasets) -> np.ndarray:
+    """Datasets of the same rows side by side, each read straight into its columns of one fresh buffer."""
+    if len(datasets) == 1:
+        return _read_whole(datasets[0])
+    rows = fresh_array((datasets[0].shape[0], sum(d.shape[1] for d in datasets)), np.float32)
+    start = 0
+    for dataset in datasets:
+        if rows.size:
+            dataset.read_direct(rows, dest_sel=np.s_[:, start : start + dataset.shape[1]])
+        start += dataset.shape[1]
     return rows
 
 
@@ -279,14 +314,16 @@ class Features:
 class CacheUnusable(UserError):
     """A cache a run needs is missing or cannot be used. Besides the message, it carries what would
     make a usable one: the cache's `key`, `split` and `cache_dir`, and `action`: 'extract' (it is
-    missing), 'rebuild' (force a new one) or 'verify' (check it against its source, then rebuild)."""
+    missing, or lacks `views` or `layers`), 'rebuild' (force a new one) or 'verify' (check it against its source,
+    then rebuild)."""
 
     def __init__(self, problem: str, key: CacheKey, split: str, cache_dir, action: str, present: list | None = None,
-                 views: tuple[str, ...] = ()):
+                 views: tuple[str, ...] = (), layers: tuple[str, ...] = ()):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
-        self.views = views  # views to add to the cache (action 'extract')
+        self.views, self.layers = views, layers  # views and features (inner layers) to add (action 'extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        remedy = {"extract": f"add them with `views={','.join(views)!r}`" if views else "extract it",
+        adds = [f"`{name}={','.join(value)!r}`" for name, value in (("views", views), ("layers", layers)) if value]
+        remedy = {"extract": f"add them with {' '.join(adds)}" if adds else "extract it",
                   "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
@@ -336,9 +373,32 @@ def views_present(key: CacheKey, cache_dir) -> tuple[str, ...]:
     return tuple(view for view in VIEWS if view in present)
 
 
-def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None) -> tuple[Features, dict]:
-    """Read one complete, checked cache (`views` of it, None: all): its Features and where they came from
-    (path, fingerprint, engine, rows)."""
+def features_present(key: CacheKey, cache_dir) -> set[str]:
+    """The features both splits' caches hold ("final" always: every cache holds it; unreadable ones are left to
+    reading to explain)."""
+    present = None
+    for split in ("train", "test"):
+        try:
+            held = set(cached_features(attributes(key.path(cache_dir, split))))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+        present = held if present is None else present & held
+    return {DEFAULT_FEATURES, *(present or ())}
+
+
+def check_features(key: CacheKey, cache_dir, features) -> None:
+    """Refuse, before anything is read, features that the caches lack, naming them all."""
+    present = features_present(key, cache_dir)
+    if missing := tuple(dict.fromkeys(name for name in features if name not in present)):
+        raise CacheUnusable(f"the caches at {key.path(cache_dir, 'train').parent} hold no {', '.join(missing)} "
+                            f"feature (they hold {', '.join(sorted(present))})", key, "train", cache_dir, "extract",
+                            layers=missing)
+
+
+def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None,
+                  features: tuple[str, ...] = (DEFAULT_FEATURES,)) -> tuple[Features, dict]:
+    """Read one complete, checked cache (`views` of it, None: all; each view its `features` side by side, in
+    their order): its Features and where they came from (path, fingerprint, engine, rows)."""
     path = key.path(cache_dir, split)
     if not path.exists():
         hint = " (an interrupted extraction is waiting to resume)" if partial_path(path).exists() else ""
@@ -348,9 +408,11 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] |
     if state.status != "complete":
         raise CacheUnusable(f"{split} cache {path} cannot be used: {state.reason}", key, split, cache_dir, "rebuild")
     try:
-        embeddings, labels, attrs = read(path, key.attrs(split), views)
+        embeddings, labels, attrs = read(path, key.attrs(split), views, features)
     except MissingViews as exc:
         raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", views=exc.missing) from None
+    except MissingFeatures as exc:
+        raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", layers=exc.missing) from None
     except CorruptCache as exc:
         raise CacheUnusable(str(exc), key, split, cache_dir, "rebuild") from None
     for view, rows in embeddings.items():
@@ -368,10 +430,12 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] |
                                                  "network": str(attrs.get("calibration", ""))}
 
 
-def load_splits(key: CacheKey, cache_dir, train_views, test_views) -> list[tuple[Features, dict]]:
+def load_splits(key: CacheKey, cache_dir, train_views, test_views,
+                features: tuple[str, ...] = (DEFAULT_FEATURES,)) -> list[tuple[Features, dict]]:
     """Both splits (load_features), checked to come from one network: an int8 cache's splits from the same
     quantization (a split made on another CPU class, or under another oneDNN cap, may differ)."""
-    splits = [load_features(key, "train", cache_dir, train_views), load_features(key, "test", cache_dir, test_views)]
+    splits = [load_features(key, "train", cache_dir, train_views, features),
+              load_features(key, "test", cache_dir, test_views, features)]
     (_, train_info), (_, test_info) = splits
     if train_info["network"] != test_info["network"]:
         raise CacheUnusable(f"the train and test caches were made by differently quantized networks "
