@@ -6,6 +6,7 @@
     train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
     result = run_head(limit=1000, epochs=5, train_views="plain,flip,crops")  # metrics, Keras model; not recorded
+    result = run_head(limit=1000, features="final,expanded_conv_13.expand")  # inner layers extract(layers=...) added
     path, problems = verify("test", limit=1000)  # the cache against its source
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
@@ -26,9 +27,9 @@ from .errors import UserError
 from .extract.pipeline import ExtractResult
 from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
-from .head import TrainedHead, train
+from .head import TrainedHead, side_by_side, train
 from .selection import SELECTION_NAMES, select, select_cached
-from .settings import DEFAULT_CACHE_DIR, HeadConfig
+from .settings import DEFAULT_CACHE_DIR, FINAL_FEATURE, HeadConfig
 
 
 @dataclass
@@ -89,5 +90,8 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
         raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
     config = HeadConfig(**options).for_cached_views(views_present(key, cache_dir))
     config.check()
-    (train_split, _), (test_split, _) = load_splits(key, cache_dir, config.views_needed(), config.tta_view_list)
+    names = config.feature_list
+    splits = load_splits(key, cache_dir, config.views_needed(), config.tta_view_list,
+                         tuple(name for name in names if name != FINAL_FEATURE))
+    train_split, test_split = (side_by_side(split, names) for split, _ in splits)
     return train(train_split, test_split, config)

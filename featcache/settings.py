@@ -8,6 +8,7 @@ the library functions all take their defaults from here.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -102,30 +103,40 @@ def view_dataset(view: str) -> str:
     return "embeddings" if view == "plain" else f"embeddings_{view}"
 
 
+# --- inner-layer features: pooled activations of a layer inside the network, cached beside the views ---------
+# A feature is `<layer>` (the layer's map averaged over its height and width: C values) or `<layer>@2x2` (the map cut
+# into a 2x2 grid of cells, each averaged: 4C values); extract/layers.py names a model's layers and pools them. The
+# network's own output is feature "final" (the `embeddings` datasets, as ever).
+FINAL_FEATURE = "final"
+FEATURE_POOLS = {"": 1, "2x2": 4}  # a feature name's pooling suffix (after "@") -> values per channel
+FEATURE_NAME = re.compile(r"[A-Za-z0-9_.-]+(@2x2)?")
+
+
 def feature_dataset(view: str, feature: str) -> str:
-    """The HDF5 dataset holding a view's vectors of one feature ("final": the view's own embeddings dataset)."""
-    return view_dataset(view) if feature == "final" else f"{view_dataset(view)}@{feature}"
+    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
+    return view_dataset(view) + "@" + feature
 
 
-# --- features: which of a cache's vectors feed a head ------------------------------------------------
-# "final" is the network's own output vector; the others are inner layers' pooled activations that extract.py adds
-# (extract/layers.py names them). A head reads them concatenated, in the order asked.
-DEFAULT_FEATURES = "final"
+def split_feature(feature: str) -> tuple[str, str]:
+    """(layer, pooling suffix): `block_13_add@2x2` -> ("block_13_add", "2x2"), `out_relu` -> ("out_relu", "")."""
+    layer, _, pool = feature.partition("@")
+    return layer, pool
 
 
-def parse_features(features, name: str = "features") -> tuple[str, ...]:
-    """Feature names from a string ("final,block_13", or "final+block_13" where commas separate other things) or a
-    sequence; in the order given (the order of the head's input columns)."""
-    if not isinstance(features, (str, list, tuple)):
-        raise UserError(f"`{name}` must be feature names (a comma-separated string or a list), got {features!r}")
-    names = features.replace("+", ",").split(",") if isinstance(features, str) else list(features)
-    names = [part.strip() if isinstance(part, str) else part for part in names]
-    if not names or not all(isinstance(part, str) and part for part in names):
-        raise UserError(f"`{name}` must name features (such as {DEFAULT_FEATURES}) without empty names, "
-                        f"got {features!r}")
-    if len(set(names)) < len(names):
-        raise UserError(f"`{name}` names a feature twice: {features!r}")
-    return tuple(names)
+def parse_features(features, name: str = "layers") -> tuple[str, ...]:
+    """Feature names given as a comma-separated string or a sequence, checked for spelling only (which layers a
+    model has is extract/layers.py's to say); in the order given, each once."""
+    names = features.split(",") if isinstance(features, str) else features
+    if not isinstance(names, (list, tuple)) or not all(isinstance(part, str) for part in names):
+        raise UserError(f"`{name}` must be layer names (a comma-separated string or a list), got {features!r}")
+    names = [part.strip() for part in names if part.strip()]
+    if not names:
+        raise UserError(f"`{name}` names no layer; see `list_layers=True` for the layers the model offers")
+    for part in names:
+        if not FEATURE_NAME.fullmatch(part):
+            raise UserError(f"{part!r} in `{name}` is not a layer name (letters, digits, _ . - and an optional "
+                            "@2x2); see `list_layers=True` for the layers the model offers")
+    return tuple(dict.fromkeys(names))
 
 
 # --- how stage 1 runs -----------------------------------------------------------------------------
@@ -187,7 +198,7 @@ class HeadConfig:
     schedule: str = "cosine"
     train_views: str | None = None  # each view's rows are training rows; None: DEFAULT_VIEWS, those the cache holds
     tta_views: str | None = None  # test-time probabilities are the mean over these views; None: as above
-    features: str = DEFAULT_FEATURES  # cached features feeding the head, concatenated in this order
+    features: str = FINAL_FEATURE  # cached features feeding the head, concatenated in this order
     solver: str = "adam"  # adam: the epoch loop (fit.py); lbfgs: a linear head fit to convergence (probe.py)
     val_split: float = 0.0
     seed: int = 0
@@ -250,7 +261,7 @@ class HeadConfig:
 
     @property
     def feature_list(self) -> tuple[str, ...]:
-        return parse_features(self.features)
+        return parse_features(self.features.replace("+", ","), "features")  # + joins them in a --grid
 
     def views_needed(self) -> tuple[str, ...]:
         """The train split's views a fit reads: its training views, and the test-time ones for a validation split."""
@@ -267,7 +278,7 @@ class HeadConfig:
                 changes[name] = ",".join(kept) or DEFAULT_VIEWS
             else:  # as recorded: in catalogue order, sets spelt out
                 changes[name] = ",".join(parse_views(getattr(self, name), name))
-        return replace(self, **changes)
+        return replace(self, **changes, features=",".join(self.feature_list))
 
     def to_dict(self) -> dict:
         return asdict(self)

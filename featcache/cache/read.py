@@ -9,14 +9,14 @@ outside its classes, and says in one line what would make a usable one.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import DEFAULT_FEATURES, VIEWS, feature_dataset, view_dataset, views_label
+from ..settings import VIEWS, feature_dataset, view_dataset, views_label
 from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
 
 VERIFY_BLOCK_ROWS = 10_000
@@ -60,17 +60,25 @@ def inspect(path: Path, expected: dict) -> CacheState:
             except (KeyError, TypeError, ValueError):
                 return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
-            for name in [view_dataset(view) for view in cached_views(attrs)]:
+            for name, dim in _vector_datasets(attrs):
                 if name not in f or not _float_rows(f[name], rows):
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
-                if "dim" in attrs and f[name].shape[1] != attrs["dim"]:
-                    return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim attribute "
-                                             f"says {attrs['dim']}")
+                if dim is not None and f[name].shape[1] != dim:
+                    return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim or features "
+                                             f"attribute says {dim}")
             if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
                 return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
         return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
+
+
+def _vector_datasets(attrs: dict) -> list[tuple[str, int | None]]:
+    """(dataset, values per row or None when unrecorded) of every view's embeddings and inner-layer features."""
+    dim = int(attrs["dim"]) if "dim" in attrs else None
+    return [(view_dataset(view), dim) for view in cached_views(attrs)] + \
+        [(feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
+         for view in cached_views(attrs)]
 
 
 def _float_rows(dataset, rows: int) -> bool:
@@ -88,12 +96,15 @@ def cached_views(attrs: dict) -> tuple[str, ...]:
 
 
 def cached_features(attrs: dict) -> dict[str, int]:
-    """The inner-layer features a cache file holds for every view, {name: dim} (its `features` attribute)."""
+    """The inner-layer features a cache file holds for each of its views, {feature: values per row} (its `features`
+    attribute, a JSON object; absent: none)."""
     try:
         features = json.loads(attrs.get("features", "{}"))
     except (TypeError, ValueError):
         return {}
-    return features if isinstance(features, dict) else {}
+    if not isinstance(features, dict) or not all(type(dim) is int and dim > 0 for dim in features.values()):
+        return {}
+    return features
 
 
 class MissingViews(UserError):
@@ -105,7 +116,7 @@ class MissingViews(UserError):
 
 
 class MissingFeatures(UserError):
-    """A cache lacks features (inner layers) a head asked for: extraction adds them."""
+    """A cache lacks inner-layer features a head asked for: extraction adds them."""
 
     def __init__(self, problem: str, missing: tuple[str, ...]):
         self.problem, self.missing = problem, missing
@@ -116,10 +127,9 @@ class CorruptCache(UserError):
     """Stored bytes no longer match their checksum (bit rot, a failing disk)."""
 
 
-def read(path: Path, expected: dict, views: tuple[str, ...] | None,
-         features: tuple[str, ...] = (DEFAULT_FEATURES,)) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
-    """Load a complete cache: ({view: its `features` side by side} of `views`, default all it holds; labels;
-    attributes). Refuses anything else."""
+def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Load a complete cache: ({view: embeddings} of `views`, default all it holds; labels; attributes).
+    Refuses anything else."""
     state = inspect(path, expected)
     if state.status == "missing":
         raise UserError(f"no cache at {path}")
@@ -131,12 +141,8 @@ def read(path: Path, expected: dict, views: tuple[str, ...] | None,
         if missing:
             raise MissingViews(f"cache {path} holds no {', '.join(missing)} view (it holds "
                                f"{', '.join(cached_views(_attributes(f)))})", tuple(missing))
-        held = {DEFAULT_FEATURES, *cached_features(_attributes(f))}
-        if missing := [name for name in features if name not in held]:
-            raise MissingFeatures(f"cache {path} holds no {', '.join(missing)} feature (it holds "
-                                  f"{', '.join(sorted(held))})", tuple(missing))
         try:
-            embeddings = {v: _read_columns([f[feature_dataset(v, name)] for name in features]) for v in views}
+            embeddings = {v: _read_whole(f[view_dataset(v)]) for v in views}
             labels = f["labels"][:]
         except OSError as exc:
             if _failed_checksum(exc):
@@ -146,24 +152,28 @@ def read(path: Path, expected: dict, views: tuple[str, ...] | None,
     return embeddings, labels, attrs
 
 
+def read_inner(path: Path, views: tuple[str, ...], features: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """The inner-layer `features` of `views` of a complete cache (checked by `read`): {feature: {view: rows}}."""
+    with open_h5(path, "r") as f:
+        held = cached_features(_attributes(f))
+        missing = tuple(feature for feature in features if feature not in held)
+        if missing:
+            raise MissingFeatures(f"cache {path} holds no feature {', '.join(missing)} (it holds "
+                                  f"{', '.join(held) or 'none'})", missing)
+        try:
+            return {feature: {view: _read_whole(f[feature_dataset(view, feature)]) for view in views}
+                    for feature in features}
+        except OSError as exc:
+            if _failed_checksum(exc):
+                raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
+            raise
+
+
 def _read_whole(dataset) -> np.ndarray:
     """All of a dataset, into a fresh buffer (steadier and often faster to fill than numpy's, see memory.py)."""
     rows = fresh_array(dataset.shape, dataset.dtype)
     if rows.size:
         dataset.read_direct(rows)
-    return rows
-
-
-def _read_columns(datasets) -> np.ndarray:
-    """Datasets of the same rows side by side, each read straight into its columns of one fresh buffer."""
-    if len(datasets) == 1:
-        return _read_whole(datasets[0])
-    rows = fresh_array((datasets[0].shape[0], sum(d.shape[1] for d in datasets)), np.float32)
-    start = 0
-    for dataset in datasets:
-        if rows.size:
-            dataset.read_direct(rows, dest_sel=np.s_[:, start : start + dataset.shape[1]])
-        start += dataset.shape[1]
     return rows
 
 
@@ -304,26 +314,28 @@ def check_contents(path: Path, reader) -> list[str]:
 
 @dataclass
 class Features:
-    """Cached embeddings of one split, per view, with labels and the names of all classes."""
+    """Cached embeddings of one split, per view, with labels and the names of all classes; `inner`: the inner-layer
+    features read, {feature: {view: rows}}."""
 
     views: dict[str, np.ndarray]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    inner: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 class CacheUnusable(UserError):
     """A cache a run needs is missing or cannot be used. Besides the message, it carries what would
     make a usable one: the cache's `key`, `split` and `cache_dir`, and `action`: 'extract' (it is
-    missing, or lacks `views` or `layers`), 'rebuild' (force a new one) or 'verify' (check it against its source,
-    then rebuild)."""
+    missing), 'rebuild' (force a new one) or 'verify' (check it against its source, then rebuild)."""
 
     def __init__(self, problem: str, key: CacheKey, split: str, cache_dir, action: str, present: list | None = None,
                  views: tuple[str, ...] = (), layers: tuple[str, ...] = ()):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
-        self.views, self.layers = views, layers  # views and features (inner layers) to add (action 'extract')
+        self.views, self.layers = views, layers  # views and inner-layer features to add to the cache ('extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        adds = [f"`{name}={','.join(value)!r}`" for name, value in (("views", views), ("layers", layers)) if value]
-        remedy = {"extract": f"add them with {' '.join(adds)}" if adds else "extract it",
+        added = " and ".join([f"`views={','.join(views)!r}`"] * bool(views) + [f"`layers={','.join(layers)!r}`"]
+                             * bool(layers))
+        remedy = {"extract": f"add them with {added}" if added else "extract it",
                   "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
@@ -373,32 +385,10 @@ def views_present(key: CacheKey, cache_dir) -> tuple[str, ...]:
     return tuple(view for view in VIEWS if view in present)
 
 
-def features_present(key: CacheKey, cache_dir) -> set[str]:
-    """The features both splits' caches hold ("final" always: every cache holds it; unreadable ones are left to
-    reading to explain)."""
-    present = None
-    for split in ("train", "test"):
-        try:
-            held = set(cached_features(attributes(key.path(cache_dir, split))))
-        except (OSError, RuntimeError, KeyError, ValueError):
-            continue
-        present = held if present is None else present & held
-    return {DEFAULT_FEATURES, *(present or ())}
-
-
-def check_features(key: CacheKey, cache_dir, features) -> None:
-    """Refuse, before anything is read, features that the caches lack, naming them all."""
-    present = features_present(key, cache_dir)
-    if missing := tuple(dict.fromkeys(name for name in features if name not in present)):
-        raise CacheUnusable(f"the caches at {key.path(cache_dir, 'train').parent} hold no {', '.join(missing)} "
-                            f"feature (they hold {', '.join(sorted(present))})", key, "train", cache_dir, "extract",
-                            layers=missing)
-
-
 def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None,
-                  features: tuple[str, ...] = (DEFAULT_FEATURES,)) -> tuple[Features, dict]:
-    """Read one complete, checked cache (`views` of it, None: all; each view its `features` side by side, in
-    their order): its Features and where they came from (path, fingerprint, engine, rows)."""
+                  features: tuple[str, ...] = ()) -> tuple[Features, dict]:
+    """Read one complete, checked cache (`views` of it, None: all; and the inner-layer `features` of those views):
+    its Features and where they came from (path, fingerprint, engine, rows)."""
     path = key.path(cache_dir, split)
     if not path.exists():
         hint = " (an interrupted extraction is waiting to resume)" if partial_path(path).exists() else ""
@@ -408,32 +398,36 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] |
     if state.status != "complete":
         raise CacheUnusable(f"{split} cache {path} cannot be used: {state.reason}", key, split, cache_dir, "rebuild")
     try:
-        embeddings, labels, attrs = read(path, key.attrs(split), views, features)
+        embeddings, labels, attrs = read(path, key.attrs(split), views)
+        inner = read_inner(path, tuple(embeddings), features) if features else {}
     except MissingViews as exc:
         raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", views=exc.missing) from None
     except MissingFeatures as exc:
         raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", layers=exc.missing) from None
     except CorruptCache as exc:
         raise CacheUnusable(str(exc), key, split, cache_dir, "rebuild") from None
-    for view, rows in embeddings.items():
+    checked = [(f"{view} view", rows) for view, rows in embeddings.items()]
+    checked += [(f"{view} view, feature {feature}", rows)
+                for feature, held in inner.items() for view, rows in held.items()]
+    for what, rows in checked:
         count, first = non_finite(rows)
         if count:
-            raise CacheUnusable(f"{split} cache {path} holds {count} NaN/Inf values ({view} view, first in row "
+            raise CacheUnusable(f"{split} cache {path} holds {count} NaN/Inf values ({what}, first in row "
                                 f"{first})", key, split, cache_dir, "verify")
     names = class_names(attrs)
     count, first = labels_outside(labels, len(names))
     if count:
         raise CacheUnusable(f"{split} cache {path} holds {count} labels outside [0, {len(names)}) (first in row "
                             f"{first}: {labels[first]})", key, split, cache_dir, "verify")
-    return Features(embeddings, labels, names), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
+    return Features(embeddings, labels, names, inner), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
                                                  "engine": attrs["engine"], "rows": int(attrs["rows"]),
                                                  "network": str(attrs.get("calibration", ""))}
 
 
-def load_splits(key: CacheKey, cache_dir, train_views, test_views,
-                features: tuple[str, ...] = (DEFAULT_FEATURES,)) -> list[tuple[Features, dict]]:
-    """Both splits (load_features), checked to come from one network: an int8 cache's splits from the same
-    quantization (a split made on another CPU class, or under another oneDNN cap, may differ)."""
+def load_splits(key: CacheKey, cache_dir, train_views, test_views, features=()) -> list[tuple[Features, dict]]:
+    """Both splits (load_features, with the inner-layer `features`), checked to come from one network: an int8
+    cache's splits from the same quantization (a split made on another CPU class, or under another oneDNN cap, may
+    differ)."""
     splits = [load_features(key, "train", cache_dir, train_views, features),
               load_features(key, "test", cache_dir, test_views, features)]
     (_, train_info), (_, test_info) = splits

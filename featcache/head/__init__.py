@@ -9,8 +9,8 @@ together and scores.
 """
 
 from .model import build_model
-from .rows import TrainingData, column_stats, split_validation, training_data, training_rows
+from .rows import TrainingData, column_stats, side_by_side, split_validation, training_data, training_rows
 from .training import TrainedHead, predict, score, sweep_l2, train
 
-__all__ = ["TrainedHead", "TrainingData", "build_model", "column_stats", "predict", "score", "split_validation",
-           "sweep_l2", "train", "training_data", "training_rows"]
+__all__ = ["TrainedHead", "TrainingData", "build_model", "column_stats", "predict", "score", "side_by_side",
+           "split_validation", "sweep_l2", "train", "training_data", "training_rows"]
