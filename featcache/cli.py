@@ -101,11 +101,12 @@ def selection_args(chosen: dict) -> str:
 def extract_command(error: CacheUnusable) -> str:
     """The extract.py command that builds the cache an error is about (with the views it lacks)."""
     views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
+    layers = f"--layers {','.join(error.layers)}" if error.layers else ""
     other = next(split for split in SPLITS if split != error.split)
     neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
-    split = "all" if error.views or neither else error.split
+    split = "all" if error.views or error.layers or neither else error.split
     return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(error.key.chosen()),
-                                  views, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
+                                  views, layers, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
 
 def cache_remedy(error: CacheUnusable) -> str:

@@ -8,6 +8,7 @@ the library functions all take their defaults from here.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -100,6 +101,42 @@ def views_label(views) -> str:
 def view_dataset(view: str) -> str:
     """The HDF5 dataset holding a view's embeddings."""
     return "embeddings" if view == "plain" else f"embeddings_{view}"
+
+
+# --- inner-layer features: pooled activations of a layer inside the network, cached beside the views ---------
+# A feature is `<layer>` (the layer's map averaged over its height and width: C values) or `<layer>@2x2` (the map cut
+# into a 2x2 grid of cells, each averaged: 4C values); extract/layers.py names a model's layers and pools them. The
+# network's own output is feature "final" (the `embeddings` datasets, as ever).
+FINAL_FEATURE = "final"
+FEATURE_POOLS = {"": 1, "2x2": 4}  # a feature name's pooling suffix (after "@") -> values per channel
+FEATURE_NAME = re.compile(r"[A-Za-z0-9_.-]+(@2x2)?")
+
+
+def feature_dataset(view: str, feature: str) -> str:
+    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
+    return view_dataset(view) + "@" + feature
+
+
+def split_feature(feature: str) -> tuple[str, str]:
+    """(layer, pooling suffix): `block_13_add@2x2` -> ("block_13_add", "2x2"), `out_relu` -> ("out_relu", "")."""
+    layer, _, pool = feature.partition("@")
+    return layer, pool
+
+
+def parse_features(features, name: str = "layers") -> tuple[str, ...]:
+    """Feature names given as a comma-separated string or a sequence, checked for spelling only (which layers a
+    model has is extract/layers.py's to say); in the order given, each once."""
+    names = features.split(",") if isinstance(features, str) else features
+    if not isinstance(names, (list, tuple)) or not all(isinstance(part, str) for part in names):
+        raise UserError(f"`{name}` must be layer names (a comma-separated string or a list), got {features!r}")
+    names = [part.strip() for part in names if part.strip()]
+    if not names:
+        raise UserError(f"`{name}` names no layer; see `list_layers=True` for the layers the model offers")
+    for part in names:
+        if not FEATURE_NAME.fullmatch(part):
+            raise UserError(f"{part!r} in `{name}` is not a layer name (letters, digits, _ . - and an optional "
+                            "@2x2); see `list_layers=True` for the layers the model offers")
+    return tuple(dict.fromkeys(names))
 
 
 # --- how stage 1 runs -----------------------------------------------------------------------------
