@@ -69,10 +69,8 @@ def check_features(layers: list[LayerInfo], features: tuple[str, ...], name: str
     for feature in features:
         layer, pool = split_feature(feature)
         if layer not in offered or pool not in FEATURE_POOLS:
-            near = [info.name for info in layers if layer.lower() in info.name.lower()][:3]
-            hint = f" (close: {', '.join(near)})" if near else ""
-            raise UserError(f"the model offers no layer {feature!r} in `{name}`{hint}; `list_layers=True` lists "
-                            f"its {len(layers)} layers")
+            raise UserError(f"the model offers no layer {feature!r} in `{name}`; `list_layers=True` lists its "
+                            f"{len(layers)} layers")
 
 
 def feature_function(model, image_size: int, features: tuple[str, ...]):
