@@ -255,31 +255,10 @@ FEATURES = ("Relu", "Relu@2x2")  # the tiny model's inner layer, averaged, and i
 @pytest.fixture(scope="session")
 def features_caches(tiny_model, cifar_root, tmp_path_factory) -> tuple[Path, list]:
     """(folder, the CLI options selecting its caches): the fixture's caches at 40 px with the plain, flip and top-left
-    crop views and the inner-layer FEATURES of each, computed by extract.layers.feature_function on the views' images
-    and added to the files as extraction adds them (settings.feature_dataset, the `features` attribute)."""
-    import json
-
-    import h5py
-
-    from featcache.extract.layers import feature_function
-    from featcache.extract.models import load_model
-    from featcache.extract.preprocess import preprocess_views
-    from featcache.extract.sources import cifar
-    from featcache.settings import feature_dataset, view_dataset
-
+    crop views and the inner-layer FEATURES of each, made by extract.py."""
     base = tmp_path_factory.mktemp("features")
     common = ["--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache"]
     done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", "--views",
-                   "plain,flip,crop-tl", *common)
+                   "plain,flip,crop-tl", "--layers", ",".join(FEATURES), *common)
     assert done.returncode == 0, done.stderr
-    function = feature_function(load_model(str(tiny_model)), 40, FEATURES)
-    for path in (base / "cache").rglob("*.h5"):
-        images = cifar.load_split(cifar.resolve_source(cifar_root), path.stem).images
-        with h5py.File(path, "a") as f:
-            for view in json.loads(f.attrs["views"]):
-                vectors = function(preprocess_views(images, [view], 40, "bicubic")[0])
-                np.testing.assert_allclose(vectors["final"], f[view_dataset(view)][:], atol=1e-5)
-                for name in FEATURES:
-                    f.create_dataset(feature_dataset(view, name), data=vectors[name].numpy(), fletcher32=True)
-            f.attrs["features"] = json.dumps({name: int(vectors[name].shape[1]) for name in FEATURES})
     return base, common
