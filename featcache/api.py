@@ -6,7 +6,7 @@
     train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
     result = run_head(limit=1000, epochs=5, train_views="plain,flip,crops")  # metrics, Keras model; not recorded
-    result = run_head(limit=1000, features="final,expanded_conv_13.expand")  # inner layers extract(layers=...) added
+    result = run_head(limit=1000, features="final,block_13_expand_relu@2x2")  # inner layers extract(layers=...) added
     path, problems = verify("test", limit=1000)  # the cache against its source
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
