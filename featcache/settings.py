@@ -261,7 +261,7 @@ class HeadConfig:
 
     @property
     def feature_list(self) -> tuple[str, ...]:
-        return parse_features(self.features.replace("+", ","), "features")  # + joins them in a --grid
+        return parse_features(self.features.replace("+", ","), "features")  # + joins them in a grid
 
     def views_needed(self) -> tuple[str, ...]:
         """The train split's views a fit reads: its training views, and the test-time ones for a validation split."""
