@@ -57,8 +57,9 @@ def test_a_head_on_features_is_the_head_on_their_columns_side_by_side(features_c
                                + load_cache("train", **selection).views["flip"].mean(0) / 2, rtol=1e-4)
 
 
-@pytest.mark.parametrize("head", [["--hidden", "8", "--dropout", "0.2"], ["--solver", "lbfgs"]])
-def test_train_head_records_the_features_and_predict_computes_them(features_caches, head, tmp_path):
+@pytest.mark.parametrize("head", [["--hidden", "8", "--dropout", "0.2"], ["--solver", "lbfgs"],
+                                  ["--sweep", "l2", "--val-split", "0.25"]])
+def test_every_head_trains_on_features_and_its_run_records_them(features_caches, head, tmp_path):
     from featcache.head.records import ledger
     from featcache.head.tensorboard import hparams_of
 
