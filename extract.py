@@ -11,7 +11,7 @@ from featcache.cli import (
     stopped, verbosity_options,
 )
 from featcache.extract.extractor import check_engine_options
-from featcache.extract.models import model_layers
+from featcache.extract.layers import offered_layers
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.plan import shards_dir
 from featcache.extract.runners import make_runner
@@ -102,7 +102,7 @@ def main(split, views, layers, list_layers, chunk_size, batch_size, engine, runn
 
 
 def print_layers(key, cache_dir, announce):
-    offered = model_layers(key.model, key.model_sha256, key.image_size, cache_dir, announce)
+    offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, announce)
     click.echo(f"{len(offered)} layers of {key.model} at {key.image_size} px (--layers NAME: the map averaged, "
                "C values; NAME@2x2: each cell of a 2x2 grid averaged, 4C values), height x width x channels:")
     width = max((len(info.name) for info in offered), default=0)

@@ -13,7 +13,7 @@ from featcache.cache.read import cached_features, cached_views
 from featcache.errors import UserError
 from featcache.extract import layers, pipeline
 from featcache.settings import feature_dataset, parse_features
-from conftest import KILL_POINT, ROOT, make_key, run_cli
+from conftest import KILL_POINT, REAL_MODEL, ROOT, make_key, requires_shared, run_cli
 
 SIZE = 36  # the deep tiny model's maps: Relu 18 x 18, Relu6 and add 9 x 9 (odd: 2x2 cells share the middle row)
 FEATURES = ("Relu6@2x2", "add")
@@ -163,3 +163,33 @@ def test_a_killed_layer_adding_run_resumes_to_the_uninterrupted_result(deep_mode
     reference = _extract(deep_model, cifar_root, tmp_path / "ref", "plain,flip", layers="add,Relu6@2x2")
     for name, rows in _stored(reference.path)[0].items():
         np.testing.assert_allclose(after[name], rows, atol=1e-5, rtol=0)
+
+
+@pytest.mark.integration
+@requires_shared()
+def test_engines_agree_on_the_real_models_inner_layers():
+    pytest.importorskip("openvino")
+    from featcache.extract.extractor import ExtractorSettings
+
+    features = ("block_6_expand_relu@2x2", "block_13_expand_relu", "block_16_project_BN", "out_relu", "out_relu@2x2")
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    got = {}
+    for engine in ("tensorflow", "openvino"):
+        settings = ExtractorSettings(str(REAL_MODEL), views=("plain",), engine=engine, features=features)
+        got[engine] = settings.build(log=lambda line: None)[0].embed(images)
+    for key, rows in got["tensorflow"].items():
+        np.testing.assert_allclose(got["openvino"][key], rows, atol=1e-3, rtol=0)
+    assert got["tensorflow"]["plain@out_relu@2x2"].shape == (3, 4 * 1280)
+    np.testing.assert_allclose(got["tensorflow"]["plain@out_relu"], got["tensorflow"]["plain"], atol=1e-5)
+
+
+def test_the_api_lists_layers_and_takes_them(deep_model, cifar_root, tmp_path):
+    from featcache import api
+
+    selection = dict(model=str(deep_model), image_size=SIZE, data_dir=cifar_root, cache_dir=tmp_path)
+    assert [info.name for info in api.list_layers(**selection)] == ["Relu", "Relu6", "add"]
+    with pytest.raises(UserError, match="^the model offers no layer 'Relu7' in layers; list_layers=True lists"):
+        api.extract("test", layers="Relu7", engine="tensorflow", progress=False, **selection)
+    done = api.extract("test", layers=["Relu"], views="plain", engine="tensorflow", progress=False, **selection)
+    assert cached_features(api.load_cache("test", **selection).attrs) == {"Relu": 16}
+    assert done.rows == 40

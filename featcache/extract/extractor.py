@@ -3,8 +3,8 @@
 `Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of
 images of different sizes) and returns one float32 [N, D] array per view (preprocess.view_images:
 "plain", "flip" for the mirrored image, crops...), and with `features` (layers.py) one per view and
-feature too, keyed `<view>@<feature>`, from the same pass of the network. Preprocessing (optional center crop -> view ->
-uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
+feature too, keyed `<view>@<feature>`, from the same pass of the network. Preprocessing (optional
+center crop -> view -> uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
 never exists in memory; with OpenVINO it is compiled together with the network for
 same-size chunks, and images of mixed sizes are resized one by one before the network.
 """

@@ -1,6 +1,9 @@
 """Inner tensors of a loaded TF Hub / SavedModel image model: which layers it offers, and one function computing
 their pooled activations together with the model's own output.
 
+`offered_layers` keeps the list of a model at a size under `<cache_dir>/models/`, as models.py keeps input sizes, so
+that checking the names asked for loads the model once.
+
 A TF Hub SavedModel's call is a single StatefulPartitionedCall, whose inner tensors no caller can reach. So the call
 (for one input size) is frozen with convert_variables_to_constants_v2, which inlines the function bodies into one
 graph with constant weights; that graph is imported into a tf.compat.v1.wrap_function and pruned to the input and
@@ -21,12 +24,16 @@ A feature (settings.split_feature) is `<layer>`, the map averaged over its heigh
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from ..cache.layout import model_slug
 from ..errors import UserError, first_line
 from ..settings import FEATURE_POOLS, FINAL_FEATURE, split_feature
+from .models import call_kwargs, load_model, write_atomically
 
 ACTIVATIONS = ("Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus")
 JOINS = ("Add", "AddV2", "ConcatV2")  # residual additions, concatenated branches (Inception)
@@ -61,6 +68,23 @@ def feature_dim(info, feature: str) -> int:
 def list_layers(model, image_size: int) -> list[LayerInfo]:
     """The layers `model` offers for `image_size` px images, in graph order."""
     return _frozen(model, image_size)[1]
+
+
+def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announce=None) -> list[LayerInfo]:
+    """The layers model `handle` offers for `image_size` px images: as recorded under `<cache_dir>/models/`, else
+    listed from the loaded model and recorded (so that checking layer names costs a model load once). `announce`
+    gets a line before a load."""
+    record = Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}-{image_size}px-layers.json"
+    try:
+        return [LayerInfo(**entry) for entry in json.loads(record.read_text())["layers"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or damaged: listed again
+    if announce:
+        announce(f"loading model {handle} to list its layers ...")
+    found = list_layers(load_model(handle), image_size)
+    write_atomically(record, {"model": handle, "model_sha256": sha256, "image_size": image_size,
+                              "layers": [asdict(info) for info in found]})
+    return found
 
 
 def check_features(layers: list[LayerInfo], features: tuple[str, ...], name: str = "layers"):
@@ -112,8 +136,6 @@ def _frozen(model, image_size: int):
     """(the model's call for float [B, S, S, 3] images frozen into one graph, the layers it offers)."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    from .models import call_kwargs
 
     kwargs = call_kwargs(model, image_size)
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)

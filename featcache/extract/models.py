@@ -6,8 +6,7 @@ reusing vectors of the old model; a TF Hub handle names fixed contents by itself
 
 The input size comes from the model when its signature fixes one (Inception V3: 299), else
 from `image_size` (default settings.DEFAULT_IMAGE_SIZE). Finding it means loading the model once;
-the answer is kept in `<cache_dir>/models/`, so up-to-date checks stay free of TensorFlow. So are the layers a model
-offers at an input size (layers.list_layers), which layer names are checked against. Stage 2
+the answer is kept in `<cache_dir>/models/`, so up-to-date checks stay free of TensorFlow. Stage 2
 only hashes a local folder and reads that record, never loading a model (selection.select_cached);
 predict and export load the run's model.
 """
@@ -18,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 from ..cache.layout import model_slug
@@ -128,7 +126,7 @@ def checked_size(handle: str, fixed: int | None, size: int) -> int:
 def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) -> int | None:
     """Keep a model's fixed input size (or None) under `<cache_dir>/models/` for the next selection."""
     if cache_dir:
-        _write_atomically(_record(handle, sha256, cache_dir),
+        write_atomically(_record(handle, sha256, cache_dir),
                           {"model": handle, "model_sha256": sha256, "fixed_input_size": fixed})
     return fixed
 
@@ -145,29 +143,11 @@ def recorded_input_size(handle: str, sha256: str, cache_dir) -> tuple[bool, int 
     return usable, fixed if usable else None
 
 
-def model_layers(handle: str, sha256: str, image_size: int, cache_dir, announce=None) -> list:
-    """The layers (layers.LayerInfo) the model offers for `image_size` px images: as recorded under
-    `<cache_dir>/models/`, else listed from the loaded model and recorded. `announce` gets a line before a load."""
-    from .layers import LayerInfo, list_layers
-
-    record = Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}-{image_size}px-layers.json"
-    try:
-        return [LayerInfo(**entry) for entry in json.loads(record.read_text())["layers"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or damaged: listed again
-    if announce:
-        announce(f"loading model {handle} to list its layers ...")
-    found = list_layers(load_model(handle), image_size)
-    _write_atomically(record, {"model": handle, "model_sha256": sha256, "image_size": image_size,
-                               "layers": [asdict(info) for info in found]})
-    return found
-
-
 def _record(handle: str, sha256: str, cache_dir) -> Path:
     return Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}.json"
 
 
-def _write_atomically(path: Path, content: dict):
+def write_atomically(path: Path, content: dict):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,10 @@ from ..settings import (
     DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count,
     parse_features, parse_views,
 )
-from . import models, quantize, sources
+from . import quantize, sources
 from . import plan as plans
 from .extractor import ExtractorSettings, check_engine_options
+from .layers import check_features, feature_dim, offered_layers
 from .runners import LocalRunner
 from .shard import Job
 
@@ -219,9 +220,7 @@ def _feature_dims(key: CacheKey, features: list[str], cache_dir, log, progress: 
     """{feature: values per row} of features to compute, checked against the layers the model offers."""
     if not features:
         return {}
-    from .layers import check_features, feature_dim
-
-    offered = models.model_layers(key.model, key.model_sha256, key.image_size, cache_dir, log if progress else None)
+    offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, log if progress else None)
     check_features(offered, tuple(features))
     return {feature: feature_dim(offered, feature) for feature in features}
 
