@@ -12,6 +12,7 @@ from featcache.cli import (
 )
 from featcache.errors import plural
 from featcache.extract.extractor import check_engine_options
+from featcache.extract.layers import offered_layers
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.plan import shards_dir
 from featcache.extract.runners import make_runner
@@ -28,6 +29,12 @@ from featcache.settings import (
 @click.option("--views", default=DEFAULT_VIEWS, show_default=True,
               help="Views to cache, each as its own dataset; those a complete cache lacks are added to it (its "
                    "other views are kept and not recomputed). " + VIEWS_HELP)
+@click.option("--layers", type=TEXT, default=None,
+              help="Also cache pooled activations of these inner layers of the network, for every view: "
+                   "comma-separated LAYER (averaged over the map) or LAYER@2x2 (each cell of a 2x2 grid averaged); "
+                   "those a complete cache lacks are added to it. --list-layers shows the layers.")
+@click.option("--list-layers", is_flag=True, help="List the layers the model offers to --layers, with the size of "
+              "their maps (height x width x channels) at the image size, and exit.")
 @click.option("--chunk-size", type=COUNT, default=DEFAULT_CHUNK_SIZE, show_default=True,
               help="Images per committed chunk: a crash costs at most the work on the two chunks in flight.")
 @click.option("--batch-size", type=COUNT, default=None,
@@ -59,8 +66,8 @@ from featcache.settings import (
               "partial or damaged, size) with the options that select each, and exit.")
 @verbosity_options
 @one_line_errors
-def main(split, views, chunk_size, batch_size, engine, runner, ray_address, workers, num_shards, shard_index, force,
-         strict, verify, list_caches, quiet, verbose, **selection):
+def main(split, views, layers, list_layers, chunk_size, batch_size, engine, runner, ray_address, workers, num_shards,
+         shard_index, force, strict, verify, list_caches, quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
     if list_caches:
@@ -68,6 +75,8 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
         click.echo("\n".join(f"  {line}" for line in list_caches_lines(cache_dir)) or f"no caches in {cache_dir}")
         return
     announce = None if quiet else functools.partial(click.echo, err=True)  # says what the slow first seconds do
+    if list_layers:
+        return print_layers(*key_to_extract(selection, announce)[:2], announce)
     # the runner before anything slow: Ray missing is one line
     runner = make_runner(runner, ray_address, workers, verbose, announce)
     if not verify:  # before the model may be loaded to learn its input size
@@ -82,7 +91,7 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
                 result = extract(key, one_split, data_dir=data_dir, cache_dir=cache_dir, views=views,
                                  chunk_size=chunk_size, batch_size=batch_size, engine=engine, force=force, strict=strict,
                                  progress=not quiet, log=click.echo, runner=runner, num_shards=num_shards,
-                                 shard_index=shard_index)
+                                 shard_index=shard_index, layers=layers)
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (process.py): the committed rows stay
                 path = key.path(cache_dir, one_split)
                 partial, shards = partial_path(path), shards_dir(path)
@@ -91,6 +100,15 @@ def main(split, views, chunk_size, batch_size, engine, runner, ray_address, work
                         else f"no {one_split} row was committed")
                 raise stopped(exc, kept) from None
             click.echo(result.summary(words=as_flags))
+
+
+def print_layers(key, cache_dir, announce):
+    offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, announce)
+    click.echo(f"{len(offered)} layers of {key.model} at {key.image_size} px (--layers NAME: the map averaged, "
+               "C values; NAME@2x2: each cell of a 2x2 grid averaged, 4C values), height x width x channels:")
+    width = max((len(info.name) for info in offered), default=0)
+    for info in offered:
+        click.echo(f"  {info.name:{width}}  {info.size}")
 
 
 def verify_caches(key, splits, data_dir, cache_dir):

@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from featcache.cache.read import views_present
 from featcache.cli import (
-    VIEWS_HELP, NonEmptyPath, as_flags, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
+    TEXT, VIEWS_HELP, NonEmptyPath, as_flags, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
     selection_options, stopped, verbosity_options,
 )
 from featcache.errors import UserError, plural
@@ -46,6 +46,10 @@ DEFAULTS = HeadConfig()
 @click.option("--tta-views", default=None,
               help="Cached views whose predictions are averaged at test time (and by predict.py and export.py) "
                    f"[default: {DEFAULT_VIEWS}, those of them the caches hold].")
+@click.option("--features", type=TEXT, default=DEFAULTS.features, show_default=True,
+              help="Cached features feeding the head, comma-separated, concatenated in this order, each column "
+                   "standardised on the training rows: final (the network's output vector) and the inner layers "
+                   "extract.py --layers adds (LAYER, or LAYER@2x2 for its 2x2 cells).")
 @click.option("--solver", type=click.Choice(SOLVERS), default=DEFAULTS.solver, show_default=True,
               help="adam: --epochs of Adam steps; lbfgs: a linear head fit to convergence on all rows at once "
                    "(full-batch L-BFGS; ignores --epochs, --lr, --batch-size, --schedule).")

@@ -1,11 +1,14 @@
 """The Python API, for notebooks and other libraries: extract a cache, read it as numpy, train a head.
 
-    from featcache.api import extract, load_cache, run_head, verify
+    from featcache.api import extract, list_layers, load_cache, run_head, verify
     extract("train", limit=1000); extract("test", limit=1000)   # stage 1 (loads the network)
     extract("train", limit=1000, views="crops")  # adds five crop views to that cache
+    [layer.name for layer in list_layers()]      # the inner layers a model offers to `layers`
+    extract("train", limit=1000, layers="block_13_expand_relu,block_15_add@2x2")  # adds their pooled activations
     train = load_cache("train", limit=1000)    # numpy only: TensorFlow is not imported
     train.views["plain"].shape, train.labels, train.class_names, train.attrs["model"]
     result = run_head(limit=1000, epochs=5, train_views="plain,flip,crops")  # metrics, Keras model; not recorded
+    result = run_head(limit=1000, features="final,block_13_expand_relu@2x2")  # inner layers extract(layers=...) added
     path, problems = verify("test", limit=1000)  # the cache against its source
 
 Each takes the selection settings as keyword arguments (cache_dir, dataset, data_dir,
@@ -23,12 +26,14 @@ import numpy as np
 
 from .cache.read import attributes, load_features, load_splits, views_present
 from .errors import UserError
+from .extract.layers import LayerInfo, offered_layers
 from .extract.pipeline import ExtractResult
 from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
+from .head.rows import side_by_side
 from .head.training import TrainedHead, train
 from .selection import SELECTION_NAMES, select, select_cached
-from .settings import DEFAULT_CACHE_DIR, HeadConfig
+from .settings import DEFAULT_CACHE_DIR, FINAL_FEATURE, HeadConfig
 
 
 @dataclass
@@ -54,13 +59,22 @@ def _only_selection(function: str, selection: dict):
 
 def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> ExtractResult:
     """Build (or resume, or confirm) one split's cache, as extract.py does. Keyword arguments: the selection
-    settings above, and pipeline.extract's (views, chunk_size, batch_size, engine, force, strict, progress, runner)."""
+    settings above, and pipeline.extract's (views, layers, chunk_size, batch_size, engine, force, strict, progress,
+    runner)."""
     selection = _split_selection(options)
     unknown = sorted(set(options) - set(inspect.signature(extract_split).parameters) - {"data_dir", "cache_dir"})
     if unknown:
         raise UserError(f"extract() takes no parameter {', '.join(unknown)}")
     key = select(cache_dir, splits=(split,), **selection)
     return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
+
+
+def list_layers(cache_dir=DEFAULT_CACHE_DIR, **selection) -> list[LayerInfo]:
+    """The layers the selected model offers to `layers` (name, height, width, channels at the selected image size),
+    as extract.py's list_layers option prints them; loads the model the first time."""
+    _only_selection("list_layers", selection)
+    key = select(cache_dir, **selection)
+    return offered_layers(key.model, key.model_sha256, key.image_size, cache_dir)
 
 
 def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tuple[Path, list[str]]:
@@ -89,5 +103,8 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
         raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
     config = HeadConfig(**options).for_cached_views(views_present(key, cache_dir))
     config.check()
-    (train_split, _), (test_split, _) = load_splits(key, cache_dir, config.views_needed(), config.tta_view_list)
+    names = config.feature_list
+    splits = load_splits(key, cache_dir, config.views_needed(), config.tta_view_list,
+                         tuple(name for name in names if name != FINAL_FEATURE))
+    train_split, test_split = (side_by_side(split, names) for split, _ in splits)
     return train(train_split, test_split, config)

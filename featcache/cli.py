@@ -101,11 +101,12 @@ def selection_args(chosen: dict) -> str:
 def extract_command(error: CacheUnusable) -> str:
     """The extract.py command that builds the cache an error is about (with the views it lacks)."""
     views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
+    layers = f"--layers {','.join(error.layers)}" if error.layers else ""
     other = next(split for split in SPLITS if split != error.split)
     neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
-    split = "all" if error.views or neither else error.split
+    split = "all" if error.views or error.layers or neither else error.split
     return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(error.key.chosen()),
-                                  views, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
+                                  views, layers, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -227,6 +228,9 @@ def _selected(options: dict, select):
     return select(cache_dir, **chosen), cache_dir, chosen["data_dir"]
 
 
+LIST_FIELDS = ("train_views", "tta_views", "features")  # HeadConfig fields holding lists: `+` joins them in --grid
+
+
 def parse_grid(specs) -> list[dict]:
     """`["hidden=0,1024", "lr=1e-3,1e-2"]` -> every combination as HeadConfig overrides, in order. A NAME given
     again adds its values to the same axis."""
@@ -239,11 +243,11 @@ def parse_grid(specs) -> list[dict]:
                             f"got {spec!r}")
         kind = HeadConfig.OPTIONAL.get(name) or type(getattr(defaults, name))
         parsed = [_parse_value(kind, v.strip(), name) for v in values.split(",")]
-        if name.endswith("_views") and len(parsed) > 1 and not any("+" in value for value in parsed):
-            option = name.replace("_", "-")
-            raise UserError(f"--grid {name}={values} is ambiguous: --{option} {values} is one run on these views, "
-                            f"but in --grid a comma separates runs and + joins views. One run on them all: --grid "
-                            f"{name}={values.replace(',', '+')}; a run per view: "
+        if name in LIST_FIELDS and len(parsed) > 1 and not any("+" in value for value in parsed):
+            option, what = name.replace("_", "-"), "views" if name.endswith("_views") else name
+            raise UserError(f"--grid {name}={values} is ambiguous: --{option} {values} is one run on these {what}, "
+                            f"but in --grid a comma separates runs and + joins {what}. One run on them all: --grid "
+                            f"{name}={values.replace(',', '+')}; a run per {what[:-1]}: "
                             + " ".join(f"--grid {name}={value}" for value in parsed))
         axes[name] = axes.get(name, []) + [value for value in parsed if value not in axes.get(name, [])]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]

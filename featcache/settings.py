@@ -8,6 +8,7 @@ the library functions all take their defaults from here.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -102,6 +103,42 @@ def view_dataset(view: str) -> str:
     return "embeddings" if view == "plain" else f"embeddings_{view}"
 
 
+# --- inner-layer features: pooled activations of a layer inside the network, cached beside the views ---------
+# A feature is `<layer>` (the layer's map averaged over its height and width: C values) or `<layer>@2x2` (the map cut
+# into a 2x2 grid of cells, each averaged: 4C values); extract/layers.py names a model's layers and pools them. The
+# network's own output is feature "final" (the `embeddings` datasets, as ever).
+FINAL_FEATURE = "final"
+FEATURE_POOLS = {"": 1, "2x2": 4}  # a feature name's pooling suffix (after "@") -> values per channel
+FEATURE_NAME = re.compile(r"[A-Za-z0-9_.-]+(@2x2)?")
+
+
+def feature_dataset(view: str, feature: str) -> str:
+    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
+    return view_dataset(view) + "@" + feature
+
+
+def split_feature(feature: str) -> tuple[str, str]:
+    """(layer, pooling suffix): `block_13_add@2x2` -> ("block_13_add", "2x2"), `out_relu` -> ("out_relu", "")."""
+    layer, _, pool = feature.partition("@")
+    return layer, pool
+
+
+def parse_features(features, name: str = "layers") -> tuple[str, ...]:
+    """Feature names given as a comma-separated string or a sequence, checked for spelling only (which layers a
+    model has is extract/layers.py's to say); in the order given, each once."""
+    names = features.split(",") if isinstance(features, str) else features
+    if not isinstance(names, (list, tuple)) or not all(isinstance(part, str) for part in names):
+        raise UserError(f"`{name}` must be layer names (a comma-separated string or a list), got {features!r}")
+    names = [part.strip() for part in names if part.strip()]
+    if not names:
+        raise UserError(f"`{name}` names no layer; see `list_layers=True` for the layers the model offers")
+    for part in names:
+        if not FEATURE_NAME.fullmatch(part):
+            raise UserError(f"{part!r} in `{name}` is not a layer name (letters, digits, _ . - and an optional "
+                            "@2x2); see `list_layers=True` for the layers the model offers")
+    return tuple(dict.fromkeys(names))
+
+
 # --- how stage 1 runs -----------------------------------------------------------------------------
 ENGINES = ("auto", "tensorflow", "openvino")
 DEFAULT_ENGINE = "auto"  # OpenVINO on a CPU when it is installed, else TensorFlow
@@ -165,6 +202,7 @@ class HeadConfig:
     schedule: str = "cosine"
     train_views: str | None = None  # each view's rows are training rows; None: DEFAULT_VIEWS, those the cache holds
     tta_views: str | None = None  # test-time probabilities are the mean over these views; None: as above
+    features: str = FINAL_FEATURE  # cached features feeding the head, concatenated in this order
     solver: str = "adam"  # adam: the epoch loop (fit.py); lbfgs: a linear head fit to convergence (probe.py)
     val_split: float = 0.0
     seed: int = 0
@@ -212,7 +250,7 @@ class HeadConfig:
                 raise UserError(f"`{name}` must be in [0, 1), got {getattr(self, name)}")
         for name in ("hidden", "seed"):
             check_count(name, getattr(self, name), minimum=0)
-        self.train_view_list, self.tta_view_list  # noqa: B018 - each names its parameter when it is wrong
+        self.train_view_list, self.tta_view_list, self.feature_list  # noqa: B018 - each names its parameter
         if self.solver == "lbfgs" and (self.hidden or self.dropout or self.label_smoothing):
             raise UserError("`solver='lbfgs'` fits a linear head: it takes no `hidden`, `dropout` or "
                             "`label_smoothing`")
@@ -224,6 +262,10 @@ class HeadConfig:
     @property
     def tta_view_list(self) -> tuple[str, ...]:
         return parse_views(DEFAULT_VIEWS if self.tta_views is None else self.tta_views, "tta_views")
+
+    @property
+    def feature_list(self) -> tuple[str, ...]:
+        return parse_features(self.features.replace("+", ","), "features")  # + joins them in a grid
 
     def views_needed(self) -> tuple[str, ...]:
         """The train split's views a fit reads: its training views, and the test-time ones for a validation split."""
@@ -240,7 +282,7 @@ class HeadConfig:
                 changes[name] = ",".join(kept) or DEFAULT_VIEWS
             else:  # as recorded: in catalogue order, sets spelt out
                 changes[name] = ",".join(parse_views(getattr(self, name), name))
-        return replace(self, **changes)
+        return replace(self, **changes, features=",".join(self.feature_list))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -105,9 +105,15 @@ def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="ve
             super().__init__()
             rng = np.random.default_rng(seed)
             self.kernel = tf.Variable(rng.normal(size=(3, 3, 3, dim)).astype(np.float32))
+            if output == "deep":
+                self.inner = [tf.Variable(rng.normal(size=(3, 3, dim, dim)).astype(np.float32) / dim)
+                              for _ in range(2)]
 
         def features(self, images):
             x = tf.nn.relu(tf.nn.conv2d(images, self.kernel, strides=2, padding="SAME"))
+            if output == "deep":  # inner layers to read (extract/layers.py): Relu, then Relu6 and a residual add
+                x = tf.nn.relu6(tf.nn.conv2d(x, self.inner[0], strides=2, padding="SAME"))
+                x = x + tf.nn.conv2d(x, self.inner[1], strides=1, padding="SAME")
             width = tf.shape(x)[2]
             ramp = tf.reshape(tf.linspace(0.0, 1.0, width), [1, 1, -1, 1])
             if output == "map":
@@ -134,6 +140,12 @@ def save_tiny_model(path: Path, dim=TINY_DIM, with_training_arg=True, output="ve
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def deep_model(tmp_path_factory) -> Path:
+    """The tiny model with inner layers: Relu (S/2 px), Relu6 and add (S/4 px), 16 channels each."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "deep", output="deep")
 
 
 @pytest.fixture(scope="session")
@@ -235,3 +247,18 @@ def run_dirs(runs) -> list[Path]:
 def requires_shared():
     return pytest.mark.skipif(not (REAL_MODEL.exists() and REAL_DATA.exists()),
                               reason=f"real model/data not found under {SHARED} (they are in CI, not on a fresh machine)")
+
+
+FEATURES = ("Relu", "Relu@2x2")  # the tiny model's inner layer, averaged, and in 2x2 cells (extract/layers.py)
+
+
+@pytest.fixture(scope="session")
+def features_caches(tiny_model, cifar_root, tmp_path_factory) -> tuple[Path, list]:
+    """(folder, the CLI options selecting its caches): the fixture's caches at 40 px with the plain, flip and top-left
+    crop views and the inner-layer FEATURES of each, made by extract.py."""
+    base = tmp_path_factory.mktemp("features")
+    common = ["--model", tiny_model, "--image-size", "40", "--cache-dir", base / "cache"]
+    done = run_cli("extract.py", "--data-dir", cifar_root, "--engine", "tensorflow", "--quiet", "--views",
+                   "plain,flip,crop-tl", "--layers", ",".join(FEATURES), *common)
+    assert done.returncode == 0, done.stderr
+    return base, common

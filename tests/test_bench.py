@@ -173,3 +173,9 @@ def test_formats_check_writes_three_trees_whose_caches_agree(tiny_model, cifar_r
                                          ["test", "folder vs webdataset"], ["test", "folder vs parquet"]]
     assert all(row[2] in ("120 / 120", "40 / 40") and row[3] == "True" and row[4].startswith("2 of 2") for row in rows)
     assert "same: True" in out
+
+
+def test_features_memory_prints_each_stage():
+    out = bench("features_memory", "--rows", 300, "--dims", "16,64", "--views", 2)
+    assert "300 rows x 80 values (16+64) x 2 views:" in out
+    assert [row[0] for row in table_rows(out)] == ["before", "loaded", "joined side by side", "training rows made"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featcache.extract.sources import cifar
-from conftest import run_cli
+from conftest import run_cli, run_dirs
 
 pytest.importorskip("ai_edge_litert", reason="LiteRT is not installed (pip install -r requirements-deploy.txt)")
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install -r requirements-deploy.txt)")
@@ -312,3 +312,42 @@ def test_a_photo_reaches_a_file_unrounded_and_an_older_uint8_file_rounded():
     want = fitted(photo, 16, "bicubic", "none")
     assert seen[0].dtype == np.float32 and np.array_equal(seen[0], want) and not np.array_equal(want, np.round(want))
     assert seen[1].dtype == np.uint8 and np.array_equal(seen[1], np.round(want).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def features_run(features_caches, cifar_root, tmp_path_factory):
+    """A run whose head reads inner layers (3 epochs, an 8-unit hidden layer, TTA over three views), its test images
+    and predict.py's probabilities for them."""
+    from featcache.serve.classifier import build_classifier
+
+    _, common = features_caches
+    base = tmp_path_factory.mktemp("deploy_features")
+    done = run_cli("train_head.py", *common, "--runs-dir", base / "runs", "--epochs", "3", "--hidden", "8",
+                   "--features", "Relu@2x2,final", "--tta-views", "plain,flip,crop-tl")
+    assert done.returncode == 0, done.stderr
+    images = cifar.load_split(cifar.resolve_source(cifar_root), "test").images
+    classifier = build_classifier(run_dirs(base / "runs")[0])  # kept: its tf.function holds the module only weakly
+    return base, images, classifier.classify(images)["probabilities"].numpy()
+
+
+@pytest.mark.parametrize("fmt", ["saved_model", "tflite", "onnx"])
+def test_every_export_of_a_run_on_inner_layers_computes_its_features(features_run, fmt):
+    from featcache.serve.runtimes import open_exported
+
+    base, images, want = features_run
+    out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs")
+    assert out.returncode == 0, out.stderr
+    got = open_exported(base / (f"model-{fmt}" + ("" if fmt == "saved_model" else f".{fmt}"))).probabilities(images)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_an_int8_export_of_a_run_on_inner_layers_is_quantized_and_close(features_run):
+    from featcache.serve.runtimes import open_exported
+
+    base, images, want = features_run
+    out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
+    assert out.returncode == 0, out.stderr
+    got = open_exported(base / "int8.tflite").probabilities(images)
+    assert got.shape == want.shape and np.allclose(got.sum(1), 1, atol=0.02)  # softmax in 1/256 steps
+    assert np.abs(got - want).max() < 0.1 and (got.argmax(1) == want.argmax(1)).mean() >= 0.8

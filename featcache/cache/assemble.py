@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..settings import view_dataset
 from .layout import CHUNK_ROWS, open_h5
-from .read import attributes, cached_views, skipped_files
-from .write import CacheWriteError, CacheWriter
+from .read import attributes, cached_features, cached_views, skipped_files
+from .write import CacheWriteError, CacheWriter, dataset_name
 
 BLOCK_ROWS = 64 * CHUNK_ROWS  # rows copied (and committed) at a time: 84 MB a view of 1,280 floats
 # What made a shard's rows: shards that differ in any of these are never joined into one cache.
 PROVENANCE = ("engine", "precision", "batch_size", "dim", "views", "tensorflow_version", "tensorflow_hub_version",
-              "openvino_version", "nncf_version", "ray_version", "quantized_model", "calibration_sha256")
-SHARD_ONLY = ("shard", "rows_done", "complete", "created", "skipped", "views", "computing", "dim")
+              "features", "openvino_version", "nncf_version", "ray_version", "quantized_model", "calibration_sha256")
+SHARD_ONLY = ("shard", "rows_done", "complete", "created", "skipped", "views", "computing", "dim", "features")
 
 
 def refuse_mixed(shards: list[Path], path: Path):
@@ -52,22 +51,22 @@ def assemble(path: Path, shards: list[Path], starts: list[int], files: list[str]
     attrs = dict({k: v for k, v in first.items() if k not in SHARD_ONLY}, rows=np.int64(sum(rows)))
     views = cached_views(first)
     skipped = [pair for shard in shards for pair in skipped_files(shard)] if files is not None else []
-    with CacheWriter(path, attrs, int(first["dim"]), views, files=files) as writer:
+    with CacheWriter(path, attrs, int(first["dim"]), views, files=files, features=cached_features(first)) as writer:
         offset = 0
         for shard, count, start in zip(shards, rows, starts):
             if offset + count > writer.rows_done:
-                _copy(shard, writer, offset, max(writer.rows_done - offset, 0), count, start, views, files is not None)
+                _copy(shard, writer, offset, max(writer.rows_done - offset, 0), count, start, files is not None)
             offset += count
         writer.finish(skipped)
     return skipped
 
 
-def _copy(shard: Path, writer: CacheWriter, offset: int, lo: int, count: int, start: int, views, indexed: bool):
+def _copy(shard: Path, writer: CacheWriter, offset: int, lo: int, count: int, start: int, indexed: bool):
     try:
         with open_h5(shard, "r") as f:
             for a in range(lo, count, BLOCK_ROWS):
                 b = min(a + BLOCK_ROWS, count)
-                vectors = {view: f[view_dataset(view)][a:b] for view in views}
+                vectors = {key: f[dataset_name(key)][a:b] for key in writer.computing}
                 items = f["source_index"][a:b] + start if indexed else None
                 writer.write(offset + a, vectors, f["labels"][a:b], items)
     except CacheWriteError:

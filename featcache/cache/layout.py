@@ -42,7 +42,7 @@ IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size",
 # never mixes them.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
                               "batch_size", "tensorflow_version", "tensorflow_hub_version", "openvino_version",
-                              "nncf_version", "ray_version")
+                              "nncf_version", "ray_version", "features")
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ outside its classes, and says in one line what would make a usable one.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import VIEWS, view_dataset, views_label
+from ..settings import VIEWS, feature_dataset, view_dataset, views_label
 from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
 
 VERIFY_BLOCK_ROWS = 10_000
@@ -60,17 +60,25 @@ def inspect(path: Path, expected: dict) -> CacheState:
             except (KeyError, TypeError, ValueError):
                 return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
-            for name in [view_dataset(view) for view in cached_views(attrs)]:
+            for name, dim in _vector_datasets(attrs):
                 if name not in f or not _float_rows(f[name], rows):
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
-                if "dim" in attrs and f[name].shape[1] != attrs["dim"]:
-                    return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim attribute "
-                                             f"says {attrs['dim']}")
+                if dim is not None and f[name].shape[1] != dim:
+                    return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim or features "
+                                             f"attribute says {dim}")
             if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
                 return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
         return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
+
+
+def _vector_datasets(attrs: dict) -> list[tuple[str, int | None]]:
+    """(dataset, values per row or None when unrecorded) of every view's embeddings and inner-layer features."""
+    dim = int(attrs["dim"]) if "dim" in attrs else None
+    return [(view_dataset(view), dim) for view in cached_views(attrs)] + \
+        [(feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
+         for view in cached_views(attrs)]
 
 
 def _float_rows(dataset, rows: int) -> bool:
@@ -87,12 +95,32 @@ def cached_views(attrs: dict) -> tuple[str, ...]:
     return tuple(views) if isinstance(views, list) and all(v in VIEWS for v in views) else ()
 
 
+def cached_features(attrs: dict) -> dict[str, int]:
+    """The inner-layer features a cache file holds for each of its views, {feature: values per row} (its `features`
+    attribute, a JSON object; absent: none)."""
+    try:
+        features = json.loads(attrs.get("features", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(features, dict) or not all(type(dim) is int and dim > 0 for dim in features.values()):
+        return {}
+    return features
+
+
 class MissingViews(UserError):
     """A cache lacks views a head asked for: extraction adds them."""
 
     def __init__(self, problem: str, missing: tuple[str, ...]):
         self.problem, self.missing = problem, missing
         super().__init__(f"{problem}; add them with `views={','.join(missing)!r}`")
+
+
+class MissingFeatures(UserError):
+    """A cache lacks inner-layer features a head asked for: extraction adds them."""
+
+    def __init__(self, problem: str, missing: tuple[str, ...]):
+        self.problem, self.missing = problem, missing
+        super().__init__(f"{problem}; add them with `layers={','.join(missing)!r}`")
 
 
 class CorruptCache(UserError):
@@ -122,6 +150,23 @@ def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dic
             raise
         attrs = _attributes(f)
     return embeddings, labels, attrs
+
+
+def read_inner(path: Path, views: tuple[str, ...], features: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """The inner-layer `features` of `views` of a complete cache (checked by `read`): {feature: {view: rows}}."""
+    with open_h5(path, "r") as f:
+        held = cached_features(_attributes(f))
+        missing = tuple(feature for feature in features if feature not in held)
+        if missing:
+            raise MissingFeatures(f"cache {path} holds no feature {', '.join(missing)} (it holds "
+                                  f"{', '.join(held) or 'none'})", missing)
+        try:
+            return {feature: {view: _read_whole(f[feature_dataset(view, feature)]) for view in views}
+                    for feature in features}
+        except OSError as exc:
+            if _failed_checksum(exc):
+                raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
+            raise
 
 
 def _read_whole(dataset) -> np.ndarray:
@@ -269,11 +314,13 @@ def check_contents(path: Path, reader) -> list[str]:
 
 @dataclass
 class Features:
-    """Cached embeddings of one split, per view, with labels and the names of all classes."""
+    """Cached embeddings of one split, per view, with labels and the names of all classes; `inner`: the inner-layer
+    features read, {feature: {view: rows}}."""
 
     views: dict[str, np.ndarray]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    inner: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 class CacheUnusable(UserError):
@@ -282,11 +329,13 @@ class CacheUnusable(UserError):
     missing), 'rebuild' (force a new one) or 'verify' (check it against its source, then rebuild)."""
 
     def __init__(self, problem: str, key: CacheKey, split: str, cache_dir, action: str, present: list | None = None,
-                 views: tuple[str, ...] = ()):
+                 views: tuple[str, ...] = (), layers: tuple[str, ...] = ()):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
-        self.views = views  # views to add to the cache (action 'extract')
+        self.views, self.layers = views, layers  # views and inner-layer features to add to the cache ('extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        remedy = {"extract": f"add them with `views={','.join(views)!r}`" if views else "extract it",
+        added = " and ".join([f"`views={','.join(views)!r}`"] * bool(views) + [f"`layers={','.join(layers)!r}`"]
+                             * bool(layers))
+        remedy = {"extract": f"add them with {added}" if added else "extract it",
                   "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
@@ -336,9 +385,10 @@ def views_present(key: CacheKey, cache_dir) -> tuple[str, ...]:
     return tuple(view for view in VIEWS if view in present)
 
 
-def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None) -> tuple[Features, dict]:
-    """Read one complete, checked cache (`views` of it, None: all): its Features and where they came from
-    (path, fingerprint, engine, rows)."""
+def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None,
+                  features: tuple[str, ...] = ()) -> tuple[Features, dict]:
+    """Read one complete, checked cache (`views` of it, None: all; and the inner-layer `features` of those views):
+    its Features and where they came from (path, fingerprint, engine, rows)."""
     path = key.path(cache_dir, split)
     if not path.exists():
         hint = " (an interrupted extraction is waiting to resume)" if partial_path(path).exists() else ""
@@ -349,29 +399,37 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] |
         raise CacheUnusable(f"{split} cache {path} cannot be used: {state.reason}", key, split, cache_dir, "rebuild")
     try:
         embeddings, labels, attrs = read(path, key.attrs(split), views)
+        inner = read_inner(path, tuple(embeddings), features) if features else {}
     except MissingViews as exc:
         raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", views=exc.missing) from None
+    except MissingFeatures as exc:
+        raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", layers=exc.missing) from None
     except CorruptCache as exc:
         raise CacheUnusable(str(exc), key, split, cache_dir, "rebuild") from None
-    for view, rows in embeddings.items():
+    checked = [(f"{view} view", rows) for view, rows in embeddings.items()]
+    checked += [(f"{view} view, feature {feature}", rows)
+                for feature, held in inner.items() for view, rows in held.items()]
+    for what, rows in checked:
         count, first = non_finite(rows)
         if count:
-            raise CacheUnusable(f"{split} cache {path} holds {count} NaN/Inf values ({view} view, first in row "
+            raise CacheUnusable(f"{split} cache {path} holds {count} NaN/Inf values ({what}, first in row "
                                 f"{first})", key, split, cache_dir, "verify")
     names = class_names(attrs)
     count, first = labels_outside(labels, len(names))
     if count:
         raise CacheUnusable(f"{split} cache {path} holds {count} labels outside [0, {len(names)}) (first in row "
                             f"{first}: {labels[first]})", key, split, cache_dir, "verify")
-    return Features(embeddings, labels, names), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
+    return Features(embeddings, labels, names, inner), {"path": str(path), "fingerprint": attrs["source_fingerprint"],
                                                  "engine": attrs["engine"], "rows": int(attrs["rows"]),
                                                  "network": str(attrs.get("calibration", ""))}
 
 
-def load_splits(key: CacheKey, cache_dir, train_views, test_views) -> list[tuple[Features, dict]]:
-    """Both splits (load_features), checked to come from one network: an int8 cache's splits from the same
-    quantization (a split made on another CPU class, or under another oneDNN cap, may differ)."""
-    splits = [load_features(key, "train", cache_dir, train_views), load_features(key, "test", cache_dir, test_views)]
+def load_splits(key: CacheKey, cache_dir, train_views, test_views, features=()) -> list[tuple[Features, dict]]:
+    """Both splits (load_features, with the inner-layer `features`), checked to come from one network: an int8
+    cache's splits from the same quantization (a split made on another CPU class, or under another oneDNN cap, may
+    differ)."""
+    splits = [load_features(key, "train", cache_dir, train_views, features),
+              load_features(key, "test", cache_dir, test_views, features)]
     (_, train_info), (_, test_info) = splits
     if train_info["network"] != test_info["network"]:
         raise CacheUnusable(f"the train and test caches were made by differently quantized networks "

@@ -18,10 +18,11 @@ Why it survives a crash at any moment (SIGKILL, Ctrl-C, power loss):
   padding): HDF5 never has to read a chunk back to merge a partial write, so a chunk torn
   by a kill (its committed rows intact, its checksum not) is simply written whole again
   by the next run, which takes the committed rows from the stored bytes without the check.
-- Adding views to a complete cache works the same way: the partial file starts as a copy of
-  the complete one (HDF5 copies its stored chunks, bytes unchanged) plus the new views'
-  preallocated datasets, and `rows_done` counts the new views' rows (attribute `computing`
-  names them). The complete file stays in use until the extended one replaces it.
+- Adding views (or inner-layer features) to a complete cache works the same way: the partial
+  file starts as a copy of the complete one (HDF5 copies its stored chunks, bytes unchanged)
+  plus the new datasets, preallocated, and `rows_done` counts their rows (attribute `computing`
+  names them: a view, or `<view>@<feature>`). The complete file stays in use until the
+  extended one replaces it.
 We chose this over SWMR (needs h5clear after a crash) and over per-chunk side files
 (more moving parts, and `h5ls` could no longer show the whole cache).
 A partial file that still cannot be opened, or that belongs to other settings, is
@@ -44,11 +45,12 @@ import h5py
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..settings import view_dataset
+from ..settings import feature_dataset, view_dataset
 from .layout import CHUNK_ROWS, IDENTITY, RESUME_IDENTITY, mismatches, open_h5, partial_path, stored_rows
 
 
-_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing")  # not per dataset
+_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
+           "features")  # not per dataset
 
 
 @contextlib.contextmanager
@@ -109,28 +111,44 @@ class CacheWriter:
     number of files, an upper bound: each row records its file in `source_index`, `next_item`
     says which file to read next, and `finish()` shrinks the datasets to the rows written.
 
-    With `base` (the complete cache at `path`), the writer adds the views it lacks: its rows, labels
-    and views are copied, and `write()` takes the new views' rows only (in the base's row order).
+    With `features` ({feature: values per row}), every view also gets a dataset per inner-layer feature;
+    `write()` takes its rows keyed `<view>@<feature>`.
+
+    With `base` (the complete cache at `path`), the writer adds the views and features it lacks: its rows,
+    labels, views and features are copied, and `write()` takes the new datasets' rows only (in the base's row
+    order): the new views' (with every feature) and the new features' of its views.
     """
 
     def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False,
-                 checksums: bool = True, files: list[str] | None = None, base: dict | None = None):
+                 checksums: bool = True, files: list[str] | None = None, base: dict | None = None,
+                 features: dict[str, int] | None = None):
         self.path = Path(path)
         self.checksums = checksums  # False only to measure what they cost (bench/)
         self.partial = partial_path(self.path)
         self.base = base  # the complete cache's attributes, when adding views to it
         present = tuple(json.loads(base["views"])) if base else ()
+        had = json.loads(base.get("features", "{}")) if base else {}
         self.views = present + tuple(v for v in views if v not in present)  # every view the file will hold
-        self.computing = tuple(v for v in views if v not in present)  # the views this writer writes
+        self.features = dict(had, **(features or {}))  # every feature the file will hold, for each view
+        self.widths = {}  # what this writer writes: `<view>` (embeddings), `<view>@<feature>`; values per row
+        for view in self.views:
+            if view not in present:
+                self.widths[view] = dim
+            for feature, size in self.features.items():
+                if view not in present or feature not in had:
+                    self.widths[f"{view}@{feature}"] = size
+        self.computing = tuple(self.widths)
         self.attrs = dict(attrs, dim=dim, views=json.dumps(list(self.views)),
                           computing=json.dumps(list(self.computing)))
+        if self.features:
+            self.attrs["features"] = json.dumps(self.features)
         # Adding views: the base's record of how its rows were made stays; what differs for the new views (versions,
         # batch size, when) is recorded on their datasets.
         self.made = {k: v for k, v in self.attrs.items()
                      if base and k not in IDENTITY + _LAYOUT and base.get(k) != v}
         if base:
-            self.attrs = dict(base, **{k: self.attrs[k] for k in ("views", "computing", "dim")},
-                              complete=False, rows_done=np.int64(0))
+            self.attrs = dict(base, **{k: self.attrs[k] for k in ("views", "computing", "dim", "features")
+                                       if k in self.attrs}, complete=False, rows_done=np.int64(0))
         self.files = files
         self.rows = int(self.attrs["rows"])
         self.dim = dim
@@ -190,10 +208,11 @@ class CacheWriter:
     def _names(self) -> list[str]:
         """The datasets this writer gives one entry per row."""
         rows = [] if self.base else ["labels"] + (["source_index"] if self.files is not None else [])
-        return [view_dataset(v) for v in self.computing] + rows
+        return [dataset_name(key) for key in self.computing] + rows
 
     def _has_datasets(self, f, published: bool = False) -> bool:
-        names = {view_dataset(v) for v in self.views} | {"labels"}
+        names = {dataset_name(f"{v}@{feature}") for v in self.views for feature in self.features}
+        names |= {view_dataset(v) for v in self.views} | {"labels"}
         if self.files is not None:
             names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base else set())
         return set(f) - ({"skipped_files"} if published else set()) == names
@@ -252,10 +271,10 @@ class CacheWriter:
                                  maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums,
                                  dcpl=_preallocated())
 
-            for view in self.computing:
-                rows_dataset(view_dataset(view), (self.dim,), "<f4", CHUNK_ROWS)
+            for key, width in self.widths.items():
+                rows_dataset(dataset_name(key), (width,), "<f4", CHUNK_ROWS)
                 if self.base:
-                    f[view_dataset(view)].attrs.update(self.made, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    f[dataset_name(key)].attrs.update(self.made, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             if not self.base:
                 rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
             if shrinkable:
@@ -280,8 +299,8 @@ class CacheWriter:
 
     def _write(self, stop: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items):
         f = self._file
-        for view in self.computing:
-            self._write_whole_chunks(f[view_dataset(view)], stop, embeddings[view])
+        for key in self.computing:
+            self._write_whole_chunks(f[dataset_name(key)], stop, embeddings[key])
         if not self.base:
             self._write_whole_chunks(f["labels"], stop, labels)
             if self.files is not None:
@@ -354,6 +373,12 @@ class CacheWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def dataset_name(key: str) -> str:
+    """The dataset of a writer's key: `<view>` (its embeddings) or `<view>@<feature>` (an inner-layer feature)."""
+    view, _, feature = key.partition("@")
+    return feature_dataset(view, feature) if feature else view_dataset(view)
 
 
 class CacheWriteError(OSError):

@@ -2,8 +2,9 @@
 
 `Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of
 images of different sizes) and returns one float32 [N, D] array per view (preprocess.view_images:
-"plain", "flip" for the mirrored image, crops...). Preprocessing (optional center crop -> view ->
-uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
+"plain", "flip" for the mirrored image, crops...), and with `features` (layers.py) one per view and
+feature too, keyed `<view>@<feature>`, from the same pass of the network. Preprocessing (optional
+center crop -> view -> uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
 never exists in memory; with OpenVINO it is compiled together with the network for
 same-size chunks, and images of mixed sizes are resized one by one before the network.
 """
@@ -18,8 +19,8 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..settings import (
-    DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, PRECISIONS,
-    default_batch_size,
+    DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, FINAL_FEATURE,
+    PRECISIONS, default_batch_size,
 )
 from .models import checked_size, fixed_input_size, identity, load_model
 from .preprocess import center_square, preprocess_static, preprocess_views, view_images
@@ -107,6 +108,7 @@ class ExtractorSettings:
     crop: str = DEFAULT_CROP
     input_shape: tuple | None = None
     model_sha256: str = ""  # a local model folder's content hash, as the cache key has it
+    features: tuple[str, ...] = ()  # inner-layer features computed besides the embeddings (layers.py)
 
     def build(self, quantizer=None, log=print, threads: int | None = None) -> tuple[Extractor, int | None]:
         """Load the model: (its Extractor, the input size its signature fixes or None).
@@ -140,6 +142,7 @@ class Extractor:
     input_shape: tuple | None = None  # (H, W) the source expects most images to have: compiled at load time
     log: object = print  # where one-line notices go (an OpenVINO fallback, an int8 network built again)
     threads: int | None = None  # OpenVINO's inference threads (None: all cores); a Ray worker uses its CPUs
+    features: tuple[str, ...] = ()  # inner-layer features (layers.py), computed in the same pass as the embeddings
 
     def __post_init__(self):
         import tensorflow as tf
@@ -154,6 +157,10 @@ class Extractor:
         self._preprocess = tf.function(self._views_graph,
                                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+        if self.features:
+            from .layers import feature_function
+
+            self._features = feature_function(self.model, self.image_size, self.features)
         self.dim = self._probe()
         self._ov_networks = OrderedDict()
         if self.engine == "openvino":
@@ -185,8 +192,11 @@ class Extractor:
         return tf.stack(preprocess_views(images, self.views, self.image_size, self.resize, self.crop))
 
     def _network(self, x):
+        """Preprocessed images -> embeddings [B, D], or with features {feature: [B, dim]} holding "final"."""
         import tensorflow as tf
 
+        if self.features:
+            return self._features(x)
         return tf.cast(self.model(x, **self._call_kwargs), tf.float32)
 
     def _probe(self) -> int:
@@ -198,7 +208,8 @@ class Extractor:
             self._call_kwargs = kwargs
             self._tf_network = tf.function(self._network, input_signature=[self._float_spec])
             try:
-                out = self._tf_network(blank).numpy()
+                out = self._tf_network(blank)
+                out = (out[FINAL_FEATURE] if self.features else out).numpy()
                 break
             except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
                 failure = first_line(exc)
@@ -283,8 +294,8 @@ class Extractor:
             for shape in dict.fromkeys(batch.shape[1:3] for batch in viewed.values()):
                 same = [view for view in self.views if viewed[view].shape[1:3] == shape]
                 embedded.update(zip(same, self._ov_network(*shape).run([viewed[view] for view in same])))
-            return {view: embedded[view] for view in self.views}
-        outputs = [self._tf_network(x).numpy() for x in self._network_inputs(images)]
+            return split_views([embedded[view] for view in self.views], self.views)
+        outputs = [_numpy(self._tf_network(x)) for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 
     def _embed_mixed(self, images: list, group: int = MIXED_GROUP) -> dict[str, np.ndarray]:
@@ -296,12 +307,24 @@ class Extractor:
             if self.engine == "openvino":
                 outputs += self._ov_float_network().run(list(views))
             else:
-                outputs += [self._tf_network(view[i : i + self.batch_size]).numpy()
+                outputs += [_numpy(self._tf_network(view[i : i + self.batch_size]))
                             for i in range(0, len(chunk), self.batch_size) for view in views]
         return split_views(outputs, self.views)
 
 
-def split_views(outputs: list[np.ndarray], views: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Network outputs alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view."""
-    return {view: np.concatenate(outputs[i :: len(views)]).astype(np.float32, copy=False)
-            for i, view in enumerate(views)}
+def split_views(outputs: list, views: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Network outputs alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view. An output that is
+    a dict of features gives `<view>` its "final" rows and `<view>@<feature>` each other feature's."""
+    grouped = {}
+    for i, view in enumerate(views):
+        parts = outputs[i :: len(views)]
+        for feature in parts[0] if isinstance(parts[0], dict) else (None,):
+            rows = [part[feature] for part in parts] if feature else parts
+            key = view if feature in (None, FINAL_FEATURE) else f"{view}@{feature}"
+            grouped[key] = np.concatenate(rows).astype(np.float32, copy=False)
+    return grouped
+
+
+def _numpy(output):
+    """A TensorFlow network's output (a tensor, or a dict of them) as numpy."""
+    return {name: tensor.numpy() for name, tensor in output.items()} if isinstance(output, dict) else output.numpy()

@@ -135,7 +135,7 @@ def checked_size(handle: str, fixed: int | None, size: int) -> int:
 def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) -> int | None:
     """Keep a model's fixed input size (or None) under `<cache_dir>/models/` for the next selection."""
     if cache_dir:
-        _write_atomically(_record(handle, sha256, cache_dir),
+        write_atomically(_record(handle, sha256, cache_dir),
                           {"model": handle, "model_sha256": sha256, "fixed_input_size": fixed})
     return fixed
 
@@ -156,7 +156,7 @@ def _record(handle: str, sha256: str, cache_dir) -> Path:
     return Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}.json"
 
 
-def _write_atomically(path: Path, content: dict):
+def write_atomically(path: Path, content: dict):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

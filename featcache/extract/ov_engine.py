@@ -66,7 +66,7 @@ def silence_conversion_telemetry():
 
 class OpenVinoNetwork:
     """Image arrays in (uint8 [N,H,W,3], or preprocessed floats), float32 [N,D] out, from a tf.function with a
-    static input signature."""
+    static input signature; a function returning a dict of [N,D] tensors (inner-layer features) gives dicts."""
 
     def __init__(self, tf_function, precision: str = DEFAULT_PRECISION, quantize=None, threads: int | None = None):
         import openvino as ov
@@ -74,6 +74,7 @@ class OpenVinoNetwork:
         silence_conversion_telemetry()
         concrete = tf_function.get_concrete_function()
         self.batch_size = concrete.inputs[0].shape[0]
+        keyed = isinstance(concrete.structured_outputs, dict)
         model = ov.convert_model(concrete)
         if precision == "int8":
             model = quantize(model)
@@ -82,7 +83,8 @@ class OpenVinoNetwork:
         if threads:  # a Ray worker's share of the machine; not pinned, or one-thread workers share core 0
             config.update(INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=False)
         compiled = ov.Core().compile_model(model, "CPU", config)
-        self.dim = compiled.output(0).get_partial_shape()[1].get_length()
+        self.dims = [output.get_partial_shape()[1].get_length() for output in compiled.outputs]
+        self.keys = [output.get_any_name() for output in compiled.outputs] if keyed else None
         # Twice the streams' optimum, so a stream never waits while Python queues the next batch.
         requests = 2 * max(1, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._queue = ov.AsyncInferQueue(compiled, requests)
@@ -90,20 +92,21 @@ class OpenVinoNetwork:
 
     @staticmethod
     def _collect(request, rows):
-        rows[:] = request.get_output_tensor(0).data[: len(rows)]  # padding rows are dropped
+        for index, out in enumerate(rows):
+            out[:] = request.get_output_tensor(index).data[: len(out)]  # padding rows are dropped
 
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, arrays: list[np.ndarray]) -> list:
         """Embed each array; their batches are interleaved, so all of them move through together."""
-        outputs = [np.empty((len(images), self.dim), np.float32) for images in arrays]
+        outputs = [[np.empty((len(images), dim), np.float32) for dim in self.dims] for images in arrays]
         try:
             for lo in range(0, len(arrays[0]), self.batch_size):
                 for images, out in zip(arrays, outputs):
                     batch = images[lo : lo + self.batch_size]
                     padded = np.zeros((self.batch_size, *batch.shape[1:]), batch.dtype)
                     padded[: len(batch)] = batch  # also makes a mirrored (strided) view contiguous
-                    self._queue.start_async({0: padded}, out[lo : lo + self.batch_size])
+                    self._queue.start_async({0: padded}, [rows[lo : lo + self.batch_size] for rows in out])
         finally:
             # Also on Ctrl-C: requests still running call back into Python from OpenVINO's threads, and one
             # that does so while the interpreter shuts down aborts the process ("exception not rethrown").
             self._queue.wait_all()
-        return outputs
+        return [dict(zip(self.keys, out)) if self.keys else out[0] for out in outputs]

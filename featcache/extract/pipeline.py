@@ -18,15 +18,17 @@ from pathlib import Path
 
 from .. import __version__
 from ..cache.layout import CacheKey, partial_path
-from ..cache.read import attributes, cached_views, check_contents, inspect, skipped_files
+from ..cache.read import attributes, cached_features, cached_views, check_contents, inspect, skipped_files
 from ..cache.write import locked, remove_unneeded_partial
 from ..errors import UserError, first_line, in_python
 from ..settings import (
-    DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count, parse_views,
+    DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count,
+    parse_features, parse_views,
 )
 from . import quantize, sources
 from . import plan as plans
 from .extractor import ExtractorSettings, check_engine_options
+from .layers import check_features, feature_dim, offered_layers
 from .runners import LocalRunner
 from .shard import Job
 
@@ -71,11 +73,11 @@ class ExtractResult:
 
 def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, views=DEFAULT_VIEWS,
             chunk_size=DEFAULT_CHUNK_SIZE, batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False,
-            progress=True, log=print, runner=None, num_shards=None, shard_index=None) -> ExtractResult:
-    """Build (or resume, or confirm) the cache for one split, holding at least `views` (a complete cache
-    lacking some gets them added, its other views kept); `runner` runs the plan's shards (default:
-    runners.LocalRunner, one shard unless a plan under way says otherwise). With `shard_index`, only that shard
-    of `num_shards` is built, here; a later run without it joins the shards once all are done."""
+            progress=True, log=print, runner=None, num_shards=None, shard_index=None, layers=None) -> ExtractResult:
+    """Build (or resume, or confirm) the cache for one split, holding at least `views` and the inner-layer features
+    `layers` of each (a complete cache lacking some gets them added, the rest kept); `runner` runs the plan's shards
+    (default: runners.LocalRunner, one shard unless a plan under way says otherwise). With `shard_index`, only that
+    shard of `num_shards` is built, here; a later run without it joins the shards once all are done."""
     check_count("chunk_size", chunk_size)
     if batch_size is not None:
         check_count("batch_size", batch_size)
@@ -84,7 +86,11 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     if shard_index is not None and (num_shards is None or not 0 <= shard_index < num_shards):
         raise UserError("`shard_index` needs `num_shards`, and must be below it")
     views = parse_views(views)
+    features = parse_features(layers) if layers is not None else ()
     check_engine_options(engine, key.precision)
+    if features and key.precision == "int8":
+        raise UserError("`layers` are not extracted with `precision='int8'` (its calibration covers the embeddings "
+                        "only); use `precision='f32'` or `precision='bf16'`")
     reader, path, expected = _target(key, split, data_dir, cache_dir, strict)
     if reader.rows == 0:
         raise UserError(f"the {split} split at {reader.where} has no images")
@@ -92,7 +98,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     state, base = inspect(path, expected), None
     if state.status == "complete" and not force:
         base = attributes(path)
-        if set(views) <= set(cached_views(base)):
+        if set(views) <= set(cached_views(base)) and set(features) <= set(cached_features(base)):
             if removed := remove_unneeded_partial(path):
                 log(removed)
             return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path),
@@ -103,16 +109,21 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             raise UserError(f"views are added to the complete cache {path} in one pass; drop `num_shards`")
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
-    if force and state.status != "missing":
-        views = parse_views(views + _readable_views(path))  # a rebuild keeps every view the old cache holds
+    if force and state.status != "missing":  # a rebuild keeps every view and feature the old cache holds
+        views = parse_views(views + cached_views(_readable(path)))
+        features = tuple(dict.fromkeys(features + tuple(cached_features(_readable(path)))))
+    had = cached_features(base) if base else {}
+    features = dict(had, **_feature_dims(key, [f for f in features if f not in had], cache_dir, log, progress))
 
     runner = runner or LocalRunner()
     if shard_index is not None and not isinstance(runner, LocalRunner):
         raise UserError("`shard_index` runs its shard in this process: drop `runner`")
     computing = tuple(v for v in views if v not in cached_views(base)) if base else views
+    if base and set(features) - set(had):  # new features: for every view of the cache
+        computing = parse_views(computing + cached_views(base))
     settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=computing,
                                  batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
-                                 model_sha256=key.model_sha256)
+                                 model_sha256=key.model_sha256, features=tuple(features))
     quantizer = None
     if key.precision == "int8":  # calibrated on the train split's images (read when first needed), whichever split
         train_reader = reader if split == "train" else sources.open_split(key, "train", data_dir)
@@ -130,7 +141,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
                      source=reader.where, tool_version=__version__, chunk_size=plan.chunk_size, **reader.attrs())
         job = Job(key, split, None if data_dir is None else str(data_dir), strict, settings, views, chunk_size, attrs,
-                  plan, path, str(cache_dir), restart=force, base=base, may_skip=reader.may_skip, quantizer=quantizer)
+                  plan, path, str(cache_dir), restart=force, base=base, may_skip=reader.may_skip, quantizer=quantizer,
+                  features=features)
         if base:
             _check_addable(path, base)
         todo = [i for i in ([shard_index] if not driver else range(count)) if force or not job.done(i)]
@@ -196,21 +208,28 @@ def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base,
     return plan
 
 
-def _readable_views(path: Path) -> tuple[str, ...]:
+def _readable(path: Path) -> dict:
+    """A cache's attributes, or none when it cannot be read."""
     try:
-        return cached_views(attributes(path))
+        return attributes(path)
     except (OSError, RuntimeError, KeyError, ValueError):
-        return ()
+        return {}
+
+
+def _feature_dims(key: CacheKey, features: list[str], cache_dir, log, progress: bool) -> dict[str, int]:
+    """{feature: values per row} of features to compute, checked against the layers the model offers."""
+    if not features:
+        return {}
+    offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, log if progress else None)
+    check_features(offered, tuple(features))
+    return {feature: feature_dim(offered, feature) for feature in features}
 
 
 def _check_addable(path: Path, base: dict):
     """Views are added only to the cache read before the lock was taken (not one another run has extended
     meanwhile)."""
-    try:
-        now = cached_views(attributes(path))
-    except OSError:
-        now = ()
-    if now != cached_views(base):
+    now = _readable(path)
+    if (cached_views(now), cached_features(now)) != (cached_views(base), cached_features(base)):
         raise UserError(f"cache {path} changed while this run waited for it (another run added views); run again")
 
 

@@ -59,6 +59,7 @@ class Job:
     base: dict | None = None  # the complete cache's attributes, when views are added to it
     may_skip: bool = False  # the source's unreadable items give no row (a folder's)
     quantizer: object = field(default=None, compare=False)  # int8 (local runner only)
+    features: dict = field(default_factory=dict)  # every inner-layer feature the cache holds once done: {name: dim}
 
     def loaded(self, fixed_input_size: int | None):
         """Check (and record) the input size the loaded model fixes against the job's."""
@@ -124,7 +125,8 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
         _check_engine(job.path, job.base, attrs, extractor.dim)
     files = reader.files[start:stop] if reader.may_skip else None
     with locked(target) if target != job.path else contextlib.nullcontext():
-        writer = CacheWriter(target, attrs, extractor.dim, job.views, restart=job.restart, files=files, base=job.base)
+        writer = CacheWriter(target, attrs, extractor.dim, job.views, restart=job.restart, files=files, base=job.base,
+                             features=job.features)
         try:
             with writer:
                 first = start + writer.next_item

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..cache.layout import CacheKey
 from ..errors import UserError, first_line
-from ..settings import HeadConfig, parse_views, views_label
+from ..settings import FINAL_FEATURE, HeadConfig, parse_features, parse_views, views_label
 from . import plots, tensorboard
 
 
@@ -110,7 +110,7 @@ def _check_head(head: dict):
 
 
 LEDGER_COLUMNS = ("run", "val_acc", "test_acc", "fit_s", "solver", "epochs", "hidden", "l2", "lr", "train_views",
-                  "tta_views", "cache")
+                  "tta_views", "features", "cache")
 
 
 def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
@@ -138,7 +138,9 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
                    "hidden": head["hidden"], "l2": head["l2"],
                    "lr": head["lr"] if metrics.get("solver", head["solver"]) == "adam" else None,
                    "train_views": views_label(head["train_views"]),
-                   "tta_views": views_label(head["tta_views"]), "cache": f"{key.dataset_name()}/{key.settings_name()}",
+                   "tta_views": views_label(head["tta_views"]),
+                   "features": "+".join(parse_features(head.get("features", FINAL_FEATURE))),
+                   "cache": f"{key.dataset_name()}/{key.settings_name()}",
                    "key": key}
             if not _finite_metrics(metrics):
                 raise ValueError("its metrics are not finite numbers")

@@ -10,7 +10,26 @@ import numpy as np
 from ..cache.read import Features
 from ..errors import UserError, plural
 from ..memory import fresh_array
-from ..settings import HeadConfig
+from ..settings import FINAL_FEATURE, HeadConfig
+
+
+def side_by_side(features: Features, names: tuple[str, ...]) -> Features:
+    """The head's input rows of each view: the cached features `names` ("final": the network's output vector, else
+    inner layers, read into `features.inner`) side by side in their order, one float32 [N, D] array per view.
+    Consumes `features`: each view's arrays are dropped once copied, so no more than one view is held twice."""
+    if names == (FINAL_FEATURE,):
+        return features
+    joined = {}
+    for view in list(features.views):
+        final = features.views.pop(view)
+        parts = [final if name == FINAL_FEATURE else features.inner[name].pop(view) for name in names]
+        rows = joined[view] = fresh_array((len(final), sum(part.shape[1] for part in parts)), np.float32)
+        start = 0
+        for part in parts:
+            rows[:, start : start + part.shape[1]] = part
+            start += part.shape[1]
+        del final, parts  # this view's arrays go before the next view is joined
+    return Features(joined, features.labels, features.class_names)
 
 
 def split_validation(train: Features, fraction: float, seed: int) -> tuple[np.ndarray | None, Features | None]:

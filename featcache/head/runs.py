@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.layout import CacheKey
-from ..cache.read import Features, load_splits, views_present
+from ..cache.read import CacheUnusable, Features, attributes, cached_features, load_splits, views_present
 from ..errors import UserError, in_python
-from ..settings import HeadConfig, parse_views
+from ..settings import FINAL_FEATURE, SPLITS, HeadConfig, parse_views
 from .records import check_writable, record_run
-from .rows import training_data
+from .rows import side_by_side, training_data
 from .tensorboard import ProjectorSample
 from .thumbnails import test_thumbnails
 from .training import sweep_l2, train
@@ -22,18 +22,34 @@ ANNOUNCED_BYTES = 100_000_000  # caches of more than this (both splits) get a li
 
 
 def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig], log=print):
-    """Both splits' features (train: every view the configs need; test: their test-time views) and cache info,
-    after checking that a run can be recorded at all (that fails before training; the run folder itself is made
-    only once there is a result). Large caches: `log` gets a line before they are read."""
+    """Both splits' features (train: every view the configs need; test: their test-time views; all configs have
+    the same features) and cache info, after checking that a run can be recorded at all (that fails before
+    training; the run folder itself is made only once there is a result). Large caches: `log` gets a line before
+    they are read."""
     train_views = parse_views(sum((config.views_needed() for config in configs), ()))
     test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
+    names = configs[0].feature_list
     paths = [key.path(cache_dir, split) for split in ("train", "test")]
     size = sum(path.stat().st_size for path in paths if path.is_file())
     if size > ANNOUNCED_BYTES:
         log(f"reading the train and test caches in {paths[0].parent} ({size / 1e9:.2f} GB) ...")
-    splits = load_splits(key, cache_dir, train_views, test_views)
+    splits = load_splits(key, cache_dir, train_views, test_views, tuple(n for n in names if n != FINAL_FEATURE))
     check_writable(runs_dir)
-    return splits
+    return [(side_by_side(features, names), info) for features, info in splits]
+
+
+def _check_features(key: CacheKey, cache_dir, names):
+    """Refuse inner-layer features a split's cache lacks, naming them all, before anything is read (reading says
+    what is wrong with a cache whose attributes cannot be read)."""
+    for split in SPLITS:
+        path = key.path(cache_dir, split)
+        try:
+            held = cached_features(attributes(path))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+        if missing := tuple(dict.fromkeys(name for name in names if name != FINAL_FEATURE and name not in held)):
+            raise CacheUnusable(f"{split} cache {path} holds no feature {', '.join(missing)}", key, split, cache_dir,
+                                "extract", layers=missing)
 
 
 def _print_note(message: str):
@@ -80,27 +96,38 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
 
 def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print, projector: int = 0,
              data_dir=None, note=None) -> list[dict]:
-    """Every combination of `grid` (HeadConfig overrides) over `config`, with the features loaded (and
-    TensorFlow imported) once; each is recorded as its own run (with the same Projector sample when `projector`).
+    """Every combination of `grid` (HeadConfig overrides) over `config`, with the cached vectors loaded once per
+    feature list (TensorFlow imported once); each is recorded as its own run (with a Projector sample of the same
+    test rows when `projector`).
     Returns rows by validation accuracy (with a validation split), else in the grid's order."""
     if not grid:
         raise UserError("`grid` holds no combination")
     present = views_present(key, cache_dir)
     configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
-    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, configs, log)
-    sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir, note) if projector
-              else None)
-    rows, data = [], None
-    for overrides, one in zip(grid, configs):
-        data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views
-        prefix = f"run {len(rows) + 1}/{len(grid)}: "
-        trained = train(train_features, test_features, one, log=lambda line: log(prefix + line), data=data)
-        run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info, sample)
-        rows.append({**overrides, "val_acc": trained.metrics.get("val_accuracy"),
-                     "test_acc": trained.metrics["test_accuracy"], "fit_s": trained.metrics["fit_seconds"],
-                     "run": run_dir.name})
-        log(f"{len(rows)}/{len(grid)} " + "  ".join(f"{k}={v}" for k, v in overrides.items()) +
-            f"  test accuracy {trained.metrics['test_accuracy']:.4f}")
+    # The runs go by feature list, the features of one list loaded at a time (each list's columns side by side).
+    groups: dict[tuple, list[int]] = {}
+    for index, one in enumerate(configs):
+        groups.setdefault(one.feature_list, []).append(index)
+    _check_features(key, cache_dir, [name for names in groups for name in names])  # before any run
+    rows = {}
+    for indices in groups.values():
+        train_features = test_features = data = None  # the last list's rows freed before the next are read
+        (train_features, train_info), (test_features, test_info) = _load_splits(
+            key, cache_dir, runs_dir, [configs[i] for i in indices], log)
+        sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir, note)
+                  if projector else None)  # the same rows for every run, as each run's head sees them
+        for index in indices:
+            one, overrides = configs[index], grid[index]
+            data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views
+            prefix = f"run {len(rows) + 1}/{len(grid)}: "
+            trained = train(train_features, test_features, one, log=lambda line: log(prefix + line), data=data)
+            run_dir = record_run(runs_dir, key, one, trained, test_features.labels, train_info, test_info, sample)
+            rows[index] = {**overrides, "val_acc": trained.metrics.get("val_accuracy"),
+                           "test_acc": trained.metrics["test_accuracy"], "fit_s": trained.metrics["fit_seconds"],
+                           "run": run_dir.name}
+            log(f"{len(rows)}/{len(grid)} " + "  ".join(f"{k}={v}" for k, v in overrides.items()) +
+                f"  test accuracy {trained.metrics['test_accuracy']:.4f}")
+    rows = [rows[index] for index in range(len(grid))]
     if any(row["val_acc"] is None for row in rows):
         return rows  # without a validation split, in the grid's order: choosing by test accuracy would leak test data
     return sorted(rows, key=lambda row: -row["val_acc"])

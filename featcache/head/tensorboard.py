@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.layout import CacheKey
-from ..settings import views_label
+from ..settings import FINAL_FEATURE, parse_features, views_label
 
 EXPERIMENT_SUFFIX = ".featcache-hparams"  # names the runs folder's experiment config among its event files
 TRAIN, VALIDATION = "train", "validation"  # the per-epoch curves' subfolders, as Keras' TensorBoard callback names them
@@ -49,6 +49,7 @@ HPARAMS = (
     ("label_smoothing", float, "label smoothing of the training loss"),
     ("train_views", str, "cached views whose rows train the head"),
     ("tta_views", str, "cached views whose predictions are averaged at test time"),
+    ("features", str, "cached features feeding the head, concatenated in this order (final: the network's output)"),
     ("val_split", float, "fraction of train images held out for validation"),
     ("seed", float, "seed of initialisers, dropout, the validation split and row order"),
     ("compute", str, "number format of the first layer's products in training steps, as used"),
@@ -88,6 +89,7 @@ def hparams_of(record: dict, metrics: dict) -> dict:
     values = {"solver": solver, "l2": head["l2"], "sweep": "sweep" in metrics, "hidden": head["hidden"],
               "dropout": head.get("dropout"), "label_smoothing": head.get("label_smoothing"),
               "train_views": views_label(head["train_views"]), "tta_views": views_label(head["tta_views"]),
+              "features": "+".join(parse_features(head.get("features", FINAL_FEATURE))),
               "val_split": head.get("val_split"), "seed": head.get("seed"),
               "compute": metrics.get("compute", head.get("compute")),
               "cache": f"{key.dataset_name()}/{key.settings_name()}", "dataset": key.dataset_name(),

@@ -1,7 +1,8 @@
 """The trained classifier as one TensorFlow module: uint8 images of any size in, class probabilities out.
 
 Inside: the extractor's own preprocessing with the cache's settings, the frozen TF Hub
-extractor, and the run's saved Keras head as it is (standardisation and whatever layers it
+extractor (or, for a head reading inner layers, extract.layers' function computing them and the network's
+output from one pass), and the run's saved Keras head as it is (standardisation and whatever layers it
 has), averaged over the run's test-time views. predict.py calls it directly and export.py
 saves it as a SavedModel, so both give the same numbers, and the export loads with
 `tf.saved_model.load` alone (no featcache, no tensorflow_hub, no Keras).
@@ -25,7 +26,9 @@ def build_classifier(run_dir: Path):
     class Classifier(tf.Module):
         def __init__(self):
             super().__init__(name="featcache_classifier")
-            self.extractor, self.head = parts.network, parts.head  # tracked, so that a SavedModel holds them
+            self.head = parts.head  # tracked, so that a SavedModel holds it (and the network, when called as it is)
+            if parts.feature_function is None:  # else the network is inside that function, frozen into constants
+                self.extractor = parts.network
             self.class_names = tf.constant(parts.class_names)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])

@@ -25,7 +25,7 @@ FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL
 
 def portable_function(parts, input_size: int, embeddings: bool = False):
     """The run's classifier as a frozen concrete function of float32 pixel values (0 to 255) [None, S, S, 3] ->
-    probabilities [None, K] (`embeddings`: the network's output instead, [views x N, D], each view's images in turn)."""
+    probabilities [None, K] (`embeddings`: the head's input instead, [views x N, D], each view's images in turn)."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
@@ -51,7 +51,7 @@ def portable_function(parts, input_size: int, embeddings: bool = False):
         # The views go through the network as one batch: one copy of it in the graph, whatever their number.
         views = tf.concat([resized(view_images(x, view)) for view in parts.tta_views], axis=0)
         if embeddings:
-            return {"embeddings": tf.cast(parts.network(views, **parts.call_kwargs), tf.float32)}
+            return {"embeddings": parts.embed(views)}
         per_view = tf.reshape(parts.probabilities(views), [len(parts.tta_views), -1, len(parts.class_names)])
         probs = tf.reduce_mean(per_view, axis=0)
         return {"probabilities": tf.identity(probs, name="probabilities")}

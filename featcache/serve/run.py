@@ -10,7 +10,7 @@ from ..cache.layout import CacheKey
 from ..errors import UserError, first_line
 from ..extract.models import call_kwargs, identity, load_model
 from ..head.records import ledger, read_config
-from ..settings import DEFAULT_PRECISION, DEFAULT_RUN, RUN_CHOICES, parse_views
+from ..settings import DEFAULT_PRECISION, DEFAULT_RUN, FINAL_FEATURE, RUN_CHOICES, parse_features, parse_views
 
 
 def resolve_run(runs_dir, run_id: str | None = DEFAULT_RUN) -> tuple[Path, str]:
@@ -57,8 +57,9 @@ def _started(run: str) -> tuple:
 @dataclass
 class RunParts:
     """What classifying with a run takes: its cache key (preprocessing, model), TTA, class names, the loaded
-    network and head (and where its train cache is, for an int8 export's calibration). `probabilities` maps
-    preprocessed float images to the head's class probabilities."""
+    network, the features its head reads and the head (and where its train cache is, for an int8 export's
+    calibration). `embed` maps preprocessed float images to the head's input, `probabilities` to its class
+    probabilities."""
 
     run: str
     key: CacheKey
@@ -68,11 +69,20 @@ class RunParts:
     call_kwargs: dict
     head: object
     train_cache: str = ""
+    features: tuple[str, ...] = (FINAL_FEATURE,)
+    feature_function: object = None  # extract.layers.feature_function's, when the head reads more than "final"
 
-    def probabilities(self, x):
+    def embed(self, x):
+        """The features the head was trained on, side by side in its order, as float32 [N, D]."""
         import tensorflow as tf
 
-        return self.head(tf.cast(self.network(x, **self.call_kwargs), tf.float32), training=False)
+        if self.feature_function is None:
+            return tf.cast(self.network(x, **self.call_kwargs), tf.float32)
+        vectors = self.feature_function(x)
+        return tf.concat([tf.cast(vectors[name], tf.float32) for name in self.features], axis=1)
+
+    def probabilities(self, x):
+        return self.head(self.embed(x), training=False)
 
 
 def load_run(run_dir: Path) -> RunParts:
@@ -97,5 +107,11 @@ def load_run(run_dir: Path) -> RunParts:
         why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a complete .keras archive"
         raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
     network = load_model(key.model, run=name)
+    features = parse_features(config["head"].get("features", FINAL_FEATURE))
+    function = None
+    if features != (FINAL_FEATURE,):
+        from ..extract.layers import feature_function
+
+        function = feature_function(network, key.image_size, tuple(f for f in features if f != FINAL_FEATURE))
     return RunParts(name, key, parse_views(config["head"]["tta_views"]), tuple(config["class_names"]), network,
-                    call_kwargs(network, key.image_size), head, config["train_cache"]["path"])
+                    call_kwargs(network, key.image_size), head, config["train_cache"]["path"], features, function)
