@@ -11,7 +11,7 @@ from conftest import FEATURES, run_cli, run_dirs
 
 def test_side_by_side_joins_the_features_in_the_order_asked_and_leaves_final_alone():
     from featcache.cache.read import Features
-    from featcache.head import side_by_side
+    from featcache.head.rows import side_by_side
 
     rng = np.random.default_rng(0)
     final, inner = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 2)).astype(np.float32)
@@ -34,7 +34,7 @@ def test_a_head_on_features_is_the_head_on_their_columns_side_by_side(features_c
     """Each feature standardised on its own: the head's per-column standardisation of the joined columns."""
     from featcache.api import load_cache, run_head
     from featcache.cache.read import Features, load_features
-    from featcache.head import train
+    from featcache.head.training import train
     from featcache.selection import select_cached
     from featcache.settings import HeadConfig
 
