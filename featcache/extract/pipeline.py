@@ -98,7 +98,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if set(views) <= set(cached_views(base)):
             if removed := remove_unneeded_partial(path):
                 log(removed)
-            if removed := _remove_older_work(path):
+            if removed := plans.remove_older_work(path):
                 log(f"removed {removed}, not needed by the complete cache")
             return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path),
                                  passed_over=getattr(reader, "passed_over", []))
@@ -132,7 +132,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if force:  # work under way since the cache was made is resumed; older work is removed first
             own = None if driver else plans.shard_path(path, shard_index, num_shards)
             files = None if driver else [file for file in (own, partial_path(own)) if file != path]
-            if removed := _remove_older_work(path, files):
+            if removed := plans.remove_older_work(path, files):
                 log(f"`force=True` rebuilds {path}: removed {removed}")
         plan = _plan(path, reader, expected, chunk_size, num_shards, base, force, driver, runner, log)
         count = len(plan.shards)
@@ -206,22 +206,6 @@ def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base,
     if count > 1:
         log(f"plan: {count} shards of {plans.sizes(plan)} -> {where}")
     return plan
-
-
-def _remove_older_work(path: Path, files=None) -> str:
-    """Remove the partial and shard files (of `files`, default all) not newer than the cache (plan.older_work), and
-    the shards' folder once it holds none; what was removed, in words ('' when nothing)."""
-    older = plans.older_work(path, files)
-    if not older:
-        return ""
-    size = sum(file.stat().st_size for file in older)
-    for file in older:
-        file.unlink()
-    folder = plans.shards_dir(path)
-    if folder.is_dir() and not list(folder.glob("*.h5")):
-        shutil.rmtree(folder)
-    names = ", ".join(file.name for file in older[:3]) + (f" and {len(older) - 3} more" if len(older) > 3 else "")
-    return f"{len(older)} file{'s' if len(older) > 1 else ''} older than {path.name} ({names}; {size / 1e9:.3f} GB)"
 
 
 def _readable_views(path: Path) -> tuple[str, ...]:

@@ -5,13 +5,14 @@ A shard is the unit of work of every runner: one read -> embed -> write loop int
 multiples of the chunk size, so that a shard is cut into the very chunks and network batches one uninterrupted pass
 makes (a source's natural units, tar files or row groups, would cut chunks differently). A plan of one shard writes the
 cache itself; a plan of several writes `<split>.shards/<index>-of-<count>.h5`, each a cache of its items, joined at the
-end. `older_work` finds the partial and shard files a complete cache has made useless.
+end. `remove_older_work` removes the partial and shard files a complete cache has made useless.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,16 +81,26 @@ def sizes(plan: Plan) -> str:
     return f"{counts[0]} items each" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)} items"
 
 
-def older_work(cache_path: Path, files=None) -> list[Path]:
-    """Of `files` (default: the cache's partial file and every shard file), those not newer than the cache file: work
-    of the build that made it (shards an assembly killed before removing them left) or of an older one, which a build
-    made after it never needs. None when there is no cache file."""
+def remove_older_work(cache_path: Path, files=None) -> str:
+    """Remove, of `files` (default: the cache's partial file and every shard file), those not newer than the cache
+    file: work of the build that made it (shards an assembly killed before removing them left) or of an older one,
+    which a build made after it never needs; the shards' folder goes once it holds no shard. What was removed, in
+    words ('' when nothing, or no cache file)."""
     if not cache_path.exists():
-        return []
-    published = cache_path.stat().st_mtime_ns
-    if files is None:
-        files = [partial_path(cache_path)] + sorted(shards_dir(cache_path).glob("*.h5"))
-    return [file for file in files if file.exists() and file.stat().st_mtime_ns <= published]
+        return ""
+    published, folder = cache_path.stat().st_mtime_ns, shards_dir(cache_path)
+    files = [partial_path(cache_path)] + sorted(folder.glob("*.h5")) if files is None else files
+    older = [file for file in files if file.exists() and file.stat().st_mtime_ns <= published]
+    if not older:
+        return ""
+    size = sum(file.stat().st_size for file in older)
+    for file in older:
+        file.unlink()
+    if folder.is_dir() and not list(folder.glob("*.h5")):
+        shutil.rmtree(folder)
+    names = ", ".join(file.name for file in older[:3]) + (f" and {len(older) - 3} more" if len(older) > 3 else "")
+    plural = "s" if len(older) > 1 else ""
+    return f"{len(older)} file{plural} older than {cache_path.name} ({names}; {size / 1e9:.3f} GB)"
 
 
 def _plain(selection: dict) -> dict:
