@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from featcache.extract import ov_engine, pipeline
-from featcache.cache import read, write
+from featcache.cache import read
 from featcache.errors import UserError
 from featcache.extract.extractor import Extractor
 from featcache.extract.models import load_model
-from featcache.extract.sources import folder
+from featcache.extract.sources import encoded, folder
 from conftest import TINY_DIM, make_key, run_cli, run_dirs
 
 CLASSES = ("cat", "dog", "emu")
@@ -155,31 +155,6 @@ def test_strict_stops_at_the_first_broken_file(tiny_model, tree, tmp_path):
     _break_files(tree)
     with pytest.raises(UserError, match=r"cannot read .*train/dog/001.png: not a decodable image.*strict=True"):
         _extract(_key(tiny_model, tree), tree, tmp_path / "cache", strict=True)
-
-
-def test_a_resume_after_a_crash_keeps_rows_and_still_lists_files_skipped_before_it(tiny_model, tree, tmp_path,
-                                                                                  monkeypatch):
-    broken = _break_files(tree)
-    key = _key(tiny_model, tree)
-    real_write, calls = write.CacheWriter.write, {"n": 0}
-
-    def failing_write(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(28, "No space left on device")
-        return real_write(self, *args)
-
-    monkeypatch.setattr(write.CacheWriter, "write", failing_write)
-    with pytest.raises(UserError, match="committed rows are kept"):
-        _extract(key, tree, tmp_path / "cache", chunk_size=3)
-    monkeypatch.setattr(write.CacheWriter, "write", real_write)
-    resumed = _extract(key, tree, tmp_path / "cache", chunk_size=3)
-    assert resumed.processed < 15  # the first two chunks (6 files, 3 of them broken) were not read again
-    clean = _extract(key, tree, tmp_path / "clean", chunk_size=3)
-    assert {file for file, _ in resumed.skipped} == broken and dict(resumed.skipped) == dict(clean.skipped)
-    with h5py.File(resumed.path, "r") as a, h5py.File(clean.path, "r") as b:
-        for name in ("embeddings", "labels", "source_index"):
-            np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
 def test_any_change_to_the_files_changes_the_fingerprint(tree):
@@ -330,16 +305,16 @@ def _png_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("fmt", ["png", "jpg", "bmp"])
 def test_the_header_size_is_the_decoded_size(fmt):
     image = np.random.default_rng(0).integers(0, 255, (13, 21, 3), dtype=np.uint8)
-    assert folder.header_size(_encode(image, fmt)) == (21, 13)
-    assert folder.header_size(GIF_1X1) == (1, 1) and folder.header_size(b"\xff\xd8\xff\xe0 cut") is None
+    assert encoded.header_size(_encode(image, fmt)) == (21, 13)
+    assert encoded.header_size(GIF_1X1) == (1, 1) and encoded.header_size(b"\xff\xd8\xff\xe0 cut") is None
 
 
 def test_an_image_beyond_the_pixel_limit_is_skipped_before_decoding(tmp_path):
-    side = int(folder.MAX_IMAGE_PIXELS**0.5) + 1
+    side = int(encoded.MAX_IMAGE_PIXELS**0.5) + 1
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(side, side))
     assert folder.decode_file(bomb) == (None, f"image too large (its header states more than "
-                                              f"{folder.MAX_IMAGE_PIXELS:,} pixels, the most decoded)")
+                                              f"{encoded.MAX_IMAGE_PIXELS:,} pixels, the most decoded)")
     bomb.write_bytes(_png_header(side, 1))  # within the limit: the decoder itself says what is wrong
     assert folder.decode_file(bomb)[1].startswith("not a decodable image (")
 
@@ -348,7 +323,7 @@ def test_a_chunk_of_large_images_ends_at_the_byte_budget(tree, monkeypatch):
     """Chunks end once their decoded images reach MAX_CHUNK_BYTES (checked every DECODE_GROUP files)."""
     reader = folder.FolderSplit(tree, "train")
     whole = list(reader.chunks(100))
-    monkeypatch.setattr(folder, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
+    monkeypatch.setattr(encoded, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
     small = list(reader.chunks(100, start=1))
     assert [len(c.items) for c in small] == [2] * 7 and [c.stop for c in small] == list(range(3, 16, 2))
     np.testing.assert_array_equal(np.concatenate([c.images for c in small]), whole[0].images[1:])
@@ -480,7 +455,7 @@ def _os2_bmp(width: int, height: int) -> bytes:
 
 
 def test_the_header_size_of_an_os2_bmp_is_read_right_and_the_image_is_not_refused_as_too_large(tmp_path):
-    assert folder.header_size(_os2_bmp(100, 50)) == (100, 50)
+    assert encoded.header_size(_os2_bmp(100, 50)) == (100, 50)
     path = tmp_path / "os2.bmp"
     path.write_bytes(_os2_bmp(100, 50))
     assert not folder.decode_file(path)[1].startswith("image too large")

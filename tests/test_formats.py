@@ -16,7 +16,7 @@ from featcache.cache import read, write
 from featcache.cache.layout import CacheKey
 from featcache.errors import UserError
 from featcache.extract import pipeline
-from featcache.extract.sources import cifar, folder, parquet, streamed, webdataset
+from featcache.extract.sources import cifar, encoded, folder, parquet, webdataset
 from conftest import make_key, run_cli, run_dirs
 
 CLASSES = ("cat", "dog", "emu")
@@ -97,15 +97,20 @@ def write_parquets(root, split, files, labels, parts=2, image="image", label="la
     return paths
 
 
+def write_folder(root, split, files, labels):
+    """files/labels as class folders ROOT/<split>/<class>/<n>.png."""
+    for n, (data, label) in enumerate(zip(files, labels)):
+        path = root / split / CLASSES[label] / f"{n:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
 def write_three_ways(base, train=15, test=9):
     """The same pictures as class folders, tars (classes.txt) and Parquet files (ClassLabel names, column img)."""
     roots = {"folder": base / "folder", "webdataset": base / "tars", "parquet": base / "parquet"}
     for split, count, seed in (("train", train, 0), ("test", test, 1)):
         files, labels = _pictures(count, seed)
-        for n, (data, label) in enumerate(zip(files, labels)):
-            path = roots["folder"] / split / CLASSES[label] / f"{n:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        write_folder(roots["folder"], split, files, labels)
         write_tars(roots["webdataset"], split, files, labels)
         write_parquets(roots["parquet"], split, files, labels, image="img")  # found by its Image feature
     (roots["webdataset"] / "classes.txt").write_text("\n".join(CLASSES) + "\n")
@@ -157,23 +162,23 @@ def test_tar_samples_are_grouped_by_key_and_read_in_order_as_the_folder_decoder_
     (tmp_path / "classes.txt").write_text("cat\ndog\nemu\n")
     split = webdataset.TarSplit(tmp_path, "train")
     assert split.class_names == CLASSES and split.rows == 7 and split.labels.tolist() == labels
-    assert split.units() == [2, 2, 3] and split.files[2] == "train-000001.tar:000002.png"
-    chunks = list(split.chunks(3, start=1, stop=6))
-    assert [c.items.tolist() for c in chunks] == [[1, 2, 3], [4, 5]] and [c.stop for c in chunks] == [4, 6]
+    assert split.shard_of.tolist() == [0, 0, 1, 1, 2, 2, 2] and split.files[2] == "train-000001.tar:000002.png"
+    chunks = list(split.chunks(3, start=1, stop=6))  # cut at multiples of 3, as the whole split is
+    assert [c.items.tolist() for c in chunks] == [[1, 2], [3, 4, 5]] and [c.stop for c in chunks] == [3, 6]
     for chunk in chunks:
         for image, item in zip(chunk.images, chunk.items):
-            np.testing.assert_array_equal(image, folder.decode_bytes(files[item])[0])
+            np.testing.assert_array_equal(image, encoded.decode_bytes(files[item])[0])
         assert chunk.labels.tolist() == [labels[i] for i in chunk.items]
     assert split.image_shape == (24, 24)
     limited = webdataset.TarSplit(tmp_path, "train", limit=4)
-    assert limited.rows == 4 and sum(limited.units()) == 4 and set(limited.files) < set(split.files)
+    assert limited.rows == 4 and set(limited.files) < set(split.files)
     assert limited.files == sorted(limited.files)  # a sample of the samples, in their order
 
 
 def test_a_chunk_ends_at_the_byte_budget_of_decoded_images(tmp_path, monkeypatch):
     files, labels = _pictures(6, sizes=((24, 24),))
     write_tars(tmp_path, "train", files, labels, shards=2)
-    monkeypatch.setattr(streamed, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
+    monkeypatch.setattr(encoded, "MAX_CHUNK_BYTES", 2 * 24 * 24 * 3)
     chunks = list(webdataset.TarSplit(tmp_path, "train").chunks(100, start=1))
     assert [c.items.tolist() for c in chunks] == [[1, 2], [3, 4], [5]] and [c.stop for c in chunks] == [3, 5, 6]
 
@@ -269,14 +274,15 @@ def test_parquet_rows_class_names_and_row_groups_as_the_hub_lays_them_out(tmp_pa
     split = parquet.ParquetSplit(tmp_path, "train")
     assert split.image_column == "img" and split.label_column == "label"  # the only Image feature
     assert split.class_names == CLASSES and split.rows == 11 and split.labels.tolist() == labels
-    assert split.units() == [4, 1, 4, 2] and split.files[5] == "data/train-00001-of-00002.parquet:0"
-    chunks = list(split.chunks(4, start=3, stop=10))
-    assert [c.items.tolist() for c in chunks] == [[3, 4, 5, 6], [7, 8, 9]]
+    assert split.group_of.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1] and split.files[5] == \
+        "data/train-00001-of-00002.parquet:0"
+    chunks = list(split.chunks(4, start=3, stop=10))  # cut at multiples of 4, as the whole split is
+    assert [c.items.tolist() for c in chunks] == [[3], [4, 5, 6, 7], [8, 9]]
     for chunk in chunks:
         for image, item in zip(chunk.images, chunk.items):
-            np.testing.assert_array_equal(image, folder.decode_bytes(files[item])[0])
+            np.testing.assert_array_equal(image, encoded.decode_bytes(files[item])[0])
     limited = parquet.ParquetSplit(tmp_path, "train", limit=5)
-    assert limited.rows == 5 and sum(limited.units()) == 5 and len(limited.units()) == 4
+    assert limited.rows == 5
     assert [split.decode(i)[0].shape for i in (0, 9)] == [(24, 24, 3), (17, 30, 3)]
 
 
@@ -407,18 +413,15 @@ def test_a_parquet_file_written_by_the_datasets_library_is_read_with_its_class_n
         np.testing.assert_array_equal(image, want)
 
 
-# --- every source: item ranges and natural shards -----------------------------------------------------------------
+# --- every source: item ranges -----------------------------------------------------------------------------------
 
 
-def test_cifar_and_folder_sources_read_item_ranges_and_list_their_natural_shards(cifar_root, tmp_path):
+def test_cifar_and_folder_sources_read_item_ranges(cifar_root, tmp_path):
     reader = cifar.SplitSource(cifar.resolve_source(cifar_root), "train")
-    assert reader.units() == [24] * 5
     chunks = list(reader.chunks(10, start=20, stop=50))
     assert [c.items.tolist() for c in chunks] == [list(range(20, 30)), list(range(30, 40)), list(range(40, 50))]
-    assert list(cifar.SplitSource(cifar.resolve_source(cifar_root), "train", limit=30).units()) == [24, 6]
     roots = write_three_ways(tmp_path, train=15, test=9)
     tree = folder.FolderSplit(roots["folder"], "train")
-    assert tree.units() == [5, 5, 5]
     assert [c.items.tolist() for c in tree.chunks(4, start=3, stop=9)] == [[3], [4, 5, 6, 7], [8]]  # at multiples of 4
 
 
@@ -429,19 +432,22 @@ def test_the_webp_header_size_is_the_decoded_size():
     for options in ({"lossless": False}, {"lossless": True}, {"lossless": False, "exif": b"Exif\0\0x"}):
         data = io.BytesIO()
         image.save(data, "WEBP", **options)
-        assert folder.header_size(data.getvalue()) == (21, 13)
-        assert folder.decode_bytes(data.getvalue())[0].shape == (13, 21, 3)
+        assert encoded.header_size(data.getvalue()) == (21, 13)
+        assert encoded.decode_bytes(data.getvalue())[0].shape == (13, 21, 3)
 
 
 # --- through the pipeline and the command line ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dataset", ["webdataset", "parquet"])
+@pytest.mark.parametrize("dataset", ["folder", "webdataset", "parquet"])
 def test_a_resume_after_a_crash_gives_the_rows_of_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch, dataset):
     files, labels = _pictures(14)
-    files[3], files[8] = b"", b"broken"
+    files[3], files[8] = b"", b"broken"  # in the first two chunks of 3 items, and after them (also as class folders)
     root = tmp_path / dataset
-    if dataset == "webdataset":
+    if dataset == "folder":
+        write_folder(root, "train", files, labels)
+        write_folder(root, "test", *_pictures(3, seed=1))
+    elif dataset == "webdataset":
         write_tars(root, "train", files, labels, shards=3)
     else:
         write_parquets(root, "train", files, labels, parts=2, row_group_size=3)
@@ -459,7 +465,7 @@ def test_a_resume_after_a_crash_gives_the_rows_of_an_uninterrupted_run(tiny_mode
         _extract(key, root, tmp_path / "cache", chunk_size=3)
     monkeypatch.setattr(write.CacheWriter, "write", real_write)
     resumed = _extract(key, root, tmp_path / "cache", chunk_size=3)
-    assert resumed.processed == 14 - 6  # the first two chunks were not read again
+    assert resumed.processed == 14 - 6 - 1  # the first two chunks were not read again; one item after is unreadable
     clean = _extract(key, root, tmp_path / "clean", chunk_size=3)
     assert resumed.rows == clean.rows == 12 and resumed.skipped == clean.skipped
     assert [reason.split(" (")[0] for _, reason in clean.skipped] == ["empty file", "not a decodable image"]

@@ -103,6 +103,14 @@ def reference(tiny_model, cifar_root, tmp_path_factory):
     return _rows(result.path)
 
 
+def test_a_ray_runner_used_without_with_stops_the_ray_it_started(tiny_model, cifar_root, reference, tmp_path):
+    """First in this module: before the module's cluster is started, no Ray runs in this process."""
+    assert not ray.is_initialized()
+    result = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=1), num_shards=2)
+    assert not ray.is_initialized()  # its runs and the assembly's task are done: the Ray it started is ended
+    _same(result.path, reference)
+
+
 def test_ray_runner_writes_the_local_runners_cache(cluster, tiny_model, cifar_root, reference, tmp_path):
     lines = []
     result = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2), log=lines.append)
@@ -110,7 +118,7 @@ def test_ray_runner_writes_the_local_runners_cache(cluster, tiny_model, cifar_ro
     _, attrs = _rows(result.path)
     for name in ("engine", "batch_size", "dim", "rows", "source_fingerprint", "tensorflow_version", "ray_version"):
         assert attrs[name] == reference[1][name], name
-    assert "plan: 4 shards of about 30 items each" in lines[0] and "assembling 4 shards" in lines[-2], lines
+    assert "plan: 4 shards of 24 to 32 items" in lines[0] and "assembling 4 shards" in lines[-2], lines
     workers = [line for line in result.report if line.startswith("worker ")]
     assert len(workers) == 2 and all(" 0 shards" not in line for line in workers), result.report
     per_node = re.findall(r"\): (\d+)", result.report[-1])

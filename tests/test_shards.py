@@ -45,11 +45,12 @@ def reference(tiny_model, cifar_root, tmp_path_factory):
     return _rows(path)
 
 
-def test_plan_edges_are_chunk_multiples_or_source_units():
+def test_plan_edges_are_chunk_multiples():
     made = plan.make(120, 4, 8, "f", {})
-    assert made.shards == ((0, 24), (24, 56), (56, 88), (88, 120))
+    assert made.shards == ((0, 24), (24, 56), (56, 88), (88, 120)) and plan.sizes(made) == "24 to 32 items"
     assert plan.make(121, 2, 8, "f", {}).shards == ((0, 64), (64, 121))
-    assert plan.make(100, 3, 8, "f", {}, units=[10, 40, 20, 30]).shards == ((0, 10), (10, 50), (50, 100))
+    assert plan.sizes(plan.make(300, 2, 128, "f", {})) == "128 to 172 items"
+    assert plan.sizes(plan.make(128, 2, 8, "f", {})) == "64 items each"
     with pytest.raises(UserError, match=r"^num_shards 5 is more than the split.s 4 chunks of chunk_size=8"):
         plan.make(30, 5, 8, "f", {})
 
@@ -81,11 +82,16 @@ def test_a_folder_in_shards_keeps_its_items_and_skipped_files(tiny_model, tmp_pa
     key = make_key(str(tiny_model), 32, "bilinear", dataset="folder", data_dir=tree)
     options = dict(data_dir=tree, chunk_size=4, batch_size=2, engine="tensorflow", progress=False, log=lambda _: None)
     local = pipeline.extract(key, "train", cache_dir=tmp_path / "local", **options)
-    for index in range(3):
-        pipeline.extract(key, "train", cache_dir=tmp_path / "sharded", num_shards=3, shard_index=index, **options)
+    assert local.processed == 26  # the images embedded: not the unreadable one
+    tasks = [pipeline.extract(key, "train", cache_dir=tmp_path / "sharded", num_shards=3, shard_index=index, **options)
+             for index in range(3)]
+    assert [task.processed for task in tasks] == [8, 7, 11]  # shards (0, 8), (8, 16), (16, 27): item 13 unreadable
     joined = pipeline.extract(key, "train", cache_dir=tmp_path / "sharded", **options)
     _same(joined.path, _rows(local.path))
     assert joined.rows == local.rows == 26 and joined.skipped == local.skipped and len(joined.skipped) == 1
+    summary = joined.summary()  # an assembly alone: no engine, no model load, no image embedded
+    assert summary.startswith("assembled: 26 rows from 3 shards, 0.000 GB in ") and "GB/s), no image embedded; " \
+        f"1 unreadable file skipped -> {joined.path}" in summary and "model load" not in summary, summary
 
 
 def test_a_shard_killed_mid_chunk_resumes_inside_the_shard(tiny_model, cifar_root, reference, tmp_path):
@@ -174,3 +180,77 @@ def test_another_shard_count_than_the_plan_under_way_is_one_line(tiny_model, cif
 def test_shard_options_are_checked_in_one_line(tiny_model, cifar_root, tmp_path):
     out = run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path, "--shard-index", 1))
     assert out.returncode == 2 and out.stderr.strip() == "Error: --shard-index needs --num-shards, and must be below it"
+
+
+def _extract(tiny_model, cifar_root, cache, **kw):
+    options = dict(chunk_size=8, batch_size=4, engine="tensorflow", progress=False, log=lambda _: None)
+    return pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", data_dir=cifar_root, cache_dir=cache,
+                            **dict(options, **kw))
+
+
+def test_the_plan_line_gives_the_shards_real_sizes(tiny_model, cifar_root, tmp_path):
+    lines = []
+    _shard(tiny_model, cifar_root, tmp_path, 0, log=lines.append)
+    assert lines[0].startswith("plan: 4 shards of 24 to 32 items -> "), lines
+
+
+def test_force_resumes_the_shards_built_since_the_cache_and_removes_older_ones_saying_so(
+        tiny_model, cifar_root, reference, tmp_path, monkeypatch):
+    for index in range(SHARDS - 1):  # a job array's tasks, each with --force
+        _shard(tiny_model, cifar_root, tmp_path, index, force=True)
+    lines = []
+    forced = _extract(tiny_model, cifar_root, tmp_path, force=True, log=lines.append)  # the same command, joining
+    assert "3 of 4 shards of " in lines[0] and lines[0].endswith(" are done; 1 left"), lines
+    assert forced.processed == 32 and forced.assembled.startswith("4 shards, ")  # shard 3 alone embedded
+    _same(forced.path, reference)
+    # the shards of that cache, left by an assembly killed once it was published: --force embeds them all again
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index, force=True)
+    monkeypatch.setattr(shard.shutil, "rmtree", _killed)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, tmp_path, force=True)
+    monkeypatch.undo()
+    assert len(list(tmp_path.rglob("train.shards/*.h5"))) == SHARDS
+    lines = []
+    again = _extract(tiny_model, cifar_root, tmp_path, force=True, log=lines.append)
+    assert lines[0].startswith(f"`force=True` rebuilds {again.path}: removed 4 files older than train.h5 "
+                               "(00000-of-00004.h5, 00001-of-00004.h5, 00002-of-00004.h5 and 1 more; "), lines
+    assert again.processed == 120
+    _same(again.path, reference)
+
+
+def _killed(*_):
+    raise KeyboardInterrupt
+
+
+def test_the_shards_of_a_published_cache_are_removed_by_the_next_run(tiny_model, cifar_root, reference, tmp_path,
+                                                                     monkeypatch):
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    monkeypatch.setattr(shard.shutil, "rmtree", _killed)  # killed between publishing train.h5 and removing the shards
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, tmp_path)
+    monkeypatch.undo()
+    (path,) = tmp_path.rglob("train.h5")
+    assert len(list(tmp_path.rglob("train.shards/*.h5"))) == SHARDS
+    lines = []
+    again = _extract(tiny_model, cifar_root, tmp_path, num_shards=SHARDS, log=lines.append)
+    assert again.up_to_date and len(lines) == 1 and lines[0].startswith("removed 4 files older than train.h5 ("), lines
+    assert lines[0].endswith(" GB), not needed by the complete cache") and not list(tmp_path.rglob("train.shards"))
+    _same(path, reference)
+
+
+def test_an_assembly_never_resumes_the_partial_file_of_a_one_pass_run(tiny_model, cifar_root, reference, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(shard.CacheWriter, "finish", _killed)  # every row committed, not published
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, tmp_path, chunk_size=16)  # one pass, chunks of 16: another plan
+    monkeypatch.undo()
+    (partial,) = tmp_path.rglob("train.partial.h5")
+    with h5py.File(partial, "r+") as f:
+        assert int(f.attrs["rows_done"]) == 120
+        f["embeddings"][:] = 0  # rows an assembly of the 4 shards would not give
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    joined = _extract(tiny_model, cifar_root, tmp_path)
+    _same(joined.path, reference)

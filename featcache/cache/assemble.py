@@ -48,7 +48,9 @@ def assemble(path: Path, shards: list[Path], starts: list[int], files: list[str]
     The caller holds the cache's lock."""
     first = attributes(shards[0])
     rows = [int(attributes(shard)["rows"]) for shard in shards]
-    attrs = dict({k: v for k, v in first.items() if k not in SHARD_ONLY}, rows=np.int64(sum(rows)))
+    # assembled_from: a partial file of this cache left by a one-pass run (another plan) is never resumed here
+    attrs = dict({k: v for k, v in first.items() if k not in SHARD_ONLY}, rows=np.int64(sum(rows)),
+                 assembled_from=np.int64(len(shards)))
     views = cached_views(first)
     skipped = [pair for shard in shards for pair in skipped_files(shard)] if files is not None else []
     with CacheWriter(path, attrs, int(first["dim"]), views, files=files, features=cached_features(first)) as writer:

@@ -39,10 +39,10 @@ IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size",
             "data_dir", "test_fraction", "model_sha256", "rows",
             "source_fingerprint", "shard")
 # A partial file is only resumed by the same engine, batch size, library versions (and int8 model), so one file
-# never mixes them.
+# never mixes them; an assembly's only by an assembly.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
                               "batch_size", "tensorflow_version", "tensorflow_hub_version", "openvino_version",
-                              "nncf_version", "ray_version", "features")
+                              "nncf_version", "ray_version", "features", "assembled_from")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class ExtractResult:
     report: list = field(default_factory=list)  # the runner's lines: per-worker throughput, rows per node
     passed_over: list = field(default_factory=list)  # files of the source's folders that are not images
     shard: str = ""  # "I of N" when one shard of a plan was run
+    assembled: str = ""  # "N shards, X GB in Y s (Z GB/s)" when this run joined a plan's shards
 
     @property
     def images_per_second(self) -> float:
@@ -67,6 +68,8 @@ class ExtractResult:
         line = (f"{what}done: {self.rows} rows, {self.processed} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s, {self.engine}; model load {self.load_seconds:.1f} s)"
                 f"{skipped} -> {self.path}")
+        if self.assembled and not self.engine:  # every shard was done: no model loaded, no image embedded
+            line = f"assembled: {self.rows} rows from {self.assembled}, no image embedded{skipped} -> {self.path}"
         return "\n".join([line] + [f"  {text}" for text in self.report]
                          + [f"  skipped {file}: {reason}" for file, reason in self.skipped] + named)
 
@@ -101,6 +104,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if set(views) <= set(cached_views(base)) and set(features) <= set(cached_features(base)):
             if removed := remove_unneeded_partial(path):
                 log(removed)
+            if removed := plans.remove_older_work(path):
+                log(f"removed {removed}, not needed by the complete cache")
             return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path),
                                  passed_over=getattr(reader, "passed_over", []))
         if engine == DEFAULT_ENGINE:
@@ -132,8 +137,14 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             log(note)
     driver = shard_index is None
     with contextlib.ExitStack() as held:
+        held.enter_context(runner)  # the caller's `with` keeps it up between runs; else what it started stops here
         if driver:  # locked before planning (a stale plan's shards are removed) and the slow model load
             held.enter_context(locked(path))
+        if force:  # work under way since the cache was made is resumed; older work is removed first
+            own = None if driver else plans.shard_path(path, shard_index, num_shards)
+            files = None if driver else [file for file in (own, partial_path(own)) if file != path]
+            if removed := plans.remove_older_work(path, files):
+                log(f"`force=True` rebuilds {path}: removed {removed}")
         plan = _plan(path, reader, expected, chunk_size, num_shards, base, force, driver, runner, log)
         count = len(plan.shards)
         if not driver and count == 1:  # the shard is the cache
@@ -141,11 +152,11 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
                      source=reader.where, tool_version=__version__, chunk_size=plan.chunk_size, **reader.attrs())
         job = Job(key, split, None if data_dir is None else str(data_dir), strict, settings, views, chunk_size, attrs,
-                  plan, path, str(cache_dir), restart=force, base=base, may_skip=reader.may_skip, quantizer=quantizer,
+                  plan, path, str(cache_dir), base=base, may_skip=reader.may_skip, quantizer=quantizer,
                   features=features)
         if base:
             _check_addable(path, base)
-        todo = [i for i in ([shard_index] if not driver else range(count)) if force or not job.done(i)]
+        todo = [i for i in ([shard_index] if not driver else range(count)) if not job.done(i)]
         if not driver and not todo:
             done = attributes(job.target(shard_index))
             return ExtractResult(job.target(shard_index), int(done["rows"]), 0, 0.0, up_to_date=True,
@@ -154,23 +165,23 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             log(f"{count - len(todo)} of {count} shards of {path} are done; {len(todo)} left")
         started = time.perf_counter()
         run = runner.run(job, todo, log, progress, reader) if todo else None
-        done = time.perf_counter()
+        done, assembled = time.perf_counter(), ""
         if driver and count > 1:
             log(f"assembling {count} shards into {path}")
             joined = time.perf_counter()
             listed = runner.assemble(job, reader)
-            log(f"assembled {path.stat().st_size / 1e9:.3f} GB in {time.perf_counter() - joined:.2f} s")
-            done = time.perf_counter()
+            done, size = time.perf_counter(), path.stat().st_size / 1e9
+            assembled = f"{count} shards, {size:.3f} GB in {done - joined:.2f} s ({size / (done - joined):.2f} GB/s)"
+            log(f"assembled {assembled}")
         else:
             listed = skipped_files(job.target(todo[0])) if reader.may_skip else []
     result = ExtractResult(path if driver else job.target(shard_index), 0, 0, done - started, skipped=listed,
-                           passed_over=getattr(reader, "passed_over", []))
+                           passed_over=getattr(reader, "passed_over", []), assembled=assembled)
     if run:
         result.processed, result.engine, result.report = run.processed, run.engine, run.report
         result.load_seconds, result.seconds = run.load_seconds, done - started - run.load_seconds
         result.engine += "" if key.precision == DEFAULT_PRECISION else f" {key.precision}"
-    made = attributes(result.path)
-    result.rows, result.engine = int(made["rows"]), result.engine or made["engine"]
+    result.rows = int(attributes(result.path)["rows"])
     if not driver:
         result.shard = f"{shard_index} of {count}"
     return result
@@ -185,13 +196,13 @@ def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base,
     if base:
         return plans.make(reader.rows, 1, chunk_size, reader.fingerprint, selection)
     where = plans.plan_path(path)
-    stored = None if force else plans.load(where)
+    stored = plans.load(where)
     if stored and not stored.matches(reader.fingerprint, selection, chunk_size):
         stored = None
     under_way = stored and (partial_path(path).exists() if len(stored.shards) == 1
                             else plans.shards_dir(path).exists())
     if stored and num_shards and num_shards != len(stored.shards):
-        if under_way:
+        if under_way and not force:
             raise UserError(f"{path} is being built in {len(stored.shards)} shards (plan {where}); pass "
                             f"`num_shards={len(stored.shards)}`, or `force=True` to start again in {num_shards}")
         stored = None
@@ -200,11 +211,12 @@ def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base,
     count = num_shards or runner.shards(reader.rows, chunk_size)
     plan = plans.make(reader.rows, count, chunk_size, reader.fingerprint, selection)
     if plans.shards_dir(path).exists() and force and driver:
+        log(f"`force=True`: removing {plans.shards_dir(path)}, the shards of an earlier plan")
         shutil.rmtree(plans.shards_dir(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.save(where)
     if count > 1:
-        log(f"plan: {count} shards of about {reader.rows // count} items each -> {where}")
+        log(f"plan: {count} shards of {plans.sizes(plan)} -> {where}")
     return plan
 
 

@@ -2,20 +2,21 @@
 listing alone (no image decoded) and recorded beside the cache as `<split>.plan.json`.
 
 A shard is the unit of work of every runner: one read -> embed -> write loop into one crash-safe file. Its edges are
-multiples of the chunk size, so that a shard of equal-size images (CIFAR) is cut into the very chunks and network
-batches one uninterrupted pass makes (a folder's, tar's or Parquet chunk may end early at its byte budget; each image
-is still embedded alone on OpenVINO's batch of 1). `make` can also cut at a source's natural units (`units()`: tar
-files, row groups); the pipeline does not ask it to yet, since such edges cut chunks differently from one pass. A plan of one shard writes the cache itself;
-a plan of several writes `<split>.shards/<index>-of-<count>.h5`, each a cache of its items, joined at the end.
+multiples of the chunk size, so that a shard is cut into the very chunks and network batches one uninterrupted pass
+makes (a source's natural units, tar files or row groups, would cut chunks differently). A plan of one shard writes the
+cache itself; a plan of several writes `<split>.shards/<index>-of-<count>.h5`, each a cache of its items, joined at the
+end. `remove_older_work` removes the partial and shard files a complete cache has made useless.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..cache.layout import partial_path
 from ..errors import UserError
 
 PLAN_VERSION = 1
@@ -64,19 +65,42 @@ def load(path: Path) -> Plan | None:
         return None
 
 
-def make(items: int, count: int, chunk_size: int, fingerprint: str, selection: dict, units=None) -> Plan:
-    """`count` shards of near-equal numbers of pieces, a piece being a unit of the source (`units`: item counts) or
-    a chunk."""
-    sizes = list(units) if units else [chunk_size] * (items // chunk_size) + ([items % chunk_size] if items % chunk_size
-                                                                             else [])
-    if count > len(sizes):
-        what = "units" if units else f"chunks of `chunk_size={chunk_size}`"
-        raise UserError(f"`num_shards` {count} is more than the split's {len(sizes)} {what} (its {items} items)")
-    edges = [0]
-    for size in sizes:
-        edges.append(edges[-1] + size)
-    cuts = [edges[len(sizes) * i // count] for i in range(count + 1)]
+def make(items: int, count: int, chunk_size: int, fingerprint: str, selection: dict) -> Plan:
+    """`count` shards of near-equal numbers of chunks."""
+    chunks = -(-items // chunk_size)
+    if count > chunks:
+        raise UserError(f"`num_shards` {count} is more than the split's {chunks} chunks of `chunk_size={chunk_size}` "
+                        f"(its {items} items)")
+    cuts = [min(chunks * i // count * chunk_size, items) for i in range(count + 1)]
     return Plan(tuple(zip(cuts[:-1], cuts[1:])), items, fingerprint, _plain(selection), chunk_size)
+
+
+def sizes(plan: Plan) -> str:
+    """The shards' item counts in words: "30 items each", or "24 to 32 items"."""
+    counts = [stop - start for start, stop in plan.shards]
+    return f"{counts[0]} items each" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)} items"
+
+
+def remove_older_work(cache_path: Path, files=None) -> str:
+    """Remove, of `files` (default: the cache's partial file and every shard file), those not newer than the cache
+    file: work of the build that made it (shards an assembly killed before removing them left) or of an older one,
+    which a build made after it never needs; the shards' folder goes once it holds no shard. What was removed, in
+    words ('' when nothing, or no cache file)."""
+    if not cache_path.exists():
+        return ""
+    published, folder = cache_path.stat().st_mtime_ns, shards_dir(cache_path)
+    files = [partial_path(cache_path)] + sorted(folder.glob("*.h5")) if files is None else files
+    older = [file for file in files if file.exists() and file.stat().st_mtime_ns <= published]
+    if not older:
+        return ""
+    size = sum(file.stat().st_size for file in older)
+    for file in older:
+        file.unlink()
+    if folder.is_dir() and not list(folder.glob("*.h5")):
+        shutil.rmtree(folder)
+    names = ", ".join(file.name for file in older[:3]) + (f" and {len(older) - 3} more" if len(older) > 3 else "")
+    plural = "s" if len(older) > 1 else ""
+    return f"{len(older)} file{plural} older than {cache_path.name} ({names}; {size / 1e9:.3f} GB)"
 
 
 def _plain(selection: dict) -> dict:

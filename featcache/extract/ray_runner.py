@@ -32,6 +32,7 @@ from pathlib import Path
 from ..cache.layout import partial_path
 from ..errors import UserError, first_line
 from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
+from .runners import Held
 from .shard import RunReport
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
@@ -144,12 +145,12 @@ def _cause(exc) -> str:
 
 
 @dataclass
-class RayRunner:
+class RayRunner(Held):
     """Run shards on a Ray cluster: `address` None starts a local Ray (RAY_ADDRESS, if set, is used instead),
     'auto' joins the cluster running on this machine, host:port or ray://host:port a given one.
 
-    Used as a context manager (as extract.py does for both splits), the connection and the workers stay up
-    between runs with the same settings, so the model is loaded once per job.
+    Held (as extract.py holds it for both splits), the connection and the workers stay up between runs with the
+    same settings, so the model is loaded once per job; else a Ray it started ends with the run.
     """
 
     address: str | None = None
@@ -159,18 +160,9 @@ class RayRunner:
     _settings: object = field(default=None, init=False, repr=False)
     _released: int = field(default=0, init=False, repr=False)  # workers just stopped, their CPUs soon free
     _started_here: bool = field(default=False, init=False, repr=False)
-    _entered: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         import_ray()  # before any data is read: without Ray, say so at once
-
-    def __enter__(self):
-        self._entered = True
-        return self
-
-    def __exit__(self, *exc):
-        self._entered = False
-        self.close()
 
     def shards(self, items: int, chunk_size: int) -> int:
         """A new plan's shard count: shards of about DEFAULT_SHARD_ITEMS items, at least SHARDS_PER_WORKER per

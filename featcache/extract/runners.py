@@ -17,23 +17,34 @@ from ..settings import RUNNERS
 from .shard import RunReport, assemble_shards, progress_bar, run_shard
 
 
-class LocalRunner:
-    """The shards in order, in this process (one model, all of this machine's cores).
+class Held:
+    """A runner as a context manager, nested (extract.py holds it for both splits, pipeline.extract for one run):
+    what it keeps between runs (a loaded model, Ray) is let go when the outermost `with` ends."""
 
-    Used as a context manager (as extract.py does for both splits), it keeps the loaded model between runs with the
-    same settings, so the model is loaded (and compiled) once per job; `announce` gets a line before each load."""
-
-    def __init__(self, announce=None):
-        self.announce = announce
-        self._kept = None  # (settings but the shape hint, quantizer absent, extractor, fixed size) while entered
-        self._entered = False
+    _entered = 0  # how many `with` blocks hold it
 
     def __enter__(self):
-        self._entered = True
+        self._entered += 1
         return self
 
     def __exit__(self, *exc):
-        self._entered, self._kept = False, None
+        self._entered -= 1
+        if not self._entered:
+            self.close()
+
+
+class LocalRunner(Held):
+    """The shards in order, in this process (one model, all of this machine's cores).
+
+    Held (as extract.py holds it for both splits), it keeps the loaded model between runs with the same settings,
+    so the model is loaded (and compiled) once per job; `announce` gets a line before each load."""
+
+    def __init__(self, announce=None):
+        self.announce = announce
+        self._kept = None  # (settings but the shape hint, quantizer absent, extractor, fixed size) while held
+
+    def close(self):
+        self._kept = None
 
     def shards(self, items: int, chunk_size: int) -> int:
         """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""

@@ -55,7 +55,6 @@ class Job:
     plan: plans.Plan
     path: Path  # the cache
     cache_dir: str = ""
-    restart: bool = False
     base: dict | None = None  # the complete cache's attributes, when views are added to it
     may_skip: bool = False  # the source's unreadable items give no row (a folder's)
     quantizer: object = field(default=None, compare=False)  # int8 (local runner only)
@@ -109,7 +108,7 @@ def assemble_shards(job: Job, reader=None) -> list:
 
 def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print) -> int:
     """Shard `index` of the job's plan, read -> embed -> write, resuming its partial file; published when done. The
-    images it read and embedded.
+    images it embedded (not those skipped: before a resume, or unreadable).
 
     Runs wherever the runner puts it: `reader` (the job's source, opened here when None) and `extractor` are
     this process's. A one-shard plan writes the cache itself (its caller holds the cache's lock); a shard of
@@ -125,11 +124,10 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
         _check_engine(job.path, job.base, attrs, extractor.dim)
     files = reader.files[start:stop] if reader.may_skip else None
     with locked(target) if target != job.path else contextlib.nullcontext():
-        writer = CacheWriter(target, attrs, extractor.dim, job.views, restart=job.restart, files=files, base=job.base,
-                             features=job.features)
+        writer = CacheWriter(target, attrs, extractor.dim, job.views, files=files, base=job.base, features=job.features)
         try:
             with writer:
-                first = start + writer.next_item
+                first, committed = start + writer.next_item, writer.rows_done
                 adding = f" adding {', '.join(writer.computing)}" if job.base else ""
                 if writer.resumed:
                     log(f"resuming {writer.partial}{adding} at row {writer.rows_done} (item {first} of {stop})")
@@ -148,7 +146,7 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
             raise UserError(f"reading the {job.split} split at {reader.where} failed "
                             f"({exc.strerror or first_line(exc)}); {writer.rows_done} committed rows are kept and "
                             "the next run resumes from there") from None
-    return stop - first
+    return writer.rows_done - committed
 
 
 def _check_engine(path: Path, base: dict, attrs: dict, dim: int):

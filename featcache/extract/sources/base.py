@@ -1,14 +1,13 @@
 """What every kind of source gives stage 1: one split's images in chunks, with labels and row ids.
 
-A split reader (cifar.SplitSource, folder.FolderSplit, webdataset.TarSplit, parquet.ParquetSplit) has:
+A split reader (cifar.SplitSource; folder.FolderSplit, webdataset.TarSplit and parquet.ParquetSplit, which share
+encoded.EncodedSplit) has:
 - `rows`: items in the split; the cache gets exactly these rows unless `may_skip` (unreadable
   images are skipped while reading, so they are known only then; such a reader also names each
   item in `files` and decodes one with `decode(item)`);
 - `fingerprint`: changes whenever the split's content may have (cheap: no image is decoded);
 - `class_names`, and `image_shape`: (H, W) of (most of) its images, for compiling ahead;
 - `chunks(chunk_size, start=0, stop=None)`: Chunk objects of items [start, stop), in order;
-- `units()`: the item counts of its natural shards (a batch file, a class folder, a tar file, a Parquet
-  row group), in item order, summing to `rows`;
 - `labels_of(items)` for verifying a cache, and `attrs()`: what else the cache should record.
 """
 

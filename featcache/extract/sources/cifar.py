@@ -208,10 +208,6 @@ class SplitSource:
             if left <= 0:
                 return
 
-    def units(self) -> list[int]:
-        """Rows per batch file, in order (cut at `limit`): one pass, no pixel kept."""
-        return [len(labels) for _, labels in self.batches()]
-
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
         """Consecutive chunks of rows [start, stop) (stop None: the split's end)."""
         pending_images, pending_labels, position = [], [], 0  # position: the item after the last one pending

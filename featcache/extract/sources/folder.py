@@ -7,8 +7,8 @@ takes the first four; gray and RGBA become RGB). Other files in the class folder
 (`passed_over`). With one level only, a file goes to the test split when a seeded hash of its path falls
 below `test_fraction`: adding a file never moves the others between splits.
 
-Decoding happens chunk by chunk (never a whole split in memory), and a chunk ends early once its
-decoded images reach MAX_CHUNK_BYTES (large photos). A file that cannot be decoded
+Decoding happens chunk by chunk (never a whole split in memory), as for every source of encoded images
+(encoded.py: a chunk ends early once its decoded images reach MAX_CHUNK_BYTES). A file that cannot be decoded
 (random bytes, truncated, empty, unreadable, more than MAX_IMAGE_PIXELS by its header, which Pillow reads
 without the pixels: a decompression bomb) is skipped and reported with its reason; `strict` makes the first one
 an error instead. The fingerprint is built from
@@ -18,14 +18,9 @@ paths, sizes and modification times (one stat per file, no decoding), so confirm
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
-import io
 import os
-import re
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -33,19 +28,11 @@ import numpy as np
 
 from ...errors import UserError
 from ...settings import DEFAULT_TEST_FRACTION
-from .base import Chunk, check_split
+from .base import check_data_dir, check_split
+from .encoded import SPLIT_SEED, EncodedSplit, decode_file, kept_items, read_file
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".jxl", ".png", ".webp")  # what tf.io.decode_image reads
 IMAGE_FORMATS = "PNG/JPEG/BMP/GIF/WebP/JPEG XL"
-SPLIT_SEED = 0
-DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
-# An image whose header claims more pixels is skipped unread: Pillow's decompression-bomb error threshold (twice the
-# size it warns at), 537 MB decoded, 2.1 GB as floats; a 108 MP phone photo is within it.
-MAX_IMAGE_PIXELS = 178_956_970
-# Decoded images per chunk at most: 1,024 phone photos (12 MP) would be 37 GB, so a chunk of large images ends
-# sooner (94 such photos in one chunk peaked at 12.7 GB, docs/benchmarks.md).
-MAX_CHUNK_BYTES = 512 * 2**20
-SHAPE_PROBE_FILES = 10  # files tried to find the size to compile for ahead
 
 
 def is_image_name(name: str) -> bool:
@@ -59,12 +46,7 @@ def is_nested(root: Path) -> bool:
 
 
 def check_root(data_dir) -> Path:
-    if data_dir is None:
-        raise UserError("`dataset='folder'` needs `data_dir=PATH`: a folder of class folders of images")
-    root = Path(data_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist or is not a folder")
-    return root
+    return check_data_dir(data_dir, "folder", "a folder of class folders of images")
 
 
 def split_fraction(root: Path, asked: float | None) -> float:
@@ -80,10 +62,8 @@ def split_fraction(root: Path, asked: float | None) -> float:
     return fraction
 
 
-class FolderSplit:
+class FolderSplit(EncodedSplit):
     """One split of a class-folder tree."""
-
-    may_skip = True
 
     def __init__(self, root: Path, split: str, limit: int | None = None, test_fraction: float | None = None,
                  strict: bool = False):
@@ -92,18 +72,8 @@ class FolderSplit:
         self.nested = is_nested(self.root)
         self.test_fraction = split_fraction(self.root, test_fraction)
         self.class_names, files, labels, self.passed_over = self._scan()
-        if limit:  # a seeded subset in the same order, so it spans the classes
-            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(files))[:limit])
-            files, labels = [files[i] for i in keep], labels[keep]
-        self.files, self.labels = files, labels
-
-    @property
-    def where(self) -> str:
-        return str(self.root)
-
-    @property
-    def rows(self) -> int:
-        return len(self.files)
+        keep = kept_items(len(files), limit)
+        self.files, self.labels = [files[i] for i in keep], labels[keep]
 
     def _scan(self) -> tuple[tuple[str, ...], list[str], np.ndarray, list[str]]:
         """Class names, then each image file (relative to the root) and its label, in sorted order, and the other
@@ -150,118 +120,16 @@ class FolderSplit:
                 h.update(f"{relative}\0missing\n".encode())
         return h.hexdigest()
 
-    @functools.cached_property
-    def image_shape(self) -> tuple[int, int] | None:
-        """The first readable image's (H, W): images of a folder often share it (any size is accepted)."""
-        for item in range(min(self.rows, SHAPE_PROBE_FILES)):
-            image, _ = self.decode(item)
-            if image is not None:
-                return image.shape[:2]
-        return None
-
     def attrs(self) -> dict:
         return {"split_rule": "train/ and test/ folders" if self.nested else
                 f"seeded hash of the path (seed {SPLIT_SEED}), {self.test_fraction:g} to test"}
 
-    def labels_of(self, items: np.ndarray) -> np.ndarray:
-        return self.labels[items]
-
-    def units(self) -> list[int]:
-        """Files per class folder, in item order: a folder has no shards of its own, its classes are contiguous."""
-        return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
-
-    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        """Chunks of files [start, stop) (stop None: the split's end), each within one multiple of `chunk_size`
-        and the next (so any range starting at such a multiple is cut as the whole split is), ending early once
-        the decoded images reach MAX_CHUNK_BYTES; a chunk's unreadable files are in `skipped`. DECODE_THREADS
-        files are decoded ahead."""
-        stop = self.rows if stop is None else min(stop, self.rows)
-        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
-            lo = start
-            while lo < stop:
-                end, images, kept, skipped, size = min((lo // chunk_size + 1) * chunk_size, stop), [], [], [], 0
-                ahead = collections.deque(pool.submit(self.decode, i) for i in range(lo, min(lo + DECODE_THREADS, end)))
-                item = lo
-                while item < end and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
-                    image, reason = ahead.popleft().result()
-                    if item + len(ahead) + 1 < end:
-                        ahead.append(pool.submit(self.decode, item + len(ahead) + 1))
-                    if image is None:
-                        if self.strict:
-                            raise UserError(f"cannot read {self.root / self.files[item]}: {reason} "
-                                            "(`strict=True` stops at the first unreadable image)")
-                        skipped.append((item, reason))
-                    else:
-                        images.append(image)
-                        kept.append(item)
-                        size += image.nbytes
-                    item += 1
-                for future in ahead:  # decoded ahead past the chunk's end: the next chunk decodes them again
-                    future.cancel()
-                if len({image.shape for image in images}) == 1:
-                    images = np.stack(images)
-                kept = np.asarray(kept, np.int64)
-                yield Chunk(images, self.labels[kept], kept, skipped, stop=item)
-                lo = item
-
     def decode(self, item: int) -> tuple[np.ndarray | None, str]:
-        """(uint8 [H, W, 3], "") or (None, why it cannot be read)."""
         return decode_file(self.root / self.files[item])
 
-
-def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return None, f"unreadable file ({exc.strerror or exc})"
-    return decode_bytes(data)
-
-
-def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
-    """An image file's bytes as (uint8 [H, W, 3], "") or (None, why they cannot be read): every source of encoded
-    images (folders, tar shards, Parquet) decodes through here, under the same limits."""
-    import tensorflow as tf
-
-    if not data:
-        return None, "empty file (0 bytes)"
-    if too_large := _too_large(data):
-        return None, too_large
-    try:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-    except (tf.errors.OpError, ValueError) as exc:
-        message = re.sub(r"\s*\[Op:\w+\]", "", getattr(exc, "message", str(exc)).split("}}")[-1]).strip().splitlines()
-        return None, f"not a decodable image ({message[0][:100] if message else type(exc).__name__})"
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        return None, "image has no pixels"
-    return image, ""
-
-
-def _too_large(data: bytes) -> str:
-    """Why an image is not decoded for its size (more than MAX_IMAGE_PIXELS by its header), or ''."""
-    from PIL import Image
-
-    try:
-        size = header_size(data)
-    except Image.DecompressionBombError:  # Pillow's own limit, which MAX_IMAGE_PIXELS is
-        return f"image too large (its header states more than {MAX_IMAGE_PIXELS:,} pixels, the most decoded)"
-    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        return f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
-    return ""
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as the file's header states it, read by Pillow without decoding the pixels; None when Pillow
-    cannot read the header (the decoder then says what is wrong). Beyond Pillow's decompression-bomb limit it
-    raises PIL.Image.DecompressionBombError."""
-    from PIL import Image
-
-    # Pillow warns of images between half its limit and its limit; they are decoded here as any other.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, EOFError):  # UnidentifiedImageError is an OSError
-        return None
+    def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
+        for item in range(start, stop):
+            yield item, *read_file(self.root / self.files[item])
 
 
 def _class_folders(base: Path) -> list[str]:

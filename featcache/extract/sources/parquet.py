@@ -9,11 +9,11 @@ the label column's `ClassLabel` names when the metadata has them, else the label
 label of either split).
 
 Indexing reads each file's footer and its label column only; images are read row group by row group, a few
-rows at a time, and decoded like a class folder's files (streamed.py). Unusable files (not Parquet, without
+rows at a time, and decoded like a class folder's files (encoded.py). Unusable files (not Parquet, without
 the image or label column, of the wrong types, labels missing or outside the class list, an empty or
 missing split) are refused while indexing, before anything is written. The fingerprint is each file's size,
-modification time and footer (row groups, column chunk offsets and sizes) and the labels. A row group is a
-natural shard (`units`). pyarrow is optional (requirements-parquet.txt).
+modification time and footer (row groups, column chunk offsets and sizes) and the labels. pyarrow is optional
+(requirements-parquet.txt).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import numpy as np
 
 from ...errors import UserError, first_line
 from ...settings import IMAGE_COLUMN, LABEL_COLUMN
-from .base import Chunk, check_data_dir, check_split, split_files
-from .folder import SHAPE_PROBE_FILES, SPLIT_SEED, decode_bytes
-from .streamed import decoded_chunks
+from .base import check_data_dir, check_split, split_files
+from .encoded import EncodedSplit, kept_items, numbered_classes
 
 SUFFIX = ".parquet"
 READ_ROWS = 64  # rows of image bytes read at a time from a row group
@@ -64,10 +63,8 @@ class ParquetShard:
     summary: str
 
 
-class ParquetSplit:
+class ParquetSplit(EncodedSplit):
     """One split of a Parquet dataset: its files indexed, its rows (a seeded `limit` of them) in file order."""
-
-    may_skip = True
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False,
                  image_column: str | None = None, label_column: str | None = None):
@@ -80,10 +77,10 @@ class ParquetSplit:
         if not sum(len(shard.labels) for shard in shards):
             raise UserError(f"the {split} Parquet files in {self.root} hold no rows "
                             f"({', '.join(s.relative for s in shards[:3])}{', ...' if len(shards) > 3 else ''})")
-        if names is None:  # the label numbers, over both splits, so that both caches name the same classes
+        if names is None:
             other = "test" if split == "train" else "train"
-            labels = [s.labels for s in shards] + [self._index(p).labels for p in self._paths(other, missing_ok=True)]
-            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+            others = [self._index(path) for path in self._paths(other, missing_ok=True)]
+            names = numbered_classes([s.labels for s in shards + others])
         for shard in shards:
             if len(shard.labels) and shard.labels.max() >= len(names):
                 row = int(np.argmax(shard.labels >= len(names)))
@@ -95,22 +92,12 @@ class ParquetSplit:
             file_of.append(np.full(len(shard.labels), n, np.int64))
             row_in_file.append(np.arange(len(shard.labels), dtype=np.int64))
             group_of.append(np.repeat(np.arange(len(shard.group_rows)), shard.group_rows))
-        keep = np.arange(sum(len(s.labels) for s in shards))
-        if limit:  # a seeded subset in the same order, so it spans the classes (as a folder's)
-            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(keep))[:limit])
+        keep = kept_items(sum(len(s.labels) for s in shards), limit)
         self.file_of = np.concatenate(file_of)[keep]
         self.row_in_file = np.concatenate(row_in_file)[keep]
         self.group_of = np.concatenate(group_of)[keep].astype(np.int64)
         self.labels = np.concatenate([s.labels for s in shards])[keep]
         self.files = [f"{shards[f].relative}:{r}" for f, r in zip(self.file_of.tolist(), self.row_in_file.tolist())]
-
-    @property
-    def where(self) -> str:
-        return str(self.root)
-
-    @property
-    def rows(self) -> int:
-        return len(self.labels)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -122,37 +109,13 @@ class ParquetSplit:
         h.update(self.labels.astype("<i8").tobytes())
         return h.hexdigest()
 
-    @functools.cached_property
-    def image_shape(self) -> tuple[int, int] | None:
-        """The first readable image's (H, W)."""
-        for _, data, _ in self._blobs(0, min(self.rows, SHAPE_PROBE_FILES)):
-            if data is not None and (image := decode_bytes(data)[0]) is not None:
-                return image.shape[:2]
-        return None
-
     def attrs(self) -> dict:
         """The columns read (the key's `image_column` and `label_column` attributes record those named)."""
         return {"split_rule": f"{len(self.shards)} Parquet files",
                 "columns_read": json.dumps([self.image_column, self.label_column])}
 
-    def labels_of(self, items: np.ndarray) -> np.ndarray:
-        return self.labels[items]
-
-    def units(self) -> list[int]:
-        """Rows per row group, file after file (0 for a group the `limit` takes none from)."""
-        counts = []
-        for n, shard in enumerate(self.shards):
-            counts += np.bincount(self.group_of[self.file_of == n], minlength=len(shard.group_rows)).tolist()
-        return counts
-
-    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        stop = self.rows if stop is None else min(stop, self.rows)
-        return decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict,
-                              lambda item: f"{self.shards[self.file_of[item]].path}: row {self.row_in_file[item]}")
-
-    def decode(self, item: int) -> tuple[np.ndarray | None, str]:
-        (_, data, reason), = self._blobs(item, item + 1)
-        return decode_bytes(data) if data is not None else (None, reason)
+    def _name(self, item: int) -> str:
+        return f"{self.shards[self.file_of[item]].path}: row {self.row_in_file[item]}"
 
     # --- indexing -----------------------------------------------------------------------------------------------
 

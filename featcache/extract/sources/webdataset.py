@@ -9,10 +9,10 @@ else the label numbers (0 to the largest label of either split).
 
 Indexing reads the tar headers and the small label members with the standard library's `tarfile`; images
 are then read by offset, one member at a time, never unpacked to disk, and decoded like a class folder's
-files (streamed.py). Every way the shards cannot be used (a truncated tar, a sample without a label or
+files (encoded.py). Every way the shards cannot be used (a truncated tar, a sample without a label or
 without an image, a label outside the class list, an empty or missing split) is refused while indexing,
 before anything is written. The fingerprint is each tar's size and modification time, each sample's member
-name, offset, size and label. A tar file is a natural shard (`units`).
+name, offset, size and label.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import UserError
-from .base import Chunk, check_data_dir, check_split, split_files
-from .folder import SHAPE_PROBE_FILES, SPLIT_SEED, decode_bytes
-from .streamed import decoded_chunks
+from .base import check_data_dir, check_split, split_files
+from .encoded import EncodedSplit, kept_items, numbered_classes
 
 SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
@@ -57,20 +56,17 @@ class Shard:
     labels: np.ndarray
 
 
-class TarSplit:
+class TarSplit(EncodedSplit):
     """One split of a WebDataset: its tar shards indexed, its samples (a seeded `limit` of them) in tar order."""
-
-    may_skip = True
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False):
         check_split(split)
         self.root, self.split, self.strict = check_root(root), split, strict
         names = read_class_names(self.root)
         shards = index_split(self.root, split)
-        if names is None:  # the label numbers, over both splits, so that both caches name the same classes
+        if names is None:
             other = "test" if split == "train" else "train"
-            labels = [shard.labels for shard in shards + index_split(self.root, other, missing_ok=True)]
-            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+            names = numbered_classes([s.labels for s in shards + index_split(self.root, other, missing_ok=True)])
         else:
             for shard in shards:
                 if len(shard.labels) and shard.labels.max() >= len(names):
@@ -79,23 +75,13 @@ class TarSplit:
                                     f"the {len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)")
         self.class_names, self.shards = names, shards
         shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
-        keep = np.arange(len(shard_of))
-        if limit:  # a seeded subset in the same order, so it spans the classes (as a folder's)
-            keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(keep))[:limit])
+        keep = kept_items(len(shard_of), limit)
         self.shard_of = shard_of[keep]
         self.offsets = np.concatenate([s.offsets for s in shards])[keep]
         self.sizes = np.concatenate([s.sizes for s in shards])[keep]
         self.labels = np.concatenate([s.labels for s in shards])[keep]
         members = [(n, member) for n, s in enumerate(shards) for member in s.members]
         self.files = [f"{shards[members[i][0]].relative}:{members[i][1]}" for i in keep]
-
-    @property
-    def where(self) -> str:
-        return str(self.root)
-
-    @property
-    def rows(self) -> int:
-        return len(self.labels)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -108,36 +94,8 @@ class TarSplit:
             h.update(array.astype("<i8").tobytes())
         return h.hexdigest()
 
-    @functools.cached_property
-    def image_shape(self) -> tuple[int, int] | None:
-        """The first readable image's (H, W)."""
-        for item in range(min(self.rows, SHAPE_PROBE_FILES)):
-            image, _ = self.decode(item)
-            if image is not None:
-                return image.shape[:2]
-        return None
-
     def attrs(self) -> dict:
         return {"split_rule": f"{len(self.shards)} tar shards"}
-
-    def labels_of(self, items: np.ndarray) -> np.ndarray:
-        return self.labels[items]
-
-    def units(self) -> list[int]:
-        """Samples per tar file, in order (0 for a file the `limit` takes none from)."""
-        return np.bincount(self.shard_of, minlength=len(self.shards)).tolist()
-
-    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        stop = self.rows if stop is None else min(stop, self.rows)
-        return decoded_chunks(self._blobs(start, stop), self.labels, chunk_size, self.strict, self._name)
-
-    def decode(self, item: int) -> tuple[np.ndarray | None, str]:
-        (_, data, reason), = self._blobs(item, item + 1)
-        return decode_bytes(data) if data is not None else (None, reason)
-
-    def _name(self, item: int) -> str:
-        tar, member = self.files[item].rsplit(":", 1)
-        return f"{self.root / tar}:{member}"
 
     def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
         """(item, its image member's bytes, "") for items [start, stop), one open tar file at a time."""
