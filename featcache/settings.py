@@ -131,11 +131,12 @@ def parse_features(features, name: str = "layers") -> tuple[str, ...]:
         raise UserError(f"`{name}` must be layer names (a comma-separated string or a list), got {features!r}")
     names = [part.strip() for part in names if part.strip()]
     if not names:
-        raise UserError(f"`{name}` names no layer; see `list_layers=True` for the layers the model offers")
+        raise UserError(f"`{name}` names no layer; extract.py with `list_layers=True` lists the layers the model "
+                        "offers")
     for part in names:
         if not FEATURE_NAME.fullmatch(part):
             raise UserError(f"{part!r} in `{name}` is not a layer name (letters, digits, _ . - and an optional "
-                            "@2x2); see `list_layers=True` for the layers the model offers")
+                            "@2x2); extract.py with `list_layers=True` lists the layers the model offers")
     return tuple(dict.fromkeys(names))
 
 

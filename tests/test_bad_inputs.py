@@ -148,7 +148,8 @@ CACHE_CONTENT_DAMAGES = {
     "class names a string": (_set_attr("class_names", '"cat"'), "its class_names attribute is missing or not a list"),
     "class names empty": (_set_attr("class_names", "[]"), "its class_names attribute is missing or not a list"),
     "format version 99": (_set_attr("format_version", 99), "it was made with other format_version"),
-    "dim contradicted": (_set_attr("dim", 1000), "its embeddings rows have 16 values, its dim attribute says 1000"),
+    "dim contradicted": (_set_attr("dim", 1000),
+                         "its embeddings rows have 16 values, its dim or features attribute says 1000"),
     "fingerprint removed": (_set_attr("source_fingerprint", None), "its source_fingerprint attribute is missing"),
     "engine removed": (_set_attr("engine", None), "its engine attribute is missing"),
 }

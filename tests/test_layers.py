@@ -54,7 +54,8 @@ def test_the_layers_of_a_model_and_their_pooled_values(deep_model):
 def test_feature_names_are_checked_against_the_model_in_one_line():
     offered = [layers.LayerInfo("Relu", 18, 18, 16), layers.LayerInfo("block_1_add", 9, 9, 16)]
     layers.check_features(offered, ("Relu", "block_1_add@2x2"))
-    with pytest.raises(UserError, match=r"^the model offers no layer 'block_2_add' in layers; list_layers=True"):
+    with pytest.raises(UserError, match=r"^the model offers no layer 'block_2_add' in layers; extract.py with "
+                                        r"list_layers=True"):
         layers.check_features(offered, ("block_2_add",))
     for bad in ("Relu@3x3", "a/b", " , "):
         with pytest.raises(UserError, match="list_layers=True"):
@@ -133,8 +134,8 @@ def test_the_cli_lists_layers_and_refuses_a_name_the_model_lacks(deep_model, cif
     assert listed.stdout.startswith(f"3 layers of {deep_model.resolve()} at {SIZE} px")
     bad = run_cli("extract.py", "--data-dir", cifar_root, "--layers", "add,Relu7@2x2", "--quiet", *common)
     assert bad.returncode == 2
-    assert bad.stderr == ("Error: the model offers no layer 'Relu7@2x2' in --layers; --list-layers lists its 3 "
-                          "layers\n")
+    assert bad.stderr == ("Error: the model offers no layer 'Relu7@2x2' in --layers; extract.py with --list-layers "
+                          "lists its 3 layers\n")
     assert not (tmp_path / "cache" / "cifar10").exists() or not list((tmp_path / "cache").rglob("*.h5"))
 
 
@@ -188,7 +189,7 @@ def test_the_api_lists_layers_and_takes_them(deep_model, cifar_root, tmp_path):
 
     selection = dict(model=str(deep_model), image_size=SIZE, data_dir=cifar_root, cache_dir=tmp_path)
     assert [info.name for info in api.list_layers(**selection)] == ["Relu", "Relu6", "add"]
-    with pytest.raises(UserError, match="^the model offers no layer 'Relu7' in layers; list_layers=True lists"):
+    with pytest.raises(UserError, match="^the model offers no layer 'Relu7' in layers; extract.py with list_layers=True lists"):
         api.extract("test", layers="Relu7", engine="tensorflow", progress=False, **selection)
     done = api.extract("test", layers=["Relu"], views="plain", engine="tensorflow", progress=False, **selection)
     assert cached_features(api.load_cache("test", **selection).attrs) == {"Relu": 16}

@@ -34,7 +34,7 @@ def refuse_mixed(shards: list[Path], path: Path):
         if len(values) > 1:
             told = "; ".join(f"{value or '(none)'} in shards {_span(indices)}" for value, indices in values.items())
             raise UserError(f"the shards of {path} were made with different {name} ({told}); one cache never mixes "
-                            "them: remove the odd shards' files to build them again, or rebuild all with `force=True`")
+                            f"them: remove the odd shards' files (or all of {shards[0].parent}) to build them again")
 
 
 def _span(indices: list[int]) -> str:

@@ -119,7 +119,7 @@ class CacheWriter:
     order): the new views' (with every feature) and the new features' of its views.
     """
 
-    def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...], restart: bool = False,
+    def __init__(self, path: Path, attrs: dict, dim: int, views: tuple[str, ...],
                  checksums: bool = True, files: list[str] | None = None, base: dict | None = None,
                  features: dict[str, int] | None = None):
         self.path = Path(path)
@@ -141,7 +141,7 @@ class CacheWriter:
         self.attrs = dict(attrs, dim=dim, views=json.dumps(list(self.views)),
                           computing=json.dumps(list(self.computing)))
         if self.features:
-            self.attrs["features"] = json.dumps(self.features)
+            self.attrs["features"] = json.dumps(self.features, sort_keys=True)  # the order asked is no identity
         # Adding views: the base's record of how its rows were made stays; what differs for the new views (versions,
         # batch size, when) is recorded on their datasets.
         self.made = {k: v for k, v in self.attrs.items()
@@ -152,7 +152,6 @@ class CacheWriter:
         self.files = files
         self.rows = int(self.attrs["rows"])
         self.dim = dim
-        self.restart = restart
         self.rows_done = 0
         self.resumed = False
         self.discarded = ""  # why a partial file found here could not be resumed
@@ -173,7 +172,7 @@ class CacheWriter:
         self._close()
 
     def _open(self):
-        if self.partial.exists() and not self.restart:
+        if self.partial.exists():
             self.discarded = self._resume()
             if self.resumed:
                 return

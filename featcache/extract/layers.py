@@ -93,8 +93,8 @@ def check_features(layers: list[LayerInfo], features: tuple[str, ...], name: str
     for feature in features:
         layer, pool = split_feature(feature)
         if layer not in offered or pool not in FEATURE_POOLS:
-            raise UserError(f"the model offers no layer {feature!r} in `{name}`; `list_layers=True` lists its "
-                            f"{len(layers)} layers")
+            raise UserError(f"the model offers no layer {feature!r} in `{name}`; extract.py with `list_layers=True` "
+                            f"lists its {len(layers)} layers")
 
 
 def feature_function(model, image_size: int, features: tuple[str, ...]):

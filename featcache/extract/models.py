@@ -121,7 +121,8 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
             fixed = None
         else:
             _loaded_for_size.clear()
-            _loaded_for_size[handle] = model  # for the extraction that follows
+            if cache_dir:  # an extraction follows (a selection without a cache folder keeps nothing alive)
+                _loaded_for_size[handle] = model
     return checked_size(handle, fixed, asked or (fixed or default))
 
 

@@ -32,8 +32,7 @@ from pathlib import Path
 from ..cache.layout import partial_path
 from ..errors import UserError, first_line
 from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
-from .runners import Held
-from .shard import RunReport
+from .shard import Held, RunReport
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 CONNECT_SECONDS = 10  # how long a cluster address may take to answer

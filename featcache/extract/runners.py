@@ -14,23 +14,7 @@ from dataclasses import replace
 
 from ..errors import UserError
 from ..settings import RUNNERS
-from .shard import RunReport, assemble_shards, progress_bar, run_shard
-
-
-class Held:
-    """A runner as a context manager, nested (extract.py holds it for both splits, pipeline.extract for one run):
-    what it keeps between runs (a loaded model, Ray) is let go when the outermost `with` ends."""
-
-    _entered = 0  # how many `with` blocks hold it
-
-    def __enter__(self):
-        self._entered += 1
-        return self
-
-    def __exit__(self, *exc):
-        self._entered -= 1
-        if not self._entered:
-            self.close()
+from .shard import Held, RunReport, assemble_shards, progress_bar, run_shard
 
 
 class LocalRunner(Held):

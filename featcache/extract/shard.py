@@ -4,7 +4,8 @@
 with cache.write.CacheWriter; a thread reads and decodes the next chunk, and another commits the previous one, while
 the current one is embedded. Each finished chunk is committed, so a rerun continues inside a shard where a crashed
 run stopped. `assemble_shards` joins a plan's finished shards into the split's cache (cache/assemble.py). `Job` is
-what a process needs to run shards: small and picklable (Ray sends it to workers).
+what a process needs to run shards: small and picklable (Ray sends it to workers). `Held` is what every runner is: a
+context manager that nested `with` blocks hold.
 """
 
 from __future__ import annotations
@@ -21,13 +22,29 @@ import numpy as np
 
 from ..cache.assemble import assemble, refuse_mixed
 from ..cache.layout import CacheKey, partial_path
-from ..cache.read import attributes, cached_views, inspect, non_finite, skipped_files
+from ..cache.read import attributes, cached_features, cached_views, inspect, non_finite, skipped_files
 from ..cache.write import CacheWriteError, CacheWriter, locked
 from ..errors import UserError, first_line
 from . import models, sources
 from . import plan as plans
 from .extractor import ExtractorSettings, library_versions
 
+
+
+class Held:
+    """A runner as a context manager, nested (extract.py holds it for both splits, pipeline.extract for one run):
+    what it keeps between runs (a loaded model, Ray) is let go when the outermost `with` ends."""
+
+    _entered = 0  # how many `with` blocks hold it
+
+    def __enter__(self):
+        self._entered += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._entered -= 1
+        if not self._entered:
+            self.close()
 
 
 @dataclass
@@ -73,7 +90,10 @@ class Job:
         """Whether shard `index` of several is complete and made for this job (a folder's shard may have fewer rows
         than items: its unreadable files are skipped)."""
         expected = {k: v for k, v in self.shard_attrs(index).items() if k != "rows" or not self.may_skip}
-        return len(self.plan.shards) > 1 and inspect(self.target(index), expected).status == "complete"
+        if len(self.plan.shards) == 1 or inspect(self.target(index), expected).status != "complete":
+            return False
+        held = attributes(self.target(index))  # a shard made without some views or features asked now is made again
+        return set(self.views) <= set(cached_views(held)) and set(self.features) <= set(cached_features(held))
 
     def shard_attrs(self, index: int) -> dict:
         if len(self.plan.shards) == 1:
