@@ -133,13 +133,13 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
         click.echo(format_table(rows))
         click.echo(f"{plural(len(rows), 'run')} recorded in {runs_dir} ({time.perf_counter() - started:.1f} s in all)")
         return
-    click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
-               f"({plural(metrics['rows'], 'training row')}, {fit_length(metrics)}, "
-               f"fit in {metrics['fit_seconds']:.1f} s)")
+    click.echo(f"run recorded in {run_dir} ({time.perf_counter() - started:.1f} s in all)")
     if "val_accuracy" in metrics:
         click.echo(f"val accuracy {metrics['val_accuracy']:.4f}  val loss {metrics['val_loss']:.4f}"
                    + ("  (best of the L2 sweep; refit on all training rows)" if "sweep" in metrics else ""))
-    click.echo(f"run recorded in {run_dir} ({time.perf_counter() - started:.1f} s in all)")
+    click.echo(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
+               f"({plural(metrics['rows'], 'training row')}, {fit_length(metrics)}, "
+               f"fit in {metrics['fit_seconds']:.1f} s)")
 
 
 def fit_length(metrics: dict) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 from ..cache.layout import model_slug
 from ..errors import UserError, first_line
 from ..settings import FEATURE_POOLS, FINAL_FEATURE, split_feature
-from .models import call_kwargs, load_model, write_atomically
+from .models import call_kwargs, hand_over, load_model, write_atomically
 
 ACTIVATIONS = ("Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus")
 JOINS = ("Add", "AddV2", "ConcatV2")  # residual additions, concatenated branches (Inception)
@@ -81,7 +81,9 @@ def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announc
         pass  # none yet, or damaged: listed again
     if announce:
         announce(f"loading model {handle} to list its layers ...")
-    found = list_layers(load_model(handle), image_size)
+    model = load_model(handle)
+    found = list_layers(model, image_size)
+    hand_over(handle, model)  # the extraction that follows loads it no second time
     write_atomically(record, {"model": handle, "model_sha256": sha256, "image_size": image_size,
                               "layers": [asdict(info) for info in found]})
     return found

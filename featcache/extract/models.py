@@ -49,6 +49,12 @@ def load_model(handle: str | os.PathLike, run: str | None = None):
                         f"TF Hub cache that holds it{other}") from None
 
 
+def hand_over(handle: str, model):
+    """Keep a model loaded for something else (its input size, its layers) for the extraction that follows."""
+    _loaded_for_size.clear()
+    _loaded_for_size[os.fspath(handle)] = model
+
+
 def call_kwargs(model, image_size: int) -> dict:
     """How to call a loaded model: TF Hub models take `training`, plain SavedModels may not."""
     import tensorflow as tf
@@ -122,7 +128,7 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
         else:
             _loaded_for_size.clear()
             if cache_dir:  # an extraction follows (a selection without a cache folder keeps nothing alive)
-                _loaded_for_size[handle] = model
+                hand_over(handle, model)
     return checked_size(handle, fixed, asked or (fixed or default))
 
 

@@ -104,7 +104,8 @@ def load_run(run_dir: Path) -> RunParts:
     # Not a zip, or none at all (ValueError), a zip without a model's entries (KeyError, ValueError), an unknown layer
     # (TypeError), damaged weights (OSError).
     except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as exc:
-        why = first_line(exc, 120) if not path.is_file() or zipfile.is_zipfile(path) else "not a complete .keras archive"
+        damaged = path.is_file() and not zipfile.is_zipfile(path)
+        why = "not a complete .keras archive" if damaged else first_line(exc, 120)
         raise UserError(f"run {name}: its head.keras cannot be read ({why}); train the run again") from None
     network = load_model(key.model, run=name)
     features = parse_features(config["head"].get("features", FINAL_FEATURE))
