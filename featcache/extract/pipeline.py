@@ -111,7 +111,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if engine == DEFAULT_ENGINE:
             engine = base["engine"]  # views are added by the engine that made the others
         if (num_shards or 1) > 1:
-            raise UserError(f"views are added to the complete cache {path} in one pass; drop `num_shards`")
+            raise UserError(f"views and layers are added to the complete cache {path} in one pass; drop `num_shards`")
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
     if force and state.status != "missing":  # a rebuild keeps every view and feature the old cache holds

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache.layout import partial_path
-from ..errors import UserError
+from ..errors import UserError, plural
 
 PLAN_VERSION = 1
 
@@ -69,8 +69,8 @@ def make(items: int, count: int, chunk_size: int, fingerprint: str, selection: d
     """`count` shards of near-equal numbers of chunks."""
     chunks = -(-items // chunk_size)
     if count > chunks:
-        raise UserError(f"`num_shards` {count} is more than the split's {chunks} chunks of `chunk_size={chunk_size}` "
-                        f"(its {items} items)")
+        raise UserError(f"`num_shards` {count} is more than the split's {plural(chunks, 'chunk')} of "
+                        f"`chunk_size={chunk_size}` (its {items} items)")
     cuts = [min(chunks * i // count * chunk_size, items) for i in range(count + 1)]
     return Plan(tuple(zip(cuts[:-1], cuts[1:])), items, fingerprint, _plain(selection), chunk_size)
 

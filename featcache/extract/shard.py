@@ -24,7 +24,7 @@ from ..cache.assemble import assemble, refuse_mixed
 from ..cache.layout import CacheKey, partial_path
 from ..cache.read import attributes, cached_features, cached_views, inspect, non_finite, skipped_files
 from ..cache.write import CacheWriteError, CacheWriter, locked
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, plural
 from . import models, sources
 from . import plan as plans
 from .extractor import ExtractorSettings, library_versions
@@ -154,8 +154,9 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
                 elif writer.discarded:
                     log(f"restarting {writer.partial}{adding} from row 0: {writer.discarded}")
                 elif job.base:
-                    log(f"adding the view{'s' if len(writer.computing) > 1 else ''} {', '.join(writer.computing)} "
-                        f"to {job.path} (its {', '.join(cached_views(job.base))} views are kept)")
+                    kept = cached_views(job.base)
+                    log(f"adding {plural(len(writer.computing), 'dataset')} ({', '.join(writer.computing)}) to "
+                        f"{job.path} (its {', '.join(kept)} {'views are' if len(kept) > 1 else 'view is'} kept)")
                 if bar is not None:
                     bar.update(first - start)
                 _fill(writer, extractor, reader, job, first, stop, start, bar)
