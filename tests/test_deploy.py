@@ -335,7 +335,8 @@ def test_every_export_of_a_run_on_inner_layers_computes_its_features(features_ru
     from featcache.serve.runtimes import open_exported
 
     base, images, want = features_run
-    out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs")
+    size = [] if fmt == "saved_model" else ["--input-size", "32"]  # the images' own size: crops cut as the run cuts
+    out = run_cli("export.py", base / f"model-{fmt}", "--format", fmt, "--runs-dir", base / "runs", *size)
     assert out.returncode == 0, out.stderr
     got = open_exported(base / (f"model-{fmt}" + ("" if fmt == "saved_model" else f".{fmt}"))).probabilities(images)
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -346,7 +347,8 @@ def test_an_int8_export_of_a_run_on_inner_layers_is_quantized_and_close(features
     from featcache.serve.runtimes import open_exported
 
     base, images, want = features_run
-    out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs")
+    out = run_cli("export.py", base / "int8", "--format", "tflite", "--quantize", "int8", "--runs-dir", base / "runs",
+                  "--input-size", "32")
     assert out.returncode == 0, out.stderr
     got = open_exported(base / "int8.tflite").probabilities(images)
     assert got.shape == want.shape and np.allclose(got.sum(1), 1, atol=0.02)  # softmax in 1/256 steps
