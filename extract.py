@@ -10,12 +10,12 @@ from featcache.cli import (
     COUNT, TEXT, VIEWS_HELP, as_flags, key_to_extract, list_caches_lines, one_line_errors, selection_options,
     stopped, verbosity_options,
 )
-from featcache.errors import plural
+from featcache.errors import UserError, plural
 from featcache.extract.extractor import check_engine_options
 from featcache.extract.layers import offered_layers
 from featcache.extract.pipeline import extract, verify
 from featcache.extract.plan import shards_dir
-from featcache.extract.runners import make_runner
+from featcache.extract.runners import LocalRunner
 from featcache.process import setup_process
 from featcache.settings import (
     DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_SHARD_ITEMS, DEFAULT_VIEWS, ENGINES, RUNNERS,
@@ -101,6 +101,20 @@ def main(split, views, layers, list_layers, chunk_size, batch_size, engine, runn
                         else f"no {one_split} row was committed")
                 raise stopped(exc, kept) from None
             click.echo(result.summary(words=as_flags))
+
+
+def make_runner(name: str, ray_address=None, workers=None, verbose=False, announce=None):
+    """The runner `name` names; Ray's settings mean nothing to the local runner, so they are refused there.
+    `announce`: where the local runner says that it loads the model."""
+    if name == "local":
+        given = [f"`{param}`" for param, value in (("ray_address", ray_address), ("workers", workers))
+                 if value is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to `runner='ray'` only")
+        return LocalRunner(announce)
+    from featcache.extract.ray_runner import RayRunner
+
+    return RayRunner(address=ray_address, workers=workers, verbose=verbose)
 
 
 def print_layers(key, cache_dir, announce):

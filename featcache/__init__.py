@@ -1,3 +1,1 @@
 """featcache: extract frozen-network embeddings of an image dataset once, train heads on them in seconds."""
-
-__version__ = "0.1.0"

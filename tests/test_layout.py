@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, save_tiny_model
+from conftest import ROOT, _script_module, save_tiny_model
 from featcache import api, cli
 from featcache.extract import models, pipeline
 from featcache.cache.layout import CacheKey
 from featcache.cache.read import CacheUnusable
 from featcache.errors import UserError
-from featcache.extract.runners import make_runner
 from featcache.selection import select, select_cached
 from featcache.settings import HeadConfig
 
@@ -25,9 +24,9 @@ from featcache.settings import HeadConfig
      "--lr must be positive and finite, got -1"),
     (lambda: HeadConfig(val_split=1.0).check(), "val_split must be in [0, 1), got 1.0",
      "--val-split must be in [0, 1), got 1.0"),
-    (lambda: make_runner("local", workers=2), "workers applies to runner='ray' only",
+    (lambda: _script_module("extract.py").make_runner("local", workers=2), "workers applies to runner='ray' only",
      "--workers applies to --runner ray only"),
-    (lambda: make_runner("local", ray_address="h:1", workers=2),
+    (lambda: _script_module("extract.py").make_runner("local", ray_address="h:1", workers=2),
      "ray_address and workers apply to runner='ray' only", "--ray-address and --workers apply to --runner ray only"),
     (lambda: select(None, dataset="folder"),
      "dataset='folder' needs data_dir=PATH: a folder of class folders of images",

@@ -4,12 +4,12 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.extract import extractor, ov_engine, pipeline, quantize
+from featcache.extract import extractor, ov_engine, pipeline
 from featcache.errors import UserError
 from featcache.extract.sources import cifar
 from conftest import make_key, run_cli
 
-needs_openvino = pytest.mark.skipif(not (ov_engine.available() and quantize.nncf_available()),
+needs_openvino = pytest.mark.skipif(not (ov_engine.available() and ov_engine.available("nncf")),
                                     reason="OpenVINO and NNCF are optional (requirements-openvino.txt)")
 
 
@@ -89,7 +89,7 @@ def test_bf16_without_native_support_and_int8_without_nncf_are_refused(monkeypat
     monkeypatch.setattr(openvino, "Core", CpuWithoutBf16)
     with pytest.raises(UserError, match="needs a CPU with native bf16"):
         extractor.resolve_engine("auto", "bf16")
-    monkeypatch.setattr(quantize, "nncf_available", lambda: False)
+    monkeypatch.setattr(ov_engine, "available", lambda package="openvino": package != "nncf")
     with pytest.raises(UserError, match="needs NNCF"):
         extractor.resolve_engine("openvino", "int8")
 

@@ -1,6 +1,7 @@
 """Stage 1 as shards: the plan, one shard per process (a job array), assembly, provenance, kills."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
+from featcache.cache.layout import partial_path
+from featcache.cache.write import locked
 from featcache.errors import UserError
-from featcache.extract import extractor, pipeline, plan, shard
+from featcache.extract import extractor, pipeline, plan, runners, shard
 from conftest import KILL_POINT, ROOT, make_key, run_cli
 from test_folder import write_tree
 
@@ -126,9 +129,9 @@ def test_assembly_refuses_shards_of_other_versions_in_one_line(tiny_model, cifar
     for index in range(SHARDS - 1):
         _shard(tiny_model, cifar_root, tmp_path, index)
     real = extractor.library_versions
-    monkeypatch.setattr(shard, "library_versions", lambda: dict(real(), openvino_version="2023.0.0"))
+    monkeypatch.setattr(extractor, "library_versions", lambda: dict(real(), openvino_version="2023.0.0"))
     _shard(tiny_model, cifar_root, tmp_path, SHARDS - 1)
-    monkeypatch.setattr(shard, "library_versions", real)
+    monkeypatch.setattr(extractor, "library_versions", real)
     with pytest.raises(UserError) as error:
         pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", data_dir=cifar_root, cache_dir=tmp_path,
                          chunk_size=8, batch_size=4, engine="tensorflow", progress=False, log=lambda _: None)
@@ -145,7 +148,7 @@ def test_a_partial_shard_of_other_versions_is_restarted_saying_so(tiny_model, ci
                             timeout=300)
     assert killed.returncode == -signal.SIGKILL
     real = extractor.library_versions
-    monkeypatch.setattr(shard, "library_versions", lambda: dict(real(), tensorflow_version="2.0.0"))
+    monkeypatch.setattr(extractor, "library_versions", lambda: dict(real(), tensorflow_version="2.0.0"))
     lines = []
     _shard(tiny_model, cifar_root, tmp_path, 0, log=lines.append)
     assert any(line.startswith("restarting") and line.endswith("8 rows of it are not reused: it was made with "
@@ -254,3 +257,41 @@ def test_an_assembly_never_resumes_the_partial_file_of_a_one_pass_run(tiny_model
         _shard(tiny_model, cifar_root, tmp_path, index)
     joined = _extract(tiny_model, cifar_root, tmp_path)
     _same(joined.path, reference)
+
+
+def test_older_work_whose_writer_holds_its_lock_is_kept(tmp_path):
+    cache = tmp_path / "train.h5"
+    done, running = plan.shard_path(cache, 0, 2), partial_path(plan.shard_path(cache, 1, 2))
+    done.parent.mkdir()
+    for file, seconds in ((done, 1), (running, 2), (cache, 3)):  # both shard files older than the cache
+        file.write_bytes(b"rows")
+        os.utime(file, ns=(seconds * 10**9, seconds * 10**9))
+    with locked(plan.shard_path(cache, 1, 2)):  # shard 1's process is at work on its partial file
+        removed = plan.remove_older_work(cache)
+    assert removed.startswith("1 file older than train.h5 (00000-of-00002.h5; ") and not done.exists(), removed
+    assert running.exists()
+    assert plan.remove_older_work(cache).startswith("1 file older than train.h5 (00001-of-00002.partial.h5; ")
+    assert not done.parent.exists()
+
+
+def test_the_progress_bar_starts_at_the_rows_resumed(tiny_model, cifar_root, tmp_path, monkeypatch):
+    writes, write = [], shard.CacheWriter.write
+    monkeypatch.setattr(shard.CacheWriter, "write", lambda *args: _killed() if writes.append(1) or len(writes) == 3
+                        else write(*args))  # interrupted at the third chunk: two committed
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, tmp_path)
+    monkeypatch.undo()
+    bars = []
+    monkeypatch.setattr(runners, "progress_bar", lambda *args: bars.append(shard.progress_bar(*args)) or bars[-1])
+    resumed = _extract(tiny_model, cifar_root, tmp_path, progress=True)
+    (bar,) = bars
+    assert (bar.initial, bar.n, resumed.processed) == (16, 120, 104)  # the rate counts only the rows embedded now
+
+
+def test_a_join_says_assembled_once(tiny_model, cifar_root, tmp_path):
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    lines = []
+    joined = _extract(tiny_model, cifar_root, tmp_path, log=lines.append)
+    said = [line.split(":")[0] for line in lines + joined.summary().splitlines() if line.startswith("assembl")]
+    assert said == [f"assembling 4 shards into {joined.path}", "assembled"], said

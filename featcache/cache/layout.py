@@ -32,6 +32,7 @@ from ..settings import (
 
 FORMAT_VERSION = 2  # 2: views are added to a file, no longer part of its key
 TOOL = "featcache"
+TOOL_VERSION = "0.1.0"  # recorded in every cache file it writes (`tool_version`)
 CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.

@@ -22,7 +22,7 @@ from ..settings import (
     DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, FINAL_FEATURE,
     PRECISIONS, default_batch_size,
 )
-from .models import checked_size, fixed_input_size, identity, load_model
+from .models import checked_size, fixed_input_size, identity, load_model, record_input_size
 from .preprocess import center_square, preprocess_static, preprocess_views, view_images
 
 # Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2, so a large photo goes alone instead
@@ -125,6 +125,10 @@ class ExtractorSettings:
                   if name not in ("model", "model_sha256")}
         return Extractor(model, **fields, quantizer=quantizer, log=log, threads=threads), fixed
 
+    def record_input_size(self, fixed: int | None, cache_dir):
+        """Keep the input size the loaded model fixes (`build`'s second answer) under `<cache_dir>/models/`."""
+        record_input_size(fixed, self.model, self.model_sha256, cache_dir)
+
 
 @dataclass
 class Extractor:
@@ -179,6 +183,12 @@ class Extractor:
                 self.engine = "tensorflow"
                 if not self._asked_batch_size:
                     self.batch_size = default_batch_size(self.engine, gpu=False)
+
+    def provenance(self) -> dict:
+        """What a cache records about what computed its vectors: engine, batch size, library versions, and an int8
+        network's calibration."""
+        return dict(engine=self.engine, batch_size=self.batch_size, **library_versions(),
+                    **(self.quantizer.describe() if self.quantizer else {}))
 
     @property
     def model_name(self) -> str:

@@ -28,12 +28,10 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from ..cache.layout import model_slug
 from ..errors import UserError, first_line
 from ..settings import FEATURE_POOLS, FINAL_FEATURE, split_feature
-from .models import call_kwargs, hand_over, load_model, write_atomically
+from .models import call_kwargs, hand_over, load_model, record_path, write_atomically
 
 ACTIVATIONS = ("Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus")
 JOINS = ("Add", "AddV2", "ConcatV2")  # residual additions, concatenated branches (Inception)
@@ -57,12 +55,10 @@ class LayerInfo:
         return f"{self.height} x {self.width} x {self.channels}"
 
 
-def feature_dim(info, feature: str) -> int:
-    """Values per row of `feature`: `info` is that layer's LayerInfo, or a model's list of them."""
+def feature_dim(layers: list[LayerInfo], feature: str) -> int:
+    """Values per row of `feature`, of a layer among the model's `layers`."""
     layer, pool = split_feature(feature)
-    if not isinstance(info, LayerInfo):
-        info = next(one for one in info if one.name == layer)
-    return info.channels * FEATURE_POOLS[pool]
+    return next(info.channels for info in layers if info.name == layer) * FEATURE_POOLS[pool]
 
 
 def list_layers(model, image_size: int) -> list[LayerInfo]:
@@ -74,7 +70,7 @@ def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announc
     """The layers model `handle` offers for `image_size` px images: as recorded under `<cache_dir>/models/`, else
     listed from the loaded model and recorded (so that checking layer names costs a model load once). `announce`
     gets a line before a load."""
-    record = Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}-{image_size}px-layers.json"
+    record = record_path(handle, sha256, cache_dir, f"-{image_size}px-layers")
     try:
         return [LayerInfo(**entry) for entry in json.loads(record.read_text())["layers"]]
     except (OSError, ValueError, KeyError, TypeError):

@@ -142,7 +142,7 @@ def checked_size(handle: str, fixed: int | None, size: int) -> int:
 def record_input_size(fixed: int | None, handle: str, sha256: str, cache_dir) -> int | None:
     """Keep a model's fixed input size (or None) under `<cache_dir>/models/` for the next selection."""
     if cache_dir:
-        write_atomically(_record(handle, sha256, cache_dir),
+        write_atomically(record_path(handle, sha256, cache_dir),
                           {"model": handle, "model_sha256": sha256, "fixed_input_size": fixed})
     return fixed
 
@@ -152,15 +152,16 @@ def recorded_input_size(handle: str, sha256: str, cache_dir) -> tuple[bool, int 
     record (cut short, not JSON, a size that is not a positive whole number) counts as none: the model is
     loaded again and the record rewritten."""
     try:
-        fixed = json.loads(_record(handle, sha256, cache_dir).read_text())["fixed_input_size"]
+        fixed = json.loads(record_path(handle, sha256, cache_dir).read_text())["fixed_input_size"]
     except (OSError, ValueError, KeyError, TypeError):
         return False, None
     usable = fixed is None or (type(fixed) is int and fixed > 0)
     return usable, fixed if usable else None
 
 
-def _record(handle: str, sha256: str, cache_dir) -> Path:
-    return Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}.json"
+def record_path(handle: str, sha256: str, cache_dir, what: str = "") -> Path:
+    """Where what is learnt about a model (`what`: '' its input size, else a suffix) is kept under `<cache_dir>`."""
+    return Path(cache_dir) / "models" / f"{model_slug(handle, sha256)}{what}.json"
 
 
 def write_atomically(path: Path, content: dict):

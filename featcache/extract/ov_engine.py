@@ -20,11 +20,13 @@ from ..errors import UserError
 from ..settings import DEFAULT_PRECISION
 
 INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; the faster extraction engine on CPUs)"
+NNCF_HINT = "pip install -r requirements-openvino.txt  (OpenVINO and NNCF)"
 
 
-def available() -> bool:
+def available(package: str = "openvino") -> bool:
+    """Whether OpenVINO (or NNCF, `package='nncf'`, which int8 needs) is installed."""
     try:
-        import openvino  # noqa: F401
+        __import__(package)
     except ImportError:
         return False
     return True
@@ -41,10 +43,8 @@ def conversion_errors() -> tuple[type[BaseException], ...]:
 
 def check_precision(precision: str):
     """bf16 only where the CPU computes it natively (else OpenVINO would emulate or ignore it); int8 needs NNCF."""
-    from . import quantize
-
-    if precision == "int8" and not quantize.nncf_available():
-        raise UserError(f"`precision='int8'` needs NNCF: {quantize.NNCF_HINT}")
+    if precision == "int8" and not available("nncf"):
+        raise UserError(f"`precision='int8'` needs NNCF: {NNCF_HINT}")
     if precision != "bf16":
         return
     import openvino as ov

@@ -15,9 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from .. import __version__
-from ..cache.layout import CacheKey, partial_path
+from ..cache.layout import TOOL_VERSION, CacheKey, partial_path
 from ..cache.read import attributes, cached_features, cached_views, check_contents, inspect, skipped_files
 from ..cache.write import locked, remove_unneeded_partial
 from ..errors import UserError, first_line, in_python
@@ -138,19 +136,18 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     driver = shard_index is None
     with contextlib.ExitStack() as held:
         held.enter_context(runner)  # the caller's `with` keeps it up between runs; else what it started stops here
-        if driver:  # locked before planning (a stale plan's shards are removed) and the slow model load
-            held.enter_context(locked(path))
         if force:  # work under way since the cache was made is resumed; older work is removed first
             own = None if driver else plans.shard_path(path, shard_index, num_shards)
-            files = None if driver else [file for file in (own, partial_path(own)) if file != path]
-            if removed := plans.remove_older_work(path, files):
+            if removed := plans.remove_older_work(path, own):
                 log(f"`force=True` rebuilds {path}: removed {removed}")
+        if driver:  # locked before planning (a stale plan's shards are removed) and the slow model load
+            held.enter_context(locked(path))
         plan = _plan(path, reader, expected, chunk_size, num_shards, base, force, driver, runner, log)
         count = len(plan.shards)
         if not driver and count == 1:  # the shard is the cache
             held.enter_context(locked(path))
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
-                     source=reader.where, tool_version=__version__, chunk_size=plan.chunk_size, **reader.attrs())
+                     source=reader.where, tool_version=TOOL_VERSION, chunk_size=plan.chunk_size, **reader.attrs())
         job = Job(key, split, None if data_dir is None else str(data_dir), strict, settings, views, chunk_size, attrs,
                   plan, path, str(cache_dir), base=base, may_skip=reader.may_skip, quantizer=quantizer,
                   features=features)
@@ -172,7 +169,8 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             listed = runner.assemble(job, reader)
             done, size = time.perf_counter(), path.stat().st_size / 1e9
             assembled = f"{count} shards, {size:.3f} GB in {done - joined:.2f} s ({size / (done - joined):.2f} GB/s)"
-            log(f"assembled {assembled}")
+            if run:  # else the summary says it
+                log(f"assembled {assembled}")
         else:
             listed = skipped_files(job.target(todo[0])) if reader.may_skip else []
     result = ExtractResult(path if driver else job.target(shard_index), 0, 0, done - started, skipped=listed,

@@ -10,6 +10,7 @@ end. `remove_older_work` removes the partial and shard files a complete cache ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache.layout import partial_path
+from ..cache.write import locked
 from ..errors import UserError, plural
 
 PLAN_VERSION = 1
@@ -81,26 +83,30 @@ def sizes(plan: Plan) -> str:
     return f"{counts[0]} items each" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)} items"
 
 
-def remove_older_work(cache_path: Path, files=None) -> str:
-    """Remove, of `files` (default: the cache's partial file and every shard file), those not newer than the cache
-    file: work of the build that made it (shards an assembly killed before removing them left) or of an older one,
-    which a build made after it never needs; the shards' folder goes once it holds no shard. What was removed, in
-    words ('' when nothing, or no cache file)."""
+def remove_older_work(cache_path: Path, shard: Path | None = None) -> str:
+    """Remove the cache's partial file and every shard file (with `shard`: that shard's file and its partial) not
+    newer than the cache file: work of the build that made it (shards an assembly killed before removing them left)
+    or of an older one, which a build made after it never needs. A file whose writer is at work (holds its lock) is
+    kept; the shards' folder goes once it holds no shard. What was removed, in words ('' when nothing, or no cache
+    file)."""
     if not cache_path.exists():
         return ""
     published, folder = cache_path.stat().st_mtime_ns, shards_dir(cache_path)
-    files = [partial_path(cache_path)] + sorted(folder.glob("*.h5")) if files is None else files
-    older = [file for file in files if file.exists() and file.stat().st_mtime_ns <= published]
+    files = ([partial_path(cache_path)] + sorted(folder.glob("*.h5")) if shard is None
+             else [file for file in (shard, partial_path(shard)) if file != cache_path])
+    older, size = [], 0
+    for file in files:
+        with contextlib.suppress(UserError), locked(file.with_name(file.name.replace(".partial.h5", ".h5"))):
+            if file.exists() and file.stat().st_mtime_ns <= published:  # its writer's lock held: looked at again
+                size += file.stat().st_size
+                file.unlink()
+                older.append(file)
     if not older:
         return ""
-    size = sum(file.stat().st_size for file in older)
-    for file in older:
-        file.unlink()
     if folder.is_dir() and not list(folder.glob("*.h5")):
         shutil.rmtree(folder)
     names = ", ".join(file.name for file in older[:3]) + (f" and {len(older) - 3} more" if len(older) > 3 else "")
-    plural = "s" if len(older) > 1 else ""
-    return f"{len(older)} file{plural} older than {cache_path.name} ({names}; {size / 1e9:.3f} GB)"
+    return f"{plural(len(older), 'file')} older than {cache_path.name} ({names}; {size / 1e9:.3f} GB)"
 
 
 def _plain(selection: dict) -> dict:

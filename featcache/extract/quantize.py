@@ -24,15 +24,6 @@ from .preprocess import center_square, crop_shape, view_images
 RECIPE = "q2"  # names how the model is quantized (below); part of the saved model's file name
 # CPU classes (cpu.int8_class) on which int8's accuracy cost against f32 was measured (README, Results).
 MEASURED_CLASSES = ("avx512-vnni", "avx2")
-NNCF_HINT = "pip install -r requirements-openvino.txt  (OpenVINO and NNCF)"
-
-
-def nncf_available() -> bool:
-    try:
-        import nncf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class CalibrationUnusable(UserError):

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.layout import partial_path
 from ..errors import UserError, first_line
 from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
 from .shard import Held, RunReport
@@ -60,8 +59,6 @@ class ShardWorker:
     def __init__(self, settings, threads: int | None):
         import ray
 
-        from .extractor import library_versions
-
         self.place = {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                       "pid": os.getpid()}
         self.notes: list[str] = []
@@ -78,13 +75,11 @@ class ShardWorker:
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported, with its node, by info()
             self.error = first_line(exc) if not isinstance(exc, UserError) else exc.template
         self.load_seconds = time.perf_counter() - started
-        self.versions = library_versions()
 
     def info(self) -> dict:
-        extractor = self.extractor
         return dict(self.place, error=self.error, notes=self.notes, load_seconds=self.load_seconds,
-                    fixed_input_size=self.fixed_input_size, versions=self.versions,
-                    engine=extractor and extractor.engine, batch_size=extractor and extractor.batch_size)
+                    fixed_input_size=self.fixed_input_size,
+                    provenance=self.extractor.provenance() if self.extractor else {})
 
     def run(self, job, index: int) -> dict:
         """Run shard `index` of `job`: (images embedded, seconds, this process's pid)."""
@@ -170,7 +165,7 @@ class RayRunner(Held):
         wanted = max(math.ceil(items / DEFAULT_SHARD_ITEMS), SHARDS_PER_WORKER * (self.workers or max(slots, 1)))
         return min(wanted, math.ceil(items / chunk_size))
 
-    def run(self, job, indices, log=print, progress=True, reader=None) -> RunReport:
+    def run(self, job, indices, log, progress, reader) -> RunReport:
         from .shard import progress_bar
 
         ray = import_ray()
@@ -196,52 +191,40 @@ class RayRunner(Held):
             failed = False
             return run
         finally:  # an error or Ctrl-C stops the work this job started at once
-            if failed or not self._entered:
+            if failed:
                 self.close()
 
     def _schedule(self, ray, job, pending: collections.deque, bar) -> int:
         """Give each idle worker the next shard until all are done; the images embedded."""
         running, processed = {}, 0  # result ref -> (worker, shard index)
-        changed, last = time.monotonic(), {}
         while pending or running:
             for worker in self._pool:
                 if pending and worker not in [w for w, _ in running.values()]:
                     index = pending.popleft()
                     running[worker.actor.run.remote(job, index)] = worker, index
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
-            for ref in ready:
-                worker, index = running.pop(ref)
-                try:
-                    out = ray.get(ref, timeout=POLL_SECONDS)
-                except ray.exceptions.RayError as exc:
-                    raise UserError(f"shard {index} failed on ray worker {worker.index} on node {worker.node[:8]} "
-                                    f"({worker.ip}): {_cause(exc)}; finished shards and committed rows are kept, "
-                                    "a rerun resumes from them") from None
-                processed += self._finished(worker, out)
-                bar.update(job.plan.shards[index][1] - job.plan.shards[index][0])
-            now = {index: _mtime(partial_path(job.target(index))) for _, index in running.values()}
-            if ready or now != last:
-                changed, last = time.monotonic(), now
-            elif time.monotonic() - changed > STALL_SECONDS:
-                raise UserError(f"no shard committed a chunk in {STALL_SECONDS} s (shards "
-                                f"{', '.join(str(index) for _, index in running.values())} in flight): the Ray "
-                                "cluster may be down or its workers hung; finished shards and committed rows are "
-                                "kept, a rerun resumes from them")
+            flight = [index for _, index in running.values()]
+            (ref,) = _wait(ray, list(running), [job.partial(index) for index in flight],
+                           f"no shard committed a chunk in {STALL_SECONDS} s (shards {', '.join(map(str, flight))} in "
+                           "flight): the Ray cluster may be down or its workers hung; finished shards and committed "
+                           "rows are kept, a rerun resumes from them")
+            worker, index = running.pop(ref)
+            try:
+                out = ray.get(ref, timeout=POLL_SECONDS)
+            except ray.exceptions.RayError as exc:
+                raise UserError(f"shard {index} failed on ray worker {worker.index} on node {worker.node[:8]} "
+                                f"({worker.ip}): {_cause(exc)}; finished shards and committed rows are kept, "
+                                "a rerun resumes from them") from None
+            processed += self._finished(worker, out)
+            bar.update(job.plan.shards[index][1] - job.plan.shards[index][0])
         return processed
 
-    def assemble(self, job, reader=None) -> list:
+    def assemble(self, job, reader) -> list:
         """Join the shards in a Ray task (no CPU reserved: it copies), so the driver reads none of their rows."""
         ray = import_ray()
         self._connect(ray)
         ref = ray.remote(num_cpus=0, max_retries=MAX_RESTARTS)(_assemble).remote(job)
-        changed, last = time.monotonic(), 0
-        while not ray.wait([ref], timeout=POLL_SECONDS)[0]:
-            now = _mtime(partial_path(job.path))
-            if now != last:
-                changed, last = time.monotonic(), now
-            elif time.monotonic() - changed > STALL_SECONDS:
-                raise UserError(f"assembling {job.path} committed nothing in {STALL_SECONDS} s: the Ray cluster may "
-                                "be down; the shards are kept, a rerun assembles them")
+        _wait(ray, [ref], [job.partial()], f"assembling {job.path} committed nothing in {STALL_SECONDS} s: the Ray "
+              "cluster may be down; the shards are kept, a rerun assembles them")
         try:
             return ray.get(ref, timeout=POLL_SECONDS)
         except ray.exceptions.RayError as exc:
@@ -295,18 +278,20 @@ class RayRunner(Held):
                 info["load_seconds"]
             if info["error"]:
                 raise UserError(f"ray worker {worker.index} on node {info['node'][:8]} ({info['ip']}): {info['error']}")
-            made = (info["engine"], info["batch_size"], info["versions"])
-            first = (infos[0]["engine"], infos[0]["batch_size"], infos[0]["versions"])
+            made, first = info["provenance"], infos[0]["provenance"]
             if made != first:
+                differ = ", ".join(f"{name} {made.get(name)} vs {first.get(name)}" for name in sorted(made | first)
+                                   if made.get(name) != first.get(name))
                 raise UserError(f"ray worker {worker.index} on node {worker.node[:8]} ({worker.ip}) would make other "
-                                f"rows than worker 0 (engine, batch size, versions: {made} vs {first}); one cache "
-                                "never mixes them: install the same libraries on every node, or pass `engine`")
+                                f"rows than worker 0 ({differ}); one cache never mixes them: install the same "
+                                "libraries on every node, or pass `engine`")
         for note in infos[0]["notes"]:
             log(note)
-        job.loaded(infos[0]["fixed_input_size"])
-        self._settings, self._engine = job.settings, infos[0]["engine"]
+        job.settings.record_input_size(infos[0]["fixed_input_size"], job.cache_dir)
+        made = infos[0]["provenance"]
+        self._settings, self._engine = job.settings, made["engine"]
         nodes = len({worker.node for worker in self._pool})
-        log(f"ray: {count} workers on {nodes} node(s), {self._engine}, batch {infos[0]['batch_size']}")
+        log(f"ray: {count} workers on {nodes} node(s), {self._engine}, batch {made['batch_size']}")
 
     def _report(self) -> list[str]:
         """Per worker shards and throughput, then images per node."""
@@ -358,9 +343,23 @@ class RayRunner(Held):
 
 
 def _assemble(job) -> list:
+    from . import sources
     from .shard import assemble_shards
 
-    return assemble_shards(job)
+    return assemble_shards(job, sources.open_split(job.key, job.split, job.data_dir, strict=job.strict))
+
+
+def _wait(ray, refs: list, files: list[Path], stalled: str) -> list:
+    """Wait for one of `refs` to be ready (the list of it) while one of `files` changes (a chunk committed); a
+    UserError `stalled` once none has for STALL_SECONDS."""
+    changed, last = time.monotonic(), None
+    while not (ready := ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)[0]):
+        now = [_mtime(file) for file in files]
+        if now != last:
+            changed, last = time.monotonic(), now
+        elif time.monotonic() - changed > STALL_SECONDS:
+            raise UserError(stalled)
+    return ready
 
 
 def _mtime(path: Path) -> int:

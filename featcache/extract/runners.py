@@ -2,9 +2,9 @@
 
 pipeline.extract plans the split and, once every shard is done, has the runner join them (`assemble`) where it runs
 them; a runner only runs the shards it is given. The local runner runs them in order in this process (one model, all
-of this machine's cores);
-`ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the same Extractor from the same
-ExtractorSettings and cut shards into the same chunks, so their caches hold the same numbers.
+of this machine's cores); `ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the
+same Extractor from the same ExtractorSettings and cut shards into the same chunks, so their caches hold the same
+numbers. extract.py's `make_runner` picks one by name.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from ..errors import UserError
-from ..settings import RUNNERS
 from .shard import Held, RunReport, assemble_shards, progress_bar, run_shard
 
 
@@ -34,13 +32,10 @@ class LocalRunner(Held):
         """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""
         return 1
 
-    def run(self, job, indices, log=print, progress=True, reader=None) -> RunReport:
-        from . import sources
-
-        reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+    def run(self, job, indices, log, progress, reader) -> RunReport:
         started = time.perf_counter()
         extractor, fixed = self._extractor(replace(job.settings, input_shape=reader.image_shape), job.quantizer, log)
-        job.loaded(fixed)
+        job.settings.record_input_size(fixed, job.cache_dir)
         run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
         bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split, progress)
         try:
@@ -59,26 +54,8 @@ class LocalRunner(Held):
         if self.announce:
             self.announce(f"loading model {settings.model} ...")
         extractor, fixed = settings.build(quantizer, log)
-        if self._entered:
-            self._kept = (same, extractor, fixed)
+        self._kept = (same, extractor, fixed)
         return extractor, fixed
 
-    def assemble(self, job, reader=None) -> list:
+    def assemble(self, job, reader) -> list:
         return assemble_shards(job, reader)
-
-
-def make_runner(name: str, ray_address: str | None = None, workers: int | None = None, verbose: bool = False,
-                announce=None):
-    """The runner `name` names; Ray's settings mean nothing to the local runner, so they are refused there.
-    `announce`: where the local runner says that it loads the model."""
-    if name not in RUNNERS:
-        raise UserError(f"unknown `runner` {name!r}; choose one of {', '.join(RUNNERS)}")
-    if name == "local":
-        given = [f"`{param}`" for param, value in (("ray_address", ray_address), ("workers", workers))
-                 if value is not None]
-        if given:
-            raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to `runner='ray'` only")
-        return LocalRunner(announce)
-    from .ray_runner import RayRunner
-
-    return RayRunner(address=ray_address, workers=workers, verbose=verbose)

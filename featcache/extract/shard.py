@@ -25,10 +25,7 @@ from ..cache.layout import CacheKey, partial_path
 from ..cache.read import attributes, cached_features, cached_views, inspect, non_finite, skipped_files
 from ..cache.write import CacheWriteError, CacheWriter, locked
 from ..errors import UserError, first_line, plural
-from . import models, sources
 from . import plan as plans
-from .extractor import ExtractorSettings, library_versions
-
 
 
 class Held:
@@ -65,7 +62,7 @@ class Job:
     split: str
     data_dir: str | None
     strict: bool
-    settings: ExtractorSettings  # its views: those computed
+    settings: object  # extractor.ExtractorSettings; its views: those computed
     views: tuple  # every view the cache holds once done
     chunk_size: int
     attrs: dict  # what every file records besides the extractor's engine, batch size and versions
@@ -77,14 +74,12 @@ class Job:
     quantizer: object = field(default=None, compare=False)  # int8 (local runner only)
     features: dict = field(default_factory=dict)  # every inner-layer feature the cache holds once done: {name: dim}
 
-    def loaded(self, fixed_input_size: int | None):
-        """Check (and record) the input size the loaded model fixes against the job's."""
-        models.checked_size(self.key.model, models.record_input_size(fixed_input_size, self.key.model,
-                                                                     self.key.model_sha256, self.cache_dir),
-                            self.key.image_size)
-
     def target(self, index: int) -> Path:
         return plans.shard_path(self.path, index, len(self.plan.shards))
+
+    def partial(self, index: int | None = None) -> Path:
+        """Where shard `index` (None: the cache, when assembled) is written until it is complete."""
+        return partial_path(self.path if index is None else self.target(index))
 
     def done(self, index: int) -> bool:
         """Whether shard `index` of several is complete and made for this job (a folder's shard may have fewer rows
@@ -102,10 +97,9 @@ class Job:
         return dict(self.attrs, rows=stop - start, shard=f"{index} of {len(self.plan.shards)}: items {start}:{stop}")
 
 
-def assemble_shards(job: Job, reader=None) -> list:
+def assemble_shards(job: Job, reader) -> list:
     """Join the complete shards into the cache, then remove them; the skipped files. Runs wherever the runner puts
-    it (`reader`, the job's source, opened here when None); the caller holds the cache's lock."""
-    reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+    it (`reader`: the job's source, opened there); the caller holds the cache's lock."""
     count = len(job.plan.shards)
     missing = [str(i) for i in range(count) if not job.done(i)]
     if missing:
@@ -120,26 +114,24 @@ def assemble_shards(job: Job, reader=None) -> list:
     try:
         listed = assemble(job.path, shards, [start for start, _ in job.plan.shards], files)
     except CacheWriteError as exc:
-        raise UserError(f"writing {partial_path(job.path)} failed ({exc.strerror}); the shards are kept and the "
+        raise UserError(f"writing {job.partial()} failed ({exc.strerror}); the shards are kept and the "
                         "next run assembles them again") from None
     shutil.rmtree(plans.shards_dir(job.path))
     return listed
 
 
-def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print) -> int:
+def run_shard(job: Job, index: int, extractor, reader, bar=None, log=print) -> int:
     """Shard `index` of the job's plan, read -> embed -> write, resuming its partial file; published when done. The
     images it embedded (not those skipped: before a resume, or unreadable).
 
-    Runs wherever the runner puts it: `reader` (the job's source, opened here when None) and `extractor` are
-    this process's. A one-shard plan writes the cache itself (its caller holds the cache's lock); a shard of
-    several writes its own file, under its own lock."""
-    reader = reader or sources.open_split(job.key, job.split, job.data_dir, strict=job.strict)
+    Runs wherever the runner puts it: `reader` (the job's source) and `extractor` are this process's. A one-shard
+    plan writes the cache itself (its caller holds the cache's lock); a shard of several writes its own file, under
+    its own lock."""
     if reader.fingerprint != job.plan.fingerprint:
         raise UserError(f"the {job.split} split at {reader.where} changed since its plan was made; run again")
     start, stop = job.plan.shards[index]
     target = job.target(index)
-    attrs = dict(job.shard_attrs(index), engine=extractor.engine, batch_size=extractor.batch_size,
-                 **library_versions(), **(job.quantizer.describe() if job.quantizer else {}))
+    attrs = dict(job.shard_attrs(index), **extractor.provenance())
     if job.base:
         _check_engine(job.path, job.base, attrs, extractor.dim)
     files = reader.files[start:stop] if reader.may_skip else None
@@ -157,8 +149,7 @@ def run_shard(job: Job, index: int, extractor, reader=None, bar=None, log=print)
                     kept = cached_views(job.base)
                     log(f"adding {plural(len(writer.computing), 'dataset')} ({', '.join(writer.computing)}) to "
                         f"{job.path} (its {', '.join(kept)} {'views are' if len(kept) > 1 else 'view is'} kept)")
-                if bar is not None:
-                    bar.update(first - start)
+                _count(bar, first - start, resumed=True)
                 _fill(writer, extractor, reader, job, first, stop, start, bar)
         except CacheWriteError as exc:  # disk full, I/O error, at any moment: committed chunks stay
             raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
@@ -262,8 +253,14 @@ def _wait(pending, bar):
         _count(bar, rows)
 
 
-def _count(bar, items: int):
-    if bar is not None:
+def _count(bar, items: int, resumed: bool = False):
+    """Count items done on the progress bar; those `resumed` (done by an earlier run) stay out of its rate."""
+    if bar is None or bar.disable:
+        return
+    if resumed:
+        bar.initial, bar.n, bar.last_print_n = bar.initial + items, bar.n + items, bar.last_print_n + items
+        bar.refresh()
+    else:
         bar.update(items)
 
 
