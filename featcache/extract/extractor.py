@@ -34,12 +34,6 @@ MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 
 MAX_OV_NETWORKS = 4
 
 
-def batch_unit(images, batch_size: int, group: int = MIXED_GROUP) -> int:
-    """How many images `Extractor.embed` takes together: cut a chunk at multiples of this and every
-    network batch stays the same (an array goes in batches, a list of mixed sizes in groups)."""
-    return max(group, batch_size) if isinstance(images, list) else batch_size
-
-
 def check_engine_options(engine: str, precision: str = DEFAULT_PRECISION):
     """Refuse an engine/precision choice that cannot run here, before any data or model is read.
 
@@ -310,7 +304,7 @@ class Extractor:
 
     def _embed_mixed(self, images: list, group: int = MIXED_GROUP) -> dict[str, np.ndarray]:
         """Images of different sizes, `group` at a time (so only a few resized images exist at once)."""
-        outputs, step = [], batch_unit(images, self.batch_size, group)
+        outputs, step = [], max(group, self.batch_size)
         for lo in range(0, len(images), step):
             chunk = images[lo : lo + step]
             views = np.concatenate([self._preprocess(image[None]).numpy() for image in chunk], axis=1)

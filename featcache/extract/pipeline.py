@@ -113,8 +113,9 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     if state.status == "bad" and not force:
         raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
     if force and state.status != "missing":  # a rebuild keeps every view and feature the old cache holds
-        views = parse_views(views + cached_views(_readable(path)))
-        features = tuple(dict.fromkeys(features + tuple(cached_features(_readable(path)))))
+        old = _readable(path)
+        views = parse_views(views + cached_views(old))
+        features = tuple(dict.fromkeys(features + tuple(cached_features(old))))
     had = cached_features(base) if base else {}
     features = dict(had, **_feature_dims(key, [f for f in features if f not in had], cache_dir, log, progress))
 

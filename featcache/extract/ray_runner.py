@@ -172,7 +172,6 @@ class RayRunner(Held):
         if job.quantizer is not None:
             raise UserError("`precision='int8'` runs with `runner='local'` only (its calibrated network is built on "
                             "the driver); use `precision='f32'` or `precision='bf16'` with `runner='ray'`")
-        failed = True
         try:
             started = time.perf_counter()
             if not self._pool or job.settings != self._settings:
@@ -181,18 +180,13 @@ class RayRunner(Held):
             run = RunReport(engine=self._engine, load_seconds=time.perf_counter() - started)
             for worker in self._pool:
                 worker.shards, worker.images, worker.busy_seconds = 0, 0, 0.0
-            bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split,
-                               progress)
-            try:
+            with progress_bar(job, indices, progress) as bar:
                 run.processed = self._schedule(ray, job, collections.deque(indices), bar)
-            finally:
-                bar.close()
-            run.report = self._report()
-            failed = False
-            return run
-        finally:  # an error or Ctrl-C stops the work this job started at once
-            if failed:
-                self.close()
+        except BaseException:  # an error or Ctrl-C stops the work this job started at once
+            self.close()
+            raise
+        run.report = self._report()
+        return run
 
     def _schedule(self, ray, job, pending: collections.deque, bar) -> int:
         """Give each idle worker the next shard until all are done; the images embedded."""
@@ -215,7 +209,7 @@ class RayRunner(Held):
                                 f"({worker.ip}): {_cause(exc)}; finished shards and committed rows are kept, "
                                 "a rerun resumes from them") from None
             processed += self._finished(worker, out)
-            bar.update(job.plan.shards[index][1] - job.plan.shards[index][0])
+            bar.update(job.items(index))
         return processed
 
     def assemble(self, job, reader) -> list:

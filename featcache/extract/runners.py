@@ -37,12 +37,9 @@ class LocalRunner(Held):
         extractor, fixed = self._extractor(replace(job.settings, input_shape=reader.image_shape), job.quantizer, log)
         job.settings.record_input_size(fixed, job.cache_dir)
         run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
-        bar = progress_bar(sum(job.plan.shards[i][1] - job.plan.shards[i][0] for i in indices), job.split, progress)
-        try:
+        with progress_bar(job, indices, progress) as bar:
             for index in indices:
                 run.processed += run_shard(job, index, extractor, reader, bar, log)
-        finally:
-            bar.close()
         return run
 
     def _extractor(self, settings, quantizer, log):

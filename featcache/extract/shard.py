@@ -74,6 +74,10 @@ class Job:
     quantizer: object = field(default=None, compare=False)  # int8 (local runner only)
     features: dict = field(default_factory=dict)  # every inner-layer feature the cache holds once done: {name: dim}
 
+    def items(self, index: int) -> int:
+        """How many items shard `index` has."""
+        return self.plan.shards[index][1] - self.plan.shards[index][0]
+
     def target(self, index: int) -> Path:
         return plans.shard_path(self.path, index, len(self.plan.shards))
 
@@ -301,8 +305,9 @@ def prefetched(items, depth: int = 1):
         thread.join()  # it stops after the item it is reading: a put, then it sees `stop`
 
 
-def progress_bar(total: int, split: str, enabled: bool):
+def progress_bar(job: Job, indices, enabled: bool):
+    """The bar of a run of shards `indices` of `job`, counting their items; closed at the end of a `with`."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc=f"extract {split}", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1)
+    return tqdm(total=sum(map(job.items, indices)), unit="img", desc=f"extract {job.split}", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
