@@ -253,16 +253,23 @@ def test_non_image_bytes_are_skipped_and_named_or_stop_a_strict_run(tmp_path):
 def test_a_tar_fingerprint_needs_no_image_and_follows_any_change(tmp_path):
     files, labels = _pictures(4)
     write_tars(tmp_path, "train", files, labels, shards=1)
-    before = webdataset.TarSplit(tmp_path, "train").fingerprint
-    assert webdataset.TarSplit(tmp_path, "train").fingerprint == before
-    seen = {before}
-    for change in (lambda: write_tars(tmp_path, "train", files, [1, 1, 2, 0], shards=1),  # labels only
-                   lambda: os.utime(tmp_path / "train-000000.tar", ns=(0, 10**18)),
-                   lambda: write_tars(tmp_path, "train", files[::-1], [1, 1, 2, 0], shards=1)):
+    _assert_fingerprint_follows(lambda: webdataset.TarSplit(tmp_path, "train").fingerprint, (
+        lambda: write_tars(tmp_path, "train", files, [1, 1, 2, 0], shards=1),  # labels only
+        lambda: os.utime(tmp_path / "train-000000.tar", ns=(0, 10**18)),
+        lambda: write_tars(tmp_path, "train", files[::-1], [1, 1, 2, 0], shards=1)))
+
+
+def _assert_fingerprint_follows(fingerprint, changes) -> str:
+    """`fingerprint()` is stable while nothing changes, and new after each of `changes`; the last one."""
+    now = fingerprint()
+    assert fingerprint() == now
+    seen = {now}
+    for change in changes:
         change()
-        now = webdataset.TarSplit(tmp_path, "train").fingerprint
+        now = fingerprint()
         assert now not in seen
         seen.add(now)
+    return now
 
 
 # --- Parquet ----------------------------------------------------------------------------------------------------
@@ -380,17 +387,11 @@ def test_without_pyarrow_parquet_is_refused_in_one_line(tmp_path, monkeypatch):
 def test_a_parquet_fingerprint_needs_no_image_and_follows_any_change(tmp_path):
     files, labels = _pictures(4)
     write_parquets(tmp_path, "train", files, labels, parts=1)
-    before = parquet.ParquetSplit(tmp_path, "train").fingerprint
-    assert parquet.ParquetSplit(tmp_path, "train").fingerprint == before
-    seen = {before}
     path = tmp_path / "data" / "train-00000-of-00001.parquet"
-    for change in (lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1),
-                   lambda: os.utime(path, ns=(0, 10**18)),
-                   lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1, row_group_size=2)):
-        change()
-        now = parquet.ParquetSplit(tmp_path, "train").fingerprint
-        assert now not in seen
-        seen.add(now)
+    now = _assert_fingerprint_follows(lambda: parquet.ParquetSplit(tmp_path, "train").fingerprint, (
+        lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1),
+        lambda: os.utime(path, ns=(0, 10**18)),
+        lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1, row_group_size=2)))
     assert parquet.ParquetSplit(tmp_path, "train", label_column="label").fingerprint == now
 
 

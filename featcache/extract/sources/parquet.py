@@ -30,7 +30,7 @@ import numpy as np
 from ...errors import UserError, first_line
 from ...settings import IMAGE_COLUMN, LABEL_COLUMN
 from .base import check_data_dir, check_split, split_files
-from .encoded import EncodedSplit, kept_items, numbered_classes
+from .encoded import EncodedSplit, check_labels, kept_items, numbered_classes
 
 SUFFIX = ".parquet"
 READ_ROWS = 64  # rows of image bytes read at a time from a row group
@@ -81,11 +81,8 @@ class ParquetSplit(EncodedSplit):
             other = "test" if split == "train" else "train"
             others = [self._index(path) for path in self._paths(other, missing_ok=True)]
             names = numbered_classes([s.labels for s in shards + others])
-        for shard in shards:
-            if len(shard.labels) and shard.labels.max() >= len(names):
-                row = int(np.argmax(shard.labels >= len(names)))
-                raise UserError(f"{shard.path}: row {row} has label {shard.labels[row]}, outside the "
-                                f"{len(names)} ClassLabel names of column {self.label_column!r}")
+        check_labels(shards, len(names), lambda shard, row: f"{shard.path}: row {row} has label {shard.labels[row]}, "
+                     f"outside the {len(names)} ClassLabel names of column {self.label_column!r}")
         self.class_names, self.shards = names, shards
         group_of, row_in_file, file_of = [], [], []
         for n, shard in enumerate(shards):

@@ -30,7 +30,7 @@ import numpy as np
 
 from ...errors import UserError
 from .base import check_data_dir, check_split, split_files
-from .encoded import EncodedSplit, kept_items, numbered_classes
+from .encoded import EncodedSplit, check_labels, kept_items, numbered_classes
 
 SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
@@ -68,11 +68,9 @@ class TarSplit(EncodedSplit):
             other = "test" if split == "train" else "train"
             names = numbered_classes([s.labels for s in shards + index_split(self.root, other, missing_ok=True)])
         else:
-            for shard in shards:
-                if len(shard.labels) and shard.labels.max() >= len(names):
-                    where = int(np.argmax(shard.labels >= len(names)))
-                    raise UserError(f"{shard.path}: {shard.members[where]}'s label {shard.labels[where]} is outside "
-                                    f"the {len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)")
+            check_labels(shards, len(names), lambda shard, row: f"{shard.path}: {shard.members[row]}'s label "
+                         f"{shard.labels[row]} is outside the {len(names)} classes of {self.root / CLASSES_FILE} "
+                         "(labels count from 0)")
         self.class_names, self.shards = names, shards
         shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
         keep = kept_items(len(shard_of), limit)
