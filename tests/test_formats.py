@@ -539,3 +539,27 @@ def test_a_layout_error_comes_before_the_model_loads_and_before_any_split_is_bui
     assert out.stderr.startswith(message) and loads == [] and not list(tmp_path.glob("cache/**/*.h5"))
     if option:
         assert "nope" in out.stderr
+
+
+@pytest.mark.parametrize("dataset", ["webdataset", "parquet"])
+def test_the_selection_s_index_serves_the_extraction_unless_a_file_changed_meanwhile(tiny_model, tmp_path,
+                                                                                     monkeypatch, dataset):
+    """Tars and Parquet files are indexed once per run: the layout check's readers go on to the extraction."""
+    from featcache.extract import sources
+    from featcache.selection import select
+
+    root = write_three_ways(tmp_path, train=6, test=3)[dataset]
+    indexed = []
+    owner, name = (webdataset, "index_tar") if dataset == "webdataset" else (parquet.ParquetSplit, "_index")
+    index = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: indexed.append(args) or index(*args))  # each file indexed
+    cache = tmp_path / "cache"
+    key = select(cache, splits=("train", "test"), dataset=dataset, data_dir=root, model=tiny_model, image_size=32,
+                 resize="bilinear")
+    assert len(indexed) == 4  # 2 files a split
+    assert _extract(key, root, cache).rows == 6 and len(indexed) == 4
+    test_file = sorted(root.rglob("test*.tar" if dataset == "webdataset" else "test*.parquet"))[0]
+    os.utime(test_file, ns=(0, 10**18))  # changed after the layout check: indexed again
+    assert _extract(key, root, cache, split="test").rows == 3 and len(indexed) == 6
+    assert sources.open_split(key, "train") is not sources.open_split(key, "train")  # nothing kept any more
+    assert len(indexed) == 10

@@ -19,24 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError
-from ...settings import SPLITS
-
-
-def check_split(split: str):
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-
-
-def check_data_dir(data_dir, dataset: str, holds: str) -> Path:
-    """The resolved data folder of a dataset read from a folder (refused when not given or not a folder)."""
-    if data_dir is None:
-        raise UserError(f"`dataset={dataset!r}` needs `data_dir=PATH`: {holds}")
-    root = Path(data_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist or is not a folder")
-    return root
-
 
 def split_files(root: Path, split: str, suffix: str) -> list[Path]:
     """A split's shard files, sorted: those in ROOT (or ROOT/data, the Hugging Face Hub's layout) whose names start
