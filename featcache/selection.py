@@ -3,6 +3,8 @@
 Stage 1 (`select`) may load the model once to learn the input size its signature fixes. Stage 2
 and the API (`select_cached`) never load a network: a size left out is the one recorded by the
 caches present for the other settings. CacheKey.chosen gives the way back: the non-default settings.
+`check_split` checks a split named through the API; `changed_since_cached` tells stage 2 whether a class folder
+changed under its caches.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ encoded.EncodedSplit) has:
 - `class_names`, and `image_shape`: (H, W) of (most of) its images, for compiling ahead;
 - `chunks(chunk_size, start=0, stop=None)`: Chunk objects of items [start, stop), in order;
 - `labels_of(items)` for verifying a cache, and `attrs()`: what else the cache should record.
+A reader trusts its split and data folder: they were checked where they entered (selection.check_split,
+sources.check_root).
 """
 
 from __future__ import annotations
