@@ -61,21 +61,10 @@ def forget_kept():
 def _stamp(root: Path) -> list:
     """Every file's name, size and modification time in ROOT, ROOT/data and their subfolders (one level): all that a
     tar or Parquet reader's index depends on (base.split_files, classes.txt), without opening a file."""
-    stamp = []
-    for folder in (root, root / "data"):
-        if folder.is_dir():
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.is_dir():
-                        stamp += _stamp_files(Path(entry.path))
-            stamp += _stamp_files(folder)
-    return stamp
-
-
-def _stamp_files(folder: Path) -> list:
-    with os.scandir(folder) as entries:
-        return sorted((entry.path, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in entries
-                      if entry.is_file())
+    tops = [top for top in (root, root / "data") if top.is_dir()]
+    folders = set(tops) | {Path(entry.path) for top in tops for entry in os.scandir(top) if entry.is_dir()}
+    return sorted((entry.path, entry.stat().st_size, entry.stat().st_mtime_ns) for folder in folders
+                  for entry in os.scandir(folder) if entry.is_file())
 
 
 def _open(key, split: str, data_dir, strict: bool):
