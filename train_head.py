@@ -13,11 +13,11 @@ from featcache.cli import (
     selection_options, stopped, verbosity_options,
 )
 from featcache.errors import UserError, plural
-from featcache.extract.sources import changed_since_cached
 from featcache.head.records import LEDGER_COLUMNS, ledger
 from featcache.head.runs import run_experiment, run_grid
 from featcache.head.tensorboard import backfill
 from featcache.process import setup_process
+from featcache.selection import changed_since_cached
 from featcache.settings import (
     COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE, MAX_PROJECTOR_POINTS, MIN_STEPS_PER_EPOCH, SCHEDULES,
     SOLVERS, HeadConfig,

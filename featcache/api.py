@@ -32,7 +32,7 @@ from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
 from .head.rows import side_by_side
 from .head.training import TrainedHead, train
-from .selection import SELECTION_NAMES, select, select_cached
+from .selection import SELECTION_NAMES, check_split, select, select_cached
 from .settings import DEFAULT_CACHE_DIR, FINAL_FEATURE, HeadConfig
 
 
@@ -61,6 +61,7 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     """Build (or resume, or confirm) one split's cache, as extract.py does. Keyword arguments: the selection
     settings above, and pipeline.extract's (views, layers, chunk_size, batch_size, engine, force, strict, progress,
     runner)."""
+    check_split(split)
     selection = _split_selection(options)
     unknown = sorted(set(options) - set(inspect.signature(extract_split).parameters) - {"data_dir", "cache_dir"})
     if unknown:
@@ -80,6 +81,7 @@ def list_layers(cache_dir=DEFAULT_CACHE_DIR, **selection) -> list[LayerInfo]:
 def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tuple[Path, list[str]]:
     """Check one split's cache against its source, as extract.py's verify option does: (its path, the problems)."""
     _only_selection("verify", selection)
+    check_split(split)
     return verify_split(select(cache_dir, **selection), split, data_dir=selection.get("data_dir"), cache_dir=cache_dir)
 
 
@@ -87,6 +89,7 @@ def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -
     """Read one complete, checked cache (settings, checksums, NaN/Inf, labels; every view it holds) without
     importing TensorFlow."""
     _only_selection("load_cache", selection)
+    check_split(split)
     key = select_cached(cache_dir, **selection)
     features, info = load_features(key, split, cache_dir, views=None)
     path = Path(info["path"])

@@ -3,21 +3,21 @@
 Stage 1 (`select`) may load the model once to learn the input size its signature fixes. Stage 2
 and the API (`select_cached`) never load a network: a size left out is the one recorded by the
 caches present for the other settings. CacheKey.chosen gives the way back: the non-default settings.
+`check_split` checks a split named through the API; `changed_since_cached` tells stage 2 whether a class folder
+changed under its caches.
 """
 
 from __future__ import annotations
 
 from .cache.layout import CacheKey
-from .cache.read import list_caches
+from .cache.read import CacheUnusable, attributes, list_caches
 from .errors import UserError
 from .extract import models, sources
-from .extract.sources import folder
 from .settings import (
     CROPS, DATASETS, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION,
-    DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, check_count, check_image_size,
+    DEFAULT_RESIZE, PRECISIONS, RESIZE_METHODS, SPLITS, check_count, check_image_size,
 )
 
-LAYOUT_CHECKED = ("webdataset", "parquet")  # datasets whose splits `select` opens before the model may load
 # The selection parameters, in the order the command line lists them.
 SELECTION_NAMES = ("cache_dir", "dataset", "data_dir", "test_fraction", "image_column", "label_column", "model",
                    "image_size", "resize", "crop", "limit", "precision")
@@ -41,11 +41,9 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     if limit is not None:
         check_count("limit", limit, minimum=0)  # 0: the whole split, as CacheKey records it
     root, fraction = "", 0.0
-    if dataset in sources.ROOT_CHECKS:
-        path = sources.check_root(dataset, data_dir)
+    if dataset in sources.FOLDER_HOLDS:
+        path, fraction = sources.check_root(dataset, data_dir, test_fraction if dataset == "folder" else None)
         root = str(path)
-        if dataset == "folder":
-            fraction = folder.split_fraction(path, test_fraction)
     if test_fraction is not None and dataset != "folder":
         raise UserError("`test_fraction` applies to `dataset='folder'` only")
     for name, value in (("image_column", image_column), ("label_column", label_column)):
@@ -59,15 +57,22 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
 
 
+def check_split(split: str):
+    """A split named by the caller of the API (the command line offers only these)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
 def select(cache_dir, announce=None, splits=(), **settings) -> CacheKey:
     """Stage 1's key: the model's own input size when its signature fixes one (loaded once, then recorded
     under `<cache_dir>/models/`; `announce` gets a line before that load), else `image_size`, else the default.
     Tars and Parquet files are first opened for each of `splits`, so that a layout error (no files for a split,
-    a missing column) comes before any model load or extraction."""
+    a missing column) comes before any model load or extraction; their readers are kept for the extraction."""
     def size_of(key, asked):
-        if key.dataset in LAYOUT_CHECKED:
+        sources.forget_kept()
+        if key.dataset in sources.INDEXED:
             for split in splits:
-                sources.open_split(key, split)
+                sources.open_split(key, split, keep=True)
         return models.input_size(key.model, key.model_sha256, asked, DEFAULT_IMAGE_SIZE, cache_dir, announce)
 
     return _key(size_of, **settings)
@@ -92,3 +97,23 @@ def select_cached(cache_dir, **settings) -> CacheKey:
         return fixed or DEFAULT_IMAGE_SIZE
 
     return _key(size_of, **settings)
+
+
+def changed_since_cached(key: CacheKey, cache_dir) -> list[CacheUnusable]:
+    """For a class folder, each split whose cache records another fingerprint than the folder has now (files
+    added, removed or changed since it was made): the problem and its remedy (cheap, no image is read). Other
+    sources are not looked at; a missing or unreadable cache is left to whatever reads it."""
+    if key.dataset != "folder":
+        return []
+    changed = []
+    for split in SPLITS:
+        path = key.path(cache_dir, split)
+        try:
+            recorded = attributes(path).get("source_fingerprint")
+        except (OSError, KeyError, ValueError):
+            continue
+        if recorded != sources.open_split(key, split).fingerprint:
+            changed.append(CacheUnusable(f"{key.data_dir} has changed since its {split} cache was made (files added, "
+                                         "removed or modified); the head trains on the images cached then",
+                                         key, split, cache_dir, "rebuild"))
+    return changed

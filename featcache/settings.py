@@ -98,11 +98,6 @@ def views_label(views) -> str:
     return "+".join(left + parts)
 
 
-def view_dataset(view: str) -> str:
-    """The HDF5 dataset holding a view's embeddings."""
-    return "embeddings" if view == "plain" else f"embeddings_{view}"
-
-
 # --- inner-layer features: pooled activations of a layer inside the network, cached beside the views ---------
 # A feature is `<layer>` (the layer's map averaged over its height and width: C values) or `<layer>@2x2` (the map cut
 # into a 2x2 grid of cells, each averaged: 4C values); extract/layers.py names a model's layers and pools them. The
@@ -110,11 +105,6 @@ def view_dataset(view: str) -> str:
 FINAL_FEATURE = "final"
 FEATURE_POOLS = {"": 1, "2x2": 4}  # a feature name's pooling suffix (after "@") -> values per channel
 FEATURE_NAME = re.compile(r"[A-Za-z0-9_.-]+(@2x2)?")
-
-
-def feature_dataset(view: str, feature: str) -> str:
-    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
-    return view_dataset(view) + "@" + feature
 
 
 def split_feature(feature: str) -> tuple[str, str]:

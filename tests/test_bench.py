@@ -175,6 +175,19 @@ def test_formats_check_writes_three_trees_whose_caches_agree(tiny_model, cifar_r
     assert "same: True" in out
 
 
+@pytest.mark.parametrize("dataset", ["folder", "webdataset"])
+def test_source_speed_times_the_index_the_source_and_the_extraction_s_wait(tiny_model, tmp_path, dataset):
+    from test_formats import write_three_ways
+
+    root = write_three_ways(tmp_path, train=6, test=5)[dataset]
+    out = bench("source_speed", "--dataset", dataset, "--data-dir", root, "--model", tiny_model, "--image-size", 32,
+                "--engine", "tensorflow")
+    assert f"{dataset} test split of {root}: 5 items, 5 images read" in out
+    assert [row[0].split(" (")[0] for row in table_rows(out)] == [
+        "reader opened", "data-folder stamp", "source alone, pass 1", "source alone, pass 2", "extraction, tensorflow",
+        "of which waiting for chunks"]
+
+
 def test_features_memory_prints_each_stage():
     out = bench("features_memory", "--rows", 300, "--dims", "16,64", "--views", 2)
     assert "300 rows x 80 values (16+64) x 2 views:" in out

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.extract import ov_engine, pipeline
+from featcache.extract import ov_engine, pipeline, sources
 from featcache.cache import read
 from featcache.errors import UserError
 from featcache.extract.extractor import Extractor
@@ -203,7 +203,7 @@ def test_unusable_folders_are_one_line_errors(tiny_model, tmp_path, make, messag
     root = tmp_path / "images"
     make(root)
     with pytest.raises(UserError, match=message):
-        folder.FolderSplit(folder.check_root(root), "train")
+        folder.FolderSplit(sources.check_root("folder", root)[0], "train")
 
 
 def test_cli_folder_end_to_end_and_a_changed_source_is_named(tiny_model, tree, tmp_path):

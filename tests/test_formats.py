@@ -253,16 +253,23 @@ def test_non_image_bytes_are_skipped_and_named_or_stop_a_strict_run(tmp_path):
 def test_a_tar_fingerprint_needs_no_image_and_follows_any_change(tmp_path):
     files, labels = _pictures(4)
     write_tars(tmp_path, "train", files, labels, shards=1)
-    before = webdataset.TarSplit(tmp_path, "train").fingerprint
-    assert webdataset.TarSplit(tmp_path, "train").fingerprint == before
-    seen = {before}
-    for change in (lambda: write_tars(tmp_path, "train", files, [1, 1, 2, 0], shards=1),  # labels only
-                   lambda: os.utime(tmp_path / "train-000000.tar", ns=(0, 10**18)),
-                   lambda: write_tars(tmp_path, "train", files[::-1], [1, 1, 2, 0], shards=1)):
+    _assert_fingerprint_follows(lambda: webdataset.TarSplit(tmp_path, "train").fingerprint, (
+        lambda: write_tars(tmp_path, "train", files, [1, 1, 2, 0], shards=1),  # labels only
+        lambda: os.utime(tmp_path / "train-000000.tar", ns=(0, 10**18)),
+        lambda: write_tars(tmp_path, "train", files[::-1], [1, 1, 2, 0], shards=1)))
+
+
+def _assert_fingerprint_follows(fingerprint, changes) -> str:
+    """`fingerprint()` is stable while nothing changes, and new after each of `changes`; the last one."""
+    now = fingerprint()
+    assert fingerprint() == now
+    seen = {now}
+    for change in changes:
         change()
-        now = webdataset.TarSplit(tmp_path, "train").fingerprint
+        now = fingerprint()
         assert now not in seen
         seen.add(now)
+    return now
 
 
 # --- Parquet ----------------------------------------------------------------------------------------------------
@@ -380,17 +387,11 @@ def test_without_pyarrow_parquet_is_refused_in_one_line(tmp_path, monkeypatch):
 def test_a_parquet_fingerprint_needs_no_image_and_follows_any_change(tmp_path):
     files, labels = _pictures(4)
     write_parquets(tmp_path, "train", files, labels, parts=1)
-    before = parquet.ParquetSplit(tmp_path, "train").fingerprint
-    assert parquet.ParquetSplit(tmp_path, "train").fingerprint == before
-    seen = {before}
     path = tmp_path / "data" / "train-00000-of-00001.parquet"
-    for change in (lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1),
-                   lambda: os.utime(path, ns=(0, 10**18)),
-                   lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1, row_group_size=2)):
-        change()
-        now = parquet.ParquetSplit(tmp_path, "train").fingerprint
-        assert now not in seen
-        seen.add(now)
+    now = _assert_fingerprint_follows(lambda: parquet.ParquetSplit(tmp_path, "train").fingerprint, (
+        lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1),
+        lambda: os.utime(path, ns=(0, 10**18)),
+        lambda: write_parquets(tmp_path, "train", files, [1, 1, 2, 0], parts=1, row_group_size=2)))
     assert parquet.ParquetSplit(tmp_path, "train", label_column="label").fingerprint == now
 
 
@@ -538,3 +539,27 @@ def test_a_layout_error_comes_before_the_model_loads_and_before_any_split_is_bui
     assert out.stderr.startswith(message) and loads == [] and not list(tmp_path.glob("cache/**/*.h5"))
     if option:
         assert "nope" in out.stderr
+
+
+@pytest.mark.parametrize("dataset", ["webdataset", "parquet"])
+def test_the_selection_s_index_serves_the_extraction_unless_a_file_changed_meanwhile(tiny_model, tmp_path,
+                                                                                     monkeypatch, dataset):
+    """Tars and Parquet files are indexed once per run: the layout check's readers go on to the extraction."""
+    from featcache.extract import sources
+    from featcache.selection import select
+
+    root = write_three_ways(tmp_path, train=6, test=3)[dataset]
+    indexed = []
+    owner, name = (webdataset, "index_tar") if dataset == "webdataset" else (parquet.ParquetSplit, "_index")
+    index = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: indexed.append(args) or index(*args))  # each file indexed
+    cache = tmp_path / "cache"
+    key = select(cache, splits=("train", "test"), dataset=dataset, data_dir=root, model=tiny_model, image_size=32,
+                 resize="bilinear")
+    assert len(indexed) == 4  # 2 files a split
+    assert _extract(key, root, cache).rows == 6 and len(indexed) == 4
+    test_file = sorted(root.rglob("test*.tar" if dataset == "webdataset" else "test*.parquet"))[0]
+    os.utime(test_file, ns=(0, 10**18))  # changed after the layout check: indexed again
+    assert _extract(key, root, cache, split="test").rows == 3 and len(indexed) == 6
+    assert sources.open_split(key, "train") is not sources.open_split(key, "train")  # nothing kept any more
+    assert len(indexed) == 10

@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
+from featcache.cache.layout import feature_dataset
 from featcache.cache.read import cached_features, cached_views
 from featcache.errors import UserError
 from featcache.extract import layers, pipeline
-from featcache.settings import feature_dataset, parse_features
+from featcache.settings import parse_features
 from conftest import KILL_POINT, REAL_MODEL, ROOT, make_key, requires_shared, run_cli
 
 SIZE = 36  # the deep tiny model's maps: Relu 18 x 18, Relu6 and add 9 x 9 (odd: 2x2 cells share the middle row)

@@ -78,6 +78,13 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
         f"train 2 rows complete {size}, views plain")
 
 
+@pytest.mark.parametrize("call", [api.extract, api.verify, api.load_cache])
+def test_the_api_refuses_an_unknown_split_where_it_enters(tmp_path, call):
+    with pytest.raises(UserError, match=r"^unknown split 'val'; choose one of train, test$"):
+        call("val", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything is selected or written
+
+
 def test_stage_2_finds_a_non_224_cache_with_the_hub_unreachable_and_no_model_record(cifar_root, tmp_path,
                                                                                    monkeypatch):
     handle = "https://hub.invalid/fixed96/1"  # a TF Hub handle, resolved from a local hub cache in stage 1 only

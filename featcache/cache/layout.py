@@ -3,7 +3,7 @@
 Layout: `<cache_dir>/<dataset>/<model-slug>-<hash>/<settings>/<split>.h5`, so other settings always
 make another file and vectors never mix (a folder dataset's `<dataset>` names the folder and a hash
 of its path). Each file holds one float32 [N, D] dataset per view (`embeddings` for the plain view,
-`embeddings_<view>` for the others, settings.view_dataset; the `views` attribute lists them, as a
+`embeddings_<view>` for the others, view_dataset; the `views` attribute lists them, as a
 JSON list, and later runs may add views) and `labels` (int64 [N]), plus attributes naming its
 settings (the key's fields), class names, the source fingerprint, the versions that made it,
 `rows_done` and `complete`. A folder dataset's cache also holds
@@ -125,6 +125,16 @@ def model_slug(model: str, sha256: str = "") -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+def view_dataset(view: str) -> str:
+    """The HDF5 dataset holding a view's embeddings."""
+    return "embeddings" if view == "plain" else f"embeddings_{view}"
+
+
+def feature_dataset(view: str, feature: str) -> str:
+    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
+    return view_dataset(view) + "@" + feature
 
 
 def partial_path(path: Path) -> Path:

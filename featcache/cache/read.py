@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import VIEWS, feature_dataset, view_dataset, views_label
-from .layout import IDENTITY, TOOL, CacheKey, mismatches, open_h5, partial_path, plain
+from ..settings import VIEWS, views_label
+from .layout import IDENTITY, TOOL, CacheKey, feature_dataset, mismatches, open_h5, partial_path, plain, view_dataset
 
 VERIFY_BLOCK_ROWS = 10_000
 

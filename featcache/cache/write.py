@@ -45,8 +45,10 @@ import h5py
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..settings import feature_dataset, view_dataset
-from .layout import CHUNK_ROWS, IDENTITY, RESUME_IDENTITY, mismatches, open_h5, partial_path, stored_rows
+from .layout import (
+    CHUNK_ROWS, IDENTITY, RESUME_IDENTITY, feature_dataset, mismatches, open_h5, partial_path, stored_rows,
+    view_dataset,
+)
 
 
 _LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",

@@ -1,27 +1,73 @@
 """Sources of images for stage 1, one module per kind, all behind the interface in base.py.
 
 `open_split(key, split, data_dir)` is the one place that maps a cache key's dataset to its reader,
-`check_root` the one that checks the data folder of a dataset read from one; `changed_since_cached` tells stage 2
-whether a folder changed under its cache.
+`check_root` the one that checks the data folder (and a class folder's split rule) of a dataset read from one.
+
+Tars and Parquet files are indexed when opened (every header, every label read). The selection opens them to refuse
+a bad layout before any model loads (`keep=True`); the extraction that follows in the same process is handed those
+readers instead of indexing the files again, unless a file in the data folder changed meanwhile.
 """
 
 from __future__ import annotations
 
-from ...cache.read import CacheUnusable, attributes
+import os
+from pathlib import Path
+
 from ...errors import UserError
-from ...settings import DATASETS, SPLITS
 from . import cifar, folder, parquet, webdataset
 
-ROOT_CHECKS = {"folder": folder.check_root, "webdataset": webdataset.check_root, "parquet": parquet.check_root}
+# The datasets read from a data folder, and what that folder holds.
+FOLDER_HOLDS = {"folder": "a folder of class folders of images",
+                "webdataset": "a folder of tar shards (train-000000.tar, test-000000.tar)",
+                "parquet": "a folder of Parquet files (data/train-00000-of-00001.parquet, ...)"}
 
 
-def check_root(dataset: str, data_dir):
-    """The resolved data folder of a dataset read from a folder (`data_dir` is part of its cache key)."""
-    return ROOT_CHECKS[dataset](data_dir)
+def check_root(dataset: str, data_dir, test_fraction: float | None = None) -> tuple[Path, float]:
+    """The resolved data folder of a dataset read from a folder (`data_dir` is part of its cache key), refused when
+    not given or not a folder; and its share of files in the test split (folder.split_fraction; 0 for the others)."""
+    if data_dir is None:
+        raise UserError(f"`dataset={dataset!r}` needs `data_dir=PATH`: {FOLDER_HOLDS[dataset]}")
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist or is not a folder")
+    return root, folder.split_fraction(root, test_fraction) if dataset == "folder" else 0.0
 
 
-def open_split(key, split: str, data_dir=None, strict: bool = False):
-    """The reader of one split of the key's dataset (its `limit` applied)."""
+INDEXED = ("webdataset", "parquet")  # the datasets whose readers index their files when opened
+_kept: dict = {}  # (what a reader depends on in the key, split) -> (the data folder's stamp, the reader)
+
+
+def open_split(key, split: str, data_dir=None, strict: bool = False, keep: bool = False):
+    """The reader of one split of the key's dataset (its `limit` applied); the key and split are trusted (selection
+    checked them). With `keep`, a tar or Parquet reader is also kept for the next call for the same split."""
+    if key.dataset not in INDEXED or not (keep or _kept):
+        return _open(key, split, data_dir, strict)
+    kept_as = (key.dataset, key.data_dir, key.limit, key.image_column, key.label_column, split)
+    stamp, reader = _kept.pop(kept_as, (None, None))
+    now = _stamp(Path(key.data_dir))  # before indexing: a file changed while it runs is indexed again next time
+    if reader is None or stamp != now:
+        reader = _open(key, split, data_dir, strict)
+    reader.strict = strict
+    if keep:
+        _kept[kept_as] = (now, reader)
+    return reader
+
+
+def forget_kept():
+    """Drop the readers kept by `open_split(keep=True)`."""
+    _kept.clear()
+
+
+def _stamp(root: Path) -> list:
+    """Every file's name, size and modification time in ROOT, ROOT/data and their subfolders (one level): all that a
+    tar or Parquet reader's index depends on (base.split_files, classes.txt), without opening a file."""
+    tops = [top for top in (root, root / "data") if top.is_dir()]
+    folders = set(tops) | {Path(entry.path) for top in tops for entry in os.scandir(top) if entry.is_dir()}
+    return sorted((entry.path, entry.stat().st_size, entry.stat().st_mtime_ns) for folder in folders
+                  for entry in os.scandir(folder) if entry.is_file())
+
+
+def _open(key, split: str, data_dir, strict: bool):
     if key.dataset in cifar.LAYOUTS:
         layout = cifar.LAYOUTS[key.dataset]
         return cifar.SplitSource(cifar.resolve_source(data_dir, layout), split, key.limit or None, layout)
@@ -29,27 +75,5 @@ def open_split(key, split: str, data_dir=None, strict: bool = False):
         return folder.FolderSplit(key.data_dir, split, key.limit or None, key.test_fraction or None, strict=strict)
     if key.dataset == "webdataset":
         return webdataset.TarSplit(key.data_dir, split, key.limit or None, strict=strict)
-    if key.dataset == "parquet":
-        return parquet.ParquetSplit(key.data_dir, split, key.limit or None, strict=strict,
-                                    image_column=key.image_column or None, label_column=key.label_column or None)
-    raise UserError(f"unknown `dataset` {key.dataset!r}; choose one of {', '.join(DATASETS)}")
-
-
-def changed_since_cached(key, cache_dir) -> list[CacheUnusable]:
-    """For a class folder, each split whose cache records another fingerprint than the folder has now (files
-    added, removed or changed since it was made): the problem and its remedy (cheap, no image is read). CIFAR
-    archives are not looked at; a missing or unreadable cache is left to whatever reads it."""
-    if key.dataset != "folder":
-        return []
-    changed = []
-    for split in SPLITS:
-        path = key.path(cache_dir, split)
-        try:
-            recorded = attributes(path).get("source_fingerprint")
-        except (OSError, KeyError, ValueError):
-            continue
-        if recorded != open_split(key, split).fingerprint:
-            changed.append(CacheUnusable(f"{key.data_dir} has changed since its {split} cache was made (files added, "
-                                         "removed or modified); the head trains on the images cached then",
-                                         key, split, cache_dir, "rebuild"))
-    return changed
+    return parquet.ParquetSplit(key.data_dir, split, key.limit or None, strict=strict,
+                                image_column=key.image_column or None, label_column=key.label_column or None)

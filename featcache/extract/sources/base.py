@@ -9,6 +9,8 @@ encoded.EncodedSplit) has:
 - `class_names`, and `image_shape`: (H, W) of (most of) its images, for compiling ahead;
 - `chunks(chunk_size, start=0, stop=None)`: Chunk objects of items [start, stop), in order;
 - `labels_of(items)` for verifying a cache, and `attrs()`: what else the cache should record.
+A reader trusts its split and data folder: they were checked where they entered (selection.check_split,
+sources.check_root).
 """
 
 from __future__ import annotations
@@ -18,24 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from ...errors import UserError
-from ...settings import SPLITS
-
-
-def check_split(split: str):
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-
-
-def check_data_dir(data_dir, dataset: str, holds: str) -> Path:
-    """The resolved data folder of a dataset read from a folder (refused when not given or not a folder)."""
-    if data_dir is None:
-        raise UserError(f"`dataset={dataset!r}` needs `data_dir=PATH`: {holds}")
-    root = Path(data_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist or is not a folder")
-    return root
 
 
 def split_files(root: Path, split: str, suffix: str) -> list[Path]:

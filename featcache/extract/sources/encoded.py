@@ -86,6 +86,14 @@ def numbered_classes(labels: list[np.ndarray]) -> tuple[str, ...]:
     return tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
 
 
+def check_labels(shards, count: int, outside: Callable[[object, int], str]):
+    """Refuse the first label of the shards (each with `labels`) outside 0..count-1, in one line:
+    `outside(shard, its row)` names the row and the class list."""
+    for shard in shards:
+        if len(shard.labels) and shard.labels.max() >= count:
+            raise UserError(outside(shard, int(np.argmax(shard.labels >= count))))
+
+
 def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bool,
                    name_of: Callable[[int], str]) -> Iterator[Chunk]:
     """Chunks of the consecutive items `blobs` yields. A chunk ends after an item that precedes a multiple of

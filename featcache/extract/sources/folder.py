@@ -28,7 +28,6 @@ import numpy as np
 
 from ...errors import UserError
 from ...settings import DEFAULT_TEST_FRACTION
-from .base import check_data_dir, check_split
 from .encoded import SPLIT_SEED, EncodedSplit, decode_file, kept_items, read_file
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".jxl", ".png", ".webp")  # what tf.io.decode_image reads
@@ -43,10 +42,6 @@ def is_image_name(name: str) -> bool:
 def is_nested(root: Path) -> bool:
     """True when ROOT holds train/ and test/ folders (each a class-folder tree)."""
     return (root / "train").is_dir() and (root / "test").is_dir()
-
-
-def check_root(data_dir) -> Path:
-    return check_data_dir(data_dir, "folder", "a folder of class folders of images")
 
 
 def split_fraction(root: Path, asked: float | None) -> float:
@@ -67,8 +62,7 @@ class FolderSplit(EncodedSplit):
 
     def __init__(self, root: Path, split: str, limit: int | None = None, test_fraction: float | None = None,
                  strict: bool = False):
-        check_split(split)
-        self.root, self.split, self.strict = check_root(root), split, strict
+        self.root, self.split, self.strict = Path(root), split, strict
         self.nested = is_nested(self.root)
         self.test_fraction = split_fraction(self.root, test_fraction)
         self.class_names, files, labels, self.passed_over = self._scan()

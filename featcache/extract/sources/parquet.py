@@ -29,16 +29,13 @@ import numpy as np
 
 from ...errors import UserError, first_line
 from ...settings import IMAGE_COLUMN, LABEL_COLUMN
-from .base import check_data_dir, check_split, split_files
-from .encoded import EncodedSplit, kept_items, numbered_classes
+from .base import split_files
+from .encoded import EncodedSplit, check_labels, kept_items, numbered_classes
 
 SUFFIX = ".parquet"
 READ_ROWS = 64  # rows of image bytes read at a time from a row group
 HF_METADATA = b"huggingface"
 
-
-def check_root(data_dir) -> Path:
-    return check_data_dir(data_dir, "parquet", "a folder of Parquet files (data/train-00000-of-00001.parquet, ...)")
 
 
 def pyarrow_modules():
@@ -68,9 +65,8 @@ class ParquetSplit(EncodedSplit):
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False,
                  image_column: str | None = None, label_column: str | None = None):
-        check_split(split)
         self.pa, self.pq = pyarrow_modules()
-        self.root, self.split, self.strict = check_root(root), split, strict
+        self.root, self.split, self.strict = Path(root), split, strict
         paths = self._paths(split)
         self.image_column, self.label_column, names = self._columns(paths[0], image_column, label_column)
         shards = [self._index(path) for path in paths]
@@ -81,11 +77,8 @@ class ParquetSplit(EncodedSplit):
             other = "test" if split == "train" else "train"
             others = [self._index(path) for path in self._paths(other, missing_ok=True)]
             names = numbered_classes([s.labels for s in shards + others])
-        for shard in shards:
-            if len(shard.labels) and shard.labels.max() >= len(names):
-                row = int(np.argmax(shard.labels >= len(names)))
-                raise UserError(f"{shard.path}: row {row} has label {shard.labels[row]}, outside the "
-                                f"{len(names)} ClassLabel names of column {self.label_column!r}")
+        check_labels(shards, len(names), lambda shard, row: f"{shard.path}: row {row} has label {shard.labels[row]}, "
+                     f"outside the {len(names)} ClassLabel names of column {self.label_column!r}")
         self.class_names, self.shards = names, shards
         group_of, row_in_file, file_of = [], [], []
         for n, shard in enumerate(shards):

@@ -29,17 +29,14 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import UserError
-from .base import check_data_dir, check_split, split_files
-from .encoded import EncodedSplit, kept_items, numbered_classes
+from .base import split_files
+from .encoded import EncodedSplit, check_labels, kept_items, numbered_classes
 
 SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
 CLASSES_FILE = "classes.txt"
 BLOCK = 512  # tar's block: the archive ends with (at least) one block of zeros
 
-
-def check_root(data_dir) -> Path:
-    return check_data_dir(data_dir, "webdataset", "a folder of tar shards (train-000000.tar, test-000000.tar)")
 
 
 @dataclass
@@ -60,19 +57,16 @@ class TarSplit(EncodedSplit):
     """One split of a WebDataset: its tar shards indexed, its samples (a seeded `limit` of them) in tar order."""
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False):
-        check_split(split)
-        self.root, self.split, self.strict = check_root(root), split, strict
+        self.root, self.split, self.strict = Path(root), split, strict
         names = read_class_names(self.root)
         shards = index_split(self.root, split)
         if names is None:
             other = "test" if split == "train" else "train"
             names = numbered_classes([s.labels for s in shards + index_split(self.root, other, missing_ok=True)])
         else:
-            for shard in shards:
-                if len(shard.labels) and shard.labels.max() >= len(names):
-                    where = int(np.argmax(shard.labels >= len(names)))
-                    raise UserError(f"{shard.path}: {shard.members[where]}'s label {shard.labels[where]} is outside "
-                                    f"the {len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)")
+            check_labels(shards, len(names), lambda shard, row: f"{shard.path}: {shard.members[row]}'s label "
+                         f"{shard.labels[row]} is outside the {len(names)} classes of {self.root / CLASSES_FILE} "
+                         "(labels count from 0)")
         self.class_names, self.shards = names, shards
         shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
         keep = kept_items(len(shard_of), limit)
