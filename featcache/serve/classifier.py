@@ -19,9 +19,9 @@ from .run import load_run
 def build_classifier(run_dir: Path, announce=None):
     """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`; `announce`
     gets a line before the slow load (load_run)."""
+    parts = load_run(run_dir, announce)  # says what loads before the import of TensorFlow, itself seconds long
     import tensorflow as tf
 
-    parts = load_run(run_dir, announce)
     key = parts.key
 
     class Classifier(tf.Module):
