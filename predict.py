@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors
-from featcache.errors import UserError
+from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors, verbosity_options
+from featcache.errors import UserError, plural
 from featcache.extract.sources.folder import IMAGE_FORMATS
 from featcache.process import setup_process
 from featcache.serve.classifier import build_classifier
@@ -30,11 +30,12 @@ from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, DEFAULT_TOP_K
 @click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,
               help="Classes shown per image (at most the run's class count).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
-@click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")
+@verbosity_options
 @one_line_errors
-def main(images, run_id, runs_dir, exported, top_k, as_json, verbose):
+def main(images, run_id, runs_dir, exported, top_k, as_json, quiet, verbose):
     """Print the top classes of each image (PNG, JPEG, BMP, GIF, WebP, JPEG XL; any size); folders are expanded."""
     setup_process(verbose)
+    log = None if quiet else (lambda line: click.echo(line, err=True))
     paths = expand_paths(images)
     if not paths:
         raise UserError(f"no {IMAGE_FORMATS} files in {', '.join(images)}")
@@ -48,12 +49,14 @@ def main(images, run_id, runs_dir, exported, top_k, as_json, verbose):
     else:
         run_dir, why = resolve_run(runs_dir, run_id)
         click.echo(f"using run {run_dir.name} ({as_flags(why)})", err=True)
-        classifier = build_classifier(run_dir)
+        classifier = build_classifier(run_dir, announce=log)
         names, source = [n.decode() for n in classifier.class_names.numpy()], run_dir.name
 
         def probabilities(pixels):
             return classifier.classify(pixels)["probabilities"].numpy()
     top_k = min(top_k, len(names))
+    if log and not exported:  # the first call builds the classifier's graph: seconds for a real network
+        log(f"classifying {plural(len(paths), 'image')} ...")
     failures = 0
     for path in paths:
         try:

@@ -2,7 +2,6 @@
 """Stage 2: train a softmax head on cached embeddings, report test accuracy, record the run."""
 
 import time
-from dataclasses import replace
 
 import click
 from click.core import ParameterSource
@@ -10,7 +9,7 @@ from click.core import ParameterSource
 from featcache.cache.read import views_present
 from featcache.cli import (
     TEXT, VIEWS_HELP, NonEmptyPath, as_flags, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
-    selection_options, stopped, verbosity_options,
+    selection_options, stopped, trainable, verbosity_options,
 )
 from featcache.errors import UserError, plural
 from featcache.head.records import LEDGER_COLUMNS, ledger
@@ -117,11 +116,9 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
     tensorboard = dict(projector=projector or 0, data_dir=data_dir, note=note)
     try:
         if grid:
-            for overrides in combinations:
-                try:
-                    replace(config, **overrides).check()
-                except UserError as exc:  # a value out of range: said as the grid's
-                    raise UserError(f"--grid: {exc}") from None
+            combinations, note_skipped = trainable(config, combinations)
+            if note_skipped:
+                click.echo(note_skipped, err=True)
             rows = run_grid(key, cache_dir, runs_dir, config, combinations, log=log, **tensorboard)
         else:
             run_dir, metrics = run_experiment(key, cache_dir, runs_dir, config, sweep=sweep == "l2", log=log,

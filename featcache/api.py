@@ -24,16 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.read import attributes, load_features, load_splits, views_present
+from .cache.read import attributes, load_features
 from .errors import UserError
 from .extract.layers import LayerInfo, offered_layers
 from .extract.pipeline import ExtractResult
 from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
-from .head.rows import side_by_side
-from .head.training import TrainedHead, train
+from .head.runs import TrainedHead, train_unrecorded
 from .selection import SELECTION_NAMES, check_split, select, select_cached
-from .settings import DEFAULT_CACHE_DIR, FINAL_FEATURE, HeadConfig
+from .settings import DEFAULT_CACHE_DIR, HeadConfig
 
 
 @dataclass
@@ -104,10 +103,6 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     unknown = sorted(set(options) - set(HeadConfig().to_dict()))
     if unknown:
         raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
-    config = HeadConfig(**options).for_cached_views(views_present(key, cache_dir))
+    config = HeadConfig(**options)
     config.check()
-    names = config.feature_list
-    splits = load_splits(key, cache_dir, config.views_needed(), config.tta_view_list,
-                         tuple(name for name in names if name != FINAL_FEATURE))
-    train_split, test_split = (side_by_side(split, names) for split, _ in splits)
-    return train(train_split, test_split, config)
+    return train_unrecorded(key, cache_dir, config)

@@ -9,11 +9,12 @@ import ast
 import functools
 import itertools
 import shlex
+from dataclasses import replace
 
 import click
 
 from .cache.read import CacheUnusable, caches_present, list_caches, size_label
-from .errors import PARAMETER, UserError
+from .errors import PARAMETER, UserError, plural
 from .settings import (
     CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
@@ -26,11 +27,11 @@ VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
 
 
 def verbosity_options(func):
-    """The same --quiet/--verbose pair on extract.py, train_head.py and export.py."""
+    """The same --quiet/--verbose pair on every script."""
     func = click.option("--verbose", is_flag=True, help="Also show TensorFlow's own log lines.")(func)
     return click.option("--quiet", is_flag=True, help="No progress (extract.py: the loading lines and the bar; "
-                        "train_head.py: the epoch, L-BFGS, per-run and L2-sweep lines; export.py: the step lines); "
-                        "results, notes and errors still print.")(func)
+                        "train_head.py: the epoch, L-BFGS, per-run and L2-sweep lines; export.py: the step lines; "
+                        "predict.py: the loading lines); results, notes and errors still print.")(func)
 
 
 class CliError(click.ClickException):
@@ -105,8 +106,23 @@ def extract_command(error: CacheUnusable) -> str:
     other = next(split for split in SPLITS if split != error.split)
     neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
     split = "all" if error.views or error.layers or neither else error.split
-    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(error.key.chosen()),
+    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(_as_given(error.key)),
                                   views, layers, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
+
+
+GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)  # options the user gave
+
+
+def _as_given(key) -> dict:
+    """The settings selecting `key`'s cache, as given on this command line where they were (a CIFAR copy's
+    `data_dir` is no part of the key, yet the command must read it), in the options' order."""
+    from .selection import SELECTION_NAMES
+
+    context = click.get_current_context(silent=True)
+    given = {name: context.params[name] for name in SELECTION_NAMES if context and name in context.params
+             and name != "cache_dir" and context.get_parameter_source(name) in GIVEN}
+    chosen = {**key.chosen(), **given}
+    return {name: chosen[name] for name in SELECTION_NAMES if name in chosen}
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -251,6 +267,30 @@ def parse_grid(specs) -> list[dict]:
                             + " ".join(f"--grid {name}={value}" for value in parsed))
         axes[name] = axes.get(name, []) + [value for value in parsed if value not in axes.get(name, [])]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def trainable(config: HeadConfig, combinations: list[dict]) -> tuple[list[dict], str]:
+    """The grid's combinations a head can take over `config`, and a note naming those it cannot (such as solver=lbfgs
+    with hidden=8), which are skipped. A value no head takes even alone refuses the grid, as does a grid of which
+    no combination can be trained."""
+    kept, skipped = [], []
+    for overrides in combinations:
+        try:
+            for name, value in overrides.items():
+                replace(HeadConfig(), **{name: value}).check()
+        except UserError as exc:  # a value out of range: said as the grid's
+            raise UserError(f"--grid: {exc}") from None
+        try:
+            replace(config, **overrides).check()
+            kept.append(overrides)
+        except UserError as exc:
+            skipped.append((" ".join(f"{name}={value}" for name, value in overrides.items()), as_flags(exc.template)))
+    if not kept:
+        raise UserError(f"--grid: no combination can be trained: {skipped[0][1]}")
+    named = "; ".join(f"{combination} ({why})" for combination, why in skipped)
+    note = (f"note: --grid skips {len(skipped)} of {plural(len(combinations), 'combination')}, which no head can "
+            f"take: {named}") if skipped else ""
+    return kept, note
 
 
 GRID_KINDS = {bool: "true or false", int: "a whole number", float: "a number"}  # what a grid value must be

@@ -115,7 +115,7 @@ def split_feature(feature: str) -> tuple[str, str]:
 
 def parse_features(features, name: str = "layers") -> tuple[str, ...]:
     """Feature names given as a comma-separated string or a sequence, checked for spelling only (which layers a
-    model has is extract/layers.py's to say); in the order given, each once."""
+    model has is extract/layers.py's to say) and for a name given twice; in the order given."""
     names = features.split(",") if isinstance(features, str) else features
     if not isinstance(names, (list, tuple)) or not all(isinstance(part, str) for part in names):
         raise UserError(f"`{name}` must be layer names (a comma-separated string or a list), got {features!r}")
@@ -127,7 +127,9 @@ def parse_features(features, name: str = "layers") -> tuple[str, ...]:
         if not FEATURE_NAME.fullmatch(part):
             raise UserError(f"{part!r} in `{name}` is not a layer name (letters, digits, _ . - and an optional "
                             "@2x2); extract.py with `list_layers=True` lists the layers the model offers")
-    return tuple(dict.fromkeys(names))
+    if twice := next((part for i, part in enumerate(names) if part in names[:i]), None):
+        raise UserError(f"`{name}` names {twice} twice; name each once")
+    return tuple(names)
 
 
 # --- how stage 1 runs -----------------------------------------------------------------------------

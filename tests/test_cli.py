@@ -337,3 +337,56 @@ def test_extract_all_loads_the_model_once_and_says_what_its_first_seconds_do(tin
     assert len(loads) == 1  # the model loaded to learn its size is the one that extracts
     quiet = run_cli("extract.py", *common, "--cache-dir", tmp_path / "other", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == "" and len(builds) == 2
+
+
+def test_a_suggested_extract_command_selects_the_same_cache_with_the_data_folder_given(cifar_root, tmp_path):
+    """A CIFAR copy is not part of the cache key, yet the command must read the same one (no download)."""
+    out = run_cli("train_head.py", "--data-dir", cifar_root, "--limit", "7", "--cache-dir", tmp_path / "cache",
+                  "--runs-dir", tmp_path / "runs")
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert (f"run: python extract.py --split all --data-dir {cifar_root} --limit 7 --cache-dir {tmp_path / 'cache'}"
+            in line), line
+
+
+def test_the_grid_runs_the_possible_combinations_and_names_those_it_skips(extracted, tiny_model, tmp_path):
+    cache, _ = extracted
+    common = ["--model", tiny_model, "--image-size", "48", "--cache-dir", cache, "--epochs", "1"]
+    out = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "runs", "--val-split", "0.2",
+                  "--grid", "solver=adam,lbfgs", "--grid", "hidden=0,8")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["note: --grid skips 1 of 4 combinations, which no head can take: "
+                                       "solver=lbfgs hidden=8 (--solver lbfgs fits a linear head: it takes no "
+                                       "--hidden, --dropout or --label-smoothing)"]
+    assert len(run_dirs(tmp_path / "runs")) == 3 and "3 runs recorded" in out.stdout.splitlines()[-1]
+    table = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:2] == ["solver", "hidden"])
+    assert sorted(tuple(line.split()[:2]) for line in table[header + 1 : header + 4]) == [
+        ("adam", "0"), ("adam", "8"), ("lbfgs", "0")]
+    none = run_cli("train_head.py", *common, "--runs-dir", tmp_path / "none", "--hidden", "8", "--grid",
+                   "solver=lbfgs", "--grid", "lr=0.1,0.2")
+    assert none.returncode == 2 and none.stderr.splitlines() == [
+        "Error: --grid: no combination can be trained: --solver lbfgs fits a linear head: it takes no --hidden, "
+        "--dropout or --label-smoothing"], none.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_an_unreadable_image_under_strict_is_one_line_without_nested_parentheses(tiny_model, tmp_path):
+    import io
+
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    data = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data, "BMP")
+    (tmp_path / "data" / "cat" / "short.bmp").write_bytes(data.getvalue()[:-10])  # its decoder's message: (...)
+    out = run_cli("extract.py", "--dataset", "folder", "--data-dir", tmp_path / "data", "--model", tiny_model,
+                  "--image-size", "16", "--cache-dir", tmp_path / "cache", "--engine", "tensorflow", "--strict",
+                  "--quiet")
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    assert re.fullmatch(r"Error: cannot read \S+short\.bmp: not a decodable image: [^()]*\([^()]*\)[^()]*; --strict "
+                        r"stops at the first unreadable image", line), line

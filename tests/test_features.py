@@ -2,6 +2,7 @@
 grids over feature lists, the run's record, one-line refusals, and predict.py computing what the head was trained on."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -119,8 +120,8 @@ def test_a_grid_over_feature_lists_and_heads_records_each_run_with_its_features(
      "--grid features=final --grid features=Relu"),
     (["--features", "final,block_9@2x2"], "holds no feature block_9@2x2 (it holds Relu, Relu@2x2); run: python "
                                           "extract.py --split all"),
-    (["--grid", "features=final", "--grid", "features=Relu+block_9"], "holds no feature block_9; run: python "
-                                                                      "extract.py --split all"),
+    (["--grid", "features=final", "--grid", "features=Relu+block_9"], "holds no feature block_9 (it holds Relu, "
+                                                                      "Relu@2x2); run: python extract.py --split all"),
     (["--features", "final,Relu@3x3"], "'Relu@3x3' in --features is not a layer name"),
 ])
 def test_bad_features_are_one_line_and_record_nothing(features_caches, tmp_path, args, message):
@@ -132,3 +133,36 @@ def test_bad_features_are_one_line_and_record_nothing(features_caches, tmp_path,
         missing = message.split("holds no feature ")[1].split(" ")[0].rstrip(";")
         assert f"--layers {missing} --cache-dir {base / 'cache'}" in out.stderr
     assert not (tmp_path / "runs").exists() or not run_dirs(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train_head.py", ["--features", "final,Relu,final"], "Error: --features names final twice; name each once"),
+    ("train_head.py", ["--grid", "features=Relu,Relu+Relu@2x2+Relu"],
+     "Error: --grid: features names Relu twice; name each once"),
+    ("extract.py", ["--layers", "Relu@2x2,Relu,Relu@2x2", "--engine", "tensorflow"],
+     "Error: --layers names Relu@2x2 twice; name each once"),
+])
+def test_a_feature_named_twice_is_one_line_refusal(features_caches, tmp_path, script, args, message):
+    base, common = features_caches
+    out = run_cli(script, *common, *(["--runs-dir", tmp_path / "runs"] if script == "train_head.py" else []), *args)
+    assert out.returncode == 2 and out.stderr.splitlines() == [message], out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_head_refuses_a_feature_named_twice(features_caches, tiny_model):
+    from featcache.api import run_head
+    from featcache.errors import UserError
+
+    base, _ = features_caches
+    with pytest.raises(UserError, match="^features names final twice; name each once$"):
+        run_head(cache_dir=base / "cache", model=str(tiny_model), image_size=40, features="final,Relu,final")
+
+
+def test_the_list_of_caches_names_the_inner_layers_each_holds(features_caches):
+    base, _ = features_caches
+    listed = run_cli("extract.py", "--list", "--cache-dir", base / "cache")
+    assert listed.returncode == 0, listed.stderr
+    (line,) = listed.stdout.splitlines()
+    for split, rows in (("test", 40), ("train", 120)):
+        assert re.search(rf"{split} {rows} rows complete [0-9]+ kB, views plain\+flip\+crop-tl, features "
+                         r"Relu\+Relu@2x2(;|$)", line), line

@@ -316,7 +316,7 @@ def test_an_image_beyond_the_pixel_limit_is_skipped_before_decoding(tmp_path):
     assert folder.decode_file(bomb) == (None, f"image too large (its header states more than "
                                               f"{encoded.MAX_IMAGE_PIXELS:,} pixels, the most decoded)")
     bomb.write_bytes(_png_header(side, 1))  # within the limit: the decoder itself says what is wrong
-    assert folder.decode_file(bomb)[1].startswith("not a decodable image (")
+    assert folder.decode_file(bomb)[1].startswith("not a decodable image: ")
 
 
 def test_a_chunk_of_large_images_ends_at_the_byte_budget(tree, monkeypatch):

@@ -246,7 +246,7 @@ def test_non_image_bytes_are_skipped_and_named_or_stop_a_strict_run(tmp_path):
     chunks = list(webdataset.TarSplit(tmp_path, "train").chunks(10))
     assert chunks[0].items.tolist() == [0, 2, 3] and chunks[0].skipped[0][0] == 1
     assert chunks[0].skipped[0][1].startswith("not a decodable image")
-    with pytest.raises(UserError, match=r"cannot read .*train-000000.tar:000001.png: not a decodable image .*strict"):
+    with pytest.raises(UserError, match=r"cannot read .*train-000000.tar:000001.png: not a decodable image.*strict"):
         list(webdataset.TarSplit(tmp_path, "train", strict=True).chunks(10))
 
 
@@ -469,7 +469,7 @@ def test_a_resume_after_a_crash_gives_the_rows_of_an_uninterrupted_run(tiny_mode
     assert resumed.processed == 14 - 6 - 1  # the first two chunks were not read again; one item after is unreadable
     clean = _extract(key, root, tmp_path / "clean", chunk_size=3)
     assert resumed.rows == clean.rows == 12 and resumed.skipped == clean.skipped
-    assert [reason.split(" (")[0] for _, reason in clean.skipped] == ["empty file", "not a decodable image"]
+    assert [reason.split(" (")[0].split(":")[0] for _, reason in clean.skipped] == ["empty file", "not a decodable image"]
     with h5py.File(resumed.path, "r") as a, h5py.File(clean.path, "r") as b:
         for name in ("embeddings", "embeddings_flip", "labels", "source_index"):
             np.testing.assert_array_equal(a[name][:], b[name][:])

@@ -191,8 +191,10 @@ def test_a_damaged_or_unservable_run_is_one_line_naming_it(trained_run, tmp_path
         out = run_cli(script, "--runs-dir", runs, "--run", "copy", target)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         *chosen, line = out.stderr.strip().splitlines()  # "using run copy (as asked)", then the error
+        loading = "loading run copy: its head and the model "  # predict.py's line, before the head is read
         assert chosen in ([], ["using run copy (as asked)"],
-                          ["using run copy (as asked)", "loading run copy and its model"]), out.stderr
+                          ["using run copy (as asked)", "loading run copy and its model"]) or (
+            len(chosen) == 2 and chosen[0] == "using run copy (as asked)" and chosen[1].startswith(loading)), out.stderr
         assert line.startswith("Error: ") and message in line and "copy" in line, line
         assert not (tmp_path / "out").exists()
 
@@ -257,3 +259,40 @@ def test_an_exported_file_goes_into_folders_not_made_yet(tmp_path):
     write_export(path, b"model bytes", ("cat", "dog"))
     assert path.read_bytes() == b"model bytes" and labels_path(path).read_text() == "cat\ndog\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.labels.txt", "model.tflite"]
+
+
+def test_predict_says_what_it_loads_before_the_slow_seconds_and_quiet_silences_it(trained_run, tiny_model):
+    base, run_dir, pngs = trained_run
+    out = run_cli("predict.py", "--runs-dir", base / "runs", pngs / "000.png")
+    assert out.returncode == 0, out.stderr
+    using, *progress = out.stderr.splitlines()
+    assert using.startswith(f"using run {run_dir.name} (the latest run; trained on cifar10 40px-bicubic")
+    assert progress == [f"loading run {run_dir.name}: its head and the model {tiny_model} ...",
+                        "classifying 1 image ..."]
+    quiet = run_cli("predict.py", "--runs-dir", base / "runs", pngs / "000.png", "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == out.stdout
+    assert quiet.stderr.splitlines() == [using]  # which run: part of the result, not progress
+
+
+def test_an_unreadable_image_is_said_without_nested_parentheses(trained_run, tmp_path):
+    import io
+
+    from PIL import Image
+
+    base, _, _ = trained_run
+    data = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data, "BMP")
+    (tmp_path / "short.bmp").write_bytes(data.getvalue()[:-10])  # the decoder's own message holds parentheses
+    out = run_cli("predict.py", "--runs-dir", base / "runs", tmp_path / "short.bmp", "--quiet")
+    assert out.returncode == 1
+    (line,) = out.stderr.splitlines()[1:]
+    assert line.startswith(f"{tmp_path / 'short.bmp'}: error: cannot read image: not a decodable image: "), line
+    assert _max_depth(line) <= 1, line
+
+
+def _max_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest

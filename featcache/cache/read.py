@@ -155,11 +155,7 @@ def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dic
 def read_inner(path: Path, views: tuple[str, ...], features: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
     """The inner-layer `features` of `views` of a complete cache (checked by `read`): {feature: {view: rows}}."""
     with open_h5(path, "r") as f:
-        held = cached_features(_attributes(f))
-        missing = tuple(feature for feature in features if feature not in held)
-        if missing:
-            raise MissingFeatures(f"cache {path} holds no feature {', '.join(missing)} (it holds "
-                                  f"{', '.join(held) or 'none'})", missing)
+        _refuse_missing(path, cached_features(_attributes(f)), features)
         try:
             return {feature: {view: _read_whole(f[feature_dataset(view, feature)]) for view in views}
                     for feature in features}
@@ -167,6 +163,12 @@ def read_inner(path: Path, views: tuple[str, ...], features: tuple[str, ...]) ->
             if _failed_checksum(exc):
                 raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
             raise
+
+
+def _refuse_missing(path: Path, held: dict, features: tuple[str, ...]):
+    if missing := tuple(feature for feature in features if feature not in held):
+        raise MissingFeatures(f"cache {path} holds no feature {', '.join(missing)} (it holds "
+                              f"{', '.join(held) or 'none'})", missing)
 
 
 def _read_whole(dataset) -> np.ndarray:
@@ -241,7 +243,8 @@ def labels_outside(labels: np.ndarray, classes: int) -> tuple[int, int]:
 
 
 def list_caches(cache_dir) -> list[dict]:
-    """Every cache file under `cache_dir` (complete or partial): its key, split, rows, state and size."""
+    """Every cache file under `cache_dir` (complete or partial): its key, split, rows, views, inner-layer
+    features, state and size."""
     found = []
     for path in sorted(Path(cache_dir).glob("*/*/*/*.h5")):
         try:
@@ -251,6 +254,7 @@ def list_caches(cache_dir) -> list[dict]:
         try:
             a = attributes(path)
             entry.update(split=a["split"], rows=int(a["rows"]), rows_done=int(a["rows_done"]), views=cached_views(a),
+                         features=tuple(cached_features(a)),
                          complete=bool(a["complete"]) and not path.name.endswith(".partial.h5"),
                          key=CacheKey.from_attrs(a))
             if entry["complete"] and (state := inspect(path, {})).status == "bad":
@@ -369,7 +373,8 @@ def caches_present(cache_dir, entries: list[dict] | None = None) -> list[tuple[d
                  else f"partial {entry['rows_done']}/{entry['rows']}")
         groups.setdefault(entry["key"], []).append(
             f"{entry['split']} {entry['rows']} rows {state} {size_label(entry['megabytes'])}, "
-            f"views {views_label(entry['views']) if entry['views'] else 'none'}")
+            f"views {views_label(entry['views']) if entry['views'] else 'none'}"
+            + (f", features {'+'.join(entry['features'])}" if entry.get("features") else ""))
     return sorted(((key.chosen(), "; ".join(splits)) for key, splits in groups.items()),
                   key=lambda item: repr(item[0]))
 
@@ -383,6 +388,21 @@ def views_present(key: CacheKey, cache_dir) -> tuple[str, ...]:
         except (OSError, RuntimeError, KeyError, ValueError):
             continue
     return tuple(view for view in VIEWS if view in present)
+
+
+def check_features(key: CacheKey, cache_dir, features: tuple[str, ...]):
+    """Refuse inner-layer `features` a split's cache lacks, naming them all, before anything is read (a cache whose
+    attributes cannot be read is left to load_features, which says what is wrong with it)."""
+    for split in ("train", "test"):
+        path = key.path(cache_dir, split)
+        try:
+            held = cached_features(attributes(path))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+        try:
+            _refuse_missing(path, held, features)
+        except MissingFeatures as exc:
+            raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", layers=exc.missing) from None
 
 
 def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] | None,

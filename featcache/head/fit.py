@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..memory import shared_tensor
 from ..settings import HeadConfig
 from .rows import TrainingData
 
@@ -43,7 +42,7 @@ class Fitter:
         self.model, self.config, self.classes = model, config, classes
         self.n, self.batch = len(data.y), config.batch_for(len(data.y))
         self.steps = int(np.ceil(self.n / self.batch))
-        self.x, self.y = shared_tensor(data.x), tf.constant(data.y.astype(np.int32))
+        self.x, self.y = data.tensors()
         self.val = None
         if data.val is not None:  # scored in the epoch's graph, each of its views as `predict` would
             self.val = ([tf.constant(data.val.views[v], tf.float32) for v in config.tta_view_list],

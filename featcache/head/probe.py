@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..memory import shared_tensor
 from ..settings import HeadConfig
 from .rows import TrainingData
 
@@ -28,7 +27,7 @@ def fit_lbfgs(model, config: HeadConfig, data: TrainingData, classes: int, log=N
     from scipy.optimize import minimize
 
     layer = model.get_layer("classes")
-    x, y = shared_tensor(data.x), tf.constant(data.y.astype(np.int32))
+    x, y = data.tensors()
     mean, scale = tf.constant(data.mean), tf.constant(1.0 / np.sqrt(data.variance))
     dim = int(x.shape[1])
     size = dim * classes

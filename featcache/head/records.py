@@ -83,11 +83,11 @@ def record_run(runs_dir, key: CacheKey, config: HeadConfig, trained, test_labels
     return run_dir
 
 
-def read_config(run_dir: Path) -> dict:
-    """A run's config.json; a missing or damaged one is one line naming the run."""
+def read_config(run_dir: Path) -> tuple[dict, CacheKey]:
+    """A run's config.json and the cache key it records; a missing or damaged one is one line naming the run."""
     try:
         config = json.loads((Path(run_dir) / "config.json").read_text())
-        CacheKey.from_attrs(config["cache"])
+        key = CacheKey.from_attrs(config["cache"])
         _check_head(config["head"])
         config["class_names"]  # noqa: B018 - what every reader needs
     except OlderRun:
@@ -96,7 +96,7 @@ def read_config(run_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
         raise UserError(f"run {Path(run_dir).name}: its config.json is damaged or half-written "
                         f"({type(exc).__name__}: {str(exc)[:80]})") from None
-    return config
+    return config, key
 
 
 class OlderRun(ValueError):

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..cache.read import Features
 from ..errors import UserError, plural
-from ..memory import fresh_array
+from ..memory import fresh_array, shared_tensor
 from ..settings import FINAL_FEATURE, HeadConfig
 
 
@@ -63,6 +63,12 @@ class TrainingData:
     @staticmethod
     def settings_of(config: HeadConfig) -> tuple:
         return config.val_split, config.seed, config.train_view_list
+
+    def tensors(self):
+        """(x, y) as TensorFlow tensors for a fit: x in its own buffer (memory.shared_tensor), y as int32."""
+        import tensorflow as tf
+
+        return shared_tensor(self.x), tf.constant(self.y.astype(np.int32))
 
 
 def training_data(features: Features, config: HeadConfig, reuse: TrainingData | None = None) -> TrainingData:

@@ -5,81 +5,55 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from ..cache.layout import CacheKey
-from ..cache.read import CacheUnusable, Features, attributes, cached_features, load_splits, views_present
-from ..errors import UserError, in_python
-from ..settings import FINAL_FEATURE, SPLITS, HeadConfig, parse_views
+from ..cache.read import check_features, load_splits, views_present
+from ..settings import FINAL_FEATURE, HeadConfig, parse_views
 from .records import check_writable, record_run
 from .rows import side_by_side, training_data
-from .tensorboard import ProjectorSample
-from .thumbnails import test_thumbnails
-from .training import sweep_l2, train
+from .tensorboard import projector_sample
+from .training import TrainedHead, sweep_l2, train
 
 
 ANNOUNCED_BYTES = 100_000_000  # caches of more than this (both splits) get a line before they are read
 
 
-def _load_splits(key: CacheKey, cache_dir, runs_dir, configs: list[HeadConfig], log=print):
+def _load_splits(key, cache_dir, configs: list[HeadConfig], log=None, runs_dir=None):
     """Both splits' features (train: every view the configs need; test: their test-time views; all configs have
-    the same features) and cache info, after checking that a run can be recorded at all (that fails before
-    training; the run folder itself is made only once there is a result). Large caches: `log` gets a line before
-    they are read."""
+    the same features, side by side) and cache info, after checking that a run can be recorded in `runs_dir` at all
+    (that fails before training; the run folder itself is made only once there is a result). Large caches: `log`
+    gets a line before they are read."""
     train_views = parse_views(sum((config.views_needed() for config in configs), ()))
     test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
     names = configs[0].feature_list
     paths = [key.path(cache_dir, split) for split in ("train", "test")]
     size = sum(path.stat().st_size for path in paths if path.is_file())
-    if size > ANNOUNCED_BYTES:
+    if log and size > ANNOUNCED_BYTES:
         log(f"reading the train and test caches in {paths[0].parent} ({size / 1e9:.2f} GB) ...")
     splits = load_splits(key, cache_dir, train_views, test_views, tuple(n for n in names if n != FINAL_FEATURE))
-    check_writable(runs_dir)
+    if runs_dir is not None:
+        check_writable(runs_dir)
     return [(side_by_side(features, names), info) for features, info in splits]
 
 
-def _check_features(key: CacheKey, cache_dir, names):
-    """Refuse inner-layer features a split's cache lacks, naming them all, before anything is read (reading says
-    what is wrong with a cache whose attributes cannot be read)."""
-    for split in SPLITS:
-        path = key.path(cache_dir, split)
-        try:
-            held = cached_features(attributes(path))
-        except (OSError, RuntimeError, KeyError, ValueError):
-            continue
-        if missing := tuple(dict.fromkeys(name for name in names if name != FINAL_FEATURE and name not in held)):
-            raise CacheUnusable(f"{split} cache {path} holds no feature {', '.join(missing)}", key, split, cache_dir,
-                                "extract", layers=missing)
+def train_unrecorded(key, cache_dir, config: HeadConfig) -> TrainedHead:
+    """One head trained on the cached train split and scored on test, recorded nowhere (the API's run_head)."""
+    config = config.for_cached_views(views_present(key, cache_dir))
+    (train_features, _), (test_features, _) = _load_splits(key, cache_dir, [config])
+    return train(train_features, test_features, config)
 
 
-def _print_note(message: str):
-    print(in_python(message))
-
-
-def projector_sample(key: CacheKey, cache_dir, test: Features, config: HeadConfig, points: int, data_dir=None,
-                     note=None) -> ProjectorSample:
-    """A seeded sample of `points` test rows (all when there are fewer) for TensorBoard's Projector: their embeddings
-    in the first test-time view, and thumbnails where the source has images (else `note` says why not)."""
-    note = note or _print_note
-    rows = np.sort(np.random.default_rng(config.seed).permutation(len(test.labels))[:points])
-    thumbnails, why = test_thumbnails(key, cache_dir, rows, test.labels[rows], data_dir)
-    if thumbnails is None:
-        note(f"note: the Projector sample has no sprite: {why}")
-    return ProjectorSample(rows, test.views[config.tta_view_list[0]][rows], thumbnails)
-
-
-def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
-                   log=print, projector: int = 0, data_dir=None, note=None) -> tuple[Path, dict]:
+def run_experiment(key, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
+                   log=print, projector: int = 0, data_dir=None, note=print) -> tuple[Path, dict]:
     """Train one head on the cached train split, score it on test, and record the run; `log` gets the progress.
 
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
     refit on all training rows with it. `projector` > 0 adds a Projector sample of that many test rows
-    (projector_sample; `data_dir` is where a CIFAR copy for its thumbnails is).
+    (projector_sample; `data_dir` is where a CIFAR copy for its thumbnails is; `note` gets a line saying why it has
+    none, its parameters marked as errors.py marks them).
     """
     config = config.for_cached_views(views_present(key, cache_dir))
-    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, runs_dir, [config], log)
-    sample = (projector_sample(key, cache_dir, test_features, config, projector, data_dir, note) if projector
-              else None)
+    (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, [config], log, runs_dir)
+    sample = (projector_sample(key, cache_dir, test_features, config, projector, data_dir, note)
+              if projector else None)
     sweep_table = best_row = None
     if sweep:
         best, sweep_table = sweep_l2(train_features, config, log=log)
@@ -94,28 +68,28 @@ def run_experiment(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, sweep
             trained.metrics)
 
 
-def run_grid(key: CacheKey, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print, projector: int = 0,
-             data_dir=None, note=None) -> list[dict]:
+def run_grid(key, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print, projector: int = 0,
+             data_dir=None, note=print) -> list[dict]:
     """Every combination of `grid` (HeadConfig overrides) over `config`, with the cached vectors loaded once per
     feature list (TensorFlow imported once); each is recorded as its own run (with a Projector sample of the same
     test rows when `projector`).
     Returns rows by validation accuracy (with a validation split), else in the grid's order."""
-    if not grid:
-        raise UserError("`grid` holds no combination")
     present = views_present(key, cache_dir)
     configs = [replace(config, **overrides).for_cached_views(present) for overrides in grid]
     # The runs go by feature list, the features of one list loaded at a time (each list's columns side by side).
     groups: dict[tuple, list[int]] = {}
     for index, one in enumerate(configs):
         groups.setdefault(one.feature_list, []).append(index)
-    _check_features(key, cache_dir, [name for names in groups for name in names])  # before any run
+    check_features(key, cache_dir, tuple(dict.fromkeys(name for names in groups for name in names
+                                                       if name != FINAL_FEATURE)))  # before any run
     rows = {}
     for indices in groups.values():
         train_features = test_features = data = None  # the last list's rows freed before the next are read
         (train_features, train_info), (test_features, test_info) = _load_splits(
-            key, cache_dir, runs_dir, [configs[i] for i in indices], log)
-        sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir, note)
-                  if projector else None)  # the same rows for every run, as each run's head sees them
+            key, cache_dir, [configs[i] for i in indices], log, runs_dir)
+        # the same sample rows for every run, as each run's head sees them
+        sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir,
+                                   note) if projector else None)
         for index in indices:
             one, overrides = configs[index], grid[index]
             data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views

@@ -11,7 +11,8 @@ Written from a run's record (config.json's head and cache, history.json, metrics
   line up and a number column stays a number column (made again as runs are recorded, to mark the columns that
   differ). A run never writes an empty or None value: a setting that does not apply (the learning rate of an L-BFGS
   fit) is left out of that run;
-- on request, `<run>/projector/`: a Projector sample of test embeddings (a checkpoint, labels, an optional sprite).
+- on request, `<run>/projector/`: a Projector sample of test embeddings (a checkpoint, labels, an optional sprite),
+  drawn by `projector_sample`.
 
 TensorBoard reads every run folder on its own: one damaged or half-written folder costs only that run.
 """
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.layout import CacheKey
-from ..settings import FINAL_FEATURE, parse_features, views_label
+from ..settings import FINAL_FEATURE, HeadConfig, parse_features, views_label
+from .thumbnails import test_thumbnails
 
 EXPERIMENT_SUFFIX = ".featcache-hparams"  # names the runs folder's experiment config among its event files
 TRAIN, VALIDATION = "train", "validation"  # the per-epoch curves' subfolders, as Keras' TensorBoard callback names them
@@ -310,6 +312,18 @@ class ProjectorSample:
     rows: np.ndarray
     embeddings: np.ndarray
     thumbnails: np.ndarray | None = None
+
+
+def projector_sample(key: CacheKey, cache_dir, test, config: HeadConfig, points: int, data_dir,
+                     note) -> ProjectorSample:
+    """A seeded sample of `points` rows of the `test` split's Features (all when there are fewer) for the Projector:
+    their embeddings in the first test-time view, and thumbnails where the source has images (else `note` says why
+    not; `data_dir` is where a CIFAR copy for them is)."""
+    rows = np.sort(np.random.default_rng(config.seed).permutation(len(test.labels))[:points])
+    thumbnails, why = test_thumbnails(key, cache_dir, rows, test.labels[rows], data_dir)
+    if thumbnails is None:
+        note(f"note: the Projector sample has no sprite: {why}")
+    return ProjectorSample(rows, test.views[config.tta_view_list[0]][rows], thumbnails)
 
 
 @_writing

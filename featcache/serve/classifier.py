@@ -16,11 +16,12 @@ from ..extract.preprocess import preprocess_views
 from .run import load_run
 
 
-def build_classifier(run_dir: Path):
-    """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`."""
+def build_classifier(run_dir: Path, announce=None):
+    """A tf.Module for one run: `classify(uint8 [N,H,W,3]) -> {probabilities, top_class, class_names}`; `announce`
+    gets a line before the slow load (load_run)."""
+    parts = load_run(run_dir, announce)  # says what loads before the import of TensorFlow, itself seconds long
     import tensorflow as tf
 
-    parts = load_run(run_dir)
     key = parts.key
 
     class Classifier(tf.Module):

@@ -15,7 +15,7 @@ def decode_image(path: Path) -> np.ndarray:
     uint8 [H, W, 3], decoded as extraction does."""
     image, reason = decode_file(Path(path))
     if image is None:
-        raise UserError(f"cannot read image ({reason})")
+        raise UserError(f"cannot read image: {reason}")
     return image
 
 

@@ -85,12 +85,11 @@ class RunParts:
         return self.head(self.embed(x), training=False)
 
 
-def load_run(run_dir: Path) -> RunParts:
-    """A run's parts, checked: its record, the model folder unchanged, an f32 cache, a readable head."""
-    import keras
-
-    config = read_config(run_dir)
-    name, key = Path(run_dir).name, CacheKey.from_attrs(config["cache"])
+def load_run(run_dir: Path, announce=None) -> RunParts:
+    """A run's parts, checked: its record, the model folder unchanged, an f32 cache, a readable head. `announce`
+    gets a line before TensorFlow, the head and the network load (seconds for a real network)."""
+    config, key = read_config(run_dir)
+    name = Path(run_dir).name
     if key.model_sha256 and identity(key.model)[1] != key.model_sha256:
         raise UserError(f"run {name}: model folder {key.model} holds other files than the model the run was trained "
                         "on (its content hash differs)")
@@ -98,6 +97,10 @@ def load_run(run_dir: Path) -> RunParts:
         raise UserError(f"run {name} was trained on {key.precision} embeddings (OpenVINO), but predict and export "
                         f"run the {DEFAULT_PRECISION} TensorFlow network, whose embeddings differ: train a head on a "
                         f"{DEFAULT_PRECISION} cache (extract and train without `precision`) to serve")
+    if announce:
+        announce(f"loading run {name}: its head and the model {key.model} ...")
+    import keras
+
     path = Path(run_dir) / "head.keras"
     try:
         head = keras.models.load_model(path, compile=False)

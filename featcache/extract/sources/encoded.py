@@ -117,8 +117,8 @@ def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bo
                 top_up()
                 if image is None:
                     if strict:
-                        raise UserError(f"cannot read {name_of(item)}: {reason} "
-                                        "(`strict=True` stops at the first unreadable image)")
+                        raise UserError(f"cannot read {name_of(item)}: {reason}; `strict=True` stops at the first "
+                                        "unreadable image")
                     skipped.append((item, reason))
                 else:
                     images.append(image)
@@ -156,7 +156,7 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
         image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
     except (tf.errors.OpError, ValueError) as exc:
         message = re.sub(r"\s*\[Op:\w+\]", "", getattr(exc, "message", str(exc)).split("}}")[-1]).strip().splitlines()
-        return None, f"not a decodable image ({message[0][:100] if message else type(exc).__name__})"
+        return None, f"not a decodable image: {message[0][:100].rstrip('.') if message else type(exc).__name__}"
     if image.shape[0] == 0 or image.shape[1] == 0:
         return None, "image has no pixels"
     return image, ""
