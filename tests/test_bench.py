@@ -192,3 +192,31 @@ def test_features_memory_prints_each_stage():
     out = bench("features_memory", "--rows", 300, "--dims", "16,64", "--views", 2)
     assert "300 rows x 80 values (16+64) x 2 views:" in out
     assert [row[0] for row in table_rows(out)] == ["before", "loaded", "joined side by side", "training rows made"]
+
+
+def test_head_ensemble_holds_out_the_split_train_head_makes(default_caches, tmp_path):
+    cache, _ = default_caches
+    probs = tmp_path / "probs.npz"
+    args = ["--cache-dir", cache, "--val-split", 0.25, "--split-seed", 3, "--member", "epochs=2 seed=3",
+            "--member", "epochs=2 seed=4 l2=0.01", "--ensemble", "0+1", "--probs", probs]
+    out = bench("head_ensemble", *args)
+    rows = {row[0]: row for row in table_rows(out)}
+    assert list(rows) == ["member 0: epochs=2 seed=3", "member 1: epochs=2 seed=4 l2=0.01", "mean of 0+1"]
+    assert all(row[5] == "-" for row in rows.values())  # no test figure unless asked
+    assert rows["member 0: epochs=2 seed=3"][3] == "0 / 0"
+    assert "30 validation images (--val-split 0.25, --split-seed 3)" in out
+    run = api.run_head(cache_dir=cache, epochs=2, seed=3, val_split=0.25)  # the run train_head.py makes
+    assert rows["member 0: epochs=2 seed=3"][1] == f"{run.metrics['val_accuracy']:.4f}"
+    again = bench("head_ensemble", *args, "--test", "0+1")  # read back from --probs, not trained again
+    assert "member 0 (" not in again
+    test = {row[0]: row for row in table_rows(again)}["mean of 0+1"]
+    assert test[:5] == rows["mean of 0+1"][:5] and 0 <= float(test[5]) <= 1
+    folds = bench("head_ensemble", "--cache-dir", cache, "--folds", 3, "--member", "epochs=2")
+    assert "3 folds covering all 120 train images" in folds
+
+
+def test_head_ensemble_refuses_a_member_setting_the_split(default_caches):
+    cache, _ = default_caches
+    module = importlib.import_module("bench.head_ensemble")
+    result = CliRunner().invoke(module.main, ["--cache-dir", str(cache), "--member", "val_split=0.2"])
+    assert result.exit_code == 2 and "the split is the script's" in result.output
