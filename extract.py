@@ -59,7 +59,8 @@ from featcache.settings import (
               help="With --num-shards: build only this shard (0-based), in this process, no cluster engine (a job "
                    "array's task); then run without both options to join the shards.")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete cache exists (a rebuild under way, newer "
-              "than the cache, is resumed; older partial and shard files are removed).")
+              "than the cache, is resumed; older partial and shard files are removed, but not those a running build "
+              "holds).")
 @click.option("--strict", is_flag=True, help="Stop at the first image file that cannot be decoded (default: skip "
               "it and list it in the summary and the cache).")
 @click.option("--verify", is_flag=True, help="Check existing caches against the source data; change nothing.")

@@ -1,3 +1,3 @@
 """featcache: extract frozen-network embeddings of an image dataset once, train heads on them in seconds."""
 
-from .cache.layout import TOOL_VERSION as __version__  # the one place: the version every cache records
+__version__ = "0.1.0"  # recorded in every cache file featcache writes (`tool_version`)

@@ -27,6 +27,7 @@ import numpy as np
 from .cache.read import attributes, load_features
 from .errors import UserError
 from .extract.layers import LayerInfo, offered_layers
+from .extract import sources
 from .extract.pipeline import ExtractResult
 from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
@@ -66,7 +67,10 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     if unknown:
         raise UserError(f"extract() takes no parameter {', '.join(unknown)}")
     key = select(cache_dir, splits=(split,), **selection)
-    return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
+    try:
+        return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
+    finally:
+        sources.forget_kept()  # a reader the selection kept is for this call only, whether or not it was used
 
 
 def list_layers(cache_dir=DEFAULT_CACHE_DIR, **selection) -> list[LayerInfo]:

@@ -563,3 +563,25 @@ def test_the_selection_s_index_serves_the_extraction_unless_a_file_changed_meanw
     assert _extract(key, root, cache, split="test").rows == 3 and len(indexed) == 6
     assert sources.open_split(key, "train") is not sources.open_split(key, "train")  # nothing kept any more
     assert len(indexed) == 10
+
+
+def test_a_reader_the_selection_kept_goes_when_the_api_call_that_kept_it_is_refused(tiny_model, tmp_path):
+    """api.extract keeps the layout check's reader for its own extraction only: a call refused after the selection
+    leaves nothing kept (a long-lived Python process would hold the index and stamp the folder on every open)."""
+    from featcache import api
+    from featcache.extract import sources
+
+    root = write_three_ways(tmp_path, train=6, test=3)["webdataset"]
+    with pytest.raises(UserError, match="chunk_size"):
+        api.extract("train", cache_dir=tmp_path / "cache", dataset="webdataset", data_dir=root, model=tiny_model,
+                    image_size=32, chunk_size=0)
+    assert sources._kept == {}
+
+
+def test_a_key_of_an_unknown_dataset_is_refused_in_one_line():
+    """Keys read back from a run's record reach open_split without the selection: an unknown dataset is named, not
+    read as Parquet files."""
+    from featcache.extract import sources
+
+    with pytest.raises(UserError, match="^unknown dataset 'imagenet'$"):
+        sources.open_split(CacheKey(dataset="imagenet", data_dir="/nowhere"), "train")

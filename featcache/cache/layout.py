@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .. import __version__
 from ..settings import (
     DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE,
     DEFAULT_TEST_FRACTION,
@@ -32,7 +33,7 @@ from ..settings import (
 
 FORMAT_VERSION = 2  # 2: views are added to a file, no longer part of its key
 TOOL = "featcache"
-TOOL_VERSION = "0.1.0"  # recorded in every cache file it writes (`tool_version`)
+TOOL_VERSION = __version__  # recorded in every cache file it writes (`tool_version`)
 CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.

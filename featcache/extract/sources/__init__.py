@@ -38,14 +38,14 @@ _kept: dict = {}  # (what a reader depends on in the key, split) -> (the data fo
 
 
 def open_split(key, split: str, data_dir=None, strict: bool = False, keep: bool = False):
-    """The reader of one split of the key's dataset (its `limit` applied); the key and split are trusted (selection
-    checked them). With `keep`, a tar or Parquet reader is also kept for the next call for the same split."""
+    """The reader of one split of the key's dataset (its `limit` applied). With `keep`, a tar or Parquet reader is
+    also kept for the next call for the same split, which takes it (once) unless a file in the data folder changed."""
     if key.dataset not in INDEXED or not (keep or _kept):
         return _open(key, split, data_dir, strict)
     kept_as = (key.dataset, key.data_dir, key.limit, key.image_column, key.label_column, split)
     stamp, reader = _kept.pop(kept_as, (None, None))
     now = _stamp(Path(key.data_dir))  # before indexing: a file changed while it runs is indexed again next time
-    if reader is None or stamp != now:
+    if reader is None or now is None or stamp != now:
         reader = _open(key, split, data_dir, strict)
     reader.strict = strict
     if keep:
@@ -58,13 +58,17 @@ def forget_kept():
     _kept.clear()
 
 
-def _stamp(root: Path) -> list:
+def _stamp(root: Path) -> list | None:
     """Every file's name, size and modification time in ROOT, ROOT/data and their subfolders (one level): all that a
-    tar or Parquet reader's index depends on (base.split_files, classes.txt), without opening a file."""
-    tops = [top for top in (root, root / "data") if top.is_dir()]
-    folders = set(tops) | {Path(entry.path) for top in tops for entry in os.scandir(top) if entry.is_dir()}
-    return sorted((entry.path, entry.stat().st_size, entry.stat().st_mtime_ns) for folder in folders
-                  for entry in os.scandir(folder) if entry.is_file())
+    tar or Parquet reader's index depends on (base.split_files, classes.txt), without opening a file; None when a
+    file vanished or could not be read meanwhile (which counts as a change)."""
+    try:
+        tops = [top for top in (root, root / "data") if top.is_dir()]
+        folders = set(tops) | {Path(entry.path) for top in tops for entry in os.scandir(top) if entry.is_dir()}
+        stats = [(entry.path, entry.stat()) for folder in folders for entry in os.scandir(folder) if entry.is_file()]
+    except OSError:
+        return None
+    return sorted((path, stat.st_size, stat.st_mtime_ns) for path, stat in stats)
 
 
 def _open(key, split: str, data_dir, strict: bool):
@@ -75,5 +79,7 @@ def _open(key, split: str, data_dir, strict: bool):
         return folder.FolderSplit(key.data_dir, split, key.limit or None, key.test_fraction or None, strict=strict)
     if key.dataset == "webdataset":
         return webdataset.TarSplit(key.data_dir, split, key.limit or None, strict=strict)
-    return parquet.ParquetSplit(key.data_dir, split, key.limit or None, strict=strict,
-                                image_column=key.image_column or None, label_column=key.label_column or None)
+    if key.dataset == "parquet":
+        return parquet.ParquetSplit(key.data_dir, split, key.limit or None, strict=strict,
+                                    image_column=key.image_column or None, label_column=key.label_column or None)
+    raise UserError(f"unknown dataset {key.dataset!r}")  # a key read back from a run's record
