@@ -258,7 +258,10 @@ def parse_grid(specs) -> list[dict]:
             raise UserError(f"--grid takes NAME=V1,V2,... with NAME one of {', '.join(defaults.to_dict())}; "
                             f"got {spec!r}")
         kind = HeadConfig.OPTIONAL.get(name) or type(getattr(defaults, name))
-        parsed = [_parse_value(kind, v.strip(), name) for v in values.split(",")]
+        parts = [v.strip() for v in values.split(",")]
+        if twice := next((v for i, v in enumerate(parts) if v in parts[:i]), None):
+            raise UserError(f"--grid {name}={values} names {twice} twice; name each once")
+        parsed = [_parse_value(kind, v, name) for v in parts]
         if name in LIST_FIELDS and len(parsed) > 1 and not any("+" in value for value in parsed):
             option, what = name.replace("_", "-"), "views" if name.endswith("_views") else name
             raise UserError(f"--grid {name}={values} is ambiguous: --{option} {values} is one run on these {what}, "

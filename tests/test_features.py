@@ -166,3 +166,15 @@ def test_the_list_of_caches_names_the_inner_layers_each_holds(features_caches):
     for split, rows in (("test", 40), ("train", 120)):
         assert re.search(rf"{split} {rows} rows complete [0-9]+ kB, views plain\+flip\+crop-tl, features "
                          r"Relu\+Relu@2x2(;|$)", line), line
+
+
+@pytest.mark.parametrize("spec, twice", [("features=final,final", "final"), ("hidden=0,64,0", "0"),
+                                         ("train_views=plain,plain", "plain")])
+def test_a_grid_value_given_twice_is_refused_before_it_is_read_as_ambiguous(spec, twice):
+    """`--grid features=final,final` said "one run on them all: --grid features=final+final", which is then refused;
+    `--grid hidden=0,0` trained the same head twice."""
+    from featcache.cli import parse_grid
+    from featcache.errors import UserError
+
+    with pytest.raises(UserError, match=rf"^--grid {spec} names {twice} twice; name each once$"):
+        parse_grid([spec])

@@ -38,8 +38,13 @@ class LocalRunner(Held):
         job.settings.record_input_size(fixed, job.cache_dir)
         run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
         with progress_bar(job, indices, progress) as bar:
+            def above_bar(line):  # a line logged while the bar is drawn goes above it, not onto it
+                bar.clear()
+                log(line)
+                bar.refresh()
+
             for index in indices:
-                run.processed += run_shard(job, index, extractor, reader, bar, log)
+                run.processed += run_shard(job, index, extractor, reader, bar, above_bar)
         return run
 
     def _extractor(self, settings, quantizer, log):

@@ -195,12 +195,14 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
             if vectors is None:
                 _count(bar, read)
                 continue
-            _wait(pending, bar)
+            _wait(pending)
             pending = None
             _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
-            pending = commits.submit(writer.write, row, vectors, chunk.labels, np.asarray(chunk.items) - start), read
+            pending = commits.submit(writer.write, row, vectors, chunk.labels, np.asarray(chunk.items) - start)
+            # counted as soon as the commit ends (in the writer's thread), not when the next chunk is embedded
+            pending.add_done_callback(lambda done, read=read: done.exception() is None and _count(bar, read))
             row += len(chunk.labels)
-        _wait(pending, bar)
+        _wait(pending)
     if writer.base:
         return writer.finish()
     if writer.rows_done == 0 and len(job.plan.shards) == 1:
@@ -249,12 +251,10 @@ def _refuse_non_finite(vectors: dict, key: CacheKey, split: str, lo: int, commit
                 "committed rows are kept and the next run resumes from there")
 
 
-def _wait(pending, bar):
-    """Wait for the commit in flight (its error is raised here), then count its rows as done."""
+def _wait(pending):
+    """Wait for the commit in flight (its error is raised here)."""
     if pending is not None:
-        future, rows = pending
-        future.result()
-        _count(bar, rows)
+        pending.result()
 
 
 def _count(bar, items: int, resumed: bool = False):
