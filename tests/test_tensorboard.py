@@ -212,6 +212,23 @@ def test_without_a_cifar_copy_the_projector_sample_has_no_sprite(small_run, tiny
     assert len((run_dir / "projector" / "labels.tsv").read_text().splitlines()) == 6
 
 
+def test_the_projector_note_is_printed_as_python_spells_it_by_default(small_run, tiny_model, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A Python caller that passes no `note` reads `data_dir=PATH`, not the marked template."""
+    from featcache.head.runs import run_experiment
+    from featcache.selection import select_cached
+
+    base, _ = small_run
+    monkeypatch.delenv("CIFAR10_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
+    run_experiment(select_cached(base / "cache", model=str(tiny_model), image_size=40), base / "cache",
+                   tmp_path / "runs", HeadConfig(epochs=1, train_views="plain", tta_views="plain"), projector=5,
+                   log=lambda _: None)
+    assert capsys.readouterr().out.splitlines() == [
+        "note: the Projector sample has no sprite: no local copy of CIFAR-10 to draw thumbnails from (pass "
+        "data_dir=PATH)"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import VIEWS, views_label
+from ..settings import SPLITS, VIEWS, views_label
 from .layout import IDENTITY, TOOL, CacheKey, feature_dataset, mismatches, open_h5, partial_path, plain, view_dataset
 
 VERIFY_BLOCK_ROWS = 10_000
@@ -393,7 +393,7 @@ def views_present(key: CacheKey, cache_dir) -> tuple[str, ...]:
 def check_features(key: CacheKey, cache_dir, features: tuple[str, ...]):
     """Refuse inner-layer `features` a split's cache lacks, naming them all, before anything is read (a cache whose
     attributes cannot be read is left to load_features, which says what is wrong with it)."""
-    for split in ("train", "test"):
+    for split in SPLITS:
         path = key.path(cache_dir, split)
         try:
             held = cached_features(attributes(path))

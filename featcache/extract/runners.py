@@ -23,7 +23,7 @@ class LocalRunner(Held):
 
     def __init__(self, announce=None):
         self.announce = announce
-        self._kept = None  # (settings but the shape hint, quantizer absent?), extractor, fixed size: the last load, until close()
+        self._kept = None  # the last load until close(): (settings but the shape hint, no quantizer?), extractor, size
 
     def close(self):
         self._kept = None

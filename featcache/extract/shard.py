@@ -1,11 +1,11 @@
 """One shard of a split's plan, as every runner runs it: read -> embed -> write, and the shards joined at the end.
 
-`run_shard` reads the shard's items from the split's reader it is handed (`chunks`), embeds them with the Extractor and writes them
-with cache.write.CacheWriter; a thread reads and decodes the next chunk, and another commits the previous one, while
-the current one is embedded. Each finished chunk is committed, so a rerun continues inside a shard where a crashed
-run stopped. `assemble_shards` joins a plan's finished shards into the split's cache (cache/assemble.py). `Job` is
-what a process needs to run shards: small and picklable (Ray sends it to workers). `Held` is what every runner is: a
-context manager that nested `with` blocks hold.
+`run_shard` reads the shard's items from the split's reader it is handed (`chunks`), embeds them with the Extractor
+and writes them with cache.write.CacheWriter; a thread reads and decodes the next chunk, and another commits the
+previous one, while the current one is embedded. Each finished chunk is committed, so a rerun continues inside a shard
+where a crashed run stopped. `assemble_shards` joins a plan's finished shards into the split's cache
+(cache/assemble.py). `Job` is what a process needs to run shards: small and picklable (Ray sends it to workers).
+`Held` is what every runner is: a context manager that nested `with` blocks hold.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cache.read import check_features, load_splits, views_present
-from ..settings import FINAL_FEATURE, HeadConfig, parse_views
+from ..errors import in_python
+from ..settings import FINAL_FEATURE, SPLITS, HeadConfig, parse_views
 from .records import check_writable, record_run
 from .rows import side_by_side, training_data
 from .tensorboard import projector_sample
@@ -24,7 +25,7 @@ def _load_splits(key, cache_dir, configs: list[HeadConfig], log=None, runs_dir=N
     train_views = parse_views(sum((config.views_needed() for config in configs), ()))
     test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
     names = configs[0].feature_list
-    paths = [key.path(cache_dir, split) for split in ("train", "test")]
+    paths = [key.path(cache_dir, split) for split in SPLITS]
     size = sum(path.stat().st_size for path in paths if path.is_file())
     if log and size > ANNOUNCED_BYTES:
         log(f"reading the train and test caches in {paths[0].parent} ({size / 1e9:.2f} GB) ...")
@@ -32,6 +33,10 @@ def _load_splits(key, cache_dir, configs: list[HeadConfig], log=None, runs_dir=N
     if runs_dir is not None:
         check_writable(runs_dir)
     return [(side_by_side(features, names), info) for features, info in splits]
+
+
+def _python_note(line: str):
+    print(in_python(line))
 
 
 def train_unrecorded(key, cache_dir, config: HeadConfig) -> TrainedHead:
@@ -42,17 +47,17 @@ def train_unrecorded(key, cache_dir, config: HeadConfig) -> TrainedHead:
 
 
 def run_experiment(key, cache_dir, runs_dir, config: HeadConfig, sweep: bool = False,
-                   log=print, projector: int = 0, data_dir=None, note=print) -> tuple[Path, dict]:
+                   log=print, projector: int = 0, data_dir=None, note=None) -> tuple[Path, dict]:
     """Train one head on the cached train split, score it on test, and record the run; `log` gets the progress.
 
     With `sweep`, the L2 strength is chosen on a validation split first, then the head is
     refit on all training rows with it. `projector` > 0 adds a Projector sample of that many test rows
     (projector_sample; `data_dir` is where a CIFAR copy for its thumbnails is; `note` gets a line saying why it has
-    none, its parameters marked as errors.py marks them).
+    none, its parameters marked as errors.py marks them; by default printed as Python spells them).
     """
     config = config.for_cached_views(views_present(key, cache_dir))
     (train_features, train_info), (test_features, test_info) = _load_splits(key, cache_dir, [config], log, runs_dir)
-    sample = (projector_sample(key, cache_dir, test_features, config, projector, data_dir, note)
+    sample = (projector_sample(key, cache_dir, test_features, config, projector, data_dir, note or _python_note)
               if projector else None)
     sweep_table = best_row = None
     if sweep:
@@ -69,7 +74,7 @@ def run_experiment(key, cache_dir, runs_dir, config: HeadConfig, sweep: bool = F
 
 
 def run_grid(key, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log=print, projector: int = 0,
-             data_dir=None, note=print) -> list[dict]:
+             data_dir=None, note=None) -> list[dict]:
     """Every combination of `grid` (HeadConfig overrides) over `config`, with the cached vectors loaded once per
     feature list (TensorFlow imported once); each is recorded as its own run (with a Projector sample of the same
     test rows when `projector`).
@@ -89,7 +94,7 @@ def run_grid(key, cache_dir, runs_dir, config: HeadConfig, grid: list[dict], log
             key, cache_dir, [configs[i] for i in indices], log, runs_dir)
         # the same sample rows for every run, as each run's head sees them
         sample = (projector_sample(key, cache_dir, test_features, configs[0], projector, data_dir,
-                                   note) if projector else None)
+                                   note or _python_note) if projector else None)
         for index in indices:
             one, overrides = configs[index], grid[index]
             data = training_data(train_features, one, reuse=data)  # shared by runs with the same split and views
