@@ -19,6 +19,7 @@ TensorBoard reads every run folder on its own: one damaged or half-written folde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -114,37 +115,27 @@ def hparams_of(record: dict, metrics: dict) -> dict:
 
 
 # The summaries below are the protobufs TensorBoard's own summary functions write (hparams' hparams_pb and
-# hparams_config_pb, tf.summary.scalar, the image plugin's), built from the plugins' generated protobuf modules alone:
-# their Python helpers import TensorBoard's TensorFlow stub (S3 and fsspec file systems), a third of a second per
-# process. The tests read them back with TensorBoard's own parsers and server.
-HPARAMS_PLUGIN, SCALARS_PLUGIN, IMAGES_PLUGIN = "hparams", "scalars", "images"
-EXPERIMENT_TAG, SESSION_START_TAG, SESSION_END_TAG = ("_hparams_/experiment", "_hparams_/session_start_info",
-                                                      "_hparams_/session_end_info")
+# hparams_config_pb, tf.summary.scalar, the image plugin's), built with TensorFlow's protobuf classes and the hparams
+# plugin's generated protobuf modules alone: the plugins' Python helpers import TensorBoard's TensorFlow stub (S3 and
+# fsspec file systems), a third of a second per process. The scalar and image plugins' data is empty (version 0).
+# The tests read them back with TensorBoard's own parsers and server.
 
 
-def _summary(tag: str, plugin: str, content: bytes, tensor, display_name: str = "", description: str = ""):
-    from tensorboard.compat.proto import summary_pb2
+def _summary(tag: str, plugin: str, tensor, content: bytes = b"", display_name: str = "", description: str = ""):
+    import tensorflow as tf
 
-    metadata = summary_pb2.SummaryMetadata(display_name=display_name, summary_description=description,
-                                           plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin,
-                                                                                              content=content))
-    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
-
-
-def _tensor(dtype: str, shape: tuple = (), **values):
-    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
-
-    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in shape]
-    return tensor_pb2.TensorProto(dtype=getattr(types_pb2, dtype), tensor_shape=tensor_shape_pb2.TensorShapeProto(
-        dim=dims), **values)
+    metadata = tf.compat.v1.SummaryMetadata(display_name=display_name, summary_description=description,
+                                            plugin_data={"plugin_name": plugin, "content": content})
+    return tf.compat.v1.Summary(value=[{"tag": tag, "metadata": metadata, "tensor": tensor}])
 
 
 def _hparams_summary(tag: str, **data):
     """An HParams plugin summary (its data on the metadata, an empty tensor), as the plugin's metadata module makes."""
+    import tensorflow as tf
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    content = plugin_data_pb2.HParamsPluginData(version=0, **data).SerializeToString()
-    return _summary(tag, HPARAMS_PLUGIN, content, _tensor("DT_FLOAT", (0,)))
+    content = plugin_data_pb2.HParamsPluginData(**data).SerializeToString()
+    return _summary(tag, "hparams", tf.make_tensor_proto([], tf.float32, shape=[0]), content)
 
 
 def experiment_summary(differs: set[str] = frozenset()):
@@ -160,7 +151,7 @@ def experiment_summary(differs: set[str] = frozenset()):
                for group, tag, text in METRICS]
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics, time_created_secs=time.time(),
                                     description="featcache head runs (train_head.py)")
-    return _hparams_summary(EXPERIMENT_TAG, experiment=experiment)
+    return _hparams_summary("_hparams_/experiment", experiment=experiment)
 
 
 def session_summaries(hparams: dict, name: str, started: float):
@@ -172,46 +163,38 @@ def session_summaries(hparams: dict, name: str, started: float):
         kind = {bool: "bool_value", str: "string_value"}.get(type(value), "number_value")
         setattr(start.hparams[key], kind, value)
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
-    return (_hparams_summary(SESSION_START_TAG, session_start_info=start),
-            _hparams_summary(SESSION_END_TAG, session_end_info=end))
+    return (_hparams_summary("_hparams_/session_start_info", session_start_info=start),
+            _hparams_summary("_hparams_/session_end_info", session_end_info=end))
 
 
-def _scalar_summary(tag: str, value: float):
-    """As tf.summary.scalar writes it: a float32 tensor with the scalars plugin's metadata."""
-    from tensorboard.plugins.scalar import plugin_data_pb2
+@contextlib.contextmanager
+def _events(folder: Path, suffix: str | None = None):
+    """One event file in `folder`, written with TensorFlow's summary writer: yields write(summary, step)."""
+    import tensorflow as tf
 
-    content = plugin_data_pb2.ScalarPluginData(version=0).SerializeToString()
-    return _summary(tag, SCALARS_PLUGIN, content, _tensor("DT_FLOAT", float_val=[value]), display_name=tag)
+    def write(summary, step: int):
+        tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
+
+    writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
+    with writer.as_default():
+        yield write
+    writer.close()
 
 
-def _image_summary(tag: str, png: bytes, description: str):
+def _scalar(tag: str, value: float):
+    """As tf.summary.scalar writes it (not tf.summary.scalar itself: its first call traces for a quarter second)."""
+    import tensorflow as tf
+
+    return _summary(tag, "scalars", tf.make_tensor_proto(value, tf.float32), display_name=tag)
+
+
+def _image(tag: str, png: bytes, description: str):
     """An image-plugin summary holding a PNG as it is (no decoding and encoding again): [width, height, png]."""
-    from tensorboard.plugins.image import plugin_data_pb2
+    import tensorflow as tf
 
-    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk that starts every PNG
-    content = plugin_data_pb2.ImagePluginData(version=0).SerializeToString()
-    tensor = _tensor("DT_STRING", (3,), string_val=[str(width).encode(), str(height).encode(), png])
-    return _summary(tag, IMAGES_PLUGIN, content, tensor, display_name=tag, description=description)
-
-
-class _Writer:
-    """One event file in `folder`, written with TensorFlow's summary writer."""
-
-    def __init__(self, folder: Path, suffix: str | None = None):
-        import tensorflow as tf
-
-        self.tf = tf
-        self.writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
-
-    def raw(self, summary, step: int):
-        with self.writer.as_default():
-            self.tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
-
-    def scalar(self, tag: str, value: float, step: int):
-        self.raw(_scalar_summary(tag, value), step)  # not tf.summary.scalar: its first call traces for 0.26 s
-
-    def close(self):
-        self.writer.close()
+    size = struct.unpack(">II", png[16:24])  # width and height, in the IHDR chunk that starts every PNG
+    return _summary(tag, "images", tf.make_tensor_proto([str(n).encode() for n in size] + [png]), display_name=tag,
+                    description=description)
 
 
 def _writing(function):
@@ -234,43 +217,30 @@ def experiment_files(runs_dir) -> list[Path]:
     return sorted(Path(runs_dir).glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"))
 
 
-def recorded_hparams(runs_dir) -> list[dict]:
-    """hparams_of each finished run in the runs folder whose record gives them (the ledger warns about the others)."""
-    found = []
-    for metrics in sorted(Path(runs_dir).glob("*/metrics.json")):
-        try:
-            found.append(hparams_of(json.loads((metrics.parent / "config.json").read_text()),
-                                    json.loads(metrics.read_text())))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return found
-
-
 @_writing
 def write_experiment(runs_dir, also: tuple[dict, ...] = ()):
-    """The runs folder's HParams experiment config, made again for the runs recorded (and `also`, a run being
-    recorded): the columns whose values differ between them are marked. The new file is written before older ones
-    are removed (only older ones: of two processes writing at once, the later file stays)."""
-    values = recorded_hparams(runs_dir) + list(also)
+    """The runs folder's HParams experiment config, made again for the finished runs whose record gives their hparams
+    (the ledger warns about the others) and `also`, a run being recorded: the columns whose values differ between them
+    are marked. The new file is written before older ones are removed (only older ones: of two processes writing at
+    once, the later file stays)."""
+    values = list(also)
+    for metrics in Path(runs_dir).glob("*/metrics.json"):
+        try:
+            values.append(hparams_of(json.loads((metrics.parent / "config.json").read_text()),
+                                     json.loads(metrics.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
     differs = {name for name in KINDS if len({repr(v[name]) for v in values if name in v}) > 1}
-    writer = _Writer(Path(runs_dir), EXPERIMENT_SUFFIX)
-    writer.raw(experiment_summary(differs), step=0)
-    writer.close()
-    files = experiment_files(runs_dir)
-    mine = max(files, key=_written_order)
-    for path in files:
-        if _written_order(path) < _written_order(mine):
-            path.unlink(missing_ok=True)
+    with _events(Path(runs_dir), EXPERIMENT_SUFFIX) as write:
+        write(experiment_summary(differs), 0)
+    for path in sorted(experiment_files(runs_dir), key=_written_order)[:-1]:
+        path.unlink(missing_ok=True)
 
 
 def _written_order(path: Path) -> tuple:
     """An event file's name as (time, host, pid, number): the order files were begun in."""
     parts = path.name.split(".")  # events.out.tfevents.<time>.<host>.<pid>.<number><suffix>
     return int(parts[3]), parts[4:-3], int(parts[-3]), int(parts[-2])
-
-
-def has_events(run_dir) -> bool:
-    return any(Path(run_dir).glob("events.out.tfevents.*"))
 
 
 @_writing
@@ -285,23 +255,21 @@ def write_run(run_dir, record: dict, history: dict, metrics: dict):
                   if name.startswith(prefix) and (prefix or not name.startswith("val_")) and values}
         if not series:
             continue
-        writer = _Writer(run_dir / folder)
-        for tag, values in series.items():
-            first = max(last, len(values)) - len(values) + 1  # a shorter series (L-BFGS' validation) ends with it
-            for step, value in enumerate(values, start=first):
-                writer.scalar(f"{unit}_{tag}", value, step)
-        writer.close()
-    writer = _Writer(run_dir)
-    start, end = session_summaries(hparams, run_dir.name, (run_dir / "config.json").stat().st_mtime)
-    writer.raw(start, step=0)
-    for name in FINAL_SCALARS:
-        if metrics.get(name) is not None:
-            writer.scalar(name, metrics[name], max(last, 1))
-    for tag, file, description in IMAGES:
-        if (run_dir / file).exists():
-            writer.raw(_image_summary(tag, (run_dir / file).read_bytes(), description), step=max(last, 1))
-    writer.raw(end, step=0)
-    writer.close()
+        with _events(run_dir / folder) as write:
+            for tag, values in series.items():
+                first = max(last, len(values)) - len(values) + 1  # a shorter series (L-BFGS' validation) ends with it
+                for step, value in enumerate(values, start=first):
+                    write(_scalar(f"{unit}_{tag}", value), step)
+    with _events(run_dir) as write:
+        start, end = session_summaries(hparams, run_dir.name, (run_dir / "config.json").stat().st_mtime)
+        write(start, 0)
+        for name in FINAL_SCALARS:
+            if metrics.get(name) is not None:
+                write(_scalar(name, metrics[name]), max(last, 1))
+        for tag, file, description in IMAGES:
+            if (run_dir / file).exists():
+                write(_image(tag, (run_dir / file).read_bytes(), description), max(last, 1))
+        write(end, 0)
 
 
 @dataclass
@@ -337,7 +305,7 @@ def write_projector(run_dir, sample: ProjectorSample, labels: np.ndarray, predic
 
     folder = Path(run_dir) / PROJECTOR
     folder.mkdir(exist_ok=True)
-    _Writer(folder).close()  # an event file: what makes the folder a run
+    tf.summary.create_file_writer(str(folder)).close()  # an event file: what makes the folder a run
     lines = ["label\tpredicted\tcorrect\trow"] + [
         f"{class_names[t]}\t{class_names[p]}\t{'yes' if t == p else 'no'}\t{row}"
         for t, p, row in zip(labels, predicted, sample.rows)]
@@ -361,11 +329,9 @@ def _sprite(thumbnails: np.ndarray):
 
     n, side = len(thumbnails), thumbnails.shape[1]
     columns = int(np.ceil(np.sqrt(n)))
-    grid = np.full((columns * side, columns * side, 3), 255, np.uint8)
-    for i, image in enumerate(thumbnails):
-        r, c = divmod(i, columns)
-        grid[r * side : (r + 1) * side, c * side : (c + 1) * side] = image
-    return Image.fromarray(grid)
+    blank = np.full((columns * columns - n, side, side, 3), 255, np.uint8)
+    grid = np.concatenate([thumbnails, blank]).reshape(columns, columns, side, side, 3).swapaxes(1, 2)
+    return Image.fromarray(grid.reshape(columns * side, columns * side, 3))
 
 
 def backfill(runs_dir, rows: list[dict], warn) -> list[str]:
@@ -374,7 +340,7 @@ def backfill(runs_dir, rows: list[dict], warn) -> list[str]:
     runs_dir, written = Path(runs_dir), []
     for row in rows:
         run_dir = runs_dir / row["run"]
-        if has_events(run_dir):
+        if any(run_dir.glob("events.out.tfevents.*")):
             continue
         try:
             record = json.loads((run_dir / "config.json").read_text())
