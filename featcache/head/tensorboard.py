@@ -169,16 +169,20 @@ def session_summaries(hparams: dict, name: str, started: float):
 
 @contextlib.contextmanager
 def _events(folder: Path, suffix: str | None = None):
-    """One event file in `folder`, written with TensorFlow's summary writer: yields write(summary, step)."""
+    """One event file in `folder`, written with TensorFlow's summary writer: yields write(summary, step). TensorFlow's
+    errors inside (a full disk, a folder gone) come out as OSError."""
     import tensorflow as tf
 
     def write(summary, step: int):
         tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
 
-    writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
-    with writer.as_default():
-        yield write
-    writer.close()
+    try:
+        writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
+        with writer.as_default():
+            yield write
+        writer.close()
+    except tf.errors.OpError as exc:
+        raise OSError(f"writing TensorBoard events failed: {exc.message.splitlines()[0][:160]}") from None
 
 
 def _scalar(tag: str, value: float):
@@ -197,27 +201,10 @@ def _image(tag: str, png: bytes, description: str):
                     description=description)
 
 
-def _writing(function):
-    """TensorFlow's errors while writing event files (a full disk, a folder gone) as OSError."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        import tensorflow as tf
-
-        try:
-            return function(*args, **kwargs)
-        except tf.errors.OpError as exc:
-            raise OSError(f"writing TensorBoard events failed: {exc.message.splitlines()[0][:160]}") from None
-
-    return wrapper
-
-
 def experiment_files(runs_dir) -> list[Path]:
     return sorted(Path(runs_dir).glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"))
 
 
-@_writing
 def write_experiment(runs_dir, also: tuple[dict, ...] = ()):
     """The runs folder's HParams experiment config, made again for the finished runs whose record gives their hparams
     (the ledger warns about the others) and `also`, a run being recorded: the columns whose values differ between them
@@ -243,7 +230,6 @@ def _written_order(path: Path) -> tuple:
     return int(parts[3]), parts[4:-3], int(parts[-3]), int(parts[-2])
 
 
-@_writing
 def write_run(run_dir, record: dict, history: dict, metrics: dict):
     """Every event file of one run (see the module's docstring), from its record; its PNGs are read from run_dir."""
     run_dir = Path(run_dir)
@@ -294,7 +280,6 @@ def projector_sample(key: CacheKey, cache_dir, test, config: HeadConfig, points:
     return ProjectorSample(rows, test.views[config.tta_view_list[0]][rows], thumbnails)
 
 
-@_writing
 def write_projector(run_dir, sample: ProjectorSample, labels: np.ndarray, predicted: np.ndarray, class_names):
     """The Projector's files, in the run's `projector/` folder (a TensorBoard run of its own, so that the Projector
     lists it once): the embeddings as a checkpoint, a label table (true class, predicted class, whether they agree,
@@ -305,22 +290,20 @@ def write_projector(run_dir, sample: ProjectorSample, labels: np.ndarray, predic
 
     folder = Path(run_dir) / PROJECTOR
     folder.mkdir(exist_ok=True)
-    tf.summary.create_file_writer(str(folder)).close()  # an event file: what makes the folder a run
-    lines = ["label\tpredicted\tcorrect\trow"] + [
-        f"{class_names[t]}\t{class_names[p]}\t{'yes' if t == p else 'no'}\t{row}"
-        for t, p, row in zip(labels, predicted, sample.rows)]
-    (folder / "labels.tsv").write_text("\n".join(lines) + "\n")
-    tf.train.Checkpoint(embedding=tf.Variable(sample.embeddings.astype(np.float32))).save(str(folder / "embedding"))
-    config = projector.ProjectorConfig()
-    embedding = config.embeddings.add()
-    embedding.tensor_name = PROJECTOR_TENSOR
-    embedding.metadata_path = "labels.tsv"
-    if sample.thumbnails is not None:
-        side = sample.thumbnails.shape[1]
-        _sprite(sample.thumbnails).save(folder / "sprite.png")
-        embedding.sprite.image_path = "sprite.png"
-        embedding.sprite.single_image_dim.extend([side, side])
-    (folder / "projector_config.pbtxt").write_text(text_format.MessageToString(config))
+    with _events(folder):  # an event file: what makes the folder a run
+        lines = ["label\tpredicted\tcorrect\trow"] + [
+            f"{class_names[t]}\t{class_names[p]}\t{'yes' if t == p else 'no'}\t{row}"
+            for t, p, row in zip(labels, predicted, sample.rows)]
+        (folder / "labels.tsv").write_text("\n".join(lines) + "\n")
+        tf.train.Checkpoint(embedding=tf.Variable(sample.embeddings.astype(np.float32))).save(str(folder / "embedding"))
+        config = projector.ProjectorConfig()
+        embedding = config.embeddings.add(tensor_name=PROJECTOR_TENSOR, metadata_path="labels.tsv")
+        if sample.thumbnails is not None:
+            side = sample.thumbnails.shape[1]
+            _sprite(sample.thumbnails).save(folder / "sprite.png")
+            embedding.sprite.image_path = "sprite.png"
+            embedding.sprite.single_image_dim.extend([side, side])
+        (folder / "projector_config.pbtxt").write_text(text_format.MessageToString(config))
 
 
 def _sprite(thumbnails: np.ndarray):
