@@ -142,9 +142,7 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
                    "features": "+".join(parse_features(head.get("features", FINAL_FEATURE))),
                    "cache": f"{key.dataset_name()}/{key.settings_name()}",
                    "key": key}
-            if not _finite_metrics(metrics):
-                raise ValueError("its metrics are not finite numbers")
-            _check_numbers(row)
+            _check_numbers(row, metrics)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
             why = (str(exc) if isinstance(exc, OlderRun) else "its record is damaged or half-written "
                    f"({type(exc).__name__}: {str(exc)[:80]})")
@@ -154,17 +152,16 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
     return sorted(rows, key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), -(r["test_acc"] or 0)))
 
 
-def _check_numbers(row: dict):
-    names = {"fit_s": "fit_seconds"}  # the record's own key where the ledger's column is named otherwise
+def _check_numbers(row: dict, metrics: dict):
+    """A listed run's scores are finite numbers, and its numbers numbers."""
+    scores = [metrics.get(k) for k in ("test_accuracy", "test_loss", "val_accuracy", "val_loss")]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores if v is not None):
+        raise ValueError("its metrics are not finite numbers")
     for column in ("fit_s", "epochs", "hidden", "l2", "lr"):
         value = row[column]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{names.get(column, column)} is {str(value)[:20]!r}, not a number")
-
-
-def _finite_metrics(metrics: dict) -> bool:
-    values = [metrics.get(k) for k in ("test_accuracy", "test_loss", "val_accuracy", "val_loss")]
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values if v is not None)
+            name = "fit_seconds" if column == "fit_s" else column  # the record's own key
+            raise TypeError(f"{name} is {str(value)[:20]!r}, not a number")
 
 
 def write_json(path: Path, obj):
