@@ -26,12 +26,7 @@ def steps_per_call(batch: int, dim: int, units: int) -> int:
 class Fitter:
     """The training loop in TensorFlow graphs: data resident as one tensor in a seeded random row order, each
     step a contiguous slice of it (batches visited in a new order each epoch), Adam steps, running loss and
-    accuracy; an epoch is one graph call, or several of `per_call` steps each for a large head.
-
-    Both were measured faster on the real default cache than Keras' fit loop and than gathering each
-    batch from a per-epoch row permutation (docs/benchmarks.md, the fit loop). The model and the .keras
-    file stay Keras; the loop works on its layers' weights.
-    """
+    accuracy; an epoch is one graph call, or several of `per_call` steps each for a large head."""
 
     BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # Keras' Adam defaults
 
@@ -42,12 +37,11 @@ class Fitter:
         self.model, self.config, self.classes = model, config, classes
         self.n, self.batch = len(data.y), config.batch_for(len(data.y))
         self.steps = int(np.ceil(self.n / self.batch))
-        self.x, self.y = data.tensors()
+        self.x, self.y, self.mean, self.scale = data.tensors()
         self.val = None
         if data.val is not None:  # scored in the epoch's graph, each of its views as `predict` would
             self.val = ([tf.constant(data.val.views[v], tf.float32) for v in config.tta_view_list],
                         tf.constant(data.val.labels.astype(np.int32)))
-        self.mean, self.scale = tf.constant(data.mean), tf.constant(1.0 / np.sqrt(data.variance))
         # The model's layers after its standardize layer, which the loop folds into the first one.
         layers = [layer for layer in model.layers
                   if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Normalization))]
@@ -64,12 +58,10 @@ class Fitter:
         self.iterations = tf.Variable(0, dtype=tf.int64)
         self.per_call = steps_per_call(self.batch, int(data.x.shape[1]), self.first.units)
         # autograph=False: the loop is an explicit tf.while_loop; converting the Python took most of the tracing time
-        scalar = {dtype: tf.TensorSpec([], dtype) for dtype in (tf.int32, tf.float32)}
-        self._steps = tf.function(self._steps_graph, input_signature=[scalar[tf.int32]] * 3 + [
-            scalar[tf.float32], scalar[tf.float32], scalar[tf.int32]], autograph=False)
+        i32, f32 = tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32)
+        self._steps = tf.function(self._steps_graph, input_signature=[i32] * 3 + [f32, f32, i32], autograph=False)
         self._untrained = tf.function(self._untrained_graph, autograph=False)
-        self._results = tf.function(self._results_graph, input_signature=[
-            scalar[tf.float32], scalar[tf.float32], scalar[tf.int32]], autograph=False)
+        self._results = tf.function(self._results_graph, input_signature=[f32, f32, i32], autograph=False)
 
     def _logits(self, x, training: bool):
         """The model up to its softmax on raw rows.

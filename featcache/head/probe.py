@@ -14,7 +14,7 @@ import numpy as np
 from ..settings import HeadConfig
 from .rows import TrainingData
 
-MAX_ITERATIONS = 1000  # L-BFGS iterations at most; the default CIFAR-10 cache's fits end after 150-210
+MAX_ITERATIONS = 1000  # L-BFGS iterations at most
 GRADIENT_TOLERANCE = 1e-5  # stop when every gradient component is below this (scipy's pgtol)
 PROGRESS_EVERY = 10  # iterations between progress lines
 
@@ -27,8 +27,7 @@ def fit_lbfgs(model, config: HeadConfig, data: TrainingData, classes: int, log=N
     from scipy.optimize import minimize
 
     layer = model.get_layer("classes")
-    x, y = data.tensors()
-    mean, scale = tf.constant(data.mean), tf.constant(1.0 / np.sqrt(data.variance))
+    x, y, mean, scale = data.tensors()
     dim = int(x.shape[1])
     size = dim * classes
 

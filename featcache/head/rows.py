@@ -65,10 +65,12 @@ class TrainingData:
         return config.val_split, config.seed, config.train_view_list
 
     def tensors(self):
-        """(x, y) as TensorFlow tensors for a fit: x in its own buffer (memory.shared_tensor), y as int32."""
+        """x, y, the column means and 1 / standard deviations as TensorFlow tensors for a fit: x in its own buffer
+        (memory.shared_tensor), y as int32."""
         import tensorflow as tf
 
-        return shared_tensor(self.x), tf.constant(self.y.astype(np.int32))
+        return (shared_tensor(self.x), tf.constant(self.y.astype(np.int32)), tf.constant(self.mean),
+                tf.constant(1.0 / np.sqrt(self.variance)))
 
 
 def training_data(features: Features, config: HeadConfig, reuse: TrainingData | None = None) -> TrainingData:
