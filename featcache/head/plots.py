@@ -33,7 +33,7 @@ def plot_history(history: dict, path: Path, title: str = ""):
     fig.savefig(path, dpi=100)
 
 
-def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path: Path, title: str = ""):
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path: Path, title: str):
     """Row-normalised confusion matrix with the class names; per-cell percentages up to 20 classes.
 
     The figure grows with the class count (100 classes stay readable at 0.16 inch per row).
@@ -62,8 +62,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, class_names, path:
                 ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    accuracy = np.trace(counts) / max(counts.sum(), 1)
-    ax.set_title(title or f"test confusion matrix (accuracy {accuracy:.4f})")
+    ax.set_title(title)
     fig.savefig(path, dpi=100)
 
 

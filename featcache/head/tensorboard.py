@@ -24,7 +24,7 @@ import json
 import os
 import struct
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +114,9 @@ def hparams_of(record: dict, metrics: dict) -> dict:
     return kept
 
 
-# The summaries below are the protobufs TensorBoard's own summary functions write (hparams' hparams_pb and
-# hparams_config_pb, tf.summary.scalar, the image plugin's), built with TensorFlow's protobuf classes and the hparams
-# plugin's generated protobuf modules alone: the plugins' Python helpers import TensorBoard's TensorFlow stub (S3 and
-# fsspec file systems), a third of a second per process. The scalar and image plugins' data is empty (version 0).
-# The tests read them back with TensorBoard's own parsers and server.
+# The summaries below are the protobufs TensorBoard's own summary functions write, built with TensorFlow's protobuf
+# classes and the hparams plugin's protobuf modules alone: the plugins' Python helpers import TensorBoard's TensorFlow
+# stub, a third of a second per process. (The scalar and image plugins' data is empty: version 0.)
 
 
 def _summary(tag: str, plugin: str, tensor, content: bytes = b"", display_name: str = "", description: str = ""):
@@ -258,14 +256,9 @@ def write_run(run_dir, record: dict, history: dict, metrics: dict):
         write(end, 0)
 
 
-@dataclass
-class ProjectorSample:
-    """Test rows to show in the Projector: their indices in the test split, embeddings, and optional
-    thumbnails (uint8 [n, side, side, 3]) for a sprite."""
-
-    rows: np.ndarray
-    embeddings: np.ndarray
-    thumbnails: np.ndarray | None = None
+# Test rows to show in the Projector: their indices in the test split, embeddings, and thumbnails for a sprite (uint8
+# [n, side, side, 3]) or None.
+ProjectorSample = namedtuple("ProjectorSample", "rows embeddings thumbnails")
 
 
 def projector_sample(key: CacheKey, cache_dir, test, config: HeadConfig, points: int, data_dir,
