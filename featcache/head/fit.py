@@ -60,7 +60,7 @@ class Fitter:
         # autograph=False: the loop is an explicit tf.while_loop; converting the Python took most of the tracing time
         i32, f32 = tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32)
         self._steps = tf.function(self._steps_graph, input_signature=[i32] * 3 + [f32, f32, i32], autograph=False)
-        self._untrained = tf.function(self._untrained_graph, autograph=False)
+        self.untrained = tf.function(self._untrained_graph, autograph=False)
         self._results = tf.function(self._results_graph, input_signature=[f32, f32, i32], autograph=False)
 
     def _logits(self, x, training: bool):
@@ -115,24 +115,21 @@ class Fitter:
                 beta2_power=self.BETA_2 ** t, lr=lr, beta1=self.BETA_1, beta2=self.BETA_2,
                 epsilon=self.EPSILON, grad=gradient)
 
-    def epoch(self, number) -> dict:
-        """One pass over the rows: loss, accuracy, cross-entropy (and the validation scores). The first epoch
-        also returns ("before") the data cross-entropy of the head as initialised, on an evenly spaced sample of
-        the rows; later ones return NaN there."""
+    def epoch(self, number: int) -> dict:
+        """One pass over the rows: loss, accuracy, cross-entropy (and the validation scores)."""
         import tensorflow as tf
 
-        number = int(number)
-        before = self._untrained() if number == 0 else tf.constant(np.nan, tf.float32)
         sums = (tf.constant(0.0), tf.constant(0.0), tf.constant(0))
         for first in range(0, self.steps, self.per_call):
             sums = self.run_steps(number, first, min(first + self.per_call, self.steps), sums)
-        return {**self._results(*sums), "before": before}
+        return self._results(*sums)
 
     def run_steps(self, number: int, first: int, stop: int, sums: tuple) -> tuple:
         """Steps `first` to `stop` (exclusive) of epoch `number`, in one graph call: the running sums updated."""
         return self._steps(number, first, stop, *sums)
 
     def _untrained_graph(self):
+        """The data cross-entropy of the head as initialised, on an evenly spaced sample of the rows."""
         import tensorflow as tf
 
         sample = tf.range(0, self.n, max(1, self.n // 4096))

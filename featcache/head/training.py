@@ -102,11 +102,9 @@ def train(train_features: Features, test_features: Features | None, config: Head
 def _epochs(fitter: Fitter, config: HeadConfig, log=None) -> tuple[dict, float]:
     """Run the epochs (stopping at a non-finite loss): the history, and the untrained head's cross-entropy."""
     history: dict[str, list[float]] = {}
+    untrained = float(fitter.untrained())
     for epoch in range(config.epochs):
         results = {name: float(value) for name, value in fitter.epoch(epoch).items()}
-        before = results.pop("before")
-        if epoch == 0:
-            untrained = before
         for name, value in results.items():
             history.setdefault(name, []).append(value)
         if log:
