@@ -65,6 +65,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
         model = build_model(data.x.shape[1], config, data.mean, data.variance, classes)
         if solver == "lbfgs":
             history, iterations, converged = fit_lbfgs(model, config, data, classes, log)
+            length = {"iterations": iterations, "converged": converged}
             if data.val is not None:
                 val = score(predict(model, data.val, config.tta_view_list), data.val.labels)
                 history.update(val_accuracy=[val["accuracy"]], val_loss=[val["loss"]])
@@ -72,6 +73,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
             fitter = Fitter(model, config, data, classes)
             history, untrained = _epochs(fitter, config, log)
             bf16 = fitter.bf16
+            length = {"epochs": config.epochs, "batch_size": fitter.batch}
     except tf.errors.ResourceExhaustedError:
         batch = f", `batch_size` {config.batch_for(len(data.y))}" if solver == "adam" else ""
         sizes = f"`hidden` {config.hidden}{batch}"
@@ -81,11 +83,7 @@ def train(train_features: Features, test_features: Features | None, config: Head
         _refuse_divergence(history, config, classes, untrained)
     fit_seconds = time.perf_counter() - started
     metrics = {"fit_seconds": fit_seconds, "rows": int(len(data.y)), "train_images": data.images,
-               "compute": "bf16" if bf16 else "f32", "solver": solver}
-    if solver == "lbfgs":
-        metrics.update(iterations=iterations, converged=converged)
-    else:
-        metrics.update(epochs=config.epochs, batch_size=config.batch_for(len(data.y)))
+               "compute": "bf16" if bf16 else "f32", "solver": solver, **length}
     if data.val is not None:
         metrics.update(val_accuracy=history["val_accuracy"][-1], val_loss=history["val_loss"][-1])
     test_probs = None
