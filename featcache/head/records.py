@@ -129,16 +129,14 @@ def ledger(runs_dir, warn=lambda message: print(message, file=sys.stderr)) -> li
         try:
             metrics = json.loads(metrics_path.read_text())
             config = json.loads((run_dir / "config.json").read_text())
-            head, cache = config["head"], config["cache"]
-            key = CacheKey.from_attrs(cache)
+            head, key = config["head"], CacheKey.from_attrs(config["cache"])
             _check_head(head)
+            solver = metrics.get("solver", head["solver"])
             row = {"run": run_dir.name, "val_acc": metrics.get("val_accuracy"),
                    "test_acc": metrics.get("test_accuracy"), "fit_s": metrics.get("fit_seconds"),
-                   "solver": metrics.get("solver", head["solver"]), "epochs": metrics.get("epochs"),
-                   "hidden": head["hidden"], "l2": head["l2"],
-                   "lr": head["lr"] if metrics.get("solver", head["solver"]) == "adam" else None,
-                   "train_views": views_label(head["train_views"]),
-                   "tta_views": views_label(head["tta_views"]),
+                   "solver": solver, "epochs": metrics.get("epochs"), "hidden": head["hidden"], "l2": head["l2"],
+                   "lr": head["lr"] if solver == "adam" else None,
+                   "train_views": views_label(head["train_views"]), "tta_views": views_label(head["tta_views"]),
                    "features": "+".join(parse_features(head.get("features", FINAL_FEATURE))),
                    "cache": f"{key.dataset_name()}/{key.settings_name()}",
                    "key": key}
