@@ -85,13 +85,13 @@ def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announc
     return found
 
 
-def check_features(layers: list[LayerInfo], features: tuple[str, ...], name: str = "layers"):
+def check_features(layers: list[LayerInfo], features: tuple[str, ...]):
     """Refuse, in one line, a feature naming a layer the model does not offer or an unknown pooling."""
     offered = {info.name for info in layers}
     for feature in features:
         layer, pool = split_feature(feature)
         if layer not in offered or pool not in FEATURE_POOLS:
-            raise UserError(f"the model offers no layer {feature!r} in `{name}`; extract.py with `list_layers=True` "
+            raise UserError(f"the model offers no layer {feature!r} in `layers`; extract.py with `list_layers=True` "
                             f"lists its {len(layers)} layers")
 
 
