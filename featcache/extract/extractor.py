@@ -260,7 +260,7 @@ class Extractor:
                 same = [view for view in self.views if viewed[view].shape[1:3] == shape]
                 embedded.update(zip(same, self._ov_network(shape).run([viewed[view] for view in same])))
             return split_views([embedded[view] for view in self.views], self.views)
-        outputs = [_numpy(self._tf_network(x)) for x in self._network_inputs(images)]
+        outputs = [self._tf_network(x) for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 
     def _embed_mixed(self, images: list, group: int = MIXED_GROUP) -> dict[str, np.ndarray]:
@@ -272,14 +272,15 @@ class Extractor:
             if self.engine == "openvino":
                 outputs += self._ov_network("float").run(list(views))
             else:
-                outputs += [_numpy(self._tf_network(view[i : i + self.batch_size]))
+                outputs += [self._tf_network(view[i : i + self.batch_size])
                             for i in range(0, len(chunk), self.batch_size) for view in views]
         return split_views(outputs, self.views)
 
 
 def split_views(outputs: list, views: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Network outputs alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view. An output that is
-    a dict of features gives `<view>` its "final" rows and `<view>@<feature>` each other feature's."""
+    """Network outputs (numpy or tensors) alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view as
+    numpy. An output that is a dict of features gives `<view>` its "final" rows and `<view>@<feature>` each other
+    feature's."""
     grouped = {}
     for i, view in enumerate(views):
         parts = outputs[i :: len(views)]
@@ -288,8 +289,3 @@ def split_views(outputs: list, views: tuple[str, ...]) -> dict[str, np.ndarray]:
             key = view if feature in (None, FINAL_FEATURE) else f"{view}@{feature}"
             grouped[key] = np.concatenate(rows).astype(np.float32, copy=False)
     return grouped
-
-
-def _numpy(output):
-    """A TensorFlow network's output (a tensor, or a dict of them) as numpy."""
-    return {name: tensor.numpy() for name, tensor in output.items()} if isinstance(output, dict) else output.numpy()

@@ -66,11 +66,11 @@ def calibration_samples(reader, draws, fit=None) -> list[tuple[np.ndarray, np.nd
 class Int8Quantizer:
     """Turns the f32 OpenVINO model of one input shape into its INT8 version, building it at most once."""
 
-    def __init__(self, train_reader, folder: Path, overflow_fix: bool | None = None):
-        """`overflow_fix`: weights on 7 bits (NNCF's OverflowFix.ENABLE), so that the u8 x s8 pair sums of CPUs
-        without VNNI cannot saturate their 16-bit intermediate. Default: on such CPUs (cpu.int8_dot_products)."""
+    def __init__(self, train_reader, folder: Path):
         self.reader, self.folder = train_reader, Path(folder)
-        self.overflow_fix = not cpu.int8_dot_products() if overflow_fix is None else overflow_fix
+        # Weights on 7 bits (NNCF's OverflowFix.ENABLE) where the CPU lacks int8 dot products (cpu.int8_dot_products),
+        # so that its u8 x s8 pair sums cannot saturate their 16-bit intermediate.
+        self.overflow_fix = not cpu.int8_dot_products()
         self.paths: list[Path] = []
 
     @functools.cached_property
