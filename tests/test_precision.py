@@ -166,7 +166,8 @@ def test_int8_weights_take_7_bits_where_pair_sums_can_saturate_and_unmeasured_cp
 def test_a_calibration_sample_too_large_for_memory_is_refused_before_reading():
     from types import SimpleNamespace
 
-    from featcache.extract.quantize import calibration_sample
+    from featcache.extract.quantize import calibration_samples
+    from featcache.settings import CALIBRATION_SEED, CALIBRATION_SIZE
 
     def unread(*args):
         raise AssertionError("no image may be read")
@@ -174,7 +175,7 @@ def test_a_calibration_sample_too_large_for_memory_is_refused_before_reading():
     photos = SimpleNamespace(rows=5000, image_shape=(3000, 4000), chunks=unread)
     with pytest.raises(UserError, match=r"^int8 calibration holds 300 train images in memory: at 4000x3000 that is "
                                         r"10\.1 GiB, above the 2 GiB allowed; use precision='f32'"):
-        calibration_sample(photos)
+        calibration_samples(photos, [(CALIBRATION_SIZE, CALIBRATION_SEED)])
 
 
 @needs_openvino

@@ -1,12 +1,11 @@
 """The frozen feature extractor: a TF Hub image feature-vector model behind an in-graph resize.
 
-`Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of
-images of different sizes) and returns one float32 [N, D] array per view (preprocess.view_images:
-"plain", "flip" for the mirrored image, crops...), and with `features` (layers.py) one per view and
-feature too, keyed `<view>@<feature>`, from the same pass of the network. Preprocessing (optional
-center crop -> view -> uint8 -> [0,1] float -> resize -> clip) runs inside the graph, batch by batch, so a resized split
-never exists in memory; with OpenVINO it is compiled together with the network for
-same-size chunks, and images of mixed sizes are resized one by one before the network.
+`Extractor.embed(chunk)` takes uint8 images (one array of same-size images, or a list of images of different sizes)
+and returns one float32 [N, D] array per view (preprocess.view_images), and with `features` (layers.py) one per view
+and feature too, keyed `<view>@<feature>`, from the same pass of the network. Preprocessing (optional center crop ->
+view -> [0,1] floats -> resize -> clip) runs inside the graph, batch by batch, so a resized split never exists in
+memory; with OpenVINO it is compiled together with the network for same-size chunks, and images of mixed sizes are
+resized one by one before the network.
 """
 
 from __future__ import annotations
@@ -20,15 +19,15 @@ import numpy as np
 from ..errors import UserError, first_line
 from ..settings import (
     DEFAULT_CROP, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_PRECISION, DEFAULT_RESIZE, ENGINES, FINAL_FEATURE,
-    PRECISIONS, default_batch_size,
+    default_batch_size,
 )
-from .models import checked_size, fixed_input_size, identity, load_model, record_input_size
+from .models import call_kwargs, checked_size, fixed_input_size, identity, load_model, record_input_size
 from .preprocess import center_square, preprocess_static, preprocess_views, view_images
 
-# Source pixels resized at a time by the TensorFlow engine: 16 images of 1024^2, so a large photo goes alone instead
-# of a batch of them as floats at full size (docs/benchmarks.md, Folders of large photos).
+# Source pixels resized at a time by the TensorFlow engine (16 images of 1024^2): a large photo goes alone instead
+# of a batch of them as floats at full size.
 PREPROCESS_PIXELS = 16 * 1024**2
-MIXED_GROUP = 32  # images of mixed sizes resized at a time: 32 x 224 x 224 x 3 floats = 19 MB a view
+MIXED_GROUP = 32  # images of mixed sizes resized at a time
 # OpenVINO networks kept compiled (each input shape is its own network: a full image and a crop per image size,
 # plus the float network of mixed chunks); the least recently used beyond this is dropped and recompiled if needed.
 MAX_OV_NETWORKS = 4
@@ -43,8 +42,6 @@ def check_engine_options(engine: str, precision: str = DEFAULT_PRECISION):
 
     if engine not in ENGINES:
         raise UserError(f"unknown `engine` {engine!r}; choose one of {', '.join(ENGINES)}")
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown `precision` {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != DEFAULT_PRECISION:
         if engine == "tensorflow":
             raise UserError(f"`precision={precision!r}` runs on the OpenVINO engine only; drop "
@@ -78,14 +75,9 @@ def library_versions() -> dict:
     import tensorflow as tf
     import tensorflow_hub as hub
 
-    def version(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return ""
-
     return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__,
-            **{f"{name}_version": version(name) for name in ("openvino", "nncf", "ray")}}
+            **{f"{name}_version": next((found.version for found in metadata.distributions(name=name)), "")
+               for name in ("openvino", "nncf", "ray")}}
 
 
 @dataclass(frozen=True)
@@ -145,16 +137,13 @@ class Extractor:
     def __post_init__(self):
         import tensorflow as tf
 
-        asked = self.engine
+        asked, asked_batch_size = self.engine, self.batch_size
         self.engine = resolve_engine(self.engine, self.precision)
-        if self.precision == "int8" and self.quantizer is None:
-            raise ValueError("precision int8 needs calibration images (a quantize.Int8Quantizer)")
-        self._asked_batch_size = self.batch_size is not None
         if self.batch_size is None:
             self.batch_size = default_batch_size(self.engine, bool(tf.config.list_physical_devices("GPU")))
-        self._preprocess = tf.function(self._views_graph,
-                                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-        self._float_spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+        self._preprocess = tf.function(  # uint8 images -> preprocessed floats [views, B, S, S, 3]
+            lambda images: tf.stack(preprocess_views(images, self.views, self.image_size, self.resize, self.crop)),
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
         if self.features:
             from .layers import feature_function
 
@@ -164,18 +153,18 @@ class Extractor:
         if self.engine == "openvino":
             from .ov_engine import conversion_errors
 
-            shape = self._uint8_shape(*(self.input_shape or (self.image_size, self.image_size)))
+            blank = np.empty((0, *(self.input_shape or (self.image_size, self.image_size)), 3), np.uint8)
             try:  # each view's network compiled now: it counts as load time, a conversion failure shows at once,
                 # and an int8 cache records every quantized network it is made with (quantize.Int8Quantizer.describe)
-                for one in dict.fromkeys(view_images(np.empty((0, *shape, 3), np.uint8), view).shape[1:3]
-                                         for view in self.views):
-                    self._ov_network(*one)
+                for shape in dict.fromkeys(viewed.shape[1:3] for viewed in self._viewed(blank).values()):
+                    self._ov_network(shape)
             except conversion_errors() as exc:
                 if asked != "auto" or self.precision != "f32":  # TensorFlow computes f32 only
-                    raise UserError(f"OpenVINO cannot convert model {self.model_name}: {first_line(exc)}") from None
+                    name = getattr(self.model, "handle", type(self.model).__name__)
+                    raise UserError(f"OpenVINO cannot convert model {name}: {first_line(exc)}") from None
                 self.log(f"note: OpenVINO cannot convert this model ({first_line(exc)}); using TensorFlow instead")
                 self.engine = "tensorflow"
-                if not self._asked_batch_size:
+                if asked_batch_size is None:
                     self.batch_size = default_batch_size(self.engine, gpu=False)
 
     def provenance(self) -> dict:
@@ -183,17 +172,6 @@ class Extractor:
         network's calibration."""
         return dict(engine=self.engine, batch_size=self.batch_size, **library_versions(),
                     **(self.quantizer.describe() if self.quantizer else {}))
-
-    @property
-    def model_name(self) -> str:
-        return getattr(self.model, "handle", type(self.model).__name__)
-
-    def _views_graph(self, images):
-        """uint8 images -> preprocessed floats [views, B, S, S, 3]: each view cut from the (center-cropped) image,
-        then resized."""
-        import tensorflow as tf
-
-        return tf.stack(preprocess_views(images, self.views, self.image_size, self.resize, self.crop))
 
     def _network(self, x):
         """Preprocessed images -> embeddings [B, D], or with features {feature: [B, dim]} holding "final"."""
@@ -204,70 +182,57 @@ class Extractor:
         return tf.cast(self.model(x, **self._call_kwargs), tf.float32)
 
     def _probe(self) -> int:
-        """Run two blank images once: finds the call convention, checks input size and output."""
+        """Run two blank images once: checks that the model takes the input size and gives [N, D] floats."""
         import tensorflow as tf
 
-        blank = self._preprocess(np.zeros((2, self.image_size, self.image_size, 3), np.uint8))[0]
-        for kwargs in ({"training": False}, {}):  # TF Hub models take `training`; plain ones may not
-            self._call_kwargs = kwargs
-            self._tf_network = tf.function(self._network, input_signature=[self._float_spec])
-            try:
-                out = self._tf_network(blank)
-                out = (out[FINAL_FEATURE] if self.features else out).numpy()
-                break
-            except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
-                failure = first_line(exc)
-        else:
-            raise UserError(f"model cannot take {self.image_size}x{self.image_size} float images: {failure}")
+        self._call_kwargs = call_kwargs(self.model, self.image_size)
+        spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+        self._tf_network = tf.function(self._network, input_signature=[spec])
+        try:
+            out = self._tf_network(self._preprocess(np.zeros((2, self.image_size, self.image_size, 3), np.uint8))[0])
+        except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
+            raise UserError(f"model cannot take {self.image_size}x{self.image_size} float images: "
+                            f"{first_line(exc)}") from None
+        out = (out[FINAL_FEATURE] if self.features else out).numpy()
         if out.ndim != 2 or out.shape[0] != 2 or not np.issubdtype(out.dtype, np.floating):
             raise UserError(f"model output has shape {out.shape}, expected a [N, D] float feature vector")
         return int(out.shape[1])
 
-    def _uint8_shape(self, height: int, width: int) -> tuple[int, int]:
-        """The image shape OpenVINO's uint8 network gets for images of this shape (center crops are cut first)."""
-        return (min(height, width),) * 2 if self.crop == "center" else (height, width)
+    def _viewed(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """{view: uint8 images} as OpenVINO's networks get them: a center crop is cut first, so that the flip view
+        mirrors the crop, as the TensorFlow graph does."""
+        if self.crop == "center":
+            images = center_square(images)
+        return {view: view_images(images, view) for view in self.views}
 
-    def _ov_network(self, height: int, width: int):
-        """The whole uint8 -> embedding graph compiled by OpenVINO, one per input size. A center crop is cut
-        before (embed), so that the flip view mirrors the crop, as the TensorFlow graph does."""
+    def _ov_network(self, shape):
+        """OpenVINO's compiled network for uint8 images of `shape` (height, width): the whole uint8 -> embedding
+        graph; or for shape "float": the network alone, for preprocessed batches (chunks of mixed sizes). The least
+        recently used networks beyond MAX_OV_NETWORKS are dropped."""
         import tensorflow as tf
 
         from .ov_engine import OpenVinoNetwork
 
-        if (height, width) not in self._ov_networks:
-            self._make_room()
-            spec = tf.TensorSpec([self.batch_size, height, width, 3], tf.uint8)
-            graph = tf.function(lambda images: self._network(
-                preprocess_static(images, self.image_size, self.resize)), input_signature=[spec])
+        if shape not in self._ov_networks:
+            if shape == "float" and self.precision == "int8":
+                raise UserError("`precision='int8'` needs images of one size (it is calibrated per input size); "
+                                "this chunk mixes sizes: use `precision='f32'` or `precision='bf16'`")
+            while len(self._ov_networks) >= MAX_OV_NETWORKS:
+                self._ov_networks.popitem(last=False)
+            if shape == "float":
+                spec = tf.TensorSpec([self.batch_size, self.image_size, self.image_size, 3], tf.float32)
+                graph = tf.function(self._network, input_signature=[spec])
+            else:
+                spec = tf.TensorSpec([self.batch_size, *shape, 3], tf.uint8)
+                graph = tf.function(lambda images: self._network(
+                    preprocess_static(images, self.image_size, self.resize)), input_signature=[spec])
             quantize = None
             if self.precision == "int8":
                 quantize = functools.partial(self.quantizer, batch_size=self.batch_size, image_size=self.image_size,
                                              resize=self.resize, crop=self.crop, log=self.log)
-            self._ov_networks[height, width] = OpenVinoNetwork(graph, self.precision, quantize, self.threads)
-        self._ov_networks.move_to_end((height, width))
-        return self._ov_networks[height, width]
-
-    def _make_room(self):
-        """Drop the least recently used compiled networks so that one more fits within MAX_OV_NETWORKS."""
-        while len(self._ov_networks) >= MAX_OV_NETWORKS:
-            self._ov_networks.popitem(last=False)
-
-    def _ov_float_network(self):
-        """The network alone, compiled by OpenVINO for preprocessed float batches (chunks of mixed sizes)."""
-        import tensorflow as tf
-
-        from .ov_engine import OpenVinoNetwork
-
-        if "float" not in self._ov_networks:
-            if self.precision == "int8":
-                raise UserError("`precision='int8'` needs images of one size (it is calibrated per input size); "
-                                "this chunk mixes sizes: use `precision='f32'` or `precision='bf16'`")
-            self._make_room()
-            spec = tf.TensorSpec([self.batch_size, self.image_size, self.image_size, 3], tf.float32)
-            self._ov_networks["float"] = OpenVinoNetwork(tf.function(self._network, input_signature=[spec]),
-                                                         self.precision, threads=self.threads)
-        self._ov_networks.move_to_end("float")
-        return self._ov_networks["float"]
+            self._ov_networks[shape] = OpenVinoNetwork(graph, self.precision, quantize, self.threads)
+        self._ov_networks.move_to_end(shape)
+        return self._ov_networks[shape]
 
     def _network_inputs(self, images: np.ndarray):
         """Preprocessed network batches in order: batch 0's views, then batch 1's, ... Large images are resized
@@ -282,24 +247,20 @@ class Extractor:
     def embed(self, images: np.ndarray | list) -> dict[str, np.ndarray]:
         """Embed a chunk of uint8 images in `batch_size` batches: {view: float32 [N, D]}.
 
-        Each view is its own network call, so activation memory follows `batch_size` alone.
-        OpenVINO gets each view as uint8 images (mirrored, cropped), each shape its own compiled
-        network, so TensorFlow does no work at all in its loop.
-        A list of images of different sizes is preprocessed image by image (the same graph),
-        then goes through the network in batches.
+        Each view is its own network call, so activation memory follows `batch_size` alone. OpenVINO gets each view
+        as uint8 images, each shape its own compiled network, so TensorFlow does no work at all in its loop. A list
+        of images of different sizes is preprocessed image by image, then goes through the network in batches.
         """
         if isinstance(images, list):
             return self._embed_mixed(images)
         if self.engine == "openvino":
-            if self.crop == "center":
-                images = center_square(images)
-            viewed = {view: view_images(images, view) for view in self.views}
+            viewed = self._viewed(images)
             embedded = {}
             for shape in dict.fromkeys(batch.shape[1:3] for batch in viewed.values()):
                 same = [view for view in self.views if viewed[view].shape[1:3] == shape]
-                embedded.update(zip(same, self._ov_network(*shape).run([viewed[view] for view in same])))
+                embedded.update(zip(same, self._ov_network(shape).run([viewed[view] for view in same])))
             return split_views([embedded[view] for view in self.views], self.views)
-        outputs = [_numpy(self._tf_network(x)) for x in self._network_inputs(images)]
+        outputs = [self._tf_network(x) for x in self._network_inputs(images)]
         return split_views(outputs, self.views)
 
     def _embed_mixed(self, images: list, group: int = MIXED_GROUP) -> dict[str, np.ndarray]:
@@ -309,16 +270,17 @@ class Extractor:
             chunk = images[lo : lo + step]
             views = np.concatenate([self._preprocess(image[None]).numpy() for image in chunk], axis=1)
             if self.engine == "openvino":
-                outputs += self._ov_float_network().run(list(views))
+                outputs += self._ov_network("float").run(list(views))
             else:
-                outputs += [_numpy(self._tf_network(view[i : i + self.batch_size]))
+                outputs += [self._tf_network(view[i : i + self.batch_size])
                             for i in range(0, len(chunk), self.batch_size) for view in views]
         return split_views(outputs, self.views)
 
 
 def split_views(outputs: list, views: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Network outputs alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view. An output that is
-    a dict of features gives `<view>` its "final" rows and `<view>@<feature>` each other feature's."""
+    """Network outputs (numpy or tensors) alternate views (batch 0 plain, batch 0 flip, ...); regroup them per view as
+    numpy. An output that is a dict of features gives `<view>` its "final" rows and `<view>@<feature>` each other
+    feature's."""
     grouped = {}
     for i, view in enumerate(views):
         parts = outputs[i :: len(views)]
@@ -327,8 +289,3 @@ def split_views(outputs: list, views: tuple[str, ...]) -> dict[str, np.ndarray]:
             key = view if feature in (None, FINAL_FEATURE) else f"{view}@{feature}"
             grouped[key] = np.concatenate(rows).astype(np.float32, copy=False)
     return grouped
-
-
-def _numpy(output):
-    """A TensorFlow network's output (a tensor, or a dict of them) as numpy."""
-    return {name: tensor.numpy() for name, tensor in output.items()} if isinstance(output, dict) else output.numpy()

@@ -1,9 +1,6 @@
 """Inner tensors of a loaded TF Hub / SavedModel image model: which layers it offers, and one function computing
 their pooled activations together with the model's own output.
 
-`offered_layers` keeps the list of a model at a size under `<cache_dir>/models/`, as models.py keeps input sizes, so
-that checking the names asked for loads the model once.
-
 A TF Hub SavedModel's call is a single StatefulPartitionedCall, whose inner tensors no caller can reach. So the call
 (for one input size) is frozen with convert_variables_to_constants_v2, which inlines the function bodies into one
 graph with constant weights; that graph is imported into a tf.compat.v1.wrap_function and pruned to the input and
@@ -85,13 +82,13 @@ def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announc
     return found
 
 
-def check_features(layers: list[LayerInfo], features: tuple[str, ...], name: str = "layers"):
-    """Refuse, in one line, a feature naming a layer the model does not offer or an unknown pooling."""
+def check_features(layers: list[LayerInfo], features: tuple[str, ...]):
+    """Refuse, in one line, a feature naming a layer the model does not offer (settings.parse_features checked the
+    spelling and the pooling)."""
     offered = {info.name for info in layers}
     for feature in features:
-        layer, pool = split_feature(feature)
-        if layer not in offered or pool not in FEATURE_POOLS:
-            raise UserError(f"the model offers no layer {feature!r} in `{name}`; extract.py with `list_layers=True` "
+        if split_feature(feature)[0] not in offered:
+            raise UserError(f"the model offers no layer {feature!r} in `layers`; extract.py with `list_layers=True` "
                             f"lists its {len(layers)} layers")
 
 

@@ -1,14 +1,12 @@
 """A model's identity, its input size, and loading it.
 
-A local SavedModel folder is identified by a hash of its contents (saved_model.pb and the
-variables index), so replacing its files in place makes a new cache instead of silently
-reusing vectors of the old model; a TF Hub handle names fixed contents by itself.
+A local SavedModel folder is identified by a hash of its contents (saved_model.pb and the variables index), so
+replacing its files in place makes a new cache instead of silently reusing vectors of the old model; a TF Hub handle
+names fixed contents by itself.
 
-The input size comes from the model when its signature fixes one (Inception V3: 299), else
-from `image_size` (default settings.DEFAULT_IMAGE_SIZE). Finding it means loading the model once;
-the answer is kept in `<cache_dir>/models/`, so up-to-date checks stay free of TensorFlow. Stage 2
-only hashes a local folder and reads that record, never loading a model (selection.select_cached);
-predict and export load the run's model.
+The input size comes from the model when its signature fixes one (Inception V3: 299), else from `image_size`.
+Finding it means loading the model once; the answer is kept in `<cache_dir>/models/`, so up-to-date checks (and
+stage 2, selection.select_cached) stay free of TensorFlow.
 """
 
 from __future__ import annotations
@@ -50,7 +48,8 @@ def load_model(handle: str | os.PathLike, run: str | None = None):
 
 
 def hand_over(handle: str, model):
-    """Keep a model loaded for something else (its input size, its layers) for the extraction that follows."""
+    """Keep a model loaded for something else (its input size, its layers) for the extraction that follows (None:
+    keep none)."""
     _loaded_for_size.clear()
     _loaded_for_size[os.fspath(handle)] = model
 
@@ -64,7 +63,7 @@ def call_kwargs(model, image_size: int) -> dict:
         try:
             model(blank, **kwargs)
             return kwargs
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, tf.errors.InvalidArgumentError):
             continue
     return {}
 
@@ -78,18 +77,12 @@ def identity(handle: str | os.PathLike) -> tuple[str, str]:
     if not os.path.exists(handle):
         raise UserError(f"model folder {handle} does not exist (`model` takes a TF Hub URL or a SavedModel folder)")
     folder = Path(handle).resolve()
-    digest = hashlib.sha256()
-    found = False
-    for name in IDENTITY_FILES:
-        path = folder / name
-        if path.is_file():
-            found = True
-            digest.update(name.encode() + b"\0")
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    if not found:
+    present = [name for name in IDENTITY_FILES if (folder / name).is_file()]
+    if not present:
         raise UserError(f"model folder {folder} holds no SavedModel (no saved_model.pb)")
+    digest = hashlib.sha256()
+    for name in present:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
     return str(folder), digest.hexdigest()
 
 
@@ -125,10 +118,8 @@ def input_size(handle: str, sha256: str, asked: int | None, default: int, cache_
             fixed = record_input_size(fixed_input_size(model), handle, sha256, cache_dir)
         except UserError:
             fixed = None
-        else:
-            _loaded_for_size.clear()
-            if cache_dir:  # an extraction follows (a selection without a cache folder keeps nothing alive)
-                hand_over(handle, model)
+        else:  # an extraction follows (a selection without a cache folder keeps nothing alive)
+            hand_over(handle, model if cache_dir else None)
     return checked_size(handle, fixed, asked or (fixed or default))
 
 

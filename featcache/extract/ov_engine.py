@@ -1,15 +1,10 @@
 """OpenVINO runtime for stage 1: the same loaded TF Hub model, converted in memory.
 
-What OpenVINO compiles is the whole uint8 -> embedding graph (preprocess_static, then the
-network), with a fixed batch size, so TensorFlow does no work while it runs. Each of these
-choices was measured to matter (docs/benchmarks.md, Engines):
-- INFERENCE_PRECISION_HINT is pinned (f32 unless precision bf16 asks otherwise). On CPUs
-  with AMX/bf16, OpenVINO otherwise defaults to bf16, whose embeddings are far from
-  TensorFlow's; in f32 the two agree. An int8 model keeps f32 for the operations NNCF left
-  unquantized.
-- A static input shape: faster than a dynamic batch.
-- Batch 1 requests through an AsyncInferQueue under the THROUGHPUT hint: one stream per
-  core, each request's activations small enough to stay in the core's cache.
+What OpenVINO compiles is the whole uint8 -> embedding graph (preprocess_static, then the network), with a fixed
+batch size, so TensorFlow does no work while it runs. INFERENCE_PRECISION_HINT is pinned (f32 unless precision bf16
+asks otherwise): on CPUs with AMX/bf16, OpenVINO otherwise defaults to bf16, whose embeddings are far from
+TensorFlow's. A static input shape, and batches through an AsyncInferQueue under the THROUGHPUT hint (one stream per
+core), were the fastest (docs/benchmarks.md, Engines).
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from ..errors import UserError
 from ..settings import DEFAULT_PRECISION
 
 INSTALL_HINT = "pip install -r requirements-openvino.txt  (optional; the faster extraction engine on CPUs)"
-NNCF_HINT = "pip install -r requirements-openvino.txt  (OpenVINO and NNCF)"
 
 
 def available(package: str = "openvino") -> bool:
@@ -44,7 +38,7 @@ def conversion_errors() -> tuple[type[BaseException], ...]:
 def check_precision(precision: str):
     """bf16 only where the CPU computes it natively (else OpenVINO would emulate or ignore it); int8 needs NNCF."""
     if precision == "int8" and not available("nncf"):
-        raise UserError(f"`precision='int8'` needs NNCF: {NNCF_HINT}")
+        raise UserError("`precision='int8'` needs NNCF: pip install -r requirements-openvino.txt  (OpenVINO and NNCF)")
     if precision != "bf16":
         return
     import openvino as ov
@@ -55,23 +49,17 @@ def check_precision(precision: str):
                         f"{', '.join(capabilities)} here. Use `precision='f32'` or `precision='int8'`")
 
 
-def silence_conversion_telemetry():
-    """Route OpenVINO's model-conversion telemetry to its own no-op stub (what it uses when openvino-telemetry is
-    absent). Its sender forks processes from a thread pool, and a fork while another thread holds the logging lock
-    hangs the extraction (docs/benchmarks.md, The Ray runner)."""
-    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
-
-    convert_impl.tm = telemetry_utils.tm = telemetry_stub
-
-
 class OpenVinoNetwork:
     """Image arrays in (uint8 [N,H,W,3], or preprocessed floats), float32 [N,D] out, from a tf.function with a
     static input signature; a function returning a dict of [N,D] tensors (inner-layer features) gives dicts."""
 
     def __init__(self, tf_function, precision: str = DEFAULT_PRECISION, quantize=None, threads: int | None = None):
         import openvino as ov
+        from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
 
-        silence_conversion_telemetry()
+        # Conversion telemetry goes to OpenVINO's own no-op stub (as without openvino-telemetry): its sender forks
+        # from a thread pool, and a fork while another thread holds the logging lock hangs the extraction.
+        convert_impl.tm = telemetry_utils.tm = telemetry_stub
         concrete = tf_function.get_concrete_function()
         self.batch_size = concrete.inputs[0].shape[0]
         keyed = isinstance(concrete.structured_outputs, dict)

@@ -18,28 +18,21 @@ CROP_EIGHTHS = 7  # a crop view keeps 7/8 of each side (28 of CIFAR's 32 px): th
 CROP_WINDOWS = dict(zip(CROP_PLACES, ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))))
 
 
-def _flip(images):
-    return images[:, :, ::-1]  # mirrored left-right
-
-
 def crop_shape(height, width):
     """A crop view's (height, width) for images of this shape: 7/8 of each side, rounded (integers or tensors)."""
     return (height * CROP_EIGHTHS + 4) // 8, (width * CROP_EIGHTHS + 4) // 8
 
 
-def _crop(images, place: str):
-    """The window of 7/8 of each side at `place` (integer arithmetic, so numpy and TensorFlow cut alike)."""
-    height, width = _height_width(images)
-    rows, cols = crop_shape(height, width)
-    top, left = ((height - rows) * CROP_WINDOWS[place][0]) // 2, ((width - cols) * CROP_WINDOWS[place][1]) // 2
-    return images[:, top : top + rows, left : left + cols]
-
-
 def view_images(images, view: str):
-    """A batch of uint8 images [B, H, W, C] as `view` shows them (before the resize)."""
+    """A batch of uint8 images [B, H, W, C] as `view` shows them (before the resize): a crop view's window of 7/8 of
+    each side (integer arithmetic, so numpy and TensorFlow cut alike), mirrored left-right for a flip view."""
     if view.startswith("crop-"):
-        images = _crop(images, view.split("-")[1])
-    return _flip(images) if view.endswith("flip") else images
+        height, width = _height_width(images)
+        rows, cols = crop_shape(height, width)
+        down, across = CROP_WINDOWS[view.split("-")[1]]
+        top, left = ((height - rows) * down) // 2, ((width - cols) * across) // 2
+        images = images[:, top : top + rows, left : left + cols]
+    return images[:, :, ::-1] if view.endswith("flip") else images
 
 
 def _height_width(images):
@@ -97,16 +90,14 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
         return tf.image.resize(basis, (n_out, 1), method=method)[:, :, 0, 0].numpy().T
 
 
-def preprocess_static(images, image_size: int, method: str, crop: str = DEFAULT_CROP):
-    """`preprocess` for a fixed input size, its resize as two constant matrix products.
+def preprocess_static(images, image_size: int, method: str):
+    """`preprocess` (without a crop) for a fixed input size, its resize as two constant matrix products.
 
     Same numbers as `preprocess` (a test checks), but made only of ops that OpenVINO's
     TensorFlow frontend converts; it has no ResizeBicubic / ScaleAndTranslate.
     """
     import tensorflow as tf
 
-    if crop == "center":
-        images = center_square(images)
     rows = tf.constant(resize_matrix(images.shape[1], image_size, method))
     cols = tf.constant(resize_matrix(images.shape[2], image_size, method))
     x = tf.image.convert_image_dtype(images, tf.float32)

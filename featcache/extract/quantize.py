@@ -34,13 +34,6 @@ class CalibrationUnusable(UserError):
         super().__init__(f"{problem}; use `precision='f32'` or `precision='bf16'` for this dataset")
 
 
-def calibration_sample(reader, size: int = CALIBRATION_SIZE,
-                       seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, their train items): a seeded sample of the train split's reader."""
-    (sample,) = calibration_samples(reader, [(size, seed)])
-    return sample
-
-
 def calibration_samples(reader, draws, fit=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(uint8 images, their train items) for each (size, seed) draw from the train split's reader. The items are
     drawn first and only they are read (a folder's files decoded one by one, an unreadable one left out). `fit`
@@ -73,17 +66,17 @@ def calibration_samples(reader, draws, fit=None) -> list[tuple[np.ndarray, np.nd
 class Int8Quantizer:
     """Turns the f32 OpenVINO model of one input shape into its INT8 version, building it at most once."""
 
-    def __init__(self, train_reader, folder: Path, overflow_fix: bool | None = None):
-        """`overflow_fix`: weights on 7 bits (NNCF's OverflowFix.ENABLE), so that the u8 x s8 pair sums of CPUs
-        without VNNI cannot saturate their 16-bit intermediate. Default: on such CPUs (cpu.int8_dot_products)."""
+    def __init__(self, train_reader, folder: Path):
         self.reader, self.folder = train_reader, Path(folder)
-        self.overflow_fix = not cpu.int8_dot_products() if overflow_fix is None else overflow_fix
+        # Weights on 7 bits (NNCF's OverflowFix.ENABLE) where the CPU lacks int8 dot products (cpu.int8_dot_products),
+        # so that its u8 x s8 pair sums cannot saturate their 16-bit intermediate.
+        self.overflow_fix = not cpu.int8_dot_products()
         self.paths: list[Path] = []
 
     @functools.cached_property
     def sample(self) -> tuple[np.ndarray, np.ndarray, str]:
         """(images, their train rows, sha256 of the images): read on first use only."""
-        images, rows = calibration_sample(self.reader)
+        ((images, rows),) = calibration_samples(self.reader, [(CALIBRATION_SIZE, CALIBRATION_SEED)])
         return images, rows, hashlib.sha256(images.tobytes()).hexdigest()
 
     def unmeasured_note(self) -> str | None:
@@ -123,19 +116,17 @@ class Int8Quantizer:
         import nncf
 
         if (height, width) == crop_shape(*images.shape[1:3]):  # the network of the crop views
-            images = np.ascontiguousarray(view_images(images, "crop-c"))
+            images = view_images(images, "crop-c")
         if (images.shape[1], images.shape[2]) != (height, width):
             raise UserError(f"calibration images are {images.shape[1]}x{images.shape[2]}, the network takes "
                             f"{height}x{width}")
         batches = [_padded(images[i : i + batch_size], batch_size) for i in range(0, len(images), batch_size)]
         # Full bias correction, and the first and last convolution kept in f32 (input quantization and the layer
-        # that makes the embedding hurt most): of the recipes tried, the embeddings closest to f32's, at the same
-        # speed (docs/benchmarks.md, Lower precision).
+        # that makes the embedding hurt most): of the recipes tried, the embeddings closest to f32's (docs/).
         convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
                         if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
-        keep = (nncf.IgnoredScope(names=sorted({convolutions[0], convolutions[-1]}), validate=False)
-                if convolutions else None)
-        options = {"ignored_scope": keep} if keep else {}
+        options = {"ignored_scope": nncf.IgnoredScope(names=sorted({convolutions[0], convolutions[-1]}),
+                                                      validate=False)} if convolutions else {}
         if self.overflow_fix:
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
@@ -147,10 +138,8 @@ class Int8Quantizer:
 
 
 def _padded(images: np.ndarray, batch_size: int) -> np.ndarray:
-    out = np.zeros((batch_size, *images.shape[1:]), np.uint8)
-    out[: len(images)] = images
-    out[len(images) :] = images[:1]  # repeat a real image rather than feed black padding to the statistics
-    return out
+    """A full batch: its first image repeated, rather than black padding that would feed the statistics."""
+    return np.concatenate([images, np.repeat(images[:1], batch_size - len(images), axis=0)])
 
 
 def _save_atomically(model, path: Path):
