@@ -128,14 +128,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
-def view_dataset(view: str) -> str:
-    """The HDF5 dataset holding a view's embeddings."""
-    return "embeddings" if view == "plain" else f"embeddings_{view}"
+def view_dataset(key: str) -> str:
+    """The HDF5 dataset holding a view's embeddings (`key`: the view) or, for `<view>@<feature>`, that view's pooled
+    inner-layer feature (float32 [N, dim])."""
+    view, at, feature = key.partition("@")
+    return ("embeddings" if view == "plain" else f"embeddings_{view}") + at + feature
 
 
 def feature_dataset(view: str, feature: str) -> str:
-    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
-    return view_dataset(view) + "@" + feature
+    """The HDF5 dataset holding a view's pooled inner-layer feature."""
+    return view_dataset(f"{view}@{feature}")
 
 
 def partial_path(path: Path) -> Path:
