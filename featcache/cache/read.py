@@ -31,9 +31,6 @@ class CacheState:
     reason: str = ""
 
 
-READ_ATTRIBUTES = ("rows", "source_fingerprint", "engine")  # besides views and class_names, what readers use
-
-
 def inspect(path: Path, expected: dict) -> CacheState:
     """Compare a finished cache file with the attributes we expect, without loading rows."""
     if not path.exists():
@@ -45,7 +42,8 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", "it was not made by featcache")
             if "format_version" in expected and attrs.get("format_version") != expected["format_version"]:
                 return CacheState("bad", "it was made with other format_version")  # other attributes, other checks
-            if missing := [name for name in READ_ATTRIBUTES if name not in attrs]:
+            # besides views and class_names, the attributes readers use
+            if missing := [name for name in ("rows", "source_fingerprint", "engine") if name not in attrs]:
                 return CacheState("bad", f"its {', '.join(missing)} attribute is missing")
             wrong = mismatches(attrs, expected, IDENTITY)
             if wrong == ["source_fingerprint"]:
@@ -54,32 +52,27 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", f"it was made with other {', '.join(wrong)}")
             if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
                 return CacheState("bad", "it is incomplete")
-            if not cached_views(attrs):
+            if not (views := cached_views(attrs)):
                 return CacheState("bad", "its views attribute is missing or not a list of known views")
             try:
                 class_names(attrs)
             except (KeyError, TypeError, ValueError):
                 return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
-            for name, dim in _vector_datasets(attrs):
+            widths = dict.fromkeys(map(view_dataset, views), attrs.get("dim"))  # values per row, None: unrecorded
+            widths.update((feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
+                          for view in views)
+            for name, width in widths.items():
                 if name not in f or not _float_rows(f[name], rows):
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
-                if dim is not None and f[name].shape[1] != dim:
+                if width is not None and f[name].shape[1] != int(width):
                     return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim or features "
-                                             f"attribute says {dim}")
+                                             f"attribute says {int(width)}")
             if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
                 return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
         return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
-
-
-def _vector_datasets(attrs: dict) -> list[tuple[str, int | None]]:
-    """(dataset, values per row or None when unrecorded) of every view's embeddings and inner-layer features."""
-    dim = int(attrs["dim"]) if "dim" in attrs else None
-    return [(view_dataset(view), dim) for view in cached_views(attrs)] + \
-        [(feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
-         for view in cached_views(attrs)]
 
 
 def _float_rows(dataset, rows: int) -> bool:
@@ -196,9 +189,7 @@ def class_names(attrs: dict) -> tuple[str, ...]:
 def skipped_files(path: Path) -> list[tuple[str, str]]:
     """(file, reason) of each source file a folder cache has no row for."""
     with open_h5(path, "r") as f:
-        if "skipped_files" not in f:
-            return []
-        return [(file.decode(), reason.decode()) for file, reason in f["skipped_files"][:]]
+        return [tuple(pair) for pair in f["skipped_files"].asstr()[:]] if "skipped_files" in f else []
 
 
 def row_files(path: Path, rows: np.ndarray) -> list[str] | None:
@@ -327,8 +318,8 @@ class CacheUnusable(UserError):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
         self.views, self.layers = views, layers  # views and inner-layer features to add to the cache ('extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        added = " and ".join(f"`{option}={','.join(names)!r}`" for option, names in (("views", views), ("layers", layers))
-                             if names)
+        added = " and ".join(f"`{option}={','.join(names)!r}`"
+                             for option, names in (("views", views), ("layers", layers)) if names)
         remedy = {"extract": f"add them with {added}" if added else "extract it",
                   "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
