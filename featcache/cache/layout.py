@@ -38,8 +38,7 @@ CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize", "limit", "precision", "crop",
-            "data_dir", "test_fraction", "model_sha256", "rows",
-            "source_fingerprint", "shard")
+            "data_dir", "test_fraction", "model_sha256", "rows", "source_fingerprint", "shard")
 # A partial file is only resumed by the same engine, batch size, library versions (and int8 model), so one file
 # never mixes them; an assembly's only by an assembly.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",

@@ -51,8 +51,7 @@ from .layout import (
 )
 
 
-_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
-           "features")  # not per dataset
+_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing", "features")  # per file
 
 
 @contextlib.contextmanager
@@ -297,12 +296,10 @@ class CacheWriter:
             if shrinkable:
                 rows_dataset("source_index", (), "<i8", CHUNK_ROWS * 64)
                 f.create_dataset("source_files", data=np.array(self.files, dtype=h5py.string_dtype()))
-            for name, value in self.attrs.items():
-                f.attrs[name] = value
+            f.attrs.update(self.attrs)
             if not self.base:
                 f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.attrs["rows_done"] = np.int64(0)
-            f.attrs["complete"] = False
+            f.attrs.update(rows_done=np.int64(0), complete=False)
 
     @_io_errors()
     def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items: np.ndarray | None = None):
@@ -372,9 +369,7 @@ class CacheWriter:
 
     def written_items(self) -> np.ndarray:
         """The source item of every committed row (all rows' own numbers when nothing is skipped)."""
-        if self.files is None:
-            return np.arange(self.rows_done)
-        return self._file["source_index"][: self.rows_done]
+        return np.arange(self.rows_done) if self.files is None else self._file["source_index"][: self.rows_done]
 
     def _sync(self):
         self._file.flush()
