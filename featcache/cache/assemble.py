@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from .layout import CHUNK_ROWS, open_h5
+from .layout import CHUNK_ROWS, open_h5, view_dataset
 from .read import attributes, cached_features, cached_views, skipped_files
-from .write import CacheWriteError, CacheWriter, dataset_name
+from .write import CacheWriteError, CacheWriter
 
 BLOCK_ROWS = 64 * CHUNK_ROWS  # rows copied (and committed) at a time: 84 MB a view of 1,280 floats
 # What made a shard's rows: shards that differ in any of these are never joined into one cache.
@@ -68,7 +68,7 @@ def _copy(shard: Path, writer: CacheWriter, offset: int, lo: int, count: int, st
         with open_h5(shard, "r") as f:
             for a in range(lo, count, BLOCK_ROWS):
                 b = min(a + BLOCK_ROWS, count)
-                vectors = {key: f[dataset_name(key)][a:b] for key in writer.computing}
+                vectors = {key: f[view_dataset(key)][a:b] for key in writer.computing}
                 items = f["source_index"][a:b] + start if indexed else None
                 writer.write(offset + a, vectors, f["labels"][a:b], items)
     except CacheWriteError:

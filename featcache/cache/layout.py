@@ -38,8 +38,7 @@ CHUNK_ROWS = 256
 CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 # Attributes that decide whether a file is the cache asked for.
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize", "limit", "precision", "crop",
-            "data_dir", "test_fraction", "model_sha256", "rows",
-            "source_fingerprint", "shard")
+            "data_dir", "test_fraction", "model_sha256", "rows", "source_fingerprint", "shard")
 # A partial file is only resumed by the same engine, batch size, library versions (and int8 model), so one file
 # never mixes them; an assembly's only by an assembly.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
@@ -128,14 +127,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
-def view_dataset(view: str) -> str:
-    """The HDF5 dataset holding a view's embeddings."""
-    return "embeddings" if view == "plain" else f"embeddings_{view}"
+def view_dataset(key: str) -> str:
+    """The HDF5 dataset holding a view's embeddings (`key`: the view) or, for `<view>@<feature>`, that view's pooled
+    inner-layer feature (float32 [N, dim])."""
+    view, at, feature = key.partition("@")
+    return ("embeddings" if view == "plain" else f"embeddings_{view}") + at + feature
 
 
 def feature_dataset(view: str, feature: str) -> str:
-    """The HDF5 dataset holding a view's pooled inner-layer feature (float32 [N, dim])."""
-    return view_dataset(view) + "@" + feature
+    """The HDF5 dataset holding a view's pooled inner-layer feature."""
+    return view_dataset(f"{view}@{feature}")
 
 
 def partial_path(path: Path) -> Path:

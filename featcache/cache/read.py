@@ -8,6 +8,7 @@ outside its classes, and says in one line what would make a usable one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,6 @@ class CacheState:
     reason: str = ""
 
 
-READ_ATTRIBUTES = ("rows", "source_fingerprint", "engine")  # besides views and class_names, what readers use
-
-
 def inspect(path: Path, expected: dict) -> CacheState:
     """Compare a finished cache file with the attributes we expect, without loading rows."""
     if not path.exists():
@@ -44,7 +42,8 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", "it was not made by featcache")
             if "format_version" in expected and attrs.get("format_version") != expected["format_version"]:
                 return CacheState("bad", "it was made with other format_version")  # other attributes, other checks
-            if missing := [name for name in READ_ATTRIBUTES if name not in attrs]:
+            # besides views and class_names, the attributes readers use
+            if missing := [name for name in ("rows", "source_fingerprint", "engine") if name not in attrs]:
                 return CacheState("bad", f"its {', '.join(missing)} attribute is missing")
             wrong = mismatches(attrs, expected, IDENTITY)
             if wrong == ["source_fingerprint"]:
@@ -53,32 +52,27 @@ def inspect(path: Path, expected: dict) -> CacheState:
                 return CacheState("bad", f"it was made with other {', '.join(wrong)}")
             if not attrs.get("complete") or attrs.get("rows_done") != attrs.get("rows"):
                 return CacheState("bad", "it is incomplete")
-            if not cached_views(attrs):
+            if not (views := cached_views(attrs)):
                 return CacheState("bad", "its views attribute is missing or not a list of known views")
             try:
                 class_names(attrs)
             except (KeyError, TypeError, ValueError):
                 return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
-            for name, dim in _vector_datasets(attrs):
+            widths = dict.fromkeys(map(view_dataset, views), attrs.get("dim"))  # values per row, None: unrecorded
+            widths.update((feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
+                          for view in views)
+            for name, width in widths.items():
                 if name not in f or not _float_rows(f[name], rows):
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
-                if dim is not None and f[name].shape[1] != dim:
+                if width is not None and f[name].shape[1] != int(width):
                     return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim or features "
-                                             f"attribute says {dim}")
+                                             f"attribute says {int(width)}")
             if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
                 return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file
         return CacheState("bad", f"it is not a readable HDF5 file ({first_line(exc, 120)})")
     return CacheState("complete")
-
-
-def _vector_datasets(attrs: dict) -> list[tuple[str, int | None]]:
-    """(dataset, values per row or None when unrecorded) of every view's embeddings and inner-layer features."""
-    dim = int(attrs["dim"]) if "dim" in attrs else None
-    return [(view_dataset(view), dim) for view in cached_views(attrs)] + \
-        [(feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
-         for view in cached_views(attrs)]
 
 
 def _float_rows(dataset, rows: int) -> bool:
@@ -107,20 +101,13 @@ def cached_features(attrs: dict) -> dict[str, int]:
     return features
 
 
-class MissingViews(UserError):
-    """A cache lacks views a head asked for: extraction adds them."""
+class Missing(UserError):
+    """A cache lacks views or inner-layer features a head asked for: extraction adds them (`option`: 'views' or
+    'layers')."""
 
-    def __init__(self, problem: str, missing: tuple[str, ...]):
-        self.problem, self.missing = problem, missing
-        super().__init__(f"{problem}; add them with `views={','.join(missing)!r}`")
-
-
-class MissingFeatures(UserError):
-    """A cache lacks inner-layer features a head asked for: extraction adds them."""
-
-    def __init__(self, problem: str, missing: tuple[str, ...]):
-        self.problem, self.missing = problem, missing
-        super().__init__(f"{problem}; add them with `layers={','.join(missing)!r}`")
+    def __init__(self, problem: str, option: str, missing: tuple[str, ...]):
+        self.problem, self.option, self.missing = problem, option, missing
+        super().__init__(f"{problem}; add them with `{option}={','.join(missing)!r}`")
 
 
 class CorruptCache(UserError):
@@ -135,40 +122,42 @@ def read(path: Path, expected: dict, views: tuple[str, ...] | None) -> tuple[dic
         raise UserError(f"no cache at {path}")
     if state.status == "bad":
         raise UserError(f"cache {path} cannot be used: {state.reason}")
-    with open_h5(path, "r") as f:
-        views = cached_views(_attributes(f)) if views is None else views
-        missing = [v for v in views if v not in cached_views(_attributes(f))]
-        if missing:
-            raise MissingViews(f"cache {path} holds no {', '.join(missing)} view (it holds "
-                               f"{', '.join(cached_views(_attributes(f)))})", tuple(missing))
-        try:
-            embeddings = {v: _read_whole(f[view_dataset(v)]) for v in views}
-            labels = f["labels"][:]
-        except OSError as exc:
-            if _failed_checksum(exc):
-                raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
-            raise
+    return _read(path, views)[:3]
+
+
+def _read(path: Path, views: tuple[str, ...] | None, features: tuple[str, ...] = ()):
+    """(embeddings, labels, attributes) as `read` gives them, and the inner-layer `features` of those views,
+    {feature: {view: rows}}, of a cache `inspect` found complete."""
+    with open_h5(path, "r") as f, _checksummed(path):
         attrs = _attributes(f)
-    return embeddings, labels, attrs
-
-
-def read_inner(path: Path, views: tuple[str, ...], features: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
-    """The inner-layer `features` of `views` of a complete cache (checked by `read`): {feature: {view: rows}}."""
-    with open_h5(path, "r") as f:
-        _refuse_missing(path, cached_features(_attributes(f)), features)
-        try:
-            return {feature: {view: _read_whole(f[feature_dataset(view, feature)]) for view in views}
-                    for feature in features}
-        except OSError as exc:
-            if _failed_checksum(exc):
-                raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
-            raise
+        held = cached_views(attrs)
+        views = held if views is None else views
+        if missing := tuple(v for v in views if v not in held):
+            raise Missing(f"cache {path} holds no {', '.join(missing)} view (it holds {', '.join(held)})", "views",
+                          missing)
+        _refuse_missing(path, cached_features(attrs), features)
+        embeddings = {v: _read_whole(f[view_dataset(v)]) for v in views}
+        labels = f["labels"][:]
+        inner = {feature: {view: _read_whole(f[feature_dataset(view, feature)]) for view in views}
+                 for feature in features}
+    return embeddings, labels, attrs, inner
 
 
 def _refuse_missing(path: Path, held: dict, features: tuple[str, ...]):
     if missing := tuple(feature for feature in features if feature not in held):
-        raise MissingFeatures(f"cache {path} holds no feature {', '.join(missing)} (it holds "
-                              f"{', '.join(held) or 'none'})", missing)
+        raise Missing(f"cache {path} holds no feature {', '.join(missing)} (it holds {', '.join(held) or 'none'})",
+                      "layers", missing)
+
+
+@contextlib.contextmanager
+def _checksummed(path: Path):
+    """A Fletcher-32 mismatch (h5py: an OSError from the filter pipeline) as a CorruptCache."""
+    try:
+        yield
+    except OSError as exc:
+        if "filter returned failure" not in str(exc):
+            raise
+        raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
 
 
 def _read_whole(dataset) -> np.ndarray:
@@ -189,11 +178,6 @@ def _attributes(f) -> dict:
     return {k: plain(v) for k, v in f.attrs.items()}
 
 
-def _failed_checksum(exc: OSError) -> bool:
-    """h5py reports a Fletcher-32 mismatch as an OSError from the filter pipeline."""
-    return "filter returned failure" in str(exc)
-
-
 def class_names(attrs: dict) -> tuple[str, ...]:
     """The class names a cache stores (ValueError when they are not a JSON list of names)."""
     names = json.loads(attrs["class_names"])
@@ -205,9 +189,7 @@ def class_names(attrs: dict) -> tuple[str, ...]:
 def skipped_files(path: Path) -> list[tuple[str, str]]:
     """(file, reason) of each source file a folder cache has no row for."""
     with open_h5(path, "r") as f:
-        if "skipped_files" not in f:
-            return []
-        return [(file.decode(), reason.decode()) for file, reason in f["skipped_files"][:]]
+        return [tuple(pair) for pair in f["skipped_files"].asstr()[:]] if "skipped_files" in f else []
 
 
 def row_files(path: Path, rows: np.ndarray) -> list[str] | None:
@@ -302,10 +284,9 @@ def check_contents(path: Path, reader) -> list[str]:
                 problems.append(f"labels differ from the source in rows {lo}:{hi}")
             for name in names:
                 try:
-                    block = f[name][lo:hi]
-                except OSError as exc:
-                    if not _failed_checksum(exc):
-                        raise
+                    with _checksummed(path):
+                        block = f[name][lo:hi]
+                except CorruptCache:
                     problems.append(f"{name} fails its checksum in rows {lo}:{hi} (damaged)")
                     continue
                 if not np.isfinite(block).all():
@@ -337,8 +318,8 @@ class CacheUnusable(UserError):
         self.problem, self.key, self.split, self.cache_dir, self.action = problem, key, split, cache_dir, action
         self.views, self.layers = views, layers  # views and inner-layer features to add to the cache ('extract')
         self.present = present or []  # (selection kwargs, state) of other caches in cache_dir
-        added = " and ".join([f"`views={','.join(views)!r}`"] * bool(views) + [f"`layers={','.join(layers)!r}`"]
-                             * bool(layers))
+        added = " and ".join(f"`{option}={','.join(names)!r}`"
+                             for option, names in (("views", views), ("layers", layers)) if names)
         remedy = {"extract": f"add them with {added}" if added else "extract it",
                   "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
@@ -401,7 +382,7 @@ def check_features(key: CacheKey, cache_dir, features: tuple[str, ...]):
             continue
         try:
             _refuse_missing(path, held, features)
-        except MissingFeatures as exc:
+        except Missing as exc:
             raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", layers=exc.missing) from None
 
 
@@ -410,20 +391,17 @@ def load_features(key: CacheKey, split: str, cache_dir, views: tuple[str, ...] |
     """Read one complete, checked cache (`views` of it, None: all; and the inner-layer `features` of those views):
     its Features and where they came from (path, fingerprint, engine, rows)."""
     path = key.path(cache_dir, split)
-    if not path.exists():
+    state = inspect(path, key.attrs(split))
+    if state.status == "missing":
         hint = " (an interrupted extraction is waiting to resume)" if partial_path(path).exists() else ""
         raise CacheUnusable(f"no {split} cache at {path}{hint}", key, split, cache_dir, "extract",
                             caches_present(cache_dir))
-    state = inspect(path, key.attrs(split))
-    if state.status != "complete":
+    if state.status == "bad":
         raise CacheUnusable(f"{split} cache {path} cannot be used: {state.reason}", key, split, cache_dir, "rebuild")
     try:
-        embeddings, labels, attrs = read(path, key.attrs(split), views)
-        inner = read_inner(path, tuple(embeddings), features) if features else {}
-    except MissingViews as exc:
-        raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", views=exc.missing) from None
-    except MissingFeatures as exc:
-        raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", layers=exc.missing) from None
+        embeddings, labels, attrs, inner = _read(path, views, features)
+    except Missing as exc:
+        raise CacheUnusable(exc.problem, key, split, cache_dir, "extract", **{exc.option: exc.missing}) from None
     except CorruptCache as exc:
         raise CacheUnusable(str(exc), key, split, cache_dir, "rebuild") from None
     checked = [(f"{view} view", rows) for view, rows in embeddings.items()]

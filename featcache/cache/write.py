@@ -51,8 +51,7 @@ from .layout import (
 )
 
 
-_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
-           "features")  # not per dataset
+_LAYOUT = ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing", "features")  # per file
 
 
 @contextlib.contextmanager
@@ -101,6 +100,29 @@ def remove_unneeded_partial(path: Path) -> str | None:
     except UserError:  # busy (a writer holds it), or a folder this run cannot write
         return None
     return f"removed {partial}: the unfinished copy of an interrupted run computing {computing}, not needed here"
+
+
+class CacheWriteError(OSError):
+    """Writing the cache file failed (disk full, an I/O error): what was committed before is kept."""
+
+
+@contextlib.contextmanager
+def _io_errors():
+    """Any failed write of the cache file as a CacheWriteError with its errno. h5py reports one (disk full, an
+    I/O error) as an error whose message names the errno: a ValueError, a RuntimeError, or an OSError
+    without its errno."""
+    try:
+        yield
+    except CacheWriteError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        number = getattr(exc, "errno", None)
+        if not number:
+            found = re.search(r"errno = (\d+)", str(exc))
+            if not found and not isinstance(exc, OSError):
+                raise
+            number = int(found.group(1)) if found else 0
+        raise CacheWriteError(number, os.strerror(number) if number else first_line(exc)) from exc
 
 
 class CacheWriter:
@@ -153,32 +175,27 @@ class CacheWriter:
                                        if k in self.attrs}, complete=False, rows_done=np.int64(0))
         self.files = files
         self.rows = int(self.attrs["rows"])
-        self.dim = dim
         self.rows_done = 0
         self.resumed = False
         self.discarded = ""  # why a partial file found here could not be resumed
         self._file = None
         self._tails: dict[str, np.ndarray] = {}  # committed rows of each dataset's current HDF5 chunk
 
+    @_io_errors()
     def __enter__(self):
-        with _io_errors():
-            self._open()
-            try:
-                self._tails = {name: self._committed_tail(self._file[name]) for name in self._names()}
-            except BaseException:
-                self._close()
-                raise
+        if self.partial.exists():
+            self.discarded = self._resume()
+        if not self.resumed:
+            self._create()
+        try:
+            self._tails = {name: self._committed_tail(self._file[name]) for name in self._names()}
+        except BaseException:
+            self._close()
+            raise
         return self
 
     def __exit__(self, *exc):
         self._close()
-
-    def _open(self):
-        if self.partial.exists():
-            self.discarded = self._resume()
-            if self.resumed:
-                return
-        self._create()
 
     def _resume(self) -> str:
         """Open the partial file to go on with it; or why it cannot be (it is then rebuilt from row 0)."""
@@ -209,10 +226,10 @@ class CacheWriter:
     def _names(self) -> list[str]:
         """The datasets this writer gives one entry per row."""
         rows = [] if self.base else ["labels"] + (["source_index"] if self.files is not None else [])
-        return [dataset_name(key) for key in self.computing] + rows
+        return [view_dataset(key) for key in self.computing] + rows
 
     def _has_datasets(self, f, published: bool = False) -> bool:
-        names = {dataset_name(f"{v}@{feature}") for v in self.views for feature in self.features}
+        names = {feature_dataset(v, feature) for v in self.views for feature in self.features}
         names |= {view_dataset(v) for v in self.views} | {"labels"}
         if self.files is not None:
             names |= {"source_index", "source_files"} | ({"skipped_files"} if self.base else set())
@@ -225,11 +242,8 @@ class CacheWriter:
             return self.rows_done
         if self.rows == self.rows_done and not self.base:  # every file read: publishing was interrupted
             return len(self.files)
-        if self.base:
-            return int(self._file["source_index"][self.rows_done - 1]) + 1
-        tail = self._tails["source_index"]
-        last = tail[-1] if len(tail) else self._file["source_index"][self.rows_done - 1]
-        return int(last) + 1
+        tail = self._tails.get("source_index", ())  # none when adding views: the base's rows are all intact
+        return int(tail[-1] if len(tail) else self._file["source_index"][self.rows_done - 1]) + 1
 
     def items(self) -> np.ndarray | None:
         """Adding views to a folder cache: the source item of each of its rows (their rows must be made
@@ -257,7 +271,6 @@ class CacheWriter:
         os.replace(tmp, self.partial)
         _fsync_path(self.partial.parent)
         self._file = open_h5(self.partial, "r+")
-        self.rows_done = 0
 
     def _create_datasets(self, tmp: Path):
         shrinkable = self.files is not None and not self.base  # finish() cuts the rows of skipped files off the end
@@ -267,27 +280,28 @@ class CacheWriter:
                     for name in old:  # stored chunks copied as they are: the old views' bytes stay
                         old.copy(old[name], f, name)
             def rows_dataset(name, width, dtype, chunk_rows):
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)  # all space allocated now, never filled: raw writes
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
                 f.create_dataset(name, shape=(self.rows, *width), dtype=dtype,
                                  chunks=(max(1, min(chunk_rows, self.rows)), *width),
-                                 maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums,
-                                 dcpl=_preallocated())
+                                 maxshape=(None, *width) if shrinkable else None, fletcher32=self.checksums, dcpl=dcpl)
 
             for key, width in self.widths.items():
-                rows_dataset(dataset_name(key), (width,), "<f4", CHUNK_ROWS)
+                rows_dataset(view_dataset(key), (width,), "<f4", CHUNK_ROWS)
                 if self.base:
-                    f[dataset_name(key)].attrs.update(self.made, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                    f[view_dataset(key)].attrs.update(self.made, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             if not self.base:
                 rows_dataset("labels", (), "<i8", CHUNK_ROWS * 64)
             if shrinkable:
                 rows_dataset("source_index", (), "<i8", CHUNK_ROWS * 64)
                 f.create_dataset("source_files", data=np.array(self.files, dtype=h5py.string_dtype()))
-            for name, value in self.attrs.items():
-                f.attrs[name] = value
+            f.attrs.update(self.attrs)
             if not self.base:
                 f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.attrs["rows_done"] = np.int64(0)
-            f.attrs["complete"] = False
+            f.attrs.update(rows_done=np.int64(0), complete=False)
 
+    @_io_errors()
     def write(self, start: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items: np.ndarray | None = None):
         """Write rows [start, start+n) and commit them: after this returns they survive a crash.
 
@@ -295,13 +309,9 @@ class CacheWriter:
         stop = start + len(labels)
         if start != self.rows_done or stop > self.rows:
             raise ValueError(f"rows {start}:{stop} do not follow committed row {self.rows_done}")
-        with _io_errors():
-            self._write(stop, embeddings, labels, items)
-
-    def _write(self, stop: int, embeddings: dict[str, np.ndarray], labels: np.ndarray, items):
         f = self._file
         for key in self.computing:
-            self._write_whole_chunks(f[dataset_name(key)], stop, embeddings[key])
+            self._write_whole_chunks(f[view_dataset(key)], stop, embeddings[key])
         if not self.base:
             self._write_whole_chunks(f["labels"], stop, labels)
             if self.files is not None:
@@ -332,16 +342,13 @@ class CacheWriter:
             _write_edge_chunk(ds, edge, block[edge - lo :])
         self._tails[ds.name.lstrip("/")] = block[stop - stop % size - lo : stop - lo].copy()
 
+    @_io_errors()
     def finish(self, skipped: list[tuple[str, str]] = ()):
         """Mark complete and publish under the final name; replaces an older cache atomically.
 
         `skipped`: (file, reason) of the source files that gave no row (then fewer rows than files)."""
         if self.rows_done != self.rows and (self.files is None or self.base):
             raise ValueError(f"only {self.rows_done} of {self.rows} rows written")
-        with _io_errors():
-            self._publish(skipped)
-
-    def _publish(self, skipped):
         f = self._file
         if self.rows_done != self.rows:
             for name in self._names():
@@ -362,9 +369,7 @@ class CacheWriter:
 
     def written_items(self) -> np.ndarray:
         """The source item of every committed row (all rows' own numbers when nothing is skipped)."""
-        if self.files is None:
-            return np.arange(self.rows_done)
-        return self._file["source_index"][: self.rows_done]
+        return np.arange(self.rows_done) if self.files is None else self._file["source_index"][: self.rows_done]
 
     def _sync(self):
         self._file.flush()
@@ -374,35 +379,6 @@ class CacheWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def dataset_name(key: str) -> str:
-    """The dataset of a writer's key: `<view>` (its embeddings) or `<view>@<feature>` (an inner-layer feature)."""
-    view, _, feature = key.partition("@")
-    return feature_dataset(view, feature) if feature else view_dataset(view)
-
-
-class CacheWriteError(OSError):
-    """Writing the cache file failed (disk full, an I/O error): what was committed before is kept."""
-
-
-@contextlib.contextmanager
-def _io_errors():
-    """Any failed write of the cache file as a CacheWriteError with its errno. h5py reports one (disk full, an
-    I/O error) as an error whose message names the errno: a ValueError, a RuntimeError, or an OSError
-    without its errno."""
-    try:
-        yield
-    except CacheWriteError:
-        raise
-    except (OSError, ValueError, RuntimeError) as exc:
-        number = getattr(exc, "errno", None)
-        if not number:
-            found = re.search(r"errno = (\d+)", str(exc))
-            if not found and not isinstance(exc, OSError):
-                raise
-            number = int(found.group(1)) if found else 0
-        raise CacheWriteError(number, os.strerror(number) if number else first_line(exc)) from exc
 
 
 def _write_edge_chunk(ds, lo: int, rows: np.ndarray):
@@ -417,14 +393,6 @@ def _write_edge_chunk(ds, lo: int, rows: np.ndarray):
         chunk = scratch.create_dataset("chunk", data=padded, chunks=ds.chunks, fletcher32=True)
         mask, stored = chunk.id.read_direct_chunk((0,) * ds.ndim)
     ds.id.write_direct_chunk((lo,) + (0,) * (ds.ndim - 1), stored, mask)
-
-
-def _preallocated():
-    """Dataset creation properties: all space allocated now, never filled, so writes are raw."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    return dcpl
 
 
 def _fsync_path(path: Path):
