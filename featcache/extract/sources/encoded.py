@@ -21,6 +21,7 @@ import numpy as np
 from ...errors import UserError
 from .base import Chunk
 
+OTHER_SPLIT = {"train": "test", "test": "train"}
 SPLIT_SEED = 0  # the seed of a `limit`'s subset (and of a folder's split rule)
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
 # An image whose header claims more pixels is skipped unread: Pillow's decompression-bomb error threshold (twice the
@@ -80,18 +81,23 @@ def kept_items(count: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(SPLIT_SEED).permutation(count)[:limit])
 
 
-def numbered_classes(labels: list[np.ndarray]) -> tuple[str, ...]:
-    """Class names for a dataset without them: the label numbers, 0 to the largest of `labels` (both splits', so
-    that both caches name the same classes)."""
-    return tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+def few(shards: list) -> str:
+    """The first three shards' names (`relative`), for a message."""
+    return ", ".join(shard.relative for shard in shards[:3]) + (", ..." if len(shards) > 3 else "")
 
 
-def check_labels(shards, count: int, outside: Callable[[object, int], str]):
-    """Refuse the first label of the shards (each with `labels`) outside 0..count-1, in one line:
-    `outside(shard, its row)` names the row and the class list."""
+def class_list(names: tuple[str, ...] | None, shards: list, other_split: Callable[[], list],
+               outside: Callable[[object, int], str]) -> tuple[str, ...]:
+    """`names`, the first label of the shards (each with `labels`) outside them refused in one line (`outside(shard,
+    its row)` words it); without names, the label numbers 0 to the largest of both splits (the other split's shards
+    from `other_split()`), so that both caches name the same classes."""
+    if names is None:
+        labels = [shard.labels for shard in shards + other_split()]
+        return tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
     for shard in shards:
-        if len(shard.labels) and shard.labels.max() >= count:
-            raise UserError(outside(shard, int(np.argmax(shard.labels >= count))))
+        if len(shard.labels) and shard.labels.max() >= len(names):
+            raise UserError(outside(shard, int(np.argmax(shard.labels >= len(names)))))
+    return names
 
 
 def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bool,
