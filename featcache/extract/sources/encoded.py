@@ -24,12 +24,8 @@ from .base import Chunk
 OTHER_SPLIT = {"train": "test", "test": "train"}
 SPLIT_SEED = 0  # the seed of a `limit`'s subset (and of a folder's split rule)
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
-# An image whose header claims more pixels is skipped unread: Pillow's decompression-bomb error threshold (twice the
-# size it warns at), 537 MB decoded, 2.1 GB as floats; a 108 MP phone photo is within it.
-MAX_IMAGE_PIXELS = 178_956_970
-# Decoded images per chunk at most: 1,024 phone photos (12 MP) would be 37 GB, so a chunk of large images ends
-# sooner (94 such photos in one chunk peaked at 12.7 GB, docs/benchmarks.md).
-MAX_CHUNK_BYTES = 512 * 2**20
+MAX_IMAGE_PIXELS = 178_956_970  # more by its header: skipped unread (Pillow's decompression-bomb error threshold)
+MAX_CHUNK_BYTES = 512 * 2**20  # decoded images per chunk at most: a chunk of large photos ends sooner
 SHAPE_PROBE_FILES = 10  # items tried to find the size to compile for ahead
 
 Blobs = Iterator[tuple[int, "bytes | None", str]]  # (item, its encoded bytes, "") or (item, None, why there are none)
@@ -73,6 +69,25 @@ class EncodedSplit:
     def _name(self, item: int) -> str:
         return str(self.root / self.files[item])
 
+    def _take(self, names: tuple[str, ...] | None, shards: list, other_split: Callable[[], list],
+              outside: Callable[[object, int], str], limit: int | None) -> np.ndarray:
+        """Set `class_names`, `shards` (indexed files, each with `labels`), and each kept item's shard (`shard_of`)
+        and label; return the kept items (kept_items: a seeded `limit`) as indices into all the shards' items.
+        The class names are `names`, the first label outside them refused in one line (`outside(shard, its row)`
+        words it); without names, the label numbers 0 to the largest of both splits (the other split's shards from
+        `other_split()`), so that both caches name the same classes."""
+        if names is None:
+            labels = [shard.labels for shard in shards + other_split()]
+            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+        for shard in shards:
+            if len(shard.labels) and shard.labels.max() >= len(names):
+                raise UserError(outside(shard, int(np.argmax(shard.labels >= len(names)))))
+        self.class_names, self.shards = names, shards
+        shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
+        keep = kept_items(len(shard_of), limit)
+        self.shard_of, self.labels = shard_of[keep], np.concatenate([s.labels for s in shards])[keep]
+        return keep
+
 
 def kept_items(count: int, limit: int | None) -> np.ndarray:
     """Items 0..count-1, or a seeded `limit` of them in the same order (so a subset spans the classes)."""
@@ -84,20 +99,6 @@ def kept_items(count: int, limit: int | None) -> np.ndarray:
 def few(shards: list) -> str:
     """The first three shards' names (`relative`), for a message."""
     return ", ".join(shard.relative for shard in shards[:3]) + (", ..." if len(shards) > 3 else "")
-
-
-def class_list(names: tuple[str, ...] | None, shards: list, other_split: Callable[[], list],
-               outside: Callable[[object, int], str]) -> tuple[str, ...]:
-    """`names`, the first label of the shards (each with `labels`) outside them refused in one line (`outside(shard,
-    its row)` words it); without names, the label numbers 0 to the largest of both splits (the other split's shards
-    from `other_split()`), so that both caches name the same classes."""
-    if names is None:
-        labels = [shard.labels for shard in shards + other_split()]
-        return tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
-    for shard in shards:
-        if len(shard.labels) and shard.labels.max() >= len(names):
-            raise UserError(outside(shard, int(np.argmax(shard.labels >= len(names)))))
-    return names
 
 
 def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bool,
@@ -153,11 +154,16 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
 def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
     """An image file's bytes as (uint8 [H, W, 3], "") or (None, why they cannot be read)."""
     import tensorflow as tf
+    from PIL import Image
 
     if not data:
         return None, "empty file (0 bytes)"
-    if too_large := _too_large(data):
-        return None, too_large
+    try:
+        size = header_size(data)
+    except Image.DecompressionBombError:  # Pillow's own limit, which MAX_IMAGE_PIXELS is
+        return None, f"image too large (its header states more than {MAX_IMAGE_PIXELS:,} pixels, the most decoded)"
+    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return None, f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
     except (tf.errors.OpError, ValueError) as exc:
@@ -166,19 +172,6 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
     if image.shape[0] == 0 or image.shape[1] == 0:
         return None, "image has no pixels"
     return image, ""
-
-
-def _too_large(data: bytes) -> str:
-    """Why an image is not decoded for its size (more than MAX_IMAGE_PIXELS by its header), or ''."""
-    from PIL import Image
-
-    try:
-        size = header_size(data)
-    except Image.DecompressionBombError:  # Pillow's own limit, which MAX_IMAGE_PIXELS is
-        return f"image too large (its header states more than {MAX_IMAGE_PIXELS:,} pixels, the most decoded)"
-    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        return f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
-    return ""
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:

@@ -8,12 +8,9 @@ Hugging Face metadata marks as an `Image` / `ClassLabel` feature, unless named b
 the label column's `ClassLabel` names when the metadata has them, else the label numbers (0 to the largest
 label of either split).
 
-Indexing reads each file's footer and its label column only; images are read row group by row group, a few
-rows at a time, and decoded like a class folder's files (encoded.py). Unusable files (not Parquet, without
-the image or label column, of the wrong types, labels missing or outside the class list, an empty or
-missing split) are refused while indexing, before anything is written. The fingerprint is each file's size,
-modification time and footer (row groups, column chunk offsets and sizes) and the labels. pyarrow is optional
-(requirements-parquet.txt).
+Indexing reads each file's footer and its label column only, and refuses an unusable file before anything is
+written; images are read row group by row group, READ_ROWS rows at a time, and decoded as encoded.py decodes
+every source's. pyarrow is optional (requirements-parquet.txt).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import numpy as np
 from ...errors import UserError, first_line
 from ...settings import IMAGE_COLUMN, LABEL_COLUMN
 from .base import split_files
-from .encoded import OTHER_SPLIT, EncodedSplit, class_list, few, kept_items
+from .encoded import OTHER_SPLIT, EncodedSplit, few
 
 SUFFIX = ".parquet"
 READ_ROWS = 64  # rows of image bytes read at a time from a row group
@@ -72,18 +69,14 @@ class ParquetSplit(EncodedSplit):
         shards = [self._index(path) for path in paths]
         if not sum(len(shard.labels) for shard in shards):
             raise UserError(f"the {split} Parquet files in {self.root} hold no rows ({few(shards)})")
-        self.class_names = class_list(
-            names, shards, lambda: [self._index(path) for path in self._paths(OTHER_SPLIT[split], missing_ok=True)],
-            lambda shard, row: f"{shard.path}: row {row} has label {shard.labels[row]}, outside the "
-                               f"{len(names)} ClassLabel names of column {self.label_column!r}")
-        self.shards = shards
-        keep = kept_items(sum(len(s.labels) for s in shards), limit)
-        self.file_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])[keep]
+        keep = self._take(names, shards,
+                          lambda: [self._index(path) for path in self._paths(OTHER_SPLIT[split], missing_ok=True)],
+                          lambda shard, row: f"{shard.path}: row {row} has label {shard.labels[row]}, outside the "
+                          f"{len(names)} ClassLabel names of column {self.label_column!r}", limit)
         self.row_in_file = np.concatenate([np.arange(len(s.labels), dtype=np.int64) for s in shards])[keep]
         self.group_of = np.concatenate([np.repeat(np.arange(len(s.group_rows), dtype=np.int64), s.group_rows)
                                         for s in shards])[keep]
-        self.labels = np.concatenate([s.labels for s in shards])[keep]
-        self.files = [f"{shards[f].relative}:{r}" for f, r in zip(self.file_of.tolist(), self.row_in_file.tolist())]
+        self.files = [f"{shards[f].relative}:{r}" for f, r in zip(self.shard_of.tolist(), self.row_in_file.tolist())]
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -101,7 +94,7 @@ class ParquetSplit(EncodedSplit):
                 "columns_read": json.dumps([self.image_column, self.label_column])}
 
     def _name(self, item: int) -> str:
-        return f"{self.shards[self.file_of[item]].path}: row {self.row_in_file[item]}"
+        return f"{self.shards[self.shard_of[item]].path}: row {self.row_in_file[item]}"
 
     # --- indexing -----------------------------------------------------------------------------------------------
 
@@ -178,7 +171,7 @@ class ParquetSplit(EncodedSplit):
     def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
         """(item, its image bytes, "") or (item, None, why there are none) for items [start, stop), read one row
         group at a time, READ_ROWS rows at a time, one open file at a time."""
-        for n, in_file in itertools.groupby(range(start, stop), lambda item: int(self.file_of[item])):
+        for n, in_file in itertools.groupby(range(start, stop), lambda item: int(self.shard_of[item])):
             shard = self.shards[n]
             with self._open(shard.path) as parquet:
                 for group, items in itertools.groupby(in_file, lambda item: int(self.group_of[item])):

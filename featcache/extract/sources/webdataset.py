@@ -7,12 +7,9 @@ path up to the first dot of its file name, as the webdataset library splits it):
 Other members (captions, metadata) are ignored. Class names are the lines of `ROOT/classes.txt` when present,
 else the label numbers (0 to the largest label of either split).
 
-Indexing reads the tar headers and the small label members with the standard library's `tarfile`; images
-are then read by offset, one member at a time, never unpacked to disk, and decoded like a class folder's
-files (encoded.py). Every way the shards cannot be used (a truncated tar, a sample without a label or
-without an image, a label outside the class list, an empty or missing split) is refused while indexing,
-before anything is written. The fingerprint is each tar's size and modification time, each sample's member
-name, offset, size and label.
+Indexing reads the tar headers and the small label members with the standard library's `tarfile`, and refuses
+an unusable shard before anything is written; images are then read by offset, never unpacked to disk, and
+decoded as encoded.py decodes every source's.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import numpy as np
 
 from ...errors import UserError
 from .base import split_files
-from .encoded import OTHER_SPLIT, EncodedSplit, class_list, few, kept_items
+from .encoded import OTHER_SPLIT, EncodedSplit, few
 
 SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
@@ -58,19 +55,15 @@ class TarSplit(EncodedSplit):
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False):
         self.root, self.split, self.strict = Path(root), split, strict
-        names, shards = read_class_names(self.root), index_split(self.root, split)
-        self.class_names = class_list(
-            names, shards, lambda: index_split(self.root, OTHER_SPLIT[split], missing_ok=True),
-            lambda shard, row: f"{shard.path}: {shard.members[row]}'s label {shard.labels[row]} is outside the "
-                               f"{len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)")
-        self.shards = shards
-        shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
-        keep = kept_items(len(shard_of), limit)
-        self.shard_of = shard_of[keep]
-        self.offsets = np.concatenate([s.offsets for s in shards])[keep]
-        self.sizes = np.concatenate([s.sizes for s in shards])[keep]
-        self.labels = np.concatenate([s.labels for s in shards])[keep]
-        files = [f"{s.relative}:{member}" for s in shards for member in s.members]
+        names = read_class_names(self.root)
+        keep = self._take(names, index_split(self.root, split),
+                          lambda: index_split(self.root, OTHER_SPLIT[split], missing_ok=True),
+                          lambda shard, row: f"{shard.path}: {shard.members[row]}'s label {shard.labels[row]} is "
+                          f"outside the {len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)",
+                          limit)
+        self.offsets = np.concatenate([s.offsets for s in self.shards])[keep]
+        self.sizes = np.concatenate([s.sizes for s in self.shards])[keep]
+        files = [f"{s.relative}:{member}" for s in self.shards for member in s.members]
         self.files = [files[i] for i in keep]
 
     @functools.cached_property
