@@ -134,12 +134,8 @@ def _cause(exc: BaseException) -> str:
 
 
 class SplitSource:
-    """One split read batch file by batch file: memory stays at one batch (30 MB) whatever N is.
-
-    The archive is streamed in one pass per use; batches that the archive stores out of
-    order are held until their turn (the official archive is in order). `rows` and
-    `fingerprint` cost one pass, made on first use only.
-    """
+    """One split read batch file by batch file (memory stays at one batch), in one pass of the archive per use
+    (batches stored out of order are held until their turn); `rows` and `fingerprint` cost one pass, on first use."""
 
     may_skip = False  # every row of a batch file is an image
     image_shape = IMAGE_SHAPE

@@ -71,11 +71,9 @@ class EncodedSplit:
 
     def _take(self, names: tuple[str, ...] | None, shards: list, other_split: Callable[[], list],
               outside: Callable[[object, int], str], limit: int | None) -> np.ndarray:
-        """Set `class_names`, `shards` (indexed files, each with `labels`), and each kept item's shard (`shard_of`)
-        and label; return the kept items (kept_items: a seeded `limit`) as indices into all the shards' items.
-        The class names are `names`, the first label outside them refused in one line (`outside(shard, its row)`
-        words it); without names, the label numbers 0 to the largest of both splits (the other split's shards from
-        `other_split()`), so that both caches name the same classes."""
+        """Set `class_names`, `shards` (indexed files, each with `labels`), and each kept item's (kept_items) shard
+        and label; return the kept items' indices among all the shards' items. The classes are `names` (a label
+        outside them refused in one line: `outside(shard, row)`), else the label numbers of both splits."""
         if names is None:
             labels = [shard.labels for shard in shards + other_split()]
             names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))

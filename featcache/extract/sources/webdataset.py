@@ -98,8 +98,7 @@ def read_class_names(root: Path) -> tuple[str, ...] | None:
     path = root / CLASSES_FILE
     if not path.is_file():
         return None
-    names = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
-    names = [name.strip() for name in names]
+    names = [name.strip() for name in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
     if not any(names) or not all(names):
         raise UserError(f"{path} must name one class per line (it has {'an empty line' if any(names) else 'none'})")
     return tuple(names)
