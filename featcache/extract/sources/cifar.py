@@ -118,10 +118,8 @@ def _download(layout: Layout) -> Path:
         # download surfaces as an OSError, tarfile or zlib error. Anything else is a bug: raised as it is.
         if type(exc) is not Exception and not isinstance(exc, (OSError, tarfile.TarError, EOFError, zlib.error)):
             raise
-        raise UserError(
-            f"could not download {layout.title} from {layout.url} ({_cause(exc)}); "
-            f"pass `data_dir=PATH` (or set {layout.env}) to read a local copy"
-        ) from None
+        raise UserError(f"could not download {layout.title} from {layout.url} ({_cause(exc)}); pass `data_dir=PATH` "
+                        f"(or set {layout.env}) to read a local copy") from None
     return resolve_source(path, layout)
 
 
@@ -142,7 +140,6 @@ class SplitSource:
 
     def __init__(self, source: Path, split: str, limit: int | None = None, layout: Layout = CIFAR10):
         self.source, self.split, self.limit, self.layout = Path(source), split, limit, layout
-        self.names = layout.split_files[split]
 
     @functools.cached_property
     def class_names(self) -> tuple[str, ...]:
@@ -188,8 +185,8 @@ class SplitSource:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(uint8 [n,32,32,3], int64 [n]) per batch file, in order, cut at `limit` rows."""
         left = self.limit if self.limit is not None else float("inf")
-        decode = functools.partial(_decode_batch, layout=self.layout)
-        for images, labels in _members(self.source, self.names, decode, f"{self.layout.title} batch"):
+        decode, names = functools.partial(_decode_batch, layout=self.layout), self.layout.split_files[self.split]
+        for images, labels in _members(self.source, names, decode, f"{self.layout.title} batch"):
             take = int(min(left, len(labels)))
             left -= take
             yield images[:take], labels[:take]
