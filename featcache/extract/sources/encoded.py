@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import itertools
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -106,35 +107,29 @@ def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bo
     images reach MAX_CHUNK_BYTES; its unreadable items are in `skipped` (with `strict`, the first stops the run, named
     by `name_of(item)`). DECODE_THREADS items are decoded ahead."""
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
-        ahead: collections.deque = collections.deque()
-
-        def top_up():
-            while len(ahead) < DECODE_THREADS and (blob := next(blobs, None)) is not None:
-                item, data, reason = blob
-                ahead.append((item, pool.submit(decode_bytes, data) if data is not None else None, reason))
-
-        top_up()
+        decoding = ((item, pool.submit(decode_bytes, data) if data is not None else None, reason)
+                    for item, data, reason in blobs)
+        ahead = collections.deque(itertools.islice(decoding, DECODE_THREADS))
+        images, kept, skipped, size = [], [], [], 0
         while ahead:
-            images, kept, skipped, size = [], [], [], 0
-            while ahead and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
-                item, future, reason = ahead.popleft()
-                image, reason = future.result() if future is not None else (None, reason)
-                top_up()
-                if image is None:
-                    if strict:
-                        raise UserError(f"cannot read {name_of(item)}: {reason}; `strict=True` stops at the first "
-                                        "unreadable image")
-                    skipped.append((item, reason))
-                else:
-                    images.append(image)
-                    kept.append(item)
-                    size += image.nbytes
-                if (item + 1) % chunk_size == 0:
-                    break
-            if len({image.shape for image in images}) == 1:
-                images = np.stack(images)
-            kept = np.asarray(kept, np.int64)
-            yield Chunk(images, labels[kept], kept, skipped, stop=item + 1)
+            item, future, reason = ahead.popleft()
+            ahead.extend(itertools.islice(decoding, 1))
+            image, reason = future.result() if future is not None else (None, reason)
+            if image is None:
+                if strict:
+                    raise UserError(f"cannot read {name_of(item)}: {reason}; `strict=True` stops at the first "
+                                    "unreadable image")
+                skipped.append((item, reason))
+            else:
+                images.append(image)
+                kept.append(item)
+                size += image.nbytes
+            if (item + 1) % chunk_size == 0 or size >= MAX_CHUNK_BYTES or not ahead:  # large photos end a chunk early
+                if len({image.shape for image in images}) == 1:
+                    images = np.stack(images)
+                kept = np.asarray(kept, np.int64)
+                yield Chunk(images, labels[kept], kept, skipped, stop=item + 1)
+                images, kept, skipped, size = [], [], [], 0
 
 
 def read_file(path: Path) -> tuple[bytes | None, str]:

@@ -108,6 +108,9 @@ class FolderSplit(EncodedSplit):
         return {"split_rule": "train/ and test/ folders" if self.nested else
                 f"seeded hash of the path (seed {SPLIT_SEED}), {self.test_fraction:g} to test"}
 
+    def decode(self, item: int) -> tuple[np.ndarray | None, str]:
+        return decode_file(self.root / self.files[item])
+
     def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
         for item in range(start, stop):
             yield item, *read_file(self.root / self.files[item])
