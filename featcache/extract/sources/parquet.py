@@ -35,17 +35,6 @@ READ_ROWS = 64  # rows of image bytes read at a time from a row group
 HF_METADATA = b"huggingface"
 
 
-def pyarrow_modules():
-    """(pyarrow, pyarrow.parquet), or a one-line refusal when pyarrow is not installed."""
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError("reading Parquet needs pyarrow, which is not installed: "
-                        "pip install -r requirements-parquet.txt") from None
-    return pyarrow, pyarrow.parquet
-
-
 @dataclass
 class ParquetShard:
     """One indexed Parquet file: rows per row group, its labels, and what its fingerprint covers."""
@@ -62,7 +51,13 @@ class ParquetSplit(EncodedSplit):
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False,
                  image_column: str | None = None, label_column: str | None = None):
-        self.pa, self.pq = pyarrow_modules()
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ImportError:
+            raise UserError("reading Parquet needs pyarrow, which is not installed: "
+                            "pip install -r requirements-parquet.txt") from None
+        self.pa, self.pq = pyarrow, pyarrow.parquet
         self.root, self.split, self.strict = Path(root), split, strict
         paths = self._paths(split)
         self.image_column, self.label_column, names = self._columns(paths[0], image_column, label_column)
