@@ -61,7 +61,6 @@ class Split:
 
     images: np.ndarray
     labels: np.ndarray
-    source: str
 
 
 def resolve_source(data_dir: str | os.PathLike | None, layout: Layout = CIFAR10) -> Path:
@@ -72,7 +71,7 @@ def resolve_source(data_dir: str | os.PathLike | None, layout: Layout = CIFAR10)
     """
     data_dir = data_dir or os.environ.get(layout.env)
     if data_dir is None:
-        return _keras_cached_copy(layout)
+        return _keras_download_present(layout) or _download(layout)
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise UserError(f"data path {path} does not exist")
@@ -107,11 +106,8 @@ def _keras_download_present(layout: Layout) -> Path | None:
     return None
 
 
-def _keras_cached_copy(layout: Layout) -> Path:
-    """The official archive, cached under ~/.keras/datasets the way Keras caches it."""
-    present = _keras_download_present(layout)
-    if present is not None:
-        return present
+def _download(layout: Layout) -> Path:
+    """The official archive, downloaded to ~/.keras/datasets the way Keras caches it."""
     target = f"{layout.folder}-target"  # the folder name keras.datasets uses
     import keras  # only on the download path: keeps TensorFlow out of up-to-date checks
 
@@ -122,10 +118,8 @@ def _keras_cached_copy(layout: Layout) -> Path:
         # download surfaces as an OSError, tarfile or zlib error. Anything else is a bug: raised as it is.
         if type(exc) is not Exception and not isinstance(exc, (OSError, tarfile.TarError, EOFError, zlib.error)):
             raise
-        raise UserError(
-            f"could not download {layout.title} from {layout.url} ({_cause(exc)}); "
-            f"pass `data_dir=PATH` (or set {layout.env}) to read a local copy"
-        ) from None
+        raise UserError(f"could not download {layout.title} from {layout.url} ({_cause(exc)}); pass `data_dir=PATH` "
+                        f"(or set {layout.env}) to read a local copy") from None
     return resolve_source(path, layout)
 
 
@@ -137,36 +131,28 @@ def _cause(exc: BaseException) -> str:
     return ": ".join(filter(None, [kind, text])) or type(exc).__name__
 
 
-def class_names(source: Path, layout: Layout = CIFAR10) -> tuple[str, ...]:
-    """The dataset's class names; CIFAR-10's are fixed, CIFAR-100's come from its meta file."""
-    if layout is CIFAR10:
-        return CIFAR10_CLASS_NAMES
-    what = f"{layout.title} meta file"
-    meta = next(_members(source, (layout.meta,), lambda fh, where: _unpickle(fh, where, what), what))
-    names = meta.get(layout.names_key) if isinstance(meta, dict) else None
-    if not names or len(names) != layout.classes:
-        raise UserError(f"{source}: {layout.meta} has no list of {layout.classes} class names")
-    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-
-
 class SplitSource:
-    """One split read batch file by batch file: memory stays at one batch (30 MB) whatever N is.
-
-    The archive is streamed in one pass per use; batches that the archive stores out of
-    order are held until their turn (the official archive is in order). `rows` and
-    `fingerprint` cost one pass, made on first use only.
-    """
+    """One split read batch file by batch file (memory stays at one batch), in one pass of the archive per use
+    (batches stored out of order are held until their turn); `rows` and `fingerprint` cost one pass, on first use."""
 
     may_skip = False  # every row of a batch file is an image
     image_shape = IMAGE_SHAPE
 
     def __init__(self, source: Path, split: str, limit: int | None = None, layout: Layout = CIFAR10):
         self.source, self.split, self.limit, self.layout = Path(source), split, limit, layout
-        self.names = layout.split_files[split]
 
     @functools.cached_property
     def class_names(self) -> tuple[str, ...]:
-        return class_names(self.source, self.layout)
+        """The dataset's class names; CIFAR-10's are fixed, CIFAR-100's come from its meta file."""
+        layout = self.layout
+        if layout is CIFAR10:
+            return CIFAR10_CLASS_NAMES
+        what = f"{layout.title} meta file"
+        meta = next(_members(self.source, (layout.meta,), lambda fh, where: _unpickle(fh, where, what), what))
+        names = meta.get(layout.names_key) if isinstance(meta, dict) else None
+        if not names or len(names) != layout.classes:
+            raise UserError(f"{self.source}: {layout.meta} has no list of {layout.classes} class names")
+        return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
     @property
     def where(self) -> str:
@@ -199,8 +185,8 @@ class SplitSource:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(uint8 [n,32,32,3], int64 [n]) per batch file, in order, cut at `limit` rows."""
         left = self.limit if self.limit is not None else float("inf")
-        decode = functools.partial(_decode_batch, layout=self.layout)
-        for images, labels in _members(self.source, self.names, decode, f"{self.layout.title} batch"):
+        decode, names = functools.partial(_decode_batch, layout=self.layout), self.layout.split_files[self.split]
+        for images, labels in _members(self.source, names, decode, f"{self.layout.title} batch"):
             take = int(min(left, len(labels)))
             left -= take
             yield images[:take], labels[:take]
@@ -209,37 +195,25 @@ class SplitSource:
 
     def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
         """Consecutive chunks of rows [start, stop) (stop None: the split's end)."""
-        pending_images, pending_labels, position = [], [], 0  # position: the item after the last one pending
-        for images, labels in self.batches():
+        images, labels = np.zeros((0, *IMAGE_SHAPE, 3), np.uint8), np.zeros(0, np.int64)  # rows pending
+        first, position = start, 0  # the item of the first row pending; the item after the batches read
+        for batch_images, batch_labels in self.batches():
             if stop is not None and position >= stop:
                 break
-            skip = min(max(start - position, 0), len(labels))
-            end = len(labels) if stop is None else min(len(labels), stop - position)
-            position += end
-            if skip < end:
-                pending_images.append(images[skip:end])
-                pending_labels.append(labels[skip:end])
-            while sum(len(x) for x in pending_labels) >= chunk_size:
-                yield from self._emit(pending_images, pending_labels, chunk_size, position)
-        if pending_labels:
-            yield from self._emit(pending_images, pending_labels, None, position)
-
-    @staticmethod
-    def _emit(pending_images, pending_labels, size, position):
-        images, labels = np.concatenate(pending_images), np.concatenate(pending_labels)
-        size = len(labels) if size is None else size
-        pending_images[:] = [images[size:]] if size < len(labels) else []
-        pending_labels[:] = [labels[size:]] if size < len(labels) else []
-        lo = position - len(labels)
-        yield Chunk(images[:size], labels[:size], np.arange(lo, lo + size))
+            lo, position = position, position + len(batch_labels)
+            rows = slice(max(start - lo, 0), None if stop is None else stop - lo)
+            images, labels = np.concatenate([images, batch_images[rows]]), np.concatenate([labels, batch_labels[rows]])
+            while len(labels) >= chunk_size:
+                yield Chunk(images[:chunk_size], labels[:chunk_size], np.arange(first, first + chunk_size))
+                images, labels, first = images[chunk_size:], labels[chunk_size:], first + chunk_size
+        if len(labels):
+            yield Chunk(images, labels, np.arange(first, first + len(labels)))
 
 
 def load_split(source: Path, split: str, limit: int | None = None, layout: Layout = CIFAR10) -> Split:
     """Read a whole split into memory, in the original order."""
-    reader = SplitSource(source, split, limit, layout)
-    batches = list(reader.batches())
-    return Split(images=np.concatenate([b[0] for b in batches]), labels=np.concatenate([b[1] for b in batches]),
-                 source=str(source))
+    images, labels = zip(*SplitSource(source, split, limit, layout).batches())
+    return Split(np.concatenate(images), np.concatenate(labels))
 
 
 def _members(source: Path, names: tuple[str, ...], decode, what: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import itertools
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -21,14 +22,11 @@ import numpy as np
 from ...errors import UserError
 from .base import Chunk
 
+OTHER_SPLIT = {"train": "test", "test": "train"}
 SPLIT_SEED = 0  # the seed of a `limit`'s subset (and of a folder's split rule)
 DECODE_THREADS = 2  # TensorFlow's decoders release the GIL
-# An image whose header claims more pixels is skipped unread: Pillow's decompression-bomb error threshold (twice the
-# size it warns at), 537 MB decoded, 2.1 GB as floats; a 108 MP phone photo is within it.
-MAX_IMAGE_PIXELS = 178_956_970
-# Decoded images per chunk at most: 1,024 phone photos (12 MP) would be 37 GB, so a chunk of large images ends
-# sooner (94 such photos in one chunk peaked at 12.7 GB, docs/benchmarks.md).
-MAX_CHUNK_BYTES = 512 * 2**20
+MAX_IMAGE_PIXELS = 178_956_970  # more by its header: skipped unread (Pillow's decompression-bomb error threshold)
+MAX_CHUNK_BYTES = 512 * 2**20  # decoded images per chunk at most: a chunk of large photos ends sooner
 SHAPE_PROBE_FILES = 10  # items tried to find the size to compile for ahead
 
 Blobs = Iterator[tuple[int, "bytes | None", str]]  # (item, its encoded bytes, "") or (item, None, why there are none)
@@ -72,6 +70,23 @@ class EncodedSplit:
     def _name(self, item: int) -> str:
         return str(self.root / self.files[item])
 
+    def _take(self, names: tuple[str, ...] | None, shards: list, other_split: Callable[[], list],
+              outside: Callable[[object, int], str], limit: int | None) -> np.ndarray:
+        """Set `class_names`, `shards` (indexed files, each with `labels`), and each kept item's (kept_items) shard
+        and label; return the kept items' indices among all the shards' items. The classes are `names` (a label
+        outside them refused in one line: `outside(shard, row)`), else the label numbers of both splits."""
+        if names is None:
+            labels = [shard.labels for shard in shards + other_split()]
+            names = tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
+        for shard in shards:
+            if len(shard.labels) and shard.labels.max() >= len(names):
+                raise UserError(outside(shard, int(np.argmax(shard.labels >= len(names)))))
+        self.class_names, self.shards = names, shards
+        shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
+        keep = kept_items(len(shard_of), limit)
+        self.shard_of, self.labels = shard_of[keep], np.concatenate([s.labels for s in shards])[keep]
+        return keep
+
 
 def kept_items(count: int, limit: int | None) -> np.ndarray:
     """Items 0..count-1, or a seeded `limit` of them in the same order (so a subset spans the classes)."""
@@ -80,18 +95,9 @@ def kept_items(count: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(SPLIT_SEED).permutation(count)[:limit])
 
 
-def numbered_classes(labels: list[np.ndarray]) -> tuple[str, ...]:
-    """Class names for a dataset without them: the label numbers, 0 to the largest of `labels` (both splits', so
-    that both caches name the same classes)."""
-    return tuple(str(n) for n in range(max(int(x.max(initial=0)) for x in labels) + 1))
-
-
-def check_labels(shards, count: int, outside: Callable[[object, int], str]):
-    """Refuse the first label of the shards (each with `labels`) outside 0..count-1, in one line:
-    `outside(shard, its row)` names the row and the class list."""
-    for shard in shards:
-        if len(shard.labels) and shard.labels.max() >= count:
-            raise UserError(outside(shard, int(np.argmax(shard.labels >= count))))
+def few(shards: list) -> str:
+    """The first three shards' names (`relative`), for a message."""
+    return ", ".join(shard.relative for shard in shards[:3]) + (", ..." if len(shards) > 3 else "")
 
 
 def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bool,
@@ -101,35 +107,29 @@ def decoded_chunks(blobs: Blobs, labels: np.ndarray, chunk_size: int, strict: bo
     images reach MAX_CHUNK_BYTES; its unreadable items are in `skipped` (with `strict`, the first stops the run, named
     by `name_of(item)`). DECODE_THREADS items are decoded ahead."""
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
-        ahead: collections.deque = collections.deque()
-
-        def top_up():
-            while len(ahead) < DECODE_THREADS and (blob := next(blobs, None)) is not None:
-                item, data, reason = blob
-                ahead.append((item, pool.submit(decode_bytes, data) if data is not None else None, reason))
-
-        top_up()
+        decoding = ((item, pool.submit(decode_bytes, data) if data is not None else None, reason)
+                    for item, data, reason in blobs)
+        ahead = collections.deque(itertools.islice(decoding, DECODE_THREADS))
+        images, kept, skipped, size = [], [], [], 0
         while ahead:
-            images, kept, skipped, size = [], [], [], 0
-            while ahead and size < MAX_CHUNK_BYTES:  # large photos end a chunk early
-                item, future, reason = ahead.popleft()
-                image, reason = future.result() if future is not None else (None, reason)
-                top_up()
-                if image is None:
-                    if strict:
-                        raise UserError(f"cannot read {name_of(item)}: {reason}; `strict=True` stops at the first "
-                                        "unreadable image")
-                    skipped.append((item, reason))
-                else:
-                    images.append(image)
-                    kept.append(item)
-                    size += image.nbytes
-                if (item + 1) % chunk_size == 0:
-                    break
-            if len({image.shape for image in images}) == 1:
-                images = np.stack(images)
-            kept = np.asarray(kept, np.int64)
-            yield Chunk(images, labels[kept], kept, skipped, stop=item + 1)
+            item, future, reason = ahead.popleft()
+            ahead.extend(itertools.islice(decoding, 1))
+            image, reason = future.result() if future is not None else (None, reason)
+            if image is None:
+                if strict:
+                    raise UserError(f"cannot read {name_of(item)}: {reason}; `strict=True` stops at the first "
+                                    "unreadable image")
+                skipped.append((item, reason))
+            else:
+                images.append(image)
+                kept.append(item)
+                size += image.nbytes
+            if (item + 1) % chunk_size == 0 or size >= MAX_CHUNK_BYTES or not ahead:  # large photos end a chunk early
+                if len({image.shape for image in images}) == 1:
+                    images = np.stack(images)
+                kept = np.asarray(kept, np.int64)
+                yield Chunk(images, labels[kept], kept, skipped, stop=item + 1)
+                images, kept, skipped, size = [], [], [], 0
 
 
 def read_file(path: Path) -> tuple[bytes | None, str]:
@@ -147,11 +147,16 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str]:
 def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
     """An image file's bytes as (uint8 [H, W, 3], "") or (None, why they cannot be read)."""
     import tensorflow as tf
+    from PIL import Image
 
     if not data:
         return None, "empty file (0 bytes)"
-    if too_large := _too_large(data):
-        return None, too_large
+    try:
+        size = header_size(data)
+    except Image.DecompressionBombError:  # Pillow's own limit, which MAX_IMAGE_PIXELS is
+        return None, f"image too large (its header states more than {MAX_IMAGE_PIXELS:,} pixels, the most decoded)"
+    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return None, f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
     except (tf.errors.OpError, ValueError) as exc:
@@ -160,19 +165,6 @@ def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str]:
     if image.shape[0] == 0 or image.shape[1] == 0:
         return None, "image has no pixels"
     return image, ""
-
-
-def _too_large(data: bytes) -> str:
-    """Why an image is not decoded for its size (more than MAX_IMAGE_PIXELS by its header), or ''."""
-    from PIL import Image
-
-    try:
-        size = header_size(data)
-    except Image.DecompressionBombError:  # Pillow's own limit, which MAX_IMAGE_PIXELS is
-        return f"image too large (its header states more than {MAX_IMAGE_PIXELS:,} pixels, the most decoded)"
-    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        return f"image too large ({size[0]}x{size[1]} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
-    return ""
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:

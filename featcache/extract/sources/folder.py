@@ -7,13 +7,8 @@ takes the first four; gray and RGBA become RGB). Other files in the class folder
 (`passed_over`). With one level only, a file goes to the test split when a seeded hash of its path falls
 below `test_fraction`: adding a file never moves the others between splits.
 
-Decoding happens chunk by chunk (never a whole split in memory), as for every source of encoded images
-(encoded.py: a chunk ends early once its decoded images reach MAX_CHUNK_BYTES). A file that cannot be decoded
-(random bytes, truncated, empty, unreadable, more than MAX_IMAGE_PIXELS by its header, which Pillow reads
-without the pixels: a decompression bomb) is skipped and reported with its reason; `strict` makes the first one
-an error instead. The fingerprint is built from
-paths, sizes and modification times (one stat per file, no decoding), so confirming that a
-60,000-image cache is up to date takes well under a second of it.
+Files are decoded chunk by chunk, and an unreadable one skipped with its reason, as for every source of encoded
+images (encoded.py). The fingerprint is built from paths, sizes and modification times (one stat per file).
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...settings import DEFAULT_TEST_FRACTION
-from .encoded import SPLIT_SEED, EncodedSplit, decode_file, kept_items, read_file
+from .encoded import OTHER_SPLIT, SPLIT_SEED, EncodedSplit, decode_file, kept_items, read_file
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".jxl", ".png", ".webp")  # what tf.io.decode_image reads
 IMAGE_FORMATS = "PNG/JPEG/BMP/GIF/WebP/JPEG XL"
@@ -58,44 +53,39 @@ def split_fraction(root: Path, asked: float | None) -> float:
 
 
 class FolderSplit(EncodedSplit):
-    """One split of a class-folder tree."""
+    """One split of a class-folder tree: the classes are its sorted class folders, the items their image files in
+    sorted order (relative to the root), and their other files are `passed_over`."""
 
     def __init__(self, root: Path, split: str, limit: int | None = None, test_fraction: float | None = None,
                  strict: bool = False):
         self.root, self.split, self.strict = Path(root), split, strict
         self.nested = is_nested(self.root)
         self.test_fraction = split_fraction(self.root, test_fraction)
-        self.class_names, files, labels, self.passed_over = self._scan()
-        keep = kept_items(len(files), limit)
-        self.files, self.labels = [files[i] for i in keep], labels[keep]
-
-    def _scan(self) -> tuple[tuple[str, ...], list[str], np.ndarray, list[str]]:
-        """Class names, then each image file (relative to the root) and its label, in sorted order, and the other
-        files of the split's class folders (passed over as not images)."""
-        base = self.root / self.split if self.nested else self.root
+        base = self.root / split if self.nested else self.root
         names = _class_folders(base)
         if len(names) < 2:
             raise UserError(f"{base} holds one class folder ({names[0]}); a classifier needs at least 2 (a folder per "
                             "class, each holding its images)")
         if self.nested:
-            other = _class_folders(self.root / ("test" if self.split == "train" else "train"))
+            other = _class_folders(self.root / OTHER_SPLIT[split])
             if other != names:
                 differ = sorted(set(names) ^ set(other))
                 raise UserError(f"{self.root}/train and {self.root}/test must hold the same class folders; "
                                 f"they differ in {', '.join(differ[:5])}")
-        files, labels, passed_over = [], [], []
+        files, labels, self.passed_over = [], [], []  # the images (relative to the root), their labels, other files
         for label, name in enumerate(names):
-            found, others = _files(base / name)
-            if not found:
+            found = _files(base / name)
+            if not any(is_image_name(path.name) for path in found):
                 raise UserError(f"class folder {base / name} has no images ({' '.join(IMAGE_SUFFIXES)})")
-            for path in found:
-                relative = path.relative_to(self.root).as_posix()
-                if self.nested or self._in_split(relative):
-                    files.append(relative)
-                    labels.append(label)
-            passed_over += [relative for relative in (path.relative_to(self.root).as_posix() for path in others)
-                            if self.nested or self._in_split(relative)]
-        return tuple(names), files, np.asarray(labels, np.int64), passed_over
+            in_split = [relative for relative in (path.relative_to(self.root).as_posix() for path in found)
+                        if self.nested or self._in_split(relative)]
+            images = [relative for relative in in_split if is_image_name(relative)]
+            files += images
+            labels += [label] * len(images)
+            self.passed_over += [relative for relative in in_split if not is_image_name(relative)]
+        keep = kept_items(len(files), limit)
+        self.class_names, self.files = tuple(names), [files[i] for i in keep]
+        self.labels = np.asarray(labels, np.int64)[keep]
 
     def _in_split(self, relative: str) -> bool:
         digest = hashlib.sha1(f"{SPLIT_SEED}:{relative}".encode()).digest()
@@ -135,11 +125,10 @@ def _class_folders(base: Path) -> list[str]:
     return names
 
 
-def _files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under `folder`, recursively and sorted, and the other files; hidden files and folders neither."""
-    images, others = [], []
+def _files(folder: Path) -> list[Path]:
+    """The files under `folder`, recursively and sorted; hidden files and folders left out."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(f for f in filenames if not f.startswith(".")):
-            (images if is_image_name(name) else others).append(Path(dirpath) / name)
-    return images, others
+        found += [Path(dirpath) / name for name in sorted(filenames) if not name.startswith(".")]
+    return found

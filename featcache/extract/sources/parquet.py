@@ -8,18 +8,16 @@ Hugging Face metadata marks as an `Image` / `ClassLabel` feature, unless named b
 the label column's `ClassLabel` names when the metadata has them, else the label numbers (0 to the largest
 label of either split).
 
-Indexing reads each file's footer and its label column only; images are read row group by row group, a few
-rows at a time, and decoded like a class folder's files (encoded.py). Unusable files (not Parquet, without
-the image or label column, of the wrong types, labels missing or outside the class list, an empty or
-missing split) are refused while indexing, before anything is written. The fingerprint is each file's size,
-modification time and footer (row groups, column chunk offsets and sizes) and the labels. pyarrow is optional
-(requirements-parquet.txt).
+Indexing reads each file's footer and its label column only, and refuses an unusable file before anything is
+written; images are read row group by row group, READ_ROWS rows at a time, and decoded as encoded.py decodes
+every source's. pyarrow is optional (requirements-parquet.txt).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,23 +28,11 @@ import numpy as np
 from ...errors import UserError, first_line
 from ...settings import IMAGE_COLUMN, LABEL_COLUMN
 from .base import split_files
-from .encoded import EncodedSplit, check_labels, kept_items, numbered_classes
+from .encoded import OTHER_SPLIT, EncodedSplit, few
 
 SUFFIX = ".parquet"
 READ_ROWS = 64  # rows of image bytes read at a time from a row group
 HF_METADATA = b"huggingface"
-
-
-
-def pyarrow_modules():
-    """(pyarrow, pyarrow.parquet), or a one-line refusal when pyarrow is not installed."""
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError("reading Parquet needs pyarrow, which is not installed: "
-                        "pip install -r requirements-parquet.txt") from None
-    return pyarrow, pyarrow.parquet
 
 
 @dataclass
@@ -65,32 +51,27 @@ class ParquetSplit(EncodedSplit):
 
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False,
                  image_column: str | None = None, label_column: str | None = None):
-        self.pa, self.pq = pyarrow_modules()
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ImportError:
+            raise UserError("reading Parquet needs pyarrow, which is not installed: "
+                            "pip install -r requirements-parquet.txt") from None
+        self.pa, self.pq = pyarrow, pyarrow.parquet
         self.root, self.split, self.strict = Path(root), split, strict
         paths = self._paths(split)
         self.image_column, self.label_column, names = self._columns(paths[0], image_column, label_column)
         shards = [self._index(path) for path in paths]
         if not sum(len(shard.labels) for shard in shards):
-            raise UserError(f"the {split} Parquet files in {self.root} hold no rows "
-                            f"({', '.join(s.relative for s in shards[:3])}{', ...' if len(shards) > 3 else ''})")
-        if names is None:
-            other = "test" if split == "train" else "train"
-            others = [self._index(path) for path in self._paths(other, missing_ok=True)]
-            names = numbered_classes([s.labels for s in shards + others])
-        check_labels(shards, len(names), lambda shard, row: f"{shard.path}: row {row} has label {shard.labels[row]}, "
-                     f"outside the {len(names)} ClassLabel names of column {self.label_column!r}")
-        self.class_names, self.shards = names, shards
-        group_of, row_in_file, file_of = [], [], []
-        for n, shard in enumerate(shards):
-            file_of.append(np.full(len(shard.labels), n, np.int64))
-            row_in_file.append(np.arange(len(shard.labels), dtype=np.int64))
-            group_of.append(np.repeat(np.arange(len(shard.group_rows)), shard.group_rows))
-        keep = kept_items(sum(len(s.labels) for s in shards), limit)
-        self.file_of = np.concatenate(file_of)[keep]
-        self.row_in_file = np.concatenate(row_in_file)[keep]
-        self.group_of = np.concatenate(group_of)[keep].astype(np.int64)
-        self.labels = np.concatenate([s.labels for s in shards])[keep]
-        self.files = [f"{shards[f].relative}:{r}" for f, r in zip(self.file_of.tolist(), self.row_in_file.tolist())]
+            raise UserError(f"the {split} Parquet files in {self.root} hold no rows ({few(shards)})")
+        keep = self._take(names, shards,
+                          lambda: [self._index(path) for path in self._paths(OTHER_SPLIT[split], missing_ok=True)],
+                          lambda shard, row: f"{shard.path}: row {row} has label {shard.labels[row]}, outside the "
+                          f"{len(names)} ClassLabel names of column {self.label_column!r}", limit)
+        self.row_in_file = np.concatenate([np.arange(len(s.labels), dtype=np.int64) for s in shards])[keep]
+        self.group_of = np.concatenate([np.repeat(np.arange(len(s.group_rows), dtype=np.int64), s.group_rows)
+                                        for s in shards])[keep]
+        self.files = [f"{shards[f].relative}:{r}" for f, r in zip(self.shard_of.tolist(), self.row_in_file.tolist())]
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -108,7 +89,7 @@ class ParquetSplit(EncodedSplit):
                 "columns_read": json.dumps([self.image_column, self.label_column])}
 
     def _name(self, item: int) -> str:
-        return f"{self.shards[self.file_of[item]].path}: row {self.row_in_file[item]}"
+        return f"{self.shards[self.shard_of[item]].path}: row {self.row_in_file[item]}"
 
     # --- indexing -----------------------------------------------------------------------------------------------
 
@@ -168,48 +149,33 @@ class ParquetSplit(EncodedSplit):
         if len(labels) and labels.min() < 0:
             row = int(np.argmax(labels < 0))
             raise UserError(f"{path}: row {row} has label {labels[row]} (a negative label: an unlabelled row?)")
-        meta = parquet.metadata
+        meta, stat, relative = parquet.metadata, path.stat(), path.relative_to(self.root).as_posix()
         groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-        stat = path.stat()
-        summary = json.dumps([path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns,
-                              [[g.num_rows, g.total_byte_size] + [[g.column(c).file_offset,
-                                                                   g.column(c).total_compressed_size]
-                                                                  for c in range(g.num_columns)] for g in groups]])
-        return ParquetShard(path, path.relative_to(self.root).as_posix(), [g.num_rows for g in groups], labels,
-                            summary)
+        columns = [[[g.column(c).file_offset, g.column(c).total_compressed_size] for c in range(g.num_columns)]
+                   for g in groups]
+        summary = json.dumps([relative, stat.st_size, stat.st_mtime_ns,
+                              [[g.num_rows, g.total_byte_size] + chunks for g, chunks in zip(groups, columns)]])
+        return ParquetShard(path, relative, [g.num_rows for g in groups], labels, summary)
 
     def _binary(self, kind) -> bool:
         types = self.pa.types
-        return types.is_binary(kind) or types.is_large_binary(kind) or getattr(types, "is_binary_view",
-                                                                               lambda _: False)(kind)
+        return types.is_binary(kind) or types.is_large_binary(kind) or types.is_binary_view(kind)
 
     # --- reading ------------------------------------------------------------------------------------------------
 
     def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
         """(item, its image bytes, "") or (item, None, why there are none) for items [start, stop), read one row
         group at a time, READ_ROWS rows at a time, one open file at a time."""
-        item, parquet, opened = start, None, -1
-        try:
-            while item < stop:
-                n, group = int(self.file_of[item]), int(self.group_of[item])
-                end = item
-                while end < stop and self.file_of[end] == n and self.group_of[end] == group:
-                    end += 1
-                shard = self.shards[n]
-                if n != opened:
-                    if parquet is not None:
-                        parquet.close()
-                    parquet, opened = self._open(shard.path), n
-                first = sum(shard.group_rows[:group])  # the group's first row in its file
-                wanted = {int(self.row_in_file[i]) - first: i for i in range(item, end)}
-                try:
-                    yield from self._group_blobs(parquet, group, wanted)
-                except (self.pa.ArrowException, OSError) as exc:
-                    raise UserError(f"reading {shard.path} failed ({first_line(exc)})") from None
-                item = end
-        finally:
-            if parquet is not None:
-                parquet.close()
+        for n, in_file in itertools.groupby(range(start, stop), lambda item: int(self.shard_of[item])):
+            shard = self.shards[n]
+            with self._open(shard.path) as parquet:
+                for group, items in itertools.groupby(in_file, lambda item: int(self.group_of[item])):
+                    first = sum(shard.group_rows[:group])  # the group's first row in its file
+                    wanted = {int(self.row_in_file[i]) - first: i for i in items}
+                    try:
+                        yield from self._group_blobs(parquet, group, wanted)
+                    except (self.pa.ArrowException, OSError) as exc:
+                        raise UserError(f"reading {shard.path} failed ({first_line(exc)})") from None
 
     def _group_blobs(self, parquet, group: int, wanted: dict) -> Iterator[tuple[int, bytes | None, str]]:
         """The wanted rows of one row group ({row in the group: item}), in order."""

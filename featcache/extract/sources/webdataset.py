@@ -7,18 +7,16 @@ path up to the first dot of its file name, as the webdataset library splits it):
 Other members (captions, metadata) are ignored. Class names are the lines of `ROOT/classes.txt` when present,
 else the label numbers (0 to the largest label of either split).
 
-Indexing reads the tar headers and the small label members with the standard library's `tarfile`; images
-are then read by offset, one member at a time, never unpacked to disk, and decoded like a class folder's
-files (encoded.py). Every way the shards cannot be used (a truncated tar, a sample without a label or
-without an image, a label outside the class list, an empty or missing split) is refused while indexing,
-before anything is written. The fingerprint is each tar's size and modification time, each sample's member
-name, offset, size and label.
+Indexing reads the tar headers and the small label members with the standard library's `tarfile`, and refuses
+an unusable shard before anything is written; images are then read by offset, never unpacked to disk, and
+decoded as encoded.py decodes every source's.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import tarfile
 import zlib
@@ -30,13 +28,12 @@ import numpy as np
 
 from ...errors import UserError
 from .base import split_files
-from .encoded import EncodedSplit, check_labels, kept_items, numbered_classes
+from .encoded import OTHER_SPLIT, EncodedSplit, few
 
 SUFFIX = ".tar"
 IMAGE_EXTENSIONS = ("bmp", "gif", "jpeg", "jpg", "png", "webp")
 CLASSES_FILE = "classes.txt"
 BLOCK = 512  # tar's block: the archive ends with (at least) one block of zeros
-
 
 
 @dataclass
@@ -59,23 +56,15 @@ class TarSplit(EncodedSplit):
     def __init__(self, root, split: str, limit: int | None = None, strict: bool = False):
         self.root, self.split, self.strict = Path(root), split, strict
         names = read_class_names(self.root)
-        shards = index_split(self.root, split)
-        if names is None:
-            other = "test" if split == "train" else "train"
-            names = numbered_classes([s.labels for s in shards + index_split(self.root, other, missing_ok=True)])
-        else:
-            check_labels(shards, len(names), lambda shard, row: f"{shard.path}: {shard.members[row]}'s label "
-                         f"{shard.labels[row]} is outside the {len(names)} classes of {self.root / CLASSES_FILE} "
-                         "(labels count from 0)")
-        self.class_names, self.shards = names, shards
-        shard_of = np.concatenate([np.full(len(s.labels), n, np.int64) for n, s in enumerate(shards)])
-        keep = kept_items(len(shard_of), limit)
-        self.shard_of = shard_of[keep]
-        self.offsets = np.concatenate([s.offsets for s in shards])[keep]
-        self.sizes = np.concatenate([s.sizes for s in shards])[keep]
-        self.labels = np.concatenate([s.labels for s in shards])[keep]
-        members = [(n, member) for n, s in enumerate(shards) for member in s.members]
-        self.files = [f"{shards[members[i][0]].relative}:{members[i][1]}" for i in keep]
+        keep = self._take(names, index_split(self.root, split),
+                          lambda: index_split(self.root, OTHER_SPLIT[split], missing_ok=True),
+                          lambda shard, row: f"{shard.path}: {shard.members[row]}'s label {shard.labels[row]} is "
+                          f"outside the {len(names)} classes of {self.root / CLASSES_FILE} (labels count from 0)",
+                          limit)
+        self.offsets = np.concatenate([s.offsets for s in self.shards])[keep]
+        self.sizes = np.concatenate([s.sizes for s in self.shards])[keep]
+        files = [f"{s.relative}:{member}" for s in self.shards for member in s.members]
+        self.files = [files[i] for i in keep]
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -93,23 +82,15 @@ class TarSplit(EncodedSplit):
 
     def _blobs(self, start: int, stop: int) -> Iterator[tuple[int, bytes | None, str]]:
         """(item, its image member's bytes, "") for items [start, stop), one open tar file at a time."""
-        handle, opened = None, -1
-        try:
-            for item in range(start, stop):
-                if self.shard_of[item] != opened:
-                    if handle is not None:
-                        handle.close()
-                    opened = int(self.shard_of[item])
-                    handle = open(self.shards[opened].path, "rb")
-                handle.seek(int(self.offsets[item]))
-                data = handle.read(int(self.sizes[item]))
-                if len(data) < self.sizes[item]:
-                    yield item, None, f"member cut short ({len(data)} of {self.sizes[item]} bytes: the tar changed)"
-                else:
-                    yield item, data, ""
-        finally:
-            if handle is not None:
-                handle.close()
+        for shard, items in itertools.groupby(range(start, stop), lambda item: int(self.shard_of[item])):
+            with open(self.shards[shard].path, "rb") as handle:
+                for item in items:
+                    handle.seek(int(self.offsets[item]))
+                    data = handle.read(int(self.sizes[item]))
+                    if len(data) < self.sizes[item]:
+                        yield item, None, f"member cut short ({len(data)} of {self.sizes[item]} bytes: the tar changed)"
+                    else:
+                        yield item, data, ""
 
 
 def read_class_names(root: Path) -> tuple[str, ...] | None:
@@ -117,8 +98,7 @@ def read_class_names(root: Path) -> tuple[str, ...] | None:
     path = root / CLASSES_FILE
     if not path.is_file():
         return None
-    names = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
-    names = [name.strip() for name in names]
+    names = [name.strip() for name in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
     if not any(names) or not all(names):
         raise UserError(f"{path} must name one class per line (it has {'an empty line' if any(names) else 'none'})")
     return tuple(names)
@@ -136,8 +116,7 @@ def index_split(root: Path, split: str, missing_ok: bool = False) -> list[Shard]
                         f"{hint}")
     shards = [index_tar(path, root) for path in paths]
     if not any(len(shard.labels) for shard in shards):
-        raise UserError(f"the {split} shards in {root} hold no samples ({', '.join(s.relative for s in shards[:3])}"
-                        f"{', ...' if len(shards) > 3 else ''} are empty)")
+        raise UserError(f"the {split} shards in {root} hold no samples ({few(shards)} are empty)")
     return shards
 
 
@@ -177,7 +156,6 @@ def index_tar(path: Path, root: Path) -> Shard:
         handle.seek(end)
         if handle.read(BLOCK) != bytes(BLOCK):
             raise UserError(f"{path} is truncated: no end-of-archive block after its last member (byte {end:,})")
-    members, offsets, sizes, labels = [], [], [], []
     for key, sample in samples.items():
         if "image" not in sample:
             what = "its label" if "label" in sample else "its members"
@@ -185,12 +163,11 @@ def index_tar(path: Path, root: Path) -> Shard:
                             f"{', '.join(sample['members'][:3])}")
         if "label" not in sample:
             raise UserError(f"{path}: {sample['image'][0]} has no label ({key}.cls, or {key}.json with a label field)")
-        members.append(sample["image"][0])
-        offsets.append(sample["image"][1])
-        sizes.append(sample["image"][2])
-        labels.append(sample["label"])
-    return Shard(path, path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns, members,
-                 np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), np.asarray(labels, np.int64))
+    images = [sample["image"] for sample in samples.values()]
+    offsets, sizes = np.array([image[1:] for image in images], np.int64).reshape(-1, 2).T
+    labels = np.array([sample["label"] for sample in samples.values()], np.int64)
+    return Shard(path, path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns,
+                 [image[0] for image in images], offsets, sizes, labels)
 
 
 def _label(data: bytes, extension: str, where: str) -> int | None:
