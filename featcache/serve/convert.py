@@ -110,17 +110,12 @@ def to_onnx(frozen, metadata: dict[str, str]) -> bytes:
             output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET)
     except (ValueError, RuntimeError, NotImplementedError, TypeError, KeyError) as exc:  # what tf2onnx raises
         raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
-    model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
+    old_in, old_out = model.graph.input[0].name, model.graph.output[0].name
+    for node in model.graph.node:  # plain names for the one input and output (tf2onnx keeps TensorFlow's `images:0`)
+        node.input[:] = ["images" if name == old_in else name for name in node.input]
+        node.output[:] = ["probabilities" if name == old_out else name for name in node.output]
+    model.graph.input[0].name, model.graph.output[0].name = "images", "probabilities"
     for name, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = name, value
     return model.SerializeToString()
-
-
-def _rename(model, input_name: str, output_name: str) -> tuple[str, str]:
-    """Give the graph's one input and one output plain names (tf2onnx keeps TensorFlow's `images:0`)."""
-    old_in, old_out = model.graph.input[0].name, model.graph.output[0].name
-    for node in model.graph.node:
-        node.input[:] = [input_name if name == old_in else name for name in node.input]
-        node.output[:] = [output_name if name == old_out else name for name in node.output]
-    return input_name, output_name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .convert import onnx_converter, portable_function, to_onnx, to_tflite, with_tflite_metadata
 from .files import PREPROCESSING, SUFFIXES, check_destination, preprocessing, write_export
-from .int8 import int8_head, int8_samples
+from . import int8
 from .run import load_run
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -38,9 +38,9 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
                                                            PREPROCESSING: preprocessing(parts.key)})
     elif quantize:
         log("reading the run's train images for int8 calibration and correction")
-        calibration, fit = int8_samples(parts, size)
+        calibration, fit = int8.train_samples(parts, size)
         log("correcting the head for the int8 network (one int8 conversion, then its embeddings)")
-        head = int8_head(parts, size, calibration, fit)
+        head = int8.int8_head(parts, size, calibration, fit)
         log(f"converting to LiteRT int8 ({size}x{size} input)")
         content = to_tflite(portable_function(dataclasses.replace(parts, head=head), size), calibration)
     else:

@@ -93,25 +93,19 @@ def _open_saved_model(path: Path) -> Exported:
 
 def _open_tflite(path: Path) -> Exported:
     interpreter_module = require("ai_edge_litert.interpreter", "a .tflite model")
+    from ai_edge_litert import schema_py_generated as schema
+
     interpreter = interpreter_module.Interpreter(model_path=str(path), num_threads=os.cpu_count())
     (entry,) = interpreter.get_input_details()
     if not labels_path(path).exists():
         raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
     names = tuple(labels_path(path).read_text().splitlines())
-    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), _tflite_preprocessing(path),
+    model, preprocessing = schema.Model.GetRootAs(path.read_bytes(), 0), None  # the PREPROCESSING metadata, if any
+    for meta in map(model.Metadata, range(model.MetadataLength())):
+        if meta.Name() == PREPROCESSING.encode():
+            preprocessing = json.loads(model.Buffers(meta.Buffer()).DataAsNumpy().tobytes())
+    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), preprocessing,
                     np.dtype(entry["dtype"]).type)
-
-
-def _tflite_preprocessing(path: Path) -> dict | None:
-    """The PREPROCESSING metadata a .tflite file holds, or None."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(path.read_bytes(), 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == PREPROCESSING.encode():
-            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    return None
 
 
 def litert_call(interpreter):
