@@ -4,14 +4,14 @@ file (float32 pixel values of one size in); class probabilities out."""
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors, verbosity_options
+from featcache.cli import NonEmptyPath, as_flags, one_line_errors, run_options, verbosity_options
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.serve.classifier import build_classifier
 from featcache.serve.export import FORMATS, QUANTIZE, export_run
 from featcache.serve.files import check_destination, save_model
 from featcache.serve.run import resolve_run
-from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, check_image_size
+from featcache.settings import check_image_size
 
 
 @click.command()
@@ -28,11 +28,7 @@ from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, check_image_size
               help="tflite/onnx: the side of the square images the file takes (float32 pixel values, 0 to 255). "
                    "Default: the network's input size, at which any photo brought to it gets the run's result.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--run", "run_id", type=TEXT, default=None,
-              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
-                   "validation accuracy, among runs on the default cache settings if any is) "
-                   f"[default: {DEFAULT_RUN}].")
-@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@run_options
 @verbosity_options
 @one_line_errors
 def main(out, format_, quantize, input_size, force, run_id, runs_dir, quiet, verbose):

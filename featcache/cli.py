@@ -17,7 +17,7 @@ from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError, plural
 from .settings import (
     CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
+    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RUN, DEFAULT_RUNS_DIR, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
     PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig,
 )
 
@@ -160,10 +160,19 @@ TEXT = NonEmptyText()
 COUNT = click.IntRange(min=1, max=MAX_COUNT)  # limits, chunk and batch sizes, workers
 
 
+RUNS_DIR = click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR),
+                        show_default=True)
+
+
+def run_options(func):
+    """--run and --runs-dir: the recorded run predict.py and export.py serve."""
+    return click.option("--run", "run_id", type=TEXT, default=None, help=(
+        "Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by validation "
+        f"accuracy, among runs on the default cache settings if any is) [default: {DEFAULT_RUN}]."))(RUNS_DIR(func))
+
+
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
-    from .extract.sources import cifar
-
     options = [
         click.option("--cache-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_CACHE_DIR),
                      show_default=True, help="Where embedding caches live."),
@@ -173,8 +182,8 @@ def selection_options(func):
                           "(train-*.tar, test-*.tar); parquet: Parquet files of image bytes and labels (the Hugging "
                           "Face Hub's data/train-*.parquet). Part of the cache key."),
         click.option("--data-dir", type=NonEmptyPath(), default=None,
-                     help=f"cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
-                          f"${cifar.CIFAR10.env} / ${cifar.CIFAR100.env}); default: the official download, cached "
+                     help="cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
+                          "$CIFAR10_DATA_DIR / $CIFAR100_DATA_DIR); default: the official download, cached "
                           "like Keras does. folder, webdataset, parquet: the data folder (needed; part of the "
                           "cache key)."),
         click.option("--test-fraction", type=float, default=None,
