@@ -1,10 +1,5 @@
-"""The head of an int8 LiteRT file, corrected for its network's embeddings.
-
-Per embedding dimension, the f32 embedding is fitted as a * int8 + b on a seeded sample of the run's *train*
-images (a draw of its own, which may share images with the calibration sample), and the fit becomes a float
-layer in front of the run's head. `train_samples` draws the calibration and correction samples, each image
-read once and brought to the file's input size.
-"""
+"""The head of an int8 LiteRT file, corrected for its network's embeddings (int8_head), and the seeded samples of
+the run's train images that calibrate the network and fit the correction (train_samples)."""
 
 from __future__ import annotations
 
@@ -56,8 +51,7 @@ def train_samples(parts, size: int) -> list[np.ndarray]:
 
 def int8_head(parts, input_size: int, calibration: np.ndarray, images: np.ndarray):
     """The run's head for the int8 network's embeddings: per dimension, the f32 embedding fitted as a * int8 + b
-    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer. Without
-    it, the int8 file loses accuracy that it keeps with it (docs/benchmarks.md, int8 LiteRT)."""
+    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer."""
     import tensorflow as tf
 
     frozen = portable_function(parts, input_size, embeddings=True)

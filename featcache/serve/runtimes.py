@@ -16,12 +16,9 @@ from .files import PREPROCESSING, SUFFIXES, labels_path
 
 @dataclass
 class Exported:
-    """An exported classifier read back with its own runtime: `probabilities(images [N, H, W, 3])`.
-
-    A file of one input size gets images of any other size brought to it by the run's own preprocessing, which
-    the file records (files.PREPROCESSING): its center crop, if any, then its resize, in float; at the network's
-    size (the default) the file then classifies them as the run does. A file of uint8 input (an older export)
-    gets them rounded to whole pixel values."""
+    """An exported classifier read back with its own runtime: `probabilities(images [N, H, W, 3])`. A file of one
+    input size gets images of another size brought to it by the run's preprocessing, which it records
+    (files.PREPROCESSING); a file of uint8 input (an older export) gets them rounded to whole pixel values."""
 
     format: str
     class_names: tuple[str, ...]
