@@ -34,7 +34,7 @@ from featcache.settings import check_image_size
 def main(out, format_, quantize, input_size, force, run_id, runs_dir, quiet, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
-    log = None if quiet else (lambda line: click.echo(line, err=True))
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     if quantize and format_ != "tflite":
         raise UserError(f"--quantize int8 is for --format tflite only, not {format_}")
     if input_size:
@@ -49,11 +49,9 @@ def main(out, format_, quantize, input_size, force, run_id, runs_dir, quiet, ver
         path = export_run(run_dir, out, format_, input_size, force, quantize, log)
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
-    if log:
-        log(f"loading run {run_dir.name} and its model")
+    log(f"loading run {run_dir.name} and its model")
     classifier = build_classifier(run_dir)
-    if log:
-        log(f"writing the SavedModel {out}")
+    log(f"writing the SavedModel {out}")
     save_model(classifier, out, force)
     n = int(classifier.class_names.shape[0])
     click.echo(f"exported run {run_dir.name} to {out} (serving_default: images uint8 [N,H,W,3] -> "

@@ -17,9 +17,10 @@ from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError, plural
 from .settings import (
     CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RUN, DEFAULT_RUNS_DIR, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
+    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
     PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig,
 )
+from .settings import DEFAULT_RUN, DEFAULT_RUNS_DIR
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
               f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "
@@ -285,22 +286,18 @@ def trainable(config: HeadConfig, combinations: list[dict]) -> tuple[list[dict],
 
 
 GRID_KINDS = {bool: "true or false", int: "a whole number", float: "a number"}  # what a grid value must be
+GRID_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def _parse_value(kind, text: str, name: str):
     """One value of `--grid NAME=...` as the field's type, or a one-line error naming it."""
     try:
         if kind is bool:
-            if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "yes", "1")
-        if kind is int:
-            number = float(text)
-            if not number.is_integer():
-                raise ValueError(text)
-            return int(number)
-        return kind(text)
-    except ValueError:
+            return GRID_BOOLS[text.lower()]
+        if kind is int and not float(text).is_integer():
+            raise ValueError(text)
+        return int(float(text)) if kind is int else kind(text)
+    except (KeyError, ValueError):
         raise UserError(f"--grid: {name} must be {GRID_KINDS[kind]}, got {text!r}") from None
 
 

@@ -4,7 +4,6 @@ content written under a temporary name beside it, then renamed. A SavedModel fol
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -15,11 +14,6 @@ SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 # The metadata entry (an ONNX metadata property, a LiteRT metadata buffer) that records the run's preprocessing as
 # JSON ({"resize", "crop", "image_size"}), so that a reader can bring images of any size to the file's input size.
 PREPROCESSING = "featcache_preprocessing"
-
-
-def preprocessing(key) -> str:
-    """The run's preprocessing (the cache key's crop, resize and size) as the PREPROCESSING metadata's JSON."""
-    return json.dumps({"resize": key.resize, "crop": key.crop, "image_size": key.image_size})
 
 
 def check_destination(path, force: bool, folder: bool) -> Path:
