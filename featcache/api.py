@@ -48,7 +48,7 @@ class CachedSplit:
 
 
 def _split_selection(options: dict) -> dict:
-    return {name: options.pop(name) for name in SELECTION_NAMES if name in options and name != "cache_dir"}
+    return {name: options.pop(name) for name in SELECTION_NAMES if name in options}  # cache_dir is a parameter
 
 
 def _takes_only(function: str, given: dict, *allowed):
