@@ -4,14 +4,14 @@ file (float32 pixel values of one size in); class probabilities out."""
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors, verbosity_options
+from featcache.cli import NonEmptyPath, as_flags, one_line_errors, run_options, verbosity_options
 from featcache.errors import UserError
 from featcache.process import setup_process
 from featcache.serve.classifier import build_classifier
 from featcache.serve.export import FORMATS, QUANTIZE, export_run
 from featcache.serve.files import check_destination, save_model
 from featcache.serve.run import resolve_run
-from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, check_image_size
+from featcache.settings import check_image_size
 
 
 @click.command()
@@ -28,17 +28,13 @@ from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, check_image_size
               help="tflite/onnx: the side of the square images the file takes (float32 pixel values, 0 to 255). "
                    "Default: the network's input size, at which any photo brought to it gets the run's result.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--run", "run_id", type=TEXT, default=None,
-              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
-                   "validation accuracy, among runs on the default cache settings if any is) "
-                   f"[default: {DEFAULT_RUN}].")
-@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@run_options
 @verbosity_options
 @one_line_errors
 def main(out, format_, quantize, input_size, force, run_id, runs_dir, quiet, verbose):
     """Write the run's classifier (preprocessing, frozen network, head, averaged over its test-time views) to OUT."""
     setup_process(verbose)
-    log = None if quiet else (lambda line: click.echo(line, err=True))
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     if quantize and format_ != "tflite":
         raise UserError(f"--quantize int8 is for --format tflite only, not {format_}")
     if input_size:
@@ -53,11 +49,9 @@ def main(out, format_, quantize, input_size, force, run_id, runs_dir, quiet, ver
         path = export_run(run_dir, out, format_, input_size, force, quantize, log)
         click.echo(f"exported run {run_dir.name} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
-    if log:
-        log(f"loading run {run_dir.name} and its model")
+    log(f"loading run {run_dir.name} and its model")
     classifier = build_classifier(run_dir)
-    if log:
-        log(f"writing the SavedModel {out}")
+    log(f"writing the SavedModel {out}")
     save_model(classifier, out, force)
     n = int(classifier.class_names.shape[0])
     click.echo(f"exported run {run_dir.name} to {out} (serving_default: images uint8 [N,H,W,3] -> "

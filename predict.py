@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from featcache.cli import TEXT, NonEmptyPath, as_flags, one_line_errors, verbosity_options
+from featcache.cli import NonEmptyPath, as_flags, one_line_errors, run_options, verbosity_options
 from featcache.errors import UserError, plural
 from featcache.extract.sources.folder import IMAGE_FORMATS
 from featcache.process import setup_process
@@ -14,16 +14,12 @@ from featcache.serve.classifier import build_classifier
 from featcache.serve.images import decode_image, expand_paths
 from featcache.serve.run import resolve_run
 from featcache.serve.runtimes import open_exported
-from featcache.settings import DEFAULT_RUN, DEFAULT_RUNS_DIR, DEFAULT_TOP_K
+from featcache.settings import DEFAULT_TOP_K
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=NonEmptyPath())
-@click.option("--run", "run_id", type=TEXT, default=None,
-              help="Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by "
-                   "validation accuracy, among runs on the default cache settings if any is) "
-                   f"[default: {DEFAULT_RUN}].")
-@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@run_options
 @click.option("--model", "exported", type=NonEmptyPath(), default=None,
               help="Classify with an exported file instead of a run: a .tflite (LiteRT) or .onnx (ONNX Runtime) file, "
                    "or a SavedModel folder (export.py), to check what you ship against what you trained.")

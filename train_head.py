@@ -8,8 +8,8 @@ from click.core import ParameterSource
 
 from featcache.cache.read import views_present
 from featcache.cli import (
-    TEXT, VIEWS_HELP, NonEmptyPath, as_flags, cache_remedy, format_table, key_to_read, one_line_errors, parse_grid,
-    selection_options, stopped, trainable, verbosity_options,
+    RUNS_DIR, TEXT, VIEWS_HELP, as_flags, cache_remedy, format_table, one_line_errors, parse_grid,
+    selected, selection_options, stopped, trainable, verbosity_options,
 )
 from featcache.errors import UserError, plural
 from featcache.head.records import LEDGER_COLUMNS, ledger
@@ -18,7 +18,7 @@ from featcache.head.tensorboard import backfill
 from featcache.process import setup_process
 from featcache.selection import changed_since_cached
 from featcache.settings import (
-    COMPUTES, DEFAULT_RUNS_DIR, DEFAULT_VIEWS, MAX_BATCH_SIZE, MAX_PROJECTOR_POINTS, MIN_STEPS_PER_EPOCH, SCHEDULES,
+    COMPUTES, DEFAULT_VIEWS, MAX_BATCH_SIZE, MAX_PROJECTOR_POINTS, MIN_STEPS_PER_EPOCH, SCHEDULES,
     SOLVERS, HeadConfig,
 )
 
@@ -58,7 +58,7 @@ DEFAULTS = HeadConfig()
 @click.option("--compute", type=click.Choice(COMPUTES), default=DEFAULTS.compute, show_default=True,
               help="Number format of the first layer's products in training steps. auto: bf16 with a hidden layer "
                    "on a CPU with native bf16 (AVX512-BF16, AMX), else f32. The saved head is f32 either way.")
-@click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR), show_default=True)
+@RUNS_DIR
 @click.option("--sweep", type=click.Choice(["l2"]), default=None,
               help="Choose --l2 on a validation split (--val-split, default 0.2), then refit on all rows.")
 @click.option("--grid", multiple=True, metavar="NAME=V1,V2,...",
@@ -93,7 +93,7 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
     if grid and sweep:
         raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
     combinations = parse_grid(grid) if grid else []  # a bad value refused before the cache is looked for
-    key, cache_dir, data_dir = key_to_read(options)  # takes the selection options out; the head's remain
+    key, cache_dir, data_dir = selected(options, 2)  # takes the selection options out; the head's remain
     for changed in changed_since_cached(key, cache_dir):
         click.echo(f"warning: {cache_remedy(changed)}", err=True)
     config = HeadConfig(**options)

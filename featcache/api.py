@@ -48,11 +48,11 @@ class CachedSplit:
 
 
 def _split_selection(options: dict) -> dict:
-    return {name: options.pop(name) for name in SELECTION_NAMES if name in options and name != "cache_dir"}
+    return {name: options.pop(name) for name in SELECTION_NAMES if name in options}  # cache_dir is a parameter
 
 
-def _only_selection(function: str, selection: dict):
-    unknown = sorted(set(selection) - set(SELECTION_NAMES))
+def _takes_only(function: str, given: dict, *allowed):
+    unknown = sorted(set(given).difference(SELECTION_NAMES, *allowed))
     if unknown:
         raise UserError(f"{function}() takes no parameter {', '.join(unknown)}")
 
@@ -62,10 +62,8 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     settings above, and pipeline.extract's (views, layers, chunk_size, batch_size, engine, force, strict, progress,
     runner)."""
     check_split(split)
+    _takes_only("extract", options, inspect.signature(extract_split).parameters)
     selection = _split_selection(options)
-    unknown = sorted(set(options) - set(inspect.signature(extract_split).parameters) - {"data_dir", "cache_dir"})
-    if unknown:
-        raise UserError(f"extract() takes no parameter {', '.join(unknown)}")
     key = select(cache_dir, splits=(split,), **selection)
     try:
         return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)
@@ -76,14 +74,14 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
 def list_layers(cache_dir=DEFAULT_CACHE_DIR, **selection) -> list[LayerInfo]:
     """The layers the selected model offers to `layers` (name, height, width, channels at the selected image size),
     as extract.py's list_layers option prints them; loads the model the first time."""
-    _only_selection("list_layers", selection)
+    _takes_only("list_layers", selection)
     key = select(cache_dir, **selection)
     return offered_layers(key.model, key.model_sha256, key.image_size, cache_dir)
 
 
 def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tuple[Path, list[str]]:
     """Check one split's cache against its source, as extract.py's verify option does: (its path, the problems)."""
-    _only_selection("verify", selection)
+    _takes_only("verify", selection)
     check_split(split)
     return verify_split(select(cache_dir, **selection), split, data_dir=selection.get("data_dir"), cache_dir=cache_dir)
 
@@ -91,7 +89,7 @@ def verify(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> tu
 def load_cache(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **selection) -> CachedSplit:
     """Read one complete, checked cache (settings, checksums, NaN/Inf, labels; every view it holds) without
     importing TensorFlow."""
-    _only_selection("load_cache", selection)
+    _takes_only("load_cache", selection)
     check_split(split)
     key = select_cached(cache_dir, **selection)
     features, info = load_features(key, split, cache_dir, views=None)
@@ -103,10 +101,8 @@ def run_head(cache_dir=DEFAULT_CACHE_DIR, **options) -> TrainedHead:
     """Train one head on the cached train split and score it on test, as train_head.py does, without
     recording a run: `.metrics` (test_accuracy, ...), `.model` (Keras), `.history`, `.test_probs`.
     Keyword arguments: the selection settings above, and HeadConfig's fields (epochs, lr, hidden, ...)."""
+    _takes_only("run_head", options, HeadConfig().to_dict())
     key = select_cached(cache_dir, **_split_selection(options))
-    unknown = sorted(set(options) - set(HeadConfig().to_dict()))
-    if unknown:
-        raise UserError(f"run_head() takes no parameter {', '.join(unknown)}")
     config = HeadConfig(**options)
     config.check()
     return train_unrecorded(key, cache_dir, config)

@@ -20,6 +20,7 @@ from .settings import (
     DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
     PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig,
 )
+from .settings import DEFAULT_RUN, DEFAULT_RUNS_DIR
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
               f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "
@@ -40,13 +41,10 @@ class CliError(click.ClickException):
     exit_code = click.UsageError.exit_code
 
 
-STOPPED_EXIT_CODE = 130  # the shell's code for a process ended by SIGINT
-
-
 def stopped(exc: KeyboardInterrupt, what: str = "") -> SystemExit:
     """Ctrl-C, or SIGTERM (process.py), as every CLI meets it: one line on stderr, then exit code 130."""
     click.echo(f"Stopped ({str(exc) or 'Ctrl-C'})" + (f": {what}" if what else ""), err=True)
-    return SystemExit(STOPPED_EXIT_CODE)
+    return SystemExit(130)  # the shell's code for a process ended by SIGINT
 
 
 def one_line_errors(func):
@@ -100,29 +98,23 @@ def selection_args(chosen: dict) -> str:
 
 
 def extract_command(error: CacheUnusable) -> str:
-    """The extract.py command that builds the cache an error is about (with the views it lacks)."""
+    """The extract.py command that builds the cache an error is about (with the views it lacks). Its options are
+    the key's settings, as given on this command line where they were (a CIFAR copy's `data_dir` is no part of the
+    key, yet the command must read it), in the options' order."""
+    from .selection import SELECTION_NAMES
+
     views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
     layers = f"--layers {','.join(error.layers)}" if error.layers else ""
     other = next(split for split in SPLITS if split != error.split)
     neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
     split = "all" if error.views or error.layers or neither else error.split
-    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(_as_given(error.key)),
-                                  views, layers, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
-
-
-GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)  # options the user gave
-
-
-def _as_given(key) -> dict:
-    """The settings selecting `key`'s cache, as given on this command line where they were (a CIFAR copy's
-    `data_dir` is no part of the key, yet the command must read it), in the options' order."""
-    from .selection import SELECTION_NAMES
-
     context = click.get_current_context(silent=True)
-    given = {name: context.params[name] for name in SELECTION_NAMES if context and name in context.params
-             and name != "cache_dir" and context.get_parameter_source(name) in GIVEN}
-    chosen = {**key.chosen(), **given}
-    return {name: chosen[name] for name in SELECTION_NAMES if name in chosen}
+    chosen = {**error.key.chosen(), **{
+        name: context.params[name] for name in SELECTION_NAMES if context and name in context.params
+        and name != "cache_dir" and context.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}}
+    given = {name: chosen[name] for name in SELECTION_NAMES if name in chosen}
+    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(given), views, layers,
+                                  f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -169,10 +161,19 @@ TEXT = NonEmptyText()
 COUNT = click.IntRange(min=1, max=MAX_COUNT)  # limits, chunk and batch sizes, workers
 
 
+RUNS_DIR = click.option("--runs-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_RUNS_DIR),
+                        show_default=True)
+
+
+def run_options(func):
+    """--run and --runs-dir: the recorded run predict.py and export.py serve."""
+    return click.option("--run", "run_id", type=TEXT, default=None, help=(
+        "Run id under --runs-dir, a run folder, latest (the run recorded last) or best (the best by validation "
+        f"accuracy, among runs on the default cache settings if any is) [default: {DEFAULT_RUN}]."))(RUNS_DIR(func))
+
+
 def selection_options(func):
     """Options that pick a cache; extract.py and train_head.py take the same ones."""
-    from .extract.sources import cifar
-
     options = [
         click.option("--cache-dir", type=NonEmptyPath(file_okay=False), default=str(DEFAULT_CACHE_DIR),
                      show_default=True, help="Where embedding caches live."),
@@ -182,8 +183,8 @@ def selection_options(func):
                           "(train-*.tar, test-*.tar); parquet: Parquet files of image bytes and labels (the Hugging "
                           "Face Hub's data/train-*.parquet). Part of the cache key."),
         click.option("--data-dir", type=NonEmptyPath(), default=None,
-                     help=f"cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
-                          f"${cifar.CIFAR10.env} / ${cifar.CIFAR100.env}); default: the official download, cached "
+                     help="cifar10/cifar100: a local copy (the batches folder, its parent, or the .tar.gz; also "
+                          "$CIFAR10_DATA_DIR / $CIFAR100_DATA_DIR); default: the official download, cached "
                           "like Keras does. folder, webdataset, parquet: the data folder (needed; part of the "
                           "cache key)."),
         click.option("--test-fraction", type=float, default=None,
@@ -220,28 +221,16 @@ def selection_options(func):
     return func
 
 
-def key_to_extract(options: dict, announce=None, splits=()):
-    """The CacheKey the selection options (popped from `options`) name for stage 1, which may load the model to
-    learn its input size (`announce` gets a line before it does; tars and Parquet files of `splits` are opened
-    first); and the cache and data folders."""
-    from .selection import select
-
-    return _selected(options, functools.partial(select, announce=announce, splits=splits))
-
-
-def key_to_read(options: dict):
-    """The same for stage 2, which finds the cache by what caches record and never loads a network."""
-    from .selection import select_cached
-
-    return _selected(options, select_cached)
-
-
-def _selected(options: dict, select):
-    from .selection import SELECTION_NAMES
+def selected(options: dict, stage: int, announce=None, splits=()):
+    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders. Stage 1's
+    (selection.select) may load the model to learn its input size (`announce` gets a line before it does; tars and
+    Parquet files of `splits` are opened first); stage 2's (select_cached) finds the cache by what caches record."""
+    from .selection import SELECTION_NAMES, select, select_cached
 
     chosen = {name: options.pop(name) for name in SELECTION_NAMES}
     cache_dir = chosen.pop("cache_dir")
-    return select(cache_dir, **chosen), cache_dir, chosen["data_dir"]
+    key = select(cache_dir, announce, splits, **chosen) if stage == 1 else select_cached(cache_dir, **chosen)
+    return key, cache_dir, chosen["data_dir"]
 
 
 LIST_FIELDS = ("train_views", "tta_views", "features")  # HeadConfig fields holding lists: `+` joins them in --grid
@@ -297,22 +286,18 @@ def trainable(config: HeadConfig, combinations: list[dict]) -> tuple[list[dict],
 
 
 GRID_KINDS = {bool: "true or false", int: "a whole number", float: "a number"}  # what a grid value must be
+GRID_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def _parse_value(kind, text: str, name: str):
     """One value of `--grid NAME=...` as the field's type, or a one-line error naming it."""
     try:
         if kind is bool:
-            if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "yes", "1")
-        if kind is int:
-            number = float(text)
-            if not number.is_integer():
-                raise ValueError(text)
-            return int(number)
-        return kind(text)
-    except ValueError:
+            return GRID_BOOLS[text.lower()]
+        if kind is int and not float(text).is_integer():
+            raise ValueError(text)
+        return int(float(text)) if kind is int else kind(text)
+    except (KeyError, ValueError):
         raise UserError(f"--grid: {name} must be {GRID_KINDS[kind]}, got {text!r}") from None
 
 

@@ -13,8 +13,7 @@ import re
 
 PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 # The optional requirements file that brings each optional package `require` is asked for.
-REQUIREMENTS = {"ai_edge_litert": "requirements-deploy.txt", "tf2onnx": "requirements-deploy.txt",
-                "onnxruntime": "requirements-deploy.txt"}
+REQUIREMENTS = dict.fromkeys(("ai_edge_litert", "tf2onnx", "onnxruntime"), "requirements-deploy.txt")
 
 
 class UserError(Exception):

@@ -1,10 +1,6 @@
-"""Fresh arrays for the big buffers (cache rows, training rows): prefilled by the kernel in one
-call, and page-aligned, so TensorFlow can use them in place.
-
-Numpy's own allocation asks for transparent huge pages, and the kernel may compact memory for them on the
-spot at first touch, so its time varies widely; a mapping the kernel populates in the mmap call is steadily
-fast (docs/benchmarks.md, the fit loop).
-"""
+"""Fresh arrays for the big buffers (cache rows, training rows): prefilled by the kernel in the mmap call (steadily
+fast, where numpy's huge pages may be compacted at first touch, at varying cost), and page-aligned, so TensorFlow
+can use them in place."""
 
 from __future__ import annotations
 

@@ -25,19 +25,13 @@ NATIVE_LOG_LINE = re.compile(rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\
 
 
 def setup_process(verbose: bool):
-    """Process-wide settings of a CLI run, made before TensorFlow is imported: deterministic ops, a quick
-    exit, and quiet.
-
-    Unless `verbose`, no TensorFlow log line reaches the terminal: the CUDA probes on machines
-    without a GPU, oneDNN's notice, a NodeDef warning from tf.data. This TensorFlow logs them
-    through absl, which TF_CPP_MIN_LOG_LEVEL does not silence, so stderr's file descriptor goes
-    through a filter that drops exactly such lines and passes every other one on; Python's own
-    stderr (our errors, progress bars, tracebacks) is written past the filter, unchanged.
-    """
+    """Process-wide settings of a CLI run, made before TensorFlow is imported. Unless `verbose`, no TensorFlow log
+    line (CUDA probes, oneDNN's notice; logged through absl, which TF_CPP_MIN_LOG_LEVEL does not silence) reaches
+    the terminal: stderr's file descriptor goes through a filter that drops exactly such lines; Python's own stderr
+    (errors, progress bars, tracebacks) is written past the filter, unchanged."""
     os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")  # same seed, same head, on a GPU too
-    # Exit without a last cyclic collection over the ~1M objects TensorFlow's import leaves: most of the time
-    # a TensorFlow process spends exiting (docs/benchmarks.md, the fit loop). Only finalizers of cyclic garbage
-    # alive at exit are skipped, which Python never promises to run.
+    # Exit without a last cyclic collection over the objects TensorFlow's import leaves (slow); only finalizers of
+    # cyclic garbage alive at exit are skipped, which Python never promises to run.
     atexit.register(gc.freeze)
     # SIGTERM (a scheduler's or `kill`'s stop) is met as Ctrl-C is: committed rows stay, Ray workers and OpenVINO
     # requests are stopped by the same cleanup, and the process ends with a line instead of vanishing.
@@ -62,9 +56,8 @@ def setup_process(verbose: bool):
                                   errors="backslashreplace", line_buffering=True)
 
     def drain():
-        """At exit, let the filter pass on what is still in the pipe: fd 2 back to the terminal closes the pipe's
-        write end, so the filter reads to its end and exits (waited for 2 s at most: a child process may hold
-        a copy of the write end)."""
+        """At exit, fd 2 back to the terminal closes the pipe's write end, so the filter passes on the rest and exits
+        (waited for 2 s at most: a child process may hold a copy of the write end)."""
         sys.stderr.flush()
         os.dup2(terminal, 2)
         deadline = time.monotonic() + 2

@@ -1,13 +1,13 @@
-"""From the settings a user asked for to the cache they select (a CacheKey), and back.
+"""From the settings a user asked for to the cache they select (a CacheKey; CacheKey.chosen is the way back).
 
-Stage 1 (`select`) may load the model once to learn the input size its signature fixes. Stage 2
-and the API (`select_cached`) never load a network: a size left out is the one recorded by the
-caches present for the other settings. CacheKey.chosen gives the way back: the non-default settings.
-`check_split` checks a split named through the API; `changed_since_cached` tells stage 2 whether a class folder
-changed under its caches.
+Stage 1 (`select`) may load the model once to learn the input size its signature fixes; stage 2 and the API
+(`select_cached`) never load a network. `check_split` checks a split named through the API; `changed_since_cached`
+tells stage 2 whether a class folder changed under its caches.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from .cache.layout import CacheKey
 from .cache.read import CacheUnusable, attributes, list_caches
@@ -54,7 +54,7 @@ def _key(size_of, model: str = DEFAULT_MODEL, image_size: int | None = None, res
     model, sha256 = models.identity(model)
     key = CacheKey(model, 0, resize, limit or 0, dataset, precision, crop, root, fraction, sha256, image_column or "",
                    label_column or "")
-    return CacheKey(**{**key.__dict__, "image_size": size_of(key, image_size)})
+    return replace(key, image_size=size_of(key, image_size))
 
 
 def check_split(split: str):
@@ -85,9 +85,8 @@ def select_cached(cache_dir, **settings) -> CacheKey:
     def size_of(key, asked):
         if asked:
             return asked
-        sizes = sorted({entry["key"].image_size for entry in list_caches(cache_dir)
-                        if entry["key"] is not None and entry["key"] == CacheKey(**{**key.__dict__, "image_size":
-                                                                                      entry["key"].image_size})})
+        sizes = sorted({entry["key"].image_size for entry in list_caches(cache_dir) if entry["key"] is not None
+                        and entry["key"] == replace(key, image_size=entry["key"].image_size)})
         if len(sizes) > 1:
             raise UserError(f"caches of {', '.join(map(str, sizes))} px exist for these settings; choose one "
                             "with `image_size`")

@@ -29,9 +29,7 @@ IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 DEFAULT_MODEL = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 DEFAULT_IMAGE_SIZE = 224  # MobileNetV2's training size; a model whose signature fixes another size gets its own
-# The largest side accepted: a batch of 16 images of this side is 16 x 1024^2 x 3 floats = 200 MB a view before the
-# network's own activations, which grow the same way (ImageNet models are trained at 224-600 px).
-MAX_IMAGE_SIZE = 1024
+MAX_IMAGE_SIZE = 1024  # the largest side accepted: memory per image grows with its square
 
 
 MAX_COUNT = 2**31 - 1  # the largest count (limit, chunk or batch size) accepted: HDF5 attributes and TF take int32/64
@@ -58,11 +56,9 @@ PRECISIONS = ("f32", "bf16", "int8")
 DEFAULT_PRECISION = "f32"
 
 # --- views: the versions of each image whose embeddings a cache holds ------------------------------
-# A view is a fixed transformation of a batch of uint8 images [B, H, W, C] (numpy array or tf.Tensor),
-# applied after the center crop and before the resize: the same pixels on every run, so a resumed or
-# extended cache holds exactly what one uninterrupted run would. Each view is its own dataset in the
-# HDF5 file; extract.py adds views to a cache, heads train on (train_views) and average over (tta_views)
-# any of those it holds.
+# A view is a fixed transformation of a batch of uint8 images [B, H, W, C], applied after the center crop and before
+# the resize: the same pixels on every run, so a resumed or extended cache holds what one run would. Each view is its
+# own dataset in the HDF5 file; heads train on (train_views) and average over (tta_views) any of those it holds.
 CROP_PLACES = ("tl", "tr", "bl", "br", "c")  # crop views: 7/8 of each side at four corners and the centre
 VIEWS = ("plain", "flip") + tuple(f"crop-{place}{flip}" for place in CROP_PLACES for flip in ("", "-flip"))
 # Names for groups of views, usable wherever views are listed.
@@ -99,9 +95,8 @@ def views_label(views) -> str:
 
 
 # --- inner-layer features: pooled activations of a layer inside the network, cached beside the views ---------
-# A feature is `<layer>` (the layer's map averaged over its height and width: C values) or `<layer>@2x2` (the map cut
-# into a 2x2 grid of cells, each averaged: 4C values); extract/layers.py names a model's layers and pools them. The
-# network's own output is feature "final" (the `embeddings` datasets, as ever).
+# A feature is `<layer>` or `<layer>@2x2` (extract/layers.py names a model's layers and pools them); the network's
+# own output is feature "final" (the `embeddings` datasets).
 FINAL_FEATURE = "final"
 FEATURE_POOLS = {"": 1, "2x2": 4}  # a feature name's pooling suffix (after "@") -> values per channel
 FEATURE_NAME = re.compile(r"[A-Za-z0-9_.-]+(@2x2)?")
@@ -156,19 +151,14 @@ def default_batch_size(engine: str, gpu: bool) -> int:
 SCHEDULES = ("cosine", "constant")
 SWEEP_VAL_SPLIT = 0.2  # the L2 sweep's validation split when none is asked
 DEFAULT_TOP_K = 3  # classes predict.py shows per image
-# The most test rows a TensorBoard Projector sample takes: the Projector's t-SNE runs on at most 10,000 points, and a
-# sprite of 10,000 thumbnails of 32 px is 3,200 px square (the Projector takes up to 8,192).
-MAX_PROJECTOR_POINTS = 10_000
+MAX_PROJECTOR_POINTS = 10_000  # the most test rows a Projector sample takes: its t-SNE runs on at most 10,000
 RUN_CHOICES = ("latest", "best")  # which run predict and export serve when none is named
 DEFAULT_RUN = "latest"
 COMPUTES = ("auto", "f32", "bf16")
 
 
 SOLVERS = ("adam", "lbfgs")
-# The fewest optimizer steps per epoch a default batch size gives: a few thousand rows still get 32 steps an epoch,
-# while the default CIFAR-10 fit keeps batches of 2,048 (they give 32 steps down to 65,536 rows, so also with a
-# validation split or in the L2 sweep).
-MIN_STEPS_PER_EPOCH = 32
+MIN_STEPS_PER_EPOCH = 32  # the fewest optimizer steps per epoch a default batch size gives (auto_batch_size)
 MAX_BATCH_SIZE = 2048
 MIN_BATCH_SIZE = 16
 
@@ -202,9 +192,8 @@ class HeadConfig:
     compute: str = "auto"  # number format of the first layer's products in training steps; see resolved_compute
 
     def resolved_compute(self) -> str:
-        """bf16 when asked, or by default for a hidden layer on a CPU with native bf16 products (the fit
-        of the README's hidden-layer recipe is compute-bound: faster, same accuracy; docs/benchmarks.md).
-        A linear head is memory-bound (bf16 would only add casts), and GPUs get f32 unless asked."""
+        """bf16 when asked, or by default for a hidden layer (compute-bound) on a CPU with native bf16 products; a
+        linear head is memory-bound (bf16 would only add casts), and GPUs get f32 unless asked."""
         if self.compute != "auto":
             return self.compute
         import tensorflow as tf
@@ -219,11 +208,9 @@ class HeadConfig:
     def check(self):
         """Refuse settings no fit can use, naming the parameter."""
         for name, default in asdict(HeadConfig()).items():
-            value, kind = getattr(self, name), type(default)
-            if name in self.OPTIONAL:
-                if value is None:
-                    continue
-                kind = self.OPTIONAL[name]
+            value, kind = getattr(self, name), self.OPTIONAL.get(name, type(default))
+            if value is None and name in self.OPTIONAL:
+                continue
             if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
                     or kind is float and isinstance(value, int) and not isinstance(value, bool)):
                 raise UserError(f"`{name}` must be {'a whole number' if kind is int else 'a ' + kind.__name__}, "

@@ -1,11 +1,9 @@
 """The trained classifier as one TensorFlow module: uint8 images of any size in, class probabilities out.
 
-Inside: the extractor's own preprocessing with the cache's settings, the frozen TF Hub
-extractor (or, for a head reading inner layers, extract.layers' function computing them and the network's
-output from one pass), and the run's saved Keras head as it is (standardisation and whatever layers it
-has), averaged over the run's test-time views. predict.py calls it directly and export.py
-saves it as a SavedModel, so both give the same numbers, and the export loads with
-`tf.saved_model.load` alone (no featcache, no tensorflow_hub, no Keras).
+Inside: the extractor's preprocessing with the cache's settings, the frozen network (or extract.layers' function
+for a head reading inner layers) and the run's Keras head, averaged over the run's test-time views. predict.py
+calls it and export.py saves it as a SavedModel (loaded by `tf.saved_model.load` alone), so both give the same
+numbers.
 """
 
 from __future__ import annotations

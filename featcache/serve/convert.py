@@ -1,12 +1,9 @@
 """The trained classifier converted for the runtimes MobileNetV2 is meant for: LiteRT (TFLite) and ONNX.
 
-A converted file takes float32 pixel values (0 to 255) [N, S, S, 3] of one input size S and returns class
-probabilities [N, K]: inside are the run's own preprocessing (its resize as two constant matrix products, which
-every runtime has, where tf.image.resize's bicubic kernel is a TensorFlow-only op; none at the network's own
-size), the frozen network, the run's head, averaged over the run's test-time views. Float input, so that a
-reader bringing a photo of another size to S with the run's resize passes on what that resize computed. With
-calibration images, `to_tflite` makes a LiteRT model with int8 weights and activations, except the op types in
-FLOAT_OPS (docs/benchmarks.md says why).
+A converted file takes float32 pixel values (0 to 255) [N, S, S, 3] of one input size S (float, so a photo brought
+to S by the run's resize keeps what it computed) and returns class probabilities [N, K]: inside are the run's resize
+(as matrix products, which every runtime has), the frozen network and the run's head, averaged over its test-time
+views; int8 LiteRT files keep the op types in FLOAT_OPS in float.
 """
 
 from __future__ import annotations
@@ -16,10 +13,8 @@ import numpy as np
 from ..errors import UserError, first_line, require
 
 ONNX_OPSET = 17
-# Op types an int8 LiteRT file keeps in float: MobileNetV2's depthwise convolutions (their int8 outputs were the
-# furthest off), the resize as matrix products and the head (its standardisation's SUB and MUL, whose one int8 scale
-# for all 1280 standardised inputs cost agreement, and its FULLY_CONNECTED). Float depthwise weights barely add to
-# the file's size (docs/benchmarks.md, int8 LiteRT).
+# Op types an int8 LiteRT file keeps in float (docs/benchmarks.md, int8 LiteRT, says why): the depthwise
+# convolutions, the resize as matrix products, and the head's standardisation and dense layer.
 FLOAT_OPS = ("DEPTHWISE_CONV_2D", "BATCH_MATMUL", "FULLY_CONNECTED", "SUB", "MUL")
 
 
@@ -110,17 +105,12 @@ def to_onnx(frozen, metadata: dict[str, str]) -> bytes:
             output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET)
     except (ValueError, RuntimeError, NotImplementedError, TypeError, KeyError) as exc:  # what tf2onnx raises
         raise UserError(f"tf2onnx cannot convert this classifier: {first_line(exc)}") from None
-    model.graph.input[0].name, model.graph.output[0].name = _rename(model, "images", "probabilities")
+    old_in, old_out = model.graph.input[0].name, model.graph.output[0].name
+    for node in model.graph.node:  # plain names for the one input and output (tf2onnx keeps TensorFlow's `images:0`)
+        node.input[:] = ["images" if name == old_in else name for name in node.input]
+        node.output[:] = ["probabilities" if name == old_out else name for name in node.output]
+    model.graph.input[0].name, model.graph.output[0].name = "images", "probabilities"
     for name, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = name, value
     return model.SerializeToString()
-
-
-def _rename(model, input_name: str, output_name: str) -> tuple[str, str]:
-    """Give the graph's one input and one output plain names (tf2onnx keeps TensorFlow's `images:0`)."""
-    old_in, old_out = model.graph.input[0].name, model.graph.output[0].name
-    for node in model.graph.node:
-        node.input[:] = [input_name if name == old_in else name for name in node.input]
-        node.output[:] = [output_name if name == old_out else name for name in node.output]
-    return input_name, output_name

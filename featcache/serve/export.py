@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from .convert import onnx_converter, portable_function, to_onnx, to_tflite, with_tflite_metadata
-from .files import PREPROCESSING, SUFFIXES, check_destination, preprocessing, write_export
-from .int8 import int8_head, int8_samples
+from .files import PREPROCESSING, SUFFIXES, check_destination, write_export
+from . import int8
 from .run import load_run
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -31,23 +31,24 @@ def export_run(run_dir: Path, path, format: str, input_size: int | None = None, 
     log(f"loading run {Path(run_dir).name} and its model")
     parts = load_run(run_dir)
     size = input_size or parts.key.image_size  # the network's: any photo classified as by the run
+    recipe = json.dumps({"resize": parts.key.resize, "crop": parts.key.crop, "image_size": parts.key.image_size})
     if format == "onnx":
         log(f"converting to ONNX ({size}x{size} input)")
         content = to_onnx(portable_function(parts, size), {"class_names": json.dumps(list(parts.class_names)),
                                                            "featcache_run": parts.run,
-                                                           PREPROCESSING: preprocessing(parts.key)})
+                                                           PREPROCESSING: recipe})
     elif quantize:
         log("reading the run's train images for int8 calibration and correction")
-        calibration, fit = int8_samples(parts, size)
+        calibration, fit = int8.train_samples(parts, size)
         log("correcting the head for the int8 network (one int8 conversion, then its embeddings)")
-        head = int8_head(parts, size, calibration, fit)
+        head = int8.int8_head(parts, size, calibration, fit)
         log(f"converting to LiteRT int8 ({size}x{size} input)")
         content = to_tflite(portable_function(dataclasses.replace(parts, head=head), size), calibration)
     else:
         log(f"converting to LiteRT ({size}x{size} input)")
         content = to_tflite(portable_function(parts, size))
     if format == "tflite":
-        content = with_tflite_metadata(content, PREPROCESSING, preprocessing(parts.key))
+        content = with_tflite_metadata(content, PREPROCESSING, recipe)
     write_export(path, content, parts.class_names)
     return path
 

@@ -4,7 +4,6 @@ content written under a temporary name beside it, then renamed. A SavedModel fol
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,27 +16,19 @@ SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 PREPROCESSING = "featcache_preprocessing"
 
 
-def preprocessing(key) -> str:
-    """The run's preprocessing (the cache key's crop, resize and size) as the PREPROCESSING metadata's JSON."""
-    return json.dumps({"resize": key.resize, "crop": key.crop, "image_size": key.image_size})
-
-
 def check_destination(path, force: bool, folder: bool) -> Path:
     """An export's destination (a SavedModel `folder`, or a file): refused when it exists, unless `force` and it
     is of the same kind, which is then replaced whole."""
     path = Path(path)
     if path.exists() and not (force and path.is_dir() == folder):
-        same_kind = path.is_dir() == folder
-        raise UserError(f"{path} exists already; choose a new name" + (" or pass `force=True` to replace it"
-                                                                        if same_kind else ""))
+        hint = " or pass `force=True` to replace it" if path.is_dir() == folder else ""
+        raise UserError(f"{path} exists already; choose a new name{hint}")
     return path
 
 
 def save_model(classifier, out_dir: Path, force: bool = False):
-    """Save the classifier as a SavedModel folder `out_dir`: written under a temporary name beside it and renamed
-    when complete, so nothing half-written is ever left there. An existing folder (replaced only with `force`) is
-    moved aside first and deleted only once the new one is in place: if that rename fails (or is interrupted),
-    it is moved back."""
+    """Save the classifier as a SavedModel folder `out_dir`, written under a temporary name and renamed. An existing
+    folder (replaced only with `force`) is moved aside and deleted once the new one is in place, or moved back."""
     import tensorflow as tf
 
     out_dir = check_destination(out_dir, force, folder=True)
@@ -65,8 +56,8 @@ def labels_path(path: Path) -> Path:
 
 
 def write_export(path: Path, content: bytes, class_names: tuple[str, ...]):
-    """Write a .tflite or .onnx file (and a .tflite's labels) under temporary names, then rename: nothing
-    half-written is ever left under the final names. Missing parent folders are made, as for a SavedModel."""
+    """Write a .tflite or .onnx file (and a .tflite's labels) under temporary names, then rename; missing parent
+    folders are made, as for a SavedModel."""
     path = Path(path)
     files = {path: content}
     if path.suffix == SUFFIXES["tflite"]:

@@ -1,10 +1,5 @@
-"""The head of an int8 LiteRT file, corrected for its network's embeddings.
-
-Per embedding dimension, the f32 embedding is fitted as a * int8 + b on a seeded sample of the run's *train*
-images (a draw of its own, which may share images with the calibration sample), and the fit becomes a float
-layer in front of the run's head. `train_samples` draws the calibration and correction samples, each image
-read once and brought to the file's input size.
-"""
+"""The head of an int8 LiteRT file, corrected for its network's embeddings (int8_head), and the seeded samples of
+the run's train images that calibrate the network and fit the correction (train_samples)."""
 
 from __future__ import annotations
 
@@ -23,24 +18,18 @@ MIN_SLOPE_ROWS = 200  # fewer rows: the mean shift alone (a slope fitted on a fe
 SLOPES = (0.5, 2.0)  # the range a fitted slope is held to
 
 
-def int8_samples(parts, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration images, correction images) of the run's (serve.run.RunParts) train split at the file's input
-    `size`: the calibration draw, and up to CORRECTION_IMAGES for the head's correction (held in memory like
-    calibration)."""
-    count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))
-    calibration, fit = train_samples(parts.train_cache, parts.key, size,
-                                     [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)])
-    return calibration, fit
-
-
-def train_samples(train_cache: str, key, size: int, draws) -> list[np.ndarray]:
-    """Seeded samples of the train images (never test) of a run's `train_cache`, one per (size, seed) draw, each
-    image brought to the file's input as a user would bring a photo: the run's crop, then its resize to `size` x
-    `size`."""
+def train_samples(parts, size: int) -> list[np.ndarray]:
+    """[calibration images, correction images]: seeded samples of the train images (never test) of a run's
+    (serve.run.RunParts) train cache, the calibration draw and up to CORRECTION_IMAGES for the head's correction
+    (held in memory like calibration), each image brought to the file's input as a user would bring a photo: the
+    run's crop, then its resize to `size` x `size`."""
     from ..cache.read import attributes
     from ..extract.quantize import CalibrationUnusable, calibration_samples
     from ..extract.sources import open_split
 
+    train_cache, key = parts.train_cache, parts.key
+    count = min(CORRECTION_IMAGES, MAX_CALIBRATION_BYTES // (size * size * 3))
+    draws = [(CALIBRATION_SIZE, CALIBRATION_SEED), (count, CORRECTION_SEED)]
     try:
         source = attributes(Path(train_cache))["source"]
     except (OSError, KeyError) as exc:
@@ -62,8 +51,7 @@ def train_samples(train_cache: str, key, size: int, draws) -> list[np.ndarray]:
 
 def int8_head(parts, input_size: int, calibration: np.ndarray, images: np.ndarray):
     """The run's head for the int8 network's embeddings: per dimension, the f32 embedding fitted as a * int8 + b
-    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer. Without
-    it, the int8 file loses accuracy that it keeps with it (docs/benchmarks.md, int8 LiteRT)."""
+    over `images` (train images, all TTA views; affine_fit), put in front of the head as a float layer."""
     import tensorflow as tf
 
     frozen = portable_function(parts, input_size, embeddings=True)

@@ -14,13 +14,10 @@ from ..settings import DEFAULT_PRECISION, DEFAULT_RUN, FINAL_FEATURE, RUN_CHOICE
 
 
 def resolve_run(runs_dir, run_id: str | None = DEFAULT_RUN) -> tuple[Path, str]:
-    """(run folder, why it was chosen): the run named (an id under `runs_dir`, or a folder); 'latest' (the
-    default): the run recorded last; 'best': among the runs on the default cache settings (all runs if none
-    is) the best by validation accuracy, or else the latest.
-
-    'best' thus never takes a quick run on a 1,000-image limit over the full default run.
-    `why` also names the dataset and cache the run was trained on.
-    """
+    """(run folder, why it was chosen, with the dataset and cache it was trained on): the run named (an id under
+    `runs_dir`, or a folder); 'latest' (the default): the run recorded last; 'best': among the runs on the default
+    cache settings (all runs if none is; so never a quick limited run over the default one) the best by
+    validation accuracy, or else the latest."""
     runs_dir = Path(runs_dir)
     run_id = run_id or DEFAULT_RUN
     if run_id not in RUN_CHOICES:

@@ -16,12 +16,9 @@ from .files import PREPROCESSING, SUFFIXES, labels_path
 
 @dataclass
 class Exported:
-    """An exported classifier read back with its own runtime: `probabilities(images [N, H, W, 3])`.
-
-    A file of one input size gets images of any other size brought to it by the run's own preprocessing, which
-    the file records (files.PREPROCESSING): its center crop, if any, then its resize, in float; at the network's
-    size (the default) the file then classifies them as the run does. A file of uint8 input (an older export)
-    gets them rounded to whole pixel values."""
+    """An exported classifier read back with its own runtime: `probabilities(images [N, H, W, 3])`. A file of one
+    input size gets images of another size brought to it by the run's preprocessing, which it records
+    (files.PREPROCESSING); a file of uint8 input (an older export) gets them rounded to whole pixel values."""
 
     format: str
     class_names: tuple[str, ...]
@@ -93,25 +90,19 @@ def _open_saved_model(path: Path) -> Exported:
 
 def _open_tflite(path: Path) -> Exported:
     interpreter_module = require("ai_edge_litert.interpreter", "a .tflite model")
+    from ai_edge_litert import schema_py_generated as schema
+
     interpreter = interpreter_module.Interpreter(model_path=str(path), num_threads=os.cpu_count())
     (entry,) = interpreter.get_input_details()
     if not labels_path(path).exists():
         raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
     names = tuple(labels_path(path).read_text().splitlines())
-    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), _tflite_preprocessing(path),
+    model, preprocessing = schema.Model.GetRootAs(path.read_bytes(), 0), None  # the PREPROCESSING metadata, if any
+    for meta in map(model.Metadata, range(model.MetadataLength())):
+        if meta.Name() == PREPROCESSING.encode():
+            preprocessing = json.loads(model.Buffers(meta.Buffer()).DataAsNumpy().tobytes())
+    return Exported("tflite", names, int(entry["shape"][1]), litert_call(interpreter), preprocessing,
                     np.dtype(entry["dtype"]).type)
-
-
-def _tflite_preprocessing(path: Path) -> dict | None:
-    """The PREPROCESSING metadata a .tflite file holds, or None."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(path.read_bytes(), 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == PREPROCESSING.encode():
-            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    return None
 
 
 def litert_call(interpreter):
