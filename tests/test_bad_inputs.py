@@ -230,7 +230,7 @@ OPTION_SWEEP = [
     ("extract.py", ["--data-dir", " "], "Invalid value for '--data-dir': is empty"),
     ("extract.py", ["--model", ""], "Invalid value for '--model': is empty"),
     ("extract.py", ["--runner", "ray", "--ray-address", ""], "Invalid value for '--ray-address': is empty"),
-    ("train_head.py", ["--batch-size", HUGE], f"Error: --batch-size must be a whole number in [1, 2147483647], got "),
+    ("train_head.py", ["--batch-size", HUGE], "Error: --batch-size must be a whole number in [1, 2147483647], got "),
     ("train_head.py", ["--epochs", HUGE], "Error: --epochs must be a whole number in [1, 2147483647], got "),
     ("train_head.py", ["--l2", "inf"], "Error: --l2 must be >= 0 and finite, got inf"),
     ("train_head.py", ["--lr", "inf"], "Error: --lr must be positive and finite, got inf"),

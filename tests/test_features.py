@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import FEATURES, run_cli, run_dirs
+from conftest import run_cli, run_dirs
 
 
 def test_side_by_side_joins_the_features_in_the_order_asked_and_leaves_final_alone():
