@@ -10,10 +10,9 @@ where a crashed run stopped. `assemble_shards` joins a plan's finished shards in
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -269,40 +268,18 @@ def _count(bar, items: int, resumed: bool = False):
 
 
 def prefetched(items, depth: int = 1):
-    """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here.
+    """Iterate `items` while a background thread reads the next `depth`; its errors are re-raised here.
 
-    When the consumer stops early (an error downstream), the thread stops too, and is gone when this
-    generator is closed, instead of waiting forever on a full queue with the source file open.
+    When the consumer stops early (an error downstream), the thread ends with the read under way, and is gone when
+    this generator is closed.
     """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
     end = object()
-
-    def produce():
-        try:
-            for item in items:
-                ready.put((item, None))
-                if stop.is_set():
-                    return
-            ready.put((end, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            ready.put((end, exc))
-
-    thread = threading.Thread(target=produce, name="chunk-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
+    items = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="chunk-reader") as reader:
+        ahead = collections.deque(reader.submit(next, items, end) for _ in range(depth))
+        while (item := ahead.popleft().result()) is not end:
+            ahead.append(reader.submit(next, items, end))
             yield item
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            ready.get_nowait()  # frees a producer blocked on the full queue
-        thread.join()  # it stops after the item it is reading: a put, then it sees `stop`
 
 
 def progress_bar(job: Job, indices, enabled: bool):
