@@ -192,14 +192,11 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
             if rows_of is not None:
                 vectors, chunk = _rows_of(vectors, chunk, rows_of, row, reader)
             if vectors is None:
-                _count(bar, read)
+                commits.submit(_count, bar, read)  # the bar is counted in the writer's thread only
                 continue
             _wait(pending)
-            pending = None
             _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
-            pending = commits.submit(writer.write, row, vectors, chunk.labels, np.asarray(chunk.items) - start)
-            # counted as soon as the commit ends (in the writer's thread), not when the next chunk is embedded
-            pending.add_done_callback(lambda done, read=read: done.exception() is None and _count(bar, read))
+            pending = commits.submit(_commit, writer, row, vectors, chunk, start, bar, read)
             row += len(chunk.labels)
         _wait(pending)
     if writer.base:
@@ -209,6 +206,13 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
         raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
                         f"(the first, {file}: {reason})")
     writer.finish(_skipped_lines(reader, _all_skipped(reader, writer, skipped, start, stop)) if reader.may_skip else [])
+
+
+def _commit(writer: CacheWriter, row: int, vectors: dict, chunk, start: int, bar, read: int):
+    """Commit a chunk's rows, then count its items on the bar (as soon as the commit ends, not when the next chunk
+    is embedded)."""
+    writer.write(row, vectors, chunk.labels, np.asarray(chunk.items) - start)
+    _count(bar, read)
 
 
 def _rows_of(vectors, chunk, rows_of: np.ndarray, row: int, reader):
