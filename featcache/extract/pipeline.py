@@ -37,8 +37,8 @@ PASSED_OVER_NAMED = 10  # files passed over as not images that a summary names; 
 class ExtractResult:
     path: Path
     rows: int
-    processed: int
-    seconds: float
+    processed: int = 0  # images embedded
+    seconds: float = 0.0
     up_to_date: bool = False
     load_seconds: float = 0.0
     engine: str = ""
@@ -162,7 +162,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if driver and count > 1 and len(todo) < count:
             log(f"{count - len(todo)} of {count} shards of {path} are done; {len(todo)} left")
         started = time.perf_counter()
-        run = runner.run(job, todo, log, progress, reader) if todo else None
+        run = runner.run(job, todo, log, progress, reader) if todo else {}
         done, assembled = time.perf_counter(), ""
         if driver and count > 1:
             log(f"assembling {count} shards into {path}")
@@ -174,15 +174,12 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
                 log(f"assembled {assembled}")
         else:
             listed = skipped_files(job.target(todo[0])) if reader.may_skip else []
-    result = ExtractResult(path if driver else job.target(shard_index), 0, 0, done - started, skipped=listed,
-                           passed_over=getattr(reader, "passed_over", []), assembled=assembled)
-    if run:
-        result.processed, result.engine, result.report = run.processed, run.engine, run.report
-        result.load_seconds, result.seconds = run.load_seconds, done - started - run.load_seconds
-        result.engine += "" if key.precision == DEFAULT_PRECISION else f" {key.precision}"
-    result.rows = int(attributes(result.path)["rows"])
-    if not driver:
-        result.shard = f"{shard_index} of {count}"
+    target = path if driver else job.target(shard_index)
+    result = ExtractResult(target, int(attributes(target)["rows"]), seconds=done - started - run.get("load_seconds", 0),
+                           skipped=listed, passed_over=getattr(reader, "passed_over", []), assembled=assembled,
+                           shard="" if driver else f"{shard_index} of {count}", **run)
+    if run and key.precision != DEFAULT_PRECISION:
+        result.engine += f" {key.precision}"
     return result
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import UserError, first_line
 from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
-from .shard import Held, RunReport
+from .shard import Held
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 CONNECT_SECONDS = 10  # how long a cluster address may take to answer
@@ -165,7 +165,9 @@ class RayRunner(Held):
         wanted = max(math.ceil(items / DEFAULT_SHARD_ITEMS), SHARDS_PER_WORKER * (self.workers or max(slots, 1)))
         return min(wanted, math.ceil(items / chunk_size))
 
-    def run(self, job, indices, log, progress, reader) -> RunReport:
+    def run(self, job, indices, log, progress, reader) -> dict:
+        """Run shards `indices` of `job`: {processed, engine, load_seconds, report}, as pipeline.ExtractResult names
+        them."""
         from .shard import progress_bar
 
         ray = import_ray()
@@ -177,19 +179,20 @@ class RayRunner(Held):
             if not self._pool or job.settings != self._settings:
                 self._stop_workers()
                 self._start(ray, job, log)
-            run = RunReport(engine=self._engine, load_seconds=time.perf_counter() - started)
+            loaded = time.perf_counter() - started
             for worker in self._pool:
                 worker.shards, worker.images, worker.busy_seconds = 0, 0, 0.0
-            with progress_bar(job, indices, progress) as bar:
-                run.processed = self._schedule(ray, job, collections.deque(indices), bar)
+            resumed = {index: job.committed(index) for index in indices}  # the bar starts from them, as the local one
+            with progress_bar(job, indices, progress, sum(resumed.values())) as bar:
+                processed = self._schedule(ray, job, collections.deque(indices), bar, resumed)
         except BaseException:  # an error or Ctrl-C stops the work this job started at once
             self.close()
             raise
-        run.report = self._report()
-        return run
+        return dict(processed=processed, engine=self._engine, load_seconds=loaded, report=self._report())
 
-    def _schedule(self, ray, job, pending: collections.deque, bar) -> int:
-        """Give each idle worker the next shard until all are done; the images embedded."""
+    def _schedule(self, ray, job, pending: collections.deque, bar, resumed: dict) -> int:
+        """Give each idle worker the next shard until all are done; the images embedded. The bar counts a shard's
+        items but those `resumed` when it ends."""
         running, processed = {}, 0  # result ref -> (worker, shard index)
         while pending or running:
             for worker in self._pool:
@@ -209,7 +212,7 @@ class RayRunner(Held):
                                 f"({worker.ip}): {_cause(exc)}; finished shards and committed rows are kept, "
                                 "a rerun resumes from them") from None
             processed += self._finished(worker, out)
-            bar.update(job.items(index))
+            bar.update(job.items(index) - resumed[index])
         return processed
 
     def assemble(self, job, reader) -> list:

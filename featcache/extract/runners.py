@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from .shard import Held, RunReport, assemble_shards, progress_bar, run_shard
+from .shard import Held, assemble_shards, progress_bar, run_shard
 
 
 class LocalRunner(Held):
@@ -32,20 +32,20 @@ class LocalRunner(Held):
         """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""
         return 1
 
-    def run(self, job, indices, log, progress, reader) -> RunReport:
+    def run(self, job, indices, log, progress, reader) -> dict:
+        """Run shards `indices` of `job`: {processed, engine, load_seconds}, as pipeline.ExtractResult names them."""
         started = time.perf_counter()
         extractor, fixed = self._extractor(replace(job.settings, input_shape=reader.image_shape), job.quantizer, log)
         job.settings.record_input_size(fixed, job.cache_dir)
-        run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
+        loaded = time.perf_counter() - started
         with progress_bar(job, indices, progress) as bar:
             def above_bar(line):  # a line logged while the bar is drawn goes above it, not onto it
                 bar.clear()
                 log(line)
                 bar.refresh()
 
-            for index in indices:
-                run.processed += run_shard(job, index, extractor, reader, bar, above_bar)
-        return run
+            processed = sum(run_shard(job, index, extractor, reader, bar, above_bar) for index in indices)
+        return dict(processed=processed, engine=extractor.engine, load_seconds=loaded)
 
     def _extractor(self, settings, quantizer, log):
         # the input shape is only a hint of what to compile first (any size works); int8's quantizer calibrates

@@ -43,16 +43,6 @@ class Held:
             self.close()
 
 
-@dataclass
-class RunReport:
-    """What a runner did: images read and embedded, the engine, the model's load time, lines for the summary."""
-
-    processed: int = 0
-    engine: str = ""
-    load_seconds: float = 0.0
-    report: list = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class Job:
     """One split's extraction as any process runs its shards: small and picklable (Ray sends it to workers)."""
@@ -83,6 +73,12 @@ class Job:
     def partial(self, index: int | None = None) -> Path:
         """Where shard `index` (None: the cache, when assembled) is written until it is complete."""
         return partial_path(self.path if index is None else self.target(index))
+
+    def committed(self, index: int) -> int:
+        """The rows an earlier run committed to shard `index`'s partial file (0 when there is none to read)."""
+        with contextlib.suppress(OSError, KeyError):
+            return int(attributes(self.partial(index))["rows_done"])
+        return 0
 
     def done(self, index: int) -> bool:
         """Whether shard `index` of several is complete and made for this job (a folder's shard may have fewer rows
@@ -286,9 +282,10 @@ def prefetched(items, depth: int = 1):
             yield item
 
 
-def progress_bar(job: Job, indices, enabled: bool):
-    """The bar of a run of shards `indices` of `job`, counting their items; closed at the end of a `with`."""
+def progress_bar(job: Job, indices, enabled: bool, initial: int = 0):
+    """The bar of a run of shards `indices` of `job`, counting their items from `initial` (done by an earlier run,
+    out of its rate); closed at the end of a `with`."""
     from tqdm import tqdm
 
-    return tqdm(total=sum(map(job.items, indices)), unit="img", desc=f"extract {job.split}", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=sum(map(job.items, indices)), initial=initial, unit="img", desc=f"extract {job.split}",
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
