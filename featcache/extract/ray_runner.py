@@ -1,19 +1,10 @@
 """Stage 1's shards on a Ray cluster: one actor call per shard, and the worker does the shard's whole loop.
 
-Each worker is a Ray actor that loads the model once, then runs shard.run_shard for shard after shard: it opens
-the source itself (the cluster shares storage: the same path on every node), reads and embeds its shard's images and
-writes its own shard file with the crash-safe writer. The driver (pipeline.extract) only plans, schedules one shard
-per idle worker and tracks them; at the end a Ray task joins the shards into the cache: the driver reads no image
-and no row. Ray Core
-actors rather than Ray Data: a shard's loop is the local runner's, resumable inside the shard, and the output must be
-one checksummed file per shard, which Ray Data's writers do not make.
-
-Workers are sized to the cluster's free resources (one per free CPU, or GPU, unless `workers` says fewer). Every one
-must report the same engine, batch size and library versions, or the job stops in one line naming the node (one
-cache never mixes them). A worker process that dies is restarted by Ray (the model loaded again) and its shard call
-retried: the shard resumes from its committed rows. No wait is unbounded: workers must be up within START_SECONDS
-(a cluster whose CPUs are taken meanwhile ends in one line), and a job where no shard file changes for
-STALL_SECONDS (a cluster gone, a worker hung) stops in one line; finished shards stay, and a rerun resumes.
+Each worker is a Ray actor (one per free CPU, or GPU, unless `workers` says fewer) that loads the model once, then
+runs shard.run_shard for shard after shard, opening the source itself (the cluster shares storage) and writing its
+own shard file. The driver only schedules and tracks the shards, and a Ray task joins them: it reads no image and no
+row. Workers that would make other rows than worker 0 stop the job in one line. A dead worker is restarted by Ray
+and its shard retried, resuming from its committed rows. No wait is unbounded (START_SECONDS, STALL_SECONDS).
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Runners of stage 1's shards: who runs shard.run_shard for each shard of a plan, here or on a cluster.
-
-pipeline.extract plans the split and, once every shard is done, has the runner join them (`assemble`) where it runs
-them; a runner only runs the shards it is given. The local runner runs them in order in this process (one model, all
-of this machine's cores); `ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the
-same Extractor from the same ExtractorSettings and cut shards into the same chunks, so their caches hold the same
-numbers. extract.py's `make_runner` picks one by name.
+"""The local runner of stage 1's shards (ray_runner.RayRunner is the cluster's): it runs shard.run_shard for the
+shards pipeline.extract gives it, and joins them (`assemble`). Both runners build the same Extractor and cut shards
+into the same chunks, so their caches hold the same numbers.
 """
 
 from __future__ import annotations
