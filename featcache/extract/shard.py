@@ -1,11 +1,8 @@
 """One shard of a split's plan, as every runner runs it: read -> embed -> write, and the shards joined at the end.
 
-`run_shard` reads the shard's items from the split's reader it is handed (`chunks`), embeds them with the Extractor
-and writes them with cache.write.CacheWriter; a thread reads and decodes the next chunk, and another commits the
-previous one, while the current one is embedded. Each finished chunk is committed, so a rerun continues inside a shard
-where a crashed run stopped. `assemble_shards` joins a plan's finished shards into the split's cache
-(cache/assemble.py). `Job` is what a process needs to run shards: small and picklable (Ray sends it to workers).
-`Held` is what every runner is: a context manager that nested `with` blocks hold.
+`run_shard` reads the shard's chunks in one thread and commits them (cache.write.CacheWriter) in another while the
+current one is embedded, so a rerun continues inside a shard where a crashed run stopped. `assemble_shards` joins a
+plan's finished shards into the split's cache. `Job` is what a process needs to run shards (Ray sends it to workers).
 """
 
 from __future__ import annotations
@@ -53,7 +50,6 @@ class Job:
     strict: bool
     settings: object  # extractor.ExtractorSettings; its views: those computed
     views: tuple  # every view the cache holds once done
-    chunk_size: int
     attrs: dict  # what every file records besides the extractor's engine, batch size and versions
     plan: plans.Plan
     path: Path  # the cache
@@ -181,7 +177,7 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
     with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
         pending = None  # at most one chunk waits to be committed
         row, item = writer.rows_done, first
-        for chunk in prefetched(reader.chunks(job.chunk_size, first, stop)):
+        for chunk in prefetched(reader.chunks(job.plan.chunk_size, first, stop)):
             vectors = extractor.embed(chunk.images) if len(chunk.labels) else None
             skipped.update(chunk.skipped)
             read, item = chunk.next_item - item, chunk.next_item
