@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..errors import UserError, first_line
 from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
-from .shard import Held
+from . import sources
+from .shard import Held, assemble_shards, progress_bar, run_shard
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 CONNECT_SECONDS = 10  # how long a cluster address may take to answer
@@ -74,9 +75,6 @@ class ShardWorker:
 
     def run(self, job, index: int) -> dict:
         """Run shard `index` of `job`: (images embedded, seconds, this process's pid)."""
-        from . import sources
-        from .shard import run_shard
-
         if self.error:  # a restarted worker that could not load the model again
             raise RuntimeError(f"cannot load the model: {self.error}")
         started = time.perf_counter()
@@ -159,8 +157,6 @@ class RayRunner(Held):
     def run(self, job, indices, log, progress, reader) -> dict:
         """Run shards `indices` of `job`: {processed, engine, load_seconds, report}, as pipeline.ExtractResult names
         them."""
-        from .shard import progress_bar
-
         ray = import_ray()
         if job.quantizer is not None:
             raise UserError("`precision='int8'` runs with `runner='local'` only (its calibrated network is built on "
@@ -331,9 +327,6 @@ class RayRunner(Held):
 
 
 def _assemble(job) -> list:
-    from . import sources
-    from .shard import assemble_shards
-
     return assemble_shards(job, sources.open_split(job.key, job.split, job.data_dir, strict=job.strict))
 
 

@@ -186,11 +186,13 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
             if vectors is None:
                 commits.submit(_count, bar, read)  # the bar is counted in the writer's thread only
                 continue
-            _wait(pending)
+            if pending:  # the commit in flight: its error is raised here
+                pending.result()
             _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
             pending = commits.submit(_commit, writer, row, vectors, chunk, start, bar, read)
             row += len(chunk.labels)
-        _wait(pending)
+        if pending:
+            pending.result()
     if writer.base:
         return writer.finish()
     if writer.rows_done == 0 and len(job.plan.shards) == 1:
@@ -244,12 +246,6 @@ def _refuse_non_finite(vectors: dict, key: CacheKey, split: str, lo: int, commit
                 f"model {key.model} gave {count} NaN/Inf values for {split} rows {lo}:{lo + len(rows)} "
                 f"(first in row {lo + first}{image}, {view} view); nothing of them was written, {committed} "
                 "committed rows are kept and the next run resumes from there")
-
-
-def _wait(pending):
-    """Wait for the commit in flight (its error is raised here)."""
-    if pending is not None:
-        pending.result()
 
 
 def _count(bar, items: int, resumed: bool = False):
