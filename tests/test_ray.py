@@ -21,11 +21,12 @@ import pytest
 
 from featcache.cache import write
 from featcache.errors import UserError
-from featcache.extract import pipeline, shard
+from featcache.extract import pipeline
 from featcache.extract.runners import LocalRunner
 from conftest import ROOT, make_key, run_cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
+from featcache.extract import ray_runner  # noqa: E402 - needs Ray
 from featcache.extract.ray_runner import RayRunner  # noqa: E402 - needs Ray
 
 CPUS = 2
@@ -249,8 +250,8 @@ def test_the_bar_starts_at_the_rows_a_killed_run_committed(cluster, tiny_model, 
     with pytest.raises(KeyboardInterrupt):
         _extract(tiny_model, cifar_root, tmp_path, LocalRunner(), num_shards=4)
     monkeypatch.undo()
-    bars, real = [], shard.progress_bar
-    monkeypatch.setattr(shard, "progress_bar", lambda *args: bars.append(real(*args)) or bars[-1])
+    bars, real = [], ray_runner.progress_bar
+    monkeypatch.setattr(ray_runner, "progress_bar", lambda *args: bars.append(real(*args)) or bars[-1])
     resumed = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2), progress=True)
     (bar,) = bars
     assert (bar.initial, bar.n, resumed.processed) == (16, 120, 104)
