@@ -26,6 +26,7 @@ from featcache.extract.runners import LocalRunner
 from conftest import ROOT, make_key, run_cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-ray.txt)")
+from featcache.extract import ray_runner  # noqa: E402 - needs Ray
 from featcache.extract.ray_runner import RayRunner  # noqa: E402 - needs Ray
 
 CPUS = 2
@@ -234,6 +235,26 @@ def test_one_job_keeps_its_workers_for_both_splits(cluster, tiny_model, cifar_ro
         assert [worker.pids[-1] for worker in runner._pool] == pids
         _extract(tiny_model, cifar_root, tmp_path / "other", runner, batch_size=2)
         assert [worker.pids[-1] for worker in runner._pool] != pids
+    _wait_for_free_cpus()
+
+
+def _killed(*_):
+    raise KeyboardInterrupt
+
+
+def test_the_bar_starts_at_the_rows_a_killed_run_committed(cluster, tiny_model, cifar_root, tmp_path, monkeypatch):
+    """As the local bar does; before, a resumed shard's rows were counted only when the shard ended."""
+    writes, original = [], write.CacheWriter.write
+    monkeypatch.setattr(write.CacheWriter, "write", lambda *args: _killed() if writes.append(1) or len(writes) == 3
+                        else original(*args))  # shard 0 (24 items) interrupted at its third chunk: two committed
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, tmp_path, LocalRunner(), num_shards=4)
+    monkeypatch.undo()
+    bars, real = [], ray_runner.progress_bar
+    monkeypatch.setattr(ray_runner, "progress_bar", lambda *args: bars.append(real(*args)) or bars[-1])
+    resumed = _extract(tiny_model, cifar_root, tmp_path, RayRunner(workers=2), progress=True)
+    (bar,) = bars
+    assert (bar.initial, bar.n, resumed.processed) == (16, 120, 104)
     _wait_for_free_cpus()
 
 

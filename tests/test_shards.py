@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import h5py
 import numpy as np
@@ -295,3 +296,24 @@ def test_a_join_says_assembled_once(tiny_model, cifar_root, tmp_path):
     joined = _extract(tiny_model, cifar_root, tmp_path, log=lines.append)
     said = [line.split(":")[0] for line in lines + joined.summary().splitlines() if line.startswith("assembl")]
     assert said == [f"assembling 4 shards into {joined.path}", "assembled"], said
+
+
+def test_the_local_bar_is_counted_in_one_thread(tiny_model, tmp_path, monkeypatch):
+    """A chunk that gave no row is counted by the writer's thread too (it was the main thread's, racing the
+    writer's counts of committed chunks without a lock)."""
+    tree = write_tree(tmp_path / "images", per_class=(4, 2))
+    for name in ("002.png", "003.png"):  # items 2 and 3: the second chunk of two gives no row
+        (tree / "train" / "cat" / name).write_bytes(b"not a png")
+    threads = []
+
+    def recorded(*args):
+        bar = shard.progress_bar(*args)
+        update = bar.update
+        bar.update = lambda n: threads.append(threading.current_thread()) or update(n)
+        return bar
+
+    monkeypatch.setattr(runners, "progress_bar", recorded)
+    key = make_key(str(tiny_model), 32, "bilinear", dataset="folder", data_dir=tree)
+    pipeline.extract(key, "train", data_dir=tree, cache_dir=tmp_path / "cache", chunk_size=2, engine="tensorflow",
+                     log=lambda _: None)
+    assert len(threads) == 6 and len(set(threads)) == 1 and threading.main_thread() not in threads, threads

@@ -1,9 +1,8 @@
 """Joining complete shard files (each a cache of an item range of one split) into the split's one cache file.
 
-A copy, not HDF5 virtual datasets: a virtual dataset reads a missing or unreadable source as fill values, silently,
-and the shards could not be removed. The copy goes through the crash-safe writer (write.py: partial file, fsync,
-rename), block by block, so a killed assembly resumes where it stopped; every block is read through its Fletcher-32
-checksum, so a damaged shard stops the copy instead of reaching the cache. Nothing is embedded again.
+A copy through the crash-safe writer, block by block, so a killed assembly resumes where it stopped; each block is
+read through its checksum, so a damaged shard stops the copy. (HDF5 virtual datasets would read a missing source as
+fill values, silently.)
 """
 
 from __future__ import annotations

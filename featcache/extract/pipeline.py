@@ -1,8 +1,5 @@
-"""Stage 1 end to end: a split's plan of shards -> one read -> embed -> write loop per shard -> the HDF5 cache.
-
-`extract` lists the source once and records its plan (plan.py), has a runner run the shards not yet done (runners.py
-in this process, ray_runner.py on a cluster; `shard_index` runs one shard here, for job arrays), then, when the plan
-has several shards, joins them into the cache (cache/assemble.py). shard.py holds the loop every runner runs on a shard.
+"""Stage 1 end to end: a split's plan of shards (plan.py) -> a runner runs those not yet done (runners.py here,
+ray_runner.py on a cluster; `shard_index` one shard, for job arrays) -> the shards joined into the HDF5 cache.
 A complete, matching cache is reported up to date before TensorFlow is even imported.
 """
 
@@ -37,8 +34,8 @@ PASSED_OVER_NAMED = 10  # files passed over as not images that a summary names; 
 class ExtractResult:
     path: Path
     rows: int
-    processed: int
-    seconds: float
+    processed: int = 0  # images embedded
+    seconds: float = 0.0
     up_to_date: bool = False
     load_seconds: float = 0.0
     engine: str = ""
@@ -104,7 +101,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
                 log(removed)
             if removed := plans.remove_older_work(path):
                 log(f"removed {removed}, not needed by the complete cache")
-            return ExtractResult(path, int(base["rows"]), 0, 0.0, up_to_date=True, skipped=skipped_files(path),
+            return ExtractResult(path, int(base["rows"]), up_to_date=True, skipped=skipped_files(path),
                                  passed_over=getattr(reader, "passed_over", []))
         if engine == DEFAULT_ENGINE:
             engine = base["engine"]  # views are added by the engine that made the others
@@ -117,13 +114,16 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         views = parse_views(views + cached_views(old))
         features = tuple(dict.fromkeys(features + tuple(cached_features(old))))
     had = cached_features(base) if base else {}
-    features = dict(had, **_feature_dims(key, [f for f in features if f not in had], cache_dir, log, progress))
+    if new := [feature for feature in features if feature not in had]:  # checked against the model's layers
+        offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, log if progress else None)
+        check_features(offered, tuple(new))
+    features = dict(had, **{feature: feature_dim(offered, feature) for feature in new})  # {name: values per row}
 
     runner = runner or LocalRunner()
     if shard_index is not None and not isinstance(runner, LocalRunner):
         raise UserError("`shard_index` runs its shard in this process: drop `runner`")
     computing = tuple(v for v in views if v not in cached_views(base)) if base else views
-    if base and set(features) - set(had):  # new features: for every view of the cache
+    if base and new:  # new features: for every view of the cache
         computing = parse_views(computing + cached_views(base))
     settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=computing,
                                  batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
@@ -149,20 +149,19 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             held.enter_context(locked(path))
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
                      source=reader.where, tool_version=TOOL_VERSION, chunk_size=plan.chunk_size, **reader.attrs())
-        job = Job(key, split, None if data_dir is None else str(data_dir), strict, settings, views, chunk_size, attrs,
-                  plan, path, str(cache_dir), base=base, may_skip=reader.may_skip, quantizer=quantizer,
-                  features=features)
+        job = Job(key, split, None if data_dir is None else str(data_dir), strict, settings, views, attrs, plan, path,
+                  str(cache_dir), base=base, may_skip=reader.may_skip, quantizer=quantizer, features=features)
         if base:
             _check_addable(path, base)
         todo = [i for i in ([shard_index] if not driver else range(count)) if not job.done(i)]
+        target = path if driver else job.target(shard_index)
         if not driver and not todo:
-            done = attributes(job.target(shard_index))
-            return ExtractResult(job.target(shard_index), int(done["rows"]), 0, 0.0, up_to_date=True,
-                                 skipped=skipped_files(job.target(shard_index)))
+            rows = int(attributes(target)["rows"])
+            return ExtractResult(target, rows, up_to_date=True, skipped=skipped_files(target))
         if driver and count > 1 and len(todo) < count:
             log(f"{count - len(todo)} of {count} shards of {path} are done; {len(todo)} left")
         started = time.perf_counter()
-        run = runner.run(job, todo, log, progress, reader) if todo else None
+        run = runner.run(job, todo, log, progress, reader) if todo else {}
         done, assembled = time.perf_counter(), ""
         if driver and count > 1:
             log(f"assembling {count} shards into {path}")
@@ -173,16 +172,12 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             if run:  # else the summary says it
                 log(f"assembled {assembled}")
         else:
-            listed = skipped_files(job.target(todo[0])) if reader.may_skip else []
-    result = ExtractResult(path if driver else job.target(shard_index), 0, 0, done - started, skipped=listed,
-                           passed_over=getattr(reader, "passed_over", []), assembled=assembled)
-    if run:
-        result.processed, result.engine, result.report = run.processed, run.engine, run.report
-        result.load_seconds, result.seconds = run.load_seconds, done - started - run.load_seconds
-        result.engine += "" if key.precision == DEFAULT_PRECISION else f" {key.precision}"
-    result.rows = int(attributes(result.path)["rows"])
-    if not driver:
-        result.shard = f"{shard_index} of {count}"
+            listed = skipped_files(target) if reader.may_skip else []
+    result = ExtractResult(target, int(attributes(target)["rows"]), seconds=done - started - run.get("load_seconds", 0),
+                           skipped=listed, passed_over=getattr(reader, "passed_over", []), assembled=assembled,
+                           shard="" if driver else f"{shard_index} of {count}", **run)
+    if run and key.precision != DEFAULT_PRECISION:
+        result.engine += f" {key.precision}"
     return result
 
 
@@ -225,15 +220,6 @@ def _readable(path: Path) -> dict:
         return attributes(path)
     except (OSError, RuntimeError, KeyError, ValueError):
         return {}
-
-
-def _feature_dims(key: CacheKey, features: list[str], cache_dir, log, progress: bool) -> dict[str, int]:
-    """{feature: values per row} of features to compute, checked against the layers the model offers."""
-    if not features:
-        return {}
-    offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, log if progress else None)
-    check_features(offered, tuple(features))
-    return {feature: feature_dim(offered, feature) for feature in features}
 
 
 def _check_addable(path: Path, base: dict):

@@ -1,11 +1,9 @@
 """The plan of one split's extraction: its shards, item ranges [start, stop) of the split, made from the source's
 listing alone (no image decoded) and recorded beside the cache as `<split>.plan.json`.
 
-A shard is the unit of work of every runner: one read -> embed -> write loop into one crash-safe file. Its edges are
-multiples of the chunk size, so that a shard is cut into the very chunks and network batches one uninterrupted pass
-makes (a source's natural units, tar files or row groups, would cut chunks differently). A plan of one shard writes the
-cache itself; a plan of several writes `<split>.shards/<index>-of-<count>.h5`, each a cache of its items, joined at the
-end. `remove_older_work` removes the partial and shard files a complete cache has made useless.
+Shard edges are multiples of the chunk size, so that a shard is cut into the very chunks one uninterrupted pass makes.
+A plan of one shard writes the cache itself; one of several writes `<split>.shards/<index>-of-<count>.h5`, joined at
+the end. `remove_older_work` removes the partial and shard files a complete cache has made useless.
 """
 
 from __future__ import annotations

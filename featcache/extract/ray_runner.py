@@ -1,19 +1,10 @@
 """Stage 1's shards on a Ray cluster: one actor call per shard, and the worker does the shard's whole loop.
 
-Each worker is a Ray actor that loads the model once, then runs shard.run_shard for shard after shard: it opens
-the source itself (the cluster shares storage: the same path on every node), reads and embeds its shard's images and
-writes its own shard file with the crash-safe writer. The driver (pipeline.extract) only plans, schedules one shard
-per idle worker and tracks them; at the end a Ray task joins the shards into the cache: the driver reads no image
-and no row. Ray Core
-actors rather than Ray Data: a shard's loop is the local runner's, resumable inside the shard, and the output must be
-one checksummed file per shard, which Ray Data's writers do not make.
-
-Workers are sized to the cluster's free resources (one per free CPU, or GPU, unless `workers` says fewer). Every one
-must report the same engine, batch size and library versions, or the job stops in one line naming the node (one
-cache never mixes them). A worker process that dies is restarted by Ray (the model loaded again) and its shard call
-retried: the shard resumes from its committed rows. No wait is unbounded: workers must be up within START_SECONDS
-(a cluster whose CPUs are taken meanwhile ends in one line), and a job where no shard file changes for
-STALL_SECONDS (a cluster gone, a worker hung) stops in one line; finished shards stay, and a rerun resumes.
+Each worker is a Ray actor (one per free CPU, or GPU, unless `workers` says fewer) that loads the model once, then
+runs shard.run_shard for shard after shard, opening the source itself (the cluster shares storage) and writing its
+own shard file. The driver only schedules and tracks the shards, and a Ray task joins them: it reads no image and no
+row. Workers that would make other rows than worker 0 stop the job in one line. A dead worker is restarted by Ray
+and its shard retried, resuming from its committed rows. No wait is unbounded (START_SECONDS, STALL_SECONDS).
 """
 
 from __future__ import annotations
@@ -31,7 +22,8 @@ from pathlib import Path
 
 from ..errors import UserError, first_line
 from ..settings import DEFAULT_SHARD_ITEMS, SHARDS_PER_WORKER
-from .shard import Held, RunReport
+from . import sources
+from .shard import Held, assemble_shards, progress_bar, run_shard
 
 INSTALL_HINT = "pip install -r requirements-ray.txt"
 CONNECT_SECONDS = 10  # how long a cluster address may take to answer
@@ -83,9 +75,6 @@ class ShardWorker:
 
     def run(self, job, index: int) -> dict:
         """Run shard `index` of `job`: (images embedded, seconds, this process's pid)."""
-        from . import sources
-        from .shard import run_shard
-
         if self.error:  # a restarted worker that could not load the model again
             raise RuntimeError(f"cannot load the model: {self.error}")
         started = time.perf_counter()
@@ -165,9 +154,9 @@ class RayRunner(Held):
         wanted = max(math.ceil(items / DEFAULT_SHARD_ITEMS), SHARDS_PER_WORKER * (self.workers or max(slots, 1)))
         return min(wanted, math.ceil(items / chunk_size))
 
-    def run(self, job, indices, log, progress, reader) -> RunReport:
-        from .shard import progress_bar
-
+    def run(self, job, indices, log, progress, reader) -> dict:
+        """Run shards `indices` of `job`: {processed, engine, load_seconds, report}, as pipeline.ExtractResult names
+        them."""
         ray = import_ray()
         if job.quantizer is not None:
             raise UserError("`precision='int8'` runs with `runner='local'` only (its calibrated network is built on "
@@ -177,19 +166,20 @@ class RayRunner(Held):
             if not self._pool or job.settings != self._settings:
                 self._stop_workers()
                 self._start(ray, job, log)
-            run = RunReport(engine=self._engine, load_seconds=time.perf_counter() - started)
+            loaded = time.perf_counter() - started
             for worker in self._pool:
                 worker.shards, worker.images, worker.busy_seconds = 0, 0, 0.0
-            with progress_bar(job, indices, progress) as bar:
-                run.processed = self._schedule(ray, job, collections.deque(indices), bar)
+            resumed = {index: job.committed(index) for index in indices}  # the bar starts from them, as the local one
+            with progress_bar(job, indices, progress, sum(resumed.values())) as bar:
+                processed = self._schedule(ray, job, collections.deque(indices), bar, resumed)
         except BaseException:  # an error or Ctrl-C stops the work this job started at once
             self.close()
             raise
-        run.report = self._report()
-        return run
+        return dict(processed=processed, engine=self._engine, load_seconds=loaded, report=self._report())
 
-    def _schedule(self, ray, job, pending: collections.deque, bar) -> int:
-        """Give each idle worker the next shard until all are done; the images embedded."""
+    def _schedule(self, ray, job, pending: collections.deque, bar, resumed: dict) -> int:
+        """Give each idle worker the next shard until all are done; the images embedded. The bar counts a shard's
+        items but those `resumed` when it ends."""
         running, processed = {}, 0  # result ref -> (worker, shard index)
         while pending or running:
             for worker in self._pool:
@@ -209,7 +199,7 @@ class RayRunner(Held):
                                 f"({worker.ip}): {_cause(exc)}; finished shards and committed rows are kept, "
                                 "a rerun resumes from them") from None
             processed += self._finished(worker, out)
-            bar.update(job.items(index))
+            bar.update(job.items(index) - resumed[index])
         return processed
 
     def assemble(self, job, reader) -> list:
@@ -337,9 +327,6 @@ class RayRunner(Held):
 
 
 def _assemble(job) -> list:
-    from . import sources
-    from .shard import assemble_shards
-
     return assemble_shards(job, sources.open_split(job.key, job.split, job.data_dir, strict=job.strict))
 
 

@@ -1,10 +1,6 @@
-"""Runners of stage 1's shards: who runs shard.run_shard for each shard of a plan, here or on a cluster.
-
-pipeline.extract plans the split and, once every shard is done, has the runner join them (`assemble`) where it runs
-them; a runner only runs the shards it is given. The local runner runs them in order in this process (one model, all
-of this machine's cores); `ray_runner.RayRunner` runs one Ray call per shard on a cluster's workers. Both build the
-same Extractor from the same ExtractorSettings and cut shards into the same chunks, so their caches hold the same
-numbers. extract.py's `make_runner` picks one by name.
+"""The local runner of stage 1's shards (ray_runner.RayRunner is the cluster's): it runs shard.run_shard for the
+shards pipeline.extract gives it, and joins them (`assemble`). Both runners build the same Extractor and cut shards
+into the same chunks, so their caches hold the same numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from .shard import Held, RunReport, assemble_shards, progress_bar, run_shard
+from .shard import Held, assemble_shards, progress_bar, run_shard
 
 
 class LocalRunner(Held):
@@ -32,20 +28,20 @@ class LocalRunner(Held):
         """A new plan's shard count when none is asked: one, the cache itself (nothing to assemble)."""
         return 1
 
-    def run(self, job, indices, log, progress, reader) -> RunReport:
+    def run(self, job, indices, log, progress, reader) -> dict:
+        """Run shards `indices` of `job`: {processed, engine, load_seconds}, as pipeline.ExtractResult names them."""
         started = time.perf_counter()
         extractor, fixed = self._extractor(replace(job.settings, input_shape=reader.image_shape), job.quantizer, log)
         job.settings.record_input_size(fixed, job.cache_dir)
-        run = RunReport(engine=extractor.engine, load_seconds=time.perf_counter() - started)
+        loaded = time.perf_counter() - started
         with progress_bar(job, indices, progress) as bar:
             def above_bar(line):  # a line logged while the bar is drawn goes above it, not onto it
                 bar.clear()
                 log(line)
                 bar.refresh()
 
-            for index in indices:
-                run.processed += run_shard(job, index, extractor, reader, bar, above_bar)
-        return run
+            processed = sum(run_shard(job, index, extractor, reader, bar, above_bar) for index in indices)
+        return dict(processed=processed, engine=extractor.engine, load_seconds=loaded)
 
     def _extractor(self, settings, quantizer, log):
         # the input shape is only a hint of what to compile first (any size works); int8's quantizer calibrates
@@ -59,5 +55,4 @@ class LocalRunner(Held):
         self._kept = (same, extractor, fixed)
         return extractor, fixed
 
-    def assemble(self, job, reader) -> list:
-        return assemble_shards(job, reader)
+    assemble = staticmethod(assemble_shards)

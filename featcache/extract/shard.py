@@ -1,19 +1,15 @@
 """One shard of a split's plan, as every runner runs it: read -> embed -> write, and the shards joined at the end.
 
-`run_shard` reads the shard's items from the split's reader it is handed (`chunks`), embeds them with the Extractor
-and writes them with cache.write.CacheWriter; a thread reads and decodes the next chunk, and another commits the
-previous one, while the current one is embedded. Each finished chunk is committed, so a rerun continues inside a shard
-where a crashed run stopped. `assemble_shards` joins a plan's finished shards into the split's cache
-(cache/assemble.py). `Job` is what a process needs to run shards: small and picklable (Ray sends it to workers).
-`Held` is what every runner is: a context manager that nested `with` blocks hold.
+`run_shard` reads the shard's chunks in one thread and commits them (cache.write.CacheWriter) in another while the
+current one is embedded, so a rerun continues inside a shard where a crashed run stopped. `assemble_shards` joins a
+plan's finished shards into the split's cache. `Job` is what a process needs to run shards (Ray sends it to workers).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,16 +40,6 @@ class Held:
             self.close()
 
 
-@dataclass
-class RunReport:
-    """What a runner did: images read and embedded, the engine, the model's load time, lines for the summary."""
-
-    processed: int = 0
-    engine: str = ""
-    load_seconds: float = 0.0
-    report: list = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class Job:
     """One split's extraction as any process runs its shards: small and picklable (Ray sends it to workers)."""
@@ -64,7 +50,6 @@ class Job:
     strict: bool
     settings: object  # extractor.ExtractorSettings; its views: those computed
     views: tuple  # every view the cache holds once done
-    chunk_size: int
     attrs: dict  # what every file records besides the extractor's engine, batch size and versions
     plan: plans.Plan
     path: Path  # the cache
@@ -84,6 +69,12 @@ class Job:
     def partial(self, index: int | None = None) -> Path:
         """Where shard `index` (None: the cache, when assembled) is written until it is complete."""
         return partial_path(self.path if index is None else self.target(index))
+
+    def committed(self, index: int) -> int:
+        """The rows an earlier run committed to shard `index`'s partial file (0 when there is none to read)."""
+        with contextlib.suppress(OSError, KeyError):
+            return int(attributes(self.partial(index))["rows_done"])
+        return 0
 
     def done(self, index: int) -> bool:
         """Whether shard `index` of several is complete and made for this job (a folder's shard may have fewer rows
@@ -186,23 +177,22 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
     with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as commits:
         pending = None  # at most one chunk waits to be committed
         row, item = writer.rows_done, first
-        for chunk in prefetched(reader.chunks(job.chunk_size, first, stop)):
+        for chunk in prefetched(reader.chunks(job.plan.chunk_size, first, stop)):
             vectors = extractor.embed(chunk.images) if len(chunk.labels) else None
             skipped.update(chunk.skipped)
             read, item = chunk.next_item - item, chunk.next_item
             if rows_of is not None:
                 vectors, chunk = _rows_of(vectors, chunk, rows_of, row, reader)
             if vectors is None:
-                _count(bar, read)
+                commits.submit(_count, bar, read)  # the bar is counted in the writer's thread only
                 continue
-            _wait(pending)
-            pending = None
+            if pending:  # the commit in flight: its error is raised here
+                pending.result()
             _refuse_non_finite(vectors, key, split, row, writer.rows_done, reader, chunk.items)
-            pending = commits.submit(writer.write, row, vectors, chunk.labels, np.asarray(chunk.items) - start)
-            # counted as soon as the commit ends (in the writer's thread), not when the next chunk is embedded
-            pending.add_done_callback(lambda done, read=read: done.exception() is None and _count(bar, read))
+            pending = commits.submit(_commit, writer, row, vectors, chunk, start, bar, read)
             row += len(chunk.labels)
-        _wait(pending)
+        if pending:
+            pending.result()
     if writer.base:
         return writer.finish()
     if writer.rows_done == 0 and len(job.plan.shards) == 1:
@@ -210,6 +200,13 @@ def _fill(writer: CacheWriter, extractor, reader, job: Job, first: int, stop: in
         raise UserError(f"none of the {reader.rows} {split} images in {reader.where} could be read "
                         f"(the first, {file}: {reason})")
     writer.finish(_skipped_lines(reader, _all_skipped(reader, writer, skipped, start, stop)) if reader.may_skip else [])
+
+
+def _commit(writer: CacheWriter, row: int, vectors: dict, chunk, start: int, bar, read: int):
+    """Commit a chunk's rows, then count its items on the bar (as soon as the commit ends, not when the next chunk
+    is embedded)."""
+    writer.write(row, vectors, chunk.labels, np.asarray(chunk.items) - start)
+    _count(bar, read)
 
 
 def _rows_of(vectors, chunk, rows_of: np.ndarray, row: int, reader):
@@ -251,12 +248,6 @@ def _refuse_non_finite(vectors: dict, key: CacheKey, split: str, lo: int, commit
                 "committed rows are kept and the next run resumes from there")
 
 
-def _wait(pending):
-    """Wait for the commit in flight (its error is raised here)."""
-    if pending is not None:
-        pending.result()
-
-
 def _count(bar, items: int, resumed: bool = False):
     """Count items done on the progress bar; those `resumed` (done by an earlier run) stay out of its rate."""
     if bar is None or bar.disable:
@@ -269,45 +260,24 @@ def _count(bar, items: int, resumed: bool = False):
 
 
 def prefetched(items, depth: int = 1):
-    """Iterate `items` in a background thread that keeps `depth` items ready; its errors are re-raised here.
+    """Iterate `items` while a background thread reads the next `depth`; its errors are re-raised here.
 
-    When the consumer stops early (an error downstream), the thread stops too, and is gone when this
-    generator is closed, instead of waiting forever on a full queue with the source file open.
+    When the consumer stops early (an error downstream), the thread ends with the read under way, and is gone when
+    this generator is closed.
     """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
     end = object()
-
-    def produce():
-        try:
-            for item in items:
-                ready.put((item, None))
-                if stop.is_set():
-                    return
-            ready.put((end, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            ready.put((end, exc))
-
-    thread = threading.Thread(target=produce, name="chunk-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
+    items = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="chunk-reader") as reader:
+        ahead = collections.deque(reader.submit(next, items, end) for _ in range(depth))
+        while (item := ahead.popleft().result()) is not end:
+            ahead.append(reader.submit(next, items, end))
             yield item
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            ready.get_nowait()  # frees a producer blocked on the full queue
-        thread.join()  # it stops after the item it is reading: a put, then it sees `stop`
 
 
-def progress_bar(job: Job, indices, enabled: bool):
-    """The bar of a run of shards `indices` of `job`, counting their items; closed at the end of a `with`."""
+def progress_bar(job: Job, indices, enabled: bool, initial: int = 0):
+    """The bar of a run of shards `indices` of `job`, counting their items from `initial` (done by an earlier run,
+    out of its rate); closed at the end of a `with`."""
     from tqdm import tqdm
 
-    return tqdm(total=sum(map(job.items, indices)), unit="img", desc=f"extract {job.split}", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=sum(map(job.items, indices)), initial=initial, unit="img", desc=f"extract {job.split}",
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
