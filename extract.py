@@ -78,13 +78,13 @@ def main(split, views, layers, list_layers, chunk_size, batch_size, engine, runn
         return
     announce = None if quiet else functools.partial(click.echo, err=True)  # says what the slow first seconds do
     if list_layers:
-        return print_layers(*selected(selection, 1, announce)[:2], announce)
+        return print_layers(*selected(selection, "extract", announce)[:2], announce)
     # the runner before anything slow: Ray missing is one line
     runner = make_runner(runner, ray_address, workers, verbose, announce)
     if not verify:  # before the model may be loaded to learn its input size
         check_engine_options(engine, selection["precision"])
     splits = SPLITS if split == "all" else (split,)
-    key, cache_dir, data_dir = selected(selection, 1, announce, () if verify else splits)
+    key, cache_dir, data_dir = selected(selection, "extract", announce, () if verify else splits)
     if verify:
         return verify_caches(key, splits, data_dir, cache_dir)
     with runner:  # its loaded model (or Ray's workers) serves both splits

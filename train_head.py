@@ -93,7 +93,7 @@ def main(runs_dir, sweep, grid, projector, list_runs, backfill_events, quiet, ve
     if grid and sweep:
         raise UserError("--sweep l2 is a grid of its own; use one of --sweep and --grid")
     combinations = parse_grid(grid) if grid else []  # a bad value refused before the cache is looked for
-    key, cache_dir, data_dir = selected(options, 2)  # takes the selection options out; the head's remain
+    key, cache_dir, data_dir = selected(options, "head")  # takes the selection options out; the head's remain
     for changed in changed_since_cached(key, cache_dir):
         click.echo(f"warning: {cache_remedy(changed)}", err=True)
     config = HeadConfig(**options)

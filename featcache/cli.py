@@ -18,9 +18,8 @@ from .errors import PARAMETER, UserError, plural
 from .settings import (
     CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
-    PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig,
+    PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig, DEFAULT_RUN, DEFAULT_RUNS_DIR,
 )
-from .settings import DEFAULT_RUN, DEFAULT_RUNS_DIR
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
               f"({', '.join(f'{name}: {len(views)} views' for name, views in VIEW_SETS.items())}); "
@@ -98,23 +97,29 @@ def selection_args(chosen: dict) -> str:
 
 
 def extract_command(error: CacheUnusable) -> str:
-    """The extract.py command that builds the cache an error is about (with the views it lacks). Its options are
-    the key's settings, as given on this command line where they were (a CIFAR copy's `data_dir` is no part of the
-    key, yet the command must read it), in the options' order."""
-    from .selection import SELECTION_NAMES
-
+    """The extract.py command that builds the cache an error is about (with the views it lacks)."""
     views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
     layers = f"--layers {','.join(error.layers)}" if error.layers else ""
     other = next(split for split in SPLITS if split != error.split)
     neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
     split = "all" if error.views or error.layers or neither else error.split
+    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(_as_given(error.key)),
+                                  views, layers, f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
+
+
+GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)  # options the user gave
+
+
+def _as_given(key) -> dict:
+    """The settings selecting `key`'s cache, as given on this command line where they were (a CIFAR copy's
+    `data_dir` is no part of the key, yet the command must read it), in the options' order."""
+    from .selection import SELECTION_NAMES
+
     context = click.get_current_context(silent=True)
-    chosen = {**error.key.chosen(), **{
-        name: context.params[name] for name in SELECTION_NAMES if context and name in context.params
-        and name != "cache_dir" and context.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}}
-    given = {name: chosen[name] for name in SELECTION_NAMES if name in chosen}
-    return " ".join(filter(None, ["python extract.py", f"--split {split}", selection_args(given), views, layers,
-                                  f"--cache-dir {shlex.quote(str(error.cache_dir))}"]))
+    given = {name: context.params[name] for name in SELECTION_NAMES if context and name in context.params
+             and name != "cache_dir" and context.get_parameter_source(name) in GIVEN}
+    chosen = {**key.chosen(), **given}
+    return {name: chosen[name] for name in SELECTION_NAMES if name in chosen}
 
 
 def cache_remedy(error: CacheUnusable) -> str:
@@ -221,15 +226,15 @@ def selection_options(func):
     return func
 
 
-def selected(options: dict, stage: int, announce=None, splits=()):
-    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders. Stage 1's
+def selected(options: dict, stage: str, announce=None, splits=()):
+    """The CacheKey the selection options (popped from `options`) name, and the cache and data folders. "extract"
     (selection.select) may load the model to learn its input size (`announce` gets a line before it does; tars and
-    Parquet files of `splits` are opened first); stage 2's (select_cached) finds the cache by what caches record."""
+    Parquet files of `splits` are opened first); "head" (select_cached) finds the cache by what caches record."""
     from .selection import SELECTION_NAMES, select, select_cached
 
     chosen = {name: options.pop(name) for name in SELECTION_NAMES}
     cache_dir = chosen.pop("cache_dir")
-    key = select(cache_dir, announce, splits, **chosen) if stage == 1 else select_cached(cache_dir, **chosen)
+    key = select(cache_dir, announce, splits, **chosen) if stage == "extract" else select_cached(cache_dir, **chosen)
     return key, cache_dir, chosen["data_dir"]
 
 
@@ -296,7 +301,9 @@ def _parse_value(kind, text: str, name: str):
             return GRID_BOOLS[text.lower()]
         if kind is int and not float(text).is_integer():
             raise ValueError(text)
-        return int(float(text)) if kind is int else kind(text)
+        if kind is int:
+            return int(float(text))  # 1e3 is a whole number too
+        return kind(text)
     except (KeyError, ValueError):
         raise UserError(f"--grid: {name} must be {GRID_KINDS[kind]}, got {text!r}") from None
 

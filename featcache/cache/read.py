@@ -59,15 +59,16 @@ def inspect(path: Path, expected: dict) -> CacheState:
             except (KeyError, TypeError, ValueError):
                 return CacheState("bad", "its class_names attribute is missing or not a list of names")
             rows = attrs["rows"]
-            widths = dict.fromkeys(map(view_dataset, views), attrs.get("dim"))  # values per row, None: unrecorded
-            widths.update((feature_dataset(view, feature), size) for feature, size in cached_features(attrs).items()
-                          for view in views)
+            dim = int(attrs["dim"]) if "dim" in attrs else None
+            widths = {view_dataset(view): dim for view in views}  # values per row, None: unrecorded
+            for feature, size in cached_features(attrs).items():
+                widths.update((feature_dataset(view, feature), size) for view in views)
             for name, width in widths.items():
                 if name not in f or not _float_rows(f[name], rows):
                     return CacheState("bad", f"its {name} dataset is missing or not {rows} rows of floats")
-                if width is not None and f[name].shape[1] != int(width):
+                if width is not None and f[name].shape[1] != width:
                     return CacheState("bad", f"its {name} rows have {f[name].shape[1]} values, its dim or features "
-                                             f"attribute says {int(width)}")
+                                             f"attribute says {width}")
             if "labels" not in f or f["labels"].shape != (rows,) or f["labels"].dtype.kind not in "iu":
                 return CacheState("bad", f"its labels dataset is missing or not {rows} whole numbers")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's ways of meeting a damaged file

@@ -75,9 +75,14 @@ def library_versions() -> dict:
     import tensorflow as tf
     import tensorflow_hub as hub
 
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return ""
+
     return {"tensorflow_version": tf.__version__, "tensorflow_hub_version": hub.__version__,
-            **{f"{name}_version": next((found.version for found in metadata.distributions(name=name)), "")
-               for name in ("openvino", "nncf", "ray")}}
+            **{f"{name}_version": version(name) for name in ("openvino", "nncf", "ray")}}
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ class Extractor:
         """Run two blank images once: checks that the model takes the input size and gives [N, D] floats."""
         import tensorflow as tf
 
-        self._call_kwargs = call_kwargs(self.model, self.image_size)
+        self._call_kwargs = {} if self.features else call_kwargs(self.model, self.image_size)  # features: their own
         spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
         self._tf_network = tf.function(self._network, input_signature=[spec])
         try:

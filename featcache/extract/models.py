@@ -82,7 +82,10 @@ def identity(handle: str | os.PathLike) -> tuple[str, str]:
         raise UserError(f"model folder {folder} holds no SavedModel (no saved_model.pb)")
     digest = hashlib.sha256()
     for name in present:
-        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as fh:
+            while block := fh.read(1 << 20):  # in blocks: a saved_model.pb may be hundreds of MB
+                digest.update(block)
     return str(folder), digest.hexdigest()
 
 

@@ -113,11 +113,12 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         old = _readable(path)
         views = parse_views(views + cached_views(old))
         features = tuple(dict.fromkeys(features + tuple(cached_features(old))))
-    had = cached_features(base) if base else {}
-    if new := [feature for feature in features if feature not in had]:  # checked against the model's layers
+    asked = features  # names; from here on features is {name: values per row}, the cached ones first
+    features = cached_features(base) if base else {}
+    if new := [feature for feature in asked if feature not in features]:  # checked against the model's layers
         offered = offered_layers(key.model, key.model_sha256, key.image_size, cache_dir, log if progress else None)
         check_features(offered, tuple(new))
-    features = dict(had, **{feature: feature_dim(offered, feature) for feature in new})  # {name: values per row}
+        features.update((feature, feature_dim(offered, feature)) for feature in new)
 
     runner = runner or LocalRunner()
     if shard_index is not None and not isinstance(runner, LocalRunner):

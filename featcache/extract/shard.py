@@ -71,8 +71,10 @@ class Job:
         return partial_path(self.path if index is None else self.target(index))
 
     def committed(self, index: int) -> int:
-        """The rows an earlier run committed to shard `index`'s partial file (0 when there is none to read)."""
-        with contextlib.suppress(OSError, KeyError):
+        """The rows an earlier run committed to shard `index`'s partial file, where a progress bar starts (0 when there
+        is none to read; a folder's unreadable files read before them are not counted)."""
+        # A damaged file counts 0, as CacheWriter's resume check starts it again.
+        with contextlib.suppress(OSError, RuntimeError, ValueError, KeyError, TypeError):
             return int(attributes(self.partial(index))["rows_done"])
         return 0
 

@@ -176,9 +176,11 @@ def _events(folder: Path, suffix: str | None = None):
 
     try:
         writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
-        with writer.as_default():
-            yield write
-        writer.close()
+        try:
+            with writer.as_default():
+                yield write
+        finally:
+            writer.close()
     except tf.errors.OpError as exc:
         raise OSError(f"writing TensorBoard events failed: {exc.message.splitlines()[0][:160]}") from None
 

@@ -6,9 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from . import int8
 from .convert import onnx_converter, portable_function, to_onnx, to_tflite, with_tflite_metadata
 from .files import PREPROCESSING, SUFFIXES, check_destination, write_export
-from . import int8
 from .run import load_run
 
 FORMATS = ("saved_model", "tflite", "onnx")

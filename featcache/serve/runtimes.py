@@ -97,7 +97,8 @@ def _open_tflite(path: Path) -> Exported:
     if not labels_path(path).exists():
         raise UserError(f"{path} has no {labels_path(path).name} beside it (the class names)")
     names = tuple(labels_path(path).read_text().splitlines())
-    model, preprocessing = schema.Model.GetRootAs(path.read_bytes(), 0), None  # the PREPROCESSING metadata, if any
+    model = schema.Model.GetRootAs(path.read_bytes(), 0)
+    preprocessing = None  # the PREPROCESSING metadata, if any
     for meta in map(model.Metadata, range(model.MetadataLength())):
         if meta.Name() == PREPROCESSING.encode():
             preprocessing = json.loads(model.Buffers(meta.Buffer()).DataAsNumpy().tobytes())

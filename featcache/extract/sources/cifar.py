@@ -185,7 +185,8 @@ class SplitSource:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(uint8 [n,32,32,3], int64 [n]) per batch file, in order, cut at `limit` rows."""
         left = self.limit if self.limit is not None else float("inf")
-        decode, names = functools.partial(_decode_batch, layout=self.layout), self.layout.split_files[self.split]
+        decode = functools.partial(_decode_batch, layout=self.layout)
+        names = self.layout.split_files[self.split]
         for images, labels in _members(self.source, names, decode, f"{self.layout.title} batch"):
             take = int(min(left, len(labels)))
             left -= take

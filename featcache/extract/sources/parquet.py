@@ -149,7 +149,8 @@ class ParquetSplit(EncodedSplit):
         if len(labels) and labels.min() < 0:
             row = int(np.argmax(labels < 0))
             raise UserError(f"{path}: row {row} has label {labels[row]} (a negative label: an unlabelled row?)")
-        meta, stat, relative = parquet.metadata, path.stat(), path.relative_to(self.root).as_posix()
+        meta, stat = parquet.metadata, path.stat()
+        relative = path.relative_to(self.root).as_posix()
         groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
         columns = [[[g.column(c).file_offset, g.column(c).total_compressed_size] for c in range(g.num_columns)]
                    for g in groups]
