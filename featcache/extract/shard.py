@@ -271,9 +271,13 @@ def prefetched(items, depth: int = 1):
     items = iter(items)
     with ThreadPoolExecutor(1, thread_name_prefix="chunk-reader") as reader:
         ahead = collections.deque(reader.submit(next, items, end) for _ in range(depth))
-        while (item := ahead.popleft().result()) is not end:
-            ahead.append(reader.submit(next, items, end))
-            yield item
+        try:
+            while (item := ahead.popleft().result()) is not end:
+                ahead.append(reader.submit(next, items, end))
+                yield item
+        finally:  # stopped early: reads not yet started are dropped, not run by the executor's shutdown
+            for read in ahead:
+                read.cancel()
 
 
 def progress_bar(job: Job, indices, enabled: bool, initial: int = 0):
