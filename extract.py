@@ -35,8 +35,9 @@ from featcache.settings import (
                    "those a complete cache lacks are added to it. --list-layers shows the layers.")
 @click.option("--list-layers", is_flag=True, help="List the layers the model offers to --layers, with the size of "
               "their maps (height x width x channels) at the image size, and exit.")
-@click.option("--chunk-size", type=COUNT, default=DEFAULT_CHUNK_SIZE, show_default=True,
-              help="Images per committed chunk: a crash costs at most the work on the two chunks in flight.")
+@click.option("--chunk-size", type=COUNT, default=None,
+              help="Images per committed chunk: a crash costs at most the work on the two chunks in flight. Default: "
+                   f"the plan under way's, else {DEFAULT_CHUNK_SIZE}.")
 @click.option("--batch-size", type=COUNT, default=None,
               help="Images per forward pass of the frozen network (not train_head.py's rows per training step). "
                    f"Default: {default_batch_size('openvino', False)} (OpenVINO), "

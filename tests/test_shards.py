@@ -181,6 +181,18 @@ def test_another_shard_count_than_the_plan_under_way_is_one_line(tiny_model, cif
                          num_shards=2, shard_index=1, chunk_size=8, engine="tensorflow", progress=False)
 
 
+def test_the_join_takes_the_chunk_size_of_the_plan_under_way(tiny_model, cifar_root, reference, tmp_path):
+    for index in range(2):  # shards of chunks of 16; the join is run without the chunk size
+        pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", data_dir=cifar_root, cache_dir=tmp_path,
+                         chunk_size=16, batch_size=4, engine="tensorflow", progress=False, num_shards=2,
+                         shard_index=index, log=lambda _: None)
+    lines = []
+    joined = _extract(tiny_model, cifar_root, tmp_path, chunk_size=None, log=lines.append)
+    assert joined.processed == 0 and joined.assembled.startswith("2 shards, ") and "2 of 2 shards" in lines[0], lines
+    assert _rows(joined.path)[1]["chunk_size"] == 16
+    _same(joined.path, reference)
+
+
 def test_shard_options_are_checked_in_one_line(tiny_model, cifar_root, tmp_path):
     out = run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path, "--shard-index", 1))
     assert out.returncode == 2 and out.stderr.strip() == "Error: --shard-index needs --num-shards, and must be below it"

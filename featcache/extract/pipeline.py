@@ -70,17 +70,16 @@ class ExtractResult:
 
 
 def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DIR, views=DEFAULT_VIEWS,
-            chunk_size=DEFAULT_CHUNK_SIZE, batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False,
+            chunk_size=None, batch_size=None, force=False, engine=DEFAULT_ENGINE, strict=False,
             progress=True, log=print, runner=None, num_shards=None, shard_index=None, layers=None) -> ExtractResult:
     """Build (or resume, or confirm) the cache for one split, holding at least `views` and the inner-layer features
     `layers` of each (a complete cache lacking some gets them added, the rest kept); `runner` runs the plan's shards
     (default: runners.LocalRunner, one shard unless a plan under way says otherwise). With `shard_index`, only that
-    shard of `num_shards` is built, here; a later run without it joins the shards once all are done."""
-    check_count("chunk_size", chunk_size)
-    if batch_size is not None:
-        check_count("batch_size", batch_size)
-    if num_shards is not None:
-        check_count("num_shards", num_shards)
+    shard of `num_shards` is built, here; a later run without it joins the shards once all are done. `chunk_size` and
+    `num_shards` default to the recorded plan's (else DEFAULT_CHUNK_SIZE and the runner's count)."""
+    for name, count in (("chunk_size", chunk_size), ("batch_size", batch_size), ("num_shards", num_shards)):
+        if count is not None:
+            check_count(name, count)
     if shard_index is not None and (num_shards is None or not 0 <= shard_index < num_shards):
         raise UserError("`shard_index` needs `num_shards`, and must be below it")
     views = parse_views(views)
@@ -182,17 +181,16 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
     return result
 
 
-def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base, force: bool, driver: bool, runner,
-          log):
-    """The plan recorded beside the cache when it is this source's (and, when asked, of `num_shards` shards), else
-    a new one, recorded (a driver's `force` removes the shards of the old one). Views added to a complete cache:
-    one shard, not recorded."""
+def _plan(path: Path, reader, expected: dict, chunk_size, num_shards, base, force: bool, driver: bool, runner, log):
+    """The plan recorded beside the cache when it is this source's (and, when asked, of `num_shards` shards and
+    chunks of `chunk_size`), else a new one, recorded (a driver's `force` removes the shards of the old one). Views
+    added to a complete cache: one shard, not recorded."""
     selection = {k: v for k, v in expected.items() if k != "source_fingerprint"}
     if base:
-        return plans.make(reader.rows, 1, chunk_size, reader.fingerprint, selection)
+        return plans.make(reader.rows, 1, chunk_size or DEFAULT_CHUNK_SIZE, reader.fingerprint, selection)
     where = plans.plan_path(path)
     stored = plans.load(where)
-    if stored and not stored.matches(reader.fingerprint, selection, chunk_size):
+    if stored and not stored.matches(reader.fingerprint, selection, chunk_size or stored.chunk_size):
         stored = None
     under_way = stored and (partial_path(path).exists() if len(stored.shards) == 1
                             else plans.shards_dir(path).exists())
@@ -203,6 +201,7 @@ def _plan(path: Path, reader, expected: dict, chunk_size: int, num_shards, base,
         stored = None
     if stored:
         return stored
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     count = num_shards or runner.shards(reader.rows, chunk_size)
     plan = plans.make(reader.rows, count, chunk_size, reader.fingerprint, selection)
     if plans.shards_dir(path).exists() and force and driver:
