@@ -168,7 +168,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             joined = time.perf_counter()
             listed = runner.assemble(job, reader)
             done, size = time.perf_counter(), path.stat().st_size / 1e9
-            assembled = f"{count} shards, {size:.3f} GB in {done - joined:.2f} s ({size / (done - joined):.2f} GB/s)"
+            assembled = f"{count} shards, {size:.3f} GB in {done - joined:.2f} s ({size / (done - joined):.3g} GB/s)"
             if run:  # else the summary says it
                 log(f"assembled {assembled}")
         else:
