@@ -479,3 +479,18 @@ def test_train_head_warns_when_the_folder_changed_since_its_cache_was_made(tiny_
         f"warning: {root} has changed since its test cache was made (files added, removed or modified); the head "
         f"trains on the images cached then; rebuild it with python extract.py --split test --dataset folder "
         f"--data-dir {root} --model {tiny_model} --image-size 32 --cache-dir {tmp_path / 'cache'} --force"]
+
+
+def test_a_damaged_cache_met_while_adding_views_is_named_not_the_source(tiny_model, tree, tmp_path):
+    key = _key(tiny_model, tree)
+    path = _extract(key, tree, tmp_path, views="plain").path
+    with h5py.File(path, "r") as f:
+        offset = f["source_index"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:  # bit rot inside the stored chunk of its rows' source files
+        fh.seek(offset + 3)
+        byte = fh.read(1)
+        fh.seek(offset + 3)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match=f"^cache {path} is damaged: a chunk failed its Fletcher-32 checksum; "
+                                        r"rebuild it with force=True$"):
+        _extract(key, tree, tmp_path, views="plain,flip")

@@ -275,3 +275,12 @@ def test_without_ray_the_runner_is_a_one_line_error(tiny_model, cifar_root, tmp_
     assert result.stderr.strip() == ("Error: --runner ray needs Ray, which is not installed: "
                                      "pip install -r requirements-ray.txt"), result.stderr
     assert not list((tmp_path / "cache").rglob("*.h5"))
+
+
+def test_a_new_plan_counts_the_cpus_the_jobs_own_workers_hold(monkeypatch):
+    """Between splits the job's workers stay up, holding their CPUs: the next split's plan still gives each worker
+    SHARDS_PER_WORKER shards."""
+    runner = RayRunner()
+    monkeypatch.setattr(RayRunner, "_free_slots", lambda self, ray: (0, "CPU"))  # all held by the pool below
+    runner._pool = [object()] * 8
+    assert runner.shards(120_000, 1024) == 16  # 8 workers x 2; by size alone 12

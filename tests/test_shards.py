@@ -193,6 +193,66 @@ def test_the_join_takes_the_chunk_size_of_the_plan_under_way(tiny_model, cifar_r
     _same(joined.path, reference)
 
 
+def test_another_chunk_size_than_the_plan_under_way_is_one_line(tiny_model, cifar_root, tmp_path):
+    _shard(tiny_model, cifar_root, tmp_path, 0)
+    with pytest.raises(UserError, match=r"is being built in chunks of 8 \(plan .*\); pass chunk_size=8, or "
+                                        r"force=True to start again in chunks of 16$"):
+        _extract(tiny_model, cifar_root, tmp_path, chunk_size=16)
+
+
+def test_a_plan_no_longer_under_way_is_made_again(tiny_model, cifar_root, reference, tmp_path):
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    assert _extract(tiny_model, cifar_root, tmp_path).assembled.startswith("4 shards, ")
+    lines = []  # the cache published: a rebuild plans anew (the local runner: one shard), not in the old 4 shards
+    again = _extract(tiny_model, cifar_root, tmp_path, force=True, log=lines.append)
+    assert again.processed == 120 and not again.assembled and not any("shards" in line for line in lines), lines
+    (recorded,) = tmp_path.rglob("train.plan.json")
+    assert json.loads(recorded.read_text())["shards"] == [[0, 120]]
+    _same(again.path, reference)
+
+
+def test_force_does_not_remove_a_shard_another_process_is_building(tiny_model, cifar_root, tmp_path):
+    for index in range(2):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    (folder,) = tmp_path.rglob("train.shards")
+    building = folder / "00002-of-00004.h5"  # its writer (a job array's task) at work: its partial file, its lock
+    partial_path(building).write_bytes(b"")
+    with locked(building), pytest.raises(UserError, match=f"^cache {building} is busy: another writer"):
+        _extract(tiny_model, cifar_root, tmp_path, num_shards=2, force=True)
+    assert len(list(folder.glob("*.h5"))) == 3
+
+
+def test_the_job_names_its_files_by_absolute_paths(tiny_model, cifar_root, tmp_path, monkeypatch):
+    """A Ray worker opens the source and writes the shards by the job's paths, in its own folder and environment."""
+    class Seen(runners.LocalRunner):
+        def run(self, job, indices, log, progress, reader):
+            self.job = job
+            return super().run(job, indices, log, progress, reader)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR10_DATA_DIR", str(cifar_root))
+    runner = Seen()
+    pipeline.extract(make_key(str(tiny_model), 48, "bilinear"), "train", cache_dir="cache", chunk_size=8,
+                     batch_size=4, engine="tensorflow", progress=False, log=lambda _: None, runner=runner)
+    assert runner.job.data_dir == str(cifar_root / "cifar-10-batches-py") and runner.job.path.is_absolute()
+    assert runner.job.cache_dir == str(tmp_path / "cache")
+
+
+def test_an_assembly_ends_well_when_another_run_removed_the_shards(tiny_model, cifar_root, reference, tmp_path,
+                                                                  monkeypatch):
+    for index in range(SHARDS):
+        _shard(tiny_model, cifar_root, tmp_path, index)
+    real = shard.shutil.rmtree
+
+    def raced(folder):  # a second run removes the shards of the published cache first
+        real(folder)
+        real(folder)
+
+    monkeypatch.setattr(shard.shutil, "rmtree", raced)
+    _same(_extract(tiny_model, cifar_root, tmp_path).path, reference)
+
+
 def test_shard_options_are_checked_in_one_line(tiny_model, cifar_root, tmp_path):
     out = run_cli("extract.py", *_options(tiny_model, cifar_root, tmp_path, "--shard-index", 1))
     assert out.returncode == 2 and out.stderr.strip() == "Error: --shard-index needs --num-shards, and must be below it"
@@ -266,8 +326,8 @@ def test_an_assembly_never_resumes_the_partial_file_of_a_one_pass_run(tiny_model
     with h5py.File(partial, "r+") as f:
         assert int(f.attrs["rows_done"]) == 120
         f["embeddings"][:] = 0  # rows an assembly of the 4 shards would not give
-    for index in range(SHARDS):
-        _shard(tiny_model, cifar_root, tmp_path, index)
+    for index in range(SHARDS):  # another plan than the one under way: started again with `force`
+        _shard(tiny_model, cifar_root, tmp_path, index, force=True)
     joined = _extract(tiny_model, cifar_root, tmp_path)
     _same(joined.path, reference)
 

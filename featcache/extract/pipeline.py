@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from ..cache.layout import TOOL_VERSION, CacheKey, partial_path
 from ..cache.read import attributes, cached_features, cached_views, check_contents, inspect, skipped_files
 from ..cache.write import locked, remove_unneeded_partial
-from ..errors import UserError, first_line, in_python
+from ..errors import UserError, first_line, in_python, plural
 from ..settings import (
     DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count,
     parse_features, parse_views,
@@ -149,8 +148,10 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
             held.enter_context(locked(path))
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
                      source=reader.where, tool_version=TOOL_VERSION, chunk_size=plan.chunk_size, **reader.attrs())
-        job = Job(key, split, None if data_dir is None else str(data_dir), strict, settings, views, attrs, plan, path,
-                  str(cache_dir), base=base, may_skip=reader.may_skip, quantizer=quantizer, features=features)
+        # a worker elsewhere (Ray) opens the source and writes the shards by absolute paths: its folder and
+        # environment (CIFAR10_DATA_DIR) are not this process's
+        job = Job(key, split, str(Path(reader.where).absolute()), strict, settings, views, attrs, plan, path.absolute(),
+                  str(Path(cache_dir).absolute()), base=base, may_skip=reader.may_skip, quantizer=quantizer, features=features)
         if base:
             _check_addable(path, base)
         todo = [i for i in ([shard_index] if not driver else range(count)) if not job.done(i)]
@@ -182,22 +183,27 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
 
 
 def _plan(path: Path, reader, expected: dict, chunk_size, num_shards, base, force: bool, driver: bool, runner, log):
-    """The plan recorded beside the cache when it is this source's (and, when asked, of `num_shards` shards and
-    chunks of `chunk_size`), else a new one, recorded (a driver's `force` removes the shards of the old one). Views
-    added to a complete cache: one shard, not recorded."""
+    """The plan under way (its partial or shard files exist) when it is this source's and, when asked, of `num_shards`
+    shards and chunks of `chunk_size` (other counts are refused, unless `force`), else a new one, recorded (a driver's
+    `force` removes the shards of the old one). Views added to a complete cache: one shard, not recorded."""
     selection = {k: v for k, v in expected.items() if k != "source_fingerprint"}
     if base:
         return plans.make(reader.rows, 1, chunk_size or DEFAULT_CHUNK_SIZE, reader.fingerprint, selection)
     where = plans.plan_path(path)
     stored = plans.load(where)
-    if stored and not stored.matches(reader.fingerprint, selection, chunk_size or stored.chunk_size):
+    if stored and not (partial_path(path).exists() if len(stored.shards) == 1 else plans.shards_dir(path).exists()):
+        stored = None  # not under way (never started, or its cache published): a run may plan it otherwise
+    if stored and not stored.matches(reader.fingerprint, selection):
         stored = None
-    under_way = stored and (partial_path(path).exists() if len(stored.shards) == 1
-                            else plans.shards_dir(path).exists())
     if stored and num_shards and num_shards != len(stored.shards):
-        if under_way and not force:
-            raise UserError(f"{path} is being built in {len(stored.shards)} shards (plan {where}); pass "
+        if not force:
+            raise UserError(f"{path} is being built in {plural(len(stored.shards), 'shard')} (plan {where}); pass "
                             f"`num_shards={len(stored.shards)}`, or `force=True` to start again in {num_shards}")
+        stored = None
+    if stored and chunk_size and chunk_size != stored.chunk_size:
+        if not force:
+            raise UserError(f"{path} is being built in chunks of {stored.chunk_size} (plan {where}); pass "
+                            f"`chunk_size={stored.chunk_size}`, or `force=True` to start again in chunks of {chunk_size}")
         stored = None
     if stored:
         return stored
@@ -206,9 +212,12 @@ def _plan(path: Path, reader, expected: dict, chunk_size, num_shards, base, forc
     plan = plans.make(reader.rows, count, chunk_size, reader.fingerprint, selection)
     if plans.shards_dir(path).exists() and force and driver:
         log(f"`force=True`: removing {plans.shards_dir(path)}, the shards of an earlier plan")
-        shutil.rmtree(plans.shards_dir(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plan.save(where)
+        plans.remove_shards(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(where)
+    except OSError as exc:
+        raise UserError(f"cannot write cache folder {path.parent}: {exc.strerror or first_line(exc)}") from None
     if count > 1:
         log(f"plan: {count} shards of {plans.sizes(plan)} -> {where}")
     return plan
@@ -227,7 +236,7 @@ def _check_addable(path: Path, base: dict):
     meanwhile)."""
     now = _readable(path)
     if (cached_views(now), cached_features(now)) != (cached_views(base), cached_features(base)):
-        raise UserError(f"cache {path} changed while this run waited for it (another run added views); run again")
+        raise UserError(f"cache {path} changed since this run read it (another run added views to it); run again")
 
 
 def _target(key: CacheKey, split: str, data_dir, cache_dir, strict=False):

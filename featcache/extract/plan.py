@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,15 +31,20 @@ class Plan:
     selection: dict  # the cache key's attributes for this split
     chunk_size: int
 
-    def matches(self, fingerprint: str, selection: dict, chunk_size: int) -> bool:
-        return (self.fingerprint == fingerprint and self.selection == _plain(selection)
-                and self.chunk_size == chunk_size)
+    def matches(self, fingerprint: str, selection: dict) -> bool:
+        return self.fingerprint == fingerprint and self.selection == _plain(selection)
 
     def save(self, path: Path):
-        """Write atomically (a temporary file renamed): a plan file is always whole."""
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # job-array tasks may save it at once
-        tmp.write_text(json.dumps(dict(asdict(self), version=PLAN_VERSION), indent=1))
-        os.replace(tmp, path)
+        """Write atomically (a temporary file of its own renamed: job-array tasks, on any node, may save it at once):
+        a plan file is always whole."""
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(dict(asdict(self), version=PLAN_VERSION), indent=1))
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def plan_path(cache_path: Path) -> Path:
@@ -81,6 +87,16 @@ def sizes(plan: Plan) -> str:
     return f"{counts[0]} items each" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)} items"
 
 
+def remove_shards(cache_path: Path):
+    """Remove the shards' folder of a plan given up; refused in one line while a shard's writer is at work (holds
+    its lock)."""
+    folder = shards_dir(cache_path)
+    with contextlib.ExitStack() as held:
+        for name in sorted({_final(file) for file in folder.glob("*.h5")}):
+            held.enter_context(locked(name))
+        shutil.rmtree(folder)
+
+
 def remove_older_work(cache_path: Path, shard: Path | None = None) -> str:
     """Remove the cache's partial file and every shard file (with `shard`: that shard's file and its partial) not
     newer than the cache file: work of the build that made it (shards an assembly killed before removing them left)
@@ -94,7 +110,7 @@ def remove_older_work(cache_path: Path, shard: Path | None = None) -> str:
              else [file for file in (shard, partial_path(shard)) if file != cache_path])
     older, size = [], 0
     for file in files:
-        with contextlib.suppress(UserError), locked(file.with_name(file.name.replace(".partial.h5", ".h5"))):
+        with contextlib.suppress(UserError), locked(_final(file)):
             if file.exists() and file.stat().st_mtime_ns <= published:  # its writer's lock held: looked at again
                 size += file.stat().st_size
                 file.unlink()
@@ -105,6 +121,11 @@ def remove_older_work(cache_path: Path, shard: Path | None = None) -> str:
         shutil.rmtree(folder)
     names = ", ".join(file.name for file in older[:3]) + (f" and {len(older) - 3} more" if len(older) > 3 else "")
     return f"{plural(len(older), 'file')} older than {cache_path.name} ({names}; {size / 1e9:.3f} GB)"
+
+
+def _final(file: Path) -> Path:
+    """The file a partial file becomes (whose name its writer's lock takes)."""
+    return file.with_name(file.name.replace(".partial.h5", ".h5"))
 
 
 def _plain(selection: dict) -> dict:

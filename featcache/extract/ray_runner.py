@@ -151,6 +151,7 @@ class RayRunner(Held):
         """A new plan's shard count: shards of about DEFAULT_SHARD_ITEMS items, at least SHARDS_PER_WORKER per
         worker, at most one per chunk."""
         slots, _ = self._free_slots(import_ray())
+        slots += len(self._pool)  # the workers up (held between splits) hold theirs
         wanted = max(math.ceil(items / DEFAULT_SHARD_ITEMS), SHARDS_PER_WORKER * (self.workers or max(slots, 1)))
         return min(wanted, math.ceil(items / chunk_size))
 

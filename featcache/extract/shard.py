@@ -113,7 +113,8 @@ def assemble_shards(job: Job, reader) -> list:
     except CacheWriteError as exc:
         raise UserError(f"writing {job.partial()} failed ({exc.strerror}); the shards are kept and the "
                         "next run assembles them again") from None
-    shutil.rmtree(plans.shards_dir(job.path))
+    with contextlib.suppress(FileNotFoundError):  # another run may be removing them too, once the cache is published
+        shutil.rmtree(plans.shards_dir(job.path))
     return listed
 
 
@@ -152,6 +153,10 @@ def run_shard(job: Job, index: int, extractor, reader, bar=None, log=print) -> i
             raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
                             "committed rows are kept and the next run resumes from there") from None
         except OSError as exc:  # the source: a file made unreadable meanwhile, a disk gone
+            if "filter returned failure" in str(exc):  # or the cache's own rows failing their checksum (h5py)
+                damaged = f"cache {job.path}" if job.base else f"{writer.partial}"
+                remedy = "rebuild it with `force=True`" if job.base else "remove it and run again"
+                raise UserError(f"{damaged} is damaged: a chunk failed its Fletcher-32 checksum; {remedy}") from None
             raise UserError(f"reading the {job.split} split at {reader.where} failed "
                             f"({exc.strerror or first_line(exc)}); {writer.rows_done} committed rows are kept and "
                             "the next run resumes from there") from None
