@@ -69,13 +69,17 @@ DEFAULT_VIEWS = "plain,flip"  # what extract.py caches and a head trains on and 
 
 def parse_views(views, name: str = "views") -> tuple[str, ...]:
     """Views named by a string ("plain,flip", or "plain+flip" where commas separate other things) or a
-    sequence of view and set names; in catalogue order."""
+    sequence of view and set names; in catalogue order. A name given twice in a string or list (as a user gives them)
+    is refused; tuples (views merged in code) may repeat one."""
     if not isinstance(views, (str, list, tuple)):
         raise UserError(f"`{name}` must be view names (a comma-separated string or a list), got {views!r}")
     names = views.replace("+", ",").split(",") if isinstance(views, str) else list(views)
     names = [part.strip() for part in names if part.strip()]
     if not names:
         raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
+    twice = next((part for i, part in enumerate(names) if part in names[:i]), None)
+    if twice and not isinstance(views, tuple):
+        raise UserError(f"`{name}` names {twice} twice; name each once")
     chosen = set()
     for part in names:
         if part not in VIEWS and part not in VIEW_SETS:

@@ -141,6 +141,8 @@ def test_bad_features_are_one_line_and_record_nothing(features_caches, tmp_path,
      "Error: --grid: features names Relu twice; name each once"),
     ("extract.py", ["--layers", "Relu@2x2,Relu,Relu@2x2", "--engine", "tensorflow"],
      "Error: --layers names Relu@2x2 twice; name each once"),
+    ("train_head.py", ["--train-views", "plain,flip,plain"], "Error: --train-views names plain twice; name each once"),
+    ("extract.py", ["--views", "flip,flip", "--engine", "tensorflow"], "Error: --views names flip twice; name each once"),
 ])
 def test_a_feature_named_twice_is_one_line_refusal(features_caches, tmp_path, script, args, message):
     base, common = features_caches
