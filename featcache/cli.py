@@ -17,8 +17,8 @@ from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError, plural
 from .settings import (
     CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
-    PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig, DEFAULT_RUN, DEFAULT_RUNS_DIR,
+    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, LISTED_CACHES,
+    MAX_COUNT, PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig, DEFAULT_RUN, DEFAULT_RUNS_DIR,
 )
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
@@ -127,8 +127,10 @@ def cache_remedy(error: CacheUnusable) -> str:
     command = extract_command(error)
     remedy = {"extract": f"run: {command}", "rebuild": f"rebuild it with {command} --force",
               "verify": f"check it with {command} --verify, rebuild it with {command} --force"}[error.action]
-    present = existing_caches(error.present)
-    listed = f". Caches present (pass their options): {' | '.join(present)}" if present else ""
+    present, more = existing_caches(error.present), len(error.present) - LISTED_CACHES
+    listed = f". Caches present (pass their options): {' | '.join(present[:LISTED_CACHES])}" if present else ""
+    if more > 0:
+        listed += f" | {more} more: python extract.py --list --cache-dir {shlex.quote(str(error.cache_dir))}"
     return f"{as_flags(error.problem)}; {remedy}{listed}"
 
 

@@ -22,6 +22,7 @@ DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
 DATASETS = ("cifar10", "cifar100", "folder", "webdataset", "parquet")
 DEFAULT_DATASET = "cifar10"
 SPLITS = ("train", "test")
+LISTED_CACHES = 3  # the caches present a missing cache's error names (the rest counted), to keep it one readable line
 DEFAULT_TEST_FRACTION = 0.2  # a one-level class folder's share of files in the test split
 # A Parquet dataset's columns when none are named: these, else the only column whose Hugging Face feature is an
 # Image / a ClassLabel.

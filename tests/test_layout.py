@@ -78,6 +78,15 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
         f"train 2 rows complete {size}, views plain")
 
 
+def test_a_missing_caches_error_names_a_few_caches_present_and_counts_the_rest(tmp_path):
+    present = [({"limit": n}, f"train {n} rows complete") for n in range(10, 40)]
+    error = CacheUnusable("no train cache at X", CacheKey(limit=5), "train", tmp_path, "extract", present)
+    assert str(error) == ("no train cache at X; extract it. Caches present: limit=10: train 10 rows complete | "
+                          "limit=11: train 11 rows complete | limit=12: train 12 rows complete | 27 more")
+    assert cli.cache_remedy(error).endswith(
+        ". Caches present (pass their options): --limit 10: train 10 rows complete | --limit 11: train 11 rows "
+        f"complete | --limit 12: train 12 rows complete | 27 more: python extract.py --list --cache-dir {tmp_path}")
+
 @pytest.mark.parametrize("call", [api.extract, api.verify, api.load_cache])
 def test_the_api_refuses_an_unknown_split_where_it_enters(tmp_path, call):
     with pytest.raises(UserError, match=r"^unknown split 'val'; choose one of train, test$"):
