@@ -19,7 +19,7 @@ from featcache.extract.runners import LocalRunner
 from featcache.process import setup_process
 from featcache.settings import (
     DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_RUNNER, DEFAULT_SHARD_ITEMS, DEFAULT_VIEWS, ENGINES, RUNNERS,
-    SHARDS_PER_WORKER, SPLITS, default_batch_size,
+    SHARDS_PER_WORKER, SPLITS, default_batch_size, parse_views,
 )
 
 
@@ -84,6 +84,7 @@ def main(split, views, layers, list_layers, chunk_size, batch_size, engine, runn
     runner = make_runner(runner, ray_address, workers, verbose, announce)
     if not verify:  # before the model may be loaded to learn its input size
         check_engine_options(engine, selection["precision"])
+        parse_views(views)
     splits = SPLITS if split == "all" else (split,)
     key, cache_dir, data_dir = selected(selection, "extract", announce, () if verify else splits)
     if verify:

@@ -35,6 +35,8 @@ def main(images, run_id, runs_dir, exported, top_k, as_json, quiet, verbose):
     paths = expand_paths(images)
     if not paths:
         raise UserError(f"no {IMAGE_FORMATS} files in {', '.join(images)}")
+    if not any(path.exists() for path in paths):  # before the seconds a network takes to load
+        raise UserError(f"no such file or folder: {', '.join(images)}")
     if exported:
         if run_id:
             raise UserError("--run and --model each choose the classifier; pass one")

@@ -33,7 +33,7 @@ from .extract.pipeline import extract as extract_split
 from .extract.pipeline import verify as verify_split
 from .head.runs import TrainedHead, train_unrecorded
 from .selection import SELECTION_NAMES, check_split, select, select_cached
-from .settings import DEFAULT_CACHE_DIR, HeadConfig
+from .settings import DEFAULT_CACHE_DIR, DEFAULT_VIEWS, HeadConfig, parse_views
 
 
 @dataclass
@@ -64,6 +64,7 @@ def extract(split: str = "train", cache_dir=DEFAULT_CACHE_DIR, **options) -> Ext
     check_split(split)
     _takes_only("extract", options, inspect.signature(extract_split).parameters)
     selection = _split_selection(options)
+    parse_views(options.get("views", DEFAULT_VIEWS))  # before the model may be loaded to learn its input size
     key = select(cache_dir, splits=(split,), **selection)
     try:
         return extract_split(key, split, data_dir=selection.get("data_dir"), cache_dir=cache_dir, **options)

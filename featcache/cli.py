@@ -15,10 +15,12 @@ import click
 
 from .cache.read import CacheUnusable, caches_present, list_caches, size_label
 from .errors import PARAMETER, UserError, plural
+from .extract.layers import recorded_layers
 from .settings import (
     CALIBRATION_SIZE, CROPS, DATASETS, DEFAULT_CACHE_DIR, DEFAULT_CROP, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE,
-    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, MAX_COUNT,
-    PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig, DEFAULT_RUN, DEFAULT_RUNS_DIR,
+    DEFAULT_MODEL, DEFAULT_PRECISION, DEFAULT_RESIZE, DEFAULT_TEST_FRACTION, IMAGE_COLUMN, LABEL_COLUMN, LISTED_CACHES,
+    MAX_COUNT, PRECISIONS, RESIZE_METHODS, SPLITS, VIEW_SETS, VIEWS, HeadConfig, DEFAULT_RUN, DEFAULT_RUNS_DIR,
+    split_feature,
 )
 
 VIEWS_HELP = (f"Comma-separated views ({', '.join(VIEWS)}) or sets "
@@ -96,10 +98,12 @@ def selection_args(chosen: dict) -> str:
                     for name, value in chosen.items())
 
 
-def extract_command(error: CacheUnusable) -> str:
-    """The extract.py command that builds the cache an error is about (with the views it lacks)."""
+def extract_command(error: CacheUnusable, layers=None) -> str:
+    """The extract.py command that builds the cache an error is about (with the views it lacks, and the inner-layer
+    features it lacks or `layers` of them)."""
     views = f"--views {','.join(error.views)}" if error.views else ""  # added to both splits: a head needs both
-    layers = f"--layers {','.join(error.layers)}" if error.layers else ""
+    layers = error.layers if layers is None else layers
+    layers = f"--layers {','.join(layers)}" if layers else ""
     other = next(split for split in SPLITS if split != error.split)
     neither = error.action == "extract" and not error.key.path(error.cache_dir, other).exists()
     split = "all" if error.views or error.layers or neither else error.split
@@ -124,11 +128,21 @@ def _as_given(key) -> dict:
 
 def cache_remedy(error: CacheUnusable) -> str:
     """A missing or unusable cache's error, with the commands that make a usable one."""
-    command = extract_command(error)
+    key, cache = error.key, f"--cache-dir {shlex.quote(str(error.cache_dir))}"
+    recorded = recorded_layers(key.model, key.model_sha256, key.image_size, error.cache_dir) or ()  # no network load
+    offered = {info.name for info in recorded}
+    unknown = [feature for feature in error.layers if offered and split_feature(feature)[0] not in offered]
+    command = extract_command(error, [feature for feature in error.layers if feature not in unknown])
     remedy = {"extract": f"run: {command}", "rebuild": f"rebuild it with {command} --force",
               "verify": f"check it with {command} --verify, rebuild it with {command} --force"}[error.action]
-    present = existing_caches(error.present)
-    listed = f". Caches present (pass their options): {' | '.join(present)}" if present else ""
+    if unknown:
+        listing = " ".join(filter(None, ["python extract.py --list-layers", selection_args(_as_given(key)), cache]))
+        others = f"; for the others, {remedy}" if error.views or len(unknown) < len(error.layers) else ""
+        remedy = f"the model offers no layer {', '.join(unknown)} ({listing} lists its layers){others}"
+    present, more = existing_caches(error.present), len(error.present) - LISTED_CACHES
+    listed = f". Caches present (pass their options): {' | '.join(present[:LISTED_CACHES])}" if present else ""
+    if more > 0:
+        listed += f" | {more} more: python extract.py --list {cache}"
     return f"{as_flags(error.problem)}; {remedy}{listed}"
 
 

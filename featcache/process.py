@@ -16,11 +16,16 @@ import time
 import warnings
 
 # TensorFlow's C++ log lines (absl/TSL) but its fatal ones (F...), the one absl prints before it is set up,
-# and libjpeg's own messages about a broken JPEG (extract.py lists every file it skips, with the reason).
+# and libjpeg's own messages about a broken JPEG (extract.py lists every file it skips, with the reason; predict.py
+# says why it cannot read a file), the families of libjpeg-turbo's jerror.h that a damaged file brings out.
 NATIVE_LOG_LINE = re.compile(rb"^(?:[IWE]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
                              rb"|WARNING: All log messages before absl::InitializeLog\(\) is called"
                              rb"|Improper call to JPEG library in state \d+$|Corrupt JPEG data: "
                              rb"|Premature end of JPEG file$|Invalid JPEG file structure: |Not a JPEG file: "
+                             rb"|Input file read error$|Bogus [\w ]+$|Unsupported (?:marker type|JPEG data precision) "
+                             rb"|Invalid (?:component ID \d+ in SOS|SOS parameters for sequential JPEG)$"
+                             rb"|(?:Huffman|Quantization) table 0x[\da-f]{2} was not defined$"
+                             rb"|Warning: unknown JFIF revision number "
                              rb"|fully_quantize: \d+, inference_type: |INFO: Created TensorFlow Lite XNNPACK delegate)")
 
 

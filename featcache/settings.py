@@ -22,6 +22,7 @@ DEFAULT_RUNS_DIR = PROJECT_DIR / "runs"
 DATASETS = ("cifar10", "cifar100", "folder", "webdataset", "parquet")
 DEFAULT_DATASET = "cifar10"
 SPLITS = ("train", "test")
+LISTED_CACHES = 3  # the caches present a missing cache's error names (the rest counted), to keep it one readable line
 DEFAULT_TEST_FRACTION = 0.2  # a one-level class folder's share of files in the test split
 # A Parquet dataset's columns when none are named: these, else the only column whose Hugging Face feature is an
 # Image / a ClassLabel.
@@ -69,13 +70,17 @@ DEFAULT_VIEWS = "plain,flip"  # what extract.py caches and a head trains on and 
 
 def parse_views(views, name: str = "views") -> tuple[str, ...]:
     """Views named by a string ("plain,flip", or "plain+flip" where commas separate other things) or a
-    sequence of view and set names; in catalogue order."""
+    sequence of view and set names; in catalogue order. A name given twice in a string or list (as a user gives them)
+    is refused; tuples (views merged in code) may repeat one."""
     if not isinstance(views, (str, list, tuple)):
         raise UserError(f"`{name}` must be view names (a comma-separated string or a list), got {views!r}")
     names = views.replace("+", ",").split(",") if isinstance(views, str) else list(views)
     names = [part.strip() for part in names if part.strip()]
     if not names:
         raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
+    twice = next((part for i, part in enumerate(names) if part in names[:i]), None)
+    if twice and not isinstance(views, tuple):
+        raise UserError(f"`{name}` names {twice} twice; name each once")
     chosen = set()
     for part in names:
         if part not in VIEWS and part not in VIEW_SETS:

@@ -166,6 +166,23 @@ def test_int8_export_of_train_images_unfit_for_calibration_advises_exporting_wit
     assert list(tmp_path.iterdir()) == []
 
 
+def test_int8_export_of_a_run_whose_data_is_gone_says_so_in_one_line(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from featcache.cache import read
+    from featcache.cache.layout import CacheKey
+    from featcache.errors import UserError
+    from featcache.serve import int8
+
+    gone = tmp_path / "shards"
+    monkeypatch.setattr(read, "attributes", lambda path: {"source": str(gone)})
+    parts = SimpleNamespace(train_cache=tmp_path / "train.h5", key=CacheKey(dataset="webdataset", data_dir=str(gone)))
+    with pytest.raises(UserError, match=(f"^int8 calibration reads the run's train images, but its data \\(the train "
+                                         f"split at {gone}\\) is gone; put it back there, or export this run without "
+                                         "quantize$")):
+        int8.train_samples(parts, 32)
+
+
 def test_int8_export_of_a_folder_run_with_photos_of_other_shapes_calibrates_on_them_resized(tiny_model, tmp_path,
                                                                                            monkeypatch):
     from featcache.serve import int8

@@ -78,6 +78,34 @@ def test_a_missing_cache_names_the_command_that_makes_it_and_the_caches_present(
         f"train 2 rows complete {size}, views plain")
 
 
+def test_a_missing_caches_error_names_a_few_caches_present_and_counts_the_rest(tmp_path):
+    present = [({"limit": n}, f"train {n} rows complete") for n in range(10, 40)]
+    error = CacheUnusable("no train cache at X", CacheKey(limit=5), "train", tmp_path, "extract", present)
+    assert str(error) == ("no train cache at X; extract it. Caches present: limit=10: train 10 rows complete | "
+                          "limit=11: train 11 rows complete | limit=12: train 12 rows complete | 27 more")
+    assert cli.cache_remedy(error).endswith(
+        ". Caches present (pass their options): --limit 10: train 10 rows complete | --limit 11: train 11 rows "
+        f"complete | --limit 12: train 12 rows complete | 27 more: python extract.py --list --cache-dir {tmp_path}")
+
+def test_a_missing_features_remedy_adds_only_layers_the_model_offers_as_extract_recorded_them(tmp_path):
+    from featcache.extract.models import record_path, write_atomically
+
+    key = CacheKey(model="/models/m", image_size=40, model_sha256="ab")
+    error = CacheUnusable("the cache holds no feature nosuch", key, "train", tmp_path, "extract",
+                          layers=("Relu@2x2", "nosuch"))
+    assert "--layers Relu@2x2,nosuch " in cli.cache_remedy(error)  # nothing recorded: no layer is known to be wrong
+    write_atomically(record_path(key.model, key.model_sha256, tmp_path, "-40px-layers"),
+                     {"layers": [{"name": "Relu", "height": 20, "width": 20, "channels": 16}]})
+    assert cli.cache_remedy(error) == (
+        "the cache holds no feature nosuch; the model offers no layer nosuch (python extract.py --list-layers --model "
+        f"/models/m --image-size 40 --cache-dir {tmp_path} lists its layers); for the others, run: python extract.py "
+        f"--split all --model /models/m --image-size 40 --layers Relu@2x2 --cache-dir {tmp_path}")
+    error.layers = ("nosuch",)
+    assert cli.cache_remedy(error) == (
+        "the cache holds no feature nosuch; the model offers no layer nosuch (python extract.py --list-layers --model "
+        f"/models/m --image-size 40 --cache-dir {tmp_path} lists its layers)")
+
+
 @pytest.mark.parametrize("call", [api.extract, api.verify, api.load_cache])
 def test_the_api_refuses_an_unknown_split_where_it_enters(tmp_path, call):
     with pytest.raises(UserError, match=r"^unknown split 'val'; choose one of train, test$"):

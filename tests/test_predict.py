@@ -113,6 +113,12 @@ def test_a_folder_without_images_is_one_error_before_anything_loads(tmp_path):
     assert line == f"Error: no PNG/JPEG/BMP/GIF/WebP/JPEG XL files in {tmp_path / 'empty'}"
 
 
+
+def test_a_path_that_does_not_exist_is_refused_before_anything_loads(tmp_path):
+    out = run_cli("predict.py", "--runs-dir", tmp_path / "no-runs-either", tmp_path / "no" / "such.jpg")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"Error: no such file or folder: {tmp_path / 'no' / 'such.jpg'}"]
+
 def test_a_head_with_other_layers_predicts_what_keras_predicts(trained_run, tiny_model, cifar_root, tmp_path):
     """predict/export use the saved head as it is: any layers, not a rebuild from layers found by name."""
     import shutil

@@ -88,6 +88,26 @@ def test_the_filter_drops_only_log_lines_and_verbose_keeps_them():
     assert len(verbose.stderr.splitlines()) == 6 and "cudart_stub" in verbose.stderr
 
 
+BROKEN_JPEG_PROBE = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from featcache.process import setup_process
+setup_process(verbose=False)
+import numpy as np, tensorflow as tf
+from featcache.extract.sources.encoded import decode_bytes
+whole = tf.io.encode_jpeg(np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)).numpy()
+for data in (whole[:len(whole) // 2], whole[:200], b"\\xff\\xd8\\xff\\xe0" + b"garbage" * 20,
+             whole[:2] + b"\\xff\\xc4\\x00\\x05\\x10\\x00\\x00" + whole[2:]):
+    print(decode_bytes(data)[1].split(":")[0], file=sys.stderr)
+"""
+
+
+def test_libjpegs_own_lines_about_a_broken_jpeg_are_dropped():
+    """predict.py's one line per unreadable file, nothing of libjpeg's ("Input file read error", "Bogus ...")."""
+    out = subprocess.run([sys.executable, "-c", BROKEN_JPEG_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr.splitlines() == ["not a decodable image"] * 4, out.stderr
+
+
 EXIT_PROBE = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})

@@ -11,7 +11,7 @@ from featcache.extract import pipeline
 from featcache.cache.read import cached_views
 from featcache.errors import UserError
 from featcache.extract.preprocess import view_images
-from featcache.settings import VIEWS, HeadConfig, parse_views, views_label
+from featcache.settings import VIEW_SETS, VIEWS, HeadConfig, parse_views, views_label
 from conftest import KILL_POINT, ROOT, make_key, run_cli
 
 
@@ -167,3 +167,18 @@ def test_an_interrupted_view_adding_partial_is_removed_by_a_run_that_finds_the_c
     assert again.up_to_date and not partial.exists()
     assert lines == [f"removed {partial}: the unfinished copy of an interrupted run computing crop-tl, crop-tr, "
                      "crop-bl, crop-br, crop-c, not needed here"]
+
+
+def test_bad_views_are_refused_before_a_model_is_loaded_for_its_input_size(tiny_model, tmp_path, monkeypatch):
+    from featcache import api
+    from featcache.extract import models
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded to learn its input size")
+
+    monkeypatch.setattr(models, "input_size", loaded)  # a first use: no input size recorded in cache/models/ yet
+    out = run_cli("extract.py", "--model", tiny_model, "--cache-dir", tmp_path / "cache", "--views", "plain,mirror")
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "Error: unknown view 'mirror' in --views; choose from " + ", ".join(VIEWS + tuple(VIEW_SETS))], out.stderr
+    with pytest.raises(UserError, match="^unknown view 'mirror' in views"):
+        api.extract(model=str(tiny_model), cache_dir=tmp_path / "cache", views="plain,mirror")

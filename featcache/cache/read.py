@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..memory import fresh_array
-from ..settings import SPLITS, VIEWS, views_label
+from ..settings import LISTED_CACHES, SPLITS, VIEWS, views_label
 from .layout import IDENTITY, TOOL, CacheKey, feature_dataset, mismatches, open_h5, partial_path, plain, view_dataset
 
 VERIFY_BLOCK_ROWS = 10_000
@@ -324,8 +324,10 @@ class CacheUnusable(UserError):
         remedy = {"extract": f"add them with {added}" if added else "extract it",
                   "rebuild": "rebuild it with `force=True`",
                   "verify": "check it with featcache.api.verify, rebuild it with `force=True`"}[action]
+        more = len(self.present) - LISTED_CACHES
         listed = (". Caches present: " + " | ".join(f"{_marked(kwargs) or '(defaults)'}: {state}"
-                                                    for kwargs, state in self.present)) if self.present else ""
+                                                    for kwargs, state in self.present[:LISTED_CACHES])
+                  + (f" | {more} more" if more > 0 else "")) if self.present else ""
         super().__init__(f"{problem}; {remedy}{listed}")
 
 

@@ -67,19 +67,28 @@ def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announc
     """The layers model `handle` offers for `image_size` px images: as recorded under `<cache_dir>/models/`, else
     listed from the loaded model and recorded (so that checking layer names costs a model load once). `announce`
     gets a line before a load."""
-    record = record_path(handle, sha256, cache_dir, f"-{image_size}px-layers")
-    try:
-        return [LayerInfo(**entry) for entry in json.loads(record.read_text())["layers"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or damaged: listed again
+    recorded = recorded_layers(handle, sha256, image_size, cache_dir)
+    if recorded is not None:
+        return recorded
     if announce:
         announce(f"loading model {handle} to list its layers ...")
     model = load_model(handle)
     found = list_layers(model, image_size)
     hand_over(handle, model)  # the extraction that follows loads it no second time
-    write_atomically(record, {"model": handle, "model_sha256": sha256, "image_size": image_size,
-                              "layers": [asdict(info) for info in found]})
+    write_atomically(record_path(handle, sha256, cache_dir, f"-{image_size}px-layers"),
+                     {"model": handle, "model_sha256": sha256, "image_size": image_size,
+                      "layers": [asdict(info) for info in found]})
     return found
+
+
+def recorded_layers(handle: str, sha256: str, image_size: int, cache_dir) -> list[LayerInfo] | None:
+    """The layers offered_layers recorded for the model at `image_size` px; None when none are (or the record is
+    damaged), without loading the model."""
+    try:
+        record = record_path(handle, sha256, cache_dir, f"-{image_size}px-layers").read_text()
+        return [LayerInfo(**entry) for entry in json.loads(record)["layers"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_features(layers: list[LayerInfo], features: tuple[str, ...]):

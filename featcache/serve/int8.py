@@ -35,6 +35,9 @@ def train_samples(parts, size: int) -> list[np.ndarray]:
     except (OSError, KeyError) as exc:
         raise UserError(f"int8 calibration reads the run's train images, but its train cache {train_cache} cannot "
                         f"be read ({first_line(exc)})") from None
+    if not Path(source).exists():
+        raise UserError(f"int8 calibration reads the run's train images, but its data (the train split at {source}) "
+                        "is gone; put it back there, or export this run without `quantize`")
 
     def input_image(image: np.ndarray) -> np.ndarray:
         if image.shape[:2] == (size, size):
