@@ -3,6 +3,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -36,7 +37,7 @@ def main(images, run_id, runs_dir, exported, top_k, as_json, quiet, verbose):
     if not paths:
         raise UserError(f"no {IMAGE_FORMATS} files in {', '.join(images)}")
     if not any(path.exists() for path in paths):  # before the seconds a network takes to load
-        raise UserError(f"no such file or folder: {', '.join(images)}")
+        raise UserError(f"no such file or folder: {', '.join(image for image in images if not Path(image).exists())}")
     if exported:
         if run_id:
             raise UserError("--run and --model each choose the classifier; pass one")

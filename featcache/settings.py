@@ -70,8 +70,7 @@ DEFAULT_VIEWS = "plain,flip"  # what extract.py caches and a head trains on and 
 
 def parse_views(views, name: str = "views") -> tuple[str, ...]:
     """Views named by a string ("plain,flip", or "plain+flip" where commas separate other things) or a
-    sequence of view and set names; in catalogue order. A name given twice in a string or list (as a user gives them)
-    is refused; tuples (views merged in code) may repeat one."""
+    sequence of view and set names; in catalogue order. A name given twice is refused (views_union merges lists)."""
     if not isinstance(views, (str, list, tuple)):
         raise UserError(f"`{name}` must be view names (a comma-separated string or a list), got {views!r}")
     names = views.replace("+", ",").split(",") if isinstance(views, str) else list(views)
@@ -79,7 +78,7 @@ def parse_views(views, name: str = "views") -> tuple[str, ...]:
     if not names:
         raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
     twice = next((part for i, part in enumerate(names) if part in names[:i]), None)
-    if twice and not isinstance(views, tuple):
+    if twice:
         raise UserError(f"`{name}` names {twice} twice; name each once")
     chosen = set()
     for part in names:
@@ -87,6 +86,11 @@ def parse_views(views, name: str = "views") -> tuple[str, ...]:
             raise UserError(f"unknown view {part!r} in `{name}`; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
         chosen.update(VIEW_SETS.get(part, (part,)))
     return tuple(view for view in VIEWS if view in chosen)
+
+
+def views_union(*groups) -> tuple[str, ...]:
+    """The views of several lists of them, each once, in catalogue order."""
+    return parse_views(tuple(dict.fromkeys(view for group in groups for view in group)))
 
 
 def views_label(views) -> str:
@@ -254,7 +258,7 @@ class HeadConfig:
 
     def views_needed(self) -> tuple[str, ...]:
         """The train split's views a fit reads: its training views, and the test-time ones for a validation split."""
-        return parse_views(self.train_view_list + (self.tta_view_list if self.val_split else ()))
+        return views_union(self.train_view_list, self.tta_view_list if self.val_split else ())
 
     def for_cached_views(self, cached: tuple[str, ...]) -> "HeadConfig":
         """The config a cache holding the views `cached` serves: views left to their default (None) become the

@@ -119,7 +119,7 @@ def test_a_grid_over_feature_lists_and_heads_records_each_run_with_its_features(
      "comma separates runs and + joins features. One run on them all: --grid features=final+Relu; a run per feature: "
      "--grid features=final --grid features=Relu"),
     (["--features", "final,block_9@2x2"], "holds no feature block_9@2x2 (it holds Relu, Relu@2x2); the model offers "
-                                          "no layer block_9@2x2 (python extract.py --list-layers --model "),
+                                          "no layer block_9 (python extract.py --list-layers --model "),
     (["--grid", "features=final", "--grid", "features=Relu+block_9"], "holds no feature block_9 (it holds Relu, "
                                                                       "Relu@2x2); the model offers no layer block_9 ("),
     (["--features", "final,Relu@3x3"], "'Relu@3x3' in --features is not a layer name"),

@@ -284,3 +284,7 @@ def test_a_new_plan_counts_the_cpus_the_jobs_own_workers_hold(monkeypatch):
     monkeypatch.setattr(RayRunner, "_free_slots", lambda self, ray: (0, "CPU"))  # all held by the pool below
     runner._pool = [object()] * 8
     assert runner.shards(120_000, 1024) == 16  # 8 workers x 2; by size alone 12
+    runner._kind = "GPU"  # 4 GPU workers: the free CPUs (no GPU is free) are not theirs
+    runner._pool = [object()] * 4
+    monkeypatch.setattr(RayRunner, "_free_slots", lambda self, ray: (28, "CPU"))
+    assert runner.shards(120_000, 1024) == 12

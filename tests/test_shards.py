@@ -200,6 +200,19 @@ def test_another_chunk_size_than_the_plan_under_way_is_one_line(tiny_model, cifa
         _extract(tiny_model, cifar_root, tmp_path, chunk_size=16)
 
 
+def test_force_in_another_chunk_size_starts_the_partial_file_again(tiny_model, cifar_root, reference, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(shard.CacheWriter, "finish", _killed)  # every row committed in chunks of 8, not published
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tiny_model, cifar_root, tmp_path)
+    monkeypatch.undo()
+    lines = []
+    again = _extract(tiny_model, cifar_root, tmp_path, chunk_size=16, force=True, log=lines.append)
+    assert again.processed == 120 and _rows(again.path)[1]["chunk_size"] == 16
+    assert lines[0].startswith("restarting ") and lines[0].endswith("other chunk_size"), lines
+    _same(again.path, reference)
+
+
 def test_a_plan_no_longer_under_way_is_made_again(tiny_model, cifar_root, reference, tmp_path):
     for index in range(SHARDS):
         _shard(tiny_model, cifar_root, tmp_path, index)

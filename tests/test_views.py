@@ -11,7 +11,7 @@ from featcache.extract import pipeline
 from featcache.cache.read import cached_views
 from featcache.errors import UserError
 from featcache.extract.preprocess import view_images
-from featcache.settings import VIEW_SETS, VIEWS, HeadConfig, parse_views, views_label
+from featcache.settings import VIEW_SETS, VIEWS, HeadConfig, parse_views, views_label, views_union
 from conftest import KILL_POINT, ROOT, make_key, run_cli
 
 
@@ -182,3 +182,10 @@ def test_bad_views_are_refused_before_a_model_is_loaded_for_its_input_size(tiny_
         "Error: unknown view 'mirror' in --views; choose from " + ", ".join(VIEWS + tuple(VIEW_SETS))], out.stderr
     with pytest.raises(UserError, match="^unknown view 'mirror' in views"):
         api.extract(model=str(tiny_model), cache_dir=tmp_path / "cache", views="plain,mirror")
+
+
+def test_a_view_named_twice_is_refused_in_any_container_and_merged_lists_give_each_once():
+    for views in ("flip,flip", ["flip", "flip"], ("flip", "flip")):
+        with pytest.raises(UserError, match="^views names flip twice; name each once$"):
+            parse_views(views)
+    assert views_union(("plain", "flip"), ("flip",), ()) == ("plain", "flip")

@@ -40,10 +40,10 @@ CHECKSUM_BYTES = 4  # Fletcher-32 appends this much to every stored chunk
 IDENTITY = ("tool", "format_version", "dataset", "split", "model", "image_size", "resize", "limit", "precision", "crop",
             "data_dir", "test_fraction", "model_sha256", "rows", "source_fingerprint", "shard")
 # A partial file is only resumed by the same engine, batch size, library versions (and int8 model), so one file
-# never mixes them; an assembly's only by an assembly.
+# never mixes them; an assembly's only by an assembly; a run's only in the chunks its plan cuts.
 RESUME_IDENTITY = IDENTITY + ("engine", "dim", "quantized_model", "calibration_sha256", "views", "computing",
                               "batch_size", "tensorflow_version", "tensorflow_hub_version", "openvino_version",
-                              "nncf_version", "ray_version", "features", "assembled_from")
+                              "nncf_version", "ray_version", "features", "assembled_from", "chunk_size")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from ..cache.write import locked, remove_unneeded_partial
 from ..errors import UserError, first_line, in_python, plural
 from ..settings import (
     DEFAULT_CACHE_DIR, DEFAULT_CHUNK_SIZE, DEFAULT_ENGINE, DEFAULT_PRECISION, DEFAULT_VIEWS, check_count,
-    parse_features, parse_views,
+    parse_features, parse_views, views_union,
 )
 from . import quantize, sources
 from . import plan as plans
@@ -109,7 +109,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         raise UserError(f"cache {path} exists but {state.reason}; rerun with `force=True` to rebuild it")
     if force and state.status != "missing":  # a rebuild keeps every view and feature the old cache holds
         old = _readable(path)
-        views = parse_views(views + cached_views(old))
+        views = views_union(views, cached_views(old))
         features = tuple(dict.fromkeys(features + tuple(cached_features(old))))
     asked = features  # names; from here on features is {name: values per row}, the cached ones first
     features = cached_features(base) if base else {}
@@ -123,7 +123,7 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         raise UserError("`shard_index` runs its shard in this process: drop `runner`")
     computing = tuple(v for v in views if v not in cached_views(base)) if base else views
     if base and new:  # new features: for every view of the cache
-        computing = parse_views(computing + cached_views(base))
+        computing = views_union(computing, cached_views(base))
     settings = ExtractorSettings(key.model, image_size=key.image_size, resize=key.resize, views=computing,
                                  batch_size=batch_size, engine=engine, precision=key.precision, crop=key.crop,
                                  model_sha256=key.model_sha256, features=tuple(features))
@@ -147,10 +147,10 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if not driver and count == 1:  # the shard is the cache
             held.enter_context(locked(path))
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
-                     source=reader.where, tool_version=TOOL_VERSION, chunk_size=plan.chunk_size, **reader.attrs())
+                     source=str(Path(reader.where).absolute()), tool_version=TOOL_VERSION, chunk_size=plan.chunk_size, **reader.attrs())
         # a worker elsewhere (Ray) opens the source and writes the shards by absolute paths: its folder and
         # environment (CIFAR10_DATA_DIR) are not this process's
-        job = Job(key, split, str(Path(reader.where).absolute()), strict, settings, views, attrs, plan, path.absolute(),
+        job = Job(key, split, attrs["source"], strict, settings, views, attrs, plan, path.absolute(),
                   str(Path(cache_dir).absolute()), base=base, may_skip=reader.may_skip, quantizer=quantizer, features=features)
         if base:
             _check_addable(path, base)

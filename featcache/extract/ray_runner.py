@@ -142,6 +142,7 @@ class RayRunner(Held):
     _pool: list = field(default_factory=list, init=False, repr=False)
     _settings: object = field(default=None, init=False, repr=False)
     _released: int = field(default=0, init=False, repr=False)  # workers just stopped, their CPUs soon free
+    _kind: str = field(default="CPU", init=False, repr=False)  # what each worker of the pool holds: CPU or GPU
     _started_here: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
@@ -150,8 +151,9 @@ class RayRunner(Held):
     def shards(self, items: int, chunk_size: int) -> int:
         """A new plan's shard count: shards of about DEFAULT_SHARD_ITEMS items, at least SHARDS_PER_WORKER per
         worker, at most one per chunk."""
-        slots, _ = self._free_slots(import_ray())
-        slots += len(self._pool)  # the workers up (held between splits) hold theirs
+        slots, kind = self._free_slots(import_ray())
+        if self._pool:  # the workers up (held between splits) hold theirs
+            slots = len(self._pool) + (slots if kind == self._kind else 0)
         wanted = max(math.ceil(items / DEFAULT_SHARD_ITEMS), SHARDS_PER_WORKER * (self.workers or max(slots, 1)))
         return min(wanted, math.ceil(items / chunk_size))
 
@@ -274,7 +276,7 @@ class RayRunner(Held):
             log(note)
         job.settings.record_input_size(infos[0]["fixed_input_size"], job.cache_dir)
         made = infos[0]["provenance"]
-        self._settings, self._engine = job.settings, made["engine"]
+        self._settings, self._engine, self._kind = job.settings, made["engine"], kind
         nodes = len({worker.node for worker in self._pool})
         log(f"ray: {count} workers on {nodes} node(s), {self._engine}, batch {made['batch_size']}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..cache.read import check_features, load_splits, views_present
 from ..errors import in_python
-from ..settings import FINAL_FEATURE, SPLITS, HeadConfig, parse_views
+from ..settings import FINAL_FEATURE, SPLITS, HeadConfig, views_union
 from .records import check_writable, record_run
 from .rows import side_by_side, training_data
 from .tensorboard import projector_sample
@@ -22,8 +22,8 @@ def _load_splits(key, cache_dir, configs: list[HeadConfig], log=None, runs_dir=N
     the same features, side by side) and cache info, after checking that a run can be recorded in `runs_dir` at all
     (that fails before training; the run folder itself is made only once there is a result). Large caches: `log`
     gets a line before they are read."""
-    train_views = parse_views(sum((config.views_needed() for config in configs), ()))
-    test_views = parse_views(sum((config.tta_view_list for config in configs), ()))
+    train_views = views_union(*(config.views_needed() for config in configs))
+    test_views = views_union(*(config.tta_view_list for config in configs))
     names = configs[0].feature_list
     paths = [key.path(cache_dir, split) for split in SPLITS]
     size = sum(path.stat().st_size for path in paths if path.is_file())
