@@ -73,6 +73,8 @@ def main(split, views, layers, list_layers, chunk_size, batch_size, engine, runn
          shard_index, force, strict, verify, list_caches, quiet, verbose, **selection):
     """Extract embeddings for one split (or both) into the cache, resuming an interrupted run."""
     setup_process(verbose)
+    if list_caches and verify:
+        raise click.UsageError("--list shows what the caches' attributes say, --verify reads their data: pass one")
     if list_caches:
         cache_dir = selection["cache_dir"]
         click.echo("\n".join(f"  {line}" for line in list_caches_lines(cache_dir)) or f"no caches in {cache_dir}")

@@ -77,14 +77,14 @@ def parse_views(views, name: str = "views") -> tuple[str, ...]:
     names = [part.strip() for part in names if part.strip()]
     if not names:
         raise UserError(f"`{name}` names no view; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
-    twice = next((part for i, part in enumerate(names) if part in names[:i]), None)
-    if twice:
-        raise UserError(f"`{name}` names {twice} twice; name each once")
-    chosen = set()
+    chosen = []
     for part in names:
         if part not in VIEWS and part not in VIEW_SETS:
             raise UserError(f"unknown view {part!r} in `{name}`; choose from {', '.join(VIEWS + tuple(VIEW_SETS))}")
-        chosen.update(VIEW_SETS.get(part, (part,)))
+        for view in VIEW_SETS.get(part, (part,)):
+            if view in chosen:  # named twice, or a set's member named besides the set
+                raise UserError(f"`{name}` names {view} twice; name each once")
+            chosen.append(view)
     return tuple(view for view in VIEWS if view in chosen)
 
 

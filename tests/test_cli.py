@@ -390,3 +390,9 @@ def test_an_unreadable_image_under_strict_is_one_line_without_nested_parentheses
     (line,) = out.stderr.splitlines()
     assert re.fullmatch(r"Error: cannot read \S+short\.bmp: not a decodable image: [^()]*\([^()]*\)[^()]*; --strict "
                         r"stops at the first unreadable image", line), line
+
+
+def test_list_and_verify_together_are_refused_in_one_line(tmp_path):
+    out = run_cli("extract.py", "--list", "--verify", "--cache-dir", tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "Error: --list shows what the caches' attributes say, --verify reads their data: pass one")

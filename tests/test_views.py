@@ -185,7 +185,7 @@ def test_bad_views_are_refused_before_a_model_is_loaded_for_its_input_size(tiny_
 
 
 def test_a_view_named_twice_is_refused_in_any_container_and_merged_lists_give_each_once():
-    for views in ("flip,flip", ["flip", "flip"], ("flip", "flip")):
-        with pytest.raises(UserError, match="^views names flip twice; name each once$"):
+    for views in ("flip,flip", ["flip", "flip"], ("flip", "flip"), "crops,crop-c", "plain+flip,flip"):
+        with pytest.raises(UserError, match="^views names (flip|crop-c) twice; name each once$"):
             parse_views(views)
     assert views_union(("plain", "flip"), ("flip",), ()) == ("plain", "flip")
