@@ -138,7 +138,8 @@ def cache_remedy(error: CacheUnusable) -> str:
     if unknown:
         listing = " ".join(filter(None, ["python extract.py --list-layers", selection_args(_as_given(key)), cache]))
         others = f"; for the others, {remedy}" if error.views or len(unknown) < len(error.layers) else ""
-        remedy = f"the model offers no layer {', '.join(dict.fromkeys(split_feature(f)[0] for f in unknown))} ({listing} lists its layers){others}"
+        layers = ", ".join(dict.fromkeys(split_feature(feature)[0] for feature in unknown))
+        remedy = f"the model offers no layer {layers} ({listing} lists its layers){others}"
     present, more = existing_caches(error.present), len(error.present) - LISTED_CACHES
     listed = f". Caches present (pass their options): {' | '.join(present[:LISTED_CACHES])}" if present else ""
     if more > 0:

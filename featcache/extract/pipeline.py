@@ -147,11 +147,13 @@ def extract(key: CacheKey, split: str, data_dir=None, cache_dir=DEFAULT_CACHE_DI
         if not driver and count == 1:  # the shard is the cache
             held.enter_context(locked(path))
         attrs = dict(expected, rows=reader.rows, class_names=json.dumps(list(reader.class_names)),
-                     source=str(Path(reader.where).absolute()), tool_version=TOOL_VERSION, chunk_size=plan.chunk_size, **reader.attrs())
+                     source=str(Path(reader.where).absolute()), tool_version=TOOL_VERSION, chunk_size=plan.chunk_size,
+                     **reader.attrs())
         # a worker elsewhere (Ray) opens the source and writes the shards by absolute paths: its folder and
         # environment (CIFAR10_DATA_DIR) are not this process's
         job = Job(key, split, attrs["source"], strict, settings, views, attrs, plan, path.absolute(),
-                  str(Path(cache_dir).absolute()), base=base, may_skip=reader.may_skip, quantizer=quantizer, features=features)
+                  str(Path(cache_dir).absolute()), base=base, may_skip=reader.may_skip, quantizer=quantizer,
+                  features=features)
         if base:
             _check_addable(path, base)
         todo = [i for i in ([shard_index] if not driver else range(count)) if not job.done(i)]
@@ -203,7 +205,8 @@ def _plan(path: Path, reader, expected: dict, chunk_size, num_shards, base, forc
     if stored and chunk_size and chunk_size != stored.chunk_size:
         if not force:
             raise UserError(f"{path} is being built in chunks of {stored.chunk_size} (plan {where}); pass "
-                            f"`chunk_size={stored.chunk_size}`, or `force=True` to start again in chunks of {chunk_size}")
+                            f"`chunk_size={stored.chunk_size}`, or `force=True` to start again in chunks of "
+                            f"{chunk_size}")
         stored = None
     if stored:
         return stored
