@@ -150,13 +150,18 @@ def _refuse_missing(path: Path, held: dict, features: tuple[str, ...]):
                       "layers", missing)
 
 
+def failed_checksum(exc: OSError) -> bool:
+    """Whether h5py's error is a Fletcher-32 mismatch (an OSError from the filter pipeline)."""
+    return "filter returned failure" in str(exc)
+
+
 @contextlib.contextmanager
 def _checksummed(path: Path):
-    """A Fletcher-32 mismatch (h5py: an OSError from the filter pipeline) as a CorruptCache."""
+    """A Fletcher-32 mismatch as a CorruptCache."""
     try:
         yield
     except OSError as exc:
-        if "filter returned failure" not in str(exc):
+        if not failed_checksum(exc):
             raise
         raise CorruptCache(f"cache {path} is damaged: a chunk failed its Fletcher-32 checksum") from None
 

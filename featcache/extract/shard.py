@@ -18,7 +18,9 @@ import numpy as np
 
 from ..cache.assemble import assemble, refuse_mixed
 from ..cache.layout import CacheKey, partial_path
-from ..cache.read import attributes, cached_features, cached_views, inspect, non_finite, skipped_files
+from ..cache.read import (
+    attributes, cached_features, cached_views, failed_checksum, inspect, non_finite, skipped_files,
+)
 from ..cache.write import CacheWriteError, CacheWriter, locked
 from ..errors import UserError, first_line, plural
 from . import plan as plans
@@ -153,7 +155,7 @@ def run_shard(job: Job, index: int, extractor, reader, bar=None, log=print) -> i
             raise UserError(f"writing {writer.partial} failed ({exc.strerror}); {writer.rows_done} "
                             "committed rows are kept and the next run resumes from there") from None
         except OSError as exc:  # the source: a file made unreadable meanwhile, a disk gone
-            if "filter returned failure" in str(exc):  # or the cache's own rows failing their checksum (h5py)
+            if failed_checksum(exc):  # or the cache's own rows
                 damaged = f"cache {job.path}" if job.base else f"{writer.partial}"
                 remedy = "rebuild it with `force=True`" if job.base else "remove it and run again"
                 raise UserError(f"{damaged} is damaged: a chunk failed its Fletcher-32 checksum; {remedy}") from None
