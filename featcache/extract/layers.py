@@ -75,7 +75,7 @@ def offered_layers(handle: str, sha256: str, image_size: int, cache_dir, announc
     model = load_model(handle)
     found = list_layers(model, image_size)
     hand_over(handle, model)  # the extraction that follows loads it no second time
-    write_atomically(record_path(handle, sha256, cache_dir, f"-{image_size}px-layers"),
+    write_atomically(_record(handle, sha256, image_size, cache_dir),
                      {"model": handle, "model_sha256": sha256, "image_size": image_size,
                       "layers": [asdict(info) for info in found]})
     return found
@@ -85,10 +85,15 @@ def recorded_layers(handle: str, sha256: str, image_size: int, cache_dir) -> lis
     """The layers offered_layers recorded for the model at `image_size` px; None when none are (or the record is
     damaged), without loading the model."""
     try:
-        record = record_path(handle, sha256, cache_dir, f"-{image_size}px-layers").read_text()
+        record = _record(handle, sha256, image_size, cache_dir).read_text()
         return [LayerInfo(**entry) for entry in json.loads(record)["layers"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _record(handle: str, sha256: str, image_size: int, cache_dir):
+    """Where offered_layers records the model's layers at `image_size` px (under `<cache_dir>/models/`)."""
+    return record_path(handle, sha256, cache_dir, f"-{image_size}px-layers")
 
 
 def check_features(layers: list[LayerInfo], features: tuple[str, ...]):
